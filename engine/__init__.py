@@ -1,0 +1,1 @@
+"""ONNX graphs -> runnable engine directories (installed as ``densepure_rt.engine``)."""
