@@ -1,0 +1,75 @@
+"""Checkpoint loading without executing pickled code (``weights_only=True`` or safetensors)."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from densepure_rt.errors import CheckpointError
+
+__all__ = ["load_state_dict", "load_strict"]
+
+# Wrappers seen around state dicts in the wild: {"state_dict": ...}, {"model": ...}, {"ema": ...}.
+_WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module", "ema")
+
+
+def load_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch ``.pt``/``.pth``/``.bin`` file, on the CPU.
+
+    Torch files are read with ``weights_only=True``: a file that would need pickled code to load is
+    refused with a :class:`CheckpointError`, as is anything that is not a mapping of names to tensors.
+    A single common wrapper key (``state_dict``, ``model``...) and a ``module.`` prefix are removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{what} {path} could not be read as a plain state dict without running pickled code ({first[:200]})"
+        ) from None
+    if isinstance(obj, Mapping):
+        for key in _WRAPPER_KEYS:
+            if key in obj and isinstance(obj[key], Mapping) and len(obj) <= 4:
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not obj or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise CheckpointError(f"{what} {path} is not a state dict (a mapping of parameter names to tensors)")
+    state = dict(obj)
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str = "checkpoint") -> None:
+    """``module.load_state_dict(state, strict=True)`` with one readable error listing what differs."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if mismatched:
+            parts.append(f"{len(mismatched)} shape mismatches (e.g. {'; '.join(mismatched[:3])})")
+        raise CheckpointError(f"{what} does not match the model config: " + "; ".join(parts))
+    module.load_state_dict(state, strict=True)
