@@ -1,0 +1,63 @@
+"""densepure_rt.vote: the official DensePure majority vote and per-class counting."""
+
+import numpy as np
+import pytest
+
+from densepure_rt.vote import count_labels, majority_vote
+
+
+def _official_vote(row):
+    """The official DensePure rule, verbatim: Python's max keeps the first maximal element."""
+    row = list(row)
+    return max(row, key=row.count)
+
+
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        ([3, 1, 1, 3], 3),  # 3 and 1 tie; 3's first vote is at run 0
+        ([2, 5, 5, 2, 7], 2),  # 2 and 5 tie; 2 votes first
+        ([4, 4, 1, 1, 1], 1),  # a strict majority wins whatever the order
+        ([9], 9),
+        ([0, 1, 2, 3], 0),  # all distinct: the first run's label
+        ([6, 2, 2, 6, 6, 2], 6),
+    ],
+)
+def test_majority_vote_ties_go_to_the_earliest_first_vote(row, expected):
+    assert _official_vote(row) == expected
+    out = majority_vote(np.array([row]))
+    assert out.dtype == np.int64 and out.shape == (1,) and out[0] == expected
+
+
+@pytest.mark.parametrize("num_classes, k", [(2, 4), (3, 10), (10, 10), (1000, 10), (10, 1), (5, 7)])
+def test_majority_vote_matches_official_rule_on_random_rows(num_classes, k):
+    rng = np.random.default_rng(1000 * num_classes + k)
+    labels = rng.integers(0, num_classes, size=(3000, k))
+    expected = np.array([_official_vote(row.tolist()) for row in labels], dtype=np.int64)
+    np.testing.assert_array_equal(majority_vote(labels), expected)
+
+
+def test_majority_vote_accepts_other_integer_dtypes_and_empty_batches():
+    labels = np.array([[3, 1, 1, 3], [0, 2, 2, 2]], dtype=np.uint8)
+    np.testing.assert_array_equal(majority_vote(labels), [3, 2])
+    out = majority_vote(np.zeros((0, 10), dtype=np.int64))
+    assert out.shape == (0,) and out.dtype == np.int64
+
+
+@pytest.mark.parametrize("bad", [np.array([1, 2, 3]), np.zeros((2, 0), dtype=np.int64), np.ones((2, 3), dtype=float)])
+def test_majority_vote_rejects_malformed_labels(bad):
+    with pytest.raises(ValueError):
+        majority_vote(bad)
+
+
+def test_count_labels_counts_every_class_with_minlength():
+    counts = count_labels(np.array([3, 1, 1, 3, 3]), num_classes=10)
+    assert counts.dtype == np.int64 and counts.shape == (10,)
+    np.testing.assert_array_equal(counts, [0, 2, 0, 3, 0, 0, 0, 0, 0, 0])
+    np.testing.assert_array_equal(count_labels(np.array([], dtype=np.int64), 3), [0, 0, 0])
+
+
+@pytest.mark.parametrize("labels", [np.array([0, 10]), np.array([-1, 2]), np.array([[1, 2]]), np.array([0.0, 1.0])])
+def test_count_labels_rejects_out_of_range_or_malformed_labels(labels):
+    with pytest.raises(ValueError):
+        count_labels(labels, num_classes=10)
