@@ -30,7 +30,10 @@ def load_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, tor
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            obj = load_file(str(path), device="cpu")
+            try:
+                obj = load_file(str(path), device="cpu")
+            except Exception as exc:  # safetensors raises its own SafetensorError for corrupt headers
+                raise ValueError(str(exc)) from None
         else:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError) as exc:

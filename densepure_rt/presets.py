@@ -1,0 +1,117 @@
+"""The model presets, as data (DESIGN section 2). The runtime itself reads only an engine's manifest.
+
+Paper numbers beside each preset are from Xiao et al. (ICLR 2023), Table 1 / Table 2 (certified
+accuracy at radius 0 / 0.5 / 1.0, sigma chosen per radius), for orientation only: densepure-rt
+reproduces the algorithm, not those runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+
+__all__ = ["Preset", "PRESETS", "get_preset"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What a preset builds: the UNet kwargs of the original ``create_model``, the schedule, the data."""
+
+    name: str
+    unet_kwargs: dict
+    schedule: str  # "linear" or "cosine"
+    num_timesteps: int
+    rescale_timesteps: bool
+    image_size: int
+    channels: int
+    num_classes: int
+    classifier: str
+    diffusion_ckpt_hint: str
+    classifier_ckpt_hint: str
+    unet_gflop: float  # per sample, for the cost model (DESIGN section 6)
+    classifier_gflop: float
+    published: dict = field(default_factory=dict)
+
+
+PRESETS: dict[str, Preset] = {
+    # DensePure ImageNet (paper Table 2): 84.0 / 77.8 / 60.4 % at radius 0.0 / 0.5 / 1.0.
+    "imagenet": Preset(
+        name="imagenet",
+        unet_kwargs=dict(
+            image_size=256,
+            num_channels=256,
+            num_res_blocks=2,
+            attention_resolutions="32,16,8",
+            num_heads=4,
+            num_head_channels=64,
+            num_heads_upsample=-1,
+            channel_mult="",
+            learn_sigma=True,
+            class_cond=False,
+            resblock_updown=True,
+            use_scale_shift_norm=True,
+            use_new_attention_order=False,
+            dropout=0.0,
+        ),
+        schedule="linear",
+        num_timesteps=1000,
+        rescale_timesteps=True,
+        image_size=256,
+        channels=3,
+        num_classes=1000,
+        classifier="beit_large_patch16_512",
+        diffusion_ckpt_hint=(
+            "guided-diffusion's 256x256_diffusion_uncond.pt (openai/guided-diffusion README, 'unconditional "
+            "ImageNet 256x256'); pass it with --diffusion-ckpt"
+        ),
+        classifier_ckpt_hint=(
+            "timm beit_large_patch16_512.in22k_ft_in22k_in1k weights saved as .safetensors/.pth; "
+            "pass it with --classifier-ckpt"
+        ),
+        unet_gflop=2239.7,
+        classifier_gflop=724.0,
+        published=dict(n0=100, n=10000, alpha=0.001, skip=500, votes=10),
+    ),
+    # DensePure CIFAR-10 (paper Table 1): 87.6 / 76.6 / 64.6 % at radius 0.0 / 0.25 / 0.5.
+    "cifar10": Preset(
+        name="cifar10",
+        unet_kwargs=dict(
+            image_size=32,
+            num_channels=128,
+            num_res_blocks=3,
+            num_heads=4,
+            num_heads_upsample=-1,
+            attention_resolutions="16,8",
+            dropout=0.3,
+            learn_sigma=True,
+            class_cond=False,
+            use_scale_shift_norm=True,
+        ),
+        schedule="cosine",
+        num_timesteps=4000,
+        rescale_timesteps=True,
+        image_size=32,
+        channels=3,
+        num_classes=10,
+        classifier="vit_base_patch16_224",
+        diffusion_ckpt_hint=(
+            "improved-diffusion's cifar10_uncond_50M_500K.pt (openai/improved-diffusion README, 'CIFAR-10 "
+            "unconditional, L_hybrid, cosine'); pass it with --diffusion-ckpt"
+        ),
+        classifier_ckpt_hint=(
+            "the Hugging Face folder aaraki/vit-base-patch16-224-in21k-finetuned-cifar10 (config.json + "
+            "weights); pass the folder with --classifier-ckpt"
+        ),
+        unet_gflop=16.8,
+        classifier_gflop=35.1,
+        published=dict(n0=100, n=100000, alpha=0.001, skip=20, votes=10),
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; a :class:`ConfigError` naming the choices otherwise."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} for --model: choose one of {', '.join(sorted(PRESETS))}")
+    return PRESETS[name]

@@ -1,0 +1,56 @@
+"""Shared test helpers: where the parity fixtures live, and loading them."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# The fixtures sit beside the project's root in every checkout and in CI (../shared/fixtures).
+FIXTURES = Path(os.environ.get("DENSEPURE_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+
+UNET_FIXTURES = ("guided_diffusion_unet", "improved_diffusion_unet")
+REVERSE_FIXTURES = (
+    "densepure_guided_sigma0.5_b4",
+    "densepure_guided_sigma0.25_onestep",
+    "densepure_improved_sigma0.25_b3",
+)
+
+
+def fixture_dir(name: str) -> Path:
+    """Path of one fixture folder; a missing folder is a failure, never a skip."""
+    path = FIXTURES / name
+    if not path.is_dir():
+        pytest.fail(f"parity fixture {path} is missing: the tests need ../shared/fixtures beside the repo")
+    return path
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def load_fixture_unet(name: str, fp16: bool = False):
+    """The fixture UNet (strictly loaded) and its config."""
+    from safetensors.torch import load_file
+
+    from densepure_rt.export.checkpoints import load_strict
+    from densepure_rt.export.unet import create_model
+
+    folder = fixture_dir(name)
+    cfg = read_json(folder / "config.json")
+    model = create_model(**cfg["create_model_kwargs"]).eval()
+    load_strict(model, load_file(str(folder / "state_dict.safetensors")))
+    if fp16:
+        model.convert_to_fp16()
+    return model, cfg
+
+
+def fixture_schedule(cfg: dict):
+    """The BetaSchedule named by a reverse fixture's ``schedule`` entry (e.g. 'linear-1000')."""
+    from densepure_rt.schedule import make_schedule
+
+    kind, steps = cfg["schedule"].split("-")
+    return make_schedule(kind, int(steps))

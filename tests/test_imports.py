@@ -1,0 +1,38 @@
+"""The runtime never imports torch: checked in a fresh interpreter where torch cannot be imported."""
+
+import subprocess
+import sys
+
+import pytest
+
+BLOCK_TORCH = (
+    "import sys\n"
+    "class _Block:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'torch' or name.startswith('torch.'):\n"
+    "            raise ImportError('torch is blocked in this test')\n"
+    "sys.meta_path.insert(0, _Block())\n"
+)
+
+RUNTIME_MODULES = [
+    "densepure_rt",
+    "densepure_rt.schedule",
+    "densepure_rt.certify",
+    "densepure_rt.vote",
+    "densepure_rt.noise",
+    "densepure_rt.presets",
+    "densepure_rt.errors",
+]
+
+
+@pytest.mark.parametrize("module", RUNTIME_MODULES)
+def test_runtime_module_imports_without_torch(module):
+    code = BLOCK_TORCH + f"import {module}\nassert 'torch' not in sys.modules\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def test_no_generic_top_level_packages_installed():
+    code = "import importlib.util as u; print(u.find_spec('export'), u.find_spec('engine'))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
+    assert result.stdout.split() == ["None", "None"]
