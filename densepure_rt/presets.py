@@ -32,6 +32,10 @@ class Preset:
     unet_gflop: float  # per sample, for the cost model (DESIGN section 6)
     classifier_gflop: float
     published: dict = field(default_factory=dict)
+    shipped_unet: str = ""  # file under densepure_rt/assets/ used when no checkpoint is given
+    shipped_classifier: str = ""
+    default_data: str = ""  # "digits-test": certify without --data uses the shipped test split
+    description: str = ""
 
 
 PRESETS: dict[str, Preset] = {
@@ -106,6 +110,33 @@ PRESETS: dict[str, Preset] = {
         unet_gflop=16.8,
         classifier_gflop=35.1,
         published=dict(n0=100, n=100000, alpha=0.001, skip=20, votes=10),
+    ),
+    # For tests and smoke runs only: a tiny random-weights model of the same architecture family.
+    "tiny": Preset(
+        name="tiny",
+        unet_kwargs=dict(
+            image_size=16,
+            num_channels=32,
+            num_res_blocks=1,
+            channel_mult="1,2",
+            attention_resolutions="8",
+            num_head_channels=16,
+            learn_sigma=True,
+            resblock_updown=True,
+            use_scale_shift_norm=True,
+        ),
+        schedule="linear",
+        num_timesteps=1000,
+        rescale_timesteps=True,
+        image_size=16,
+        channels=3,
+        num_classes=10,
+        classifier="small-cnn",
+        diffusion_ckpt_hint="the tiny preset has no published weights: use --random-weights",
+        classifier_ckpt_hint="the tiny preset has no published weights: use --random-weights",
+        unet_gflop=0.0,
+        classifier_gflop=0.0,
+        description="tiny random-weights model for tests and smoke runs (its certificates mean nothing)",
     ),
 }
 

@@ -1,0 +1,132 @@
+"""Execution backends: run b reverse steps x K runs, the classifier and the vote for a batch.
+
+A backend owns its buffers and its noise. The runtime hands it the frozen reverse schedule once per
+(sigma, b) (:meth:`Backend.prepare`) and then asks only for voted labels of batches of noisy
+samples (:meth:`Backend.voted_labels`): nothing inside that call needs a host value between steps,
+so a GPU backend can capture the whole loop (steps, classifier, argmax, vote) in one CUDA graph and
+replay it per batch.
+
+:class:`OnnxRuntimeBackend` runs the engine's ONNX graphs with ONNX Runtime: the CPU provider, or the
+CUDA provider where onnxruntime-gpu is installed and ``device="cuda"`` is asked for. Its noise comes
+from :mod:`densepure_rt.noise` on the host (the same numbers as the PyTorch reference gets).
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .errors import EngineError
+from .noise import sample_noise
+from .schedule import ReverseSchedule
+from .vote import majority_vote
+
+__all__ = ["Backend", "OnnxRuntimeBackend", "open_backend"]
+
+
+class Backend(abc.ABC):
+    """What the runtime needs from an execution backend."""
+
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def prepare(self, rs: ReverseSchedule, votes: int, batch: int) -> None:
+        """Upload the per-step scalars of ``rs`` and size the buffers for ``batch`` samples x ``votes`` runs."""
+
+    @abc.abstractmethod
+    def voted_labels(self, image: np.ndarray, seed: int, image_index: int, phase: int, samples: Sequence[int]) -> np.ndarray:
+        """Voted labels [len(samples)] int64 of noisy samples ``samples`` of ``image`` [C x H x W] in [0, 1]."""
+
+    @abc.abstractmethod
+    def purify(self, x_t: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """One reverse run from x_{t*} [N x C x H x W] with draws ``noise`` [calls x N x C x H x W] -> x0_hat."""
+
+    @abc.abstractmethod
+    def classify(self, images: np.ndarray) -> np.ndarray:
+        """Labels [N] int64 of purified images [N x C x H x W] in [-1, 1]."""
+
+    def close(self) -> None:
+        """Free the backend's resources."""
+
+
+class OnnxRuntimeBackend(Backend):
+    """ONNX Runtime over the engine's ``step.onnx`` and ``classifier.onnx``."""
+
+    name = "onnxruntime"
+
+    def __init__(self, directory: str | Path, manifest: dict, device: str = "cpu", threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:  # pragma: no cover - onnxruntime is a dependency
+            raise EngineError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from None
+        available = ort.get_available_providers()
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in available:
+                raise EngineError(
+                    "--device cuda needs onnxruntime-gpu (the installed onnxruntime only has "
+                    f"{', '.join(available)}): pip install onnxruntime-gpu, or use --device cpu"
+                )
+            providers = [("CUDAExecutionProvider", {}), "CPUExecutionProvider"]
+        elif device == "cpu":
+            providers = ["CPUExecutionProvider"]
+        else:
+            raise EngineError(f"--device must be cpu or cuda for the onnxruntime backend (got {device!r})")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        directory = Path(directory)
+        graphs = manifest["graphs"]
+        try:
+            self._step = ort.InferenceSession(str(directory / graphs["step"]["file"]), options, providers=providers)
+            self._cls = ort.InferenceSession(str(directory / graphs["classifier"]["file"]), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise EngineError(f"onnxruntime could not load the engine in {directory}: {str(exc).splitlines()[0][:200]}") from None
+        self.version = ort.__version__
+        self.device = device
+        self.image_shape = tuple(manifest["image_shape"])
+        self._rs: ReverseSchedule | None = None
+
+    def prepare(self, rs: ReverseSchedule, votes: int, batch: int) -> None:
+        self._rs = rs
+        self._votes = int(votes)
+        self._scalars = [np.ascontiguousarray(row, dtype=np.float32) for row in rs.scalars]
+        self._scale = np.float32(rs.input_scale)
+
+    def purify(self, x_t: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        assert self._rs is not None, "call prepare() first"
+        x = np.ascontiguousarray(x_t, dtype=np.float32)
+        for s, row in enumerate(self._scalars):
+            x = self._step.run(["x_next"], {"x": x, "noise": noise[s], "scalars": row})[0]
+        return x
+
+    def classify(self, images: np.ndarray) -> np.ndarray:
+        return self._cls.run(["labels"], {"image": np.ascontiguousarray(images, dtype=np.float32)})[0].astype(np.int64)
+
+    def voted_labels(self, image: np.ndarray, seed: int, image_index: int, phase: int, samples: Sequence[int]) -> np.ndarray:
+        assert self._rs is not None, "call prepare() first"
+        rs, votes = self._rs, self._votes
+        delta, z = sample_noise(seed, image_index, phase, samples, votes, rs.num_calls, self.image_shape, rs.sigma)
+        # x_{t*} = (2 (x + delta) - 1) / sqrt(1 + 4 sigma^2), the K runs of a sample adjacent.
+        x_t = np.repeat(self._scale * (2 * (image[None] + delta) - 1), votes, axis=0)
+        labels = self.classify(self.purify(x_t, z))
+        return majority_vote(labels.reshape(len(samples), votes))
+
+    def close(self) -> None:
+        self._step = self._cls = None  # type: ignore[assignment]
+
+
+def open_backend(name: str, directory: str | Path, manifest: dict, device: str = "cpu", threads: int | None = None) -> Backend:
+    """The backend ``name`` for an engine directory; refuses one the manifest was not built for."""
+    built = manifest["backend"]["name"]
+    if name in ("auto", built):
+        name = built
+    else:
+        raise EngineError(f"this engine was built for the {built} backend, not {name}: rebuild it with --backend {name}")
+    if name == "onnxruntime":
+        return OnnxRuntimeBackend(directory, manifest, device=device, threads=threads)
+    raise EngineError(f"backend {name!r} is not supported by this densepure-rt: rebuild the engine for onnxruntime")

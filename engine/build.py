@@ -1,0 +1,176 @@
+"""Turn a UNet and a classifier into an engine directory: ONNX graphs + ``manifest.json``.
+
+The directory is staged beside its destination and renamed into place only once every graph has
+been exported and validated, so a failed or interrupted build never leaves a half-written engine.
+
+Backends: ``onnxruntime`` (CPU, and CUDA where onnxruntime-gpu is installed) runs the ONNX graphs
+directly. TensorRT plans are built by :mod:`densepure_rt.engine.tensorrt` (unverified here: the
+TensorRT builder cannot be installed in this workplace).
+"""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from densepure_rt import __version__
+from densepure_rt.errors import ConfigError
+from densepure_rt.manifest import write_manifest
+from densepure_rt.presets import Preset
+from densepure_rt.schedule import make_schedule, reverse_schedule
+
+from densepure_rt.export.onnx_export import classifier_spec, export_graph, step_spec, validate_graph
+from densepure_rt.export.step import DenoiseStep
+
+__all__ = ["BuildOptions", "build_engine", "PRECISIONS", "BACKENDS"]
+
+PRECISIONS = ("fp32", "fp16")
+BACKENDS = ("onnxruntime",)
+
+
+@dataclass
+class BuildOptions:
+    """What to build: precision, backend, the batch the runtime should default to, provenance."""
+
+    precision: str = "fp32"
+    backend: str = "onnxruntime"
+    batch: int = 32
+    force: bool = False
+    validate: bool = True
+    provenance: dict = field(default_factory=dict)
+
+
+def _check(options: BuildOptions) -> None:
+    if options.precision not in PRECISIONS:
+        raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)} (got {options.precision!r})")
+    if options.backend not in BACKENDS:
+        raise ConfigError(
+            f"--backend {options.backend!r} is not available here: choose one of {', '.join(BACKENDS)}"
+        )
+    if options.batch < 1:
+        raise ConfigError(f"--batch must be >= 1 (got {options.batch})")
+
+
+def _step_inputs(preset: Preset, batch: int):
+    schedule = make_schedule(preset.schedule, preset.num_timesteps, preset.rescale_timesteps)
+    rows = [reverse_schedule(schedule, s, b).scalars for s, b in ((0.25, 0), (0.5, 4), (1.0, 10))]
+    table = torch.as_tensor(np.concatenate(rows), dtype=torch.float32)
+    shape = (batch, preset.channels, preset.image_size, preset.image_size)
+
+    def make(gen: torch.Generator):
+        row = table[int(torch.randint(len(table), (1,), generator=gen))]
+        return torch.randn(shape, generator=gen), torch.randn(shape, generator=gen), row
+
+    return make
+
+
+def _classifier_inputs(preset: Preset, batch: int):
+    shape = (batch, preset.channels, preset.image_size, preset.image_size)
+
+    def make(gen: torch.Generator):
+        return (torch.rand(shape, generator=gen) * 2 - 1,)
+
+    return make
+
+
+def build_engine(
+    out_dir: str | Path,
+    preset: Preset,
+    unet: nn.Module,
+    classifier: nn.Module,
+    options: BuildOptions,
+    log=print,
+) -> dict:
+    """Export, validate and seal an engine directory at ``out_dir``; returns the manifest.
+
+    ``unet`` is the fp32 UNet (converted to fp16 here when asked); ``classifier`` maps purified
+    images [N x C x H x W] in [-1, 1] to logits.
+    """
+    _check(options)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not options.force:
+            raise ConfigError(f"--out {out_dir} exists and is not empty: choose another folder or pass --force")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    stage = out_dir.parent / f".{out_dir.name}.partial"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
+    try:
+        image_shape = (preset.channels, preset.image_size, preset.image_size)
+        val_batch = 2
+        unet = unet.eval()
+        step32 = DenoiseStep(unet).eval()
+        step_parent = step32
+        if options.precision == "fp16":
+            import copy
+
+            step_parent = DenoiseStep(copy.deepcopy(unet).convert_to_fp16()).eval()
+        sspec = step_spec(image_shape, options.precision)
+        cspec = classifier_spec(image_shape, preset.num_classes)
+        make_step, make_cls = _step_inputs(preset, val_batch), _classifier_inputs(preset, val_batch)
+        gen = torch.Generator().manual_seed(0)
+        t0 = time.time()
+        log(f"exporting the denoise-step graph ({options.precision})...")
+        files = export_graph(step_parent, sspec, stage, make_step(gen))
+        log("exporting the classifier graph (fp32)...")
+        files += export_graph(classifier, cspec, stage, make_cls(gen))
+        validation = {}
+        if options.validate:
+            log("validating both graphs against PyTorch on fresh random inputs...")
+            validation["step"] = validate_graph(stage / sspec.file, step_parent, sspec, make_step)
+            validation["classifier"] = validate_graph(stage / cspec.file, classifier, cspec, make_cls)
+        unet_params = sum(p.numel() for p in unet.parameters())
+        manifest = {
+            "preset": preset.name,
+            "description": preset.description,
+            "image_shape": list(image_shape),
+            "num_classes": preset.num_classes,
+            "schedule": {
+                "kind": preset.schedule,
+                "num_timesteps": preset.num_timesteps,
+                "rescale_timesteps": preset.rescale_timesteps,
+            },
+            "unet": {"create_model_kwargs": preset.unet_kwargs, "parameters": unet_params},
+            "classifier": {
+                "name": preset.classifier,
+                "parameters": sum(p.numel() for p in classifier.parameters()),
+                "preprocessing": classifier.describe() if hasattr(classifier, "describe") else {},
+            },
+            "precision": {"step": options.precision, "classifier": "fp32"},
+            "backend": {"name": options.backend, "opset": 17},
+            "graphs": {"step": sspec.as_dict(), "classifier": cspec.as_dict()},
+            "validation": validation,
+            "default_batch": options.batch,
+            "default_data": preset.default_data,
+            "cost_gflop": {"unet": preset.unet_gflop, "classifier": preset.classifier_gflop},
+            "build": {
+                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "seconds": round(time.time() - t0, 1),
+                "python": sys.version.split()[0],
+                "torch": torch.__version__,
+                "platform": platform.platform(),
+                **options.provenance,
+            },
+            "gpu": None,
+            "files": files,
+        }
+        write_manifest(stage, manifest)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        stage.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    log(f"engine written to {out_dir}")
+    from densepure_rt.manifest import load_manifest
+
+    return load_manifest(out_dir)

@@ -1,0 +1,219 @@
+"""ONNX export of the two graphs, declared as specs and validated against their PyTorch parents.
+
+- ``step``: (x [batch x C x H x W] f32, noise [batch x C x H x W] f32, scalars [8] f32) -> x_next
+  [batch x C x H x W] f32. The UNet plus the posterior update (:class:`export.step.DenoiseStep`): one
+  graph for every sigma and every b. In fp16 the UNet's block convolutions run in fp16 and
+  GroupNorm statistics, softmax, the timestep embedding, the output head and all scheduler
+  arithmetic stay float32 (they are float32 in the parent module, and the exporter keeps its casts).
+- ``classifier``: (image [batch x C x H x W] f32 in [-1, 1]) -> (labels [batch] int64, logits
+  [batch x classes] f32), resize and normalisation inside.
+
+Each spec declares its tolerances beside its shapes; :func:`validate_graph` compares every output
+with the parent on fresh random inputs and raises one error listing every output that fails.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from densepure_rt.errors import DensePureError
+from densepure_rt.schedule import STEP_SCALARS
+
+__all__ = ["TensorSpec", "GraphSpec", "step_spec", "classifier_spec", "export_graph", "validate_graph", "ExportValidationError"]
+
+OPSET = 17
+
+
+class ExportValidationError(DensePureError):
+    """An exported graph disagrees with its PyTorch parent beyond the declared tolerances."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input/output: name, shape ('batch' marks the dynamic axis) and numpy dtype name."""
+
+    name: str
+    shape: tuple
+    dtype: str
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """An exported graph: its file, inputs, outputs, and per-output tolerances vs the parent.
+
+    ``atol`` is the max absolute error allowed; ``rel_l2`` the relative L2 error; ``exact`` outputs
+    (labels) must agree on at least ``min_agreement`` of the rows.
+    """
+
+    name: str
+    file: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    atol: dict
+    rel_l2: dict
+    exact: tuple[str, ...] = ()
+    min_agreement: float = 1.0
+
+    def as_dict(self) -> dict:
+        return {
+            "file": self.file,
+            "inputs": [t.as_dict() for t in self.inputs],
+            "outputs": [t.as_dict() for t in self.outputs],
+            "tolerances": {"atol": self.atol, "rel_l2": self.rel_l2, "exact": list(self.exact)},
+        }
+
+
+def step_spec(image_shape: Sequence[int], precision: str) -> GraphSpec:
+    """The denoise-step graph's spec. fp16 tolerances are against the fp16 parent module."""
+    img = ("batch", *image_shape)
+    fp16 = precision == "fp16"
+    return GraphSpec(
+        name="step",
+        file="step.onnx",
+        inputs=(
+            TensorSpec("x", img, "float32"),
+            TensorSpec("noise", img, "float32"),
+            TensorSpec("scalars", (len(STEP_SCALARS),), "float32"),
+        ),
+        outputs=(TensorSpec("x_next", img, "float32"),),
+        atol={"x_next": 5e-2 if fp16 else 1e-4},
+        rel_l2={"x_next": 5e-3 if fp16 else 1e-5},
+    )
+
+
+def classifier_spec(image_shape: Sequence[int], num_classes: int) -> GraphSpec:
+    """The classifier graph's spec (always float32 on the ONNX Runtime backend)."""
+    return GraphSpec(
+        name="classifier",
+        file="classifier.onnx",
+        inputs=(TensorSpec("image", ("batch", *image_shape), "float32"),),
+        outputs=(TensorSpec("labels", ("batch",), "int64"), TensorSpec("logits", ("batch", num_classes), "float32")),
+        atol={"logits": 1e-3},
+        rel_l2={"logits": 1e-4},
+        exact=("labels",),
+        min_agreement=0.99,
+    )
+
+
+class _ClassifierGraph(nn.Module):
+    """Wraps a classifier (image in [-1,1] -> logits) to return (labels, logits)."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, image: torch.Tensor):
+        logits = self.classifier(image).float()
+        return logits.argmax(dim=1), logits
+
+
+def as_graph_module(spec: GraphSpec, module: nn.Module) -> nn.Module:
+    """The module whose outputs are exactly ``spec.outputs`` (the classifier gains labels)."""
+    return _ClassifierGraph(module) if spec.name == "classifier" else module
+
+
+def export_graph(module: nn.Module, spec: GraphSpec, directory: str | Path, example: Sequence[torch.Tensor]) -> list[str]:
+    """Export ``module`` to ``directory/spec.file`` (opset 17, dynamic batch); returns the files written.
+
+    Graphs over 2 GB (the full-size fp32 ImageNet UNet) are saved with their weights as external
+    data beside the graph (``<file>.data``).
+    """
+    import onnx
+
+    directory = Path(directory)
+    graph = as_graph_module(spec, module).eval()
+    dynamic = {t.name: {i: "batch" for i, d in enumerate(t.shape) if d == "batch"} for t in (*spec.inputs, *spec.outputs)}
+    dynamic = {k: v for k, v in dynamic.items() if v}
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        raw = Path(tmp) / spec.file
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                graph,
+                tuple(example),
+                str(raw),
+                input_names=[t.name for t in spec.inputs],
+                output_names=[t.name for t in spec.outputs],
+                dynamic_axes=dynamic,
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        model = onnx.load(str(raw), load_external_data=True)
+        target = directory / spec.file
+        size = sum(t.ByteSize() for t in model.graph.initializer)
+        if size > 1_900_000_000:
+            data = spec.file + ".data"
+            onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+            return [spec.file, data]
+        onnx.save_model(model, str(target))
+        return [spec.file]
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def validate_graph(
+    path: str | Path,
+    parent: nn.Module,
+    spec: GraphSpec,
+    make_inputs: Callable[[torch.Generator], Sequence[torch.Tensor]],
+    trials: int = 2,
+    seed: int = 1234,
+) -> dict:
+    """Run the graph and its parent on ``trials`` fresh random inputs; raise one error listing every
+    output outside its tolerance. Returns the worst errors seen (for logs and manifests)."""
+    session = _session(Path(path))
+    graph = as_graph_module(spec, parent).eval()
+    gen = torch.Generator().manual_seed(seed)
+    worst: dict[str, dict] = {}
+    failures: list[str] = []
+    for trial in range(trials):
+        inputs = make_inputs(gen)
+        with torch.no_grad():
+            want = graph(*inputs)
+        want = want if isinstance(want, tuple) else (want,)
+        feeds = {t.name: x.cpu().numpy() for t, x in zip(spec.inputs, inputs)}
+        got = session.run([t.name for t in spec.outputs], feeds)
+        for out, g, w in zip(spec.outputs, got, want):
+            w = w.float().cpu().numpy() if w.is_floating_point() else w.cpu().numpy()
+            stats = worst.setdefault(out.name, {"max_abs": 0.0, "rel_l2": 0.0, "agreement": 1.0})
+            if g.shape != w.shape:
+                failures.append(f"{out.name}: shape {g.shape} vs parent {w.shape}")
+                continue
+            if out.name in spec.exact:
+                agreement = float(np.mean(g == w))
+                stats["agreement"] = min(stats["agreement"], agreement)
+                if agreement < spec.min_agreement:
+                    failures.append(f"{out.name}: {agreement:.1%} agree with the parent (need {spec.min_agreement:.0%})")
+                continue
+            if not np.all(np.isfinite(g)):
+                failures.append(f"{out.name}: non-finite values")
+                continue
+            max_abs = float(np.max(np.abs(g - w)))
+            rel = float(np.linalg.norm(g - w) / max(np.linalg.norm(w), 1e-12))
+            stats["max_abs"], stats["rel_l2"] = max(stats["max_abs"], max_abs), max(stats["rel_l2"], rel)
+            if max_abs > spec.atol.get(out.name, np.inf) or rel > spec.rel_l2.get(out.name, np.inf):
+                failures.append(
+                    f"{out.name} (trial {trial}): max abs {max_abs:.2e} (tol {spec.atol.get(out.name)}), "
+                    f"rel L2 {rel:.2e} (tol {spec.rel_l2.get(out.name)})"
+                )
+    if failures:
+        raise ExportValidationError(f"{spec.name} graph {path} disagrees with PyTorch: " + "; ".join(failures))
+    return worst
