@@ -17,6 +17,8 @@ __all__ = [
     "BetaSchedule",
     "ReverseSchedule",
     "ONE_SHOT",
+    "NO_PURIFICATION",
+    "parse_steps",
     "linear_schedule",
     "cosine_schedule",
     "make_schedule",
@@ -28,6 +30,10 @@ __all__ = [
 #: ``steps`` value that selects the one-shot denoiser of Carlini et al. (2022): one network call at
 #: round(t*) on the ORIGINAL schedule, returning the clipped x0 prediction.
 ONE_SHOT = 0
+
+#: ``steps`` value for plain randomized smoothing of the classifier (no purification): the classifier
+#: sees 2 (x + delta) - 1 directly. A baseline, not DensePure.
+NO_PURIFICATION = -1
 
 #: Order of the per-step scalars fed to the denoise-step graph (one row per step, float32).
 STEP_SCALARS = (
@@ -192,6 +198,24 @@ def _posterior_table(alphas_cumprod: np.ndarray, betas: np.ndarray) -> dict[str,
     }
 
 
+def parse_steps(steps: Union[int, str]) -> int:
+    """``steps`` as an int: b >= 1, ONE_SHOT for 'one-shot' (or 0), NO_PURIFICATION for 'none'."""
+    if isinstance(steps, str):
+        text = steps.strip().lower().replace("_", "-")
+        if text in ("one-shot", "oneshot"):
+            return ONE_SHOT
+        if text == "none":
+            return NO_PURIFICATION
+        try:
+            steps = int(text)
+        except ValueError:
+            raise ValueError(f"steps must be a positive integer, 'one-shot' or 'none', got {steps!r}") from None
+    steps = int(steps)
+    if steps < NO_PURIFICATION:
+        raise ValueError(f"steps must be >= 1, 'one-shot' or 'none', got {steps}")
+    return steps
+
+
 def reverse_schedule(schedule: BetaSchedule, sigma: float, steps: Union[int, str]) -> ReverseSchedule:
     """The frozen reverse schedule for (schedule, sigma, b) (DESIGN section 1.4).
 
@@ -199,18 +223,16 @@ def reverse_schedule(schedule: BetaSchedule, sigma: float, steps: Union[int, str
     beta'_k = min(1 - alpha_bar(tau_{k}) / alpha_bar(tau_{k+1}), 0.999) over [0, tau_{b-1}, ..., tau_0].
     ``steps`` = ONE_SHOT (0 or "one-shot") is the Carlini et al. one-shot denoiser: one call at
     round(t*) on the original schedule whose output is the clipped x0 prediction.
+    ``steps`` = NO_PURIFICATION (-1 or "none") is the plain randomized-smoothing baseline: no call.
     """
-    if isinstance(steps, str):
-        if steps.replace("_", "-").lower() not in ("one-shot", "oneshot", "0"):
-            raise ValueError(f"steps must be a positive integer or 'one-shot', got {steps!r}")
-        steps = ONE_SHOT
-    steps = int(steps)
-    if steps < 0:
-        raise ValueError(f"steps must be >= 1 (or 0 for one-shot), got {steps}")
+    steps = parse_steps(steps)
     ts = t_star(schedule, sigma)
     input_scale = (1.0 / (1.0 + (2.0 * sigma) ** 2)) ** 0.5
     rows: list[list[float]] = []
 
+    if steps == NO_PURIFICATION:
+        # No reverse run: the classifier gets 2 (x + delta) - 1 unscaled.
+        return ReverseSchedule(float(sigma), steps, float(ts), 1.0, (), np.zeros((0, len(STEP_SCALARS))))
     if steps == ONE_SHOT:
         tau = round(ts)
         full = _posterior_table(schedule.alphas_cumprod, schedule.betas)
