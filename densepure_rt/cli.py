@@ -101,9 +101,10 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
         if path is not None and not Path(path).exists():
             raise ConfigError(f"{flag} {path} does not exist")
     out = Path(out or f"engines/{p.name}")
-    click.echo(f"building {p.name} ({precision}, {backend}) into {out}", err=True)
     unet = load_unet(p, diffusion_ckpt, random_weights=random_weights, seed=seed)
     classifier = load_classifier(p, classifier_ckpt, random_weights=random_weights, seed=seed)
+    # Announced only once the checkpoints have loaded: a bad checkpoint is one `error:` line.
+    click.echo(f"building {p.name} ({precision}, {backend}) into {out}", err=True)
     provenance = {
         "command": "densepure-rt " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "random_weights": bool(random_weights),
