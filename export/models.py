@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+import densepure_rt
 from densepure_rt.errors import CheckpointError, ConfigError
 from densepure_rt.presets import Preset, get_preset
 
@@ -16,7 +17,7 @@ from .unet import UNetModel, create_model
 
 __all__ = ["load_unet", "load_classifier", "SmallCNN", "ASSETS"]
 
-ASSETS = Path(__file__).resolve().parents[1] / "densepure_rt" / "assets"
+ASSETS = Path(densepure_rt.__file__).resolve().parent / "assets"
 
 
 @contextmanager
@@ -86,21 +87,18 @@ def load_classifier(
         return build_classifier(p.name, checkpoint, random_weights=random_weights, seed=seed)
     from .classifiers import PurifiedClassifier
 
-    if p.name == "digits":
-        from .digits import DIGITS_CLASSIFIER, DigitsNet
+    if random_weights and checkpoint is not None:
+        raise ConfigError("--classifier-ckpt and --random-weights exclude each other")
+    with _seeded(seed):
+        if p.name == "digits":
+            from .digits import DIGITS_CLASSIFIER, DigitsNet
 
-        net: nn.Module = DigitsNet()
-        mean, std = DIGITS_CLASSIFIER["mean"], DIGITS_CLASSIFIER["std"]
-    else:
-        with _seeded(seed):
+            net: nn.Module = DigitsNet()
+            mean, std = DIGITS_CLASSIFIER["mean"], DIGITS_CLASSIFIER["std"]
+        else:
             net = SmallCNN(p.channels, p.num_classes)
-        mean, std = 0.5, 0.5
-    if random_weights:
-        if checkpoint is not None:
-            raise ConfigError("--classifier-ckpt and --random-weights exclude each other")
-        with _seeded(seed):
-            net = type(net)() if p.name == "digits" else net
-    else:
+            mean, std = 0.5, 0.5
+    if not random_weights:
         if checkpoint is None and p.shipped_classifier:
             checkpoint = ASSETS / p.shipped_classifier
         if checkpoint is None:
