@@ -85,3 +85,18 @@ def test_respaced_alpha_bar_is_ratio_to_alpha_bar_zero():
 def test_nonpositive_sigma_is_refused(bad):
     with pytest.raises(ValueError):
         reverse_schedule(linear_schedule(1000), bad, 4)
+
+
+@pytest.mark.parametrize("name", ["densepure_guided_sigma0.5_b4", "densepure_improved_sigma0.25_b3"])
+def test_reverse_run_in_fp16_mode_stays_close_to_official(name):
+    folder = fixture_dir(name)
+    cfg = read_json(folder / "config.json")
+    model, _ = load_fixture_unet(cfg["unet_fixture"], fp16=True)
+    rs = reverse_schedule(fixture_schedule(cfg), cfg["sigma"], cfg["steps"])
+    tr = load_file(str(folder / "trajectory.safetensors"))
+    x_t = to_diffusion_input(tr["x_clean"] + tr["delta"], rs)
+    out = reverse_run(DenoiseStep(model), x_t, rs, [tr[f"noise_{i}"] for i in range(cfg["noise_draws"])])
+    assert out.dtype == torch.float32
+    rel = ((out - tr["out"]).norm() / tr["out"].norm()).item()
+    print(f"{name}: fp16 reference vs official relative L2 {rel:.2e}")
+    assert rel < 1e-2
