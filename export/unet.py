@@ -6,7 +6,8 @@ reproduces it. improved-diffusion's UNet is guided-diffusion's with ``num_head_c
 ``resblock_updown=False`` and the legacy attention head order, so one class serves both.
 
 Export-friendly: no gradient-checkpoint wrappers, attention as two batched matmuls around a softmax
-with the original q/k scaling (1/sqrt(sqrt(ch)) on each), static shapes only.
+with the original q/k scaling (1/sqrt(sqrt(ch)) on each), static shapes only. ``set_attention(model,
+"sdpa")`` opts into fused attention (``scaled_dot_product_attention``) for the PyTorch fast path.
 
 fp16 mode (``use_fp16=True`` or :meth:`UNetModel.convert_to_fp16`) matches the original
 ``convert_to_fp16``: the convolutions of the input, middle and output blocks hold fp16 weights and
@@ -24,9 +25,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UNetModel", "create_model", "timestep_embedding", "default_channel_mult", "unet_config"]
+__all__ = [
+    "UNetModel",
+    "create_model",
+    "timestep_embedding",
+    "default_channel_mult",
+    "unet_config",
+    "set_attention",
+    "ATTENTION_IMPLS",
+]
 
 NUM_CLASSES = 1000
+
+#: Attention implementations of :class:`AttentionBlock` (see :func:`set_attention`).
+ATTENTION_IMPLS = ("matmul", "sdpa")
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -175,7 +187,14 @@ class AttentionBlock(nn.Module):
 
     ``legacy_order`` reads the fused qkv as [heads x (q, k, v) x ch] (improved-diffusion and
     guided-diffusion's default ``QKVAttentionLegacy``); otherwise as [(q, k, v) x heads x ch].
+
+    ``attention_impl`` (a class default, set per block by :func:`set_attention`): ``"matmul"`` is the
+    original's two batched matmuls around a float32 softmax (the exported graph); ``"sdpa"`` hands the
+    same q, k, v to ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels on the GPU).
+    Both compute softmax(q^T k / sqrt(ch)) v: the original scales q and k each by ch^-1/4.
     """
+
+    attention_impl: str = "matmul"
 
     def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1, legacy_order: bool = True):
         super().__init__()
@@ -196,6 +215,8 @@ class AttentionBlock(nn.Module):
         x = x.reshape(b, c, length)
         qkv = self.qkv(self.norm(x))
         heads, ch = self.num_heads, c // self.num_heads
+        if self.attention_impl == "sdpa":
+            return (x + self._sdpa(qkv, heads, ch)).reshape(b, c, height, width)
         if self.legacy_order:
             q, k, v = qkv.reshape(b * heads, 3 * ch, length).split(ch, dim=1)
         else:
@@ -206,6 +227,20 @@ class AttentionBlock(nn.Module):
         a = torch.bmm(v, weight.transpose(1, 2))  # [b*heads x ch x t]
         h = self.proj_out(a.reshape(b, c, length))
         return (x + h).reshape(b, c, height, width)
+
+    def _sdpa(self, qkv: torch.Tensor, heads: int, ch: int) -> torch.Tensor:
+        """qkv [b x 3*heads*ch x T] -> proj_out(attention) [b x heads*ch x T] through fused attention."""
+        b, _, length = qkv.shape
+        # Same channel reading as the matmul path: legacy [b, heads, (q,k,v), ch, T], new [b, (q,k,v), heads, ch, T].
+        # One copy to [..., T, ch]: the fused kernels need the last dimension contiguous (else SDPA
+        # falls back to its unfused math path).
+        if self.legacy_order:
+            q, k, v = qkv.reshape(b, heads, 3, ch, length).transpose(-1, -2).contiguous().unbind(2)
+        else:
+            q, k, v = qkv.reshape(b, 3, heads, ch, length).transpose(-1, -2).contiguous().unbind(1)
+        # [b x heads x T x ch] each. SDPA's default scale 1/sqrt(ch) equals the original ch^-1/4 on q and on k.
+        a = F.scaled_dot_product_attention(q, k, v)  # [b x heads x T x ch]
+        return self.proj_out(a.transpose(-1, -2).reshape(b, heads * ch, length))
 
 
 # --------------------------------------------------------------------------------------------- #
@@ -412,6 +447,20 @@ def create_model(
         resblock_updown=resblock_updown,
         use_new_attention_order=use_new_attention_order,
     )
+
+
+def set_attention(model: nn.Module, impl: str) -> nn.Module:
+    """Switch every :class:`AttentionBlock` in ``model`` to ``impl`` ("matmul" or "sdpa"); returns ``model``.
+
+    No weights change, so state dicts and checkpoints are unaffected. ``"matmul"`` (the default) is
+    what ONNX export and the parity tests use; ``"sdpa"`` is the fused-attention fast path.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation must be one of {', '.join(ATTENTION_IMPLS)}, got {impl!r}")
+    for module in model.modules():
+        if isinstance(module, AttentionBlock):
+            module.attention_impl = impl
+    return model
 
 
 def unet_config(model: UNetModel) -> dict:
