@@ -30,6 +30,8 @@ from densepure_rt.schedule import STEP_SCALARS
 __all__ = ["TensorSpec", "GraphSpec", "step_spec", "classifier_spec", "export_graph", "validate_graph", "ExportValidationError"]
 
 OPSET = 17
+#: Graphs whose weights exceed this are saved with external data (protobuf's hard limit is 2 GB).
+EXTERNAL_DATA_BYTES = 1_900_000_000
 
 
 class ExportValidationError(DensePureError):
@@ -153,7 +155,7 @@ def export_graph(module: nn.Module, spec: GraphSpec, directory: str | Path, exam
         model = onnx.load(str(raw), load_external_data=True)
         target = directory / spec.file
         size = sum(t.ByteSize() for t in model.graph.initializer)
-        if size > 1_900_000_000:
+        if size > EXTERNAL_DATA_BYTES:
             data = spec.file + ".data"
             onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
             return [spec.file, data]

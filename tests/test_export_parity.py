@@ -149,3 +149,34 @@ def test_fp16_graph_keeps_scheduler_and_norm_arithmetic_in_float32(engines):
     # The inputs, the output and the scalars are float32.
     assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in model.graph.input)
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+
+def test_large_graphs_are_saved_with_external_data(tmp_path, monkeypatch):
+    # The full-size fp32 ImageNet UNet is 2.2 GB, over protobuf's 2 GB limit; force the same path here.
+    import densepure_rt.export.onnx_export as onnx_export
+    from densepure_rt.manifest import load_manifest
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1000)
+    unet, _ = load_fixture_unet("guided_diffusion_unet")
+    out = tmp_path / "engine"
+    build_engine(out, fixture_preset("guided"), unet, small_classifier(), BuildOptions(), log=lambda m: None)
+    manifest = load_manifest(out)
+    assert {"step.onnx", "step.onnx.data", "classifier.onnx", "classifier.onnx.data"} <= set(manifest["files"])
+    assert (out / "step.onnx").stat().st_size < 1_000_000 < (out / "step.onnx.data").stat().st_size
+    folder = fixture_dir(KINDS["guided"][3])
+    cfg = read_json(folder / "config.json")
+    tr = load_file(str(folder / "trajectory.safetensors"))
+    with open_engine(out) as engine:
+        rs = engine._prepare(cfg["sigma"], cfg["steps"], votes=1, batch=4)
+        x_t = to_diffusion_input(tr["x_clean"] + tr["delta"], rs).numpy()
+        noise = np.stack([tr[f"noise_{i}"].numpy() for i in range(cfg["noise_draws"])])
+        assert float(np.abs(engine.backend.purify(x_t, noise) - tr["out"].numpy()).max()) < 1e-4
+    # A changed external-data file is caught like any other engine file.
+    data = out / "step.onnx.data"
+    blob = bytearray(data.read_bytes())
+    blob[100] ^= 0xFF
+    data.write_bytes(bytes(blob))
+    from densepure_rt.errors import EngineError
+
+    with pytest.raises(EngineError, match="step.onnx.data"):
+        open_engine(out)
