@@ -206,7 +206,7 @@ def test_cifar_images_of_another_size_fail_validation(tmp_path):
 
 
 def _torchvision_reference(path, size):
-    transforms = pytest.importorskip("torchvision.transforms")
+    import torchvision.transforms as transforms
     pipeline = transforms.Compose([
         transforms.Resize(size, interpolation=transforms.InterpolationMode.BICUBIC),
         transforms.CenterCrop(size),
@@ -241,7 +241,7 @@ def test_image_folder_numbers_classes_and_files_like_imagefolder(tmp_path):
     names = [p.relative_to(tmp_path).as_posix() for p in ds.files]
     assert names == ["n01/x.jpg", "n01/z.png", "n02/A.PNG", "n02/b.png", "n10/a.bmp", "n10/sub/c.png"]
     assert ds.labels == [0, 0, 1, 1, 2, 2] and ds.num_classes == 3
-    datasets = pytest.importorskip("torchvision.datasets")
+    import torchvision.datasets as datasets
     reference = datasets.ImageFolder(str(tmp_path))
     assert [s for s, _ in reference.samples] == [str(p) for p in ds.files]
     assert reference.targets == ds.labels
