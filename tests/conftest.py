@@ -12,6 +12,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # The fixtures sit beside the project's root in every checkout and in CI (../shared/fixtures).
 FIXTURES = Path(os.environ.get("DENSEPURE_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 
+#: Code to prepend to a ``python -c`` program so that any import of torch fails in it.
+BLOCK_TORCH = (
+    "import sys\n"
+    "class _Block:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'torch' or name.startswith('torch.'):\n"
+    "            raise ImportError('torch is blocked in this test')\n"
+    "sys.meta_path.insert(0, _Block())\n"
+)
+
 UNET_FIXTURES = ("guided_diffusion_unet", "improved_diffusion_unet")
 REVERSE_FIXTURES = (
     "densepure_guided_sigma0.5_b4",

@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from PIL import Image
 from scipy import stats
 
+from conftest import BLOCK_TORCH
 from densepure_rt.cli import main
 
 HEADER6 = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
@@ -36,16 +37,6 @@ SMALL = [
 # The console script beside this interpreter, or the module if the venv has no script.
 _SCRIPT = Path(sys.executable).with_name("densepure-rt")
 CLI = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "densepure_rt.cli"]
-
-BLOCK_TORCH = (
-    "import sys\n"
-    "class _Block:\n"
-    "    def find_spec(self, name, path=None, target=None):\n"
-    "        if name == 'torch' or name.startswith('torch.'):\n"
-    "            raise ImportError('torch is blocked in this test')\n"
-    "sys.meta_path.insert(0, _Block())\n"
-)
-
 
 # ------------------------------------------------------------------------------------------------ #
 # helpers                                                                                            #

@@ -5,14 +5,7 @@ import sys
 
 import pytest
 
-BLOCK_TORCH = (
-    "import sys\n"
-    "class _Block:\n"
-    "    def find_spec(self, name, path=None, target=None):\n"
-    "        if name == 'torch' or name.startswith('torch.'):\n"
-    "            raise ImportError('torch is blocked in this test')\n"
-    "sys.meta_path.insert(0, _Block())\n"
-)
+from conftest import BLOCK_TORCH
 
 RUNTIME_MODULES = [
     "densepure_rt",
@@ -22,6 +15,13 @@ RUNTIME_MODULES = [
     "densepure_rt.noise",
     "densepure_rt.presets",
     "densepure_rt.errors",
+    "densepure_rt.data",
+    "densepure_rt.manifest",
+    "densepure_rt.backends",
+    "densepure_rt.runtime",
+    "densepure_rt.results",
+    "densepure_rt.report",
+    "densepure_rt.cli",
 ]
 
 
