@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from densepure_rt.presets import PRESETS
 from densepure_rt.schedule import BetaSchedule, linear_schedule, reverse_schedule
 
 from .reference import reverse_run, to_diffusion_input
@@ -74,23 +75,8 @@ TRAINING_FILE = "digits_training.json"
 #: per level adds 20%, 64 channels at both levels 80%. Channel counts are multiples of 32 because
 #: of GroupNorm(32). No dropout: it costs ~10% of a CPU step, and the random one-pixel shifts
 #: already keep the model from memorising the 1437 training images.
-DIGITS_UNET_KWARGS = dict(
-    image_size=IMAGE_SIZE,
-    in_channels=1,
-    num_channels=32,
-    num_res_blocks=1,
-    channel_mult="1,2",
-    attention_resolutions="8",
-    num_heads=1,
-    num_head_channels=32,
-    num_heads_upsample=-1,
-    learn_sigma=True,
-    class_cond=False,
-    use_scale_shift_norm=True,
-    resblock_updown=True,
-    use_new_attention_order=False,
-    dropout=0.0,
-)
+#: The kwargs live in the preset table (``densepure_rt.presets``), which the runtime reads too.
+DIGITS_UNET_KWARGS = dict(PRESETS["digits"].unet_kwargs)
 
 #: guided-diffusion's linear schedule with T = 1000: the network is given the step index itself
 #: (rescaling by 1000 / T would be the identity).
