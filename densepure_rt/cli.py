@@ -40,9 +40,9 @@ def main():
     """Certify image classifiers with DensePure (Xiao et al., ICLR 2023) at production speed.
 
     \b
-    Quick start (the shipped digits model, CPU, a few minutes):
+    Quick start (the shipped digits model, CPU, about a minute):
       densepure-rt build --model digits
-      densepure-rt certify --engine engines/digits --sigma 0.5 --steps 4 --votes 5 --n 200 --max 60 --out digits.tsv
+      densepure-rt certify --engine engines/digits --sigma 0.5 --steps 2 --votes 3 --n0 20 --n 100 --skip 12 --out digits.tsv
       densepure-rt report digits.tsv --plot digits.png
     """
 
@@ -77,7 +77,7 @@ def _steps_label(steps: int) -> str:
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, metavar="N", help="Default noisy samples per engine call.")
 @click.option("--out", type=click.Path(), metavar="DIR", help="Engine directory  [default: engines/PRESET]")
 @click.option("--force", is_flag=True, help="Replace an existing engine directory.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --random-weights.")
+@click.option("--seed", type=int, default=0, show_default=True, metavar="N", help="Seed of --random-weights.")
 @click.option("--no-validate", is_flag=True, help="Skip validating the graphs against PyTorch.")
 def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, backend, batch, out, force, seed, no_validate):
     """Export a preset's UNet and classifier to an engine directory (needs the torch extra).
@@ -154,7 +154,7 @@ def _common_options(f):
         click.option("--skip", type=int, default=1, show_default=True, metavar="N", help="Take every N-th image."),
         click.option("--max", "max_images", type=int, default=-1, show_default=True, metavar="N", help="Stop at dataset index N (-1: no limit)."),
         click.option("--batch", type=int, default=None, metavar="N", help="Noisy samples per engine call  [default: the engine's]"),
-        click.option("--seed", type=int, default=0, show_default=True, help="Noise seed (noise is a pure function of seed, image, sample)."),
+        click.option("--seed", type=int, default=0, show_default=True, metavar="N", help="Noise seed (noise is a pure function of seed, image, sample)."),
         click.option("--resume", is_flag=True, help="Continue a killed run in --out (same settings required)."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
         click.option("--threads", type=int, default=None, metavar="N", help="CPU threads for the backend."),
@@ -241,15 +241,15 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
 
 @main.command()
 @_common_options
-@click.option("--n0", type=int, default=100, show_default=True, help="Selection samples.")
-@click.option("--n", type=int, default=1000, show_default=True, help="Estimation samples (published: 100,000 CIFAR-10, 10,000 ImageNet).")
+@click.option("--n0", type=int, default=100, show_default=True, metavar="N", help="Selection samples.")
+@click.option("--n", type=int, default=1000, show_default=True, metavar="N", help="Estimation samples (published: 100,000 CIFAR-10, 10,000 ImageNet).")
 @click.option("--out", type=click.Path(), default="results.tsv", show_default=True, metavar="FILE", help="Results TSV (options saved as FILE.json).")
 def certify(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, n0, n, out):
     """Certify images: Cohen et al.'s CERTIFY on DensePure's voted labels, one TSV row per image.
 
     \b
     Examples:
-      densepure-rt certify --engine engines/digits --sigma 0.5 --steps 4 --votes 5 --n 500 --out d.tsv
+      densepure-rt certify --engine engines/digits --sigma 0.5 --steps 4 --votes 3 --n 500 --skip 9 --out d.tsv
       densepure-rt certify --engine engines/cifar10 --data cifar-10-batches-py --sigma 0.25 \\
           --steps 10 --votes 10 --n0 100 --n 100000 --skip 20 --batch 100 --out cifar_025.tsv
     """
@@ -262,7 +262,7 @@ def certify(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batc
 
 @main.command()
 @_common_options
-@click.option("--n", type=int, default=100, show_default=True, help="Noisy samples for the hypothesis test.")
+@click.option("--n", type=int, default=100, show_default=True, metavar="N", help="Noisy samples for the hypothesis test.")
 @click.option("--out", type=click.Path(), default="predictions.tsv", show_default=True, metavar="FILE")
 def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, n, out):
     """Predict with the smoothed classifier (Cohen et al.'s PREDICT; -1 means abstain).
