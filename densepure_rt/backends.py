@@ -100,6 +100,9 @@ class OnnxRuntimeBackend(Backend):
     def purify(self, x_t: np.ndarray, noise: np.ndarray) -> np.ndarray:
         assert self._rs is not None, "call prepare() first"
         x = np.ascontiguousarray(x_t, dtype=np.float32)
+        # On the CPU provider host memory is the device. With the CUDA provider each run() copies x
+        # to the GPU and back per step; IOBinding with device-resident OrtValues would remove that
+        # round trip, but it has not been written because it cannot be tested without a GPU.
         for s, row in enumerate(self._scalars):
             x = self._step.run(["x_next"], {"x": x, "noise": noise[s], "scalars": row})[0]
         return x
