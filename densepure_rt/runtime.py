@@ -21,10 +21,10 @@ import numpy as np
 from .backends import Backend, open_backend
 from .certify import Certificate, Prediction, certify, predict, validate_params
 from .data import check_image
-from .errors import ConfigError
+from .errors import ConfigError, EngineError
 from .manifest import load_manifest
 from .noise import ESTIMATION, PREDICTION, SELECTION
-from .schedule import ReverseSchedule, make_schedule, reverse_schedule
+from .schedule import ReverseSchedule, make_schedule, parse_steps, reverse_schedule
 
 __all__ = ["Engine", "open_engine", "CountsResult"]
 
@@ -68,18 +68,23 @@ class Engine:
 
     # -- schedule ---------------------------------------------------------------------------- #
     def reverse_schedule(self, sigma: float, steps: int | str) -> ReverseSchedule:
-        """The frozen reverse schedule of this engine's diffusion model for (sigma, b)."""
-        return reverse_schedule(self._schedule, sigma, steps)
+        """The frozen reverse schedule of this engine's diffusion model for (sigma, b).
+
+        ``steps`` is b >= 1, 'one-shot' or 'none'; a (sigma, b) the schedule cannot honour (more
+        steps than t* allows, sigma beyond the schedule) is a :class:`ConfigError`.
+        """
+        return reverse_schedule(self._schedule, sigma, parse_steps(steps))
 
     def _prepare(self, sigma: float, steps: int | str, votes: int, batch: int) -> ReverseSchedule:
-        if votes < 1:
-            raise ConfigError(f"--votes must be >= 1 (got {votes})")
-        if batch < 1:
-            raise ConfigError(f"--batch must be >= 1 (got {batch})")
-        key = (float(sigma), steps, int(votes), int(batch))
+        for flag, value in (("--votes", votes), ("--batch", batch)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ConfigError(f"{flag} must be an integer >= 1 (got {value!r})")
         rs = self.reverse_schedule(sigma, steps)
+        if not np.all(np.isfinite(rs.scalars)):
+            raise ConfigError(f"the reverse schedule for sigma {sigma}, steps {steps} is not finite: choose fewer steps")
+        key = (float(sigma), rs.steps, int(votes), int(batch))
         if self._prepared != key:
-            self.backend.prepare(rs, votes, batch)
+            self.backend.prepare(rs, int(votes), int(batch))
             self._prepared = key
         return rs
 
@@ -95,15 +100,35 @@ class Engine:
         batch: int,
         progress: Progress = None,
     ) -> np.ndarray:
-        """Per-class counts [num_classes] int64 of ``num`` voted labels (after :meth:`_prepare`)."""
+        """Per-class counts [num_classes] int64 of ``num`` voted labels (after :meth:`_prepare`).
+
+        A label outside [0, num_classes), or a batch that returns the wrong number of labels, is an
+        :class:`EngineError`: dropping such labels would shrink n and inflate the bound.
+        """
         counts = np.zeros(self.num_classes, dtype=np.int64)
         for start in range(0, num, batch):
             samples = range(start, min(start + batch, num))
-            labels = self.backend.voted_labels(image, seed, image_index, phase, samples)
-            counts += np.bincount(labels, minlength=self.num_classes)[: self.num_classes]
+            labels = np.asarray(self.backend.voted_labels(image, seed, image_index, phase, samples))
+            counts += self._count(labels, len(samples))
             if progress is not None:
                 progress(len(samples))
+        if int(counts.sum()) != num:  # every drawn sample is counted exactly once
+            raise EngineError(f"the engine counted {int(counts.sum())} labels for {num} samples: rebuild the engine")
         return counts
+
+    def _count(self, labels: np.ndarray, expected: int) -> np.ndarray:
+        if labels.shape != (expected,) or labels.dtype.kind not in "iu":
+            raise EngineError(
+                f"the engine returned labels of shape {labels.shape} and dtype {labels.dtype} for {expected} samples "
+                "(expected one integer label per sample): rebuild the engine"
+            )
+        if expected and (labels.min() < 0 or labels.max() >= self.num_classes):
+            bad = labels[(labels < 0) | (labels >= self.num_classes)]
+            raise EngineError(
+                f"the classifier returned label {int(bad[0])}, outside the engine's {self.num_classes} classes: "
+                "the engine's classifier does not match its manifest; rebuild the engine"
+            )
+        return np.bincount(labels.astype(np.int64), minlength=self.num_classes)
 
     def _image(self, image: np.ndarray, image_index: int) -> np.ndarray:
         image = np.asarray(image)

@@ -13,7 +13,10 @@ from typing import Literal, Union
 
 import numpy as np
 
+from .errors import ConfigError
+
 __all__ = [
+    "ScheduleError",
     "BetaSchedule",
     "ReverseSchedule",
     "ONE_SHOT",
@@ -25,6 +28,8 @@ __all__ = [
     "t_star",
     "reverse_schedule",
     "STEP_SCALARS",
+    "max_steps",
+    "max_sigma",
 ]
 
 #: ``steps`` value that selects the one-shot denoiser of Carlini et al. (2022): one network call at
@@ -48,6 +53,10 @@ STEP_SCALARS = (
 )
 
 COSINE_S = 0.008
+
+
+class ScheduleError(ConfigError, ValueError):
+    """A (sigma, b) the diffusion schedule cannot honour. Also a ValueError, for library callers."""
 
 
 def _cosine_f(t: float) -> float:
@@ -199,7 +208,12 @@ def _posterior_table(alphas_cumprod: np.ndarray, betas: np.ndarray) -> dict[str,
 
 
 def parse_steps(steps: Union[int, str]) -> int:
-    """``steps`` as an int: b >= 1, ONE_SHOT for 'one-shot' (or 0), NO_PURIFICATION for 'none'."""
+    """A user's ``steps`` (a flag or an API argument) as an int: b >= 1, or the words 'one-shot'
+    (-> ONE_SHOT) and 'none' (-> NO_PURIFICATION).
+
+    Only the words select those paths: 0, -1 or any other integer below 1 is refused, so that a
+    typo never silently turns DensePure into the one-shot denoiser or into plain smoothing.
+    """
     if isinstance(steps, str):
         text = steps.strip().lower().replace("_", "-")
         if text in ("one-shot", "oneshot"):
@@ -207,13 +221,57 @@ def parse_steps(steps: Union[int, str]) -> int:
         if text == "none":
             return NO_PURIFICATION
         try:
-            steps = int(text)
+            value = int(text)
         except ValueError:
-            raise ValueError(f"steps must be a positive integer, 'one-shot' or 'none', got {steps!r}") from None
-    steps = int(steps)
-    if steps < NO_PURIFICATION:
-        raise ValueError(f"steps must be >= 1, 'one-shot' or 'none', got {steps}")
-    return steps
+            raise ScheduleError(f"steps must be a positive integer, 'one-shot' or 'none' (got {steps!r})") from None
+    elif isinstance(steps, (int, np.integer)) and not isinstance(steps, bool):
+        value = int(steps)
+    else:
+        raise ScheduleError(f"steps must be a positive integer, 'one-shot' or 'none' (got {steps!r})")
+    if value < 1:
+        raise ScheduleError(
+            f"steps must be a positive integer (got {value}): write 'one-shot' for the one-shot denoiser "
+            "or 'none' for plain randomized smoothing"
+        )
+    return value
+
+
+def max_steps(schedule: BetaSchedule, sigma: float) -> int:
+    """The largest b whose reverse run is well defined at ``sigma``: floor(t*).
+
+    With b <= t* every step moves at least one diffusion step, so the respaced timesteps
+    tau_0 > tau_1 > ... > tau_{b-1} >= 1 are distinct and every respaced beta' is positive. With more
+    steps than t* allows, rounding repeats a timestep, beta' becomes 0 and the posterior
+    coefficients become 0/0 (NaN): every purified image would be NaN.
+    """
+    return int(math.floor(t_star(schedule, sigma) + 1e-9))
+
+
+def max_sigma(schedule: BetaSchedule) -> float:
+    """The largest sigma whose t* the schedule can represent (alpha_bar(t*) = 1 / (1 + 4 sigma^2)).
+
+    The discrete linear table ends at alpha_bar[T-1]; a larger sigma would silently clamp t* to
+    T - 1 and purify at the wrong noise level. The cosine closed form is capped where t* reaches
+    T - 1 (about sigma 1283 for T = 4000), so that round(t*) stays a valid index.
+    """
+    if schedule.kind == "cosine":
+        c, big_t = 1 + COSINE_S, schedule.num_timesteps
+        ratio = math.sin(math.pi / (2 * c)) / math.sin(math.pi / (2 * c * big_t))
+        return 0.5 * math.sqrt(ratio**2 - 1.0)
+    return float(np.sqrt(1.0 / schedule.alphas_cumprod[-1] - 1.0)) / 2.0
+
+
+def _check_sigma(schedule: BetaSchedule, sigma: float) -> None:
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating, np.integer)) or not math.isfinite(sigma):
+        raise ScheduleError(f"sigma must be a finite number (got {sigma!r})")
+    if not sigma > 0:
+        raise ScheduleError(f"sigma must be > 0 (got {sigma})")
+    top = max_sigma(schedule)
+    if sigma > top:
+        raise ScheduleError(
+            f"sigma {sigma} is beyond this model's {schedule.kind} noise schedule, which reaches sigma = {top:.4g} "
+            "(alpha_bar(t*) = 1/(1 + 4 sigma^2) would need a timestep past the last one): use a smaller sigma"
+        )
 
 
 def reverse_schedule(schedule: BetaSchedule, sigma: float, steps: Union[int, str]) -> ReverseSchedule:
@@ -225,8 +283,20 @@ def reverse_schedule(schedule: BetaSchedule, sigma: float, steps: Union[int, str
     round(t*) on the original schedule whose output is the clipped x0 prediction.
     ``steps`` = NO_PURIFICATION (-1 or "none") is the plain randomized-smoothing baseline: no call.
     """
-    steps = parse_steps(steps)
+    if isinstance(steps, (int, np.integer)) and not isinstance(steps, bool) and int(steps) in (ONE_SHOT, NO_PURIFICATION):
+        steps = int(steps)  # the module's own sentinels (internal callers, fixtures' configs)
+    else:
+        steps = parse_steps(steps)
+    _check_sigma(schedule, sigma)
     ts = t_star(schedule, sigma)
+    if steps >= 1 and steps > max_steps(schedule, sigma):
+        top = max_steps(schedule, sigma)
+        allowed = f"b must be between 1 and {top}" if top >= 1 else "no multi-step run fits"
+        raise ScheduleError(
+            f"{steps} reverse steps do not fit sigma {sigma}: t* = {ts:.6g} on this model's schedule, so "
+            f"{allowed} (or use 'one-shot' / 'none'); more steps than t* repeat a timestep and make the "
+            "purified images NaN"
+        )
     input_scale = (1.0 / (1.0 + (2.0 * sigma) ** 2)) ** 0.5
     rows: list[list[float]] = []
 
@@ -259,11 +329,14 @@ def reverse_schedule(schedule: BetaSchedule, sigma: float, steps: Union[int, str
             row.update(model_t=schedule.model_timestep(tau), noise_mask=0.0 if j == 0 else 1.0)
             rows.append([row[name] for name in STEP_SCALARS])
 
+    table = np.asarray(rows, dtype=np.float64)
+    if not np.all(np.isfinite(table)):  # defence in depth: the checks above should make this unreachable
+        raise ScheduleError(f"the reverse schedule for sigma {sigma}, steps {steps} is not finite: choose fewer steps or a larger sigma")
     return ReverseSchedule(
         sigma=float(sigma),
         steps=steps,
         t_star=float(ts),
         input_scale=float(input_scale),
         taus=tuple(int(t) for t in taus),
-        scalars=np.asarray(rows, dtype=np.float64),
+        scalars=table,
     )
