@@ -10,9 +10,12 @@ TensorRT builder cannot be installed in this workplace).
 
 from __future__ import annotations
 
+import json
+import os
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,14 +27,14 @@ from torch import nn
 
 from densepure_rt import __version__
 from densepure_rt.errors import ConfigError
-from densepure_rt.manifest import write_manifest
+from densepure_rt.manifest import MANIFEST, write_manifest
 from densepure_rt.presets import Preset
 from densepure_rt.schedule import make_schedule, reverse_schedule
 
 from densepure_rt.export.onnx_export import classifier_spec, export_graph, step_spec, validate_graph
 from densepure_rt.export.step import DenoiseStep
 
-__all__ = ["BuildOptions", "build_engine", "PRECISIONS", "BACKENDS"]
+__all__ = ["BuildOptions", "build_engine", "check_out_dir", "is_engine_dir", "PRECISIONS", "BACKENDS"]
 
 PRECISIONS = ("fp32", "fp16")
 BACKENDS = ("onnxruntime",)
@@ -56,8 +59,69 @@ def _check(options: BuildOptions) -> None:
         raise ConfigError(
             f"--backend {options.backend!r} is not available here: choose one of {', '.join(BACKENDS)}"
         )
-    if options.batch < 1:
-        raise ConfigError(f"--batch must be >= 1 (got {options.batch})")
+    if isinstance(options.batch, bool) or not isinstance(options.batch, int) or options.batch < 1:
+        raise ConfigError(f"--batch must be an integer >= 1 (got {options.batch!r})")
+
+
+def is_engine_dir(path: str | Path) -> bool:
+    """True if ``path`` is a directory holding a densepure-rt ``manifest.json`` (a JSON object with
+    our self-checksum key), whether or not its files still verify."""
+    manifest = Path(path) / MANIFEST
+    try:
+        if manifest.is_symlink() or not manifest.is_file() or manifest.stat().st_size > (16 << 20):
+            return False
+        body = json.loads(manifest.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    return isinstance(body, dict) and "manifest_sha256" in body and "schema_version" in body
+
+
+def _protected(path: Path) -> str | None:
+    """Why ``path`` must never be deleted, or None: the root, the home folder, the working folder
+    or one of its ancestors."""
+    resolved = path.resolve()
+    cwd = Path.cwd().resolve()
+    if resolved == Path(resolved.anchor):
+        return "it is the root of the file system"
+    home = Path.home().resolve()
+    if resolved == home:
+        return "it is your home folder"
+    if resolved == cwd or resolved in cwd.parents:
+        return "it is the working folder or one of its parents"
+    return None
+
+
+def check_out_dir(out_dir: str | Path, force: bool) -> str:
+    """Decide what building into ``out_dir`` would do, before anything is exported.
+
+    Returns ``"new"`` (absent or an empty directory) or ``"replace"`` (an existing engine, with
+    ``force``). Refuses, with one :class:`ConfigError` and without touching anything: a file; a
+    non-empty directory that is not a densepure-rt engine (``--force`` never deletes such a
+    directory); an engine without ``force``; the root, the home folder, the working folder or any
+    of its ancestors; a symbolic link.
+    """
+    out_dir = Path(out_dir)
+    if not os.path.lexists(out_dir):
+        if _protected(out_dir):  # e.g. a path that resolves through a symlink to a protected place
+            raise ConfigError(f"--out {out_dir} cannot be an engine directory: {_protected(out_dir)}")
+        return "new"
+    if out_dir.is_symlink():
+        raise ConfigError(f"--out {out_dir} is a symbolic link: give the real directory")
+    if not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} exists and is a file: choose another folder")
+    reason = _protected(out_dir)
+    if reason:
+        raise ConfigError(f"--out {out_dir} cannot be replaced by an engine: {reason}; choose another folder")
+    if not any(out_dir.iterdir()):
+        return "new"
+    if not is_engine_dir(out_dir):
+        raise ConfigError(
+            f"--out {out_dir} exists and is not a densepure-rt engine (no manifest.json of ours): --force only "
+            "replaces engine directories; choose another folder"
+        )
+    if not force:
+        raise ConfigError(f"--out {out_dir} already holds an engine: choose another folder, or pass --force to replace it")
+    return "replace"
 
 
 def _step_inputs(preset: Preset, batch: int):
@@ -97,13 +161,10 @@ def build_engine(
     """
     _check(options)
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not options.force:
-            raise ConfigError(f"--out {out_dir} exists and is not empty: choose another folder or pass --force")
+    check_out_dir(out_dir, options.force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    stage = out_dir.parent / f".{out_dir.name}.partial"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
+    # A fresh, uniquely named staging folder: never a folder that might belong to someone else.
+    stage = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".partial"))
     try:
         image_shape = (preset.channels, preset.image_size, preset.image_size)
         val_batch = 2
@@ -164,9 +225,18 @@ def build_engine(
             "files": files,
         }
         write_manifest(stage, manifest)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        stage.rename(out_dir)
+        os.chmod(stage, 0o755)  # mkdtemp makes it 0700
+        # Checked again just before the swap (the folder may have changed during a long export).
+        if check_out_dir(out_dir, options.force) == "replace":
+            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
+            os.rmdir(old)
+            out_dir.rename(old)  # moved aside, deleted only once the new engine is in place
+            stage.rename(out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if out_dir.is_dir():
+                out_dir.rmdir()  # empty
+            stage.rename(out_dir)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise

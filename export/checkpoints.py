@@ -36,10 +36,21 @@ def load_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, tor
                 raise ValueError(str(exc)) from None
         else:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except pickle.UnpicklingError:
+        # torch's own message goes on to suggest weights_only=False, i.e. running the file's code:
+        # that is exactly what densepure-rt never does, so it is not repeated here.
         raise CheckpointError(
-            f"{what} {path} could not be read as a plain state dict without running pickled code ({first[:200]})"
+            f"{what} {path} needs pickled code to load (a whole pickled model or custom objects): densepure-rt only "
+            "reads plain state dicts; save model.state_dict() with torch.save, or convert it to .safetensors"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in first or "Weights only" in first:
+            first = "it needs pickled code to load"
+        first = "".join(ch for ch in first if ch.isprintable())  # no terminal escape codes
+        raise CheckpointError(
+            f"{what} {path} could not be read as a plain state dict ({first[:200]}): save model.state_dict() "
+            "with torch.save, or convert it to .safetensors"
         ) from None
     if isinstance(obj, Mapping):
         for key in _WRAPPER_KEYS:
