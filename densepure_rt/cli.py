@@ -6,6 +6,7 @@ with ``error:`` and exits with status 2; nothing half-written is left behind.
 
 from __future__ import annotations
 
+import datetime
 import json
 import shlex
 import sys
@@ -20,31 +21,47 @@ from .errors import ConfigError, DataError, DensePureError
 __all__ = ["main"]
 
 
+#: The quick start, the one source for `densepure-rt --help` and the README (a test checks both).
+QUICKSTART = (
+    "densepure-rt build --model digits",
+    "densepure-rt certify --engine engines/digits --sigma 0.5 --steps 2 --votes 3 --n0 20 --n 100 --skip 12 --out quickstart.tsv",
+    "densepure-rt report quickstart.tsv --plot quickstart.png",
+)
+
+
 class _Group(click.Group):
-    """A click group that turns DensePureError into a one-line message and exit status 2."""
+    """A click group that turns DensePureError (and OS errors) into one line and exit status 2."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except DensePureError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {_one_line(str(exc))}", err=True)
+            sys.exit(2)
+        except OSError as exc:  # a disk or permission problem not caught closer to its cause
+            where = f"{exc.filename}: " if exc.filename else ""
+            click.echo(f"error: {where}{exc.strerror or exc}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
-            click.echo("interrupted: rows written so far are kept; continue with --resume", err=True)
+            click.echo("interrupted: rows written so far are kept; run the same command again to continue", err=True)
             sys.exit(130)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 120})
 @click.version_option(__version__, prog_name="densepure-rt")
 def main():
-    """Certify image classifiers with DensePure (Xiao et al., ICLR 2023) at production speed.
+    """Certify image classifiers with DensePure (Xiao et al., ICLR 2023) at production speed."""
 
-    \b
-    Quick start (the shipped digits model, CPU, about a minute):
-      densepure-rt build --model digits
-      densepure-rt certify --engine engines/digits --sigma 0.5 --steps 2 --votes 3 --n0 20 --n 100 --skip 12 --out digits.tsv
-      densepure-rt report digits.tsv --plot digits.png
-    """
+
+main.help = (
+    "Certify image classifiers with DensePure (Xiao et al., ICLR 2023) at production speed.\n\n"
+    "\b\nQuick start (the shipped digits model, on the CPU, about a minute; safe to run again):\n"
+    + "\n".join(f"  {command}" for command in QUICKSTART)
+)
 
 
 def _parse_steps(value: str) -> int:
@@ -52,8 +69,8 @@ def _parse_steps(value: str) -> int:
 
     try:
         return parse_steps(value)
-    except ValueError:
-        raise ConfigError(f"--steps must be a positive integer, 'one-shot' or 'none' (got {value!r})") from None
+    except ValueError as exc:
+        raise ConfigError(f"--{exc}") from None
 
 
 def _steps_label(steps: int) -> str:
@@ -67,6 +84,28 @@ def _steps_label(steps: int) -> str:
 # ------------------------------------------------------------------------------------------------ #
 
 
+def _weights_sha256(path: str | None, shipped: str, random_weights: bool) -> str | None:
+    """sha256 of a checkpoint (a file, or every file of a Hugging Face folder), of the shipped
+    weights, or None for random weights (their seed identifies them)."""
+    import hashlib
+
+    from .manifest import sha256_file
+
+    if random_weights:
+        return None
+    if path is None:
+        if not shipped:
+            return None
+        path = str(Path(__file__).resolve().parent / "assets" / shipped)
+    target = Path(path)
+    if target.is_file():
+        return sha256_file(target)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in target.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(target).as_posix()}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
 @main.command()
 @click.option("--model", "preset", required=True, metavar="PRESET", help="Preset: imagenet, cifar10, digits, tiny.")
 @click.option("--diffusion-ckpt", type=click.Path(), metavar="PATH", help="Diffusion UNet checkpoint (.pt or .safetensors).")
@@ -76,11 +115,14 @@ def _steps_label(steps: int) -> str:
 @click.option("--backend", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True)
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, metavar="N", help="Default noisy samples per engine call.")
 @click.option("--out", type=click.Path(), metavar="DIR", help="Engine directory  [default: engines/PRESET]")
-@click.option("--force", is_flag=True, help="Replace an existing engine directory.")
+@click.option("--force", is_flag=True, help="Rebuild, replacing an existing engine directory (never any other folder).")
 @click.option("--seed", type=int, default=0, show_default=True, metavar="N", help="Seed of --random-weights.")
 @click.option("--no-validate", is_flag=True, help="Skip validating the graphs against PyTorch.")
 def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, backend, batch, out, force, seed, no_validate):
     """Export a preset's UNet and classifier to an engine directory (needs the torch extra).
+
+    An existing engine built from the same preset, settings and weights is verified and reused
+    (nothing is rebuilt); --force rebuilds it. --force never deletes a folder that is not an engine.
 
     \b
     Examples:
@@ -93,7 +135,7 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
 
     p = get_preset(preset)
     try:
-        from .engine.build import BuildOptions, build_engine
+        from .engine.build import BuildOptions, build_engine, check_out_dir, is_engine_dir
         from .export.models import load_classifier, load_unet
     except ImportError as exc:
         raise ConfigError(f"build needs the PyTorch extra ({exc.name} is missing): pip install 'densepure-rt[torch]'") from None
@@ -101,15 +143,39 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
         if path is not None and not Path(path).exists():
             raise ConfigError(f"{flag} {path} does not exist")
     out = Path(out or f"engines/{p.name}")
+    inputs = {
+        "preset": p.name,
+        "precision": precision,
+        "backend": backend,
+        "batch": batch,
+        "validate": not no_validate,
+        "random_weights": bool(random_weights),
+        "seed": seed if random_weights else None,
+        "diffusion_sha256": _weights_sha256(diffusion_ckpt, p.shipped_unet, random_weights),
+        "classifier_sha256": _weights_sha256(classifier_ckpt, p.shipped_classifier, random_weights),
+        "toolkit_version": __version__,
+    }
+    if not force and out.is_dir() and not out.is_symlink() and is_engine_dir(out):
+        from .manifest import load_manifest
+
+        try:
+            existing = load_manifest(out)
+        except DensePureError as exc:
+            raise ConfigError(f"--out {out} holds an engine that does not verify ({exc}); pass --force to rebuild it") from None
+        if existing.get("build", {}).get("inputs") == inputs:
+            click.echo(f"{out}: up to date (same preset, settings and weights; manifest and files verified), reused; --force rebuilds it")
+            return
+    check_out_dir(out, force)  # refuses before anything is loaded or announced
     unet = load_unet(p, diffusion_ckpt, random_weights=random_weights, seed=seed)
     classifier = load_classifier(p, classifier_ckpt, random_weights=random_weights, seed=seed)
-    # Announced only once the checkpoints have loaded: a bad checkpoint is one `error:` line.
+    # Announced only once the folder and the checkpoints have passed their checks.
     click.echo(f"building {p.name} ({precision}, {backend}) into {out}", err=True)
     provenance = {
         "command": "densepure-rt " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "random_weights": bool(random_weights),
         "diffusion_ckpt": str(diffusion_ckpt) if diffusion_ckpt else ("shipped" if p.shipped_unet and not random_weights else None),
         "classifier_ckpt": str(classifier_ckpt) if classifier_ckpt else ("shipped" if p.shipped_classifier and not random_weights else None),
+        "inputs": inputs,
     }
     options = BuildOptions(precision=precision, backend=backend, batch=batch, force=force, validate=not no_validate, provenance=provenance)
     manifest = build_engine(out, p, unet, classifier, options, log=lambda m: click.echo(m, err=True))
@@ -121,74 +187,152 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
 # ------------------------------------------------------------------------------------------------ #
 
 
+def _data_sha256(path: Path) -> str:
+    """Identity of the data a run certifies: the sha256 of a file, or of a folder's listing
+    (relative names and sizes of every file beneath it; reading every image would take longer)."""
+    import hashlib
+    import os
+
+    from .manifest import sha256_file
+
+    if path.is_file():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path, followlinks=True):
+        dirs.sort()
+        for name in sorted(files):
+            file = Path(root, name)
+            try:
+                size = file.stat().st_size
+            except OSError:
+                size = -1
+            digest.update(f"{file.relative_to(path).as_posix()}\0{size}\n".encode())
+    return digest.hexdigest()
+
+
 def _open_data(engine, data, skip, max_images):
-    from .data import digits_test_split, open_dataset, select
+    from .data import DIGITS_TEST_ASSET, digits_test_split, open_dataset, select
+    from .manifest import sha256_file
 
     shape = engine.image_shape
     if data is None:
         if engine.manifest.get("default_data") == "digits-test":
             dataset = digits_test_split(image_size=shape[1], channels=shape[0])
-            spec = "digits-test"
+            spec, digest = "digits-test", sha256_file(DIGITS_TEST_ASSET)
         else:
             raise ConfigError(f"--data is required for a {engine.preset} engine (a CIFAR-10 test_batch, an image folder or an .npz)")
     else:
         dataset = open_dataset(data, image_size=shape[1], channels=shape[0])
-        spec = str(Path(data).resolve())
+        spec, digest = str(data), _data_sha256(Path(data).expanduser())
     if tuple(dataset.image_shape) != tuple(shape):
         raise DataError(f"--data gives {dataset.image_shape} images but the engine expects {tuple(shape)}")
     indices = select(len(dataset), skip=skip, max_images=max_images)
     if not indices:
         raise ConfigError("no images selected: check --skip and --max")
     dataset.validate(indices)  # bad input stops the run before anything is written
-    return dataset, indices, spec
+    return dataset, indices, spec, digest
+
+
+SIGMA_HELP = (
+    "Smoothing noise: the standard deviation of the Gaussian noise added to each pixel, with pixel values "
+    "scaled to [0, 1] (published: 0.25, 0.5, 1.0; any value > 0 the diffusion schedule covers). "
+    "Radii are L2 norms in the same units."
+)
 
 
 def _common_options(f):
     options = [
         click.option("--engine", "engine_dir", required=True, type=click.Path(), metavar="DIR", help="Engine directory from `build`."),
         click.option("--data", type=click.Path(), metavar="PATH", help="CIFAR-10 test_batch, image folder, or .npz  [default: the engine's test split, if it ships one]"),
-        click.option("--sigma", type=float, required=True, metavar="S", help="Smoothing noise level in [0,1] pixel units."),
-        click.option("--steps", default="4", show_default=True, metavar="b", help="Reverse steps b, 'one-shot' (Carlini et al.), or 'none' (plain smoothing)."),
-        click.option("--votes", type=int, default=10, show_default=True, metavar="K", help="Reverse runs voted per noisy sample."),
+        click.option("--sigma", type=float, required=True, metavar="S", help=SIGMA_HELP),
+        click.option("--steps", default="4", show_default=True, metavar="b", help="Reverse steps b >= 1 (at most t*), 'one-shot' (Carlini et al.), or 'none' (plain smoothing)."),
+        click.option("--votes", type=click.IntRange(min=1), default=10, show_default=True, metavar="K", help="Reverse runs voted per noisy sample."),
         click.option("--alpha", type=float, default=0.001, show_default=True, metavar="A", help="Failure probability."),
-        click.option("--skip", type=int, default=1, show_default=True, metavar="N", help="Take every N-th image."),
-        click.option("--max", "max_images", type=int, default=-1, show_default=True, metavar="N", help="Stop at dataset index N (-1: no limit)."),
-        click.option("--batch", type=int, default=None, metavar="N", help="Noisy samples per engine call  [default: the engine's]"),
+        click.option("--skip", type=click.IntRange(min=1), default=1, show_default=True, metavar="N", help="Take every N-th image."),
+        click.option("--max", "max_images", type=click.IntRange(min=-1), default=-1, show_default=True, metavar="N", help="Stop at dataset index N (-1: no limit)."),
+        click.option("--batch", type=click.IntRange(min=1), default=None, metavar="N", help="Noisy samples per engine call  [default: the engine's]"),
         click.option("--seed", type=int, default=0, show_default=True, metavar="N", help="Noise seed (noise is a pure function of seed, image, sample)."),
-        click.option("--resume", is_flag=True, help="Continue a killed run in --out (same settings required)."),
+        click.option("--resume", is_flag=True, help="Continue --out. Also what happens without it when --out holds results of the same settings."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
-        click.option("--threads", type=int, default=None, metavar="N", help="CPU threads for the backend."),
-        click.option("--quiet", is_flag=True, help="No progress bar."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N", help="CPU threads for the backend."),
+        click.option("--quiet", is_flag=True, help="No progress output."),
+        click.option("--progress-every", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="S",
+                     help="Seconds between progress lines when stderr is not a terminal (a log file)."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
 
 
-def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, out, n0, n):
-    from tqdm import tqdm
+class _Progress:
+    """A progress bar on a terminal; on a log (stderr not a terminal), one line every few seconds."""
 
+    def __init__(self, mode: str, images: int, samples_per_image: int, quiet: bool, every: float):
+        self.mode, self.images, self.per_image, self.every = mode, images, samples_per_image, every
+        self.samples = self.images_done = 0
+        self.start = self.last = time.time()
+        self.bar = None
+        self.lines = False
+        if quiet:
+            return
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=images * samples_per_image, unit="sample", dynamic_ncols=True, smoothing=0.05)
+        else:
+            self.lines = True
+
+    def update(self, n: int) -> None:
+        self.samples += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.lines and time.time() - self.last >= self.every:
+            self._line()
+
+    def image_done(self) -> None:
+        self.images_done += 1
+        if self.bar is not None:
+            elapsed = max(time.time() - self.start, 1e-9)
+            self.bar.set_postfix(images=f"{self.images_done}/{self.images}", img_per_h=f"{3600 * self.images_done / elapsed:.0f}")
+
+    def _line(self) -> None:
+        self.last = now = time.time()
+        total = self.images * self.per_image
+        elapsed = now - self.start
+        rate = self.samples / elapsed if elapsed > 0 else 0.0
+        left = f", about {datetime.timedelta(seconds=round((total - self.samples) / rate))} left" if rate > 0 else ""
+        click.echo(
+            f"{self.mode}: {self.images_done}/{self.images} images, {self.samples}/{total} samples "
+            f"({100 * self.samples / max(total, 1):.0f}%), {rate:.1f} samples/s{left}",
+            err=True,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.lines and self.samples:
+            self._line()
+
+
+def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, every, out, n0, n):
     from .certify import validate_params
-    from .results import PREDICT_HEADER, ResultsWriter, indices_todo
+    from .noise import NOISE_VERSION
+    from .results import PREDICT_HEADER, HEADER, ResultsWriter, indices_todo
     from .runtime import open_engine
 
     validate_params(sigma, alpha, n0 if mode == "certify" else None, n)
     steps_value = _parse_steps(steps)
-    if votes < 1:
-        raise ConfigError(f"--votes must be >= 1 (got {votes})")
-    if skip < 1:
-        raise ConfigError(f"--skip must be >= 1 (got {skip})")
     with open_engine(engine_dir, device=device, threads=threads) as engine:
-        batch = batch or int(engine.manifest.get("default_batch", 32))
-        if batch < 1:
-            raise ConfigError(f"--batch must be >= 1 (got {batch})")
-        dataset, indices, spec = _open_data(engine, data, skip, max_images)
+        engine.reverse_schedule(sigma, steps_value)  # refuses a (sigma, b) the schedule cannot honour
+        batch = batch if batch is not None else int(engine.manifest.get("default_batch", 32))
+        dataset, indices, spec, data_digest = _open_data(engine, data, skip, max_images)
         options = {
             "mode": mode,
-            "engine": str(Path(engine_dir).resolve()),
+            "engine": str(engine_dir),
             "engine_sha256": engine.manifest["manifest_sha256"],
             "preset": engine.preset,
             "data": spec,
+            "data_sha256": data_digest,
             "sigma": sigma,
             "steps": _steps_label(steps_value),
             "votes": votes,
@@ -196,6 +340,7 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
             "n": n,
             "alpha": alpha,
             "seed": seed,
+            "noise": NOISE_VERSION,
             "skip": skip,
             "max": max_images,
             "ids": None,
@@ -206,37 +351,33 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
             "command": "densepure-rt " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        writer = ResultsWriter(Path(out)) if mode == "certify" else ResultsWriter(Path(out), header=PREDICT_HEADER)
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        done = writer.open(options, resume=resume)
-        todo = indices_todo(indices, done)
-        per_image = (n0 + n) if mode == "certify" else n
-        if done:
-            click.echo(f"resuming {out}: {len(done)} images done, {len(todo)} to go", err=True)
-        bar = tqdm(total=len(todo) * per_image, unit="sample", disable=quiet or None, dynamic_ncols=True, smoothing=0.05)
-        images_done = 0
-        start = time.time()
-        with writer:
-            for idx in todo:
-                sample = dataset[idx]
-                t0 = time.time()
-                if mode == "certify":
-                    cert, counts = engine.certify_counts(
-                        sample.image, sigma, steps_value, votes, n0, n, alpha,
-                        seed=seed, image_index=idx, batch=batch, progress=bar.update,
-                    )
-                    writer.write_certificate(idx, sample.label, cert, counts.counts, time.time() - t0)
-                else:
-                    pred = engine.predict(
-                        sample.image, sigma, steps_value, votes, n, alpha,
-                        seed=seed, image_index=idx, batch=batch, progress=bar.update,
-                    )
-                    writer.write_prediction(idx, sample.label, pred, time.time() - t0)
-                images_done += 1
-                elapsed = max(time.time() - start, 1e-9)
-                bar.set_postfix(images=f"{images_done}/{len(todo)}", img_per_h=f"{3600 * images_done / elapsed:.0f}")
-        bar.close()
-    return len(done) + images_done
+        with ResultsWriter(Path(out), header=HEADER if mode == "certify" else PREDICT_HEADER) as writer:
+            done = writer.open(options, resume=resume, allowed=indices)
+            todo = indices_todo(indices, done)
+            per_image = (n0 + n) if mode == "certify" else n
+            if done:
+                click.echo(f"resuming {out}: {len(done)} images done, {len(todo)} to go", err=True)
+            progress = _Progress(mode, len(todo), per_image, quiet, every)
+            try:
+                for idx in todo:
+                    sample = dataset[idx]
+                    t0 = time.time()
+                    if mode == "certify":
+                        cert, counts = engine.certify_counts(
+                            sample.image, sigma, steps_value, votes, n0, n, alpha,
+                            seed=seed, image_index=idx, batch=batch, progress=progress.update,
+                        )
+                        writer.write_certificate(idx, sample.label, cert, counts.counts, time.time() - t0)
+                    else:
+                        pred = engine.predict(
+                            sample.image, sigma, steps_value, votes, n, alpha,
+                            seed=seed, image_index=idx, batch=batch, progress=progress.update,
+                        )
+                        writer.write_prediction(idx, sample.label, pred, time.time() - t0)
+                    progress.image_done()
+            finally:
+                progress.close()
+    return len(done) + len(todo)
 
 
 @main.command()
@@ -244,8 +385,11 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
 @click.option("--n0", type=int, default=100, show_default=True, metavar="N", help="Selection samples.")
 @click.option("--n", type=int, default=1000, show_default=True, metavar="N", help="Estimation samples (published: 100,000 CIFAR-10, 10,000 ImageNet).")
 @click.option("--out", type=click.Path(), default="results.tsv", show_default=True, metavar="FILE", help="Results TSV (options saved as FILE.json).")
-def certify(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, n0, n, out):
+def certify(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every, n0, n, out):
     """Certify images: Cohen et al.'s CERTIFY on DensePure's voted labels, one TSV row per image.
+
+    Running the same command again continues an interrupted run (rows already written are kept);
+    an --out written with other settings is refused.
 
     \b
     Examples:
@@ -253,31 +397,35 @@ def certify(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batc
       densepure-rt certify --engine engines/cifar10 --data cifar-10-batches-py --sigma 0.25 \\
           --steps 10 --votes 10 --n0 100 --n 100000 --skip 20 --batch 100 --out cifar_025.tsv
     """
-    rows = _run("certify", engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, out, n0, n)
-    from .report import format_table, report_table
+    rows = _run("certify", engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every, out, n0, n)
+    from .report import certified_accuracy
+    from .results import read_results
 
-    click.echo(f"{rows} images certified -> {out}")
-    click.echo(format_table(report_table([out])))
+    results = read_results(out)
+    acc = certified_accuracy(results, [0.0, sigma])
+    click.echo(
+        f"{rows} images certified -> {out}: certified accuracy {100 * acc[0]:.1f}% at radius 0, "
+        f"{100 * acc[1]:.1f}% at radius {sigma:g} (densepure-rt report {out} for the table)"
+    )
 
 
 @main.command()
 @_common_options
 @click.option("--n", type=int, default=100, show_default=True, metavar="N", help="Noisy samples for the hypothesis test.")
 @click.option("--out", type=click.Path(), default="predictions.tsv", show_default=True, metavar="FILE")
-def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, n, out):
+def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every, n, out):
     """Predict with the smoothed classifier (Cohen et al.'s PREDICT; -1 means abstain).
 
     \b
     Example:
       densepure-rt predict --engine engines/digits --sigma 0.25 --steps 4 --votes 5 --n 100 --max 40
     """
-    rows = _run("predict", engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, out, None, n)
-    import csv
+    rows = _run("predict", engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every, out, None, n)
+    from .results import read_rows
 
-    with open(out, newline="") as handle:
-        reader = list(csv.DictReader(handle, delimiter="\t"))
-    correct = sum(int(r["correct"]) for r in reader)
-    abstain = sum(int(r["predict"]) == -1 for r in reader)
+    _, reader = read_rows(out, required=("idx", "predict", "correct"))
+    correct = sum(r["correct"] for r in reader)
+    abstain = sum(r["predict"] == -1 for r in reader)
     click.echo(f"{rows} images -> {out}: accuracy {correct / max(len(reader), 1):.1%}, abstained {abstain}")
 
 
@@ -315,23 +463,37 @@ def report(results, radii, plot, json_out):
 
 
 @main.command()
-@click.option("--engine", "engine_dir", required=True, type=click.Path(), metavar="DIR")
+@click.argument("engine", required=False, type=click.Path(), metavar="[ENGINE_DIR]")
+@click.option("--engine", "engine_opt", type=click.Path(), metavar="DIR", help="The engine directory (or give it as the argument).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
-def info(engine_dir, as_json):
-    """Verify an engine directory and describe it."""
+def info(engine, engine_opt, as_json):
+    """Verify an engine directory (manifest and every file's sha256) and describe it.
+
+    \b
+    Example:
+      densepure-rt info engines/digits
+    """
     from .manifest import load_manifest
 
+    if engine and engine_opt and Path(engine) != Path(engine_opt):
+        raise ConfigError(f"two engine directories given ({engine} and --engine {engine_opt}): give one")
+    engine_dir = engine or engine_opt
+    if not engine_dir:
+        raise ConfigError("give the engine directory: densepure-rt info engines/digits")
     manifest = load_manifest(engine_dir)
     if as_json:
         click.echo(json.dumps(manifest, indent=2, sort_keys=True))
         return
     build = manifest.get("build", {})
+    cost = manifest.get("cost_gflop", {})
     lines = [
         f"engine      {engine_dir} (verified: manifest and {len(manifest['files'])} file checksums)",
         f"preset      {manifest['preset']}  image {'x'.join(map(str, manifest['image_shape']))}  classes {manifest['num_classes']}",
         f"schedule    {manifest['schedule']['kind']}, {manifest['schedule']['num_timesteps']} steps",
-        f"unet        {manifest['unet']['parameters']:,} parameters, step graph {manifest['precision']['step']}",
-        f"classifier  {manifest['classifier']['name']}, {manifest['classifier']['parameters']:,} parameters, fp32",
+        f"unet        {manifest['unet']['parameters']:,} parameters, step graph {manifest['precision']['step']}"
+        + (f", {cost['unet']:g} GFLOP/sample" if isinstance(cost.get("unet"), (int, float)) and cost.get("unet") else ""),
+        f"classifier  {manifest['classifier']['name']}, {manifest['classifier']['parameters']:,} parameters, fp32"
+        + (f", {cost['classifier']:g} GFLOP/sample" if isinstance(cost.get("classifier"), (int, float)) and cost.get("classifier") else ""),
         f"backend     {manifest['backend']['name']} (opset {manifest['backend']['opset']})",
         f"built       {build.get('date', '?')} with densepure-rt {manifest.get('toolkit_version')}, torch {build.get('torch', '?')}"
         + ("  [random weights]" if build.get("random_weights") else ""),

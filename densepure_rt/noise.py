@@ -17,7 +17,11 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["SELECTION", "ESTIMATION", "PREDICTION", "sample_noise"]
+__all__ = ["SELECTION", "ESTIMATION", "PREDICTION", "NOISE_VERSION", "sample_noise"]
+
+#: Names this definition of the noise. Results files record it, and a file is only continued by a
+#: run that draws the same numbers (a change of definition must change this string).
+NOISE_VERSION = "seedsequence-philox-v1"
 
 #: Phase ids: the n0 selection samples, the n estimation samples, PREDICT's samples.
 SELECTION, ESTIMATION, PREDICTION = 0, 1, 2
