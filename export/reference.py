@@ -2,7 +2,7 @@
 
 It reproduces the official code (Jayfeather1024/DensePure) step for step, but takes all of its
 randomness as arguments: the smoothing noise ``delta`` and the reverse-process draws ``noise_i``.
-That is what lets it be checked against the shared fixtures and against the runtime.
+That is what lets it be checked against the official fixtures (tests/fixtures) and against the runtime.
 
 Layout of a batch (as in the official code's clustering path): B noisy samples x K runs are
 flattened to B*K rows, the runs of one sample adjacent (row b*K + k).

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-# The fixtures sit beside the project's root in every checkout and in CI (../shared/fixtures).
-FIXTURES = Path(os.environ.get("DENSEPURE_FIXTURES", ROOT.parent / "shared" / "fixtures"))
+# The fixtures ship with the repository (tests/fixtures, see its README.md); DENSEPURE_FIXTURES
+# points the tests at another copy.
+FIXTURES = Path(os.environ.get("DENSEPURE_FIXTURES", ROOT / "tests" / "fixtures"))
 
 #: Code to prepend to a ``python -c`` program so that any import of torch fails in it.
 BLOCK_TORCH = (
@@ -34,7 +35,10 @@ def fixture_dir(name: str) -> Path:
     """Path of one fixture folder; a missing folder is a failure, never a skip."""
     path = FIXTURES / name
     if not path.is_dir():
-        pytest.fail(f"parity fixture {path} is missing: the tests need ../shared/fixtures beside the repo")
+        pytest.fail(
+            f"parity fixture {path} is missing: the tests read tests/fixtures/ in the repository "
+            "(or the folder DENSEPURE_FIXTURES names)"
+        )
     return path
 
 

@@ -1,4 +1,4 @@
-"""The reverse process and schedules reproduce the official DensePure code (shared fixtures)."""
+"""The reverse process and schedules reproduce the official DensePure code (fixtures in tests/fixtures)."""
 
 import pytest
 import torch
