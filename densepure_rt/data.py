@@ -17,6 +17,11 @@ Supported inputs (:func:`open_dataset` picks the reader from what the path is):
   ``CenterCrop(size)``.
 - A plain folder of images (or one image file), unlabelled unless a ``labels.csv`` /
   ``labels.txt`` lies beside them; resized the same way unless already at the engine's size.
+- Image files are 8-bit (any Pillow mode, converted as torchvision's loader does), 16-bit
+  grayscale (value / 65535), or float TIFFs already in [0, 1]; deeper than 8 bits they stay in
+  float through the resize. Labels are -1 (unknown) or class indices; anything else in a labels
+  file, CIFAR-10 batch or ``.npz`` is refused with a :class:`DataError`, as are unreadable,
+  corrupt or hostile files (decompression bombs, symbolic-link loops, named pipes).
 - ``.npz`` arrays: key ``images`` and optional ``labels`` (layouts in :class:`NpzDataset`).
 - The shipped digits test split: :func:`digits_test_split`.
 """
@@ -25,8 +30,16 @@ from __future__ import annotations
 
 import abc
 import csv
+import io
 import os
 import pickle
+import pickletools
+import re
+import stat
+import struct
+import warnings
+import zipfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +82,17 @@ RANGE_TOLERANCE = 1e-5
 DIGITS_TEST_ASSET = Path(__file__).resolve().parent / "assets" / "digits_test.npz"
 
 CIFAR10_CLASSES = 10
+
+#: The largest label accepted where the number of classes is unknown (int32's maximum). Real label
+#: sets are far smaller; a bigger value is a corrupt or misread file, and would not fit the int32
+#: label tensors of the usual frameworks.
+MAX_LABEL = 2**31 - 1
+
+#: Pillow modes with one band deeper than 8 bits: 16-bit grayscale ("I;16*", and "I", which Pillow
+#: < 10 gives for 16-bit PNGs and TIFFs hold as 32-bit integers) and 32-bit float ("F").
+#: ``convert("RGB")`` clips these to 0-255 (16-bit loads all white, float in [0, 1] all black), so
+#: they are read as floats instead (:func:`_high_depth_plane`).
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 @dataclass(frozen=True, eq=False)
@@ -214,12 +238,86 @@ def resize_center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
+def _high_depth_plane(image: Image.Image) -> np.ndarray:
+    """The one band of a :data:`HIGH_DEPTH_MODES` image as float32 ``[H x W]`` in [0, 1]: 16-bit
+    values / 65535; 32-bit integers likewise when all lie in 0-65535 (16-bit data, as Pillow < 10
+    reads 16-bit PNGs), refused otherwise; floats as they are when finite and in [0, 1], refused
+    otherwise (there is no agreed scale to map other floats from). Raises :class:`DataError` with
+    the reason only; the caller names the file."""
+    values = np.asarray(image)  # decodes; uint16 (either byte order), int32 or float32
+    if image.mode == "F":
+        plane = values.astype(np.float32)
+        if not np.all(np.isfinite(plane)):
+            raise DataError(
+                "it is a float image holding NaN or infinite values; a float image must hold "
+                "values in [0, 1]: fix those pixels, or save it as 8- or 16-bit"
+            )
+        low, high = float(plane.min()), float(plane.max())
+        if low < -RANGE_TOLERANCE or high > 1.0 + RANGE_TOLERANCE:
+            raise DataError(
+                f"it is a float image with values in [{low:.4g}, {high:.4g}]; a float image must "
+                "hold values in [0, 1]: rescale it, or save it as 8- or 16-bit"
+            )
+        return plane
+    if image.mode == "I":
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high > 65535:
+            raise DataError(
+                f"it is a 32-bit integer image with values in [{low}, {high}], beyond 16 bits: "
+                "save it as 8- or 16-bit, or as a float TIFF in [0, 1]"
+            )
+    return values.astype(np.float32) / np.float32(65535)
+
+
+def _resize_center_crop_float(planes: np.ndarray, size: int) -> np.ndarray:
+    """:func:`resize_center_crop` for float32 ``[C x H x W]`` in [0, 1], without a trip through
+    8 bits: each channel is resized as a Pillow float ("F") image, with the same bicubic filter and
+    geometry as the 8-bit path, then clipped to [0, 1] (bicubic overshoots at sharp edges; the
+    8-bit path clips there too, to 0-255)."""
+    out = [
+        np.asarray(resize_center_crop(Image.fromarray(np.ascontiguousarray(p, np.float32)), size))
+        for p in planes
+    ]
+    return np.clip(np.stack(out).astype(np.float32), 0.0, 1.0)
+
+
+def _open_image(f: io.BufferedReader) -> Image.Image:
+    """``Image.open`` with Pillow's decompression-bomb warning (images over ``MAX_IMAGE_PIXELS``,
+    about 89 million pixels) raised as an error, as it already is above twice that: such a file
+    would take gigabytes to decode, and is never a real input to certify."""
+    # catch_warnings is process-wide state; the readers run on the main thread only.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        return Image.open(f)
+
+
 def _load_image_file(path: Path, size: int, channels: int, resize: bool) -> np.ndarray:
-    """Decode one file to uint8 ``[channels x H x W]``: ``convert("RGB")`` first (torchvision's
-    loader), then luma for 1-channel engines, then the optional resize + centre crop."""
+    """Decode one file to ``[channels x H x W]``. 8-bit images (most files) as uint8, as
+    torchvision's loader: ``convert("RGB")`` first, then luma for 1-channel engines, then the
+    optional resize + centre crop. One-band 16-bit, 32-bit integer and float images
+    (:data:`HIGH_DEPTH_MODES`) as float32 in [0, 1], kept in float through the resize; 1-channel
+    engines get that plane, 3-channel engines get it repeated. (16-bit RGB(A) PNGs need nothing
+    special: Pillow has no 16-bit RGB mode and opens them as 8-bit "RGB"/"RGBA" holding each
+    sample's high byte, within 1/257 of value / 65535.) Raises :class:`DataError` (the reason
+    only) for files that are not regular or are empty, and for values a float image cannot hold;
+    Pillow's own exceptions for undecodable files."""
+    info = os.stat(path)
+    # Checked before opening: opening a named pipe blocks until something writes to it.
+    if not stat.S_ISREG(info.st_mode):
+        raise DataError("it is not a regular file (a pipe, device or socket): remove it")
+    if info.st_size == 0:
+        raise DataError("the file is empty (0 bytes): replace or remove it")
     with open(path, "rb") as f:
-        image = Image.open(f)
-        image = image.convert("RGB")
+        image = _open_image(f)
+        if image.mode in HIGH_DEPTH_MODES:
+            planes = _high_depth_plane(image)[None]
+        else:
+            image = image.convert("RGB")
+            planes = None
+    if planes is not None:
+        if resize:
+            planes = _resize_center_crop_float(planes, size)
+        return np.repeat(planes, channels, axis=0)
     if channels == 1:
         image = image.convert("L")
     if resize:
@@ -228,14 +326,126 @@ def _load_image_file(path: Path, size: int, channels: int, resize: bool) -> np.n
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
+#: What Pillow raises on corrupt or hostile files besides OSError ("image file is truncated",
+#: UnidentifiedImageError) and ValueError: its decoders parse headers with struct and index
+#: tables read from the file, so a damaged file can fail in any of these ways.
+_DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    EOFError,
+    SyntaxError,
+    struct.error,
+    IndexError,
+    KeyError,
+    TypeError,
+    ZeroDivisionError,
+    OverflowError,
+    MemoryError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
+
+
 def _require(path: Path) -> Path:
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as exc:  # a name too long, or a parent folder that cannot be searched
+        raise DataError(
+            f"cannot access data path {path} ({exc.strerror or exc}): pass a readable file or "
+            "folder with --data"
+        ) from None
+    if not exists:
         raise DataError(f"data path {path} does not exist: pass an existing file or folder with --data")
     return path
 
 
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False (not an exception) where the path cannot be examined at all (a
+    folder that cannot be searched): reading it would fail anyway, with its own message."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def _is_dir(path: Path) -> bool:
+    """``path.is_dir()`` (symbolic links followed), False where it cannot be examined (see
+    :func:`_is_file`)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _list_dir(folder: Path) -> list[Path]:
+    """The entries of ``folder`` (unsorted), or :class:`DataError` if it cannot be listed."""
+    try:
+        with os.scandir(folder) as entries:
+            return [Path(entry.path) for entry in entries]
+    except OSError as exc:
+        raise DataError(
+            f"cannot list folder {folder} ({exc.strerror or exc}): make it readable, or point "
+            "--data elsewhere"
+        ) from None
+
+
 def _is_image_file(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    """``text`` with its whitespace runs (newlines included) collapsed to single spaces and cut
+    to ``limit`` characters: library messages quoted in a :class:`DataError` must keep it to one
+    line."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _show(value: Any, limit: int = 40) -> str:
+    """``value`` for a one-line message: numbers as written, anything else as its repr; cut to
+    ``limit`` characters (a hostile file may hold a label thousands of digits long, which Python
+    refuses even to print)."""
+    if isinstance(value, np.generic):
+        value = value.item()  # np.str_('ten') -> 'ten', np.float64(2.5) -> 2.5
+    try:
+        text = str(value) if isinstance(value, (int, float)) else repr(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        text = f"a {value.bit_length()}-bit integer"
+    return _one_line(text, limit)
+
+
+def _label_range(num_classes: int | None, allow_unknown: bool) -> tuple[int, int, str]:
+    """The lowest and highest accepted label, and both in words for messages."""
+    high = MAX_LABEL if num_classes is None else num_classes - 1
+    low = -1 if allow_unknown else 0
+    words = f"0-{high}" if not allow_unknown else f"-1 (unknown) or 0-{high}"
+    return low, high, words
+
+
+def _check_labels(
+    labels: np.ndarray, num_classes: int | None, where: str, allow_unknown: bool = True
+) -> np.ndarray:
+    """``labels`` (``[N]``) as int64, or :class:`DataError` naming the first bad label and its
+    image index. Each must be an integer, and -1 (unknown, where ``allow_unknown``) or a class
+    index below ``num_classes`` (at most :data:`MAX_LABEL` where ``num_classes`` is None)."""
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{where}: labels have dtype {labels.dtype}; use integers")
+    low, high, words = _label_range(num_classes, allow_unknown)
+    # Compared in the stored dtype, before any cast: uint64 values past int64's range would wrap
+    # round to negatives (2**64 - 1 to -1, "unknown"). A bound the dtype cannot exceed is skipped.
+    info = np.iinfo(labels.dtype)
+    bad = np.zeros(labels.shape, dtype=bool)
+    if low > info.min:
+        bad |= labels < low
+    if high < info.max:
+        bad |= labels > high
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"{where}: label {int(labels[i])} of image {i} is not {words}: fix the labels"
+            + ("" if num_classes is None else f" (the data has {num_classes} classes)")
+        )
+    return labels.astype(np.int64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -380,9 +590,18 @@ class ImageFilesDataset(Dataset):
         path = self.files[index]
         try:
             pixels = _load_image_file(path, self.image_size, self.channels, self.resize)
-        except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        except DataError as exc:
+            raise DataError(f"cannot read image {index} ({path}): {exc}") from None
+        except Image.UnidentifiedImageError:
+            # Pillow's own message names the file object, not the file.
             raise DataError(
-                f"cannot read image {index} ({path}): {exc}: replace or remove the file"
+                f"cannot read image {index} ({path}): it is not an image Pillow can decode "
+                "(corrupt, or another format under an image extension): replace or remove the file"
+            ) from None
+        except _DECODE_ERRORS as exc:
+            reason = _one_line(str(exc)) or type(exc).__name__
+            raise DataError(
+                f"cannot read image {index} ({path}): {reason}: replace or remove the file"
             ) from None
         return _to_float(pixels), self.labels[index], str(path)
 
@@ -432,6 +651,21 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
             raise pickle.UnpicklingError(f"global {module}.{name} is not allowed") from None
 
 
+#: Pickle opcodes that name a slot of the unpickler's memo table.
+_MEMO_OPS = frozenset({"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"})
+
+
+def _check_memo_indices(raw: bytes) -> None:
+    """Refuse a pickle whose memo indices exceed its number of opcodes (``pickle.UnpicklingError``;
+    ``ValueError`` where the opcodes themselves do not parse). A pickler numbers memo slots 0, 1,
+    2, ..., one PUT each, so a real file never does; but CPython's unpickler grows its memo table
+    to whatever index a PUT names, so a 100-byte file with ``LONG_BINPUT 1258375976`` costs
+    gigabytes and a minute before failing. ``pickletools.genops`` only parses, never builds."""
+    for count, (op, arg, _) in enumerate(pickletools.genops(raw)):
+        if op.name in _MEMO_OPS and int(arg) > count:
+            raise pickle.UnpicklingError(f"{op.name} {arg} at opcode {count} is not a real memo index")
+
+
 def _get(batch: dict, key: str) -> Any:
     if key.encode() in batch:
         return batch[key.encode()]
@@ -446,15 +680,31 @@ def read_cifar_batch(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
     path = _require(Path(path))
     try:
         with open(path, "rb") as f:
-            batch = _ArraysOnlyUnpickler(f, encoding="bytes").load()
+            raw = f.read()
+        _check_memo_indices(raw)
+        # Unpickled from memory: a length field larger than the data then fails as truncated,
+        # where reading a file would first allocate a buffer of that length.
+        batch = _ArraysOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except pickle.UnpicklingError as exc:
         raise DataError(
-            f"{path} is not a plain CIFAR-10 batch ({exc}): use the python version of CIFAR-10 "
-            "(cifar-10-python.tar.gz, extracted)"
+            f"{path} is not a plain CIFAR-10 batch ({_one_line(str(exc))}): use the python "
+            "version of CIFAR-10 (cifar-10-python.tar.gz, extracted)"
         ) from None
-    except (OSError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as exc:
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        OverflowError,
+        MemoryError,
+        RecursionError,
+        SystemError,  # numpy's dtype.__setstate__ given malformed arguments by a crafted file
+    ) as exc:
         raise DataError(
-            f"cannot read {path} as a CIFAR-10 batch ({type(exc).__name__}: {exc}): "
+            f"cannot read {path} as a CIFAR-10 batch ({type(exc).__name__}: {_one_line(str(exc))}): "
             "re-extract cifar-10-python.tar.gz"
         ) from None
     data = _get(batch, "data") if isinstance(batch, dict) else None
@@ -469,20 +719,42 @@ def read_cifar_batch(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
             f"{path} does not hold CIFAR-10 images (b'data' must be uint8 [N x 3072]): "
             "use the python version of CIFAR-10 (cifar-10-python.tar.gz, extracted)"
         )
-    if labels is None or len(labels) != data.shape[0]:
+    return data.reshape(-1, 3, 32, 32), _cifar_labels(labels, data.shape[0], path)
+
+
+def _cifar_labels(labels: Any, n: int, path: Path) -> np.ndarray:
+    """A batch's ``b'labels'`` (a list of ints in the real files; an integer array is accepted) as
+    int64 ``[n]``, each a CIFAR-10 class 0-9, or :class:`DataError` naming the first bad label.
+    Checked element by element before any conversion: a float label would be truncated silently
+    (3.7 to 3), and 1e30 or a huge int would overflow int64."""
+    if isinstance(labels, np.ndarray) and labels.ndim == 1 and len(labels) == n:
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(
+                f"{path}: b'labels' has dtype {labels.dtype}; CIFAR-10 labels are integers 0-9: "
+                "re-extract the file"
+            )
+        return _check_labels(labels, CIFAR10_CLASSES, str(path), allow_unknown=False)
+    if not isinstance(labels, (list, tuple)) or len(labels) != n:
         raise DataError(f"{path} does not hold one label per image under b'labels': re-extract the file")
-    try:
-        labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError):
-        raise DataError(f"{path} holds labels that are not integers: re-extract the file") from None
-    return data.reshape(-1, 3, 32, 32), labels
+    for i, value in enumerate(labels):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+            raise DataError(
+                f"{path}: label {_show(value)} of image {i} is not an integer; CIFAR-10 labels are "
+                "0-9: re-extract the file"
+            )
+        if not 0 <= value < CIFAR10_CLASSES:
+            raise DataError(
+                f"{path}: label {_show(value)} of image {i} is not a CIFAR-10 class (0-9): "
+                "re-extract the file"
+            )
+    return np.array([int(v) for v in labels], dtype=np.int64).reshape(n)
 
 
 def cifar10_batch(path: PathLike, image_size: int = 32, channels: int = 3) -> ArrayDataset:
     """The CIFAR-10 batch at ``path`` (a batch file, or a folder holding ``test_batch``) as a
     dataset of ``[channels x 32 x 32]`` images with labels 0-9."""
     path = _require(Path(path))
-    if path.is_dir():
+    if _is_dir(path):
         path = path / "test_batch"
     images, labels = read_cifar_batch(path)
     return ArrayDataset(
@@ -499,11 +771,39 @@ def cifar10_batch(path: PathLike, image_size: int = 32, channels: int = 3) -> Ar
 # Folders of image files.
 
 
+def _walk(folder: Path) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(folder, followlinks=True)`` (torchvision's walk), with two hostile cases made
+    errors instead of silent: a folder that cannot be listed (``os.walk`` skips it, dropping its
+    images and renumbering everything after them), and a symbolic link to a folder that contains
+    it (``os.walk`` follows it round and round until the OS's limit on links in a path, listing
+    every image some 40 times)."""
+
+    def fail(exc: OSError) -> None:
+        raise DataError(
+            f"cannot list folder {exc.filename} ({exc.strerror or exc}): make it readable or "
+            "remove it"
+        )
+
+    for root, dirs, names in os.walk(folder, onerror=fail, followlinks=True):
+        real_root = os.path.realpath(root)
+        for name in dirs:
+            link = os.path.join(root, name)
+            if not os.path.islink(link):
+                continue
+            target = os.path.realpath(link)
+            if real_root == target or real_root.startswith(target.rstrip(os.sep) + os.sep):
+                raise DataError(
+                    f"{link} is a symbolic link to {target}, a folder that contains the link "
+                    "(a loop): remove the link"
+                )
+        yield root, dirs, names
+
+
 def _walk_images(folder: Path) -> list[Path]:
     """Image files under ``folder`` in torchvision's ``make_dataset`` order: ``os.walk`` entries
     sorted by folder path, files sorted by name within each."""
     found = []
-    for root, _, names in sorted(os.walk(folder, followlinks=True)):
+    for root, _, names in sorted(_walk(folder)):
         found.extend(Path(root, name) for name in sorted(names) if _is_image_file(name))
     return found
 
@@ -517,7 +817,7 @@ def image_folder(
     preprocessed as the published ImageNet evaluation: RGB, ``Resize(image_size, bicubic)``,
     ``CenterCrop(image_size)``, /255."""
     root = _require(Path(root))
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    classes = sorted(entry.name for entry in _list_dir(root) if _is_dir(entry))
     if not classes:
         raise DataError(f"{root} has no class sub-folders: put each class's images in its own folder")
     files: list[Path] = []
@@ -547,31 +847,89 @@ def image_folder(
     )
 
 
+#: A label as written in a labels file: optional sign, ASCII digits. (``int()`` alone would also
+#: take "1_000", " 7 " and non-ASCII digits such as "\u0663".)
+_LABEL_TEXT = re.compile(r"[+-]?[0-9]+")
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def _read_labels_file(path: Path, names: Sequence[str]) -> dict[str, int]:
     """``labels.csv`` rows ``file,label`` (a first row that is not ``file,<int>`` is a header) or
-    ``labels.txt`` lines ``file label``; blank lines and ``#`` comments are skipped."""
-    rows: list[list[str]] = []
-    with open(path, newline="") as f:
-        if path.suffix == ".csv":
-            rows = [row for row in csv.reader(f)]
-        else:
-            rows = [line.split() for line in f]
-    rows = [[c.strip() for c in row] for row in rows if row and not row[0].strip().startswith("#")]
-    rows = [row for row in rows if any(row)]
-    labels: dict[str, int] = {}
-    known = set(names)
-    for line_no, row in enumerate(rows):
-        if len(row) != 2:
-            raise DataError(f"{path}: line {line_no + 1} is {row!r}, expected a file name and a label")
-        name, label = row
+    ``labels.txt`` lines ``file label``; blank lines and ``#`` comments are skipped. The file must
+    be UTF-8 text (a leading byte-order mark, as spreadsheet programs write, is fine); each label
+    -1 (unknown) or a class index 0-:data:`MAX_LABEL`; each file listed once."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise DataError(f"cannot read {path} ({exc.strerror or exc}): make it readable") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path} is not UTF-8 text (byte {exc.start} is 0x{raw[exc.start]:02x}): save it as UTF-8"
+        ) from None
+    if "\x00" in text:
+        raise DataError(f"{path} is not a text file (it holds NUL bytes): write it as UTF-8 text")
+    numbered: list[tuple[int, list[str]]] = []  # (line number in the file, cells)
+    if path.suffix == ".csv":
         try:
-            labels[name] = int(label)
-        except ValueError:
-            if line_no == 0:
-                continue  # header
-            raise DataError(f"{path}: label {label!r} of {name} is not an integer") from None
+            reader = csv.reader(io.StringIO(text, newline=""))
+            numbered = [(reader.line_num, row) for row in reader]
+        except csv.Error as exc:
+            raise DataError(
+                f"{path} is not a valid CSV file ({_one_line(str(exc))}): write it as file,label rows"
+            ) from None
+    else:
+        numbered = [(n + 1, line.split()) for n, line in enumerate(text.splitlines())]
+    numbered = [
+        (n, [c.strip() for c in row])
+        for n, row in numbered
+        if row and any(c.strip() for c in row) and not row[0].strip().startswith("#")
+    ]
+    labels: dict[str, int] = {}
+    listed_on: dict[str, int] = {}
+    known = set(names)
+    low, high, words = _label_range(None, allow_unknown=True)
+    for position, (line_no, row) in enumerate(numbered):
+        if len(row) != 2:
+            raise DataError(
+                f"{path}: line {line_no} is {_show(row, 80)}, expected a file name and a label"
+            )
+        name, label = row
+        if not _LABEL_TEXT.fullmatch(label):
+            if position == 0 and not _looks_numeric(label):
+                continue  # header, e.g. "file,label"
+            raise DataError(
+                f"{path}: line {line_no}: label {_show(label)} of {_show(name)} is not an integer: "
+                f"labels are {words}"
+            )
+        # A label of more than 12 digits is out of range anyway; int() of thousands of digits is
+        # slow, and refused past Python's digit limit.
+        value = int(label) if len(label.lstrip("+-")) <= 12 else None
+        if value is None or not low <= value <= high:
+            raise DataError(
+                f"{path}: line {line_no}: label {_show(label)} of {_show(name)} is out of range: "
+                f"labels are {words}"
+            )
         if name not in known:
-            raise DataError(f"{path} names {name}, which is not a file in {path.parent}: fix the name")
+            raise DataError(
+                f"{path} names {_show(name, 80)}, which is not a file in {path.parent}: fix the name"
+            )
+        if name in listed_on:
+            raise DataError(
+                f"{path} lists {_show(name, 80)} twice (lines {listed_on[name]} and {line_no}): "
+                "keep one line per file"
+            )
+        labels[name] = value
+        listed_on[name] = line_no
     return labels
 
 
@@ -584,17 +942,19 @@ def plain_image_folder(
     at ``image_size`` get the same resize + centre crop as :func:`image_folder`; without it they
     are refused."""
     path = _require(Path(path))
-    if path.is_file():
+    if _is_file(path):
         files, folder = [path], path.parent
     else:
         folder = path
-        files = sorted(p for p in folder.iterdir() if p.is_file() and _is_image_file(p.name))
+        files = sorted(p for p in _list_dir(folder) if _is_image_file(p.name) and _is_file(p))
         if not files:
             raise DataError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     labels_by_name: dict[str, int] = {}
     for candidate in ("labels.csv", "labels.txt"):
-        if (folder / candidate).is_file():
-            labels_by_name = _read_labels_file(folder / candidate, [p.name for p in folder.iterdir()])
+        if _is_file(folder / candidate):
+            labels_by_name = _read_labels_file(
+                folder / candidate, [p.name for p in _list_dir(folder)]
+            )
             break
     labels = [labels_by_name.get(p.name, -1) for p in files]
     return ImageFilesDataset(
@@ -623,29 +983,82 @@ def _canonical_layout(images: np.ndarray, path: Path) -> np.ndarray:
     )
 
 
+def _npz_array(archive: Any, key: str, path: Path) -> np.ndarray:
+    """``archive[key]``, which numpy returns as raw bytes (not an array) when the member is not an
+    ``.npy`` file."""
+    value = archive[key]
+    if not isinstance(value, np.ndarray):
+        raise DataError(
+            f"{path}: '{key}' is not a numpy array (the archive member is not .npy data): "
+            "save it with numpy.savez"
+        )
+    return value
+
+
+def _npz_num_classes(value: np.ndarray, path: Path) -> int:
+    """An archive's ``num_classes``: one positive integer (a 0-d array, as ``numpy.savez(...,
+    num_classes=10)`` writes, or a 1-element array)."""
+    fix = "save one positive integer, e.g. numpy.savez(path, images=..., num_classes=10)"
+    if value.size != 1 or value.ndim > 1:
+        raise DataError(f"{path}: 'num_classes' is an array of shape {value.shape}: {fix}")
+    if not np.issubdtype(value.dtype, np.integer):
+        raise DataError(
+            f"{path}: 'num_classes' is {_show(value.reshape(-1)[0])} of dtype {value.dtype}, "
+            f"not an integer: {fix}"
+        )
+    count = int(value.reshape(-1)[0])
+    if not 1 <= count <= MAX_LABEL + 1:
+        raise DataError(f"{path}: 'num_classes' is {count}: {fix}")
+    return count
+
+
 def npz_dataset(
     path: PathLike, image_size: int, channels: int = 3, num_classes: int | None = None
 ) -> ArrayDataset:
     """Images from a ``.npz`` file (loaded without pickle): key ``images``, uint8 (0-255) or float
     (already in [0, 1]) in a layout of :func:`_canonical_layout`; optional key ``labels`` (``[N]``
-    integers) and scalar ``num_classes``. Images are not resized: they must already be
-    ``image_size`` square."""
+    integers, each -1 = unknown or a class index below ``num_classes``) and scalar ``num_classes``
+    (a positive integer; the argument, where given, wins). Images are not resized: they must
+    already be ``image_size`` square."""
     path = _require(Path(path))
+    stored_classes = None
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):  # np.load reads .npy data too
+            raise DataError(
+                f"{path} holds a single .npy array, not an .npz archive: save it with "
+                "numpy.savez(path, images=...)"
+            )
+        with archive:
             if "images" not in archive.files:
                 raise DataError(
-                    f"{path} has no 'images' array (it has {', '.join(archive.files) or 'nothing'}): "
-                    "save the images under the key 'images'"
+                    f"{path} has no 'images' array (it has "
+                    f"{_one_line(', '.join(archive.files)) or 'nothing'}): save the images under "
+                    "the key 'images'"
                 )
-            images = archive["images"]
-            labels = archive["labels"] if "labels" in archive.files else None
+            images = _npz_array(archive, "images", path)
+            labels = _npz_array(archive, "labels", path) if "labels" in archive.files else None
             if num_classes is None and "num_classes" in archive.files:
-                num_classes = int(archive["num_classes"])
+                stored_classes = _npz_array(archive, "num_classes", path)
     except DataError:
         raise
-    except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"cannot read {path} as .npz ({exc}): save it with numpy.savez") from None
+    # zipfile.BadZipFile and zlib.error: a damaged archive; NotImplementedError and RuntimeError:
+    # a member compressed by an unsupported method, or encrypted; MemoryError: a header claiming
+    # an array larger than memory.
+    except (
+        OSError,
+        ValueError,
+        EOFError,
+        zipfile.BadZipFile,
+        zlib.error,
+        NotImplementedError,
+        RuntimeError,
+        MemoryError,
+    ) as exc:
+        reason = _one_line(str(exc)) or type(exc).__name__
+        raise DataError(f"cannot read {path} as .npz ({reason}): save it with numpy.savez") from None
+    if stored_classes is not None:
+        num_classes = _npz_num_classes(stored_classes, path)
     if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
         raise DataError(
             f"{path}: 'images' has dtype {images.dtype}; use uint8 (0-255) or float in [0, 1]"
@@ -653,7 +1066,7 @@ def npz_dataset(
     if labels is not None:
         if not np.issubdtype(labels.dtype, np.integer):
             raise DataError(f"{path}: 'labels' has dtype {labels.dtype}; use integers")
-        labels = labels.reshape(-1).astype(np.int64)
+        labels = _check_labels(labels.reshape(-1), num_classes, str(path))
     return ArrayDataset(
         _canonical_layout(images, path),
         labels,
@@ -687,7 +1100,7 @@ def digits_test_split(image_size: int | None = None, channels: int = 1) -> Array
 
 
 def _has_images_below(folder: Path) -> bool:
-    for _, _, names in os.walk(folder, followlinks=True):
+    for _, _, names in _walk(folder):
         if any(_is_image_file(n) for n in names):
             return True
     return False
@@ -705,8 +1118,12 @@ def open_dataset(
 
     ``resize`` applies to image files only (arrays are never resized)."""
     _check_geometry(image_size, channels)
-    path = _require(Path(spec).expanduser())
-    if path.is_file():
+    try:
+        path = Path(spec).expanduser()
+    except RuntimeError:  # "~user" for a user that does not exist
+        raise DataError(f"cannot expand {spec}: no such user; pass the full path with --data") from None
+    path = _require(path)
+    if _is_file(path):
         if path.name == "test_batch" or path.name.startswith("data_batch_"):
             return cifar10_batch(path, image_size, channels)
         if path.suffix.lower() == ".npz":
@@ -718,10 +1135,11 @@ def open_dataset(
             f"cannot tell what {path} holds{hint}: --data takes a CIFAR-10 test_batch, a .npz, "
             "an image, or a folder of images"
         )
-    if (path / "test_batch").is_file():
+    if _is_file(path / "test_batch"):
         return cifar10_batch(path, image_size, channels)
-    loose = [p for p in path.iterdir() if p.is_file() and _is_image_file(p.name)]
-    class_dirs = [p for p in path.iterdir() if p.is_dir() and _has_images_below(p)]
+    entries = _list_dir(path)
+    loose = [p for p in entries if _is_image_file(p.name) and _is_file(p)]
+    class_dirs = [p for p in entries if _is_dir(p) and _has_images_below(p)]
     if loose and class_dirs:
         raise DataError(
             f"{path} holds both image files and class folders ({class_dirs[0].name}, ...): "
