@@ -1,26 +1,74 @@
 """The engine directory's ``manifest.json``: what was built, for which backend, and checksums.
 
 The runtime reads nothing but the manifest and the files it lists. :func:`load_manifest` refuses,
-in one sentence, anything it cannot honour: a missing or edited manifest, a changed file, an
-unknown schema, a backend that is not installed, a plan built for another GPU or version.
-The manifest carries a checksum of its own content, so an edit by hand is caught too.
+in one sentence, anything it cannot honour: a missing, oversized, malformed or edited manifest, an
+unknown schema, a field of the wrong type or out of range, a file name that is not a plain name
+inside the engine directory, a symbolic link, a changed file, or a graph (or a graph's external
+data) that ``files`` does not list. A backend that is not installed is refused by
+:func:`densepure_rt.backends.open_backend`.
+
+The manifest carries a checksum of its own content, so an edit by hand is caught too. The seal (the
+manifest's self-checksum plus the sha256 of every file it lists) detects accidents and edits, not a
+determined attacker: there is no signature, so anyone who can write to the engine directory can
+re-seal it. Run only engine directories from a source you trust.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import mmap
+import os
+import re
+import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from . import __version__
 from .errors import EngineError
 
-__all__ = ["SCHEMA_VERSION", "MANIFEST", "sha256_file", "write_manifest", "load_manifest"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "MANIFEST",
+    "MAX_MANIFEST_BYTES",
+    "sha256_file",
+    "write_manifest",
+    "load_manifest",
+    "check_file_name",
+    "graph_path",
+    "onnx_external_data",
+]
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 _SELF_KEY = "manifest_sha256"
+
+#: A manifest is a few kilobytes; anything bigger than this is not one.
+MAX_MANIFEST_BYTES = 16 << 20
+#: JSON nesting depth (a real manifest is 6 deep).
+_MAX_DEPTH = 32
+_MAX_FILES = 1000
+_MAX_TIMESTEPS = 100_000
+_MAX_SIDE = 4096
+_MAX_CLASSES = 1_000_000
+_MAX_BATCH = 1_000_000
+_MAX_PARAMETERS = 10**13
+_MAX_OPSET = 1000
+_MAX_GFLOP = 1e9
+_SCHEDULES = ("linear", "cosine")
+_PRECISIONS = ("fp32", "fp16")
+_GRAPHS = ("step", "classifier")
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*")
+_WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(10)), *(f"LPT{i}" for i in range(10))}
+_MISSING = object()
+
+
+# ------------------------------------------------------------------------------------------------ #
+# files                                                                                              #
+# ------------------------------------------------------------------------------------------------ #
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -30,6 +78,336 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_file_name(name: Any, field: str, where: str | Path) -> str:
+    """``name`` if it is a plain file name inside the engine directory, else one-sentence EngineError.
+
+    Plain: a non-empty string of letters, digits, ``_ . + -``, not starting with ``.``, without
+    ``..``, path separators, a drive, NUL or control characters, and not a Windows device name.
+    """
+    reason = None
+    if not isinstance(name, str):
+        reason = "it is not a string"
+    elif not name:
+        reason = "it is empty"
+    elif name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name):
+        reason = "it is an absolute path"
+    elif "/" in name or "\\" in name:
+        reason = "it has a path separator"
+    elif any(ord(c) < 32 or ord(c) == 127 for c in name):
+        reason = "it has NUL or control characters"
+    elif ".." in name:
+        reason = "it has '..'"
+    elif name.startswith("."):
+        reason = "it starts with '.'"
+    elif len(name) > 255:
+        reason = "it is longer than 255 characters"
+    elif not _NAME.fullmatch(name):
+        reason = "it has characters other than letters, digits, '_', '.', '+' and '-'"
+    elif name.split(".")[0].upper() in _WINDOWS_DEVICES:
+        reason = "it is a device name on Windows"
+    if reason is not None:
+        raise EngineError(f"{where}: {field} {_show(name)} is not a plain file name inside the engine directory ({reason}): rebuild the engine")
+    return name
+
+
+def _open_regular(path: Path, what: str) -> int:
+    """A read-only descriptor of ``path``, refusing a missing file, a symlink or a special file."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        raise EngineError(f"{what} {path} is missing: rebuild the engine") from None
+    except OSError as exc:
+        raise EngineError(f"{what} {path} cannot be read ({exc.strerror}): check its permissions or rebuild the engine") from None
+    if stat.S_ISLNK(mode):
+        raise EngineError(f"{what} {path} is a symbolic link, not a regular file inside the engine directory: rebuild the engine")
+    if not stat.S_ISREG(mode):
+        raise EngineError(f"{what} {path} is not a regular file: rebuild the engine")
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise EngineError(f"{what} {path} cannot be opened ({exc.strerror}): check its permissions or rebuild the engine") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped between lstat and open
+        os.close(fd)
+        raise EngineError(f"{what} {path} is not a regular file: rebuild the engine")
+    return fd
+
+
+def _sha256_regular(path: Path, what: str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with os.fdopen(_open_regular(path, what), "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def graph_path(directory: str | Path, manifest: dict, graph: str) -> Path:
+    """The path of graph ``graph`` (``"step"`` or ``"classifier"``) in ``directory``.
+
+    Refuses a name that is not a plain file name listed in ``manifest['files']``, so a backend opens
+    only files that :func:`load_manifest` has checksummed.
+    """
+    entry = manifest.get("graphs", {}).get(graph) if isinstance(manifest.get("graphs"), dict) else None
+    name = entry.get("file", _MISSING) if isinstance(entry, dict) else _MISSING
+    if name is _MISSING:
+        raise EngineError(f"the manifest of {directory} has no graphs.{graph}.file: rebuild the engine")
+    check_file_name(name, f"graphs.{graph}.file", directory)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or name not in files:
+        raise EngineError(f"{directory}: graphs.{graph}.file {name!r} is not listed (with its sha256) in files: rebuild the engine")
+    return Path(directory) / name
+
+
+# ------------------------------------------------------------------------------------------------ #
+# ONNX external data, read without the onnx package                                                  #
+# ------------------------------------------------------------------------------------------------ #
+
+
+class _BadProto(ValueError):
+    pass
+
+
+# For each message that can (transitively) hold a TensorProto, the length-delimited fields to follow
+# (field numbers of onnx.proto: ModelProto, TrainingInfoProto, GraphProto, NodeProto, AttributeProto,
+# FunctionProto, SparseTensorProto).
+_MODEL, _TRAINING, _GRAPH, _NODE, _ATTRIBUTE, _FUNCTION, _SPARSE, _TENSOR = range(8)
+_CHILDREN = {
+    _MODEL: {7: _GRAPH, 20: _TRAINING, 25: _FUNCTION},
+    _TRAINING: {1: _GRAPH, 2: _GRAPH},
+    _GRAPH: {1: _NODE, 5: _TENSOR, 15: _SPARSE},
+    _NODE: {5: _ATTRIBUTE},
+    _ATTRIBUTE: {5: _TENSOR, 6: _GRAPH, 10: _TENSOR, 11: _GRAPH, 22: _SPARSE, 23: _SPARSE},
+    _FUNCTION: {7: _NODE, 11: _ATTRIBUTE},
+    _SPARSE: {1: _TENSOR, 2: _TENSOR},
+    _TENSOR: {},
+}
+_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION, _EXTERNAL = 13, 14, 1
+_MAX_PROTO_DEPTH = 100
+
+
+def _varint(buf, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise _BadProto("truncated or overlong varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, Any]]:
+    """(field number, wire type, value) of one protobuf message; a LEN value is its (start, end)."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos, end)
+        elif wire == 1:
+            value, pos = None, pos + 8
+        elif wire == 5:
+            value, pos = None, pos + 4
+        elif wire == 2:
+            length, pos = _varint(buf, pos, end)
+            value, pos = (pos, pos + length), pos + length
+        else:
+            raise _BadProto(f"unsupported wire type {wire}")
+        if pos > end:
+            raise _BadProto("truncated field")
+        yield number, wire, value
+
+
+def onnx_external_data(buf) -> list[str]:
+    """The external-data locations of every tensor in a serialized ONNX ModelProto ``buf``.
+
+    Walks initializers, sparse initializers, tensor attributes (Constant), subgraphs and functions
+    with a plain protobuf reader (the runtime does not depend on the onnx package). Raises
+    ValueError on bytes that are not a well-formed protobuf message.
+    """
+    locations: list[str] = []
+    stack = [(_MODEL, 0, len(buf), 0)]
+    while stack:
+        kind, start, end, depth = stack.pop()
+        if depth > _MAX_PROTO_DEPTH:
+            raise _BadProto(f"nested more than {_MAX_PROTO_DEPTH} messages deep")
+        children = _CHILDREN[kind]
+        external, location = False, None
+        for number, wire, value in _fields(buf, start, end):
+            if kind == _TENSOR and number == _TENSOR_DATA_LOCATION and wire == 0:
+                external = value == _EXTERNAL
+            elif kind == _TENSOR and number == _TENSOR_EXTERNAL_DATA and wire == 2:
+                entry = {}
+                for n, w, v in _fields(buf, *value):
+                    if n in (1, 2) and w == 2:
+                        try:
+                            entry[n] = bytes(buf[v[0] : v[1]]).decode("utf-8")
+                        except UnicodeDecodeError:
+                            raise _BadProto("an external-data entry is not UTF-8") from None
+                if entry.get(1) == "location":
+                    location = entry.get(2, "")
+                    locations.append(location)
+            elif wire == 2 and number in children:
+                stack.append((children[number], *value, depth + 1))
+        if external and location is None:
+            raise _BadProto("a tensor stored as external data has no location")
+    return locations
+
+
+def _graph_external_data(path: Path) -> list[str]:
+    with os.fdopen(_open_regular(path, "engine file"), "rb") as handle:
+        if os.fstat(handle.fileno()).st_size == 0:
+            return []
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            try:
+                return onnx_external_data(buf)
+            except _BadProto as exc:
+                raise EngineError(f"engine file {path} is not a valid ONNX model ({exc}): rebuild the engine") from None
+
+
+# ------------------------------------------------------------------------------------------------ #
+# the schema                                                                                         #
+# ------------------------------------------------------------------------------------------------ #
+
+
+class _Schema:
+    """Type and range checks of the fields the runtime and the CLI read, one sentence per failure."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path, self.manifest = path, manifest
+
+    def fail(self, field: str, expected: str, value: Any):
+        if value is _MISSING:
+            raise EngineError(f"{self.path}: field {field} is missing: rebuild the engine")
+        raise EngineError(f"{self.path}: field {field} must be {expected} (got {_show(value)}): rebuild the engine")
+
+    def get(self, field: str, required: bool = True) -> Any:
+        *parents, leaf = field.split(".")
+        node = self.manifest
+        for i, key in enumerate(parents):
+            node = node.get(key, _MISSING)
+            if not isinstance(node, dict):  # parents are checked with obj() first; this is a guard
+                self.fail(".".join(parents[: i + 1]), "an object", node)
+        value = node.get(leaf, _MISSING)
+        if value is _MISSING and required:
+            self.fail(field, "", value)
+        return value
+
+    def obj(self, field: str, required: bool = True) -> dict | None:
+        value = self.get(field, required)
+        if value is _MISSING:
+            return None
+        if not isinstance(value, dict):
+            self.fail(field, "an object", value)
+        return value
+
+    def int(self, field: str, lo: int, hi: int, required: bool = True) -> int | None:
+        value = self.get(field, required)
+        if value is _MISSING:
+            return None
+        if type(value) is not int or not lo <= value <= hi:
+            self.fail(field, f"an integer in {lo}..{hi}", value)
+        return value
+
+    def number(self, field: str, lo: float, hi: float, required: bool = True) -> float | None:
+        value = self.get(field, required)
+        if value is _MISSING:
+            return None
+        if type(value) not in (int, float) or not lo <= value <= hi:  # JSON NaN/inf are refused when read
+            self.fail(field, f"a number in {lo:g}..{hi:g}", value)
+        return value
+
+    def bool(self, field: str, required: bool = True) -> bool | None:
+        value = self.get(field, required)
+        if value is not _MISSING and not isinstance(value, bool):
+            self.fail(field, "true or false", value)
+        return None if value is _MISSING else value
+
+    def str(self, field: str, choices: tuple = (), min_len: int = 1, max_len: int = 200, required: bool = True) -> str | None:
+        value = self.get(field, required)
+        if value is _MISSING:
+            return None
+        if choices:
+            if value not in choices or not isinstance(value, str):
+                self.fail(field, "one of " + ", ".join(map(repr, choices)), value)
+        elif not isinstance(value, str) or not min_len <= len(value) <= max_len or not value.isprintable():
+            self.fail(field, f"a string of {min_len}..{max_len} printable characters", value)
+        return value
+
+
+def _check_depth(path: Path, manifest: Any) -> None:
+    stack = [(manifest, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            raise EngineError(f"{path} is nested more than {_MAX_DEPTH} levels deep, so it is not a densepure-rt manifest: rebuild the engine")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+
+
+def _validate(path: Path, manifest: dict) -> None:
+    s = _Schema(path, manifest)
+    s.str("toolkit_version", max_len=100)
+    s.str("preset", max_len=100)
+    shape = s.get("image_shape")
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 3
+        or any(type(d) is not int for d in shape)
+        or shape[0] not in (1, 3)
+        or not all(1 <= d <= _MAX_SIDE for d in shape[1:])
+    ):
+        s.fail("image_shape", f"[channels, height, width] with channels 1 or 3 and height and width integers in 1..{_MAX_SIDE}", shape)
+    s.int("num_classes", 1, _MAX_CLASSES)
+    s.obj("schedule")
+    s.str("schedule.kind", choices=_SCHEDULES)
+    s.int("schedule.num_timesteps", 1, _MAX_TIMESTEPS)
+    s.bool("schedule.rescale_timesteps")
+    s.obj("unet")
+    s.int("unet.parameters", 0, _MAX_PARAMETERS)
+    s.obj("classifier")
+    s.str("classifier.name")
+    s.int("classifier.parameters", 0, _MAX_PARAMETERS)
+    s.obj("precision")
+    s.str("precision.step", choices=_PRECISIONS)
+    s.obj("backend")
+    s.str("backend.name", max_len=100)
+    s.int("backend.opset", 1, _MAX_OPSET)
+    s.int("default_batch", 1, _MAX_BATCH, required=False)
+    s.str("default_data", min_len=0, required=False)
+    if s.obj("cost_gflop", required=False) is not None:
+        s.number("cost_gflop.unet", 0, _MAX_GFLOP, required=False)
+        s.number("cost_gflop.classifier", 0, _MAX_GFLOP, required=False)
+    if s.obj("build", required=False) is not None:
+        s.str("build.date", min_len=0, required=False)
+        s.str("build.torch", min_len=0, required=False)
+        s.bool("build.random_weights", required=False)
+    files = s.obj("files")
+    if not 1 <= len(files) <= _MAX_FILES:
+        s.fail("files", f"an object of 1..{_MAX_FILES} file names and their sha256", files)
+    for name, digest in files.items():
+        check_file_name(name, "files entry", path)
+        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+            s.fail(f"files[{name!r}]", "a sha256 of 64 lowercase hex digits", digest)
+    s.obj("graphs")
+    for graph in _GRAPHS:
+        s.obj(f"graphs.{graph}")
+        s.get(f"graphs.{graph}.file")
+        graph_path(path.parent, manifest, graph)
+
+
+# ------------------------------------------------------------------------------------------------ #
+# write and load                                                                                     #
+# ------------------------------------------------------------------------------------------------ #
 
 
 def _canonical(manifest: dict) -> bytes:
@@ -43,40 +421,95 @@ def write_manifest(directory: str | Path, manifest: dict[str, Any]) -> Path:
     manifest = dict(manifest)
     manifest.setdefault("schema_version", SCHEMA_VERSION)
     manifest.setdefault("toolkit_version", __version__)
-    manifest["files"] = {name: sha256_file(directory / name) for name in sorted(manifest["files"])}
+    names = [check_file_name(name, "files entry", directory) for name in manifest["files"]]
+    manifest["files"] = {name: _sha256_regular(directory / name, "engine file") for name in sorted(names)}
     manifest[_SELF_KEY] = hashlib.sha256(_canonical(manifest)).hexdigest()
     tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     tmp.replace(directory / MANIFEST)
     return directory / MANIFEST
 
 
+class _NotFinite(ValueError):
+    pass
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotFinite(text)
+    return value
+
+
+def _refuse_constant(name: str):
+    raise _NotFinite(name)
+
+
+def _read_manifest(directory: Path) -> tuple[Path, Any]:
+    path = directory / MANIFEST
+    if not os.path.lexists(path):
+        raise EngineError(f"{directory} has no {MANIFEST}: it is not an engine directory (build one with `densepure-rt build`)")
+    with os.fdopen(_open_regular(path, "manifest"), "rb") as handle:
+        if os.fstat(handle.fileno()).st_size > MAX_MANIFEST_BYTES:
+            raise EngineError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB, so it is not a densepure-rt manifest: rebuild the engine")
+        data = handle.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise EngineError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB, so it is not a densepure-rt manifest: rebuild the engine")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise EngineError(f"{path} is not valid UTF-8 text, so it is not a densepure-rt manifest: rebuild the engine") from None
+    try:
+        manifest = json.loads(text, parse_float=_finite_float, parse_constant=_refuse_constant)
+    except _NotFinite as exc:
+        raise EngineError(f"{path} holds the non-finite number {str(exc)[:20]}, which a manifest never does: rebuild the engine") from None
+    except RecursionError:
+        raise EngineError(f"{path} is nested too deeply to be a densepure-rt manifest: rebuild the engine") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer with thousands of digits
+        raise EngineError(f"{path} is corrupt ({exc.__class__.__name__}: {str(exc).splitlines()[0][:80]}): rebuild the engine") from None
+    return path, manifest
+
+
 def load_manifest(directory: str | Path, verify_files: bool = True) -> dict[str, Any]:
-    """Read and verify ``directory/manifest.json``; raise :class:`EngineError` with one sentence."""
+    """Read and verify ``directory/manifest.json``; raise :class:`EngineError` with one sentence.
+
+    Checks, in order: the manifest is a regular file of at most 16 MiB of UTF-8 JSON, an object at
+    most 32 levels deep; its self-checksum; its schema version; the type and range of every field the
+    runtime and the CLI read; every name in ``files`` is a plain file name inside the directory; the
+    graphs are listed in ``files``. With ``verify_files``, also: every listed file is a regular file
+    (not a symlink) whose sha256 matches, and every external-data file a graph refers to is listed.
+    """
     directory = Path(directory)
     if not directory.is_dir():
         raise EngineError(f"engine directory {directory} does not exist: build one with `densepure-rt build`")
-    path = directory / MANIFEST
-    if not path.is_file():
-        raise EngineError(f"{directory} has no {MANIFEST}: it is not an engine directory (build one with `densepure-rt build`)")
-    try:
-        manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EngineError(f"{path} is corrupt ({exc.__class__.__name__}): rebuild the engine") from None
-    if not isinstance(manifest, dict) or _SELF_KEY not in manifest:
-        raise EngineError(f"{path} is not a densepure-rt manifest: rebuild the engine")
-    if hashlib.sha256(_canonical(manifest)).hexdigest() != manifest[_SELF_KEY]:
+    path, manifest = _read_manifest(directory)
+    if not isinstance(manifest, dict):
+        raise EngineError(f"{path} is not a JSON object, so it is not a densepure-rt manifest: rebuild the engine")
+    if _SELF_KEY not in manifest:
+        raise EngineError(f"{path} is not a densepure-rt manifest (it has no {_SELF_KEY}): rebuild the engine")
+    _check_depth(path, manifest)
+    if manifest[_SELF_KEY] != hashlib.sha256(_canonical(manifest)).hexdigest():
         raise EngineError(f"{path} was edited after the build (its checksum does not match): rebuild the engine")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
+    version = manifest.get("schema_version", _MISSING)
+    if type(version) is not int or version != SCHEMA_VERSION:
+        shown = "no schema_version" if version is _MISSING else f"schema_version {_show(version, 30)}"
         raise EngineError(
-            f"{path} has schema version {manifest.get('schema_version')} but this densepure-rt "
-            f"({__version__}) reads version {SCHEMA_VERSION}: rebuild the engine with this version"
+            f"{path} has {shown} but this densepure-rt ({__version__}) reads schema_version "
+            f"{SCHEMA_VERSION}: rebuild the engine with this version"
         )
+    _validate(path, manifest)
     if verify_files:
-        for name, digest in manifest.get("files", {}).items():
+        for name, digest in manifest["files"].items():
             file = directory / name
-            if not file.is_file():
-                raise EngineError(f"engine file {file} is missing: rebuild the engine")
-            if sha256_file(file) != digest:
+            if _sha256_regular(file, "engine file") != digest:
                 raise EngineError(f"engine file {file} has changed since the build (sha256 mismatch): rebuild the engine")
+        for graph in _GRAPHS:
+            name = manifest["graphs"][graph]["file"]
+            for location in _graph_external_data(directory / name):
+                check_file_name(location, f"the external data of graph {name}", directory)
+                if location not in manifest["files"]:
+                    raise EngineError(
+                        f"{directory}: graph {name} reads external data {location!r}, which files does not "
+                        "list with its sha256: rebuild the engine"
+                    )
     return manifest
