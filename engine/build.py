@@ -146,6 +146,20 @@ def _classifier_inputs(preset: Preset, batch: int):
     return make
 
 
+def _cost_gflop(preset: Preset, unet: nn.Module, classifier: nn.Module) -> dict:
+    """GFLOP of one UNet and one classifier evaluation of one sample, counted on the models
+    themselves (2 FLOPs per multiply-accumulate; DESIGN section 6's convention). The UNet is counted
+    on the meta device (instant even at 552M parameters), the classifier with one real forward."""
+    from densepure_rt.export.flops import count_gflop, count_gflop_meta
+    from densepure_rt.export.unet import create_model
+
+    c, s = preset.channels, preset.image_size
+    unet_gflop = count_gflop_meta(lambda: create_model(**preset.unet_kwargs), [(1, c, s, s), (1,)])
+    device = next(classifier.parameters()).device
+    classifier_gflop = count_gflop(classifier, torch.zeros(1, c, s, s, device=device))
+    return {"unet": float(f"{unet_gflop:.6g}"), "classifier": float(f"{classifier_gflop:.6g}")}
+
+
 def build_engine(
     out_dir: str | Path,
     preset: Preset,
@@ -189,6 +203,8 @@ def build_engine(
             log("validating both graphs against PyTorch on fresh random inputs...")
             validation["step"] = validate_graph(stage / sspec.file, step_parent, sspec, make_step)
             validation["classifier"] = validate_graph(stage / cspec.file, classifier, cspec, make_cls)
+        log("counting FLOPs per sample...")
+        cost_gflop = _cost_gflop(preset, unet, classifier)
         unet_params = sum(p.numel() for p in unet.parameters())
         manifest = {
             "preset": preset.name,
@@ -212,7 +228,7 @@ def build_engine(
             "validation": validation,
             "default_batch": options.batch,
             "default_data": preset.default_data,
-            "cost_gflop": {"unet": preset.unet_gflop, "classifier": preset.classifier_gflop},
+            "cost_gflop": cost_gflop,
             "build": {
                 "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "seconds": round(time.time() - t0, 1),

@@ -191,6 +191,7 @@ class PurifiedClassifier(nn.Module):
         self.mode = mode
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
+        self.channels = len(self.mean)  # one mean and std per image channel
         self.input_range = (lo, hi)
         self.pil_uint8 = bool(pil_uint8)
         self.output = output
@@ -244,7 +245,7 @@ class PurifiedClassifier(nn.Module):
         return {
             "num_classes": self.num_classes,
             "input": {
-                "shape": [3, self.image_size, self.image_size],
+                "shape": [self.channels, self.image_size, self.image_size],
                 "range": list(self.input_range),
                 "dtype": "float32",
             },
