@@ -195,8 +195,10 @@ def _posterior_table(alphas_cumprod: np.ndarray, betas: np.ndarray) -> dict[str,
         min_log = np.log(np.append(posterior_variance[1], posterior_variance[1:]))
     else:
         # A single step: the original takes posterior_variance[1] of a 1-long table, which does
-        # not exist; the value is never used because the last step adds no noise.
-        min_log = np.log(np.maximum(posterior_variance, np.finfo(np.float64).tiny))
+        # not exist. The value is never used because the last step adds no noise; log beta' keeps
+        # the log variance of any variance output moderate (log(0) = -inf, or log(tiny) = -708,
+        # would make exp(log var / 2) overflow for v > 1).
+        min_log = np.log(betas)
     return {
         "sqrt_recip_ab": np.sqrt(1.0 / alphas_cumprod),
         "sqrt_recipm1_ab": np.sqrt(1.0 / alphas_cumprod - 1.0),

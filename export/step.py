@@ -23,7 +23,7 @@ def posterior_update(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tens
 
     x0_hat = clip(sqrt(1/a') x - sqrt(1/a' - 1) eps, -1, 1); mean = coef1 x0_hat + coef2 x;
     log var = frac log beta' + (1 - frac) log beta_tilde' with frac = (v + 1) / 2;
-    x_{t-1} = mean + mask exp(log var / 2) z.
+    x_{t-1} = mean + mask exp(log var / 2) z (exactly mean where mask = 0).
     """
     channels = x.shape[1]
     eps, v = model_out[:, :channels], model_out[:, channels:]
@@ -31,7 +31,11 @@ def posterior_update(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tens
     mean = s[_IDX["coef1"]] * x0 + s[_IDX["coef2"]] * x
     frac = (v + 1) / 2
     log_var = frac * s[_IDX["max_log"]] + (1 - frac) * s[_IDX["min_log"]]
-    return mean + s[_IDX["noise_mask"]] * torch.exp(0.5 * log_var) * noise
+    # The last step adds no noise. The official code multiplies the noise term by 0 there, which
+    # gives NaN when exp(log var / 2) overflows (a variance output v far outside [-1, 1]); selecting
+    # instead keeps x_{t-1} = mean exactly, and is identical wherever the product is finite.
+    mask = s[_IDX["noise_mask"]]
+    return mean + torch.where(mask > 0, mask * torch.exp(0.5 * log_var) * noise, torch.zeros_like(mean))
 
 
 class DenoiseStep(nn.Module):

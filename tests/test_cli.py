@@ -1,9 +1,10 @@
-"""The ``densepure-rt`` command line end to end on the CPU, on one tiny random-weights engine.
+"""The ``densepure-rt`` command line end to end on the CPU, on the shipped digits engine.
 
-One engine is built per module (``build --model tiny --random-weights``: 3x16x16, 10 classes).
-Certify runs use ``--steps 1``: with the tiny model's random classifier, one reverse step is where
-the votes split between classes, so n_a varies from image to image (abstentions and certificates of
-several radii) and the row comparisons below compare real statistics, not constants.
+One engine is built per module (``build --model digits``: 1x16x16, 10 classes, trained weights) and
+certifies the first 8 digits of its test split at sigma 0.75 with b = 2 steps and K = 2 votes: the
+votes split there, so the rows hold abstentions and certificates with n_a < n and n_a = n, and the
+row comparisons below compare real statistics, not constants. (An earlier version used the
+random-weights ``tiny`` engine at b = 1, whose purified images turned out to be NaN.)
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from scipy import stats
 
 from conftest import BLOCK_TORCH
 from densepure_rt.cli import main
+from densepure_rt.data import DIGITS_TEST_ASSET
 
 HEADER6 = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
-SIGMA, N0, N, ALPHA, VOTES, STEPS = 1.0, 5, 20, 0.001, 2, 1
+SIGMA, N0, N, ALPHA, VOTES, STEPS = 0.75, 5, 20, 0.001, 2, 2
 NUM_IMAGES = 8
-LABELS = [2, 0, 2, 1, 2, 2, 3, 2]  # the tiny classifier mostly says 2: some rows correct, some not
 SMALL = [
     "--sigma", str(SIGMA), "--steps", str(STEPS), "--votes", str(VOTES),
     "--n0", str(N0), "--n", str(N), "--alpha", str(ALPHA), "--quiet",
@@ -99,7 +100,7 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def engine(work) -> Path:
     out = work / "eng"
-    result = invoke("build", "--model", "tiny", "--random-weights", "--out", out)
+    result = invoke("build", "--model", "digits", "--out", out)
     assert result.exit_code == 0, result.output
     assert "checks passed" in result.stdout
     assert (out / "manifest.json").is_file()
@@ -111,7 +112,8 @@ def engine(work) -> Path:
 def images(work) -> Path:
     rng = np.random.default_rng(1234)
     path = work / "images.npz"
-    np.savez(path, images=rng.random((NUM_IMAGES, 3, 16, 16), dtype=np.float32), labels=np.array(LABELS))
+    digits = np.load(DIGITS_TEST_ASSET)
+    np.savez(path, images=digits["images"][:NUM_IMAGES], labels=digits["labels"][:NUM_IMAGES])
     return path
 
 
@@ -141,7 +143,8 @@ def test_certify_writes_cohen_tsv_and_options_json(work, engine, images, referen
     header, rows = read_tsv(out)
     assert header[:6] == HEADER6.split("\t")
     assert [int(r["idx"]) for r in rows] == [0, 2, 4, 6]  # --skip 2 --max 7: one row per selected image
-    assert [int(r["label"]) for r in rows] == [LABELS[i] for i in (0, 2, 4, 6)]
+    labels = np.load(images)["labels"]
+    assert [int(r["label"]) for r in rows] == [int(labels[i]) for i in (0, 2, 4, 6)]
     for r in rows:
         assert int(r["correct"]) == int(int(r["predict"]) == int(r["label"]))
     # Which images are selected never changes an image's noise: these rows are the reference's.
@@ -210,11 +213,11 @@ def test_predict_and_info(work, engine, images):
     result = invoke("info", "--engine", engine)
     assert result.exit_code == 0, result.output
     assert "verified" in result.stdout
-    assert "tiny" in result.stdout and "3x16x16" in result.stdout and "classes 10" in result.stdout
+    assert "digits" in result.stdout and "1x16x16" in result.stdout and "classes 10" in result.stdout
     result = invoke("info", "--engine", engine, "--json")
     assert result.exit_code == 0, result.output
     manifest = json.loads(result.stdout)
-    assert manifest["preset"] == "tiny" and manifest["image_shape"] == [3, 16, 16]
+    assert manifest["preset"] == "digits" and manifest["image_shape"] == [1, 16, 16]
 
 
 # ------------------------------------------------------------------------------------------------ #
@@ -303,7 +306,7 @@ def test_existing_out_continues_with_same_settings_and_refuses_others(work, engi
     args = certify_args(engine, images, out, "--batch", "7", "--resume")
     args[args.index("--sigma") + 1] = "0.5"
     message = assert_cli_error(invoke(*args))
-    assert "sigma 1.0 -> 0.5" in message
+    assert "sigma 0.75 -> 0.5" in message
     assert (out.read_bytes(), Path(str(out) + ".json").read_bytes()) == before
 
     # The same settings without --resume: the run continues the file (here: nothing left to do),
@@ -358,8 +361,8 @@ def bad_inputs(work, engine) -> dict[str, Path]:
 
     rng = np.random.default_rng(0)
     labels = np.zeros(3, dtype=np.int64)
-    np.savez(bad / "size20.npz", images=rng.random((3, 3, 20, 20), dtype=np.float32), labels=labels)
-    nan = rng.random((3, 3, 16, 16), dtype=np.float32)
+    np.savez(bad / "size20.npz", images=rng.random((3, 1, 20, 20), dtype=np.float32), labels=labels)
+    nan = rng.random((3, 1, 16, 16), dtype=np.float32)
     nan[1, 0, 5, 5] = np.nan
     np.savez(bad / "nan.npz", images=nan, labels=labels)
     return {"edited": edited, "flipped": flipped, "size20": bad / "size20.npz", "nan": bad / "nan.npz"}
@@ -369,7 +372,7 @@ CERTIFY_BAD = {
     "missing engine dir": ({"--engine": "missing"}, "does not exist"),
     "edited manifest": ({"--engine": "edited"}, "edited"),
     "changed file hash": ({"--engine": "flipped"}, "sha256"),
-    "wrong image size": ({"--data": "size20"}, "3x20x20"),
+    "wrong image size": ({"--data": "size20"}, "1x20x20"),
     "NaN image": ({"--data": "nan"}, "NaN"),
     "sigma 0": ({"--sigma": "0"}, "--sigma must be > 0"),
     "sigma -1": ({"--sigma": "-1"}, "--sigma must be > 0"),
