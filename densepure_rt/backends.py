@@ -20,11 +20,12 @@ from typing import Sequence
 import numpy as np
 
 from .errors import EngineError
+from .manifest import graph_path
 from .noise import sample_noise
 from .schedule import ReverseSchedule
-from .vote import majority_vote
+from .vote import majority_vote, undecided, vote_waves
 
-__all__ = ["Backend", "OnnxRuntimeBackend", "open_backend"]
+__all__ = ["Backend", "OnnxRuntimeBackend", "open_backend", "check_finite", "check_labels"]
 
 
 class Backend(abc.ABC):
@@ -32,9 +33,18 @@ class Backend(abc.ABC):
 
     name: str = "abstract"
 
+    #: Work done so far: UNet (denoise-step) and classifier evaluations, one per row each.
+    unet_evals: int = 0
+    classifier_evals: int = 0
+
     @abc.abstractmethod
-    def prepare(self, rs: ReverseSchedule, votes: int, batch: int) -> None:
-        """Upload the per-step scalars of ``rs`` and size the buffers for ``batch`` samples x ``votes`` runs."""
+    def prepare(self, rs: ReverseSchedule, votes: int, batch: int, early_exit: bool = True) -> None:
+        """Upload the per-step scalars of ``rs`` and size the buffers for ``batch`` samples x ``votes`` runs.
+
+        ``early_exit``: run the K runs in waves (:func:`densepure_rt.vote.vote_waves`) and stop a
+        sample's runs once its vote is decided (:func:`densepure_rt.vote.undecided`). The voted
+        labels are identical to the full vote with the same noise; only the work differs.
+        """
 
     @abc.abstractmethod
     def voted_labels(self, image: np.ndarray, seed: int, image_index: int, phase: int, samples: Sequence[int]) -> np.ndarray:
@@ -80,20 +90,25 @@ class OnnxRuntimeBackend(Backend):
         if threads:
             options.intra_op_num_threads = int(threads)
         directory = Path(directory)
-        graphs = manifest["graphs"]
+        # Only plain file names listed (and, via load_manifest, checksummed) in manifest["files"].
+        step_file, cls_file = graph_path(directory, manifest, "step"), graph_path(directory, manifest, "classifier")
         try:
-            self._step = ort.InferenceSession(str(directory / graphs["step"]["file"]), options, providers=providers)
-            self._cls = ort.InferenceSession(str(directory / graphs["classifier"]["file"]), options, providers=providers)
+            self._step = ort.InferenceSession(str(step_file), options, providers=providers)
+            self._cls = ort.InferenceSession(str(cls_file), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise EngineError(f"onnxruntime could not load the engine in {directory}: {str(exc).splitlines()[0][:200]}") from None
         self.version = ort.__version__
         self.device = device
         self.image_shape = tuple(manifest["image_shape"])
+        self.num_classes = int(manifest["num_classes"])
         self._rs: ReverseSchedule | None = None
 
-    def prepare(self, rs: ReverseSchedule, votes: int, batch: int) -> None:
+    def prepare(self, rs: ReverseSchedule, votes: int, batch: int, early_exit: bool = True) -> None:
+        if not np.all(np.isfinite(rs.scalars)):
+            raise EngineError(f"the reverse schedule for sigma {rs.sigma}, steps {rs.steps} is not finite: choose fewer steps")
         self._rs = rs
         self._votes = int(votes)
+        self._waves = vote_waves(votes) if early_exit else (int(votes),)
         self._scalars = [np.ascontiguousarray(row, dtype=np.float32) for row in rs.scalars]
         self._scale = np.float32(rs.input_scale)
 
@@ -108,19 +123,64 @@ class OnnxRuntimeBackend(Backend):
         return x
 
     def classify(self, images: np.ndarray) -> np.ndarray:
-        return self._cls.run(["labels"], {"image": np.ascontiguousarray(images, dtype=np.float32)})[0].astype(np.int64)
+        labels = self._cls.run(["labels"], {"image": np.ascontiguousarray(images, dtype=np.float32)})[0]
+        return check_labels(labels, len(images), self.num_classes)
 
     def voted_labels(self, image: np.ndarray, seed: int, image_index: int, phase: int, samples: Sequence[int]) -> np.ndarray:
         assert self._rs is not None, "call prepare() first"
-        rs, votes = self._rs, self._votes
+        rs, votes, n = self._rs, self._votes, len(samples)
         delta, z = sample_noise(seed, image_index, phase, samples, votes, rs.num_calls, self.image_shape, rs.sigma)
-        # x_{t*} = (2 (x + delta) - 1) / sqrt(1 + 4 sigma^2), the K runs of a sample adjacent.
-        x_t = np.repeat(self._scale * (2 * (image[None] + delta) - 1), votes, axis=0)
-        labels = self.classify(self.purify(x_t, z))
-        return majority_vote(labels.reshape(len(samples), votes))
+        # x_{t*} = (2 (x + delta) - 1) / sqrt(1 + 4 sigma^2); row b*K + k of z is run k of sample b.
+        start = self._scale * (2 * (image[None] + delta) - 1)
+        labels = np.empty((n, votes), dtype=np.int64)
+        voted = np.empty(n, dtype=np.int64)
+        active, done = np.arange(n), 0
+        for wave in self._waves:  # one wave of K runs, or ceil(K/2) runs then one run per wave
+            runs = np.arange(done, done + wave)
+            rows = (active[:, None] * votes + runs[None, :]).reshape(-1)
+            purified = self.purify(np.repeat(start[active], wave, axis=0), z[:, rows])
+            check_finite(purified)
+            labels[active[:, None], runs[None, :]] = self.classify(purified).reshape(len(active), wave)
+            self.unet_evals += len(rows) * rs.num_calls
+            self.classifier_evals += len(rows)
+            done += wave
+            still = undecided(labels[active, :done], votes)
+            finished = active[~still]
+            voted[finished] = majority_vote(labels[finished, :done])
+            active = active[still]
+            if active.size == 0:
+                break
+        return voted
 
     def close(self) -> None:
         self._step = self._cls = None  # type: ignore[assignment]
+
+
+def check_labels(labels: np.ndarray, expected: int, num_classes: int) -> np.ndarray:
+    """The classifier's labels as int64, or an :class:`EngineError` if they are not one integer in
+    [0, num_classes) per image: a dropped or out-of-range label would shrink n and inflate the bound."""
+    labels = np.asarray(labels)
+    if labels.shape != (expected,) or labels.dtype.kind not in "iu":
+        raise EngineError(
+            f"the classifier returned labels of shape {labels.shape} and dtype {labels.dtype} for {expected} images: rebuild the engine"
+        )
+    if expected and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        raise EngineError(
+            f"the classifier returned label {int(bad[0])}, outside the engine's {num_classes} classes: "
+            "the engine's classifier does not match its manifest; rebuild the engine"
+        )
+    return labels.astype(np.int64, copy=False)
+
+
+def check_finite(purified: np.ndarray) -> None:
+    """Refuse to classify a non-finite purified image: the classifier would answer some class
+    (argmax of NaN logits) and CERTIFY would certify it. Such an image comes from a broken engine."""
+    if not np.all(np.isfinite(purified)):
+        raise EngineError(
+            "the denoise step produced non-finite values (NaN or inf) in the purified images: the engine is "
+            "broken or was built for other inputs; rebuild it (densepure-rt build --force)"
+        )
 
 
 def open_backend(name: str, directory: str | Path, manifest: dict, device: str = "cpu", threads: int | None = None) -> Backend:

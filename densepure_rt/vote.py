@@ -29,6 +29,60 @@ def majority_vote(labels: np.ndarray) -> np.ndarray:
     return labels[np.arange(labels.shape[0]), winner_run]
 
 
+def vote_waves(votes: int) -> tuple[int, ...]:
+    """How many of the K runs to run in each wave when undecided samples exit early.
+
+    The first wave is ceil(K/2) runs: no fewer can decide a vote (a leader with c votes of j can be
+    overtaken while the K - j runs left could give another class more than c). Then one run per wave,
+    so that a sample stops at the first run after which its vote is decided. Every wave has a fixed
+    number of runs, so a GPU path can capture each wave's shape once.
+    """
+    if isinstance(votes, bool) or not isinstance(votes, (int, np.integer)) or votes < 1:
+        raise ValueError(f"votes must be an integer >= 1 (got {votes!r})")
+    first = (int(votes) + 1) // 2
+    return (first,) + (1,) * (int(votes) - first)
+
+
+def undecided(labels: np.ndarray, votes: int) -> np.ndarray:
+    """Which rows' voted label could still change if the remaining runs were run.
+
+    labels: [num_samples x j] int, the labels of the first j runs of each noisy sample, in run
+    order (1 <= j <= votes). votes: K, the total number of runs of the vote.
+    Returns [num_samples] bool: True where some outcome of the K - j remaining runs would make
+    :func:`majority_vote` of all K runs differ from :func:`majority_vote` of the j runs so far.
+
+    Exact under the official tie rule. With r = K - j runs left, the current leader L (count c_L,
+    first vote at run f_L) keeps the vote unless some other class c could reach c_c + r > c_L, or
+    c_c + r == c_L with an earlier first vote f_c < f_L (the remaining runs only ever add to one
+    class's count, and the worst case gives them all to the strongest challenger). A class not seen
+    yet would have its first vote at run >= j > f_L, so it can only win with r > c_L.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.shape[1] == 0:
+        raise ValueError(f"labels must be [num_samples x j] with j >= 1 (got shape {labels.shape})")
+    done = labels.shape[1]
+    if not done <= votes:
+        raise ValueError(f"labels hold {done} runs but the vote has only {votes}")
+    remaining = int(votes) - done
+    if remaining == 0:
+        return np.zeros(labels.shape[0], dtype=bool)
+    rows = np.arange(labels.shape[0])
+    counts = np.empty(labels.shape, dtype=np.int64)
+    first = np.empty(labels.shape, dtype=bool)  # run j is its label's first vote in the row
+    for j in range(done):
+        same = labels == labels[:, j : j + 1]
+        counts[:, j] = same.sum(axis=1)
+        first[:, j] = ~same[:, :j].any(axis=1)
+    lead_run = np.argmax(counts, axis=1)  # first run of the leader (as majority_vote picks it)
+    lead_count = counts[rows, lead_run]
+    lead_label = labels[rows, lead_run]
+    runs = np.arange(done)[None, :]
+    challenger = first & (labels != lead_label[:, None])
+    reach = counts + remaining
+    overtakes = challenger & ((reach > lead_count[:, None]) | ((reach == lead_count[:, None]) & (runs < lead_run[:, None])))
+    return overtakes.any(axis=1) | (remaining > lead_count)
+
+
 def count_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
     """Per-class counts of a 1-D array of labels.
 

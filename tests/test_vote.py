@@ -61,3 +61,48 @@ def test_count_labels_counts_every_class_with_minlength():
 def test_count_labels_rejects_out_of_range_or_malformed_labels(labels):
     with pytest.raises(ValueError):
         count_labels(labels, num_classes=10)
+
+
+def _could_change(row: list[int], votes: int, classes: int) -> bool:
+    """Brute force: does any completion of the remaining runs change the official vote?"""
+    import itertools
+
+    now = _official_vote(row)
+    for tail in itertools.product(range(classes), repeat=votes - len(row)):
+        if _official_vote(row + list(tail)) != now:
+            return True
+    return False
+
+
+@pytest.mark.parametrize("votes", [1, 2, 3, 4, 5, 6])
+def test_undecided_is_exact_against_every_completion_of_the_remaining_runs(votes):
+    from densepure_rt.vote import undecided
+
+    rng = np.random.default_rng(votes)
+    classes = 4  # one more class than most prefixes show: unseen classes are covered
+    for j in range(1, votes + 1):
+        prefixes = rng.integers(0, 3, size=(300, j))
+        expected = np.array([_could_change(row.tolist(), votes, classes) for row in prefixes])
+        np.testing.assert_array_equal(undecided(prefixes, votes), expected)
+
+
+@pytest.mark.parametrize("votes", [1, 2, 3, 5, 10])
+def test_waves_with_early_exit_give_the_full_vote(votes):
+    from densepure_rt.vote import undecided, vote_waves
+
+    waves = vote_waves(votes)
+    assert sum(waves) == votes and waves[0] == (votes + 1) // 2
+    rng = np.random.default_rng(10 + votes)
+    full = rng.integers(0, 3, size=(5000, votes))
+    voted = np.full(len(full), -1)
+    active, done, runs_used = np.arange(len(full)), 0, 0
+    for wave in waves:
+        done += wave
+        runs_used += wave * len(active)
+        still = undecided(full[active, :done], votes)
+        finished = active[~still]
+        voted[finished] = majority_vote(full[finished, :done]) if finished.size else voted[finished]
+        active = active[still]
+    assert active.size == 0
+    np.testing.assert_array_equal(voted, [_official_vote(row) for row in full.tolist()])
+    assert runs_used < full.size or votes <= 2
