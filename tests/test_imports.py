@@ -11,6 +11,7 @@ RUNTIME_MODULES = [
     "densepure_rt",
     "densepure_rt.schedule",
     "densepure_rt.certify",
+    "densepure_rt.sequential",
     "densepure_rt.vote",
     "densepure_rt.noise",
     "densepure_rt.presets",

@@ -1,0 +1,612 @@
+"""densepure_rt.sequential: beta-mixture confidence sequence, decisions, sequential procedures.
+
+The maths is checked against formulas written here independently (scipy's beta-binomial law, closed
+forms, brute-force grids, a linear scan); validity by Monte-Carlo over synthetic Bernoulli streams
+monitored after every round of 32 up to n_max = 10,000, and by the exact crossing probability
+(dynamic programming over the law of S_t). ``pytest -s`` prints the rates and the sample-size table.
+
+How many streams: with k false certificates among N streams the one-sided 95% Clopper-Pearson upper
+bound must be <= alpha. Even at k = 0 that needs N >= ln(20) / alpha (2,995 at alpha = 0.001); the
+exact false-certificate probabilities at p_a = p0 are 0.03-0.6 alpha here (the dynamic programme
+below), so N is chosen so that the bound clears alpha by several standard deviations of k: at
+least 4,000 / 10,000 / 20,000 streams for alpha = 0.05 / 0.01 / 0.001 (tests that share streams
+across alphas use 20,000 for all), and 60,000 where the exact rate at alpha = 0.001 is about
+0.45 alpha (R = 2 sigma, p0 = 0.977; p_a = 0.99 in the early-stopping test). At 20,000 streams the
+bound passes for k <= 12 false certificates, at 60,000 for k <= 47.
+"""
+
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from scipy import special, stats
+from statsmodels.stats.proportion import proportion_confint
+
+from densepure_rt.sequential import (
+    CERTIFIED,
+    DEFAULT_PRIOR,
+    FUTILE,
+    UNDECIDED,
+    BetaMixture,
+    EarlyStopRadius,
+    EarlyStopResult,
+    TargetRadiiResult,
+    TargetRadiiTest,
+    confidence_sequence,
+    decide,
+    fixed_n_samples_to_certify,
+    log_mixture,
+)
+
+from conftest import BLOCK_TORCH
+
+ROUND = 32
+N_MAX = 10_000
+SIZES = np.array([ROUND] * (N_MAX // ROUND) + [N_MAX % ROUND])  # 312 rounds of 32, then 16
+TRIALS = np.cumsum(SIZES)
+ALPHAS = (0.05, 0.01, 0.001)
+STREAMS = {0.05: 4_000, 0.01: 10_000, 0.001: 20_000}
+PRIORS = {
+    "Beta(1,1)": BetaMixture.single(1, 1),
+    "KT": BetaMixture.single(0.5, 0.5),
+    "default": DEFAULT_PRIOR,
+    "mix": BetaMixture(weights=(0.3, 0.7), a=(2.0, 40.0), b=(3.0, 0.5)),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Independent helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _direct_log_m(s, t, p, prior):
+    """log M_t(p) for 0 <= p <= 1, from scipy's beta-binomial law: B(a + S, b + t - S) / B(a, b) =
+    betabinom.pmf(S; t, a, b) / C(t, S)."""
+    s, t = np.broadcast_arrays(np.asarray(s, float), np.asarray(t, float))
+    log_choose = special.gammaln(t + 1) - special.gammaln(s + 1) - special.gammaln(t - s + 1)
+    parts = [
+        math.log(w) + stats.betabinom.logpmf(s, t, a, b) - log_choose
+        for w, a, b in zip(prior.weights, prior.a, prior.b)
+    ]
+    marginal = np.logaddexp.reduce(np.stack(parts), axis=0)
+    return marginal - special.xlogy(s, p) - special.xlog1py(t - s, -p)
+
+
+def _cum_successes(rng, p, n_streams, sizes=SIZES):
+    """Cumulative successes [n_streams, rounds] of i.i.d. Bernoulli(p) trials in rounds of ``sizes``.
+
+    Each round's count is an exact Binomial(m, p) draw by inversion of its CDF (uniform u ->
+    #{j : F(j) <= u}), several times faster than ``rng.binomial`` for these sizes.
+    """
+    out = np.empty((n_streams, sizes.size), dtype=np.int64)
+    for m in np.unique(sizes):
+        cols = np.flatnonzero(sizes == m)
+        cdf = stats.binom.cdf(np.arange(m), m, p)
+        out[:, cols] = np.searchsorted(cdf, rng.random((n_streams, cols.size)), side="right")
+    return np.cumsum(out, axis=1)
+
+
+def _observed_grid(s, trials):
+    """Every (S, t) pair in the range of S seen in each round of [N, K] ``s``, and where each entry
+    of ``s`` sits in that list: (grid_s, grid_t, index [N, K])."""
+    lo = s.min(axis=0)
+    width = s.max(axis=0) - lo + 1
+    start = np.concatenate(([0], np.cumsum(width)[:-1]))
+    k = np.repeat(np.arange(s.shape[1]), width)
+    return lo[k] + np.arange(width.sum()) - start[k], trials[k], start + (s - lo)
+
+
+def _at_observed(s, trials, fn):
+    """fn(s_values, t_values), evaluated once per observed (round, S) pair, gathered to [N, K]."""
+    grid_s, grid_t, index = _observed_grid(s, trials)
+    return fn(grid_s, grid_t)[index]
+
+
+def _cp_upper95(k, n):
+    """One-sided 95% Clopper-Pearson upper bound of a binomial rate (statsmodels, two-sided 90%)."""
+    return float(proportion_confint(k, n, alpha=0.10, method="beta")[1])
+
+
+def _exact_false_certificate(p, p0, alpha, sizes=SIZES):
+    """P_p(decide(S_t, t, p0) = +1 at some round end), by dynamic programming over the law of S_t.
+
+    Certified paths are absorbed; all others (futile included) keep being monitored.
+    """
+    dist, lo, t, crossed = np.array([1.0]), 0, 0, 0.0
+    for m in sizes:
+        dist = np.convolve(dist, stats.binom.pmf(np.arange(m + 1), m, p))
+        t += int(m)
+        cert = decide(lo + np.arange(dist.size), t, p0, alpha) == CERTIFIED
+        crossed += dist[cert].sum()
+        dist[cert] = 0.0
+        keep = np.flatnonzero(dist > 1e-300)
+        dist, lo = dist[keep[0] : keep[-1] + 1], lo + keep[0]
+    return crossed
+
+
+def _report(line):
+    print(line)  # shown by pytest -s
+
+
+# --------------------------------------------------------------------------------------------
+# The mixture martingale and the confidence sequence against independent computations
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(PRIORS))
+def test_log_mixture_matches_beta_binomial_formula(name):
+    prior = PRIORS[name]
+    rng = np.random.default_rng(7)
+    t = np.round(np.exp(rng.uniform(0, np.log(100_000), 3000))).astype(np.int64)
+    s = rng.integers(0, t + 1)
+    s[:300], s[300:600] = 0, t[300:600]
+    p = rng.uniform(1e-6, 1 - 1e-6, t.size)
+    p[600:900] = np.clip(s[600:900] / t[600:900], 1e-9, 1 - 1e-9)
+    got = log_mixture(s, t, p, prior)
+    want = _direct_log_m(s, t, p, prior)
+    assert np.allclose(got, want, rtol=1e-10, atol=1e-8)
+    # M_t(p_hat) <= 1: the mixture of likelihoods never beats the maximum likelihood.
+    assert (got[600:900] <= 1e-9).all()
+
+
+def test_log_mixture_edges_and_t_zero():
+    prior = DEFAULT_PRIOR
+    assert log_mixture(0, 0, 0.3, prior) == pytest.approx(0.0, abs=1e-14)
+    assert np.isposinf(log_mixture(3, 10, 0.0, prior)) and np.isposinf(log_mixture(3, 10, 1.0, prior))
+    # p = 1 with S = t: only the prior part remains, log sum_k w_k a_k / (a_k + t) for Beta(a_k, 1).
+    want = math.log(sum(w * a / (a + 10) for w, a in zip(prior.weights, prior.a)))
+    assert log_mixture(10, 10, 1.0, prior) == pytest.approx(want, abs=1e-9)  # betaln at a = 65536
+    assert log_mixture(0, 10, 0.0, BetaMixture.single(1, 1)) == pytest.approx(-math.log(11), abs=1e-12)
+
+
+@pytest.mark.parametrize("name", list(PRIORS))
+@pytest.mark.parametrize("t", [1, 7, 50, 400])
+def test_mixture_martingale_has_mean_one_under_every_p(name, t):
+    # E_p[M_t(p)] = sum_S binom(S; t, p) M_t(p) = 1 for every p: the heart of Ville's inequality.
+    s = np.arange(t + 1)
+    for p in (0.03, 0.5, 0.9, 0.999):
+        log_terms = stats.binom.logpmf(s, t, p) + log_mixture(s, t, p, PRIORS[name])
+        assert special.logsumexp(log_terms) == pytest.approx(0.0, abs=1e-9)
+
+
+CS_CASES = [(0, 1), (1, 1), (0, 32), (32, 32), (31, 32), (5, 10), (0, 10_000), (10_000, 10_000),
+            (9_990, 10_000), (1, 100_000), (50_000, 100_000), (99_999, 100_000), (100_000, 100_000)]
+
+
+@pytest.mark.parametrize("name", list(PRIORS))
+@pytest.mark.parametrize("alpha", [0.05, 0.001])
+def test_confidence_sequence_brackets_a_brute_force_grid(name, alpha):
+    prior = PRIORS[name]
+    c = math.log(1 / alpha)
+    p = special.expit(np.linspace(-40, 40, 400_001))  # fine in logit: resolves bounds near 0 and 1
+    for s, t in CS_CASES:
+        lower, upper = confidence_sequence(s, t, alpha, prior)
+        inside = _direct_log_m(s, t, p, prior) < c
+        assert inside.any()
+        first, last = np.flatnonzero(inside)[[0, -1]]
+        # it is an interval: every grid point between the first and last inside point is inside
+        assert inside[first : last + 1].all()
+        p_hat = s / t
+        if s == 0:
+            assert lower == 0.0 and first == 0
+        else:
+            assert p[first - 1] <= lower * (1 + 1e-12) and lower <= p[first]
+            # on the boundary: outside (conservative) and a hair further in is inside (tight)
+            assert _direct_log_m(s, t, lower, prior) >= c * (1 - 1e-10)
+            assert _direct_log_m(s, t, lower + 1e-7 * (p_hat - lower), prior) < c
+        if s == t:
+            assert upper == 1.0 and last == p.size - 1
+        else:
+            assert p[last] <= upper and upper * (1 - 1e-12) <= p[last + 1]
+            assert _direct_log_m(s, t, upper, prior) >= c * (1 - 1e-10)
+            assert _direct_log_m(s, t, upper - 1e-7 * (upper - p_hat), prior) < c
+
+
+@pytest.mark.parametrize("t", [1, 2, 32, 1000, 100_000])
+@pytest.mark.parametrize("alpha", [0.05, 0.001])
+def test_confidence_sequence_closed_forms_when_all_votes_agree(t, alpha):
+    # Beta(1, 1), S = t: M_t(p) = 1 / ((t + 1) p^t) -> L = (alpha / (t + 1))^(1/t); S = 0 mirrors it.
+    uniform = BetaMixture.single(1, 1)
+    root = (alpha / (t + 1)) ** (1 / t)
+    assert confidence_sequence(t, t, alpha, uniform) == (pytest.approx(root, rel=1e-13), 1.0)
+    assert confidence_sequence(0, t, alpha, uniform) == (0.0, pytest.approx(1 - root, rel=1e-9, abs=1e-15))
+    # The default prior, S = t: M_t(p) = sum_k w_k a_k / (a_k + t) / p^t.
+    mass = sum(w * a / (a + t) for w, a in zip(DEFAULT_PRIOR.weights, DEFAULT_PRIOR.a))
+    # (betaln at a = 65536 carries ~1e-11 absolute error, hence the looser tolerance)
+    assert confidence_sequence(t, t, alpha)[0] == pytest.approx((alpha * mass) ** (1 / t), rel=1e-9)
+
+
+def test_confidence_sequence_vectorised_equals_scalar_and_is_nested_in_alpha():
+    rng = np.random.default_rng(3)
+    t = rng.integers(0, 5000, 200)
+    s = rng.integers(0, t + 1)
+    lo, up = confidence_sequence(s, t, 0.01)
+    assert isinstance(confidence_sequence(3, 10, 0.01)[0], float)
+    for i in range(0, 200, 13):
+        assert (lo[i], up[i]) == confidence_sequence(int(s[i]), int(t[i]), 0.01)
+    assert ((t > 0) | ((lo == 0) & (up == 1))).all()
+    lo2, up2 = confidence_sequence(s, t, 0.001)
+    assert (lo2 <= lo).all() and (up2 >= up).all() and (lo <= s / np.maximum(t, 1)).all()
+
+
+def test_confidence_sequence_matches_clopper_pearson_order_of_magnitude():
+    # Price of anytime validity at fixed n: the CS bound is below Clopper-Pearson's, but not by much.
+    for n_a, n in ((900, 1000), (9900, 10_000), (100_000, 100_000)):
+        cp = proportion_confint(n_a, n, alpha=0.002, method="beta")[0]
+        lo = confidence_sequence(n_a, n, 0.001)[0]
+        assert lo < cp and stats.norm.ppf(cp) - stats.norm.ppf(lo) < 0.2
+
+
+@pytest.mark.parametrize("name", ["Beta(1,1)", "default", "mix"])
+def test_decide_matches_the_direct_inequality(name):
+    prior = PRIORS[name]
+    rng = np.random.default_rng(11)
+    t = rng.integers(1, 20_000, 5000)
+    s = np.minimum(t, np.round(t * rng.uniform(0.3, 1.05, t.size)).astype(np.int64))
+    p0 = rng.uniform(0.01, 0.99, t.size)
+    p0[:500] = stats.norm.cdf(rng.choice([0.0, 0.25, 0.5, 1.0, 1.5, 2.0], 500))
+    for alpha in ALPHAS:
+        got = decide(s, t, p0, alpha, prior)
+        rejected = _direct_log_m(s, t, p0, prior) >= math.log(1 / alpha)
+        want = np.where(rejected & (s / t > p0), 1, np.where(rejected & (s / t < p0), -1, 0))
+        assert got.dtype == np.int8 and (got == want).all()
+        assert {-1, 0, 1} <= set(got.tolist())
+        # the same decision read off the confidence sequence's bounds (away from the boundary)
+        lo, up = confidence_sequence(s, t, alpha, prior)
+        clear = (np.abs(p0 - lo) > 1e-9) & (np.abs(p0 - up) > 1e-9)
+        assert (got[clear] == np.where(p0 < lo, 1, np.where(p0 > up, -1, 0))[clear]).all()
+
+
+def test_decide_is_monotone_in_successes_and_thresholds():
+    p0 = stats.norm.cdf(np.array([0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 3.0]))
+    for t in (32, 320, 3200):
+        d = decide(np.arange(t + 1)[:, None], t, p0[None, :], 0.001)
+        assert (np.diff(d.astype(int), axis=0) >= 0).all()  # more successes never hurt
+        assert (np.diff(d.astype(int), axis=1) <= 0).all()  # a larger radius is never easier
+    # broadcasting and edge thresholds
+    assert decide(np.array([[0], [32]]), 32, [0.0, 1.0], 0.05).tolist() == [[0, -1], [1, 0]]
+
+
+def test_fixed_n_samples_to_certify_matches_a_linear_scan():
+    for alpha in (0.05, 0.001):
+        for r in (0.25, 0.5, 1.0, 2.0):
+            p0 = stats.norm.cdf(r)
+            assert fixed_n_samples_to_certify(p0, alpha) == math.ceil(math.log(alpha) / math.log(p0) - 1e-12)
+            for p_a in (0.99, 0.999):
+                if p_a <= p0:
+                    continue
+                n = 1
+                while stats.beta.ppf(alpha, p_a * n, n - p_a * n + 1) < p0:
+                    n += 1
+                assert fixed_n_samples_to_certify(p0, alpha, p_a) == n
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: confidence_sequence(5, 4, 0.05),
+        lambda: confidence_sequence(-1, 4, 0.05),
+        lambda: confidence_sequence(1.0, 4, 0.05),
+        lambda: confidence_sequence(1, 4, 0.0),
+        lambda: confidence_sequence(1, 4, 1.0),
+        lambda: confidence_sequence(1, 4, 0.05, prior=(1, 1)),
+        lambda: decide(1, 4, 1.5, 0.05),
+        lambda: decide(1, 4, float("nan"), 0.05),
+        lambda: decide([1, 2], [4, 5, 6], 0.5, 0.05),
+        lambda: log_mixture(1, 4, -0.1),
+        lambda: BetaMixture(weights=(0.5, 0.4), a=(1, 2), b=(1, 1)),
+        lambda: BetaMixture(weights=(1.0,), a=(0.0,), b=(1.0,)),
+        lambda: BetaMixture(weights=(1.0,), a=(1.0, 2.0), b=(1.0,)),
+        lambda: fixed_n_samples_to_certify(0.9, 0.001, 0.85),
+        lambda: fixed_n_samples_to_certify(1.0, 0.001),
+        lambda: TargetRadiiTest(0.0, [0.5], 0.001, 100),
+        lambda: TargetRadiiTest(0.5, [], 0.001, 100),
+        lambda: TargetRadiiTest(0.5, [-0.1], 0.001, 100),
+        lambda: TargetRadiiTest(0.5, [0.5], 0.001, 0),
+        lambda: EarlyStopRadius(0.5, 0.001, 100, -0.1),
+        lambda: EarlyStopRadius(0.5, 2.0, 100, 0.1),
+    ],
+)
+def test_bad_arguments_raise_value_error(call):
+    with pytest.raises(ValueError):
+        call()
+
+
+def test_module_never_imports_torch():
+    code = BLOCK_TORCH + (
+        "import densepure_rt.sequential as s\n"
+        "assert 'torch' not in sys.modules\n"
+        "print(s.confidence_sequence(9, 10, 0.05))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("(")
+
+
+# --------------------------------------------------------------------------------------------
+# The resumable procedures
+# --------------------------------------------------------------------------------------------
+
+
+def test_target_radii_test_certifies_a_clear_input_and_reports_per_target():
+    sigma = 0.5
+    test = TargetRadiiTest(sigma, [1.0, 0.0, 0.25, 0.5, 1.5], alpha=0.001, n_max=10_000)
+    rounds = 0
+    while not test.done:
+        test.update(ROUND, ROUND)  # p_a = 1: every estimation sample votes c_a
+        rounds += 1
+    res = test.result()
+    assert isinstance(res, TargetRadiiResult)
+    assert res.certified and res.radius == 1.5 and res.decisions == (1, 1, 1, 1, 1)
+    assert res.n == res.n_a == ROUND * rounds == max(res.decided_at) == res.decided_at[4]
+    # R = 1.5 = 3 sigma needs (p_a = 1) the first t with M_t(Phi(3)) = sum_k w_k a_k / (a_k + t) /
+    # Phi(3)^t >= 1 / alpha (closed form of the default prior at S = t)
+    p0 = stats.norm.cdf(3.0)
+    t = np.arange(ROUND, 10_001, ROUND)
+    mass = sum(w * a / (a + t) for w, a in zip(DEFAULT_PRIOR.weights, DEFAULT_PRIOR.a))
+    assert res.decided_at[4] == t[np.argmax(np.log(mass) - t * np.log(p0) >= np.log(1000))] > 1000
+    assert res.decided_at[1] == res.decided_at[2] == ROUND  # R = 0 and 0.5 sigma: one round
+    with pytest.raises(ValueError):
+        test.update(1, 1)
+
+
+def test_target_radii_test_abstains_at_budget_and_marks_futility():
+    test = TargetRadiiTest(1.0, [0.0, 1.0], alpha=0.01, n_max=100)
+    test.update(16, 32)
+    assert test.done is False and test.remaining == 68
+    with pytest.raises(ValueError):
+        test.update(40, 69)  # over the budget
+    with pytest.raises(ValueError):
+        test.update(5, 4)
+    test.update(34, 68)
+    res = test.result()
+    # 50 / 100: the R = 1 target (p0 = 0.84) is futile, R = 0 (p0 = 0.5) undecided at the budget.
+    # Futile already after the first round iff log M_32(p0) >= log(1 / alpha) at 16 / 32 (p0 > 1/2).
+    p0 = stats.norm.cdf(1.0)
+    futile_at = 32 if _direct_log_m(16, 32, p0, DEFAULT_PRIOR) >= math.log(100) else 100
+    assert test.done
+    assert res == TargetRadiiResult(0.0, False, (UNDECIDED, FUTILE), (0, futile_at), 50, 100)
+
+
+def test_early_stop_radius_reasons_and_result():
+    rng = np.random.default_rng(5)
+
+    def run(p_a, tol, n_max=10_000, sigma=0.5):
+        es = EarlyStopRadius(sigma, 0.001, n_max, tol)
+        while not es.done:
+            m = min(ROUND, es.remaining)
+            es.update(int(rng.binomial(m, p_a)), m)
+        return es.result()
+
+    assert run(0.2, 0.01).reason == "futile"
+    res = run(1.0, 0.05)  # at p_a = 1 each doubling gains > 0.05: runs to the budget
+    assert res.reason == "budget" and res.n == 10_000 and res.certified
+    # S = t = 10,000: L = (alpha sum_k w_k a_k / (a_k + t))^(1/t) for the default prior's Beta(a_k, 1)
+    mass = sum(w * a / (a + 10_000) for w, a in zip(DEFAULT_PRIOR.weights, DEFAULT_PRIOR.a))
+    assert res.radius == pytest.approx(0.5 * stats.norm.ppf((0.001 * mass) ** (1 / 10_000)), rel=1e-6)
+    res = run(0.9, 0.05)
+    assert res.reason == "stalled" and res.certified and 0 < res.radius < 0.5 * stats.norm.ppf(0.9)
+    res = run(0.6, 0.0, n_max=320)
+    assert res.reason == "budget" and isinstance(res, EarlyStopResult)
+    res = run(0.55, 1.0)  # the best reachable radius is within tol: "precise"
+    assert res.reason == "precise" and res.p_a_upper < stats.norm.cdf(2.0)
+    with pytest.raises(ValueError):
+        EarlyStopRadius(0.5, 0.001, 64, 0.1).update(33, 32)
+
+
+# --------------------------------------------------------------------------------------------
+# Validity: Monte-Carlo and exact crossing probabilities
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("r_over_sigma, n_streams", [(0.0, 20_000), (0.5, 20_000), (1.0, 20_000), (2.0, 60_000)])
+def test_false_certificate_rate_at_the_threshold(r_over_sigma, n_streams):
+    # p_a exactly Phi(R / sigma), the hardest case: a certificate of R at any round is false.
+    p0 = float(stats.norm.cdf(r_over_sigma))
+    rng = np.random.default_rng(int(1000 * r_over_sigma) + 17)
+    false = {alpha: 0 for alpha in ALPHAS}
+    done = 0
+    while done < n_streams:
+        chunk = min(20_000, n_streams - done)
+        s = _cum_successes(rng, p0, chunk)
+        for alpha in ALPHAS:
+            d = _at_observed(s, TRIALS, lambda ss, tt: decide(ss, tt, p0, alpha))
+            false[alpha] += int((d == CERTIFIED).any(axis=1).sum())
+        done += chunk
+    n = n_streams  # every alpha uses all streams (at least STREAMS[alpha])
+    for alpha in ALPHAS:
+        k = false[alpha]
+        exact = _exact_false_certificate(p0, p0, alpha)
+        upper = _cp_upper95(k, n)
+        _report(
+            f"single target R={r_over_sigma} sigma, p_a=p0={p0:.4f}, alpha={alpha}: {k}/{n} false "
+            f"= {k / n:.2e} (95% CP upper {upper:.2e}); exact {exact:.2e} = {exact / alpha:.3f} alpha"
+        )
+        assert upper <= alpha
+        assert exact <= alpha
+        # the Monte-Carlo agrees with the exact probability (a check of both)
+        assert abs(k - n * exact) <= 5 * math.sqrt(n * exact) + 3
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_false_certificate_rate_with_several_targets(alpha):
+    # p_a = Phi(1): targets R >= sigma are false, R < sigma true. False if ANY false target is
+    # certified at any round. The class is checked to take exactly these decisions on a subset.
+    sigma = 0.5
+    radii = np.array([0.0, 0.25, 0.5, 0.75, 1.0]) * sigma * 2  # 0, 0.5, 1, 1.5, 2 sigma
+    p_a = float(stats.norm.cdf(1.0))
+    thresholds = stats.norm.cdf(radii / sigma)
+    is_false = thresholds >= p_a
+    rng = np.random.default_rng(int(1 / alpha))
+    n = STREAMS[alpha]
+    s = _cum_successes(rng, p_a, n)
+    first = np.zeros((n, radii.size), dtype=np.int64)  # index of the first deciding round, -1 none
+    decision = np.zeros((n, radii.size), dtype=np.int8)
+    for j, p0 in enumerate(thresholds):
+        d = _at_observed(s, TRIALS, lambda ss, tt: decide(ss, tt, p0, alpha))
+        any_ = (d != 0).any(axis=1)
+        first[:, j] = np.where(any_, np.argmax(d != 0, axis=1), -1)
+        decision[:, j] = np.where(any_, d[np.arange(n), np.maximum(first[:, j], 0)], 0)
+    k = int((decision[:, is_false] == CERTIFIED).any(axis=1).sum())
+    upper = _cp_upper95(k, n)
+    true_certified = (decision[:, ~is_false] == CERTIFIED).mean()
+    _report(
+        f"5 targets (0-2 sigma) at p_a=Phi(1), alpha={alpha}: {k}/{n} false = {k / n:.2e} "
+        f"(95% CP upper {upper:.2e}); true targets certified {true_certified:.3f}"
+    )
+    assert upper <= alpha
+    # TargetRadiiTest, fed the same rounds, takes exactly the first decisions computed above
+    for i in range(12):
+        test = TargetRadiiTest(sigma, radii, alpha, N_MAX)
+        prev = 0
+        for k_round, cum in enumerate(s[i]):
+            if test.done:
+                break
+            test.update(int(cum - prev), int(SIZES[k_round]))
+            prev = cum
+        res = test.result()
+        assert res.decisions == tuple(decision[i])
+        assert res.decided_at == tuple(np.where(first[i] >= 0, TRIALS[np.maximum(first[i], 0)], 0))
+        certified = decision[i] == CERTIFIED
+        assert res.radius == (radii[certified].max() if certified.any() else 0.0)
+
+
+@pytest.mark.parametrize("probs", [(0.45, 0.45, 0.10), (0.5, 0.49, 0.01)])
+def test_false_certificate_rate_with_near_tied_top_classes(probs):
+    # Full CERTIFY: n0 = 100 multinomial selection samples pick c_a (ties to the lowest index, as
+    # certify.py), then c_a's estimation stream. p(c_a) <= 0.5 always, so certifying any radius
+    # >= 0 (threshold Phi(0) = 1/2) is false.
+    n0 = 100
+    rng = np.random.default_rng(29)
+    n = max(STREAMS.values())
+    c_a = np.argmax(rng.multinomial(n0, probs, size=n), axis=1)
+    p_sel = np.asarray(probs)[c_a]
+    false = {alpha: 0 for alpha in ALPHAS}
+    for value in np.unique(p_sel):
+        rows = np.flatnonzero(p_sel == value)
+        s = _cum_successes(rng, value, rows.size)
+        for alpha in ALPHAS:
+            d = _at_observed(s, TRIALS, lambda ss, tt: decide(ss, tt, 0.5, alpha))
+            false[alpha] += int((d == CERTIFIED).any(axis=1).sum())
+    for alpha in ALPHAS:  # all n streams for every alpha: more streams only tighten the bound
+        k = false[alpha]
+        upper = _cp_upper95(k, n)
+        _report(
+            f"near tie {probs}, n0={n0} (c_a=0 in {np.mean(c_a == 0):.3f}), alpha={alpha}: "
+            f"{k}/{n} false = {k / n:.2e} (95% CP upper {upper:.2e})"
+        )
+        assert upper <= alpha
+
+
+def _early_stop_vectorised(s, trials, sigma, alpha, tol):
+    """The stopping rule of EarlyStopRadius's docstring, for [N, K] cumulative successes.
+
+    Returns the stopping round [N], the radius there [N], and p_a_lower there and after the last
+    round [N] each. Radii are computed once per observed (round, S) pair; sigma * Phi^-1 is
+    increasing, so the radius of a running max / min is the running max / min of the radii.
+    """
+
+    def radius(p):
+        return np.where(p > 0.5, sigma * stats.norm.ppf(np.clip(p, 0.5, 1.0)), 0.0)
+
+    grid_s, grid_t, index = _observed_grid(s, trials)
+    grid_lower, grid_upper = confidence_sequence(grid_s, grid_t, alpha)
+    grid_doubled = confidence_sequence(2 * grid_s, 2 * grid_t, alpha)[0]
+    lower = np.maximum.accumulate(grid_lower[index], axis=1)
+    stop = np.minimum.accumulate(grid_upper[index], axis=1) <= 0.5  # futile
+    r = np.maximum.accumulate(radius(grid_lower)[index], axis=1)
+    cap = np.minimum.accumulate(np.where(grid_upper < 1.0, radius(grid_upper), np.inf)[index], axis=1)
+    stop |= cap - r <= tol  # precise
+    stop |= (r > 0) & ((radius(grid_doubled) - radius(grid_lower))[index] < tol)  # stalled
+    stop[:, -1] = True  # budget
+    k = np.argmax(stop, axis=1)
+    rows = np.arange(s.shape[0])
+    return k, r[rows, k], lower[rows, k], lower[:, -1]
+
+
+@pytest.mark.parametrize("p_a, scale", [(0.7, 1), (0.99, 3)])
+def test_early_stop_radius_never_overstates_the_true_radius(p_a, scale):
+    # False if sigma * Phi^-1(p_a) < reported radius, i.e. p_a < p_a_lower: at the rule's stopping
+    # time, and (stronger, covering every stopping rule) at any round. At p_a = 0.99 the exact
+    # crossing probability is about 0.5 alpha, hence three times the streams.
+    sigma, tol = 1.0, 0.1
+    true_radius = sigma * stats.norm.ppf(p_a)
+    rng = np.random.default_rng(int(100 * p_a))
+    for alpha in (0.05, 0.001):
+        n = scale * STREAMS[alpha]
+        at_stop = anytime = 0
+        used, radii = [], []
+        for _ in range(scale):
+            s = _cum_successes(rng, p_a, STREAMS[alpha])
+            k_stop, r_stop, lower_stop, lower_end = _early_stop_vectorised(s, TRIALS, sigma, alpha, tol)
+            at_stop += int((lower_stop > p_a).sum())
+            anytime += int((lower_end > p_a).sum())  # running max: exceeded at some round
+            used.append(TRIALS[k_stop])
+            radii.append(r_stop)
+            # EarlyStopRadius stops where the vectorised rule does, with the same radius
+            for i in range(3):
+                es = EarlyStopRadius(sigma, alpha, N_MAX, tol)
+                prev = 0
+                for k_round, cum in enumerate(s[i]):
+                    es.update(int(cum - prev), int(SIZES[k_round]))
+                    prev = cum
+                    if es.done:
+                        break
+                assert es.n == TRIALS[k_stop[i]] and es.radius == pytest.approx(r_stop[i], abs=1e-9)
+        upper = _cp_upper95(anytime, n)
+        _report(
+            f"early stop p_a={p_a} (true radius {true_radius:.3f} sigma), tol={tol} sigma, alpha={alpha}: "
+            f"false at stop {at_stop}/{n}, at any round {anytime}/{n} (95% CP upper {upper:.2e}); "
+            f"samples mean {np.concatenate(used).mean():.0f}, radius at stop mean {np.concatenate(radii).mean():.3f}"
+        )
+        assert at_stop <= anytime and upper <= alpha
+
+
+# --------------------------------------------------------------------------------------------
+# Samples: sequential versus fixed-n Clopper-Pearson at the same guarantee
+# --------------------------------------------------------------------------------------------
+
+
+def test_expected_samples_versus_fixed_n_clopper_pearson():
+    alpha, n_max, n_streams = 0.001, 100_000, 2000
+    sizes = np.full(n_max // ROUND, ROUND)
+    trials = np.cumsum(sizes)
+    rng = np.random.default_rng(2024)
+    _report(f"alpha={alpha}, rounds of {ROUND}, n_max={n_max}, {n_streams} streams per row")
+    _report("p_a     R/sigma  oracle n (CP)  seq mean  seq median  seq 99%  P(cert)  mean/oracle")
+    for p_a in (0.99, 0.999, 1.0):
+        for r in (0.5, 1.0, 1.5, 2.0):
+            p0 = float(stats.norm.cdf(r))
+            # oracle n: fixed-n CERTIFY knowing that the observed frequency will be p_a
+            oracle = 1
+            while stats.beta.ppf(alpha, p_a * oracle, oracle - p_a * oracle + 1) < p0:
+                oracle += 1
+            used = np.full(n_streams, n_max)
+            decision = np.zeros(n_streams, dtype=np.int8)
+            active = np.arange(n_streams)
+            base = np.zeros(n_streams, dtype=np.int64)
+            for start in range(0, sizes.size, 64):
+                if active.size == 0:
+                    break
+                block = slice(start, min(start + 64, sizes.size))
+                s = base[active, None] + _cum_successes(rng, p_a, active.size, sizes[block])
+                d = _at_observed(s, trials[block], lambda ss, tt: decide(ss, tt, p0, alpha))
+                hit = (d != 0).any(axis=1)
+                k = np.argmax(d != 0, axis=1)
+                used[active[hit]] = trials[block][k[hit]]
+                decision[active[hit]] = d[hit, k[hit]]
+                base[active] = s[:, -1]
+                active = active[~hit]
+            p_cert = float((decision == CERTIFIED).mean())
+            mean = used.mean()
+            _report(
+                f"{p_a:<7} {r:<8} {oracle:>13}  {mean:>8.0f}  {np.median(used):>10.0f}  "
+                f"{np.quantile(used, 0.99):>7.0f}  {p_cert:>7.3f}  {mean / oracle:>11.2f}"
+            )
+            assert fixed_n_samples_to_certify(p0, alpha, p_a) == oracle
+            assert p_cert >= 0.99 and (decision != FUTILE).all()
+            assert mean <= 2.5 * oracle and mean <= 10_000 / 4
+            if r <= 1.0:
+                assert mean <= 100  # versus n = 10,000 or 100,000 in fixed-n practice
