@@ -314,15 +314,18 @@ class _Progress:
             self._line()
 
 
-def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, every, out, n0, n):
+def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, every,
+         out, n0, n, radii=None, tol=None, early_exit=True):
+    """One certify / predict run over the selected images. ``mode``: "certify" (fixed n),
+    "certify-radii" (target radii, n = n_max), "certify-until" (early stopping, n = n_max), "predict"."""
     from .certify import validate_params
     from .noise import NOISE_VERSION
-    from .results import PREDICT_HEADER, HEADER, ResultsWriter, indices_todo
+    from .results import HEADERS, ResultsWriter, indices_todo
     from .runtime import open_engine
 
-    validate_params(sigma, alpha, n0 if mode == "certify" else None, n)
+    validate_params(sigma, alpha, n0 if mode != "predict" else None, n)
     steps_value = _parse_steps(steps)
-    with open_engine(engine_dir, device=device, threads=threads) as engine:
+    with open_engine(engine_dir, device=device, threads=threads, early_exit=early_exit) as engine:
         engine.reverse_schedule(sigma, steps_value)  # refuses a (sigma, b) the schedule cannot honour
         batch = batch if batch is not None else int(engine.manifest.get("default_batch", 32))
         dataset, indices, spec, data_digest = _open_data(engine, data, skip, max_images)
@@ -338,6 +341,8 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
             "votes": votes,
             "n0": n0,
             "n": n,
+            "radii": list(radii) if radii else None,
+            "tol": tol,
             "alpha": alpha,
             "seed": seed,
             "noise": NOISE_VERSION,
@@ -345,48 +350,81 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
             "max": max_images,
             "ids": None,
             "batch": batch,
+            "early_exit": early_exit,
             "backend": engine.backend.name,
             "device": device,
             "version": __version__,
             "command": "densepure-rt " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        with ResultsWriter(Path(out), header=HEADER if mode == "certify" else PREDICT_HEADER) as writer:
+        with ResultsWriter(Path(out), header=HEADERS[mode]) as writer:
             done = writer.open(options, resume=resume, allowed=indices)
             todo = indices_todo(indices, done)
-            per_image = (n0 + n) if mode == "certify" else n
+            # Sequential modes usually stop long before n: the bar then jumps at the end of an image.
+            per_image = n if mode == "predict" else n0 + n
             if done:
                 click.echo(f"resuming {out}: {len(done)} images done, {len(todo)} to go", err=True)
-            progress = _Progress(mode, len(todo), per_image, quiet, every)
+            progress = _Progress(mode.split("-")[0], len(todo), per_image, quiet, every)
+            common = dict(seed=seed, batch=batch, progress=progress.update)
             try:
                 for idx in todo:
                     sample = dataset[idx]
                     t0 = time.time()
+                    drawn = progress.samples
                     if mode == "certify":
-                        cert, counts = engine.certify_counts(
-                            sample.image, sigma, steps_value, votes, n0, n, alpha,
-                            seed=seed, image_index=idx, batch=batch, progress=progress.update,
-                        )
-                        writer.write_certificate(idx, sample.label, cert, counts.counts, time.time() - t0)
+                        cert, counts = engine.certify_counts(sample.image, sigma, steps_value, votes, n0, n, alpha, image_index=idx, **common)
+                        writer.write_certificate(idx, sample.label, cert, counts.counts, time.time() - t0, counts.unet_evals)
+                    elif mode == "certify-radii":
+                        cert = engine.certify_radii(sample.image, sigma, radii, steps_value, votes, n0, n, alpha, image_index=idx, **common)
+                        writer.write_radii(idx, sample.label, cert, time.time() - t0)
+                    elif mode == "certify-until":
+                        cert = engine.certify_until(sample.image, sigma, tol, steps_value, votes, n0, n, alpha, image_index=idx, **common)
+                        writer.write_until(idx, sample.label, cert, time.time() - t0)
                     else:
-                        pred = engine.predict(
-                            sample.image, sigma, steps_value, votes, n, alpha,
-                            seed=seed, image_index=idx, batch=batch, progress=progress.update,
-                        )
-                        writer.write_prediction(idx, sample.label, pred, time.time() - t0)
+                        evals = engine.backend.unet_evals
+                        pred = engine.predict(sample.image, sigma, steps_value, votes, n, alpha, image_index=idx, **common)
+                        writer.write_prediction(idx, sample.label, pred, time.time() - t0, engine.backend.unet_evals - evals)
+                    progress.update(per_image - (progress.samples - drawn))  # the samples a sequential mode did not need
                     progress.image_done()
             finally:
                 progress.close()
     return len(done) + len(todo)
 
 
+def _radius_list(values) -> list[float]:
+    import math
+
+    radii = sorted(set(float(r) for r in values))
+    bad = [r for r in radii if not (math.isfinite(r) and r >= 0)]
+    if bad:
+        raise ConfigError(f"--radius must be a finite number >= 0 (got {bad[0]})")
+    return radii
+
+
 @main.command()
 @_common_options
 @click.option("--n0", type=int, default=100, show_default=True, metavar="N", help="Selection samples.")
 @click.option("--n", type=int, default=1000, show_default=True, metavar="N", help="Estimation samples (published: 100,000 CIFAR-10, 10,000 ImageNet).")
+@click.option("--radius", "radii", type=float, multiple=True, metavar="R",
+              help="Certify at target radius R (repeatable): stop sampling as soon as every target is decided. Anytime-valid.")
+@click.option("--tol", type=click.FloatRange(min=0), default=None, metavar="T",
+              help="Cohen's largest radius, but stop once more samples would add less than T to it per doubling. Anytime-valid.")
+@click.option("--n-max", type=click.IntRange(min=1), default=10000, show_default=True, metavar="N",
+              help="With --radius or --tol: the most estimation samples an image may use.")
+@click.option("--no-early-exit", is_flag=True, help="Run all K runs of every noisy sample (identical votes, more work; for comparisons).")
 @click.option("--out", type=click.Path(), default="results.tsv", show_default=True, metavar="FILE", help="Results TSV (options saved as FILE.json).")
-def certify(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every, n0, n, out):
+@click.pass_context
+def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every,
+            n0, n, radii, tol, n_max, no_early_exit, out):
     """Certify images: Cohen et al.'s CERTIFY on DensePure's voted labels, one TSV row per image.
+
+    \b
+    Three modes, each with Cohen et al.'s guarantee (a false certificate with probability <= alpha):
+      (default)     fixed n: CERTIFY with n0 selection and n estimation samples.
+      --radius R    is the image certifiably robust at R (and R2, ...)? Samples in rounds of --batch
+                    and stops when every target is certified or futile, or at --n-max.
+      --tol T       the largest certified radius, stopping when more samples stop paying off.
+    A noisy sample's K runs stop as soon as its vote is decided (the same votes, fewer UNet calls).
 
     Running the same command again continues an interrupted run (rows already written are kept);
     an --out written with other settings is refused.
@@ -394,19 +432,32 @@ def certify(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batc
     \b
     Examples:
       densepure-rt certify --engine engines/digits --sigma 0.5 --steps 4 --votes 3 --n 500 --skip 9 --out d.tsv
+      densepure-rt certify --engine engines/digits --sigma 0.5 --steps 4 --votes 3 --radius 0.25 --radius 0.5 --out r.tsv
       densepure-rt certify --engine engines/cifar10 --data cifar-10-batches-py --sigma 0.25 \\
           --steps 10 --votes 10 --n0 100 --n 100000 --skip 20 --batch 100 --out cifar_025.tsv
     """
-    rows = _run("certify", engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every, out, n0, n)
+    from click.core import ParameterSource
+
+    mode = "certify"
+    if radii and tol is not None:
+        raise ConfigError("--radius and --tol select different modes: give one of them")
+    if radii or tol is not None:
+        if ctx.get_parameter_source("n") == ParameterSource.COMMANDLINE:
+            raise ConfigError("--n is the fixed-n budget; with --radius or --tol give the most samples with --n-max")
+        mode, n = ("certify-radii" if radii else "certify-until"), n_max
+    elif ctx.get_parameter_source("n_max") == ParameterSource.COMMANDLINE:
+        raise ConfigError("--n-max goes with --radius or --tol; fixed-n CERTIFY takes --n")
+    radii = _radius_list(radii) if radii else None
+    rows = _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
+                progress_every, out, n0, n, radii=radii, tol=tol, early_exit=not no_early_exit)
     from .report import certified_accuracy
     from .results import read_results
 
     results = read_results(out)
-    acc = certified_accuracy(results, [0.0, sigma])
-    click.echo(
-        f"{rows} images certified -> {out}: certified accuracy {100 * acc[0]:.1f}% at radius 0, "
-        f"{100 * acc[1]:.1f}% at radius {sigma:g} (densepure-rt report {out} for the table)"
-    )
+    shown = radii or [sigma]
+    acc = certified_accuracy(results, [0.0, *shown])
+    at = ", ".join(f"{100 * a:.1f}% at radius {r:g}" for a, r in zip(acc[1:], shown))
+    click.echo(f"{rows} images certified -> {out}: certified accuracy {100 * acc[0]:.1f}% at radius 0, {at} (densepure-rt report {out} for the table)")
 
 
 @main.command()

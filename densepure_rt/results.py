@@ -1,7 +1,8 @@
 """Results files: Cohen et al.'s TSV, one row per image flushed as soon as it is done, resumable.
 
 Header: ``idx label predict radius correct time`` (readable by Cohen et al.'s ``analyze.py``), then
-the extra columns ``n_a p_a_lower c_a top_counts``. ``time`` is the image's wall time as Cohen et
+the extra columns ``n_a p_a_lower c_a top_counts unet_evals`` (the sequential modes have their own
+extra columns: :data:`RADII_HEADER`, :data:`UNTIL_HEADER`). ``time`` is the image's wall time as Cohen et
 al. write it (``str(timedelta)``, e.g. ``0:00:01.532881``); there is no second time column.
 
 Safety, in the order a run meets it:
@@ -48,6 +49,9 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = [
     "HEADER",
     "PREDICT_HEADER",
+    "RADII_HEADER",
+    "UNTIL_HEADER",
+    "HEADERS",
     "ResultsWriter",
     "read_results",
     "read_rows",
@@ -57,12 +61,18 @@ __all__ = [
     "indices_todo",
 ]
 
-HEADER = ("idx", "label", "predict", "radius", "correct", "time", "n_a", "p_a_lower", "c_a", "top_counts")
-PREDICT_HEADER = ("idx", "label", "predict", "correct", "time", "count1", "count2", "p_value")
+HEADER = ("idx", "label", "predict", "radius", "correct", "time", "n_a", "p_a_lower", "c_a", "top_counts", "unet_evals")
+PREDICT_HEADER = ("idx", "label", "predict", "correct", "time", "count1", "count2", "p_value", "unet_evals")
+#: ``certify --radius``: radius is the largest certified target; decisions lists every target.
+RADII_HEADER = ("idx", "label", "predict", "radius", "correct", "time", "c_a", "n_a", "n", "decisions", "unet_evals")
+#: ``certify --tol``: radius from the anytime-valid lower bound p_a_lower; stop says why sampling ended.
+UNTIL_HEADER = ("idx", "label", "predict", "radius", "correct", "time", "c_a", "n_a", "n", "p_a_lower", "stop", "unet_evals")
+HEADERS = {"certify": HEADER, "predict": PREDICT_HEADER, "certify-radii": RADII_HEADER, "certify-until": UNTIL_HEADER}
 
 # Settings that must be identical for a run to continue an existing file.
 _RESUME_KEYS = (
-    "mode", "engine_sha256", "data_sha256", "sigma", "steps", "votes", "n0", "n", "alpha", "seed", "skip", "max", "ids", "noise",
+    "mode", "engine_sha256", "data_sha256", "sigma", "steps", "votes", "n0", "n", "radii", "tol", "alpha", "seed", "skip", "max",
+    "ids", "noise",
 )
 
 #: Longest suffix added to a results file's name (``.json``, ``.lock``); temporary files use short names.
@@ -165,6 +175,10 @@ _COLUMNS: dict[str, Callable[[str], object]] = {
     "count1": _count,
     "count2": _count,
     "p_value": _probability,
+    "n": _count,
+    "decisions": _text,
+    "stop": _text,
+    "unet_evals": _count,
     "seconds": _float,  # files written before the column was dropped
 }
 
@@ -443,7 +457,7 @@ class ResultsWriter:
         return done
 
     def _kind(self) -> str:
-        return "certify" if self.header == HEADER else "predict" if self.header == PREDICT_HEADER else ""
+        return next((mode for mode, header in HEADERS.items() if header == self.header), "")
 
     def _replace_contents(self, data: bytes) -> None:
         try:
@@ -479,18 +493,34 @@ class ResultsWriter:
         except OSError as exc:
             raise _os_error(exc, self.path) from None
 
-    def write_certificate(self, idx: int, label: int, cert: Certificate, counts: np.ndarray, seconds: float) -> None:
+    def write_certificate(self, idx: int, label: int, cert: Certificate, counts: np.ndarray, seconds: float, unet_evals: int = 0) -> None:
         """One CERTIFY row."""
         self._write_row([
             idx, label, cert.prediction, f"{cert.radius:.6g}", int(cert.prediction == label),
-            datetime.timedelta(seconds=seconds), cert.n_a, f"{cert.p_a_lower:.6g}", cert.c_a, top_counts(counts),
+            datetime.timedelta(seconds=seconds), cert.n_a, f"{cert.p_a_lower:.6g}", cert.c_a, top_counts(counts), unet_evals,
         ])
 
-    def write_prediction(self, idx: int, label: int, prediction, seconds: float) -> None:
+    def write_radii(self, idx: int, label: int, cert, seconds: float) -> None:
+        """One ``certify --radius`` row (a :class:`densepure_rt.runtime.RadiiCertificate`)."""
+        names = {1: "certified", -1: "futile", 0: "undecided"}
+        decisions = ",".join(f"{r:g}:{names[d]}" for r, d in zip(cert.radii, cert.decisions))
+        self._write_row([
+            idx, label, cert.prediction, f"{cert.radius:.6g}", int(cert.prediction == label),
+            datetime.timedelta(seconds=seconds), cert.c_a, cert.n_a, cert.n, decisions, cert.unet_evals,
+        ])
+
+    def write_until(self, idx: int, label: int, cert, seconds: float) -> None:
+        """One ``certify --tol`` row (a :class:`densepure_rt.runtime.EarlyStopCertificate`)."""
+        self._write_row([
+            idx, label, cert.prediction, f"{cert.radius:.6g}", int(cert.prediction == label),
+            datetime.timedelta(seconds=seconds), cert.c_a, cert.n_a, cert.n, f"{cert.p_a_lower:.6g}", cert.reason, cert.unet_evals,
+        ])
+
+    def write_prediction(self, idx: int, label: int, prediction, seconds: float, unet_evals: int = 0) -> None:
         """One PREDICT row."""
         self._write_row([
             idx, label, prediction.prediction, int(prediction.prediction == label), datetime.timedelta(seconds=seconds),
-            prediction.count1, prediction.count2, f"{prediction.p_value:.6g}",
+            prediction.count1, prediction.count2, f"{prediction.p_value:.6g}", unet_evals,
         ])
 
     def close(self) -> None:

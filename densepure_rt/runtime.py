@@ -26,24 +26,68 @@ from .manifest import load_manifest
 from .noise import ESTIMATION, PREDICTION, SELECTION
 from .schedule import ReverseSchedule, make_schedule, parse_steps, reverse_schedule
 
-__all__ = ["Engine", "open_engine", "CountsResult"]
+__all__ = ["Engine", "open_engine", "CountsResult", "RadiiCertificate", "EarlyStopCertificate"]
 
 Progress = Optional[Callable[[int], None]]
 
 
 @dataclass(frozen=True)
 class CountsResult:
-    """Vote counts of one image: selection (n0) and estimation (n) phases, per class."""
+    """Vote counts of one image: selection (n0) and estimation (n) phases, per class, and the work
+    they took (UNet evaluations: one per row per reverse step)."""
 
     counts0: np.ndarray
     counts: np.ndarray
+    unet_evals: int = 0
+
+
+@dataclass(frozen=True)
+class RadiiCertificate:
+    """Outcome of :meth:`Engine.certify_radii` for one image.
+
+    prediction: ``c_a`` when some target radius is certified, else -1 (abstain).
+    radius: the largest certified target radius (0.0 when none).
+    c_a: the class selected from the n0 selection samples. n_a, n: its votes among the n
+    estimation samples used. radii / decisions: each target and its decision (+1 certified,
+    -1 futile, 0 undecided when n_max ran out; undecided counts as not certified).
+    unet_evals: UNet evaluations spent on the image (both phases).
+    """
+
+    prediction: int
+    radius: float
+    c_a: int
+    n_a: int
+    n: int
+    radii: tuple[float, ...]
+    decisions: tuple[int, ...]
+    unet_evals: int
+
+
+@dataclass(frozen=True)
+class EarlyStopCertificate:
+    """Outcome of :meth:`Engine.certify_until` for one image: Cohen's output (prediction ``c_a`` or
+    -1, radius sigma * Phi^-1(p_a_lower)) from an anytime-valid lower confidence bound, the
+    samples used, why sampling stopped, and the UNet evaluations spent."""
+
+    prediction: int
+    radius: float
+    c_a: int
+    n_a: int
+    n: int
+    p_a_lower: float
+    reason: str
+    unet_evals: int
 
 
 class Engine:
     """An opened engine directory: manifest verified, backend sessions loaded. A context manager."""
 
-    def __init__(self, directory: str | Path, backend: str = "auto", device: str = "cpu", threads: int | None = None):
+    def __init__(
+        self, directory: str | Path, backend: str = "auto", device: str = "cpu", threads: int | None = None, early_exit: bool = True
+    ):
         self.directory = Path(directory)
+        #: Stop a noisy sample's K runs once its vote is decided (identical votes, less work).
+        self.early_exit = bool(early_exit)
         self.manifest = load_manifest(self.directory)
         self.image_shape = tuple(self.manifest["image_shape"])
         self.num_classes = int(self.manifest["num_classes"])
@@ -82,9 +126,9 @@ class Engine:
         rs = self.reverse_schedule(sigma, steps)
         if not np.all(np.isfinite(rs.scalars)):
             raise ConfigError(f"the reverse schedule for sigma {sigma}, steps {steps} is not finite: choose fewer steps")
-        key = (float(sigma), rs.steps, int(votes), int(batch))
+        key = (float(sigma), rs.steps, int(votes), int(batch), self.early_exit)
         if self._prepared != key:
-            self.backend.prepare(rs, int(votes), int(batch))
+            self.backend.prepare(rs, int(votes), int(batch), early_exit=self.early_exit)
             self._prepared = key
         return rs
 
@@ -178,9 +222,122 @@ class Engine:
         image = self._image(image, image_index)
         self._prepare(sigma, steps, votes, batch)
         common = dict(seed=seed, image_index=image_index, batch=batch, progress=progress)
+        evals = self.backend.unet_evals
         counts0 = self.sample_counts(image, n0, SELECTION, **common)
         counts = self.sample_counts(image, n, ESTIMATION, **common)
-        return certify(counts0, counts, sigma, alpha), CountsResult(counts0, counts)
+        return certify(counts0, counts, sigma, alpha), CountsResult(counts0, counts, self.backend.unet_evals - evals)
+
+    def _estimate_sequentially(self, image, test, c_a: int, *, seed, image_index, batch, progress) -> None:
+        """Feed ``test`` rounds of estimation votes for ``c_a`` (one engine batch each) until it is
+        done. The samples are the estimation samples 0, 1, 2, ... of fixed-n CERTIFY: the same noise."""
+        start = 0
+        while not test.done:
+            size = min(batch, test.remaining)
+            labels = np.asarray(self.backend.voted_labels(image, seed, image_index, ESTIMATION, range(start, start + size)))
+            counts = self._count(labels, size)
+            test.update(int(counts[c_a]), size)
+            start += size
+            if progress is not None:
+                progress(size)
+
+    def certify_radii(
+        self,
+        image: np.ndarray,
+        sigma: float,
+        radii,
+        steps: int | str = 4,
+        votes: int = 10,
+        n0: int = 100,
+        n_max: int = 10000,
+        alpha: float = 0.001,
+        *,
+        seed: int = 0,
+        image_index: int = 0,
+        batch: int = 32,
+        progress: Progress = None,
+    ) -> RadiiCertificate:
+        """Is the smoothed classifier certifiably robust at each target radius? Anytime-valid.
+
+        Selects ``c_a`` from ``n0`` selection samples exactly as CERTIFY does, then draws estimation
+        samples in rounds of ``batch`` and, after each round, tests H0: p_a <= Phi(R / sigma) for
+        every target R with one confidence sequence on p_a (:class:`densepure_rt.sequential.TargetRadiiTest`).
+        Stops when every target is certified or futile, or at ``n_max`` samples. Guarantee: the
+        probability that any target with p_a <= Phi(R / sigma) is certified is at most alpha,
+        whatever the number of rounds.
+        """
+        from .sequential import TargetRadiiTest
+
+        validate_params(sigma, alpha, n0, n_max)
+        try:
+            test = TargetRadiiTest(sigma, list(radii), alpha, int(n_max))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"--radius: {exc}") from None
+        image = self._image(image, image_index)
+        self._prepare(sigma, steps, votes, batch)
+        evals = self.backend.unet_evals
+        common = dict(seed=seed, image_index=image_index, batch=batch, progress=progress)
+        c_a = int(np.argmax(self.sample_counts(image, n0, SELECTION, **common)))
+        self._estimate_sequentially(image, test, c_a, **common)
+        result = test.result()
+        return RadiiCertificate(
+            prediction=c_a if result.certified else -1,
+            radius=result.radius,
+            c_a=c_a,
+            n_a=result.n_a,
+            n=result.n,
+            radii=tuple(float(r) for r in test.radii),
+            decisions=result.decisions,
+            unet_evals=self.backend.unet_evals - evals,
+        )
+
+    def certify_until(
+        self,
+        image: np.ndarray,
+        sigma: float,
+        tol: float,
+        steps: int | str = 4,
+        votes: int = 10,
+        n0: int = 100,
+        n_max: int = 10000,
+        alpha: float = 0.001,
+        *,
+        seed: int = 0,
+        image_index: int = 0,
+        batch: int = 32,
+        progress: Progress = None,
+    ) -> EarlyStopCertificate:
+        """Cohen's CERTIFY output (the largest certified radius) with early stopping. Anytime-valid.
+
+        As :meth:`certify_radii` for the selection; then estimation rounds until more samples stop
+        paying off: the radius would gain less than ``tol`` per doubling of the samples, or can no
+        longer gain ``tol`` at all, or no radius is reachable, or ``n_max`` samples were used
+        (:class:`densepure_rt.sequential.EarlyStopRadius`). The radius comes from a lower confidence
+        sequence on p_a, valid at any stopping time: P(radius > sigma * Phi^-1(p_a)) <= alpha.
+        """
+        from .sequential import EarlyStopRadius
+
+        validate_params(sigma, alpha, n0, n_max)
+        try:
+            test = EarlyStopRadius(sigma, alpha, int(n_max), float(tol))
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"--tol: {exc}") from None
+        image = self._image(image, image_index)
+        self._prepare(sigma, steps, votes, batch)
+        evals = self.backend.unet_evals
+        common = dict(seed=seed, image_index=image_index, batch=batch, progress=progress)
+        c_a = int(np.argmax(self.sample_counts(image, n0, SELECTION, **common)))
+        self._estimate_sequentially(image, test, c_a, **common)
+        result = test.result()
+        return EarlyStopCertificate(
+            prediction=c_a if result.certified else -1,
+            radius=result.radius,
+            c_a=c_a,
+            n_a=result.n_a,
+            n=result.n,
+            p_a_lower=result.p_a_lower,
+            reason=result.reason,
+            unet_evals=self.backend.unet_evals - evals,
+        )
 
     def predict(
         self,
@@ -204,7 +361,10 @@ class Engine:
         return predict(counts, alpha)
 
 
-def open_engine(directory: str | Path, backend: str = "auto", device: str = "cpu", threads: int | None = None) -> Engine:
-    """Open and verify an engine directory (see :class:`Engine`)."""
-    return Engine(directory, backend=backend, device=device, threads=threads)
+def open_engine(
+    directory: str | Path, backend: str = "auto", device: str = "cpu", threads: int | None = None, early_exit: bool = True
+) -> Engine:
+    """Open and verify an engine directory (see :class:`Engine`). ``early_exit=False`` runs all K
+    runs of every noisy sample (same votes, more work; for comparisons)."""
+    return Engine(directory, backend=backend, device=device, threads=threads, early_exit=early_exit)
 

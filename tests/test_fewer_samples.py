@@ -1,0 +1,184 @@
+"""Fewer samples per certificate, end to end on the shipped digits engine.
+
+- The exact early exit of the K-run vote gives the same votes (so the same counts and rows) as the
+  full vote with the same noise, with fewer UNet evaluations.
+- ``certify --radius`` and ``certify --tol`` use the estimation samples 0, 1, 2, ... of fixed-n
+  CERTIFY: a fixed-n run with the n a sequential row used must see the same n_a. Their decisions
+  are recomputed here from (n_a, n) with the beta-mixture formula written out independently
+  (scipy.special.betaln), not with densepure_rt.sequential.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from scipy import special, stats
+
+from densepure_rt.cli import main
+from densepure_rt.data import digits_test_split
+from densepure_rt.runtime import open_engine
+
+SIGMA, STEPS, VOTES, N0, ALPHA = 0.5, 2, 3, 20, 0.001
+COMMON = ["--sigma", SIGMA, "--steps", STEPS, "--votes", VOTES, "--n0", N0, "--alpha", ALPHA, "--skip", 45, "--quiet"]
+# The default prior of densepure_rt.sequential, restated: equal weights on Beta(16^k, 1), k = 0..4.
+PRIOR_A = np.array([1.0, 16.0, 256.0, 4096.0, 65536.0])
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def rows(path: Path) -> list[dict]:
+    lines = Path(path).read_text().splitlines()
+    header = lines[0].split("\t")
+    return [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+
+
+def log_m(n_a: int, n: int, p: float) -> float:
+    """log M_n(p) of the equal-weight Beta(a, 1) mixture, from its definition."""
+    terms = np.log(0.2) + special.betaln(PRIOR_A + n_a, 1.0 + n - n_a) - special.betaln(PRIOR_A, 1.0)
+    log_marginal = np.logaddexp.reduce(terms)
+    return float(log_marginal - special.xlogy(n_a, p) - special.xlog1py(n - n_a, -p))
+
+
+def lower_bound(n_a: int, n: int) -> float:
+    """inf {p : M_n(p) < 1/alpha}, by bisection on [0, n_a / n]."""
+    if n_a == 0:
+        return 0.0
+    lo, hi = 0.0, n_a / n
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if log_m(n_a, n, mid) >= np.log(1 / ALPHA):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fewer") / "digits"
+    result = invoke("build", "--model", "digits", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_vote_early_exit_gives_identical_counts_with_fewer_unet_evaluations(engine):
+    data = digits_test_split()
+    results = {}
+    for early_exit in (False, True):
+        with open_engine(engine, early_exit=early_exit) as eng:
+            results[early_exit] = [
+                eng.certify_counts(data[i].image, SIGMA, 4, 5, 30, 60, ALPHA, image_index=i, batch=16) for i in (0, 100, 200)
+            ]
+    saved = []
+    for (cert_full, full), (cert_ee, ee) in zip(results[False], results[True]):
+        np.testing.assert_array_equal(ee.counts0, full.counts0)
+        np.testing.assert_array_equal(ee.counts, full.counts)
+        assert cert_ee == cert_full
+        assert full.unet_evals == 90 * 5 * 4  # (n0 + n) x K x b
+        assert ee.unet_evals < full.unet_evals
+        saved.append(1 - ee.unet_evals / full.unet_evals)
+    print(f"vote early exit (K = 5): {np.round(saved, 3)} of UNet evaluations saved")
+    assert min(saved) > 0.2  # at least the last ceil(K/2) - 1 runs of clearly decided samples
+
+
+def test_cli_rows_are_identical_without_early_exit(engine, tmp_path):
+    a, b = tmp_path / "ee.tsv", tmp_path / "full.tsv"
+    assert invoke("certify", "--engine", engine, *COMMON, "--n", 40, "--out", a).exit_code == 0
+    result = invoke("certify", "--engine", engine, *COMMON, "--n", 40, "--no-early-exit", "--out", b)
+    assert result.exit_code == 0, result.output
+    ra, rb = rows(a), rows(b)
+    assert len(ra) == 8
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("time", "unet_evals")}  # noqa: E731
+    assert [strip(r) for r in ra] == [strip(r) for r in rb]
+    assert all(int(r["unet_evals"]) == (N0 + 40) * VOTES * STEPS for r in rb)
+    assert sum(int(r["unet_evals"]) for r in ra) < sum(int(r["unet_evals"]) for r in rb)
+
+
+def test_target_radii_rows_match_fixed_n_samples_and_the_mixture_test(engine, tmp_path):
+    radii = [0.125, 0.25, 0.5]
+    out = tmp_path / "radii.tsv"
+    args = ["certify", "--engine", engine, *COMMON, "--n-max", 400, "--out", out]
+    for r in radii:
+        args += ["--radius", r]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    got = rows(out)
+    assert len(got) == 8
+    options = json.loads(Path(f"{out}.json").read_text())
+    assert options["mode"] == "certify-radii" and options["radii"] == radii and options["n"] == 400
+    kinds = set()
+    for row in got:
+        n_a, n = int(row["n_a"]), int(row["n"])
+        decisions = dict(pair.split(":") for pair in row["decisions"].split(","))
+        assert [float(r) for r in decisions] == radii
+        # Recompute every decision at the final (n_a, n) from the mixture's definition.
+        for r, said in decisions.items():
+            p0 = stats.norm.cdf(float(r) / SIGMA)
+            rejected = log_m(n_a, n, p0) >= np.log(1 / ALPHA)
+            want = "certified" if rejected and n_a > p0 * n else "futile" if rejected and n_a < p0 * n else "undecided"
+            assert said == want, (row, r)
+            kinds.add(said)
+        assert n == 400 or "undecided" not in decisions.values()  # stops only when all are decided
+        assert n % 32 == 0 or n == 400  # whole rounds of the engine's default batch (32), or the budget
+        certified = [float(r) for r, d in decisions.items() if d == "certified"]
+        assert float(row["radius"]) == (max(certified) if certified else 0.0)
+        assert int(row["predict"]) == (int(row["c_a"]) if certified else -1)
+        assert int(row["unet_evals"]) <= (N0 + n) * VOTES * STEPS
+    assert "certified" in kinds
+
+    # The estimation samples are fixed-n CERTIFY's samples 0..n-1: a fixed-n run of that n agrees.
+    row = got[0]
+    fixed = tmp_path / "fixed.tsv"
+    result = invoke("certify", "--engine", engine, *COMMON, "--max", 1, "--n", row["n"], "--out", fixed)
+    assert result.exit_code == 0, result.output
+    frow = rows(fixed)[0]
+    assert (frow["c_a"], frow["n_a"]) == (row["c_a"], row["n_a"])
+
+
+def test_early_stopping_radius_is_the_lower_confidence_sequence(engine, tmp_path):
+    out = tmp_path / "until.tsv"
+    result = invoke("certify", "--engine", engine, *COMMON, "--tol", 0.05, "--n-max", 600, "--out", out)
+    assert result.exit_code == 0, result.output
+    got = rows(out)
+    assert {r["stop"] for r in got} <= {"futile", "precise", "stalled", "budget"}
+    for row in got:
+        n_a, n, p_low = int(row["n_a"]), int(row["n"]), float(row["p_a_lower"])
+        # The reported bound is the running maximum over rounds: at least the final round's bound.
+        assert lower_bound(n_a, n) * (1 - 1e-5) <= p_low < 1.0  # the file keeps 6 significant digits
+        radius = SIGMA * stats.norm.ppf(p_low) if p_low > 0.5 else 0.0
+        assert float(row["radius"]) == pytest.approx(radius, rel=1e-5, abs=1e-9)
+        assert int(row["predict"]) == (int(row["c_a"]) if p_low > 0.5 else -1)
+        assert n <= 600 and (row["stop"] != "budget" or n == 600)
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--radius", "0.5", "--tol", "0.1"], "give one of them"),
+        (["--radius", "0.5", "--n", "100"], "--n-max"),
+        (["--n-max", "100"], "--radius or --tol"),
+        (["--radius", "-0.5"], "--radius"),
+        (["--radius", "nan"], "--radius"),
+    ],
+)
+def test_mode_flags_are_checked(extra, needle, engine, tmp_path):
+    out = tmp_path / "bad.tsv"
+    result = invoke("certify", "--engine", engine, *COMMON, *extra, "--out", out)
+    assert result.exit_code == 2 and needle in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_changing_the_targets_of_a_results_file_is_refused(engine, tmp_path):
+    out = tmp_path / "r.tsv"
+    base = ["certify", "--engine", engine, *COMMON, "--max", 1, "--n-max", 64, "--out", out]
+    assert invoke(*base, "--radius", 0.25).exit_code == 0
+    result = invoke(*base, "--radius", 0.5)
+    assert result.exit_code == 2 and "radii [0.25] -> [0.5]" in result.stderr
+    result = invoke(*base, "--radius", 0.25)  # the same targets: continued (nothing left to do)
+    assert result.exit_code == 0 and "1 images done, 0 to go" in result.stderr
