@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from scipy import stats
 
 from densepure_rt.cli import QUICKSTART, main
+from densepure_rt.errors import ConfigError
 from densepure_rt.schedule import cosine_schedule, linear_schedule, max_steps, reverse_schedule, t_star
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -170,8 +171,19 @@ def test_force_refuses_the_working_folder_and_deletes_nothing(tmp_path, monkeypa
     assert tree(tmp_path) == before
 
 
-@pytest.mark.parametrize("target", ["..", "/", "home"])
-def test_force_refuses_ancestors_root_and_home(target, tmp_path, monkeypatch):
+# Never run a build at "/" from a test: if a regression let it through, it would delete the machine
+# (an early check of this very test against the old code did exactly that to a developer machine).
+# "/" is checked on the decision function alone, which deletes nothing whatever it answers.
+def test_root_is_never_replaceable():
+    from densepure_rt.engine.build import check_out_dir
+
+    for force in (False, True):
+        with pytest.raises(ConfigError, match="root of the file system"):
+            check_out_dir("/", force=force)
+
+
+@pytest.mark.parametrize("target", ["..", "home"])
+def test_force_refuses_ancestors_and_home(target, tmp_path, monkeypatch):
     home = tmp_path / "home"
     (home / "work").mkdir(parents=True)
     (home / "notes.txt").write_text("keep me")
