@@ -14,6 +14,7 @@ RUNTIME_MODULES = [
     "densepure_rt.sequential",
     "densepure_rt.vote",
     "densepure_rt.noise",
+    "densepure_rt.philox",
     "densepure_rt.presets",
     "densepure_rt.errors",
     "densepure_rt.data",
