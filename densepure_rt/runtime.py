@@ -227,6 +227,17 @@ class Engine:
         counts = self.sample_counts(image, n, ESTIMATION, **common)
         return certify(counts0, counts, sigma, alpha), CountsResult(counts0, counts, self.backend.unet_evals - evals)
 
+    def _sequential(self, image, test, sigma, steps, votes, n0, *, seed, image_index, batch, progress) -> tuple[int, int]:
+        """Select c_a from n0 samples as CERTIFY does, then feed ``test`` estimation rounds until it
+        is done. Returns c_a and the UNet evaluations spent on the image."""
+        image = self._image(image, image_index)
+        self._prepare(sigma, steps, votes, batch)
+        evals = self.backend.unet_evals
+        common = dict(seed=seed, image_index=image_index, batch=batch, progress=progress)
+        c_a = int(np.argmax(self.sample_counts(image, n0, SELECTION, **common)))
+        self._estimate_sequentially(image, test, c_a, **common)
+        return c_a, self.backend.unet_evals - evals
+
     def _estimate_sequentially(self, image, test, c_a: int, *, seed, image_index, batch, progress) -> None:
         """Feed ``test`` rounds of estimation votes for ``c_a`` (one engine batch each) until it is
         done. The samples are the estimation samples 0, 1, 2, ... of fixed-n CERTIFY: the same noise."""
@@ -272,12 +283,7 @@ class Engine:
             test = TargetRadiiTest(sigma, list(radii), alpha, int(n_max))
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"--radius: {exc}") from None
-        image = self._image(image, image_index)
-        self._prepare(sigma, steps, votes, batch)
-        evals = self.backend.unet_evals
-        common = dict(seed=seed, image_index=image_index, batch=batch, progress=progress)
-        c_a = int(np.argmax(self.sample_counts(image, n0, SELECTION, **common)))
-        self._estimate_sequentially(image, test, c_a, **common)
+        c_a, evals = self._sequential(image, test, sigma, steps, votes, n0, seed=seed, image_index=image_index, batch=batch, progress=progress)
         result = test.result()
         return RadiiCertificate(
             prediction=c_a if result.certified else -1,
@@ -287,7 +293,7 @@ class Engine:
             n=result.n,
             radii=tuple(float(r) for r in test.radii),
             decisions=result.decisions,
-            unet_evals=self.backend.unet_evals - evals,
+            unet_evals=evals,
         )
 
     def certify_until(
@@ -321,12 +327,7 @@ class Engine:
             test = EarlyStopRadius(sigma, alpha, int(n_max), float(tol))
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"--tol: {exc}") from None
-        image = self._image(image, image_index)
-        self._prepare(sigma, steps, votes, batch)
-        evals = self.backend.unet_evals
-        common = dict(seed=seed, image_index=image_index, batch=batch, progress=progress)
-        c_a = int(np.argmax(self.sample_counts(image, n0, SELECTION, **common)))
-        self._estimate_sequentially(image, test, c_a, **common)
+        c_a, evals = self._sequential(image, test, sigma, steps, votes, n0, seed=seed, image_index=image_index, batch=batch, progress=progress)
         result = test.result()
         return EarlyStopCertificate(
             prediction=c_a if result.certified else -1,
@@ -336,7 +337,7 @@ class Engine:
             n=result.n,
             p_a_lower=result.p_a_lower,
             reason=result.reason,
-            unet_evals=self.backend.unet_evals - evals,
+            unet_evals=evals,
         )
 
     def predict(
