@@ -234,9 +234,29 @@ class Engine:
         self._prepare(sigma, steps, votes, batch)
         evals = self.backend.unet_evals
         common = dict(seed=seed, image_index=image_index, batch=batch, progress=progress)
-        c_a = int(np.argmax(self.sample_counts(image, n0, SELECTION, **common)))
+        c_a = self._select(image, n0, **common)
         self._estimate_sequentially(image, test, c_a, **common)
         return c_a, self.backend.unet_evals - evals
+
+    def _select(self, image, n0: int, *, seed, image_index, batch, progress) -> int:
+        """c_a = argmax of the n0 selection counts (ties to the lowest class), exactly as CERTIFY,
+        but stopping once the remaining selection samples cannot change the argmax: the leader's
+        count exceeds every other class's count plus the samples left. The same c_a as all n0
+        samples would give, with the same noise; the estimation samples stay independent of it."""
+        counts = np.zeros(self.num_classes, dtype=np.int64)
+        for start in range(0, n0, batch):
+            size = min(batch, n0 - start)
+            labels = np.asarray(self.backend.voted_labels(image, seed, image_index, SELECTION, range(start, start + size)))
+            counts += self._count(labels, size)
+            if progress is not None:
+                progress(size)
+            left = n0 - start - size
+            leader = int(np.argmax(counts))
+            if left and counts[leader] > np.max(np.delete(counts, leader), initial=0) + left:
+                if progress is not None:
+                    progress(left)
+                break
+        return int(np.argmax(counts))
 
     def _estimate_sequentially(self, image, test, c_a: int, *, seed, image_index, batch, progress) -> None:
         """Feed ``test`` rounds of estimation votes for ``c_a`` (one engine batch each) until it is

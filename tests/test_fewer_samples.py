@@ -182,3 +182,17 @@ def test_changing_the_targets_of_a_results_file_is_refused(engine, tmp_path):
     assert result.exit_code == 2 and "radii [0.25] -> [0.5]" in result.stderr
     result = invoke(*base, "--radius", 0.25)  # the same targets: continued (nothing left to do)
     assert result.exit_code == 0 and "1 images done, 0 to go" in result.stderr
+
+
+def test_selection_early_exit_picks_the_class_all_n0_samples_pick(engine):
+    """The sequential modes stop the selection phase once the argmax is decided: the same c_a."""
+    data = digits_test_split()
+    with open_engine(engine) as eng:
+        for i in (0, 17, 45, 90, 135, 180, 225, 270):
+            image = data[i].image
+            eng._prepare(SIGMA, STEPS, VOTES, 16)
+            full = eng.sample_counts(image, 100, 0, seed=0, image_index=i, batch=16)
+            before = eng.backend.unet_evals
+            c_a = eng._select(image, 100, seed=0, image_index=i, batch=16, progress=None)
+            assert c_a == int(np.argmax(full))  # np.argmax: ties to the lowest class, as CERTIFY
+            assert eng.backend.unet_evals - before <= 100 * VOTES * STEPS
