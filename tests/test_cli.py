@@ -1,7 +1,7 @@
 """The ``densepure-rt`` command line end to end on the CPU, on the shipped digits engine.
 
 One engine is built per module (``build --model digits``: 1x16x16, 10 classes, trained weights) and
-certifies the first 8 digits of its test split at sigma 0.75 with b = 2 steps and K = 2 votes: the
+certifies the first 8 digits of its test split at sigma 0.6 with b = 2 steps and K = 2 votes: the
 votes split there, so the rows hold abstentions and certificates with n_a < n and n_a = n, and the
 row comparisons below compare real statistics, not constants. (An earlier version used the
 random-weights ``tiny`` engine at b = 1, whose purified images turned out to be NaN.)
@@ -29,7 +29,7 @@ from densepure_rt.cli import main
 from densepure_rt.data import DIGITS_TEST_ASSET
 
 HEADER6 = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
-SIGMA, N0, N, ALPHA, VOTES, STEPS = 0.75, 5, 20, 0.001, 2, 2
+SIGMA, N0, N, ALPHA, VOTES, STEPS = 0.6, 5, 20, 0.001, 2, 2
 NUM_IMAGES = 8
 SMALL = [
     "--sigma", str(SIGMA), "--steps", str(STEPS), "--votes", str(VOTES),
@@ -306,7 +306,7 @@ def test_existing_out_continues_with_same_settings_and_refuses_others(work, engi
     args = certify_args(engine, images, out, "--batch", "7", "--resume")
     args[args.index("--sigma") + 1] = "0.5"
     message = assert_cli_error(invoke(*args))
-    assert "sigma 0.75 -> 0.5" in message
+    assert "sigma 0.6 -> 0.5" in message
     assert (out.read_bytes(), Path(str(out) + ".json").read_bytes()) == before
 
     # The same settings without --resume: the run continues the file (here: nothing left to do),

@@ -114,3 +114,23 @@ def test_cuda_kernel_equals_numpy_integers_exactly_and_normals_to_1e6():
                                             np.int32(size), out))
     want = draw_normals(9, 4, 1, samples, draws, size).reshape(len(samples) * len(draws), size)
     np.testing.assert_allclose(out.get(), want, rtol=0, atol=1e-6)
+
+
+def test_sample_noise_lays_out_the_documented_draws():
+    from densepure_rt.noise import ESTIMATION, sample_noise
+
+    shape, sigma, votes, calls = (1, 5, 3), 0.25, 3, 2
+    samples = [4, 9]
+    delta, z = sample_noise(21, 8, ESTIMATION, samples, votes, calls, shape, sigma)
+    assert delta.shape == (2, 1, 5, 3) and z.shape == (calls, 2 * votes, 1, 5, 3)
+    for b, sample in enumerate(samples):
+        want_delta = draw_normals(21, 8, ESTIMATION, [sample], [0], 15)[0, 0] * np.float32(sigma)
+        np.testing.assert_array_equal(delta[b].ravel(), want_delta)
+        for k in range(votes):
+            for s in range(calls):
+                want = draw_normals(21, 8, ESTIMATION, [sample], [1 + k * calls + s], 15)[0, 0]
+                np.testing.assert_array_equal(z[s, b * votes + k].ravel(), want)
+    # A sample's noise does not depend on the batch it is drawn in.
+    delta1, z1 = sample_noise(21, 8, ESTIMATION, [9], votes, calls, shape, sigma)
+    np.testing.assert_array_equal(delta1[0], delta[1])
+    np.testing.assert_array_equal(z1, z[:, votes:])
