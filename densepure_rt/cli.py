@@ -324,7 +324,8 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
     from .runtime import open_engine
 
     validate_params(sigma, alpha, n0 if mode != "predict" else None, n)
-    steps_value = _parse_steps(steps)
+    # The canonical words ("4", "one-shot", "none"): the engine parses them again, strictly.
+    steps_value = _steps_label(_parse_steps(steps))
     with open_engine(engine_dir, device=device, threads=threads, early_exit=early_exit) as engine:
         engine.reverse_schedule(sigma, steps_value)  # refuses a (sigma, b) the schedule cannot honour
         batch = batch if batch is not None else int(engine.manifest.get("default_batch", 32))
@@ -337,7 +338,7 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
             "data": spec,
             "data_sha256": data_digest,
             "sigma": sigma,
-            "steps": _steps_label(steps_value),
+            "steps": steps_value,
             "votes": votes,
             "n0": n0,
             "n": n,

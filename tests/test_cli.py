@@ -477,3 +477,19 @@ def test_cli_certifies_in_an_interpreter_where_torch_cannot_be_imported(work, en
     _, rows = read_tsv(out)
     _, ref_rows = read_tsv(reference)
     assert comparable(rows) == comparable(ref_rows)[:2]
+
+
+@pytest.mark.parametrize("steps, calls", [("none", 0), ("one-shot", 1), ("ONE-SHOT", 1)])
+def test_the_word_paths_run_from_the_cli(steps, calls, work, engine, images):
+    """--steps none (plain smoothing) and one-shot (Carlini et al.) run, and cost what they should."""
+    out = work / f"words_{steps}.tsv"
+    args = certify_args(engine, images, out, "--max", "2")
+    args[args.index("--steps") + 1] = steps
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    _, rows = read_tsv(out)
+    assert [int(r["idx"]) for r in rows] == [0, 1]
+    assert json.loads(Path(f"{out}.json").read_text())["steps"] == steps.lower()
+    # No reverse step for 'none'; one network call per run for one-shot (its K runs are identical,
+    # so the vote is decided after the first wave of ceil(K/2) runs).
+    assert all(int(r["unet_evals"]) == (N0 + N) * ((VOTES + 1) // 2) * calls for r in rows)
