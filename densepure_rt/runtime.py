@@ -18,7 +18,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .backends import Backend, open_backend
+from .backends import Backend, check_labels, open_backend
 from .certify import Certificate, Prediction, certify, predict, validate_params
 from .data import check_image
 from .errors import ConfigError, EngineError
@@ -123,9 +123,7 @@ class Engine:
         for flag, value in (("--votes", votes), ("--batch", batch)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ConfigError(f"{flag} must be an integer >= 1 (got {value!r})")
-        rs = self.reverse_schedule(sigma, steps)
-        if not np.all(np.isfinite(rs.scalars)):
-            raise ConfigError(f"the reverse schedule for sigma {sigma}, steps {steps} is not finite: choose fewer steps")
+        rs = self.reverse_schedule(sigma, steps)  # refuses non-finite schedules; the backend checks again
         key = (float(sigma), rs.steps, int(votes), int(batch), self.early_exit)
         if self._prepared != key:
             self.backend.prepare(rs, int(votes), int(batch), early_exit=self.early_exit)
@@ -161,18 +159,9 @@ class Engine:
         return counts
 
     def _count(self, labels: np.ndarray, expected: int) -> np.ndarray:
-        if labels.shape != (expected,) or labels.dtype.kind not in "iu":
-            raise EngineError(
-                f"the engine returned labels of shape {labels.shape} and dtype {labels.dtype} for {expected} samples "
-                "(expected one integer label per sample): rebuild the engine"
-            )
-        if expected and (labels.min() < 0 or labels.max() >= self.num_classes):
-            bad = labels[(labels < 0) | (labels >= self.num_classes)]
-            raise EngineError(
-                f"the classifier returned label {int(bad[0])}, outside the engine's {self.num_classes} classes: "
-                "the engine's classifier does not match its manifest; rebuild the engine"
-            )
-        return np.bincount(labels.astype(np.int64), minlength=self.num_classes)
+        """Per-class counts of one batch's voted labels; a wrong count or a label outside the
+        engine's classes is an :class:`EngineError` (:func:`densepure_rt.backends.check_labels`)."""
+        return np.bincount(check_labels(labels, expected, self.num_classes), minlength=self.num_classes)
 
     def _image(self, image: np.ndarray, image_index: int) -> np.ndarray:
         image = np.asarray(image)
