@@ -18,6 +18,8 @@ imports it; a future torch backend of the runtime can.
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Sequence
 
 import numpy as np
@@ -304,7 +306,13 @@ class WholeLoop:
         # relative to a device-side base; each replay writes the generator's current (seed, offset)
         # into that base and advances the offset by the graph's total, so every replay draws fresh
         # numbers, exactly those an eager call at the same point of the stream would draw.
-        graph.register_generator_state(self.generator)
+        # torch 2.11 (the device image) requires the call; newer torch made it a deprecated no-op
+        # (registration is automatic there): keep it where it exists, quietly.
+        register = getattr(graph, "register_generator_state", None)
+        if register is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", category=(DeprecationWarning, FutureWarning, UserWarning))
+                register(self.generator)
         with torch.cuda.graph(graph, pool=pool):
             self._run()
         self.graph = graph
