@@ -25,7 +25,7 @@ from .noise import sample_noise
 from .schedule import ReverseSchedule
 from .vote import majority_vote, undecided, vote_waves
 
-__all__ = ["Backend", "OnnxRuntimeBackend", "open_backend", "check_finite", "check_labels"]
+__all__ = ["Backend", "OnnxRuntimeBackend", "LoopBackend", "open_backend", "check_finite", "check_labels"]
 
 
 class Backend(abc.ABC):
@@ -156,6 +156,88 @@ class OnnxRuntimeBackend(Backend):
         self._step = self._cls = None  # type: ignore[assignment]
 
 
+class LoopBackend(Backend):
+    """The batch loop (:class:`densepure_rt.loop.BatchLoop`) over an :class:`densepure_rt.executors.OrtExecutor`.
+
+    ``device="cpu"``: numpy buffers, the host Philox noise, ONNX Runtime's CPU provider through
+    IOBinding. ``device="cuda"``: CuPy buffers on one CUDA stream, the Philox CUDA kernel, ONNX
+    Runtime's CUDA provider on that stream; images staged through pinned memory. Same labels as
+    :class:`OnnxRuntimeBackend` for the same noise (tests), and batches may mix images
+    (:meth:`voted_labels_many`).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, directory: str | Path, manifest: dict, device: str = "cpu", threads: int | None = None):
+        from .executors import OrtExecutor
+        from .loop import BatchLoop, HostNoise
+
+        self.device = device
+        self.image_shape = tuple(manifest["image_shape"])
+        self.num_classes = int(manifest["num_classes"])
+        self._ctx = None
+        if device == "cuda":
+            from .gpu import CudaContext, CupyNoise, require_cupy
+
+            cupy = require_cupy()
+            self._ctx = CudaContext(cupy)
+            xp, noise = cupy, CupyNoise(cupy, self._ctx.stream)
+            self._executor = OrtExecutor(directory, manifest, device, threads, stream=self._ctx.stream, xp=cupy)
+        elif device == "cpu":
+            xp, noise = np, HostNoise()
+            self._executor = OrtExecutor(directory, manifest, device, threads, xp=np)
+        else:
+            raise EngineError(f"--device must be cpu or cuda for the onnxruntime backend (got {device!r})")
+        self.xp = xp
+        self.version = self._executor.version
+        self.loop = BatchLoop(self._executor, noise, self.image_shape, self.num_classes, xp=xp)
+
+    @property
+    def unet_evals(self) -> int:  # type: ignore[override]
+        return self.loop.unet_evals
+
+    @property
+    def classifier_evals(self) -> int:  # type: ignore[override]
+        return self.loop.classifier_evals
+
+    def prepare(self, rs: ReverseSchedule, votes: int, batch: int, early_exit: bool = True) -> None:
+        if self._ctx is not None:
+            with self._ctx.stream:
+                self.loop.prepare(rs, votes, batch, early_exit)
+            self._ctx.synchronize()
+        else:
+            self.loop.prepare(rs, votes, batch, early_exit)
+
+    def _images(self, images: np.ndarray):
+        return self._ctx.stage(images) if self._ctx is not None else np.ascontiguousarray(images, dtype=np.float32)
+
+    def voted_labels_many(self, images: np.ndarray, slots, image_indices, phases, samples, seed: int) -> np.ndarray:
+        """Voted labels [n] int64 of a batch whose sample i is sample ``samples[i]`` of phase
+        ``phases[i]`` of image ``images[slots[i]]`` (index ``image_indices[i]``); ``images`` [N x C x H x W]."""
+        staged = self._images(images)
+        if self._ctx is None:
+            return np.array(self.loop.run(staged, slots, image_indices, phases, samples, seed), dtype=np.int64)
+        with self._ctx.stream:
+            voted = self.loop.run(staged, slots, image_indices, phases, samples, seed)
+            return self.xp.asnumpy(voted, stream=self._ctx.stream, blocking=True).astype(np.int64)
+
+    def voted_labels(self, image: np.ndarray, seed: int, image_index: int, phase: int, samples: Sequence[int]) -> np.ndarray:
+        n = len(samples)
+        fill = np.zeros(n, dtype=np.int64)
+        return self.voted_labels_many(image[None], fill, fill + image_index, fill + phase, np.asarray(samples, dtype=np.int64), seed)
+
+    def purify(self, x_t: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        raise NotImplementedError("the batch loop purifies inside voted_labels; use OnnxRuntimeBackend.purify")
+
+    def classify(self, images: np.ndarray) -> np.ndarray:
+        raise NotImplementedError("the batch loop classifies inside voted_labels; use OnnxRuntimeBackend.classify")
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.close()
+            self._executor = None  # type: ignore[assignment]
+
+
 def check_labels(labels: np.ndarray, expected: int, num_classes: int) -> np.ndarray:
     """The classifier's labels as int64, or an :class:`EngineError` if they are not one integer in
     [0, num_classes) per image: a dropped or out-of-range label would shrink n and inflate the bound."""
@@ -183,13 +265,20 @@ def check_finite(purified: np.ndarray) -> None:
         )
 
 
-def open_backend(name: str, directory: str | Path, manifest: dict, device: str = "cpu", threads: int | None = None) -> Backend:
-    """The backend ``name`` for an engine directory; refuses one the manifest was not built for."""
+def open_backend(
+    name: str, directory: str | Path, manifest: dict, device: str = "cpu", threads: int | None = None, loop: bool = True
+) -> Backend:
+    """The backend ``name`` for an engine directory; refuses one the manifest was not built for.
+
+    ``loop=False``: the plain step-by-step ONNX Runtime path (:class:`OnnxRuntimeBackend`, the
+    reference the batch loop is tested against) instead of :class:`LoopBackend`."""
     built = manifest["backend"]["name"]
     if name in ("auto", built):
         name = built
     else:
         raise EngineError(f"this engine was built for the {built} backend, not {name}: rebuild it with --backend {name}")
     if name == "onnxruntime":
+        if loop:
+            return LoopBackend(directory, manifest, device=device, threads=threads)
         return OnnxRuntimeBackend(directory, manifest, device=device, threads=threads)
     raise EngineError(f"backend {name!r} is not supported by this densepure-rt: rebuild the engine for onnxruntime")

@@ -37,6 +37,7 @@ __all__ = [
     "box_muller",
     "normals",
     "draw_normals",
+    "row_normals",
     "CUDA_SOURCE",
 ]
 
@@ -116,6 +117,37 @@ def draw_normals(seed: int, image: int, phase: int, samples, draws, size: int) -
     return normals(counter, key).reshape(len(samples), len(draws), blocks * 4)[..., : int(size)]
 
 
+def row_normals(seed: int, images, phases, samples, draws, size: int, scale: float | None = None) -> np.ndarray:
+    """Standard normals [rows x size] float32, one row per (image, phase, sample, draw) tuple.
+
+    Row r holds elements 0 .. size-1 of draw ``draws[r]`` of sample ``samples[r]`` of image
+    ``images[r]`` in phase ``phases[r]``: the same numbers as :func:`draw_normals` gives for that
+    tuple. Rows of several images can share one call (the batch loop's cross-image batches).
+    ``scale``: multiply by this float32 in float32 (delta's sigma), as the CUDA kernel does.
+    """
+    cols = [np.asarray(a, dtype=np.int64).reshape(-1) for a in (images, phases, samples, draws)]
+    rows = len(cols[0])
+    if any(len(c) != rows for c in cols):
+        raise ValueError("images, phases, samples and draws must have one entry per row")
+    for c, name in zip(cols, ("image index", "phase", "sample index", "draw index")):
+        if rows and (c.min() < 0 or c.max() >= 2**32):
+            raise ValueError(f"{name} must be in [0, 2^32) for the Philox key and counter")
+    images, phases, samples, draws = (c.astype(np.uint32) for c in cols)
+    blocks = (int(size) + 3) // 4
+    counter = np.empty((rows, blocks, 4), dtype=np.uint32)
+    counter[..., 0] = np.arange(blocks, dtype=np.uint32)[None, :]
+    counter[..., 1] = draws[:, None]
+    counter[..., 2] = samples[:, None]
+    counter[..., 3] = phases[:, None]
+    key = np.empty((rows, 1, 2), dtype=np.uint32)
+    key[..., 0] = _u32(seed, "seed")
+    key[..., 1] = images[:, None]
+    out = normals(counter, key).reshape(rows, blocks * 4)[:, : int(size)]
+    if scale is not None:
+        out = out * np.float32(scale)
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
 #: The same generator as a CUDA kernel (compiled with NVRTC by ``cupy.RawKernel``; not compiled or
 #: run in CI, which has no GPU). One thread per (row, element block): it writes up to four normals
 #: of draw ``draws[row % n_draws]`` of sample ``samples[row // n_draws]`` into ``out[row, 4 * block ...]``.
@@ -170,5 +202,34 @@ extern "C" __global__ void philox_normals(
     }
     float* dst = out + (long long)row * size + 4 * (long long)block;
     for (int i = 0; i < 4 && 4 * (int)block + i < size; ++i) dst[i] = z[i];
+}
+
+/* The batch loop's kernel: row r draws (image images[r], phase phases[r], sample samples[r], draw
+   draws[r] + draw_offset), times scale (float32 multiply, as numpy's row_normals), into out[r, :].
+   The per-row arrays are device buffers refreshed per batch; draw_offset is the reverse step. */
+extern "C" __global__ void philox_rows(
+    const unsigned int seed, const unsigned int* __restrict__ images, const unsigned int* __restrict__ phases,
+    const unsigned int* __restrict__ samples, const unsigned int* __restrict__ draws, const unsigned int draw_offset,
+    const int n_rows, const int size, const float scale, float* __restrict__ out)
+{
+    const int blocks = (size + 3) / 4;
+    const long long tid = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (tid >= (long long)n_rows * blocks) return;
+    const int row = (int)(tid / blocks);
+    const unsigned int block = (unsigned int)(tid % blocks);
+    unsigned int c[4] = {block, draws[row] + draw_offset, samples[row], phases[row]};
+    philox4x32_10(c, seed, images[row]);
+    const double two_m32 = 2.3283064365386963e-10;  /* 2^-32 */
+    float z[4];
+    for (int p = 0; p < 2; ++p) {
+        const double u = ((double)c[2 * p] + 1.0) * two_m32;
+        const double v = (double)c[2 * p + 1] * two_m32;
+        const double rr = sqrt(-2.0 * log(u));
+        const double a = 6.283185307179586 * v;
+        z[2 * p] = (float)(rr * cos(a));
+        z[2 * p + 1] = (float)(rr * sin(a));
+    }
+    float* dst = out + (long long)row * size + 4 * (long long)block;
+    for (int i = 0; i < 4 && 4 * (int)block + i < size; ++i) dst[i] = z[i] * scale;
 }
 """

@@ -83,7 +83,13 @@ class Engine:
     """An opened engine directory: manifest verified, backend sessions loaded. A context manager."""
 
     def __init__(
-        self, directory: str | Path, backend: str = "auto", device: str = "cpu", threads: int | None = None, early_exit: bool = True
+        self,
+        directory: str | Path,
+        backend: str = "auto",
+        device: str = "cpu",
+        threads: int | None = None,
+        early_exit: bool = True,
+        loop: bool = True,
     ):
         self.directory = Path(directory)
         #: Stop a noisy sample's K runs once its vote is decided (identical votes, less work).
@@ -94,7 +100,7 @@ class Engine:
         self.preset = self.manifest["preset"]
         sched = self.manifest["schedule"]
         self._schedule = make_schedule(sched["kind"], sched["num_timesteps"], sched["rescale_timesteps"])
-        self.backend: Backend = open_backend(backend, self.directory, self.manifest, device=device, threads=threads)
+        self.backend: Backend = open_backend(backend, self.directory, self.manifest, device=device, threads=threads, loop=loop)
         self._prepared: tuple | None = None
 
     # -- lifecycle --------------------------------------------------------------------------- #
@@ -157,6 +163,78 @@ class Engine:
         if int(counts.sum()) != num:  # every drawn sample is counted exactly once
             raise EngineError(f"the engine counted {int(counts.sum())} labels for {num} samples: rebuild the engine")
         return counts
+
+    def sample_counts_many(self, jobs, *, seed: int, batch: int, progress: Progress = None) -> list[np.ndarray]:
+        """Per-class counts of several (image, image_index, phase, num) jobs, with batches that mix
+        images (after :meth:`_prepare`): the samples of all jobs are taken in order, ``batch`` at a
+        time, so a job of fewer samples than a batch (the n0 phase) shares its batch with the next.
+
+        Each job's counts equal :meth:`sample_counts` of that job alone: noise is a pure function of
+        (seed, image index, phase, sample), not of the batch (test). Needs a backend with
+        ``voted_labels_many`` (the batch loop).
+        """
+        many = getattr(self.backend, "voted_labels_many", None)
+        if many is None:
+            raise ConfigError("cross-image batches need the batch loop backend (open the engine with loop=True)")
+        jobs = [(self._image(img, idx), int(idx), int(phase), int(num)) for img, idx, phase, num in jobs]
+        images = np.stack([j[0] for j in jobs]) if jobs else np.zeros((0, *self.image_shape), dtype=np.float32)
+        job_of = np.concatenate([np.full(j[3], k, dtype=np.int64) for k, j in enumerate(jobs)] + [np.zeros(0, np.int64)])
+        sample_of = np.concatenate([np.arange(j[3], dtype=np.int64) for j in jobs] + [np.zeros(0, np.int64)])
+        index_of = np.array([j[1] for j in jobs], dtype=np.int64)
+        phase_of = np.array([j[2] for j in jobs], dtype=np.int64)
+        counts = [np.zeros(self.num_classes, dtype=np.int64) for _ in jobs]
+        for start in range(0, len(job_of), batch):
+            rows = slice(start, min(start + batch, len(job_of)))
+            used = np.unique(job_of[rows])  # only the images of this batch travel to the device
+            slot = np.searchsorted(used, job_of[rows])
+            labels = many(images[used], slot, index_of[job_of[rows]], phase_of[job_of[rows]], sample_of[rows], seed)
+            labels = check_labels(np.asarray(labels), len(slot), self.num_classes)
+            for k in used:
+                counts[k] += np.bincount(labels[job_of[rows] == k], minlength=self.num_classes)
+            if progress is not None:
+                progress(len(slot))
+        for (_, _, _, num), c in zip(jobs, counts):
+            if int(c.sum()) != num:
+                raise EngineError(f"the engine counted {int(c.sum())} labels for {num} samples: rebuild the engine")
+        return counts
+
+    def certify_many(
+        self,
+        images,
+        sigma: float,
+        steps: int | str = 4,
+        votes: int = 10,
+        n0: int = 100,
+        n: int = 1000,
+        alpha: float = 0.001,
+        *,
+        seed: int = 0,
+        image_indices=None,
+        batch: int = 32,
+        progress: Progress = None,
+    ) -> list[tuple[Certificate, CountsResult]]:
+        """:meth:`certify_counts` of several images at once, in batches that mix images (both phases
+        of every image share the batches): the same certificates as one image at a time, fewer
+        partly filled batches. ``image_indices`` default to 0, 1, 2, ... (they key the noise)."""
+        validate_params(sigma, alpha, n0, n)
+        images = list(images)
+        indices = list(range(len(images))) if image_indices is None else [int(i) for i in image_indices]
+        if len(indices) != len(images):
+            raise ConfigError(f"{len(images)} images but {len(indices)} image indices")
+        self._prepare(sigma, steps, votes, batch)
+        jobs = []
+        for img, idx in zip(images, indices):
+            jobs += [(img, idx, SELECTION, n0), (img, idx, ESTIMATION, n)]
+        evals = self.backend.unet_evals
+        counts = self.sample_counts_many(jobs, seed=seed, batch=batch, progress=progress)
+        spent = self.backend.unet_evals - evals
+        out = []
+        for k in range(len(images)):
+            c0, c = counts[2 * k], counts[2 * k + 1]
+            # The work is shared by the batch; each image is charged its share of the samples.
+            share = spent * (n0 + n) // max(1, len(images) * (n0 + n))
+            out.append((certify(c0, c, sigma, alpha), CountsResult(c0, c, share)))
+        return out
 
     def _count(self, labels: np.ndarray, expected: int) -> np.ndarray:
         """Per-class counts of one batch's voted labels; a wrong count or a label outside the
@@ -372,9 +450,15 @@ class Engine:
 
 
 def open_engine(
-    directory: str | Path, backend: str = "auto", device: str = "cpu", threads: int | None = None, early_exit: bool = True
+    directory: str | Path,
+    backend: str = "auto",
+    device: str = "cpu",
+    threads: int | None = None,
+    early_exit: bool = True,
+    loop: bool = True,
 ) -> Engine:
     """Open and verify an engine directory (see :class:`Engine`). ``early_exit=False`` runs all K
-    runs of every noisy sample (same votes, more work; for comparisons)."""
-    return Engine(directory, backend=backend, device=device, threads=threads, early_exit=early_exit)
+    runs of every noisy sample (same votes, more work; for comparisons). ``loop=False`` runs the
+    plain step-by-step ONNX Runtime path instead of the batch loop (same labels; for comparisons)."""
+    return Engine(directory, backend=backend, device=device, threads=threads, early_exit=early_exit, loop=loop)
 

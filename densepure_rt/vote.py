@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import numpy as np
 
+__all__ = ["array_module", "majority_vote", "vote_waves", "undecided", "count_labels"]
+
+
+def array_module(a):
+    """numpy, or CuPy for a CuPy array: the vote runs where the labels are (no import of CuPy
+    unless a CuPy array is passed in)."""
+    if type(a).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
 
 def majority_vote(labels: np.ndarray) -> np.ndarray:
     """Most frequent label per row, as the official DensePure code votes.
@@ -13,20 +25,19 @@ def majority_vote(labels: np.ndarray) -> np.ndarray:
     Returns [num_samples] int64. Ties go to the class whose FIRST vote has the lowest run index,
     i.e. ``max(list(row), key=list(row).count)`` (Python's max keeps the first maximal element).
     """
-    labels = np.asarray(labels)
+    xp = array_module(labels)
+    labels = xp.asarray(labels)
     if labels.ndim != 2 or labels.shape[1] == 0:
         raise ValueError(f"labels must be [num_samples x K] with K >= 1 (got shape {labels.shape})")
     if labels.dtype.kind not in "iu":
         raise ValueError(f"labels must hold integers (got dtype {labels.dtype})")
-    labels = labels.astype(np.int64, copy=False)
+    labels = labels.astype(xp.int64, copy=False)
 
     # counts[i, j] = how often row i's run-j label occurs in row i.
-    counts = np.empty(labels.shape, dtype=np.int64)
-    for j in range(labels.shape[1]):
-        counts[:, j] = (labels == labels[:, j : j + 1]).sum(axis=1)
+    counts = (labels[:, :, None] == labels[:, None, :]).sum(axis=2)
     # The first run holding a maximal count is the first vote of the earliest-voted tied class.
-    winner_run = np.argmax(counts, axis=1)
-    return labels[np.arange(labels.shape[0]), winner_run]
+    winner_run = xp.argmax(counts, axis=1)
+    return xp.take_along_axis(labels, winner_run[:, None], axis=1)[:, 0]
 
 
 def vote_waves(votes: int) -> tuple[int, ...]:
@@ -57,7 +68,8 @@ def undecided(labels: np.ndarray, votes: int) -> np.ndarray:
     class's count, and the worst case gives them all to the strongest challenger). A class not seen
     yet would have its first vote at run >= j > f_L, so it can only win with r > c_L.
     """
-    labels = np.asarray(labels)
+    xp = array_module(labels)
+    labels = xp.asarray(labels)
     if labels.ndim != 2 or labels.shape[1] == 0:
         raise ValueError(f"labels must be [num_samples x j] with j >= 1 (got shape {labels.shape})")
     done = labels.shape[1]
@@ -65,18 +77,15 @@ def undecided(labels: np.ndarray, votes: int) -> np.ndarray:
         raise ValueError(f"labels hold {done} runs but the vote has only {votes}")
     remaining = int(votes) - done
     if remaining == 0:
-        return np.zeros(labels.shape[0], dtype=bool)
-    rows = np.arange(labels.shape[0])
-    counts = np.empty(labels.shape, dtype=np.int64)
-    first = np.empty(labels.shape, dtype=bool)  # run j is its label's first vote in the row
-    for j in range(done):
-        same = labels == labels[:, j : j + 1]
-        counts[:, j] = same.sum(axis=1)
-        first[:, j] = ~same[:, :j].any(axis=1)
-    lead_run = np.argmax(counts, axis=1)  # first run of the leader (as majority_vote picks it)
-    lead_count = counts[rows, lead_run]
-    lead_label = labels[rows, lead_run]
-    runs = np.arange(done)[None, :]
+        return xp.zeros(labels.shape[0], dtype=bool)
+    same = labels[:, :, None] == labels[:, None, :]  # [rows, run j, run i]
+    counts = same.sum(axis=2)
+    earlier = xp.tril(xp.ones((done, done), dtype=bool), k=-1)  # i < j
+    first = ~(same & earlier[None]).any(axis=2)  # run j is its label's first vote in the row
+    lead_run = xp.argmax(counts, axis=1)  # first run of the leader (as majority_vote picks it)
+    lead_count = xp.take_along_axis(counts, lead_run[:, None], axis=1)[:, 0]
+    lead_label = xp.take_along_axis(labels, lead_run[:, None], axis=1)[:, 0]
+    runs = xp.arange(done)[None, :]
     challenger = first & (labels != lead_label[:, None])
     reach = counts + remaining
     overtakes = challenger & ((reach > lead_count[:, None]) | ((reach == lead_count[:, None]) & (runs < lead_run[:, None])))

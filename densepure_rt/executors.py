@@ -1,0 +1,131 @@
+"""Executors: run an engine's step and classifier graphs on the batch loop's buffers.
+
+:class:`OrtExecutor` binds the loop's arrays with ONNX Runtime's IOBinding: with the CPU provider
+over numpy arrays (the path CI runs), with the CUDA provider over CuPy arrays (device pointers bound
+directly, nothing copied to the host). On the GPU ONNX Runtime runs on the loop's CUDA stream
+(``user_compute_stream``), so its kernels and the loop's CuPy kernels are ordered on one stream
+without host waits, and the run does not synchronise at its end
+(``disable_synchronize_execution_providers``).
+
+The CUDA path was written on a machine without a GPU; what of it ran on a lent H100 is recorded in
+README.md's backend table and in ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .errors import EngineError
+from .manifest import graph_path
+
+__all__ = ["OrtExecutor", "ort_providers"]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:240] if text else type(exc).__name__
+
+
+def ort_providers(device: str, stream_ptr: int | None = None, device_id: int = 0, cuda_graph: bool = False) -> list:
+    """ONNX Runtime providers for ``device`` (cpu or cuda), or an :class:`EngineError` saying what to install."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device != "cuda":
+        raise EngineError(f"--device must be cpu or cuda for the onnxruntime backend (got {device!r})")
+    if "CUDAExecutionProvider" not in available:
+        raise EngineError(
+            "--device cuda needs onnxruntime-gpu (the installed onnxruntime only has "
+            f"{', '.join(available)}): pip install onnxruntime-gpu, or use --device cpu"
+        )
+    options = {"device_id": str(device_id)}
+    if stream_ptr is not None:
+        options["user_compute_stream"] = str(int(stream_ptr))
+        options["has_user_compute_stream"] = "1"
+    if cuda_graph:
+        options["enable_cuda_graph"] = "1"
+    return [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+
+
+class OrtExecutor:
+    """ONNX Runtime over an engine's ``step.onnx`` and ``classifier.onnx``, bound with IOBinding.
+
+    ``xp`` is numpy for ``device="cpu"`` and CuPy for ``device="cuda"``; the arrays handed to
+    :meth:`step` and :meth:`classify` must be C-contiguous arrays of that module.
+    """
+
+    def __init__(self, directory: str | Path, manifest: dict, device: str = "cpu", threads: int | None = None,
+                 stream=None, xp=np):
+        try:
+            import onnxruntime as ort
+        except ImportError:  # pragma: no cover - onnxruntime is a dependency
+            raise EngineError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from None
+        self.xp, self.device = xp, device
+        self.device_id = 0
+        stream_ptr = None
+        if device == "cuda":
+            self.device_id = int(xp.cuda.Device().id)
+            stream_ptr = int(stream.ptr) if stream is not None else None
+        providers = ort_providers(device, stream_ptr, self.device_id)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        directory = Path(directory)
+        step_file, cls_file = graph_path(directory, manifest, "step"), graph_path(directory, manifest, "classifier")
+        try:
+            self._step = ort.InferenceSession(str(step_file), options, providers=providers)
+            self._cls = ort.InferenceSession(str(cls_file), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise EngineError(f"onnxruntime could not load the engine in {directory}: {_first_line(exc)}") from None
+        self.providers = {"step": self._step.get_providers(), "classifier": self._cls.get_providers()}
+        self.version = ort.__version__
+        self._run_options = ort.RunOptions()
+        if device == "cuda":
+            # The loop's next kernels are queued on the same stream: no host wait at the end of a run.
+            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self._io_step = self._step.io_binding()
+        self._io_cls = self._cls.io_binding()
+        self._ort_device = "cuda" if device == "cuda" else "cpu"
+
+    # -- binding -------------------------------------------------------------------------------------
+    def _ptr(self, a) -> int:
+        if not a.flags.c_contiguous:
+            raise ValueError("IOBinding needs C-contiguous buffers")
+        return int(a.ctypes.data) if self.xp is np else int(a.data.ptr)
+
+    def _bind_in(self, io, name: str, a) -> None:
+        io.bind_input(name, self._ort_device, self.device_id, a.dtype.type, list(a.shape), self._ptr(a))
+
+    def _bind_out(self, io, name: str, a) -> None:
+        io.bind_output(name, self._ort_device, self.device_id, a.dtype.type, list(a.shape), self._ptr(a))
+
+    def _run(self, session, io, what: str) -> None:
+        try:
+            session.run_with_iobinding(io, self._run_options)
+        except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
+            raise EngineError(f"onnxruntime failed running the {what} graph: {_first_line(exc)}") from None
+
+    # -- the executor interface ------------------------------------------------------------------------
+    def step(self, x, noise, scalars, out) -> None:
+        io = self._io_step
+        self._bind_in(io, "x", x)
+        self._bind_in(io, "noise", noise)
+        self._bind_in(io, "scalars", scalars)
+        self._bind_out(io, "x_next", out)
+        self._run(self._step, io, "denoise-step")
+
+    def classify(self, images, labels, logits) -> None:
+        io = self._io_cls
+        self._bind_in(io, "image", images)
+        self._bind_out(io, "labels", labels)
+        self._bind_out(io, "logits", logits)
+        self._run(self._cls, io, "classifier")
+
+    def close(self) -> None:
+        self._step = self._cls = self._io_step = self._io_cls = None  # type: ignore[assignment]

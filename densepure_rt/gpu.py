@@ -1,0 +1,107 @@
+"""The device layer on CuPy: one stream, the Philox noise kernel, pinned staging of images.
+
+Imported only when a GPU backend is asked for (``--device cuda``); the rest of the runtime never
+imports CuPy (nor torch). Why CuPy and not pycuda or raw cuda-python: docs/decisions.md.
+
+- :class:`CudaContext`: the loop's CUDA stream (non-blocking), on which the noise kernel, the loop's
+  elementwise work and ONNX Runtime (``user_compute_stream``) all run in order.
+- :class:`CupyNoise`: :data:`densepure_rt.philox.CUDA_SOURCE`'s ``philox_rows`` kernel, compiled once
+  with NVRTC; per-row keys are device buffers of the loop, so the kernel draws each batch's own noise.
+- :meth:`CudaContext.stage`: images go host -> pinned host buffer -> device with an asynchronous copy
+  on a second stream; the loop's stream waits on an event, not the host. Two pinned buffers
+  alternate (double buffering), so the next batch's images are copied while the current one runs.
+
+Written without a GPU; what ran on a lent H100 is recorded in README.md's backend table.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import EngineError
+from .philox import CUDA_SOURCE
+
+__all__ = ["require_cupy", "CudaContext", "CupyNoise"]
+
+
+def require_cupy():
+    """The cupy module, or an :class:`EngineError` that says how to get it."""
+    try:
+        import cupy
+    except ImportError:
+        raise EngineError(
+            "--device cuda needs CuPy: pip install 'densepure-rt[gpu]' (cupy-cuda12x or cupy-cuda13x, matching your CUDA)"
+        ) from None
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            raise EngineError("--device cuda: CuPy sees no CUDA device; use --device cpu")
+    except cupy.cuda.runtime.CUDARuntimeError as exc:
+        raise EngineError(f"--device cuda: no usable CUDA driver ({exc}); use --device cpu") from None
+    return cupy
+
+
+class CupyNoise:
+    """The Philox noise source on the GPU: the same numbers as :class:`densepure_rt.loop.HostNoise`."""
+
+    THREADS = 256
+
+    def __init__(self, cupy, stream):
+        self.cupy, self.stream = cupy, stream
+        self._kernel = cupy.RawModule(code=CUDA_SOURCE).get_function("philox_rows")
+
+    def fill(self, out, seed: int, images, phases, samples, draws, offset: int, scale: float) -> None:
+        rows = int(out.shape[0])
+        size = int(np.prod(out.shape[1:]))
+        total = rows * ((size + 3) // 4)
+        if total == 0:
+            return
+        grid = ((total + self.THREADS - 1) // self.THREADS,)
+        self._kernel(
+            grid, (self.THREADS,),
+            (np.uint32(seed), images, phases, samples, draws, np.uint32(offset), np.int32(rows), np.int32(size),
+             np.float32(scale), out),
+            stream=self.stream,
+        )
+
+
+class CudaContext:
+    """The loop's stream, a copy stream and two pinned staging buffers for images."""
+
+    def __init__(self, cupy, device_id: int = 0):
+        self.cupy = cupy
+        self.device = cupy.cuda.Device(device_id)
+        self.device.use()
+        self.stream = cupy.cuda.Stream(non_blocking=True)
+        self.copy_stream = cupy.cuda.Stream(non_blocking=True)
+        self._pinned: list = [None, None]
+        self._device_images: list = [None, None]
+        self._events = [None, None]
+        self._turn = 0
+
+    def stage(self, images: np.ndarray):
+        """Device copy of ``images`` [N x C x H x W] float32, copied through pinned memory on the copy
+        stream; the loop's stream waits for the copy (an event), the host does not. The returned array
+        stays valid until the call after next (two buffers alternate)."""
+        cupy = self.cupy
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        i = self._turn
+        self._turn ^= 1
+        # Everything queued on the loop's stream so far ends with the previous call's batch, the one
+        # reading the other buffer: mark it, so the call after this one can reuse that buffer.
+        self._events[i ^ 1] = self.stream.record() if self._device_images[i ^ 1] is not None else None
+        if self._events[i] is not None:
+            self._events[i].synchronize()  # the batch of two calls ago, which read this buffer, is done
+        if self._pinned[i] is None or self._pinned[i].size < images.size:
+            mem = cupy.cuda.alloc_pinned_memory(images.nbytes)
+            self._pinned[i] = np.frombuffer(mem, dtype=np.float32, count=images.size)
+            self._device_images[i] = cupy.empty(images.size, dtype=np.float32)
+        pinned = self._pinned[i][: images.size]
+        pinned[...] = images.reshape(-1)
+        dev = self._device_images[i][: images.size]
+        dev.set(pinned, stream=self.copy_stream)  # asynchronous: the source is pinned
+        copied = self.copy_stream.record()
+        self.stream.wait_event(copied)
+        return dev.reshape(images.shape)
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()

@@ -1,0 +1,191 @@
+"""The runtime's batch loop, written once over an array module: numpy on the CPU, CuPy on a GPU.
+
+One call of :meth:`BatchLoop.run` takes a batch of noisy samples, each naming its image (a slot in
+a staged array of images, so one batch may hold samples of several images), its image index, its
+phase and its sample index, and returns their voted labels. Inside:
+
+    delta      = sigma * N(seed; image, phase, sample, draw 0)                  [per sample]
+    x_{t*}     = input_scale * (2 (image + delta) - 1)                           [per sample]
+    for each wave of runs (all K at once, or ceil(K/2) then one by one with early exit):
+        x      = x_{t*} repeated over the wave's runs                           [samples x runs rows]
+        for s in 0 .. calls-1:
+            z  = N(seed; image, phase, sample, draw 1 + k * calls + s)          [per row: run k]
+            x  = step(x, z, scalars[s])                                          (the engine's step graph)
+        labels[:, runs] = classify(x)
+        finished samples vote (official tie rule); undecided ones go on to the next wave
+
+Every number a sample gets is a pure function of (seed, image index, phase, sample, draw) (see
+:mod:`densepure_rt.noise`), so the labels do not depend on the batch, on its other samples or on
+the device. Buffers are allocated once per (schedule, K, batch) in :meth:`BatchLoop.prepare`;
+nothing is allocated per step. The loop never reads a device value inside a wave: with early exit
+it reads the undecided samples once per wave (a handful of integers) to compact the next wave;
+without it (``early_exit=False``) a batch is one asynchronous stream of launches until its labels
+are read back.
+
+The executor runs the two graphs on buffers of the loop's array module (``step(x, noise, scalars,
+out)`` and ``classify(images, labels, logits)``): :class:`densepure_rt.executors.OrtExecutor` binds them
+with ONNX Runtime's IOBinding, on the CPU provider over numpy or on the CUDA provider over CuPy.
+The noise source fills per-row buffers: :func:`densepure_rt.philox.row_normals` on the host, the
+``philox_rows`` CUDA kernel on a GPU (:mod:`densepure_rt.gpu`); the two draw the same numbers.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, Sequence
+
+import numpy as np
+
+from .errors import EngineError
+from .philox import row_normals
+from .schedule import ReverseSchedule
+from .vote import majority_vote, undecided, vote_waves
+
+__all__ = ["Executor", "NoiseSource", "HostNoise", "BatchLoop"]
+
+
+class Executor(Protocol):
+    """Runs the engine's graphs on buffers of one array module."""
+
+    xp: object
+
+    def step(self, x, noise, scalars, out) -> None:
+        """out[:] = step(x, noise, scalars): x, noise, out [R x C x H x W] float32; scalars [S] float32."""
+
+    def classify(self, images, labels, logits) -> None:
+        """labels[:] (int64 [R]) and logits[:] (float32 [R x classes]) of images [R x C x H x W]."""
+
+    def close(self) -> None:
+        """Free the sessions."""
+
+
+class NoiseSource(Protocol):
+    def fill(self, out, seed: int, images, phases, samples, draws, offset: int, scale: float) -> None:
+        """out[r] = scale * normals of (images[r], phases[r], samples[r], draws[r] + offset), float32."""
+
+
+class HostNoise:
+    """The numpy noise source (:func:`densepure_rt.philox.row_normals`)."""
+
+    def fill(self, out, seed: int, images, phases, samples, draws, offset: int, scale: float) -> None:
+        rows = out.shape[0]
+        size = int(np.prod(out.shape[1:]))
+        z = row_normals(seed, images[:rows], phases[:rows], samples[:rows], draws[:rows] + np.uint32(offset), size,
+                        scale=None if scale == 1.0 else scale)
+        out[...] = z.reshape(out.shape)
+
+
+class BatchLoop:
+    """Noise, x_{t*}, b steps x K runs, classifier, vote for a batch of noisy samples (see module doc)."""
+
+    def __init__(self, executor: Executor, noise: NoiseSource, image_shape: Sequence[int], num_classes: int, xp=np):
+        self.executor, self.noise, self.xp = executor, noise, xp
+        self.image_shape = tuple(int(d) for d in image_shape)
+        self.num_classes = int(num_classes)
+        self.rs: ReverseSchedule | None = None
+        #: Work done so far: UNet (step) and classifier evaluations, one per row each.
+        self.unet_evals = 0
+        self.classifier_evals = 0
+
+    # -- buffers ----------------------------------------------------------------------------------
+    def prepare(self, rs: ReverseSchedule, votes: int, batch: int, early_exit: bool = True) -> None:
+        """Allocate every buffer for ``batch`` noisy samples x ``votes`` runs and upload the schedule."""
+        if not np.all(np.isfinite(rs.scalars)):
+            raise EngineError(f"the reverse schedule for sigma {rs.sigma}, steps {rs.steps} is not finite: choose fewer steps")
+        xp = self.xp
+        self.rs, self.votes, self.batch = rs, int(votes), int(batch)
+        self.waves = vote_waves(self.votes) if early_exit else (self.votes,)
+        rows = self.batch * self.votes
+        f32 = np.float32
+        self.sigma = f32(rs.sigma)
+        self.scale = f32(rs.input_scale)
+        self.table = xp.asarray(np.ascontiguousarray(rs.scalars, dtype=f32))  # [calls x S]
+        self.x = xp.empty((rows, *self.image_shape), dtype=f32)
+        self.x_next = xp.empty_like(self.x)
+        self.z = xp.empty_like(self.x)
+        self.delta = xp.empty((self.batch, *self.image_shape), dtype=f32)
+        self.start = xp.empty_like(self.delta)
+        self.run_labels = xp.empty(rows, dtype=np.int64)
+        self.logits = xp.empty((rows, self.num_classes), dtype=f32)
+        self.labels = xp.zeros((self.batch, self.votes), dtype=np.int64)
+        self.voted = xp.zeros(self.batch, dtype=np.int64)
+        u32 = np.uint32
+        # Per-sample keys (image index, phase, sample) and per-row keys of the current wave.
+        self.s_image, self.s_phase, self.s_sample = (xp.zeros(self.batch, dtype=u32) for _ in range(3))
+        self.s_slot = xp.zeros(self.batch, dtype=np.int64)
+        self.s_zero = xp.zeros(self.batch, dtype=u32)
+        self.r_image, self.r_phase, self.r_sample, self.r_draw = (xp.zeros(rows, dtype=u32) for _ in range(4))
+
+    def _put(self, buf, host) -> None:
+        """buf[:len(host)] = host (a small host -> device copy into a preallocated buffer)."""
+        host = np.ascontiguousarray(host, dtype=buf.dtype)
+        if self.xp is np:
+            buf[: len(host)] = host
+        else:
+            buf[: len(host)].set(host)
+
+    # -- one batch ---------------------------------------------------------------------------------
+    def run(self, images, slots, image_indices, phases, samples, seed: int):
+        """Voted labels [n] int64 (an array of the loop's module) of n <= batch noisy samples.
+
+        images: [slots x C x H x W] float32 in [0, 1] on the loop's device; sample i uses image
+        ``images[slots[i]]`` with key (``image_indices[i]``, ``phases[i]``, ``samples[i]``).
+        """
+        if self.rs is None:
+            raise RuntimeError("call prepare() first")
+        xp, n = self.xp, len(samples)
+        if not 0 < n <= self.batch:
+            raise ValueError(f"a batch holds 1 to {self.batch} samples (got {n})")
+        rs, votes, calls = self.rs, self.votes, self.rs.num_calls
+        for buf, host in ((self.s_slot, slots), (self.s_image, image_indices), (self.s_phase, phases), (self.s_sample, samples)):
+            self._put(buf, host)
+        delta, start = self.delta[:n], self.start[:n]
+        self.noise.fill(delta, seed, self.s_image, self.s_phase, self.s_sample, self.s_zero, 0, float(self.sigma))
+        # x_{t*} = (2 (x + delta) - 1) / sqrt(1 + 4 sigma^2), in float32 as the reference computes it.
+        xp.multiply(self.scale, 2 * (xp.take(images, self.s_slot[:n], axis=0) + delta) - 1, out=start)
+        self.labels[:n] = 0
+        active = xp.arange(n)
+        done = 0
+        bad = xp.zeros((), dtype=bool)
+        for wave in self.waves:
+            m = int(active.shape[0])
+            rows = m * wave
+            x, x_next, z = self.x[:rows], self.x_next[:rows], self.z[:rows]
+            x[...] = xp.repeat(start[active], wave, axis=0)
+            runs = xp.arange(done, done + wave, dtype=np.uint32)
+            self.r_image[:rows] = xp.repeat(self.s_image[active], wave)
+            self.r_phase[:rows] = xp.repeat(self.s_phase[active], wave)
+            self.r_sample[:rows] = xp.repeat(self.s_sample[active], wave)
+            self.r_draw[:rows] = xp.tile(1 + runs * np.uint32(calls), m)
+            for s in range(calls):
+                self.noise.fill(z, seed, self.r_image, self.r_phase, self.r_sample, self.r_draw, s, 1.0)
+                self.executor.step(x, z, self.table[s], x_next)
+                x, x_next = x_next, x
+            bad |= ~xp.isfinite(x).all()
+            self.executor.classify(x, self.run_labels[:rows], self.logits[:rows])
+            self.labels[active[:, None], xp.arange(done, done + wave)[None, :]] = self.run_labels[:rows].reshape(m, wave)
+            self.unet_evals += rows * calls
+            self.classifier_evals += rows
+            done += wave
+            if done == votes:
+                self.voted[active] = majority_vote(self.labels[active, :done])
+                break
+            still = undecided(self.labels[active, :done], votes)
+            finished = active[~still]
+            if finished.shape[0]:
+                self.voted[finished] = majority_vote(self.labels[finished, :done])
+            active = active[still]  # reads the undecided count: one small device -> host read per wave
+            if active.shape[0] == 0:
+                break
+        if bool(bad):
+            raise EngineError(
+                "the denoise step produced non-finite values (NaN or inf) in the purified images: the engine is "
+                "broken or was built for other inputs; rebuild it (densepure-rt build --force)"
+            )
+        low, high = int(self.labels[:n].min()), int(self.labels[:n].max())
+        if low < 0 or high >= self.num_classes:
+            bad_label = low if low < 0 else high
+            raise EngineError(
+                f"the classifier returned label {bad_label}, outside the engine's {self.num_classes} classes: "
+                "the engine's classifier does not match its manifest; rebuild the engine"
+            )
+        return self.voted[:n]

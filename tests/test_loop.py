@@ -1,0 +1,263 @@
+"""The batch loop (numpy + ONNX Runtime IOBinding on the CPU; CuPy + the CUDA provider on a GPU).
+
+The reference is the plain step-by-step path (:class:`densepure_rt.backends.OnnxRuntimeBackend`,
+``open_engine(..., loop=False)``): whole-array noise from :func:`densepure_rt.noise.sample_noise`,
+``session.run`` per step, the vote in numpy. On the shipped digits engine (trained weights, sigma
+0.6, where votes split) the loop must give identical counts, one image at a time and with batches
+that mix images, through the Python API and the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from densepure_rt.cli import main
+from densepure_rt.data import DIGITS_TEST_ASSET
+from densepure_rt.loop import HostNoise
+from densepure_rt.noise import ESTIMATION, PREDICTION, SELECTION, sample_noise
+from densepure_rt.philox import draw_normals, row_normals
+from densepure_rt.runtime import open_engine
+
+SIGMA, STEPS, VOTES = 0.6, 2, 3
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("loop") / "digits"
+    result = CliRunner().invoke(main, ["build", "--model", "digits", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    data = np.load(DIGITS_TEST_ASSET)
+    images = data["images"][:6].astype(np.float32)
+    if images.ndim == 3:
+        images = images[:, None]
+    if images.max() > 1.5:
+        images = images / 255.0
+    return images, data["labels"][:6]
+
+
+def test_row_normals_are_draw_normals_row_by_row():
+    size = 37  # not a multiple of 4: the last block is cut
+    images, phases, samples, draws = [5, 5, 7, 0], [1, 1, 0, 2], [2, 9, 4, 4], [0, 3, 1, 12]
+    got = row_normals(3, images, phases, samples, draws, size)
+    for r in range(4):
+        want = draw_normals(3, images[r], phases[r], [samples[r]], [draws[r]], size)[0, 0]
+        np.testing.assert_array_equal(got[r], want)
+    scaled = row_normals(3, images, phases, samples, draws, size, scale=0.6)
+    np.testing.assert_array_equal(scaled, got * np.float32(0.6))
+
+
+def test_host_noise_fills_the_sample_noise_layout():
+    """The loop's per-row fills give exactly :func:`sample_noise`'s delta and z (run k of sample b)."""
+    shape, calls, votes, samples = (1, 4, 4), 3, 2, [6, 1, 11]
+    delta, z = sample_noise(4, 9, ESTIMATION, samples, votes, calls, shape, SIGMA)
+    noise = HostNoise()
+    n = len(samples)
+    key = lambda v: np.full(n, v, dtype=np.uint32)  # noqa: E731
+    got = np.empty((n, *shape), dtype=np.float32)
+    noise.fill(got, 4, key(9), key(ESTIMATION), np.array(samples, dtype=np.uint32), key(0), 0, SIGMA)
+    np.testing.assert_array_equal(got, delta)
+    rows = n * votes
+    r_sample = np.repeat(np.array(samples, dtype=np.uint32), votes)
+    r_draw = np.tile(1 + np.arange(votes, dtype=np.uint32) * calls, n)
+    zr = np.empty((rows, *shape), dtype=np.float32)
+    for s in range(calls):
+        noise.fill(zr, 4, np.full(rows, 9, np.uint32), np.full(rows, ESTIMATION, np.uint32), r_sample, r_draw, s, 1.0)
+        np.testing.assert_array_equal(zr, z[s])
+
+
+@pytest.mark.parametrize("early_exit", [True, False])
+def test_loop_counts_equal_the_step_by_step_reference(engine, digits, early_exit):
+    images, _ = digits
+    with open_engine(engine, loop=False, early_exit=early_exit) as ref, open_engine(engine, early_exit=early_exit) as new:
+        assert type(new.backend).__name__ == "LoopBackend" and type(ref.backend).__name__ == "OnnxRuntimeBackend"
+        for e in (ref, new):
+            e._prepare(SIGMA, STEPS, VOTES, 8)
+        split = 0
+        for i, phase, seed in ((0, ESTIMATION, 0), (1, SELECTION, 5), (2, PREDICTION, 1), (3, ESTIMATION, 2)):
+            want = ref.sample_counts(images[i], 30, phase, seed=seed, image_index=i, batch=8)
+            got = new.sample_counts(images[i], 30, phase, seed=seed, image_index=i, batch=8)
+            np.testing.assert_array_equal(got, want)
+            split += int(np.count_nonzero(want)) > 1
+        assert split >= 2  # the votes split: the comparison is of real counts, not of constants
+        # The same work: early exit stops the same runs.
+        assert new.backend.unet_evals == ref.backend.unet_evals
+
+
+def test_cross_image_batches_give_each_image_its_own_counts(engine, digits):
+    """Batches of 7 samples that mix six images and both phases (n0 = 5 is smaller than a batch)
+    give each image the counts of the reference run one image and one phase at a time."""
+    images, _ = digits
+    jobs = []
+    for i in range(6):
+        jobs += [(images[i], 10 + i, SELECTION, 5), (images[i], 10 + i, ESTIMATION, 23)]
+    with open_engine(engine, loop=False) as ref, open_engine(engine) as new:
+        for e in (ref, new):
+            e._prepare(SIGMA, STEPS, VOTES, 7)
+        got = new.sample_counts_many(jobs, seed=3, batch=7)
+        for (img, idx, phase, num), counts in zip(jobs, got):
+            want = ref.sample_counts(img, num, phase, seed=3, image_index=idx, batch=7)
+            np.testing.assert_array_equal(counts, want)
+        assert sum(int(c.sum()) for c in got) == 6 * 28
+        certs = new.certify_many(images, SIGMA, STEPS, VOTES, n0=5, n=23, alpha=0.01, seed=3,
+                                 image_indices=range(10, 16), batch=7)
+        for i, (cert, counts) in enumerate(certs):
+            want_cert, want_counts = ref.certify_counts(images[i], SIGMA, STEPS, VOTES, 5, 23, 0.01, seed=3,
+                                                        image_index=10 + i, batch=7)
+            assert cert == want_cert
+            np.testing.assert_array_equal(counts.counts0, want_counts.counts0)
+            np.testing.assert_array_equal(counts.counts, want_counts.counts)
+
+
+def test_cli_certify_on_the_loop_equals_the_reference_api(engine, digits, tmp_path):
+    images, labels = digits
+    data = tmp_path / "d.npz"
+    np.savez(data, images=images[:4], labels=labels[:4])
+    out = tmp_path / "r.tsv"
+    args = ["certify", "--engine", str(engine), "--data", str(data), "--sigma", str(SIGMA), "--steps", str(STEPS),
+            "--votes", str(VOTES), "--n0", "6", "--n", "25", "--alpha", "0.01", "--batch", "5", "--quiet", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    lines = out.read_text().splitlines()
+    header = lines[0].split("\t")
+    rows = [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+    assert len(rows) == 4
+    with open_engine(engine, loop=False) as ref:
+        for row in rows:
+            i = int(row["idx"])
+            cert, counts = ref.certify_counts(images[i], SIGMA, STEPS, VOTES, 6, 25, 0.01, seed=0, image_index=i, batch=5)
+            assert int(row["predict"]) == cert.prediction
+            assert float(row["radius"]) == pytest.approx(cert.radius, abs=1e-4)
+            assert int(row["c_a"]) == int(np.argmax(counts.counts0))
+            assert int(row["n_a"]) == int(counts.counts[int(row["c_a"])])
+            assert int(row["unet_evals"]) == counts.unet_evals
+    options = json.loads(Path(str(out) + ".json").read_text())
+    assert options["votes"] == VOTES
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU only (marker gpu): skipped without CuPy, a CUDA device or onnxruntime-gpu
+
+
+def _cupy():
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA device")
+    except Exception:  # noqa: BLE001 - no driver
+        pytest.skip("no CUDA driver")
+    return cupy
+
+
+def _ort_cuda():
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is not installed")
+
+
+@pytest.mark.gpu
+def test_cupy_noise_equals_host_noise():
+    cupy = _cupy()
+    from densepure_rt.gpu import CudaContext, CupyNoise
+
+    ctx = CudaContext(cupy)
+    noise = CupyNoise(cupy, ctx.stream)
+    rows, shape = 50, (3, 9, 7)
+    rng = np.random.default_rng(0)
+    keys = [rng.integers(0, 2**32, rows, dtype=np.uint64).astype(np.uint32) for _ in range(4)]
+    for offset, scale in ((0, 0.25), (7, 1.0)):
+        want = np.empty((rows, *shape), dtype=np.float32)
+        HostNoise().fill(want, 11, *keys, offset, scale)
+        got = cupy.empty((rows, *shape), dtype=np.float32)
+        got.fill(np.nan)
+        noise.fill(got, 11, *(cupy.asarray(k) for k in keys), offset, scale)
+        ctx.synchronize()
+        np.testing.assert_allclose(cupy.asnumpy(got), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_executor_step_matches_the_cpu_provider_in_fp32(engine):
+    cupy = _cupy()
+    _ort_cuda()
+    from densepure_rt.executors import OrtExecutor
+    from densepure_rt.gpu import CudaContext
+    from densepure_rt.manifest import load_manifest
+    from densepure_rt.schedule import make_schedule, reverse_schedule
+
+    manifest = load_manifest(engine)
+    ctx = CudaContext(cupy)
+    gpu = OrtExecutor(engine, manifest, "cuda", stream=ctx.stream, xp=cupy)
+    cpu = OrtExecutor(engine, manifest, "cpu")
+    sched = manifest["schedule"]
+    rs = reverse_schedule(make_schedule(sched["kind"], sched["num_timesteps"], sched["rescale_timesteps"]), SIGMA, 4)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((64, 1, 16, 16)).astype(np.float32)
+    for s in range(rs.num_calls):
+        z = rng.standard_normal(x.shape).astype(np.float32)
+        scal = np.ascontiguousarray(rs.scalars[s], dtype=np.float32)
+        want = np.empty_like(x)
+        cpu.step(x, z, scal, want)
+        out = cupy.empty(x.shape, dtype=np.float32)
+        with ctx.stream:
+            gpu.step(cupy.asarray(x), cupy.asarray(z), cupy.asarray(scal), out)
+        ctx.synchronize()
+        got = cupy.asnumpy(out)
+        assert np.abs(got - want).max() <= 1e-4 * max(1.0, np.abs(want).max())
+        x = want
+
+
+@pytest.mark.gpu
+def test_gpu_loop_counts_and_cross_image_batches(engine, digits, tmp_path):
+    """fp32 engine on the GPU: counts equal the CPU loop's on almost every image (fp32 rounding on
+    another device may flip a rare vote: at most one count in 100 may move); cross-image batches on
+    the GPU equal one image at a time on the GPU exactly."""
+    _cupy()
+    _ort_cuda()
+    images, _ = digits
+    with open_engine(engine) as cpu, open_engine(engine, device="cuda") as gpu:
+        for e in (cpu, gpu):
+            e._prepare(SIGMA, STEPS, VOTES, 16)
+        moved = total = 0
+        single = []
+        for i in range(6):
+            want = cpu.sample_counts(images[i], 50, ESTIMATION, seed=0, image_index=i, batch=16)
+            got = gpu.sample_counts(images[i], 50, ESTIMATION, seed=0, image_index=i, batch=16)
+            moved += int(np.abs(got - want).sum()) // 2
+            total += 50
+            single.append(got)
+        assert moved <= total // 100, (moved, total)
+        many = gpu.sample_counts_many([(images[i], i, ESTIMATION, 50) for i in range(6)], seed=0, batch=16)
+        for a, b in zip(many, single):
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.gpu
+def test_fp16_engine_labels_agree_with_fp32_on_99_percent_of_rows(engine, digits, tmp_path):
+    cupy = _cupy()
+    _ort_cuda()
+    pytest.importorskip("torch")
+    fp16 = tmp_path / "digits16"
+    result = CliRunner().invoke(main, ["build", "--model", "digits", "--precision", "fp16", "--out", str(fp16)])
+    assert result.exit_code == 0, result.output
+    images, _ = digits
+    with open_engine(engine, early_exit=False) as cpu, open_engine(fp16, device="cuda", early_exit=False) as gpu:
+        for e in (cpu, gpu):
+            e._prepare(SIGMA, STEPS, VOTES, 32)
+        agree = rows = 0
+        for i in range(6):
+            cpu.sample_counts(images[i], 32, ESTIMATION, seed=0, image_index=i, batch=32)
+            gpu.sample_counts(images[i], 32, ESTIMATION, seed=0, image_index=i, batch=32)
+            a, b = cpu.backend.loop.labels, cupy.asnumpy(gpu.backend.loop.labels)
+            agree += int((a == b).sum())
+            rows += a.size
+        assert agree >= 0.99 * rows, (agree, rows)
