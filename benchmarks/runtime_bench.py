@@ -45,8 +45,8 @@ def published(preset: str) -> dict:
 
 
 def time_config(engine_dir: Path, device: str, batch: int, sigma: float, steps: int, votes: int, early_exit: bool,
-                seconds: float, seed: int) -> dict:
-    with open_engine(engine_dir, device=device, early_exit=early_exit) as engine:
+                seconds: float, seed: int, cuda_graph: bool = True) -> dict:
+    with open_engine(engine_dir, device=device, early_exit=early_exit, cuda_graph=cuda_graph) as engine:
         shape = engine.image_shape
         image = np.random.default_rng(seed).uniform(0.05, 0.95, size=shape).astype(np.float32)
         engine._prepare(sigma, steps, votes, batch)
@@ -63,7 +63,12 @@ def time_config(engine_dir: Path, device: str, batch: int, sigma: float, steps: 
                 break
         evals = engine.backend.unet_evals - evals0
         manifest = engine.manifest
-        info = {"providers": getattr(getattr(engine.backend, "_executor", None), "providers", None)}
+        executor = getattr(engine.backend, "_executor", None)
+        info = {
+            "providers": getattr(executor, "providers", None),
+            "ort_cuda_graph": bool(getattr(executor, "cuda_graph", False)),
+            "ort_cuda_graph_off": getattr(executor, "cuda_graph_off", None),
+        }
     calls = evals / max(1, samples)  # UNet evaluations per noisy sample (K * b without early exit)
     unet_gflop = float(manifest["cost_gflop"]["unet"])
     cls_gflop = float(manifest["cost_gflop"]["classifier"])
@@ -97,15 +102,16 @@ def time_config(engine_dir: Path, device: str, batch: int, sigma: float, steps: 
 
 def markdown(rows: list[dict], header: str) -> str:
     lines = [header, "",
-             "| engine | precision | batch (rows) | early exit | samples/s | UNet evals/s | ms/UNet eval/row "
+             "| engine | precision | batch (rows) | early exit | ORT graph | samples/s | UNet evals/s | ms/UNet eval/row "
              "| x floor | GPU-s/image (published) | images/hour |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['engine']} | - | {r['batch']} | {r['early_exit']} | FAILED: {r['error']} | | | | | |")
+            lines.append(f"| {r['engine']} | - | {r['batch']} | {r['early_exit']} | - | FAILED: {r['error']} | | | | | |")
             continue
         lines.append(
             f"| {Path(r['engine']).name} | {r['precision']} | {r['batch']} ({r['rows']}) | {r['early_exit']} | "
+            f"{'on' if r.get('ort_cuda_graph') else 'off'} | "
             f"{r['noisy_samples_per_s']:.1f} | {r['unet_evals_per_s']:.0f} | {r['ms_per_unet_eval_row']:.4f} | "
             f"{r['floor_multiple']:.2f} | {r['gpu_s_per_image_published']:.0f} | {r['images_per_hour_published']:.2f} |"
         )
@@ -122,22 +128,28 @@ def main(argv=None) -> int:
     ap.add_argument("--votes", type=int, default=10, help="K (default: %(default)s)")
     ap.add_argument("--seconds", type=float, default=5.0, help="timed seconds per configuration")
     ap.add_argument("--early-exit", choices=["off", "on", "both"], default="both")
+    ap.add_argument("--cuda-graph", choices=["off", "on", "both"], default="on",
+                    help="ONNX Runtime's CUDA graph for full batches (GPU only)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--name", default=None, help="file stem: runtime_NAME.json / .md (default: the device)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.early_exit]
+    graphs = {"off": [False], "on": [True], "both": [True, False]}[args.cuda_graph] if args.device == "cuda" else [False]
     header = (f"### densepure-rt runtime, {args.device}, {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}"
               f"\n\nsigma {args.sigma}, b = {args.steps}, K = {args.votes}; `{' '.join([Path(sys.executable).name, *sys.argv])}`; "
               f"commit {os.environ.get('DENSEPURE_COMMIT', '?')}, python {platform.python_version()}")
     rows, status = [], 0
     for engine_dir in args.engine:
         for batch in args.batch:
-            for early_exit in modes:
+            for early_exit, cuda_graph in [(e, g) for e in modes for g in graphs]:
+                if early_exit and not cuda_graph and len(graphs) > 1:
+                    continue  # with early exit the waves are not full batches: the graph plays no part
                 try:
                     r = time_config(Path(engine_dir), args.device, batch, args.sigma, args.steps, args.votes,
-                                    early_exit, args.seconds, args.seed)
+                                    early_exit, args.seconds, args.seed, cuda_graph)
                 except Exception as exc:  # noqa: BLE001 - one unattended run: keep the others
                     traceback.print_exc()
                     r = {"engine": engine_dir, "batch": batch, "early_exit": early_exit,
@@ -145,8 +157,9 @@ def main(argv=None) -> int:
                     status = 1
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-                (out / f"runtime_{args.device}.json").write_text(json.dumps(rows, indent=1) + "\n")
-                (out / f"runtime_{args.device}.md").write_text(markdown(rows, header))
+                stem = f"runtime_{args.name or args.device}"
+                (out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
+                (out / f"{stem}.md").write_text(markdown(rows, header))
     print(markdown(rows, header))
     return status
 

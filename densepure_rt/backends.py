@@ -14,6 +14,7 @@ from :mod:`densepure_rt.noise` on the host (the same numbers as the PyTorch refe
 from __future__ import annotations
 
 import abc
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -168,7 +169,8 @@ class LoopBackend(Backend):
 
     name = "onnxruntime"
 
-    def __init__(self, directory: str | Path, manifest: dict, device: str = "cpu", threads: int | None = None):
+    def __init__(self, directory: str | Path, manifest: dict, device: str = "cpu", threads: int | None = None,
+                 cuda_graph: bool = True):
         from .executors import OrtExecutor
         from .loop import BatchLoop, HostNoise
 
@@ -182,7 +184,8 @@ class LoopBackend(Backend):
             cupy = require_cupy()
             self._ctx = CudaContext(cupy)
             xp, noise = cupy, CupyNoise(cupy, self._ctx.stream)
-            self._executor = OrtExecutor(directory, manifest, device, threads, stream=self._ctx.stream, xp=cupy)
+            self._executor = OrtExecutor(directory, manifest, device, threads, stream=self._ctx.stream, xp=cupy,
+                                         cuda_graph=cuda_graph, log=_warn)
         elif device == "cpu":
             xp, noise = np, HostNoise()
             self._executor = OrtExecutor(directory, manifest, device, threads, xp=np)
@@ -238,6 +241,10 @@ class LoopBackend(Backend):
             self._executor = None  # type: ignore[assignment]
 
 
+def _warn(message: str) -> None:
+    print(f"densepure-rt: {message}", file=sys.stderr)
+
+
 def check_labels(labels: np.ndarray, expected: int, num_classes: int) -> np.ndarray:
     """The classifier's labels as int64, or an :class:`EngineError` if they are not one integer in
     [0, num_classes) per image: a dropped or out-of-range label would shrink n and inflate the bound."""
@@ -266,7 +273,13 @@ def check_finite(purified: np.ndarray) -> None:
 
 
 def open_backend(
-    name: str, directory: str | Path, manifest: dict, device: str = "cpu", threads: int | None = None, loop: bool = True
+    name: str,
+    directory: str | Path,
+    manifest: dict,
+    device: str = "cpu",
+    threads: int | None = None,
+    loop: bool = True,
+    cuda_graph: bool = True,
 ) -> Backend:
     """The backend ``name`` for an engine directory; refuses one the manifest was not built for.
 
@@ -279,6 +292,6 @@ def open_backend(
         raise EngineError(f"this engine was built for the {built} backend, not {name}: rebuild it with --backend {name}")
     if name == "onnxruntime":
         if loop:
-            return LoopBackend(directory, manifest, device=device, threads=threads)
+            return LoopBackend(directory, manifest, device=device, threads=threads, cuda_graph=cuda_graph)
         return OnnxRuntimeBackend(directory, manifest, device=device, threads=threads)
     raise EngineError(f"backend {name!r} is not supported by this densepure-rt: rebuild the engine for onnxruntime")

@@ -59,7 +59,7 @@ class OrtExecutor:
     """
 
     def __init__(self, directory: str | Path, manifest: dict, device: str = "cpu", threads: int | None = None,
-                 stream=None, xp=np):
+                 stream=None, xp=np, cuda_graph: bool = False, log=None):
         try:
             import onnxruntime as ort
         except ImportError:  # pragma: no cover - onnxruntime is a dependency
@@ -68,9 +68,17 @@ class OrtExecutor:
         self.device_id = 0
         stream_ptr = None
         if device == "cuda":
+            # onnxruntime-gpu >= 1.21 can load the CUDA libraries of pip's nvidia-* packages itself.
+            preload = getattr(ort, "preload_dlls", None)
+            if preload is not None:
+                try:
+                    preload()
+                except Exception:  # noqa: BLE001 - the libraries may be found the usual way instead
+                    pass
             self.device_id = int(xp.cuda.Device().id)
             stream_ptr = int(stream.ptr) if stream is not None else None
         providers = ort_providers(device, stream_ptr, self.device_id)
+        graph_providers = ort_providers(device, stream_ptr, self.device_id, cuda_graph=True) if cuda_graph else None
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -78,17 +86,38 @@ class OrtExecutor:
             options.intra_op_num_threads = int(threads)
         directory = Path(directory)
         step_file, cls_file = graph_path(directory, manifest, "step"), graph_path(directory, manifest, "classifier")
+        #: Why ONNX Runtime's CUDA graph is not used (None when it is, or was not asked for).
+        self.cuda_graph_off: str | None = None if cuda_graph else "not asked for"
+        self._step = None
+        if graph_providers is not None:
+            # ONNX Runtime refuses the CUDA graph unless every node of the graph is on the CUDA provider.
+            try:
+                self._step = ort.InferenceSession(str(step_file), options, providers=graph_providers)
+            except Exception as exc:  # noqa: BLE001
+                self.cuda_graph_off = f"onnxruntime refused it for the step graph: {_first_line(exc)}"
+                if log is not None:
+                    log(f"ONNX Runtime CUDA graph off: {self.cuda_graph_off}")
         try:
-            self._step = ort.InferenceSession(str(step_file), options, providers=providers)
+            if self._step is None:
+                self._step = ort.InferenceSession(str(step_file), options, providers=providers)
             self._cls = ort.InferenceSession(str(cls_file), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise EngineError(f"onnxruntime could not load the engine in {directory}: {_first_line(exc)}") from None
+        self.cuda_graph = graph_providers is not None and self.cuda_graph_off is None
+        self._graph_rows = 0
+        self._graph_io = None
         self.providers = {"step": self._step.get_providers(), "classifier": self._cls.get_providers()}
         self.version = ort.__version__
         self._run_options = ort.RunOptions()
+        self._graph_options = ort.RunOptions()
         if device == "cuda":
             # The loop's next kernels are queued on the same stream: no host wait at the end of a run.
-            self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+            for ro in (self._run_options, self._graph_options):
+                ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
+            if self.cuda_graph:
+                # Graph 0 is the full batch on fixed buffers; any other shape runs without a graph (-1).
+                self._run_options.add_run_config_entry("gpu_graph_id", "-1")
+                self._graph_options.add_run_config_entry("gpu_graph_id", "0")
         self._io_step = self._step.io_binding()
         self._io_cls = self._cls.io_binding()
         self._ort_device = "cuda" if device == "cuda" else "cpu"
@@ -105,14 +134,42 @@ class OrtExecutor:
     def _bind_out(self, io, name: str, a) -> None:
         io.bind_output(name, self._ort_device, self.device_id, a.dtype.type, list(a.shape), self._ptr(a))
 
-    def _run(self, session, io, what: str) -> None:
+    def _run(self, session, io, what: str, options=None) -> None:
         try:
-            session.run_with_iobinding(io, self._run_options)
+            session.run_with_iobinding(io, self._run_options if options is None else options)
         except Exception as exc:  # noqa: BLE001 - onnxruntime's own exception types
             raise EngineError(f"onnxruntime failed running the {what} graph: {_first_line(exc)}") from None
 
     # -- the executor interface ------------------------------------------------------------------------
+    def reserve(self, rows: int, image_shape) -> None:
+        """Fixed buffers for ONNX Runtime's CUDA graph: the step of a full batch (``rows`` rows) runs
+        on them, always at the same addresses, so the graph captured at its first run is replayed."""
+        if not self.cuda_graph or rows == self._graph_rows:
+            return
+        xp = self.xp
+        self._gx = xp.empty((rows, *image_shape), dtype=np.float32)
+        self._gz = xp.empty_like(self._gx)
+        self._gout = xp.empty_like(self._gx)
+        self._gscal = xp.empty(self._scalar_count(), dtype=np.float32)
+        io = self._step.io_binding()
+        self._bind_in(io, "x", self._gx)
+        self._bind_in(io, "noise", self._gz)
+        self._bind_in(io, "scalars", self._gscal)
+        self._bind_out(io, "x_next", self._gout)
+        self._graph_io, self._graph_rows = io, rows
+
+    def _scalar_count(self) -> int:
+        shape = self._step.get_inputs()[[i.name for i in self._step.get_inputs()].index("scalars")].shape
+        return int(shape[0])
+
     def step(self, x, noise, scalars, out) -> None:
+        if self._graph_io is not None and x.shape[0] == self._graph_rows:
+            self._gx[...] = x  # device-to-device copies in and out: microseconds beside a UNet call
+            self._gz[...] = noise
+            self._gscal[...] = scalars
+            self._run(self._step, self._graph_io, "denoise-step", self._graph_options)
+            out[...] = self._gout
+            return
         io = self._io_step
         self._bind_in(io, "x", x)
         self._bind_in(io, "noise", noise)

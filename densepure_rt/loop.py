@@ -114,6 +114,9 @@ class BatchLoop:
         self.s_slot = xp.zeros(self.batch, dtype=np.int64)
         self.s_zero = xp.zeros(self.batch, dtype=u32)
         self.r_image, self.r_phase, self.r_sample, self.r_draw = (xp.zeros(rows, dtype=u32) for _ in range(4))
+        reserve = getattr(self.executor, "reserve", None)
+        if reserve is not None:
+            reserve(rows, self.image_shape)
 
     def _put(self, buf, host) -> None:
         """buf[:len(host)] = host (a small host -> device copy into a preallocated buffer)."""

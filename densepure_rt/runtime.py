@@ -90,6 +90,7 @@ class Engine:
         threads: int | None = None,
         early_exit: bool = True,
         loop: bool = True,
+        cuda_graph: bool = True,
     ):
         self.directory = Path(directory)
         #: Stop a noisy sample's K runs once its vote is decided (identical votes, less work).
@@ -100,7 +101,8 @@ class Engine:
         self.preset = self.manifest["preset"]
         sched = self.manifest["schedule"]
         self._schedule = make_schedule(sched["kind"], sched["num_timesteps"], sched["rescale_timesteps"])
-        self.backend: Backend = open_backend(backend, self.directory, self.manifest, device=device, threads=threads, loop=loop)
+        self.backend: Backend = open_backend(backend, self.directory, self.manifest, device=device, threads=threads, loop=loop, cuda_graph=cuda_graph
+        )
         self._prepared: tuple | None = None
 
     # -- lifecycle --------------------------------------------------------------------------- #
@@ -456,9 +458,14 @@ def open_engine(
     threads: int | None = None,
     early_exit: bool = True,
     loop: bool = True,
+    cuda_graph: bool = True,
 ) -> Engine:
     """Open and verify an engine directory (see :class:`Engine`). ``early_exit=False`` runs all K
     runs of every noisy sample (same votes, more work; for comparisons). ``loop=False`` runs the
-    plain step-by-step ONNX Runtime path instead of the batch loop (same labels; for comparisons)."""
-    return Engine(directory, backend=backend, device=device, threads=threads, early_exit=early_exit, loop=loop)
+    plain step-by-step ONNX Runtime path instead of the batch loop (same labels; for comparisons).
+    ``cuda_graph``: on a GPU, replay the full batch's step through ONNX Runtime's CUDA graph where
+    ONNX Runtime accepts it (every node on the CUDA provider); ignored on the CPU."""
+    return Engine(
+        directory, backend=backend, device=device, threads=threads, early_exit=early_exit, loop=loop, cuda_graph=cuda_graph
+    )
 

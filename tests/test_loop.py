@@ -242,6 +242,26 @@ def test_gpu_loop_counts_and_cross_image_batches(engine, digits, tmp_path):
 
 
 @pytest.mark.gpu
+def test_onnxruntime_cuda_graph_replays_give_the_same_counts(engine, digits):
+    """Full batches (early exit off) replay ONNX Runtime's CUDA graph of the step on fixed buffers:
+    the same kernels as without the graph, so the same counts, batch after batch (fresh noise per
+    batch: the noise kernel runs outside the graph and writes the fixed buffer anew)."""
+    _cupy()
+    _ort_cuda()
+    images, _ = digits
+    with open_engine(engine, device="cuda", early_exit=False) as on, \
+            open_engine(engine, device="cuda", early_exit=False, cuda_graph=False) as off:
+        executor = on.backend._executor
+        print("ONNX Runtime CUDA graph:", "on" if executor.cuda_graph else f"off ({executor.cuda_graph_off})")
+        for e in (on, off):
+            e._prepare(SIGMA, STEPS, VOTES, 16)
+        for i in range(3):
+            a = on.sample_counts(images[i], 64, ESTIMATION, seed=0, image_index=i, batch=16)
+            b = off.sample_counts(images[i], 64, ESTIMATION, seed=0, image_index=i, batch=16)
+            np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.gpu
 def test_fp16_engine_labels_agree_with_fp32_on_99_percent_of_rows(engine, digits, tmp_path):
     cupy = _cupy()
     _ort_cuda()

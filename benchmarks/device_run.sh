@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (the device tool): assemble onnxruntime-gpu from the carried parts,
+# run the gpu tests, build random-weight engines and time the lean runtime. Everything lands in $OUT.
+#   Part 1 of onnxruntime-gpu travels in an earlier call (copied to /tmp/ortparts), part 2 in this one
+#   (.ortgpu_b/); see docs/gpu.md for how the parts are made (the sm_90 kernels only).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+start=$(date +%s)
+elapsed() { echo $(( $(date +%s) - start )); }
+log() { echo "[$(elapsed) s] $*"; }
+
+mkdir -p /tmp/ortparts /tmp/site
+cp .ortgpu_*/part_* /tmp/ortparts/ 2>/dev/null
+ls -la /tmp/ortparts
+if [ -f /tmp/ortparts/part_aa ] && [ -f /tmp/ortparts/part_ab ]; then
+  cat /tmp/ortparts/part_aa /tmp/ortparts/part_ab | xz -dc | tar -x -C /tmp/site && log "onnxruntime-gpu unpacked"
+else
+  log "onnxruntime-gpu parts missing: the CUDA executor tests will skip"
+fi
+export PYTHONPATH=/tmp/site
+SP=$(python3 -c "import site; print(site.getsitepackages()[0])")
+export LD_LIBRARY_PATH=$(ls -d $SP/nvidia/*/lib $SP/nvidia/*/*/lib 2>/dev/null | tr '\n' ':')${LD_LIBRARY_PATH:-}
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
+python3 - <<'PY'
+import onnxruntime as ort, cupy
+print("onnxruntime", ort.__version__, ort.__file__, ort.get_available_providers())
+print("cupy", cupy.__version__, "devices", cupy.cuda.runtime.getDeviceCount())
+PY
+log "gpu tests"
+python3 -m pytest -q -rs -s -m gpu tests 2>&1 | tee $OUT/gpu_tests.txt | tail -25
+COMMIT=${DENSEPURE_COMMIT:-?}
+mkdir -p /tmp/eng
+log "build cifar10 fp16"
+densepure-rt build --model cifar10 --random-weights --precision fp16 --no-validate --out /tmp/eng/cifar10-rand16 2>&1 | tail -2
+log "bench cifar10 fp16"
+python3 benchmarks/runtime_bench.py --engine /tmp/eng/cifar10-rand16 --device cuda --batch 25 200 --early-exit both \
+  --cuda-graph both --seconds 4 --out $OUT --name cifar10_fp16 2>&1 | tail -9
+log "build cifar10 fp32"
+densepure-rt build --model cifar10 --random-weights --no-validate --out /tmp/eng/cifar10-rand32 2>&1 | tail -2
+python3 benchmarks/runtime_bench.py --engine /tmp/eng/cifar10-rand32 --device cuda --batch 200 --early-exit off \
+  --cuda-graph on --seconds 4 --out $OUT --name cifar10_fp32 2>&1 | tail -4
+if [ "$(elapsed)" -lt "${IMAGENET_BEFORE_S:-300}" ]; then
+  log "build imagenet fp16"
+  timeout 200 densepure-rt build --model imagenet --random-weights --precision fp16 --no-validate \
+    --out /tmp/eng/imagenet-rand16 2>&1 | tail -2
+  log "bench imagenet fp16"
+  timeout $(( 560 - $(elapsed) )) python3 benchmarks/runtime_bench.py --engine /tmp/eng/imagenet-rand16 --device cuda \
+    --batch 3 --early-exit off --cuda-graph on --seconds 8 --out $OUT --name imagenet_fp16 2>&1 | tail -4
+else
+  log "imagenet skipped: $(elapsed) s spent"
+fi
+log "done"
