@@ -26,27 +26,39 @@ import onnxruntime as ort, cupy
 print("onnxruntime", ort.__version__, ort.__file__, ort.get_available_providers())
 print("cupy", cupy.__version__, "devices", cupy.cuda.runtime.getDeviceCount())
 PY
-log "gpu tests"
-python3 -m pytest -q -rs -s -m gpu tests 2>&1 | tee $OUT/gpu_tests.txt | tail -25
-COMMIT=${DENSEPURE_COMMIT:-?}
+SECTIONS=${SECTIONS:-"tests c16 c32 in16"}
+has() { [[ " $SECTIONS " == *" $1 "* ]]; }
 mkdir -p /tmp/eng
-log "build cifar10 fp16"
-densepure-rt build --model cifar10 --random-weights --precision fp16 --no-validate --out /tmp/eng/cifar10-rand16 2>&1 | tail -2
-log "bench cifar10 fp16"
-python3 benchmarks/runtime_bench.py --engine /tmp/eng/cifar10-rand16 --device cuda --batch 25 200 --early-exit both \
-  --cuda-graph both --seconds 4 --out $OUT --name cifar10_fp16 2>&1 | tail -9
-log "build cifar10 fp32"
-densepure-rt build --model cifar10 --random-weights --no-validate --out /tmp/eng/cifar10-rand32 2>&1 | tail -2
-python3 benchmarks/runtime_bench.py --engine /tmp/eng/cifar10-rand32 --device cuda --batch 200 --early-exit off \
-  --cuda-graph on --seconds 4 --out $OUT --name cifar10_fp32 2>&1 | tail -4
-if [ "$(elapsed)" -lt "${IMAGENET_BEFORE_S:-300}" ]; then
+if has tests; then
+  log "gpu tests: ${GPU_TESTS:-tests}"
+  python3 -m pytest -q -rs -s -m gpu ${GPU_TESTS:-tests} 2>&1 | tee $OUT/gpu_tests.txt | tail -25
+fi
+if has c16 || has nhwc; then
+  log "build cifar10 fp16"
+  densepure-rt build --model cifar10 --random-weights --precision fp16 --no-validate --out /tmp/eng/cifar10-rand16 2>&1 | tail -1
+fi
+if has c16; then
+  log "bench cifar10 fp16"
+  python3 benchmarks/runtime_bench.py --engine /tmp/eng/cifar10-rand16 --device cuda --batch 25 200 --early-exit both \
+    --cuda-graph both --seconds 4 --out $OUT --name cifar10_fp16 2>&1 | tail -9
+fi
+if has nhwc; then
+  log "bench cifar10 fp16, ONNX Runtime prefer_nhwc"
+  DENSEPURE_ORT_PREFER_NHWC=1 python3 benchmarks/runtime_bench.py --engine /tmp/eng/cifar10-rand16 --device cuda \
+    --batch 200 --early-exit off --cuda-graph on --seconds 4 --out $OUT --name cifar10_fp16_nhwc 2>&1 | tail -3
+fi
+if has c32; then
+  log "build cifar10 fp32"
+  densepure-rt build --model cifar10 --random-weights --no-validate --out /tmp/eng/cifar10-rand32 2>&1 | tail -1
+  python3 benchmarks/runtime_bench.py --engine /tmp/eng/cifar10-rand32 --device cuda --batch 200 --early-exit off \
+    --cuda-graph on --seconds 4 --out $OUT --name cifar10_fp32 2>&1 | tail -3
+fi
+if has in16; then
   log "build imagenet fp16"
-  timeout 200 densepure-rt build --model imagenet --random-weights --precision fp16 --no-validate \
+  timeout 240 densepure-rt build --model imagenet --random-weights --precision fp16 --no-validate \
     --out /tmp/eng/imagenet-rand16 2>&1 | tail -2
   log "bench imagenet fp16"
-  timeout $(( 560 - $(elapsed) )) python3 benchmarks/runtime_bench.py --engine /tmp/eng/imagenet-rand16 --device cuda \
-    --batch 3 --early-exit off --cuda-graph on --seconds 8 --out $OUT --name imagenet_fp16 2>&1 | tail -4
-else
-  log "imagenet skipped: $(elapsed) s spent"
+  timeout $(( 570 - $(elapsed) )) python3 benchmarks/runtime_bench.py --engine /tmp/eng/imagenet-rand16 --device cuda \
+    --batch 3 --early-exit off --cuda-graph on --seconds 10 --out $OUT --name imagenet_fp16 2>&1 | tail -3
 fi
 log "done"

@@ -13,6 +13,7 @@ README.md's backend table and in ``benchmarks/results/``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +25,22 @@ __all__ = ["OrtExecutor", "ort_providers"]
 
 
 def _first_line(exc: BaseException) -> str:
+    """One line of an onnxruntime error: its status message where it has one (the part that says
+    what went wrong, e.g. a failed allocation), else its first line."""
     text = str(exc).strip()
-    return text.splitlines()[0][:240] if text else type(exc).__name__
+    if not text:
+        return type(exc).__name__
+    line = text.splitlines()[0]
+    if "Status Message:" in line:
+        head, _, message = line.partition("Status Message:")
+        node = head.split("while running")[-1].strip().rstrip(".")
+        line = f"{node}: {message.strip()}"
+    return line[:400]
 
 
-def ort_providers(device: str, stream_ptr: int | None = None, device_id: int = 0, cuda_graph: bool = False) -> list:
+def ort_providers(
+    device: str, stream_ptr: int | None = None, device_id: int = 0, cuda_graph: bool = False, tf32: bool = True
+) -> list:
     """ONNX Runtime providers for ``device`` (cpu or cuda), or an :class:`EngineError` saying what to install."""
     import onnxruntime as ort
 
@@ -42,7 +54,11 @@ def ort_providers(device: str, stream_ptr: int | None = None, device_id: int = 0
             "--device cuda needs onnxruntime-gpu (the installed onnxruntime only has "
             f"{', '.join(available)}): pip install onnxruntime-gpu, or use --device cpu"
         )
-    options = {"device_id": str(device_id)}
+    # Arenas grow by what is asked, not to the next power of two: the step and the classifier
+    # sessions each keep their own, and doubling both can exhaust the card at large batches.
+    options = {"device_id": str(device_id), "arena_extend_strategy": "kSameAsRequested", "use_tf32": "1" if tf32 else "0"}
+    if os.environ.get("DENSEPURE_ORT_PREFER_NHWC") == "1":  # an experiment of benchmarks/runtime_bench.py
+        options["prefer_nhwc"] = "1"
     if stream_ptr is not None:
         options["user_compute_stream"] = str(int(stream_ptr))
         options["has_user_compute_stream"] = "1"
@@ -77,8 +93,10 @@ class OrtExecutor:
                     pass
             self.device_id = int(xp.cuda.Device().id)
             stream_ptr = int(stream.ptr) if stream is not None else None
-        providers = ort_providers(device, stream_ptr, self.device_id)
-        graph_providers = ort_providers(device, stream_ptr, self.device_id, cuda_graph=True) if cuda_graph else None
+        # An fp32 engine is asked for fp32 arithmetic: no TF32 (10-bit mantissa) convolutions or matmuls.
+        tf32 = manifest.get("precision", {}).get("step") != "fp32"
+        providers = ort_providers(device, stream_ptr, self.device_id, tf32=tf32)
+        graph_providers = ort_providers(device, stream_ptr, self.device_id, cuda_graph=True, tf32=tf32) if cuda_graph else None
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -77,6 +77,10 @@ class HostNoise:
 class BatchLoop:
     """Noise, x_{t*}, b steps x K runs, classifier, vote for a batch of noisy samples (see module doc)."""
 
+    #: Rows per classifier call at most: a ViT at thousands of rows needs gigabytes of attention
+    #: scratch for no gain in speed.
+    CLASSIFIER_ROWS = 512
+
     def __init__(self, executor: Executor, noise: NoiseSource, image_shape: Sequence[int], num_classes: int, xp=np):
         self.executor, self.noise, self.xp = executor, noise, xp
         self.image_shape = tuple(int(d) for d in image_shape)
@@ -164,7 +168,9 @@ class BatchLoop:
                 self.executor.step(x, z, self.table[s], x_next)
                 x, x_next = x_next, x
             bad |= ~xp.isfinite(x).all()
-            self.executor.classify(x, self.run_labels[:rows], self.logits[:rows])
+            for c in range(0, rows, self.CLASSIFIER_ROWS):
+                part = slice(c, min(rows, c + self.CLASSIFIER_ROWS))
+                self.executor.classify(x[part], self.run_labels[part], self.logits[part])
             self.labels[active[:, None], xp.arange(done, done + wave)[None, :]] = self.run_labels[:rows].reshape(m, wave)
             self.unet_evals += rows * calls
             self.classifier_evals += rows

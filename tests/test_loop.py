@@ -281,3 +281,15 @@ def test_fp16_engine_labels_agree_with_fp32_on_99_percent_of_rows(engine, digits
             agree += int((a == b).sum())
             rows += a.size
         assert agree >= 0.99 * rows, (agree, rows)
+
+
+def test_classifier_in_chunks_gives_the_same_counts(engine, digits):
+    """Rows beyond the classifier's chunk (here 5 rows) are classified in several calls: same counts."""
+    images, _ = digits
+    with open_engine(engine, loop=False) as ref, open_engine(engine) as new:
+        new.backend.loop.CLASSIFIER_ROWS = 5
+        for e in (ref, new):
+            e._prepare(SIGMA, STEPS, VOTES, 8)
+        want = ref.sample_counts(images[4], 24, ESTIMATION, seed=7, image_index=4, batch=8)
+        got = new.sample_counts(images[4], 24, ESTIMATION, seed=7, image_index=4, batch=8)
+        np.testing.assert_array_equal(got, want)
