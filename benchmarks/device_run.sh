@@ -61,4 +61,21 @@ if has in16; then
   timeout $(( 570 - $(elapsed) )) python3 benchmarks/runtime_bench.py --engine /tmp/eng/imagenet-rand16 --device cuda \
     --batch 3 --early-exit off --cuda-graph on --seconds 10 --out $OUT --name imagenet_fp16 2>&1 | tail -3
 fi
+if has final; then
+  # The runtime and the PyTorch paths in one call, on one machine.
+  RB="python3 benchmarks/runtime_bench.py --device cuda --out $OUT --name h100 --append --cuda-graph on"
+  log "build cifar10 fp16 + fp32"
+  densepure-rt build --model cifar10 --random-weights --precision fp16 --no-validate --out /tmp/eng/cifar10-rand16 2>&1 | tail -1
+  densepure-rt build --model cifar10 --random-weights --no-validate --out /tmp/eng/cifar10-rand32 2>&1 | tail -1
+  log "runtime cifar10"
+  $RB --engine /tmp/eng/cifar10-rand16 --batch 200 --early-exit both --seconds 4 2>&1 | tail -3
+  $RB --engine /tmp/eng/cifar10-rand32 --batch 50 --early-exit off --seconds 4 2>&1 | tail -2
+  log "pytorch cifar10"
+  python3 benchmarks/gpu_bench.py --preset cifar10 --out $OUT/pt --budget-s 120 2>&1 | grep -E "^ +[0-9.]+s" | tail -8
+  log "build imagenet fp16"
+  timeout 200 densepure-rt build --model imagenet --random-weights --precision fp16 --no-validate \
+    --out /tmp/eng/imagenet-rand16 2>&1 | tail -1
+  log "runtime imagenet"
+  timeout $(( 575 - $(elapsed) )) $RB --engine /tmp/eng/imagenet-rand16 --batch 3 --early-exit both --seconds 8 2>&1 | tail -4
+fi
 log "done"

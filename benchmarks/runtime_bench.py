@@ -133,6 +133,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--name", default=None, help="file stem: runtime_NAME.json / .md (default: the device)")
+    ap.add_argument("--append", action="store_true", help="add to the rows already in runtime_NAME.json")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,6 +143,9 @@ def main(argv=None) -> int:
               f"\n\nsigma {args.sigma}, b = {args.steps}, K = {args.votes}; `{' '.join([Path(sys.executable).name, *sys.argv])}`; "
               f"commit {os.environ.get('DENSEPURE_COMMIT', '?')}, python {platform.python_version()}")
     rows, status = [], 0
+    stem = f"runtime_{args.name or args.device}"
+    if args.append and (out / f"{stem}.json").is_file():
+        rows = json.loads((out / f"{stem}.json").read_text())
     for engine_dir in args.engine:
         for batch in args.batch:
             for early_exit, cuda_graph in [(e, g) for e in modes for g in graphs]:
@@ -157,7 +161,6 @@ def main(argv=None) -> int:
                     status = 1
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-                stem = f"runtime_{args.name or args.device}"
                 (out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
                 (out / f"{stem}.md").write_text(markdown(rows, header))
     print(markdown(rows, header))
