@@ -76,6 +76,6 @@ if has final; then
   timeout 200 densepure-rt build --model imagenet --random-weights --precision fp16 --no-validate \
     --out /tmp/eng/imagenet-rand16 2>&1 | tail -1
   log "runtime imagenet"
-  timeout $(( 575 - $(elapsed) )) $RB --engine /tmp/eng/imagenet-rand16 --batch 3 --early-exit both --seconds 8 2>&1 | tail -4
+  timeout $(( 525 - $(elapsed) )) $RB --engine /tmp/eng/imagenet-rand16 --batch 3 --early-exit both --seconds 8 2>&1 | tail -4
 fi
 log "done"
