@@ -334,14 +334,17 @@ def _version(package: str) -> str | None:
 
 
 def git_commit() -> str | None:
-    """The checkout's commit: ``git rev-parse HEAD``, else $DENSEPURE_COMMIT (a copy without .git)."""
+    """$DENSEPURE_COMMIT where set (the device machine's copy of the tree may carry a stale .git),
+    else the checkout's ``git rev-parse HEAD``."""
+    if os.environ.get("DENSEPURE_COMMIT"):
+        return os.environ["DENSEPURE_COMMIT"]
     try:
         done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         if done.returncode == 0 and done.stdout.strip():
             return done.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("DENSEPURE_COMMIT") or None
+    return None
 
 
 def nvidia_driver() -> str | None:
