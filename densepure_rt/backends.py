@@ -214,15 +214,26 @@ class LoopBackend(Backend):
     def _images(self, images: np.ndarray):
         return self._ctx.stage(images) if self._ctx is not None else np.ascontiguousarray(images, dtype=np.float32)
 
-    def voted_labels_many(self, images: np.ndarray, slots, image_indices, phases, samples, seed: int) -> np.ndarray:
+    def voted_labels_many(self, images: np.ndarray, slots, image_indices, phases, samples, seed: int, runs: bool = False):
         """Voted labels [n] int64 of a batch whose sample i is sample ``samples[i]`` of phase
-        ``phases[i]`` of image ``images[slots[i]]`` (index ``image_indices[i]``); ``images`` [N x C x H x W]."""
+        ``phases[i]`` of image ``images[slots[i]]`` (index ``image_indices[i]``); ``images`` [N x C x H x W].
+        ``runs=True``: also the runs [n] int64 each sample took (its UNet evaluations / calls)."""
         staged = self._images(images)
+        n = len(samples)
         if self._ctx is None:
-            return np.array(self.loop.run(staged, slots, image_indices, phases, samples, seed), dtype=np.int64)
+            voted = np.array(self.loop.run(staged, slots, image_indices, phases, samples, seed), dtype=np.int64)
+            return (voted, self.loop.runs[:n].copy()) if runs else voted
         with self._ctx.stream:
             voted = self.loop.run(staged, slots, image_indices, phases, samples, seed)
-            return self.xp.asnumpy(voted, stream=self._ctx.stream, blocking=True).astype(np.int64)
+            voted = self.xp.asnumpy(voted, stream=self._ctx.stream, blocking=True).astype(np.int64)
+            if runs:
+                return voted, self.xp.asnumpy(self.loop.runs[:n], stream=self._ctx.stream, blocking=True)
+            return voted
+
+    @property
+    def calls(self) -> int:
+        """UNet evaluations per run of the prepared schedule."""
+        return self.loop.rs.num_calls
 
     def voted_labels(self, image: np.ndarray, seed: int, image_index: int, phase: int, samples: Sequence[int]) -> np.ndarray:
         n = len(samples)

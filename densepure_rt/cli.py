@@ -315,7 +315,7 @@ class _Progress:
 
 
 def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, every,
-         out, n0, n, radii=None, tol=None, early_exit=True):
+         out, n0, n, radii=None, tol=None, early_exit=None, images_per_call=1):
     """One certify / predict run over the selected images. ``mode``: "certify" (fixed n),
     "certify-radii" (target radii, n = n_max), "certify-until" (early stopping, n = n_max), "predict"."""
     from .certify import validate_params
@@ -351,7 +351,8 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
             "max": max_images,
             "ids": None,
             "batch": batch,
-            "early_exit": early_exit,
+            "early_exit": engine.early_exit_for(batch),
+            "images_per_call": images_per_call,
             "backend": engine.backend.name,
             "device": device,
             "version": __version__,
@@ -368,6 +369,9 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
             progress = _Progress(mode.split("-")[0], len(todo), per_image, quiet, every)
             common = dict(seed=seed, batch=batch, progress=progress.update)
             try:
+                if mode == "certify" and images_per_call > 1:
+                    todo = _certify_groups(engine, dataset, todo, images_per_call, writer, progress, sigma, steps_value, votes,
+                                           n0, n, alpha, common)
                 for idx in todo:
                     sample = dataset[idx]
                     t0 = time.time()
@@ -392,6 +396,23 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
     return len(done) + len(todo)
 
 
+def _certify_groups(engine, dataset, todo, size, writer, progress, sigma, steps, votes, n0, n, alpha, common) -> list:
+    """Certify ``todo`` in groups of ``size`` images whose noisy samples share batches
+    (:meth:`Engine.certify_many`); rows are written in order once a group is done, so a run killed
+    inside a group resumes at its first image. Same rows as one image at a time. Returns []."""
+    for g in range(0, len(todo), size):
+        group = todo[g : g + size]
+        samples = [dataset[idx] for idx in group]
+        t0 = time.time()
+        results = engine.certify_many([s.image for s in samples], sigma, steps, votes, n0, n, alpha,
+                                      image_indices=group, **common)
+        seconds = (time.time() - t0) / len(group)
+        for idx, sample, (cert, counts) in zip(group, samples, results):
+            writer.write_certificate(idx, sample.label, cert, counts.counts, seconds, counts.unet_evals)
+            progress.image_done()
+    return []
+
+
 def _radius_list(values) -> list[float]:
     import math
 
@@ -412,11 +433,16 @@ def _radius_list(values) -> list[float]:
               help="Cohen's largest radius, but stop once more samples would add less than T to it per doubling. Anytime-valid.")
 @click.option("--n-max", type=click.IntRange(min=1), default=10000, show_default=True, metavar="N",
               help="With --radius or --tol: the most estimation samples an image may use.")
-@click.option("--no-early-exit", is_flag=True, help="Run all K runs of every noisy sample (identical votes, more work; for comparisons).")
+@click.option("--early-exit/--no-early-exit", default=None,
+              help="Stop a noisy sample's K runs once its vote is decided (identical votes, less work). "
+                   "Default: on for the CPU; on a GPU from 64 noisy samples per batch (smaller waves leave it idle).")
+@click.option("--images-per-call", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="Certify N images at a time in batches that mix their noisy samples (fills a GPU's batch "
+                   "when n0 or the end of a phase would not). Same rows; plain certify only.")
 @click.option("--out", type=click.Path(), default="results.tsv", show_default=True, metavar="FILE", help="Results TSV (options saved as FILE.json).")
 @click.pass_context
 def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every,
-            n0, n, radii, tol, n_max, no_early_exit, out):
+            n0, n, radii, tol, n_max, early_exit, images_per_call, out):
     """Certify images: Cohen et al.'s CERTIFY on DensePure's voted labels, one TSV row per image.
 
     \b
@@ -425,7 +451,8 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
       --radius R    is the image certifiably robust at R (and R2, ...)? Samples in rounds of --batch
                     and stops when every target is certified or futile, or at --n-max.
       --tol T       the largest certified radius, stopping when more samples stop paying off.
-    A noisy sample's K runs stop as soon as its vote is decided (the same votes, fewer UNet calls).
+    A noisy sample's K runs stop as soon as its vote is decided (the same votes, fewer UNet calls;
+    on a GPU from 64 noisy samples per batch, see --early-exit).
 
     Running the same command again continues an interrupted run (rows already written are kept);
     an --out written with other settings is refused.
@@ -448,9 +475,12 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
         mode, n = ("certify-radii" if radii else "certify-until"), n_max
     elif ctx.get_parameter_source("n_max") == ParameterSource.COMMANDLINE:
         raise ConfigError("--n-max goes with --radius or --tol; fixed-n CERTIFY takes --n")
+    if images_per_call > 1 and mode != "certify":
+        raise ConfigError("--images-per-call goes with fixed-n CERTIFY, not with --radius or --tol")
     radii = _radius_list(radii) if radii else None
     rows = _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
-                progress_every, out, n0, n, radii=radii, tol=tol, early_exit=not no_early_exit)
+                progress_every, out, n0, n, radii=radii, tol=tol, early_exit=early_exit,
+                images_per_call=images_per_call)
     from .report import certified_accuracy
     from .results import read_results
 

@@ -112,6 +112,8 @@ class BatchLoop:
         self.logits = xp.empty((rows, self.num_classes), dtype=f32)
         self.labels = xp.zeros((self.batch, self.votes), dtype=np.int64)
         self.voted = xp.zeros(self.batch, dtype=np.int64)
+        #: Runs each sample of the last batch took (K, or fewer where its vote was decided early).
+        self.runs = xp.zeros(self.batch, dtype=np.int64)
         u32 = np.uint32
         # Per-sample keys (image index, phase, sample) and per-row keys of the current wave.
         self.s_image, self.s_phase, self.s_sample = (xp.zeros(self.batch, dtype=u32) for _ in range(3))
@@ -177,11 +179,13 @@ class BatchLoop:
             done += wave
             if done == votes:
                 self.voted[active] = majority_vote(self.labels[active, :done])
+                self.runs[active] = done
                 break
             still = undecided(self.labels[active, :done], votes)
             finished = active[~still]
             if finished.shape[0]:
                 self.voted[finished] = majority_vote(self.labels[finished, :done])
+                self.runs[finished] = done
             active = active[still]  # reads the undecided count: one small device -> host read per wave
             if active.shape[0] == 0:
                 break

@@ -30,6 +30,16 @@ __all__ = ["Engine", "open_engine", "CountsResult", "RadiiCertificate", "EarlySt
 
 Progress = Optional[Callable[[int], None]]
 
+#: On a GPU the vote exits early only at batches of at least this many noisy samples (see
+#: :meth:`Engine.early_exit_for`): a threshold between the two measured cases (3: slower, 200: faster).
+GPU_EARLY_EXIT_MIN_BATCH = 64
+
+
+def auto_early_exit(device: str, batch: int) -> bool:
+    """The default of the vote's early exit: on the CPU always; on a GPU from
+    :data:`GPU_EARLY_EXIT_MIN_BATCH` noisy samples per batch on."""
+    return device != "cuda" or int(batch) >= GPU_EARLY_EXIT_MIN_BATCH
+
 
 @dataclass(frozen=True)
 class CountsResult:
@@ -88,13 +98,15 @@ class Engine:
         backend: str = "auto",
         device: str = "cpu",
         threads: int | None = None,
-        early_exit: bool = True,
+        early_exit: bool | None = None,
         loop: bool = True,
         cuda_graph: bool = True,
     ):
         self.directory = Path(directory)
-        #: Stop a noisy sample's K runs once its vote is decided (identical votes, less work).
-        self.early_exit = bool(early_exit)
+        self.device = device
+        #: Stop a noisy sample's K runs once its vote is decided (identical votes, less work);
+        #: None: decided per batch size (:meth:`early_exit_for`).
+        self.early_exit = None if early_exit is None else bool(early_exit)
         self.manifest = load_manifest(self.directory)
         self.image_shape = tuple(self.manifest["image_shape"])
         self.num_classes = int(self.manifest["num_classes"])
@@ -127,14 +139,25 @@ class Engine:
         """
         return reverse_schedule(self._schedule, sigma, parse_steps(steps))
 
+    def early_exit_for(self, batch: int) -> bool:
+        """Whether the vote exits early at ``batch`` noisy samples per batch: as asked, else always on
+        the CPU, and on a GPU only from :data:`GPU_EARLY_EXIT_MIN_BATCH` samples on. Early exit's later
+        waves run one run of each undecided sample: a handful of rows, which leave a GPU idle (on an
+        H100, ImageNet at 3 samples per batch took 2.5x longer with it; CIFAR-10 at 200 took half
+        the time: benchmarks/results/gpu_h100). The labels are the same either way."""
+        if self.early_exit is not None:
+            return self.early_exit
+        return auto_early_exit(self.device, batch)
+
     def _prepare(self, sigma: float, steps: int | str, votes: int, batch: int) -> ReverseSchedule:
         for flag, value in (("--votes", votes), ("--batch", batch)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ConfigError(f"{flag} must be an integer >= 1 (got {value!r})")
         rs = self.reverse_schedule(sigma, steps)  # refuses non-finite schedules; the backend checks again
-        key = (float(sigma), rs.steps, int(votes), int(batch), self.early_exit)
+        early_exit = self.early_exit_for(int(batch))
+        key = (float(sigma), rs.steps, int(votes), int(batch), early_exit)
         if self._prepared != key:
-            self.backend.prepare(rs, int(votes), int(batch), early_exit=self.early_exit)
+            self.backend.prepare(rs, int(votes), int(batch), early_exit=early_exit)
             self._prepared = key
         return rs
 
@@ -166,14 +189,15 @@ class Engine:
             raise EngineError(f"the engine counted {int(counts.sum())} labels for {num} samples: rebuild the engine")
         return counts
 
-    def sample_counts_many(self, jobs, *, seed: int, batch: int, progress: Progress = None) -> list[np.ndarray]:
+    def sample_counts_many(self, jobs, *, seed: int, batch: int, progress: Progress = None, evals: list | None = None) -> list[np.ndarray]:
         """Per-class counts of several (image, image_index, phase, num) jobs, with batches that mix
         images (after :meth:`_prepare`): the samples of all jobs are taken in order, ``batch`` at a
         time, so a job of fewer samples than a batch (the n0 phase) shares its batch with the next.
 
         Each job's counts equal :meth:`sample_counts` of that job alone: noise is a pure function of
         (seed, image index, phase, sample), not of the batch (test). Needs a backend with
-        ``voted_labels_many`` (the batch loop).
+        ``voted_labels_many`` (the batch loop). ``evals``: a list that receives each job's UNet
+        evaluations (its samples' runs times the schedule's calls: exact, also when batches mix jobs).
         """
         many = getattr(self.backend, "voted_labels_many", None)
         if many is None:
@@ -185,19 +209,24 @@ class Engine:
         index_of = np.array([j[1] for j in jobs], dtype=np.int64)
         phase_of = np.array([j[2] for j in jobs], dtype=np.int64)
         counts = [np.zeros(self.num_classes, dtype=np.int64) for _ in jobs]
+        runs_of = np.zeros(len(jobs), dtype=np.int64)
         for start in range(0, len(job_of), batch):
             rows = slice(start, min(start + batch, len(job_of)))
             used = np.unique(job_of[rows])  # only the images of this batch travel to the device
             slot = np.searchsorted(used, job_of[rows])
-            labels = many(images[used], slot, index_of[job_of[rows]], phase_of[job_of[rows]], sample_of[rows], seed)
+            labels, runs = many(images[used], slot, index_of[job_of[rows]], phase_of[job_of[rows]], sample_of[rows], seed, runs=True)
             labels = check_labels(np.asarray(labels), len(slot), self.num_classes)
             for k in used:
-                counts[k] += np.bincount(labels[job_of[rows] == k], minlength=self.num_classes)
+                mine = job_of[rows] == k
+                counts[k] += np.bincount(labels[mine], minlength=self.num_classes)
+                runs_of[k] += int(np.asarray(runs)[mine].sum())
             if progress is not None:
                 progress(len(slot))
         for (_, _, _, num), c in zip(jobs, counts):
             if int(c.sum()) != num:
                 raise EngineError(f"the engine counted {int(c.sum())} labels for {num} samples: rebuild the engine")
+        if evals is not None:
+            evals[:] = [int(r) * self.backend.calls for r in runs_of]
         return counts
 
     def certify_many(
@@ -227,15 +256,13 @@ class Engine:
         jobs = []
         for img, idx in zip(images, indices):
             jobs += [(img, idx, SELECTION, n0), (img, idx, ESTIMATION, n)]
-        evals = self.backend.unet_evals
-        counts = self.sample_counts_many(jobs, seed=seed, batch=batch, progress=progress)
-        spent = self.backend.unet_evals - evals
+        evals: list[int] = []
+        counts = self.sample_counts_many(jobs, seed=seed, batch=batch, progress=progress, evals=evals)
         out = []
         for k in range(len(images)):
             c0, c = counts[2 * k], counts[2 * k + 1]
-            # The work is shared by the batch; each image is charged its share of the samples.
-            share = spent * (n0 + n) // max(1, len(images) * (n0 + n))
-            out.append((certify(c0, c, sigma, alpha), CountsResult(c0, c, share)))
+            # Each image is charged the runs its own samples took: the same as certifying it alone.
+            out.append((certify(c0, c, sigma, alpha), CountsResult(c0, c, evals[2 * k] + evals[2 * k + 1])))
         return out
 
     def _count(self, labels: np.ndarray, expected: int) -> np.ndarray:
@@ -456,12 +483,13 @@ def open_engine(
     backend: str = "auto",
     device: str = "cpu",
     threads: int | None = None,
-    early_exit: bool = True,
+    early_exit: bool | None = None,
     loop: bool = True,
     cuda_graph: bool = True,
 ) -> Engine:
     """Open and verify an engine directory (see :class:`Engine`). ``early_exit=False`` runs all K
-    runs of every noisy sample (same votes, more work; for comparisons). ``loop=False`` runs the
+    runs of every noisy sample (same votes, more work); None (default) decides by device and batch
+    size (:meth:`Engine.early_exit_for`). ``loop=False`` runs the
     plain step-by-step ONNX Runtime path instead of the batch loop (same labels; for comparisons).
     ``cuda_graph``: on a GPU, replay the full batch's step through ONNX Runtime's CUDA graph where
     ONNX Runtime accepts it (every node on the CUDA provider); ignored on the CPU."""

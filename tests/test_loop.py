@@ -116,6 +116,7 @@ def test_cross_image_batches_give_each_image_its_own_counts(engine, digits):
             assert cert == want_cert
             np.testing.assert_array_equal(counts.counts0, want_counts.counts0)
             np.testing.assert_array_equal(counts.counts, want_counts.counts)
+            assert counts.unet_evals == want_counts.unet_evals  # exact per image, though batches mix images
 
 
 def test_cli_certify_on_the_loop_equals_the_reference_api(engine, digits, tmp_path):
@@ -141,7 +142,16 @@ def test_cli_certify_on_the_loop_equals_the_reference_api(engine, digits, tmp_pa
             assert int(row["n_a"]) == int(counts.counts[int(row["c_a"])])
             assert int(row["unet_evals"]) == counts.unet_evals
     options = json.loads(Path(str(out) + ".json").read_text())
-    assert options["votes"] == VOTES
+    assert options["votes"] == VOTES and options["early_exit"] is True  # the CPU default
+    # Three images per call: batches mix images, the rows (work included) are the same.
+    grouped = tmp_path / "g.tsv"
+    result = CliRunner().invoke(main, args[:-1] + [str(grouped), "--images-per-call", "3"])
+    assert result.exit_code == 0, result.output
+    strip = lambda text: [line.split("\t")[:5] + line.split("\t")[6:] for line in text.splitlines()]  # noqa: E731
+    assert strip(grouped.read_text()) == strip(out.read_text())
+    radius_args = [a for i, a in enumerate(args[:-1]) if a != "--n" and (i == 0 or args[i - 1] != "--n")]
+    bad = CliRunner().invoke(main, radius_args + [str(tmp_path / "x.tsv"), "--images-per-call", "2", "--radius", "0.1"])
+    assert bad.exit_code == 2 and "--images-per-call goes with fixed-n CERTIFY" in bad.stderr
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,3 +303,12 @@ def test_classifier_in_chunks_gives_the_same_counts(engine, digits):
         want = ref.sample_counts(images[4], 24, ESTIMATION, seed=7, image_index=4, batch=8)
         got = new.sample_counts(images[4], 24, ESTIMATION, seed=7, image_index=4, batch=8)
         np.testing.assert_array_equal(got, want)
+
+
+def test_early_exit_default_depends_on_device_and_batch():
+    from densepure_rt.runtime import GPU_EARLY_EXIT_MIN_BATCH, auto_early_exit
+
+    assert auto_early_exit("cpu", 1) and auto_early_exit("cpu", 10_000)
+    assert not auto_early_exit("cuda", 3)  # ImageNet at 3 samples per batch: 2.5x slower with it (H100)
+    assert auto_early_exit("cuda", 200)  # CIFAR-10 at 200: half the time (H100)
+    assert not auto_early_exit("cuda", GPU_EARLY_EXIT_MIN_BATCH - 1) and auto_early_exit("cuda", GPU_EARLY_EXIT_MIN_BATCH)
