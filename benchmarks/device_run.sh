@@ -2,7 +2,7 @@
 # One call on a lent GPU machine (the device tool): assemble onnxruntime-gpu from the carried parts,
 # run the gpu tests, build random-weight engines and time the lean runtime. Everything lands in $OUT.
 #   Part 1 of onnxruntime-gpu travels in an earlier call (copied to /tmp/ortparts), part 2 in this one
-#   (.ortgpu_b/); see docs/gpu.md for how the parts are made (the sm_90 kernels only).
+#   (.ortgpu_b/); made by benchmarks/ort_gpu_parts.py (the sm_90 kernels only).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 start=$(date +%s)
