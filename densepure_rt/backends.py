@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import abc
 import sys
+from contextlib import nullcontext as _nullcontext
 from pathlib import Path
 from typing import Sequence
 
@@ -240,11 +241,33 @@ class LoopBackend(Backend):
         fill = np.zeros(n, dtype=np.int64)
         return self.voted_labels_many(image[None], fill, fill + image_index, fill + phase, np.asarray(samples, dtype=np.int64), seed)
 
+    def _host(self, a) -> np.ndarray:
+        if self._ctx is None:
+            return np.array(a)
+        return self.xp.asnumpy(a, stream=self._ctx.stream, blocking=True)
+
     def purify(self, x_t: np.ndarray, noise: np.ndarray) -> np.ndarray:
-        raise NotImplementedError("the batch loop purifies inside voted_labels; use OnnxRuntimeBackend.purify")
+        """One reverse run (after :meth:`prepare`), through the loop's executor: x0_hat on the host."""
+        rs, xp = self.loop.rs, self.xp
+        assert rs is not None, "call prepare() first"
+        with (self._ctx.stream if self._ctx is not None else _nullcontext()):
+            x = xp.array(np.asarray(x_t, dtype=np.float32), order="C", copy=True)  # the caller's array stays as it was
+            out = xp.empty_like(x)
+            for s in range(rs.num_calls):
+                z = xp.asarray(np.ascontiguousarray(noise[s], dtype=np.float32))
+                self._executor.step(x, z, self.loop.table[s], out)
+                x, out = out, x
+            return self._host(x)
 
     def classify(self, images: np.ndarray) -> np.ndarray:
-        raise NotImplementedError("the batch loop classifies inside voted_labels; use OnnxRuntimeBackend.classify")
+        """Labels [N] int64 of purified images, through the loop's executor."""
+        xp, n = self.xp, len(images)
+        with (self._ctx.stream if self._ctx is not None else _nullcontext()):
+            x = xp.asarray(np.ascontiguousarray(images, dtype=np.float32))
+            labels = xp.empty(n, dtype=np.int64)
+            logits = xp.empty((n, self.num_classes), dtype=np.float32)
+            self._executor.classify(x, labels, logits)
+            return check_labels(self._host(labels), n, self.num_classes)
 
     def close(self) -> None:
         if self._executor is not None:

@@ -122,20 +122,14 @@ class OrtExecutor:
         except Exception as exc:  # onnxruntime raises its own exception types
             raise EngineError(f"onnxruntime could not load the engine in {directory}: {_first_line(exc)}") from None
         self.cuda_graph = graph_providers is not None and self.cuda_graph_off is None
-        self._graph_rows = 0
-        self._graph_io = None
+        #: One captured graph per full-batch row count: rows -> (x, noise, scalars, out buffers,
+        #: IOBinding, RunOptions with its own gpu_graph_id). A captured graph replays at the addresses
+        #: and shapes it saw, so its buffers are kept for the executor's life and never rebound.
+        self._graphs: dict[int, tuple] = {}
         self.providers = {"step": self._step.get_providers(), "classifier": self._cls.get_providers()}
         self.version = ort.__version__
-        self._run_options = ort.RunOptions()
-        self._graph_options = ort.RunOptions()
-        if device == "cuda":
-            # The loop's next kernels are queued on the same stream: no host wait at the end of a run.
-            for ro in (self._run_options, self._graph_options):
-                ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
-            if self.cuda_graph:
-                # Graph 0 is the full batch on fixed buffers; any other shape runs without a graph (-1).
-                self._run_options.add_run_config_entry("gpu_graph_id", "-1")
-                self._graph_options.add_run_config_entry("gpu_graph_id", "0")
+        self._ort = ort
+        self._run_options = self._options(-1 if self.cuda_graph else None)
         self._io_step = self._step.io_binding()
         self._io_cls = self._cls.io_binding()
         self._ort_device = "cuda" if device == "cuda" else "cpu"
@@ -159,34 +153,45 @@ class OrtExecutor:
             raise EngineError(f"onnxruntime failed running the {what} graph: {_first_line(exc)}") from None
 
     # -- the executor interface ------------------------------------------------------------------------
+    def _options(self, graph_id: int | None):
+        ro = self._ort.RunOptions()
+        if self.device == "cuda":
+            # The loop's next kernels are queued on the same stream: no host wait at the end of a run.
+            ro.add_run_config_entry("disable_synchronize_execution_providers", "1")
+            if graph_id is not None:  # -1: run without a graph (shapes other than a full batch)
+                ro.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return ro
+
     def reserve(self, rows: int, image_shape) -> None:
-        """Fixed buffers for ONNX Runtime's CUDA graph: the step of a full batch (``rows`` rows) runs
-        on them, always at the same addresses, so the graph captured at its first run is replayed."""
-        if not self.cuda_graph or rows == self._graph_rows:
+        """Fixed buffers for ONNX Runtime's CUDA graph: the step of a full batch of ``rows`` rows runs
+        on them, always at the same addresses, so the graph captured at its first run is replayed.
+        Each row count gets its own graph id and buffers, kept for the executor's life."""
+        if not self.cuda_graph or rows in self._graphs:
             return
         xp = self.xp
-        self._gx = xp.empty((rows, *image_shape), dtype=np.float32)
-        self._gz = xp.empty_like(self._gx)
-        self._gout = xp.empty_like(self._gx)
-        self._gscal = xp.empty(self._scalar_count(), dtype=np.float32)
+        gx = xp.empty((rows, *image_shape), dtype=np.float32)
+        gz, gout = xp.empty_like(gx), xp.empty_like(gx)
+        gscal = xp.empty(self._scalar_count(), dtype=np.float32)
         io = self._step.io_binding()
-        self._bind_in(io, "x", self._gx)
-        self._bind_in(io, "noise", self._gz)
-        self._bind_in(io, "scalars", self._gscal)
-        self._bind_out(io, "x_next", self._gout)
-        self._graph_io, self._graph_rows = io, rows
+        self._bind_in(io, "x", gx)
+        self._bind_in(io, "noise", gz)
+        self._bind_in(io, "scalars", gscal)
+        self._bind_out(io, "x_next", gout)
+        self._graphs[rows] = (gx, gz, gscal, gout, io, self._options(len(self._graphs)))  # ids 0, 1, ...; -1: none
 
     def _scalar_count(self) -> int:
         shape = self._step.get_inputs()[[i.name for i in self._step.get_inputs()].index("scalars")].shape
         return int(shape[0])
 
     def step(self, x, noise, scalars, out) -> None:
-        if self._graph_io is not None and x.shape[0] == self._graph_rows:
-            self._gx[...] = x  # device-to-device copies in and out: microseconds beside a UNet call
-            self._gz[...] = noise
-            self._gscal[...] = scalars
-            self._run(self._step, self._graph_io, "denoise-step", self._graph_options)
-            out[...] = self._gout
+        graph = self._graphs.get(x.shape[0])
+        if graph is not None:
+            gx, gz, gscal, gout, io, options = graph
+            gx[...] = x  # device-to-device copies in and out: microseconds beside a UNet call
+            gz[...] = noise
+            gscal[...] = scalars
+            self._run(self._step, io, "denoise-step", options)
+            out[...] = gout
             return
         io = self._io_step
         self._bind_in(io, "x", x)

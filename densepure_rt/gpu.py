@@ -9,7 +9,9 @@ imports CuPy (nor torch). Why CuPy and not pycuda or raw cuda-python: docs/decis
   with NVRTC; per-row keys are device buffers of the loop, so the kernel draws each batch's own noise.
 - :meth:`CudaContext.stage`: images go host -> pinned host buffer -> device with an asynchronous copy
   on a second stream; the loop's stream waits on an event, not the host. Two pinned buffers
-  alternate (double buffering), so the next batch's images are copied while the current one runs.
+  alternate (double buffering), so a caller that queues the next batch before reading the current
+  one's labels overlaps the copy with it. Today's callers read each batch's labels first (a batch's
+  images are a few kilobytes to a megabyte beside seconds of UNet work), so nothing overlaps yet.
 
 Written without a GPU; what ran on a lent H100 is recorded in README.md's backend table.
 """
@@ -30,7 +32,7 @@ def require_cupy():
         import cupy
     except ImportError:
         raise EngineError(
-            "--device cuda needs CuPy: pip install 'densepure-rt[gpu]' (cupy-cuda12x or cupy-cuda13x, matching your CUDA)"
+            "--device cuda needs CuPy: pip install 'densepure-rt[gpu-cuda13]' (or [gpu-cuda12], matching your CUDA)"
         ) from None
     try:
         if cupy.cuda.runtime.getDeviceCount() < 1:

@@ -15,18 +15,20 @@ phase and its sample index, and returns their voted labels. Inside:
         finished samples vote (official tie rule); undecided ones go on to the next wave
 
 Every number a sample gets is a pure function of (seed, image index, phase, sample, draw) (see
-:mod:`densepure_rt.noise`), so the labels do not depend on the batch, on its other samples or on
-the device. Buffers are allocated once per (schedule, K, batch) in :meth:`BatchLoop.prepare`;
-nothing is allocated per step. The loop never reads a device value inside a wave: with early exit
-it reads the undecided samples once per wave (a handful of integers) to compact the next wave;
-without it (``early_exit=False``) a batch is one asynchronous stream of launches until its labels
-are read back.
+:mod:`densepure_rt.noise`), so the labels do not depend on the batch or on its other samples; on a
+GPU the noise equals the host's to float32 rounding (the kernel's double-precision log/sin/cos may
+differ from glibc's in the last bit), so a rare vote can differ between devices. The buffers are
+allocated once per (schedule, K, batch) in :meth:`BatchLoop.prepare`; on a GPU a step allocates
+nothing (on the host the numpy noise draws allocate; each wave's gathers allocate temporaries).
+The loop never reads a device value inside a wave: with early exit it reads the undecided samples
+once per wave (a handful of integers) to compact the next wave; without it (``early_exit=False``) a
+batch is one asynchronous stream of launches until its labels are read back.
 
 The executor runs the two graphs on buffers of the loop's array module (``step(x, noise, scalars,
 out)`` and ``classify(images, labels, logits)``): :class:`densepure_rt.executors.OrtExecutor` binds them
 with ONNX Runtime's IOBinding, on the CPU provider over numpy or on the CUDA provider over CuPy.
 The noise source fills per-row buffers: :func:`densepure_rt.philox.row_normals` on the host, the
-``philox_rows`` CUDA kernel on a GPU (:mod:`densepure_rt.gpu`); the two draw the same numbers.
+``philox_rows`` CUDA kernel on a GPU (:mod:`densepure_rt.gpu`); the same numbers to float32 rounding.
 """
 
 from __future__ import annotations
@@ -121,7 +123,7 @@ class BatchLoop:
         self.s_zero = xp.zeros(self.batch, dtype=u32)
         self.r_image, self.r_phase, self.r_sample, self.r_draw = (xp.zeros(rows, dtype=u32) for _ in range(4))
         reserve = getattr(self.executor, "reserve", None)
-        if reserve is not None:
+        if reserve is not None and self.waves == (self.votes,):  # early-exit waves never fill the batch
             reserve(rows, self.image_shape)
 
     def _put(self, buf, host) -> None:
@@ -145,6 +147,10 @@ class BatchLoop:
         if not 0 < n <= self.batch:
             raise ValueError(f"a batch holds 1 to {self.batch} samples (got {n})")
         rs, votes, calls = self.rs, self.votes, self.rs.num_calls
+        for name, keys in (("image index", image_indices), ("phase", phases), ("sample index", samples)):
+            keys = np.asarray(keys)
+            if keys.size and (keys.min() < 0 or keys.max() >= 2**32):  # uint32 would wrap onto other noise
+                raise ValueError(f"{name} must be in [0, 2^32) for the Philox key and counter")
         for buf, host in ((self.s_slot, slots), (self.s_image, image_indices), (self.s_phase, phases), (self.s_sample, samples)):
             self._put(buf, host)
         delta, start = self.delta[:n], self.start[:n]

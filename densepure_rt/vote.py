@@ -46,7 +46,8 @@ def vote_waves(votes: int) -> tuple[int, ...]:
     The first wave is ceil(K/2) runs: no fewer can decide a vote (a leader with c votes of j can be
     overtaken while the K - j runs left could give another class more than c). Then one run per wave,
     so that a sample stops at the first run after which its vote is decided. Every wave has a fixed
-    number of runs, so a GPU path can capture each wave's shape once.
+    number of runs per sample; the number of samples shrinks as votes are decided, so a wave's rows
+    vary (the GPU path runs such waves without ONNX Runtime's graph).
     """
     if isinstance(votes, bool) or not isinstance(votes, (int, np.integer)) or votes < 1:
         raise ValueError(f"votes must be an integer >= 1 (got {votes!r})")

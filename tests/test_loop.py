@@ -269,6 +269,14 @@ def test_onnxruntime_cuda_graph_replays_give_the_same_counts(engine, digits):
             a = on.sample_counts(images[i], 64, ESTIMATION, seed=0, image_index=i, batch=16)
             b = off.sample_counts(images[i], 64, ESTIMATION, seed=0, image_index=i, batch=16)
             np.testing.assert_array_equal(a, b)
+        # Another batch size on the same engine: a graph of its own, the first one kept (not replayed
+        # on freed buffers), and both still give the plain run's counts.
+        for batch in (8, 16):
+            for e in (on, off):
+                e._prepare(SIGMA, STEPS, VOTES, batch)
+            a = on.sample_counts(images[3], 48, ESTIMATION, seed=1, image_index=3, batch=batch)
+            b = off.sample_counts(images[3], 48, ESTIMATION, seed=1, image_index=3, batch=batch)
+            np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.gpu
@@ -312,3 +320,13 @@ def test_early_exit_default_depends_on_device_and_batch():
     assert not auto_early_exit("cuda", 3)  # ImageNet at 3 samples per batch: 2.5x slower with it (H100)
     assert auto_early_exit("cuda", 200)  # CIFAR-10 at 200: half the time (H100)
     assert not auto_early_exit("cuda", GPU_EARLY_EXIT_MIN_BATCH - 1) and auto_early_exit("cuda", GPU_EARLY_EXIT_MIN_BATCH)
+
+
+def test_keys_outside_uint32_are_refused_not_wrapped(engine, digits):
+    """An image index of -1 or 2^32 + 5 would wrap onto another image's noise: refused."""
+    images, _ = digits
+    with open_engine(engine) as e:
+        e._prepare(SIGMA, STEPS, VOTES, 4)
+        for bad in (-1, 2**32 + 5):
+            with pytest.raises(ValueError, match="image index must be in"):
+                e.backend.voted_labels_many(images[:1], [0], [bad], [ESTIMATION], [0], 0)
