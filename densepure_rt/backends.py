@@ -171,15 +171,21 @@ class LoopBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, directory: str | Path, manifest: dict, device: str = "cpu", threads: int | None = None,
-                 cuda_graph: bool = True):
-        from .executors import OrtExecutor
+                 cuda_graph: bool = True, runtime: str = "onnxruntime"):
+        from .executors import OpenVinoExecutor, OrtExecutor
         from .loop import BatchLoop, HostNoise
 
+        self.name = runtime
         self.device = device
         self.image_shape = tuple(manifest["image_shape"])
         self.num_classes = int(manifest["num_classes"])
         self._ctx = None
-        if device == "cuda":
+        if runtime == "openvino":
+            if device != "cpu":
+                raise EngineError("OpenVINO engines run on the CPU (--device cpu); for a GPU build with --backend onnxruntime")
+            xp, noise = np, HostNoise()
+            self._executor = OpenVinoExecutor(directory, manifest, threads)
+        elif device == "cuda":
             from .gpu import CudaContext, CupyNoise, require_cupy
 
             cupy = require_cupy()
@@ -194,6 +200,8 @@ class LoopBackend(Backend):
             raise EngineError(f"--device must be cpu or cuda for the onnxruntime backend (got {device!r})")
         self.xp = xp
         self.version = self._executor.version
+        #: The arithmetic the graphs run in: the engine's precision, as the executor compiled it.
+        self.effective_precision = getattr(self._executor, "effective_precision", manifest["precision"]["step"])
         self.loop = BatchLoop(self._executor, noise, self.image_shape, self.num_classes, xp=xp)
 
     @property
@@ -324,8 +332,10 @@ def open_backend(
         name = built
     else:
         raise EngineError(f"this engine was built for the {built} backend, not {name}: rebuild it with --backend {name}")
+    if name == "openvino":
+        return LoopBackend(directory, manifest, device=device, threads=threads, runtime="openvino")
     if name == "onnxruntime":
         if loop:
             return LoopBackend(directory, manifest, device=device, threads=threads, cuda_graph=cuda_graph)
         return OnnxRuntimeBackend(directory, manifest, device=device, threads=threads)
-    raise EngineError(f"backend {name!r} is not supported by this densepure-rt: rebuild the engine for onnxruntime")
+    raise EngineError(f"backend {name!r} is not supported by this densepure-rt: rebuild the engine for onnxruntime or openvino")

@@ -111,8 +111,11 @@ def _weights_sha256(path: str | None, shipped: str, random_weights: bool) -> str
 @click.option("--diffusion-ckpt", type=click.Path(), metavar="PATH", help="Diffusion UNet checkpoint (.pt or .safetensors).")
 @click.option("--classifier-ckpt", type=click.Path(), metavar="PATH", help="Classifier checkpoint (file or Hugging Face folder).")
 @click.option("--random-weights", is_flag=True, help="Full-size architecture with random weights (benchmarking only).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True, help="Denoise-step precision.")
-@click.option("--backend", type=click.Choice(["onnxruntime"]), default="onnxruntime", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+              help="onnxruntime: the denoise step in fp32 or fp16 (the GPU's choice); openvino: both graphs in fp32 or "
+                   "bf16 (CPUs with AVX-512 BF16 or AMX; bf16 changes the base classifier, so it is never chosen for you).")
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime", show_default=True,
+              help="onnxruntime: CPU and CUDA; openvino: CPU (pip install openvino).")
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, metavar="N", help="Default noisy samples per engine call.")
 @click.option("--out", type=click.Path(), metavar="DIR", help="Engine directory  [default: engines/PRESET]")
 @click.option("--force", is_flag=True, help="Rebuild, replacing an existing engine directory (never any other folder).")
@@ -135,10 +138,12 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
 
     p = get_preset(preset)
     try:
-        from .engine.build import BuildOptions, build_engine, check_out_dir, is_engine_dir
+        from .engine.build import BACKEND_PRECISIONS, BuildOptions, build_engine, check_out_dir, is_engine_dir
         from .export.models import load_classifier, load_unet
     except ImportError as exc:
         raise ConfigError(f"build needs the PyTorch extra ({exc.name} is missing): pip install 'densepure-rt[torch]'") from None
+    if precision not in BACKEND_PRECISIONS[backend]:  # before anything is loaded or announced
+        raise ConfigError(f"--precision {precision} is not one the {backend} backend runs: choose {' or '.join(BACKEND_PRECISIONS[backend])}")
     for flag, path in (("--diffusion-ckpt", diffusion_ckpt), ("--classifier-ckpt", classifier_ckpt)):
         if path is not None and not Path(path).exists():
             raise ConfigError(f"{flag} {path} does not exist")
@@ -354,6 +359,8 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
             "early_exit": engine.early_exit_for(batch),
             "images_per_call": images_per_call,
             "backend": engine.backend.name,
+            # What the graphs ran in, read back from the backend (OpenVINO: its compiled precision).
+            "precision": getattr(engine.backend, "effective_precision", engine.manifest["precision"]["step"]),
             "device": device,
             "version": __version__,
             "command": "densepure-rt " + " ".join(shlex.quote(a) for a in sys.argv[1:]),

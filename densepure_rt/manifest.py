@@ -57,7 +57,7 @@ _MAX_PARAMETERS = 10**13
 _MAX_OPSET = 1000
 _MAX_GFLOP = 1e9
 _SCHEDULES = ("linear", "cosine")
-_PRECISIONS = ("fp32", "fp16")
+_PRECISIONS = ("fp32", "fp16", "bf16")
 _GRAPHS = ("step", "classifier")
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")

@@ -70,6 +70,7 @@ UNTIL_HEADER = ("idx", "label", "predict", "radius", "correct", "time", "c_a", "
 HEADERS = {"certify": HEADER, "predict": PREDICT_HEADER, "certify-radii": RADII_HEADER, "certify-until": UNTIL_HEADER}
 
 # Settings that must be identical for a run to continue an existing file.
+_RESUME_IF_RECORDED = ("precision",)
 _RESUME_KEYS = (
     "mode", "engine_sha256", "data_sha256", "sigma", "steps", "votes", "n0", "n", "radii", "tol", "alpha", "seed", "skip", "max",
     "ids", "noise",
@@ -407,6 +408,9 @@ class ResultsWriter:
         if not isinstance(saved, dict):
             raise DataError(f"the options file {opts_file} is not a JSON object: choose another --out")
         changed = [k for k in _RESUME_KEYS if saved.get(k) != options.get(k)]
+        # The arithmetic the engine actually ran in (OpenVINO fp32 / bf16): files written before it
+        # was recorded carry no such key and are continued as before.
+        changed += [k for k in _RESUME_IF_RECORDED if k in saved and saved.get(k) != options.get(k)]
         if changed:
             detail = ", ".join(f"{k} {saved.get(k)!r} -> {options.get(k)!r}" for k in changed)
             raise ConfigError(

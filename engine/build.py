@@ -36,8 +36,11 @@ from densepure_rt.export.step import DenoiseStep
 
 __all__ = ["BuildOptions", "build_engine", "check_out_dir", "is_engine_dir", "PRECISIONS", "BACKENDS"]
 
-PRECISIONS = ("fp32", "fp16")
-BACKENDS = ("onnxruntime",)
+PRECISIONS = ("fp32", "fp16", "bf16")
+BACKENDS = ("onnxruntime", "openvino")
+#: The precisions each backend runs: ONNX Runtime an fp16 or fp32 step graph; OpenVINO the fp32
+#: graphs at an inference precision it is told explicitly (fp32, or bf16 on CPUs that have it).
+BACKEND_PRECISIONS = {"onnxruntime": ("fp32", "fp16"), "openvino": ("fp32", "bf16")}
 
 
 @dataclass
@@ -58,6 +61,11 @@ def _check(options: BuildOptions) -> None:
     if options.backend not in BACKENDS:
         raise ConfigError(
             f"--backend {options.backend!r} is not available here: choose one of {', '.join(BACKENDS)}"
+        )
+    allowed = BACKEND_PRECISIONS[options.backend]
+    if options.precision not in allowed:
+        raise ConfigError(
+            f"--precision {options.precision} is not one the {options.backend} backend runs: choose {' or '.join(allowed)}"
         )
     if isinstance(options.batch, bool) or not isinstance(options.batch, int) or options.batch < 1:
         raise ConfigError(f"--batch must be an integer >= 1 (got {options.batch!r})")
@@ -185,16 +193,18 @@ def build_engine(
         unet = unet.eval()
         step32 = DenoiseStep(unet).eval()
         step_parent = step32
-        if options.precision == "fp16":
+        # OpenVINO reads the fp32 graphs and runs them at the engine's precision (set at load time).
+        graph_precision = "fp32" if options.backend == "openvino" else options.precision
+        if graph_precision == "fp16":
             import copy
 
             step_parent = DenoiseStep(copy.deepcopy(unet).convert_to_fp16()).eval()
-        sspec = step_spec(image_shape, options.precision)
+        sspec = step_spec(image_shape, graph_precision)
         cspec = classifier_spec(image_shape, preset.num_classes)
         make_step, make_cls = _step_inputs(preset, val_batch), _classifier_inputs(preset, val_batch)
         gen = torch.Generator().manual_seed(0)
         t0 = time.time()
-        log(f"exporting the denoise-step graph ({options.precision})...")
+        log(f"exporting the denoise-step graph ({graph_precision})...")
         files = export_graph(step_parent, sspec, stage, make_step(gen))
         log("exporting the classifier graph (fp32)...")
         files += export_graph(classifier, cspec, stage, make_cls(gen))
@@ -222,7 +232,8 @@ def build_engine(
                 "parameters": sum(p.numel() for p in classifier.parameters()),
                 "preprocessing": classifier.describe() if hasattr(classifier, "describe") else {},
             },
-            "precision": {"step": options.precision, "classifier": "fp32"},
+            # OpenVINO runs both graphs at the engine's precision; ONNX Runtime's classifier is fp32.
+            "precision": {"step": options.precision, "classifier": options.precision if options.backend == "openvino" else "fp32"},
             "backend": {"name": options.backend, "opset": 17},
             "graphs": {"step": sspec.as_dict(), "classifier": cspec.as_dict()},
             "validation": validation,

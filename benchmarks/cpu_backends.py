@@ -1,0 +1,348 @@
+"""CPU benchmark of the inference backends, in one process on the same inputs.
+
+Times ONE reverse denoising step (the engine's "denoise-step" graph: UNet + posterior update) and,
+separately, the classifier, through five paths:
+
+  1. torch fp32            the PyTorch modules (export/step.py ``DenoiseStep``, export/models.py)
+  2. torch bf16 autocast   the same under ``torch.autocast("cpu", dtype=torch.bfloat16)``
+  3. onnxruntime fp32      the engine's ONNX graphs, CPU provider
+  4. openvino f32          the same ONNX graphs, INFERENCE_PRECISION_HINT f32 (set explicitly)
+  5. openvino bf16         INFERENCE_PRECISION_HINT bf16, only where OPTIMIZATION_CAPABILITIES has BF16
+
+and OpenVINO f32 step under a few thread / stream / infer-request settings (AsyncInferQueue).
+Each number is the median wall-clock time of ``--reps`` calls after ``--warmup`` calls. Numerics are
+measured against torch fp32: relative L2 of the step output (float64 norms), and for the classifier
+the share of identical argmax labels (and the logits' relative L2). Inputs: x and noise standard
+normal float32 [batch x C x H x W], classifier images uniform in [-1, 1], the step's scalars the first
+row of ``reverse_schedule(make_schedule(<manifest schedule>), sigma, steps)``.
+
+Engines are built with the CLI into a temporary folder (``densepure-rt build --model digits`` and
+``densepure-rt build --model cifar10 --random-weights``) unless ``--engine-digits`` / ``--engine-cifar``
+name built ones; the PyTorch modules are loaded with the weights the engine's manifest records.
+
+The measurement (on an otherwise idle machine; about half an hour on 2 cores):
+
+    python benchmarks/cpu_backends.py --out benchmarks/results/cpu_backends
+
+Smoke run: ``python benchmarks/cpu_backends.py --out /tmp/cpu_backends --quick``.
+Writes DIR/cpu_backends.json (all numbers) and DIR/cpu_backends.md (tables, also printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+BUILD_ARGS = {"digits": ["--model", "digits"], "cifar10": ["--model", "cifar10", "--random-weights"]}
+PATHS = ("torch fp32", "torch bf16 autocast", "onnxruntime fp32", "openvino f32", "openvino bf16")
+REF = PATHS[0]
+JOBS_PER_REP = 4  # batches per repetition of an OpenVINO thread/stream setting (AsyncInferQueue)
+#: OpenVINO f32 step settings: (label, INFERENCE_NUM_THREADS, NUM_STREAMS or None, PERFORMANCE_HINT, requests or None).
+OV_SETTINGS = (
+    ("1 thread, 1 stream, 1 request", 1, 1, "LATENCY", 1),
+    ("2 threads, 1 stream, 1 request", 2, 1, "LATENCY", 1),
+    ("2 threads, 1 stream, 2 async requests", 2, 1, "LATENCY", 2),
+    ("2 threads, 2 streams, 2 async requests", 2, 2, "THROUGHPUT", 2),
+    ("2 threads, THROUGHPUT hint (OpenVINO's streams and requests)", 2, None, "THROUGHPUT", None),
+)
+
+
+def cpu_info() -> dict:
+    name, flags = None, set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and name is None:
+                name = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": name or platform.processor() or "unknown", "logical_cpus": os.cpu_count(),
+            **{flag: flag in flags for flag in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")}}
+
+
+def rel_l2(a, ref) -> float:
+    a, ref = np.asarray(a, dtype=np.float64), np.asarray(ref, dtype=np.float64)
+    return float(np.linalg.norm(a - ref) / max(np.linalg.norm(ref), 1e-300))
+
+
+def timed(fn, warmup: int, reps: int):
+    """(median seconds, all seconds, last output) of ``reps`` calls of ``fn`` after ``warmup`` calls."""
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times, out
+
+
+def build_engine(model: str, root: Path) -> Path:
+    out = root / model
+    exe = Path(sys.executable).with_name("densepure-rt")
+    cli = [str(exe)] if exe.exists() else [sys.executable, "-c", "from densepure_rt.cli import main; main()"]
+    print(f"building the {model} engine into {out} ...", file=sys.stderr, flush=True)
+    subprocess.run([*cli, "build", *BUILD_ARGS[model], "--out", str(out)], check=True)
+    return out
+
+
+def load_torch(manifest: dict):
+    """The DenoiseStep and classifier with the weights the engine was built from."""
+    from densepure_rt.export.models import load_classifier, load_unet
+    from densepure_rt.export.step import DenoiseStep
+
+    build = manifest.get("build", {})
+    inputs = build.get("inputs", {})
+    random = bool(inputs.get("random_weights", build.get("random_weights", False)))
+    seed = int(inputs.get("seed") or 0)
+
+    def ckpt(key):
+        return None if random or build.get(key) in (None, "shipped") else build[key]
+
+    unet = load_unet(manifest["preset"], ckpt("diffusion_ckpt"), random_weights=random, seed=seed)
+    classifier = load_classifier(manifest["preset"], ckpt("classifier_ckpt"), random_weights=random, seed=seed)
+    return DenoiseStep(unet).eval(), classifier.eval()
+
+
+def torch_runner(module, bf16: bool):
+    import torch
+
+    def run(*args):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return module(*(torch.from_numpy(a) for a in args)).float().numpy()
+
+    return run
+
+
+def ort_runner(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    output = "x_next" if "x_next" in [o.name for o in session.get_outputs()] else "logits"
+    return lambda *args: session.run([output], dict(zip(names, args)))[0]
+
+
+def ov_compile(core, path: Path, precision: str, threads: int, streams=1, hint: str = "LATENCY"):
+    import openvino as ov
+
+    config = {"INFERENCE_PRECISION_HINT": getattr(ov.Type, precision), "INFERENCE_NUM_THREADS": str(threads),
+              "PERFORMANCE_HINT": hint}
+    if streams is not None:
+        config["NUM_STREAMS"] = str(streams)
+    compiled = core.compile_model(str(path), "CPU", config)
+    readback = {key: compiled.get_property(key) for key in
+                ("INFERENCE_PRECISION_HINT", "INFERENCE_NUM_THREADS", "NUM_STREAMS", "OPTIMAL_NUMBER_OF_INFER_REQUESTS")}
+    readback = {k: v.get_type_name() if hasattr(v, "get_type_name") else str(v) for k, v in readback.items()}
+    return compiled, readback
+
+
+def ov_runner(compiled):
+    request = compiled.create_infer_request()
+    names = [i.get_any_name() for i in compiled.inputs]
+    output = compiled.output("x_next" if "x_next" in {o.get_any_name() for o in compiled.outputs} else "logits")
+    return lambda *args: request.infer(dict(zip(names, args)), share_inputs=True)[output]
+
+
+def measure(fn, args, batch: int, warmup: int, reps: int, ref=None, labels: bool = False) -> tuple[dict, np.ndarray]:
+    median, times, out = timed(lambda: fn(*args), warmup, reps)
+    row = {"batch_seconds_median": median, "batch_seconds": times, "ms_per_sample": 1e3 * median / batch,
+           "samples_per_s": batch / median}
+    if ref is not None:
+        row["rel_l2"] = rel_l2(out, ref)
+        if labels:
+            row["label_agreement"] = float(np.mean(np.argmax(out, axis=1) == np.argmax(ref, axis=1)))
+    return row, out
+
+
+def bench_model(model: str, engine: Path, batch: int, args) -> dict:
+    import openvino as ov
+
+    from densepure_rt.schedule import make_schedule, reverse_schedule
+
+    manifest = json.loads((engine / "manifest.json").read_text())
+    graphs = {g: engine / manifest["graphs"][g]["file"] for g in ("step", "classifier")}
+    if any(t["dtype"] != "float32" for t in manifest["graphs"]["step"]["inputs"]):
+        raise SystemExit(f"{engine}: the step graph is not fp32; build the engine with --precision fp32")
+    sched = manifest["schedule"]
+    rs = reverse_schedule(make_schedule(sched["kind"], sched["num_timesteps"], sched["rescale_timesteps"]), args.sigma, args.steps)
+    scalars = rs.scalars[0].astype(np.float32)
+    rng = np.random.default_rng(args.seed)
+    shape = (batch, *manifest["image_shape"])
+    x, noise = rng.standard_normal(shape, dtype=np.float32), rng.standard_normal(shape, dtype=np.float32)
+    images = rng.uniform(-1.0, 1.0, shape).astype(np.float32)
+    step_args, cls_args = (x, noise, scalars), (images,)
+
+    step_module, cls_module = load_torch(manifest)
+    core = ov.Core()
+    caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    result = {"engine": str(engine), "preset": manifest["preset"], "batch": batch, "image_shape": manifest["image_shape"],
+              "random_weights": bool(manifest.get("build", {}).get("random_weights", False)),
+              "sigma": args.sigma, "steps": args.steps, "step_scalars": scalars.tolist(), "openvino_config": {},
+              "step": {}, "classifier": {}}
+    for part, module, inputs in (("step", step_module, step_args), ("classifier", cls_module, cls_args)):
+        ref = None
+        for path in PATHS:
+            print(f"  {model} {part}: {path}", file=sys.stderr, flush=True)
+            if path == "openvino bf16" and "BF16" not in caps:
+                result[part][path] = {"skipped": f"no BF16 in OPTIMIZATION_CAPABILITIES {list(caps)}"}
+                continue
+            if path.startswith("torch"):
+                fn = torch_runner(module, bf16="bf16" in path)
+            elif path.startswith("onnxruntime"):
+                fn = ort_runner(graphs[part], args.threads)
+            else:
+                compiled, readback = ov_compile(core, graphs[part], path.split()[-1], args.threads)
+                result["openvino_config"][f"{part} {path}"] = readback
+                fn = ov_runner(compiled)
+            row, out = measure(fn, inputs, batch, args.warmup, args.reps, ref, labels=part == "classifier")
+            if ref is None:
+                ref = out
+            result[part][path] = row
+            del fn
+        base = result[part][REF]["samples_per_s"]
+        for row in result[part].values():
+            if "samples_per_s" in row:
+                row["speedup_vs_torch_fp32"] = row["samples_per_s"] / base
+        if part == "step":
+            step_ref = ref
+
+    # All settings compiled up front and timed in turn, repetition by repetition, so that a change in
+    # the machine's load hits every setting alike.
+    names = [i.get_any_name() for i in core.read_model(str(graphs["step"])).inputs]
+    feeds = dict(zip(names, step_args))
+    settings, queues = [], []
+    for label, threads, streams, hint, requests in OV_SETTINGS:
+        compiled, readback = ov_compile(core, graphs["step"], "f32", threads, streams, hint)
+        n = requests or int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+        queues.append(ov.AsyncInferQueue(compiled, n))
+        settings.append({"setting": label, "requests": n, "batches_per_rep": max(JOBS_PER_REP, n), "config": readback,
+                         "rep_seconds": []})
+    print(f"  {model} step: openvino f32 thread/stream settings", file=sys.stderr, flush=True)
+    for rep in range(args.warmup + args.reps):
+        for s, queue in zip(settings, queues):
+            start = time.perf_counter()
+            for _ in range(s["batches_per_rep"]):
+                queue.start_async(feeds, share_inputs=True)
+            queue.wait_all()
+            if rep >= args.warmup:
+                s["rep_seconds"].append(time.perf_counter() - start)
+    for s, queue in zip(settings, queues):
+        median = s["rep_seconds_median"] = statistics.median(s["rep_seconds"])
+        s.update(samples_per_s=s["batches_per_rep"] * batch / median, ms_per_sample=1e3 * median / (s["batches_per_rep"] * batch),
+                 rel_l2=rel_l2(queue[0].get_output_tensor(0).data, step_ref))
+    del queues
+    result["openvino_settings"] = settings
+    result["openvino_best_setting"] = max(settings, key=lambda s: s["samples_per_s"])["setting"]
+    return result
+
+
+def _fmt(row: dict, *keys) -> list[str]:
+    spec = {"ms_per_sample": "{:.3f}", "samples_per_s": "{:.1f}", "speedup_vs_torch_fp32": "{:.2f}x",
+            "rel_l2": "{:.2e}", "label_agreement": "{:.3f}"}
+    return [spec[k].format(row[k]) if k in row else "" for k in keys]
+
+
+def markdown(record: dict) -> str:
+    m, v = record["machine"], record["versions"]
+    lines = [f"# CPU backends on {m['model']} ({m['logical_cpus']} logical CPUs, {record['threads']} threads)", "",
+             f"avx512_bf16: {m['avx512_bf16']}, amx_bf16: {m['amx_bf16']}, amx_tile: {m['amx_tile']}; "
+             f"OpenVINO capabilities: {', '.join(v['openvino_cpu_capabilities'])}", "",
+             f"torch {v['torch']}, onnxruntime {v['onnxruntime']}, openvino {v['openvino']}; median of {record['reps']} "
+             f"calls after {record['warmup']} warm-up calls; numerics vs torch fp32.", ""]
+    tables = (("Denoise step (UNet + posterior update)", "step", ["rel_l2"], ["rel L2 vs torch fp32"]),
+              ("Classifier", "classifier", ["label_agreement", "rel_l2"], ["same argmax as torch fp32", "logits rel L2"]))
+    for title, part, extra, heads in tables:
+        lines += [f"## {title}", "", "| model | path | batch | ms / sample | samples/s | vs torch fp32 | " + " | ".join(heads) + " |",
+                  "|---|---|---:|---:|---:|---:|" + "---:|" * len(heads)]
+        for model, res in record["results"].items():
+            for path, row in res[part].items():
+                cells = [f"skipped: {row['skipped']}", "", ""] + [""] * len(heads) if "skipped" in row else \
+                    _fmt(row, "ms_per_sample", "samples_per_s", "speedup_vs_torch_fp32", *extra)
+                lines.append(f"| {model} | {path} | {res['batch']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## OpenVINO f32 step: threads, streams, infer requests", "",
+              f"{JOBS_PER_REP} or more batches per repetition through an AsyncInferQueue; settings timed in turn.", "",
+              "| model | setting | requests | ms / sample | noisy samples/s | rel L2 vs torch fp32 |", "|---|---|---:|---:|---:|---:|"]
+    for model, res in record["results"].items():
+        for s in res["openvino_settings"]:
+            best = " **(best)**" if s["setting"] == res["openvino_best_setting"] else ""
+            lines.append(f"| {model} | {s['setting']}{best} | {s['requests']} | " + " | ".join(_fmt(s, "ms_per_sample", "samples_per_s", "rel_l2")) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="writes DIR/cpu_backends.json and .md")
+    parser.add_argument("--models", nargs="+", choices=sorted(BUILD_ARGS), help="default: digits cifar10 (--quick: digits)")
+    parser.add_argument("--reps", type=int, help="timed calls per measurement (default 10; --quick: 3)")
+    parser.add_argument("--warmup", type=int, help="untimed calls first (default 2; --quick: 1)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: few repetitions, digits only")
+    parser.add_argument("--batch-digits", type=int, default=32)
+    parser.add_argument("--batch-cifar", type=int, default=8)
+    parser.add_argument("--engine-digits", type=Path, metavar="DIR", help="a built digits engine (fp32) to reuse")
+    parser.add_argument("--engine-cifar", type=Path, metavar="DIR", help="a built cifar10 engine (fp32) to reuse")
+    parser.add_argument("--threads", type=int, default=2, help="torch, onnxruntime intra-op and OpenVINO threads")
+    parser.add_argument("--sigma", type=float, default=0.5, help="sigma of the step's scalars (first step of --steps)")
+    parser.add_argument("--steps", default="2")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    args = parser.parse_args(argv)
+    models = args.models or (["digits"] if args.quick else ["digits", "cifar10"])
+    args.reps = args.reps or (3 if args.quick else 10)
+    args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+
+    import onnxruntime
+    import openvino as ov
+    import torch
+
+    torch.set_num_threads(args.threads)
+    try:
+        mkldnn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except Exception:  # noqa: BLE001 - a private op; absent in some builds
+        mkldnn_bf16 = None
+    record = {
+        "benchmark": "cpu_backends",
+        "command": " ".join(["python", sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": {**cpu_info(), "platform": platform.platform()},
+        "versions": {"python": sys.version.split()[0], "numpy": np.__version__, "torch": torch.__version__,
+                     "onnxruntime": onnxruntime.__version__, "openvino": ov.__version__,
+                     "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_mkldnn_bf16": mkldnn_bf16,
+                     "openvino_cpu_capabilities": list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))},
+        "threads": args.threads, "torch_threads": torch.get_num_threads(), "reps": args.reps, "warmup": args.warmup,
+        "results": {},
+    }
+    given = {"digits": args.engine_digits, "cifar10": args.engine_cifar}
+    batches = {"digits": args.batch_digits, "cifar10": args.batch_cifar}
+    with tempfile.TemporaryDirectory(prefix="cpu_backends_") as tmp:
+        for model in models:
+            engine = given[model] or build_engine(model, Path(tmp))
+            record["results"][model] = bench_model(model, engine, batches[model], args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "cpu_backends.json").write_text(json.dumps(record, indent=2) + "\n")
+    text = markdown(record)
+    (args.out / "cpu_backends.md").write_text(text)
+    print(text)
+    return record
+
+
+if __name__ == "__main__":
+    main()
