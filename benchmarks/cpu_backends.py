@@ -20,7 +20,8 @@ Engines are built with the CLI into a temporary folder (``densepure-rt build --m
 ``densepure-rt build --model cifar10 --random-weights``) unless ``--engine-digits`` / ``--engine-cifar``
 name built ones; the PyTorch modules are loaded with the weights the engine's manifest records.
 
-The measurement (on an otherwise idle machine; about half an hour on 2 cores):
+The measurement (on an otherwise idle machine: torch's OpenMP threads slow down many times when another
+process holds a core; roughly 10-15 minutes on 2 cores):
 
     python benchmarks/cpu_backends.py --out benchmarks/results/cpu_backends
 
@@ -75,19 +76,6 @@ def cpu_info() -> dict:
 def rel_l2(a, ref) -> float:
     a, ref = np.asarray(a, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     return float(np.linalg.norm(a - ref) / max(np.linalg.norm(ref), 1e-300))
-
-
-def timed(fn, warmup: int, reps: int):
-    """(median seconds, all seconds, last output) of ``reps`` calls of ``fn`` after ``warmup`` calls."""
-    out = None
-    for _ in range(warmup):
-        out = fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times, out
 
 
 def build_engine(model: str, root: Path) -> Path:
@@ -163,7 +151,14 @@ def ov_runner(compiled):
 
 
 def measure(fn, args, batch: int, warmup: int, reps: int, ref=None, labels: bool = False) -> tuple[dict, np.ndarray]:
-    median, times, out = timed(lambda: fn(*args), warmup, reps)
+    """Median wall clock of ``reps`` calls ``fn(*args)`` after ``warmup`` calls; numerics of the last output vs ``ref``."""
+    times = []
+    for rep in range(warmup + reps):
+        start = time.perf_counter()
+        out = fn(*args)
+        if rep >= warmup:
+            times.append(time.perf_counter() - start)
+    median = statistics.median(times)
     row = {"batch_seconds_median": median, "batch_seconds": times, "ms_per_sample": 1e3 * median / batch,
            "samples_per_s": batch / median}
     if ref is not None:
@@ -198,6 +193,7 @@ def bench_model(model: str, engine: Path, batch: int, args) -> dict:
               "random_weights": bool(manifest.get("build", {}).get("random_weights", False)),
               "sigma": args.sigma, "steps": args.steps, "step_scalars": scalars.tolist(), "openvino_config": {},
               "step": {}, "classifier": {}}
+    refs = {}
     for part, module, inputs in (("step", step_module, step_args), ("classifier", cls_module, cls_args)):
         ref = None
         for path in PATHS:
@@ -222,8 +218,7 @@ def bench_model(model: str, engine: Path, batch: int, args) -> dict:
         for row in result[part].values():
             if "samples_per_s" in row:
                 row["speedup_vs_torch_fp32"] = row["samples_per_s"] / base
-        if part == "step":
-            step_ref = ref
+        refs[part] = ref
 
     # All settings compiled up front and timed in turn, repetition by repetition, so that a change in
     # the machine's load hits every setting alike.
@@ -248,7 +243,7 @@ def bench_model(model: str, engine: Path, batch: int, args) -> dict:
     for s, queue in zip(settings, queues):
         median = s["rep_seconds_median"] = statistics.median(s["rep_seconds"])
         s.update(samples_per_s=s["batches_per_rep"] * batch / median, ms_per_sample=1e3 * median / (s["batches_per_rep"] * batch),
-                 rel_l2=rel_l2(queue[0].get_output_tensor(0).data, step_ref))
+                 rel_l2=rel_l2(queue[0].get_output_tensor(0).data, refs["step"]))
     del queues
     result["openvino_settings"] = settings
     result["openvino_best_setting"] = max(settings, key=lambda s: s["samples_per_s"])["setting"]
@@ -267,7 +262,9 @@ def markdown(record: dict) -> str:
              f"avx512_bf16: {m['avx512_bf16']}, amx_bf16: {m['amx_bf16']}, amx_tile: {m['amx_tile']}; "
              f"OpenVINO capabilities: {', '.join(v['openvino_cpu_capabilities'])}", "",
              f"torch {v['torch']}, onnxruntime {v['onnxruntime']}, openvino {v['openvino']}; median of {record['reps']} "
-             f"calls after {record['warmup']} warm-up calls; numerics vs torch fp32.", ""]
+             f"calls after {record['warmup']} warm-up calls; numerics vs torch fp32.", "",
+             "1-minute load average before / after each model (should be near 0): " + ", ".join(
+                 f"{k} {r['load_average_1min']['before']:.2f} / {r['load_average_1min']['after']:.2f}" for k, r in record["results"].items()), ""]
     tables = (("Denoise step (UNet + posterior update)", "step", ["rel_l2"], ["rel L2 vs torch fp32"]),
               ("Classifier", "classifier", ["label_agreement", "rel_l2"], ["same argmax as torch fp32", "logits rel L2"]))
     for title, part, extra, heads in tables:
@@ -335,7 +332,11 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="cpu_backends_") as tmp:
         for model in models:
             engine = given[model] or build_engine(model, Path(tmp))
-            record["results"][model] = bench_model(model, engine, batches[model], args)
+            load = os.getloadavg()[0]
+            if load > 0.5:  # torch's OpenMP threads slow down many times when another process holds a core
+                print(f"warning: load average {load:.2f} before {model}: the machine is not idle", file=sys.stderr)
+            record["results"][model] = {**bench_model(model, engine, batches[model], args),
+                                        "load_average_1min": {"before": load, "after": os.getloadavg()[0]}}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cpu_backends.json").write_text(json.dumps(record, indent=2) + "\n")
     text = markdown(record)
