@@ -147,7 +147,7 @@ class BatchLoop:
         if not 0 < n <= self.batch:
             raise ValueError(f"a batch holds 1 to {self.batch} samples (got {n})")
         rs, votes, calls = self.rs, self.votes, self.rs.num_calls
-        for name, keys in (("image index", image_indices), ("phase", phases), ("sample index", samples)):
+        for name, keys in (("seed", [seed]), ("image index", image_indices), ("phase", phases), ("sample index", samples)):
             keys = np.asarray(keys)
             if keys.size and (keys.min() < 0 or keys.max() >= 2**32):  # uint32 would wrap onto other noise
                 raise ValueError(f"{name} must be in [0, 2^32) for the Philox key and counter")
