@@ -60,7 +60,7 @@ def main(argv=None) -> int:
         with open_engine(f32_dir, early_exit=False) as f32, open_engine(b16_dir, early_exit=False) as b16:
             for sigma in args.sigmas:
                 for e in (f32, b16):
-                    e._prepare(sigma, args.steps, args.votes, 50)
+                    e._prepare(sigma, args.steps, args.votes, args.samples)
                 same = total = same_pred = same_radius = 0
                 for i in indices:
                     image = data[i].image
@@ -68,8 +68,8 @@ def main(argv=None) -> int:
                     b = b16.backend.voted_labels(image, 0, i, ESTIMATION, range(args.samples))
                     same += int((a == b).sum())
                     total += a.size
-                    ca = f32.certify(image, sigma, args.steps, args.votes, args.n0, args.n, args.alpha, image_index=i, batch=50)
-                    cb = b16.certify(image, sigma, args.steps, args.votes, args.n0, args.n, args.alpha, image_index=i, batch=50)
+                    ca = f32.certify(image, sigma, args.steps, args.votes, args.n0, args.n, args.alpha, image_index=i, batch=args.samples)
+                    cb = b16.certify(image, sigma, args.steps, args.votes, args.n0, args.n, args.alpha, image_index=i, batch=args.samples)
                     same_pred += int(ca.prediction == cb.prediction)
                     same_radius += int(ca.prediction == cb.prediction and abs(ca.radius - cb.radius) < 1e-9)
                 rows.append({
