@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import ConfigError, DataError, DensePureError
+from .errors import ConfigError, DataError, DensePureError, EngineError
 
 __all__ = ["main"]
 
@@ -263,6 +263,11 @@ def _common_options(f):
         click.option("--quiet", is_flag=True, help="No progress output."),
         click.option("--progress-every", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="S",
                      help="Seconds between progress lines when stderr is not a terminal (a log file)."),
+        click.option("--ray", "ray", is_flag=False, flag_value="auto", default=None, metavar="[auto|local|ADDRESS]",
+                     help="Spread the images over Ray actors: 'auto' (bare --ray) joins the cluster of `ray start --head`, "
+                          "'local' starts one on this machine, or a cluster's address. Needs densepure-rt[ray]."),
+        click.option("--actors", type=click.IntRange(min=1), default=None, metavar="N",
+                     help="With --ray: actors to start  [default: one per GPU with --device cuda, one per --threads CPUs (1) otherwise]"),
     ]
     for option in reversed(options):
         f = option(f)
@@ -320,21 +325,29 @@ class _Progress:
 
 
 def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, every,
-         out, n0, n, radii=None, tol=None, early_exit=None, images_per_call=1):
+         out, n0, n, radii=None, tol=None, early_exit=None, images_per_call=1, ray=None, actors=None):
     """One certify / predict run over the selected images. ``mode``: "certify" (fixed n),
-    "certify-radii" (target radii, n = n_max), "certify-until" (early stopping, n = n_max), "predict"."""
+    "certify-radii" (target radii, n = n_max), "certify-until" (early stopping, n = n_max), "predict".
+    ``ray``: a Ray address ("auto", "local", host:port) to spread the images over Ray actors."""
     from .certify import validate_params
     from .noise import NOISE_VERSION
     from .results import HEADERS, ResultsWriter, indices_todo
     from .runtime import open_engine
+    from .work import Task, run_image, write_outcome
 
     validate_params(sigma, alpha, n0 if mode != "predict" else None, n)
+    if ray is None and actors is not None:
+        raise ConfigError("--actors goes with --ray")
+    if ray is not None and images_per_call > 1:
+        raise ConfigError("--images-per-call does not combine with --ray: each actor certifies one image at a time")
     # The canonical words ("4", "one-shot", "none"): the engine parses them again, strictly.
     steps_value = _steps_label(_parse_steps(steps))
-    with open_engine(engine_dir, device=device, threads=threads, early_exit=early_exit) as engine:
+    # With --ray the driver reads the manifest only: the actors open the engine where the GPUs are.
+    with open_engine(engine_dir, device=device, threads=threads, early_exit=early_exit, metadata_only=ray is not None) as engine:
         engine.reverse_schedule(sigma, steps_value)  # refuses a (sigma, b) the schedule cannot honour
         batch = batch if batch is not None else int(engine.manifest.get("default_batch", 32))
         dataset, indices, spec, data_digest = _open_data(engine, data, skip, max_images)
+        backend = engine.backend
         options = {
             "mode": mode,
             "engine": str(engine_dir),
@@ -358,21 +371,29 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
             "batch": batch,
             "early_exit": engine.early_exit_for(batch),
             "images_per_call": images_per_call,
-            "backend": engine.backend.name,
-            # What the graphs ran in, read back from the backend (OpenVINO: its compiled precision).
-            "precision": getattr(engine.backend, "effective_precision", engine.manifest["precision"]["step"]),
+            "backend": backend.name if backend is not None else engine.manifest["backend"]["name"],
+            # What the graphs ran in, read back from the backend (OpenVINO: its compiled precision);
+            # with --ray every actor's is checked against it.
+            "precision": getattr(backend, "effective_precision", engine.manifest["precision"]["step"]),
             "device": device,
+            "ray": ray,
             "version": __version__,
             "command": "densepure-rt " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        task = Task(mode, sigma, steps_value, votes, alpha, n0, n, seed, batch,
+                    radii=tuple(radii) if radii else None, tol=tol)
         with ResultsWriter(Path(out), header=HEADERS[mode]) as writer:
             done = writer.open(options, resume=resume, allowed=indices)
             todo = indices_todo(indices, done)
             # Sequential modes usually stop long before n: the bar then jumps at the end of an image.
-            per_image = n if mode == "predict" else n0 + n
+            per_image = task.samples_per_image
             if done:
                 click.echo(f"resuming {out}: {len(done)} images done, {len(todo)} to go", err=True)
+            if ray is not None:
+                if todo:
+                    _run_on_ray(engine, task, dataset, todo, writer, options, ray, actors, device, threads, early_exit, quiet, every)
+                return len(done) + len(todo)
             progress = _Progress(mode.split("-")[0], len(todo), per_image, quiet, every)
             common = dict(seed=seed, batch=batch, progress=progress.update)
             try:
@@ -381,26 +402,51 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
                                            n0, n, alpha, common)
                 for idx in todo:
                     sample = dataset[idx]
-                    t0 = time.time()
                     drawn = progress.samples
-                    if mode == "certify":
-                        cert, counts = engine.certify_counts(sample.image, sigma, steps_value, votes, n0, n, alpha, image_index=idx, **common)
-                        writer.write_certificate(idx, sample.label, cert, counts.counts, time.time() - t0, counts.unet_evals)
-                    elif mode == "certify-radii":
-                        cert = engine.certify_radii(sample.image, sigma, radii, steps_value, votes, n0, n, alpha, image_index=idx, **common)
-                        writer.write_radii(idx, sample.label, cert, time.time() - t0)
-                    elif mode == "certify-until":
-                        cert = engine.certify_until(sample.image, sigma, tol, steps_value, votes, n0, n, alpha, image_index=idx, **common)
-                        writer.write_until(idx, sample.label, cert, time.time() - t0)
-                    else:
-                        evals = engine.backend.unet_evals
-                        pred = engine.predict(sample.image, sigma, steps_value, votes, n, alpha, image_index=idx, **common)
-                        writer.write_prediction(idx, sample.label, pred, time.time() - t0, engine.backend.unet_evals - evals)
+                    write_outcome(writer, sample.label, run_image(engine, task, sample.image, idx, progress=progress.update))
                     progress.update(per_image - (progress.samples - drawn))  # the samples a sequential mode did not need
                     progress.image_done()
             finally:
                 progress.close()
     return len(done) + len(todo)
+
+
+def _run_on_ray(engine, task, dataset, todo, writer, options, address, actors, device, threads, early_exit, quiet, every) -> None:
+    """Certify ``todo`` on Ray actors (:class:`densepure_rt.scale.RayPool`); this process alone
+    writes the rows, in completion order, each flushed as it arrives."""
+    from .scale import RayPool
+    from .work import write_outcome
+
+    labels = {}
+
+    def load(idx):
+        sample = dataset[idx]
+        labels[idx] = sample.label
+        return sample.image
+
+    def log(line: str) -> None:
+        click.echo(line, err=True)
+
+    pool = RayPool(str(engine.directory), engine.manifest["manifest_sha256"], address=address, actors=actors, device=device,
+                   threads=threads, early_exit=early_exit, log=log)
+    progress = None
+    try:
+        pool.start(images=len(todo))
+        if pool.precision != options["precision"]:
+            raise EngineError(
+                f"the Ray actors run the engine in {pool.precision}, the run records {options['precision']}: "
+                "every node must compute the same"
+            )
+        log(f"{len(pool.actors)} Ray actors: " + ", ".join(f"{i['host']} (pid {i['pid']})" for i in pool.info))
+        progress = _Progress(task.mode.split("-")[0], len(todo), task.samples_per_image, quiet, every)
+        for outcome in pool.map(task, todo, load):
+            write_outcome(writer, labels.pop(outcome.idx), outcome)
+            progress.update(task.samples_per_image)
+            progress.image_done()
+    finally:
+        if progress is not None:
+            progress.close()
+        pool.close()
 
 
 def _certify_groups(engine, dataset, todo, size, writer, progress, sigma, steps, votes, n0, n, alpha, common) -> list:
@@ -449,7 +495,7 @@ def _radius_list(values) -> list[float]:
 @click.option("--out", type=click.Path(), default="results.tsv", show_default=True, metavar="FILE", help="Results TSV (options saved as FILE.json).")
 @click.pass_context
 def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every,
-            n0, n, radii, tol, n_max, early_exit, images_per_call, out):
+            ray, actors, n0, n, radii, tol, n_max, early_exit, images_per_call, out):
     """Certify images: Cohen et al.'s CERTIFY on DensePure's voted labels, one TSV row per image.
 
     \b
@@ -487,7 +533,7 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
     radii = _radius_list(radii) if radii else None
     rows = _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
                 progress_every, out, n0, n, radii=radii, tol=tol, early_exit=early_exit,
-                images_per_call=images_per_call)
+                images_per_call=images_per_call, ray=ray, actors=actors)
     from .report import certified_accuracy
     from .results import read_results
 
@@ -502,14 +548,16 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
 @_common_options
 @click.option("--n", type=int, default=100, show_default=True, metavar="N", help="Noisy samples for the hypothesis test.")
 @click.option("--out", type=click.Path(), default="predictions.tsv", show_default=True, metavar="FILE")
-def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every, n, out):
+def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every,
+            ray, actors, n, out):
     """Predict with the smoothed classifier (Cohen et al.'s PREDICT; -1 means abstain).
 
     \b
     Example:
       densepure-rt predict --engine engines/digits --sigma 0.25 --steps 4 --votes 5 --n 100 --max 40
     """
-    rows = _run("predict", engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every, out, None, n)
+    rows = _run("predict", engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
+                progress_every, out, None, n, ray=ray, actors=actors)
     from .results import read_rows
 
     _, reader = read_rows(out, required=("idx", "predict", "correct"))

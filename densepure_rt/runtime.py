@@ -101,6 +101,7 @@ class Engine:
         early_exit: bool | None = None,
         loop: bool = True,
         cuda_graph: bool = True,
+        metadata_only: bool = False,
     ):
         self.directory = Path(directory)
         self.device = device
@@ -113,7 +114,10 @@ class Engine:
         self.preset = self.manifest["preset"]
         sched = self.manifest["schedule"]
         self._schedule = make_schedule(sched["kind"], sched["num_timesteps"], sched["rescale_timesteps"])
-        self.backend: Backend = open_backend(backend, self.directory, self.manifest, device=device, threads=threads, loop=loop, cuda_graph=cuda_graph
+        #: None with ``metadata_only``: the manifest and schedule without sessions (a Ray driver, whose
+        #: actors open the engine where the GPUs are).
+        self.backend: Backend = None if metadata_only else open_backend(  # type: ignore[assignment]
+            backend, self.directory, self.manifest, device=device, threads=threads, loop=loop, cuda_graph=cuda_graph
         )
         self._prepared: tuple | None = None
 
@@ -486,14 +490,18 @@ def open_engine(
     early_exit: bool | None = None,
     loop: bool = True,
     cuda_graph: bool = True,
+    metadata_only: bool = False,
 ) -> Engine:
     """Open and verify an engine directory (see :class:`Engine`). ``early_exit=False`` runs all K
     runs of every noisy sample (same votes, more work); None (default) decides by device and batch
     size (:meth:`Engine.early_exit_for`). ``loop=False`` runs the
     plain step-by-step ONNX Runtime path instead of the batch loop (same labels; for comparisons).
     ``cuda_graph``: on a GPU, replay the full batch's step through ONNX Runtime's CUDA graph where
-    ONNX Runtime accepts it (every node on the CUDA provider); ignored on the CPU."""
+    ONNX Runtime accepts it (every node on the CUDA provider); ignored on the CPU. ``metadata_only``:
+    verify the directory and read its manifest and schedule, but open no sessions (``engine.backend``
+    is None; what a Ray driver needs)."""
     return Engine(
-        directory, backend=backend, device=device, threads=threads, early_exit=early_exit, loop=loop, cuda_graph=cuda_graph
+        directory, backend=backend, device=device, threads=threads, early_exit=early_exit, loop=loop, cuda_graph=cuda_graph,
+        metadata_only=metadata_only,
     )
 

@@ -1,0 +1,327 @@
+"""Scale-out on Ray: one actor per GPU (or per CPU slot) certifies images that the driver hands out.
+
+    from densepure_rt.scale import RayPool
+    from densepure_rt.work import Task
+
+    task = Task("certify", sigma=0.5, steps="4", votes=10, alpha=0.001, n0=100, n=10000, seed=0, batch=32)
+    with RayPool("engines/cifar10", address="auto", device="cuda") as pool:
+        for outcome in pool.map(task, indices, load=lambda idx: images[idx]):
+            ...  # completion order
+
+How it works (``densepure-rt certify --ray ...`` is built on it):
+
+- The driver connects to Ray (``address``: ``"auto"`` an existing cluster, e.g. one started with
+  ``ray start --head``; ``"local"`` a new single-machine cluster; or a cluster's address), and
+  starts ``actors`` actors (default: one per GPU of the cluster with ``device="cuda"``, one per
+  ``threads`` CPUs otherwise). Each opens the engine once, on its own node: the engine directory
+  must be at the same path on every node (or at the path in the node's ``DENSEPURE_RT_ENGINE``
+  environment variable), and an actor whose manifest's sha256 differs from the driver's refuses
+  to start, in one line naming its host.
+- Images travel from the driver to the actors (the data needs to be readable on the driver only);
+  each actor has at most one image in flight and gets the next when it returns one, so faster
+  GPUs certify more images. Outcomes come back in completion order; the caller (the CLI) is the one
+  writer of the results file.
+- An actor that dies (process killed, node lost) loses only its image in flight: the image goes to
+  another actor and a replacement actor is started (at most ``max_replacements`` in all). The
+  outcome of an image does not depend on which actor computed it: noise is a pure function of
+  (seed, image index, phase, sample), and every actor runs :func:`densepure_rt.work.run_image`.
+  Rows are identical to a single-process run with the same ``--threads`` (ONNX Runtime's CPU
+  kernels may round differently with another thread count), except the wall-time column.
+- A user error on an actor (a NaN image, a broken engine) stops the run with that error's one line.
+
+Ray is an optional dependency (``pip install 'densepure-rt[ray]'``), imported only here, and this
+module only when ``--ray`` is given. Tested on a local Ray cluster on the CPU (tests/test_ray.py);
+the GPU placement (``num_gpus=1`` per actor, Ray sets ``CUDA_VISIBLE_DEVICES``) has not run on a
+multi-GPU node in this project.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections import deque
+from typing import Callable, Iterable, Iterator, Optional
+
+import numpy as np
+
+from .errors import ConfigError, DensePureError, EngineError
+from .work import Outcome, Task, run_image
+
+__all__ = ["ENGINE_ENV", "RayPool", "require_ray"]
+
+#: On a node whose copy of the engine directory lives at another path: that path.
+ENGINE_ENV = "DENSEPURE_RT_ENGINE"
+
+
+def require_ray():
+    """The ray module, or a :class:`ConfigError` that says how to get it."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--ray needs Ray: pip install 'densepure-rt[ray]'") from None
+    return ray
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class Worker:
+    """The actor: one opened engine on one node. Plain Python (``RayPool`` wraps it with
+    ``ray.remote``); an engine that cannot be opened is reported by :meth:`ready`, not raised, so the
+    driver can say which node refused and why in one line."""
+
+    def __init__(self, engine_dir: str, manifest_sha256: str, device: str, threads: Optional[int], early_exit: Optional[bool]):
+        from .runtime import open_engine
+
+        self.engine = None
+        self.error: Optional[str] = None
+        self.path = os.environ.get(ENGINE_ENV) or engine_dir
+        self.host = socket.gethostname()
+        try:
+            engine = open_engine(self.path, device=device, threads=threads, early_exit=early_exit)
+        except DensePureError as exc:
+            self.error = f"the engine at {self.path} on {self.host} cannot be opened: {_first_line(exc)}"
+            return
+        found = engine.manifest["manifest_sha256"]
+        if found != manifest_sha256:
+            engine.close()
+            self.error = (
+                f"the engine at {self.path} on {self.host} is not the driver's (manifest sha256 {found[:12]}... vs "
+                f"{manifest_sha256[:12]}...): copy the same engine directory to every node"
+            )
+            return
+        self.engine = engine
+
+    def ready(self) -> dict:
+        """Where the actor runs and what it runs in (or why it cannot)."""
+        info = {"host": self.host, "pid": os.getpid(), "path": self.path, "error": self.error}
+        if self.engine is not None:
+            backend = self.engine.backend
+            info["precision"] = getattr(backend, "effective_precision", self.engine.manifest["precision"]["step"])
+            info["backend"] = backend.name
+        return info
+
+    def run(self, task: Task, image: np.ndarray, idx: int) -> Outcome:
+        return run_image(self.engine, task, image, idx)
+
+
+class RayPool:
+    """Actors that certify images on a Ray cluster (see the module docstring). A context manager."""
+
+    def __init__(
+        self,
+        engine_dir: str,
+        manifest_sha256: str,
+        *,
+        address: str = "auto",
+        actors: Optional[int] = None,
+        device: str = "cpu",
+        threads: Optional[int] = None,
+        early_exit: Optional[bool] = None,
+        runtime_env: Optional[dict] = None,
+        max_replacements: Optional[int] = None,
+        start_timeout: float = 600.0,
+        log: Callable[[str], None] = print,
+    ):
+        if actors is not None and actors < 1:
+            raise ConfigError(f"--actors must be at least 1 (got {actors})")
+        self.engine_dir, self.manifest_sha256 = str(engine_dir), manifest_sha256
+        self.address, self.wanted, self.device = address, actors, device
+        # One CPU slot per actor: ONNX Runtime would otherwise take every core of the node per actor.
+        self.threads = threads if threads is not None else (None if device == "cuda" else 1)
+        self.early_exit, self.runtime_env = early_exit, runtime_env
+        self.max_replacements = max_replacements
+        self.start_timeout, self.log = float(start_timeout), log
+        self.ray = None
+        self._owns_ray = False
+        self._actor_class = None
+        self.actors: list = []  # slot -> actor handle (None: slot retired)
+        self.info: list[dict] = []  # slot -> Worker.ready() of its current actor
+        self.replaced = 0
+
+    # -- lifecycle ----------------------------------------------------------------------------- #
+    def __enter__(self) -> "RayPool":
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _connect(self) -> None:
+        ray = self.ray = require_ray()
+        if ray.is_initialized():  # a caller (a library user, the tests) connected already
+            return
+        try:
+            ray.init(address=self.address, include_dashboard=False, logging_level=logging.WARNING)
+        except Exception as exc:  # ConnectionError, ValueError, RuntimeError... from Ray's start-up
+            raise ConfigError(
+                f"--ray {self.address}: cannot connect to or start a Ray cluster ({_first_line(exc)}); start one with "
+                "`ray start --head` and use --ray auto, or use --ray local"
+            ) from None
+        self._owns_ray = True
+
+    def _count(self) -> int:
+        if self.wanted is not None:
+            return self.wanted
+        resources = self.ray.cluster_resources()
+        if self.device == "cuda":
+            n = int(resources.get("GPU", 0))
+            if n < 1:
+                raise ConfigError("--device cuda --ray: the Ray cluster has no GPUs; use --device cpu, or nodes with GPUs")
+            return n
+        return max(1, int(resources.get("CPU", 1) // self.threads))
+
+    def _new_actor(self):
+        if self._actor_class is None:
+            self._actor_class = self.ray.remote(Worker)
+        options = {"num_cpus": self.threads or 1}
+        if self.device == "cuda":
+            options = {"num_cpus": 1, "num_gpus": 1}
+        if self.runtime_env:
+            options["runtime_env"] = self.runtime_env
+        return self._actor_class.options(**options).remote(
+            self.engine_dir, self.manifest_sha256, self.device, self.threads, self.early_exit
+        )
+
+    def _await_ready(self, actors: list) -> list:
+        """Worker.ready() of each actor (None where it did not start within the timeout or died)."""
+        ray = self.ray
+        refs = [a.ready.remote() for a in actors]
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=self.start_timeout)
+        done = set(done)
+        infos = []
+        for ref in refs:
+            if ref not in done:
+                infos.append(None)
+                continue
+            try:
+                infos.append(ray.get(ref))
+            except ray.exceptions.RayError as exc:
+                self.log(f"an actor failed to start: {_first_line(exc)}")
+                infos.append(None)
+        for info in infos:
+            if info is not None and info["error"]:
+                raise EngineError(info["error"])
+        return infos
+
+    def start(self, images: Optional[int] = None) -> None:
+        """Connect, start the actors (at most ``images`` of them) and check their engines."""
+        self._connect()
+        count = self._count()
+        if images is not None:
+            count = max(1, min(count, int(images)))
+        if self.max_replacements is None:
+            self.max_replacements = 2 * count
+        actors = [self._new_actor() for _ in range(count)]
+        infos = self._await_ready(actors)
+        live = [(a, i) for a, i in zip(actors, infos) if i is not None]
+        for a, i in zip(actors, infos):
+            if i is None:
+                self.ray.kill(a)
+        if not live:
+            raise EngineError(
+                f"no Ray actor started within {self.start_timeout:.0f} s: the cluster lacks the resources for one "
+                f"({'1 GPU' if self.device == 'cuda' else f'{self.threads or 1} CPU'} per actor); check `ray status`"
+            )
+        if len(live) < count:
+            self.log(f"{len(live)} of {count} Ray actors started (the others found no free resources); going on with {len(live)}")
+        self.actors = [a for a, _ in live]
+        self.info = [i for _, i in live]
+        self.precision = self._agree("precision")
+        self.backend = self._agree("backend")
+
+    def _agree(self, key: str) -> str:
+        values = {i[key] for i in self.info}
+        if len(values) > 1:
+            where = ", ".join(f"{i['host']} (pid {i['pid']}): {i[key]}" for i in self.info)
+            raise EngineError(f"the Ray actors run the engine with different {key}s ({where}): every node must compute the same")
+        return values.pop()
+
+    def close(self) -> None:
+        """Stop the actors, and the Ray connection (and its local cluster) if this pool made it."""
+        ray = self.ray
+        if ray is None:
+            return
+        for actor in self.actors:
+            if actor is not None:
+                try:
+                    ray.kill(actor)
+                except Exception:
+                    pass
+        self.actors = []
+        if self._owns_ray:
+            ray.shutdown()
+            self._owns_ray = False
+        self.ray = None
+
+    # -- work ---------------------------------------------------------------------------------- #
+    def _replace(self, slot: int, why: str) -> None:
+        """Retire the dead actor of ``slot``; start a replacement while replacements are left."""
+        dead = self.info[slot]
+        try:
+            self.ray.kill(self.actors[slot])
+        except Exception:
+            pass
+        self.actors[slot] = None
+        if self.replaced < self.max_replacements:
+            self.replaced += 1
+            actor = self._new_actor()
+            info = self._await_ready([actor])[0]
+            if info is not None:
+                self.actors[slot], self.info[slot] = actor, info
+                self.log(f"Ray actor on {dead['host']} (pid {dead['pid']}) died ({why}); replaced by pid {info['pid']} on {info['host']}")
+                return
+            self.ray.kill(actor)
+        self.log(f"Ray actor on {dead['host']} (pid {dead['pid']}) died ({why}); {self.live} actors left")
+        if self.live == 0:
+            raise EngineError(f"every Ray actor died (the last: {why}); nothing is lost: run again with --resume")
+
+    @property
+    def live(self) -> int:
+        return sum(a is not None for a in self.actors)
+
+    def map(self, task: Task, indices: Iterable[int], load: Callable[[int], np.ndarray]) -> Iterator[Outcome]:
+        """Outcomes of every image in ``indices`` (``load(idx)`` gives its image), in completion order.
+
+        An image whose actor died is computed again by another actor; an error of the user's (a
+        :class:`DensePureError` on an actor) is raised here as itself."""
+        ray = self.ray
+        todo = iter(indices)
+        retry: deque = deque()
+        pending: dict = {}
+        idle = [s for s in range(len(self.actors)) if self.actors[s] is not None][::-1]
+        while True:
+            while idle:
+                idx = retry.popleft() if retry else next(todo, None)
+                if idx is None:
+                    break
+                slot = idle.pop()
+                pending[self.actors[slot].run.remote(task, load(idx), idx)] = (slot, idx)
+            if not pending:
+                return
+            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            slot, idx = pending.pop(ref)
+            try:
+                outcome = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                retry.append(idx)
+                self._replace(slot, _first_line(exc).split(". ")[0])
+                if self.actors[slot] is not None:
+                    idle.append(slot)
+                continue
+            except ray.exceptions.RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, DensePureError):
+                    raise cause from None
+                raise EngineError(
+                    f"image {idx} failed on {self.info[slot]['host']}: {type(cause or exc).__name__}: {_first_line(cause or exc)}"
+                ) from None
+            idle.append(slot)
+            yield outcome

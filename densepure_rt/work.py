@@ -1,0 +1,94 @@
+"""One image of a certify / predict run: what to compute (:class:`Task`), the computation
+(:func:`run_image`) and its results row (:func:`write_outcome`).
+
+Shared by the single-process CLI loop and the Ray actors (:mod:`densepure_rt.scale`), so a row
+written from an actor on another machine is the same row one process writes: the noise is a pure
+function of (seed, image index, phase, sample), and both call the same engine methods with the same
+:class:`Task`. Only the ``time`` column, a wall-clock measurement, differs between runs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+__all__ = ["MODES", "Task", "Outcome", "run_image", "write_outcome"]
+
+#: The run modes: fixed-n CERTIFY, target radii (--radius), early stopping (--tol), PREDICT.
+MODES = ("certify", "certify-radii", "certify-until", "predict")
+
+
+@dataclass(frozen=True)
+class Task:
+    """The settings every image of a run is computed with (plain values: it travels to Ray actors)."""
+
+    mode: str
+    sigma: float
+    steps: str
+    votes: int
+    alpha: float
+    n0: Optional[int]
+    n: int
+    seed: int
+    batch: int
+    radii: Optional[tuple] = None
+    tol: Optional[float] = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES} (got {self.mode!r})")
+
+    @property
+    def samples_per_image(self) -> int:
+        """Noisy samples an image takes at most (the sequential modes usually stop earlier)."""
+        return self.n if self.mode == "predict" else int(self.n0) + self.n
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The result of one image: the engine's certificate or prediction, its per-class estimation
+    counts (fixed-n CERTIFY only), the UNet evaluations it took and its wall time."""
+
+    idx: int
+    mode: str
+    result: Any
+    counts: Optional[np.ndarray]
+    unet_evals: int
+    seconds: float
+
+
+def run_image(engine, task: Task, image: np.ndarray, idx: int, progress: Optional[Callable[[int], None]] = None) -> Outcome:
+    """Certify or predict one image with an opened :class:`densepure_rt.runtime.Engine`."""
+    common = dict(seed=task.seed, batch=task.batch, image_index=int(idx), progress=progress)
+    t0 = time.time()
+    counts = None
+    if task.mode == "certify":
+        result, c = engine.certify_counts(image, task.sigma, task.steps, task.votes, task.n0, task.n, task.alpha, **common)
+        counts, evals = c.counts, c.unet_evals
+    elif task.mode == "certify-radii":
+        result = engine.certify_radii(image, task.sigma, list(task.radii), task.steps, task.votes, task.n0, task.n, task.alpha, **common)
+        evals = result.unet_evals
+    elif task.mode == "certify-until":
+        result = engine.certify_until(image, task.sigma, task.tol, task.steps, task.votes, task.n0, task.n, task.alpha, **common)
+        evals = result.unet_evals
+    else:
+        before = engine.backend.unet_evals
+        result = engine.predict(image, task.sigma, task.steps, task.votes, task.n, task.alpha, **common)
+        evals = engine.backend.unet_evals - before
+    return Outcome(int(idx), task.mode, result, counts, int(evals), time.time() - t0)
+
+
+def write_outcome(writer, label: int, outcome: Outcome) -> None:
+    """The results row of ``outcome`` (a :class:`densepure_rt.results.ResultsWriter` of its mode)."""
+    idx, result, seconds = outcome.idx, outcome.result, outcome.seconds
+    if outcome.mode == "certify":
+        writer.write_certificate(idx, label, result, outcome.counts, seconds, outcome.unet_evals)
+    elif outcome.mode == "certify-radii":
+        writer.write_radii(idx, label, result, seconds)
+    elif outcome.mode == "certify-until":
+        writer.write_until(idx, label, result, seconds)
+    else:
+        writer.write_prediction(idx, label, result, seconds, outcome.unet_evals)

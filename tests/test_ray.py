@@ -1,0 +1,224 @@
+"""Scale-out on Ray (densepure_rt.scale, ``certify --ray``) on a local Ray cluster on the CPU.
+
+One Ray cluster for the whole module (Ray's start-up is slow). The reference everywhere is the
+single-process run with the same settings and ``--threads 1`` (each actor runs one ONNX Runtime
+thread): a Ray run must write the same rows (all but the wall-time column), whatever actor computed
+an image, after a killed actor and after a killed driver resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+from click.testing import CliRunner
+
+from densepure_rt.cli import main
+from densepure_rt.data import DIGITS_TEST_ASSET, open_dataset
+from densepure_rt.errors import EngineError
+from densepure_rt.manifest import load_manifest, write_manifest
+from densepure_rt.results import read_rows
+from densepure_rt.runtime import open_engine
+from densepure_rt.scale import ENGINE_ENV, RayPool
+from densepure_rt.work import Task, run_image
+
+NUM_IMAGES = 16
+SETTINGS = ["--sigma", "0.5", "--steps", "2", "--votes", "3", "--batch", "16"]
+CERTIFY = [*SETTINGS, "--n0", "10", "--n", "40"]
+TIME = "time"
+
+
+def invoke(*args):
+    result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+    return result
+
+
+def rows_without_time(path: Path) -> dict[int, tuple]:
+    header, rows = read_rows(path)
+    keyed = {}
+    for row in rows:
+        assert row["idx"] not in keyed, f"image {row['idx']} written twice in {path}"
+        keyed[row["idx"]] = tuple((k, v) for k, v in row.items() if k != TIME)
+    return keyed
+
+
+# ------------------------------------------------------------------------------------------------ #
+# fixtures                                                                                           #
+# ------------------------------------------------------------------------------------------------ #
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("ray")
+
+
+@pytest.fixture(scope="module")
+def engine(work) -> Path:
+    out = work / "eng"
+    result = invoke("build", "--model", "digits", "--out", out, "--no-validate")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def images(work) -> Path:
+    path = work / "images.npz"
+    digits = np.load(DIGITS_TEST_ASSET)
+    np.savez(path, images=digits["images"][:NUM_IMAGES], labels=digits["labels"][:NUM_IMAGES])
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A local two-CPU Ray cluster; yields its address for drivers in other processes."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="error")
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(work, engine, images) -> dict:
+    """Single-process runs (``--threads 1``) of each mode: the rows every Ray run must equal."""
+    runs = {}
+    for name, args in (
+        ("certify", ["certify", *CERTIFY]),
+        ("radius", ["certify", *SETTINGS, "--n0", "10", "--radius", "0.25", "--n-max", "64"]),
+        ("predict", ["predict", *SETTINGS, "--n", "30"]),
+    ):
+        out = work / f"single_{name}.tsv"
+        result = invoke(*args, "--engine", engine, "--data", images, "--threads", "1", "--quiet", "--out", out)
+        assert result.exit_code == 0, result.output
+        runs[name] = (args, rows_without_time(out))
+    return runs
+
+
+# ------------------------------------------------------------------------------------------------ #
+# tests                                                                                              #
+# ------------------------------------------------------------------------------------------------ #
+
+
+@pytest.mark.parametrize("mode", ["certify", "radius", "predict"])
+def test_ray_rows_equal_single_process(mode, work, engine, images, cluster, reference):
+    args, expected = reference[mode]
+    out = work / f"ray_{mode}.tsv"
+    result = invoke(*args, "--engine", engine, "--data", images, "--ray", cluster, "--actors", "2", "--quiet", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "2 Ray actors" in result.stderr
+    got = rows_without_time(out)
+    assert sorted(got) == list(range(NUM_IMAGES))
+    assert got == expected
+    options = json.loads(Path(f"{out}.json").read_text())
+    assert options["ray"] == cluster and options["precision"] == "fp32"
+
+
+def test_killed_actors_lose_only_their_images(engine, images, cluster, reference):
+    """SIGKILL one actor after the first image and the other after the third: every image comes
+    back exactly once, equal to the single-process outcome, computed by replacement actors."""
+    manifest = load_manifest(engine)
+    shape = manifest["image_shape"]
+    dataset = open_dataset(images, image_size=shape[1], channels=shape[0])
+    task = Task("certify", 0.5, "2", 3, 0.001, 10, 40, seed=0, batch=16)
+    lines: list[str] = []
+    outcomes = []
+    with RayPool(str(engine), manifest["manifest_sha256"], actors=2, log=lines.append) as pool:
+        assert pool.live == 2
+        first_pids = [info["pid"] for info in pool.info]
+        for outcome in pool.map(task, range(NUM_IMAGES), lambda i: dataset[i].image):
+            outcomes.append(outcome)
+            if len(outcomes) in (1, 3):
+                os.kill(pool.info[len(outcomes) // 3]["pid"], signal.SIGKILL)
+        assert pool.replaced == 2
+        assert not set(first_pids) & {info["pid"] for info in pool.info}
+    assert sum("died" in line for line in lines) == 2, lines
+    assert sorted(o.idx for o in outcomes) == list(range(NUM_IMAGES))
+    with open_engine(engine, threads=1) as local:
+        for o in outcomes:
+            alone = run_image(local, task, dataset[o.idx].image, o.idx)
+            assert o.result == alone.result and o.unet_evals == alone.unet_evals
+            np.testing.assert_array_equal(o.counts, alone.counts)
+    # ... and the same certificates as the CLI's single-process rows.
+    _, expected = reference["certify"]
+    for o in outcomes:
+        row = dict(expected[o.idx])
+        assert (o.result.prediction, o.result.n_a, o.result.c_a) == (row["predict"], row["n_a"], row["c_a"])
+
+
+def test_killed_driver_resumes_without_duplicates(work, engine, images, cluster, reference):
+    """SIGKILL the driver (a separate process) once rows are flowing; --resume completes the file
+    with exactly the missing images, equal to the single-process run."""
+    args, expected = reference["certify"]
+    out = work / "killed.tsv"
+    command = [sys.executable, "-m", "densepure_rt.cli", *args, "--engine", str(engine), "--data", str(images),
+               "--ray", cluster, "--actors", "2", "--quiet", "--out", str(out)]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    written = 0
+    while time.time() < deadline and driver.poll() is None:
+        if out.is_file():
+            written = max(0, len(out.read_text().splitlines()) - 1)
+            if written >= 2:
+                break
+        time.sleep(0.02)
+    assert driver.poll() is None, f"the driver ended before it could be killed: {driver.stderr.read().decode()[-2000:]}"
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    driver.stderr.close()
+    before = rows_without_time(out)
+    assert 2 <= len(before) < NUM_IMAGES
+    result = invoke(*args, "--engine", engine, "--data", images, "--ray", cluster, "--actors", "2", "--quiet", "--resume",
+                    "--out", out)
+    assert result.exit_code == 0, result.output
+    assert f"{len(before)} images done, {NUM_IMAGES - len(before)} to go" in result.stderr
+    assert rows_without_time(out) == expected
+
+
+def test_an_actor_with_another_engine_is_refused(work, engine, cluster):
+    """A node whose copy of the engine differs (here: DENSEPURE_RT_ENGINE points the actors at an
+    engine with another manifest) is refused in one line that names the host, before any work."""
+    other = work / "other_engine"
+    if not other.exists():
+        import shutil
+
+        shutil.copytree(engine, other)
+        manifest = json.loads((other / "manifest.json").read_text())
+        manifest.pop("manifest_sha256", None)
+        manifest["default_batch"] = 7
+        write_manifest(other, manifest)
+    manifest = load_manifest(engine)
+    assert load_manifest(other)["manifest_sha256"] != manifest["manifest_sha256"]
+    pool = RayPool(str(engine), manifest["manifest_sha256"], actors=1, runtime_env={"env_vars": {ENGINE_ENV: str(other)}})
+    with pytest.raises(EngineError) as info:
+        with pool:
+            pass
+    message = str(info.value)
+    assert "\n" not in message
+    assert "is not the driver's" in message and str(other) in message and "copy the same engine directory" in message
+
+
+def test_ray_flags_are_checked_before_work(work, engine, images):
+    out = work / "never.tsv"
+    result = invoke("certify", *CERTIFY, "--engine", engine, "--data", images, "--actors", "2", "--out", out)
+    assert result.exit_code != 0 and "--actors goes with --ray" in result.stderr
+    result = invoke("certify", *CERTIFY, "--engine", engine, "--data", images, "--ray", "local", "--images-per-call", "2",
+                    "--out", out)
+    assert result.exit_code != 0 and "does not combine with --ray" in result.stderr
+    assert not out.exists()
+
+
+def test_runtime_never_imports_ray():
+    code = (
+        "import sys, numpy as np\n"
+        "from densepure_rt import cli, runtime, work\n"
+        "assert 'ray' not in sys.modules, 'ray imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
