@@ -165,7 +165,9 @@ class LoopBackend(Backend):
     IOBinding. ``device="cuda"``: CuPy buffers on one CUDA stream, the Philox CUDA kernel, ONNX
     Runtime's CUDA provider on that stream; images staged through pinned memory. Same labels as
     :class:`OnnxRuntimeBackend` for the same noise (tests), and batches may mix images
-    (:meth:`voted_labels_many`).
+    (:meth:`voted_labels_many`). ``runtime="tensorrt"`` (GPU only): the same CuPy loop over
+    :class:`densepure_rt.trt_executor.TensorRTExecutor`, full batches without early exit captured whole
+    in a CUDA graph (``cuda_graph``); written against the documented API, not run by this project.
     """
 
     name = "onnxruntime"
@@ -180,7 +182,20 @@ class LoopBackend(Backend):
         self.image_shape = tuple(manifest["image_shape"])
         self.num_classes = int(manifest["num_classes"])
         self._ctx = None
-        if runtime == "openvino":
+        graphs = None
+        if runtime == "tensorrt":  # issue 13: written against the documented API, not run by this project
+            if device != "cuda":
+                raise EngineError("this engine holds TensorRT plans, which run on a GPU: pass --device cuda (device='cuda')")
+            from .gpu import CudaContext, CupyNoise, require_cupy
+            from .trt_executor import TensorRTExecutor, WholeBatchGraphs, require_tensorrt
+
+            require_tensorrt()  # its one-line install hint before any CUDA work
+            cupy = require_cupy()
+            self._ctx = CudaContext(cupy)
+            xp, noise = cupy, CupyNoise(cupy, self._ctx.stream)
+            self._executor = TensorRTExecutor(directory, manifest, self._ctx.stream, xp=cupy)
+            graphs = WholeBatchGraphs(cupy, self._ctx.stream, log=_warn) if cuda_graph else None
+        elif runtime == "openvino":
             if device != "cpu":
                 raise EngineError("OpenVINO engines run on the CPU (--device cpu); for a GPU build with --backend onnxruntime")
             xp, noise = np, HostNoise()
@@ -202,7 +217,7 @@ class LoopBackend(Backend):
         self.version = self._executor.version
         #: The arithmetic the graphs run in: the engine's precision, as the executor compiled it.
         self.effective_precision = getattr(self._executor, "effective_precision", manifest["precision"]["step"])
-        self.loop = BatchLoop(self._executor, noise, self.image_shape, self.num_classes, xp=xp)
+        self.loop = BatchLoop(self._executor, noise, self.image_shape, self.num_classes, xp=xp, graphs=graphs)
 
     @property
     def unet_evals(self) -> int:  # type: ignore[override]
@@ -334,8 +349,10 @@ def open_backend(
         raise EngineError(f"this engine was built for the {built} backend, not {name}: rebuild it with --backend {name}")
     if name == "openvino":
         return LoopBackend(directory, manifest, device=device, threads=threads, runtime="openvino")
+    if name == "tensorrt":  # the batch loop only (loop=False is ONNX Runtime's step-by-step reference)
+        return LoopBackend(directory, manifest, device=device, threads=threads, cuda_graph=cuda_graph, runtime="tensorrt")
     if name == "onnxruntime":
         if loop:
             return LoopBackend(directory, manifest, device=device, threads=threads, cuda_graph=cuda_graph)
         return OnnxRuntimeBackend(directory, manifest, device=device, threads=threads)
-    raise EngineError(f"backend {name!r} is not supported by this densepure-rt: rebuild the engine for onnxruntime or openvino")
+    raise EngineError(f"backend {name!r} is not supported by this densepure-rt: rebuild the engine for onnxruntime, openvino or tensorrt")

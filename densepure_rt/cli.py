@@ -113,15 +113,33 @@ def _weights_sha256(path: str | None, shipped: str, random_weights: bool) -> str
 @click.option("--random-weights", is_flag=True, help="Full-size architecture with random weights (benchmarking only).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
               help="onnxruntime: the denoise step in fp32 or fp16 (the GPU's choice); openvino: both graphs in fp32 or "
-                   "bf16 (CPUs with AVX-512 BF16 or AMX; bf16 changes the base classifier, so it is never chosen for you).")
-@click.option("--backend", type=click.Choice(["onnxruntime", "openvino"]), default="onnxruntime", show_default=True,
-              help="onnxruntime: CPU and CUDA; openvino: CPU (pip install openvino).")
+                   "bf16 (CPUs with AVX-512 BF16 or AMX; bf16 changes the base classifier, so it is never chosen for you); "
+                   "tensorrt: fp16 (the step's fp16 graph, strongly typed) or fp32.")
+@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default="onnxruntime", show_default=True,
+              help="onnxruntime: CPU and CUDA; openvino: CPU (pip install openvino); tensorrt: plans for this machine's GPU "
+                   "(pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13; not run by this project).")
 @click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, metavar="N", help="Default noisy samples per engine call.")
 @click.option("--out", type=click.Path(), metavar="DIR", help="Engine directory  [default: engines/PRESET]")
 @click.option("--force", is_flag=True, help="Rebuild, replacing an existing engine directory (never any other folder).")
 @click.option("--seed", type=int, default=0, show_default=True, metavar="N", help="Seed of --random-weights.")
 @click.option("--no-validate", is_flag=True, help="Skip validating the graphs against PyTorch.")
-def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, backend, batch, out, force, seed, no_validate):
+# -- TensorRT (--backend tensorrt only); rows = noisy samples x K per engine call ---------------------
+@click.option("--min-batch", type=click.IntRange(min=1), default=None, metavar="ROWS",
+              help="TensorRT profile: fewest rows per call  [default: 1]")
+@click.option("--opt-batch", type=click.IntRange(min=1), default=None, metavar="ROWS",
+              help="TensorRT profile: rows the kernels are tuned for  [default: --max-batch]")
+@click.option("--max-batch", type=click.IntRange(min=1), default=None, metavar="ROWS",
+              help="TensorRT profile: most rows per call  [default: 10 x --batch, i.e. K = 10]")
+@click.option("--workspace", type=click.IntRange(min=1), default=None, metavar="MIB",
+              help="TensorRT workspace pool limit in MiB  [default: TensorRT's, the GPU's memory]")
+@click.option("--timing-cache", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="TensorRT timing cache, read and updated, kept across builds  "
+                   "[default: ~/.cache/densepure-rt/tensorrt/timing-VERSION-smCC.cache]")
+@click.option("--hardware-compatibility", type=click.Choice(["none", "ampere_plus", "same_compute_capability"]), default=None,
+              help="TensorRT plans for this GPU only (none), any GPU of its compute capability, or any Ampere or newer GPU  "
+                   "[default: none]")
+def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, backend, batch, out, force, seed, no_validate,
+          min_batch, opt_batch, max_batch, workspace, timing_cache, hardware_compatibility):
     """Export a preset's UNet and classifier to an engine directory (needs the torch extra).
 
     An existing engine built from the same preset, settings and weights is verified and reused
@@ -133,6 +151,7 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
       densepure-rt build --model cifar10 --diffusion-ckpt cifar10_uncond_50M_500K.pt \\
           --classifier-ckpt vit-base-patch16-224-in21k-finetuned-cifar10/ --out engines/cifar10
       densepure-rt build --model imagenet --random-weights --precision fp16 --out engines/imagenet-rand
+      densepure-rt build --model cifar10 ... --backend tensorrt --precision fp16 --batch 200 --max-batch 2000
     """
     from .presets import get_preset
 
@@ -144,6 +163,19 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
         raise ConfigError(f"build needs the PyTorch extra ({exc.name} is missing): pip install 'densepure-rt[torch]'") from None
     if precision not in BACKEND_PRECISIONS[backend]:  # before anything is loaded or announced
         raise ConfigError(f"--precision {precision} is not one the {backend} backend runs: choose {' or '.join(BACKEND_PRECISIONS[backend])}")
+    trt_flags = {"--min-batch": min_batch, "--opt-batch": opt_batch, "--max-batch": max_batch, "--workspace": workspace,
+                 "--timing-cache": timing_cache, "--hardware-compatibility": hardware_compatibility}
+    trt_options = None
+    if backend != "tensorrt":
+        given = [flag for flag, value in trt_flags.items() if value is not None]
+        if given:
+            raise ConfigError(f"{given[0]} goes with --backend tensorrt")
+    else:
+        from .engine.tensorrt import PlanBuilder, TensorRTOptions
+
+        trt_options = TensorRTOptions(min_rows=min_batch or 1, opt_rows=opt_batch, max_rows=max_batch, workspace_mib=workspace,
+                                      timing_cache=timing_cache, hardware_compatibility=hardware_compatibility or "none")
+        plan_builder = PlanBuilder(trt_options, batch)  # TensorRT, a GPU and the profile checked before anything is loaded
     for flag, path in (("--diffusion-ckpt", diffusion_ckpt), ("--classifier-ckpt", classifier_ckpt)):
         if path is not None and not Path(path).exists():
             raise ConfigError(f"{flag} {path} does not exist")
@@ -160,6 +192,10 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
         "classifier_sha256": _weights_sha256(classifier_ckpt, p.shipped_classifier, random_weights),
         "toolkit_version": __version__,
     }
+    if trt_options is not None:  # an engine with other plan settings is not reused
+        inputs["tensorrt"] = {"rows": list(plan_builder.rows), "workspace_mib": workspace, "timing_cache": timing_cache,
+                              "hardware_compatibility": trt_options.hardware_compatibility, "version": plan_builder.version,
+                              "compute_capability": plan_builder.device["compute_capability"]}
     if not force and out.is_dir() and not out.is_symlink() and is_engine_dir(out):
         from .manifest import load_manifest
 
@@ -182,7 +218,8 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
         "classifier_ckpt": str(classifier_ckpt) if classifier_ckpt else ("shipped" if p.shipped_classifier and not random_weights else None),
         "inputs": inputs,
     }
-    options = BuildOptions(precision=precision, backend=backend, batch=batch, force=force, validate=not no_validate, provenance=provenance)
+    options = BuildOptions(precision=precision, backend=backend, batch=batch, force=force, validate=not no_validate, provenance=provenance,
+                           tensorrt=trt_options)
     manifest = build_engine(out, p, unet, classifier, options, log=lambda m: click.echo(m, err=True))
     click.echo(f"{out}: {p.name}, step {precision}, {len(manifest['files'])} files, checks passed")
 
@@ -599,6 +636,19 @@ def report(results, radii, plot, json_out):
         click.echo(f"plot written to {plot_curves(results, plot)}")
 
 
+def _plan_lines(manifest: dict) -> list[str]:
+    """The TensorRT plans of an engine (the manifest's validated ``tensorrt`` section), for ``info``."""
+    trt = manifest.get("tensorrt")
+    if manifest["backend"]["name"] != "tensorrt" or not isinstance(trt, dict):
+        return []
+    rows = trt["profile"]
+    return [
+        f"tensorrt    {trt['version']} plans for {trt['gpu']} (compute capability {trt['compute_capability']}, CUDA "
+        f"{trt['cuda_version']}, hardware compatibility {trt['hardware_compatibility']}); rows {rows['min']}/{rows['opt']}/{rows['max']}",
+        f"plans       {', '.join(trt['plans'][g]['file'] for g in ('step', 'classifier'))}; timing cache {trt['timing_cache']['path']}",
+    ]
+
+
 @main.command()
 @click.argument("engine", required=False, type=click.Path(), metavar="[ENGINE_DIR]")
 @click.option("--engine", "engine_opt", type=click.Path(), metavar="DIR", help="The engine directory (or give it as the argument).")
@@ -632,6 +682,7 @@ def info(engine, engine_opt, as_json):
         f"classifier  {manifest['classifier']['name']}, {manifest['classifier']['parameters']:,} parameters, fp32"
         + (f", {cost['classifier']:g} GFLOP/sample" if isinstance(cost.get("classifier"), (int, float)) and cost.get("classifier") else ""),
         f"backend     {manifest['backend']['name']} (opset {manifest['backend']['opset']})",
+        *_plan_lines(manifest),
         f"built       {build.get('date', '?')} with densepure-rt {manifest.get('toolkit_version')}, torch {build.get('torch', '?')}"
         + ("  [random weights]" if build.get("random_weights") else ""),
     ]

@@ -29,6 +29,11 @@ out)`` and ``classify(images, labels, logits)``): :class:`densepure_rt.executors
 with ONNX Runtime's IOBinding, on the CPU provider over numpy or on the CUDA provider over CuPy.
 The noise source fills per-row buffers: :func:`densepure_rt.philox.row_normals` on the host, the
 ``philox_rows`` CUDA kernel on a GPU (:mod:`densepure_rt.gpu`); the same numbers to float32 rounding.
+
+Optional, off by default (``graphs=None``): a full batch without early exit (one fixed sequence of
+launches after the keys are put) can be handed to a graph object that captures it once and replays
+it (:class:`densepure_rt.trt_executor.WholeBatchGraphs`, used for TensorRT engines; not run on a GPU).
+The numpy path is unchanged by it.
 """
 
 from __future__ import annotations
@@ -83,8 +88,13 @@ class BatchLoop:
     #: scratch for no gain in speed.
     CLASSIFIER_ROWS = 512
 
-    def __init__(self, executor: Executor, noise: NoiseSource, image_shape: Sequence[int], num_classes: int, xp=np):
+    def __init__(self, executor: Executor, noise: NoiseSource, image_shape: Sequence[int], num_classes: int, xp=np,
+                 graphs=None):
         self.executor, self.noise, self.xp = executor, noise, xp
+        #: Off by default (None): every batch runs eagerly. Else an object like
+        #: :class:`densepure_rt.trt_executor.WholeBatchGraphs` that captures a full batch without early
+        #: exit (a fixed sequence of launches) once and replays it for the next full batches.
+        self.graphs = graphs
         self.image_shape = tuple(int(d) for d in image_shape)
         self.num_classes = int(num_classes)
         self.rs: ReverseSchedule | None = None
@@ -122,6 +132,10 @@ class BatchLoop:
         self.s_slot = xp.zeros(self.batch, dtype=np.int64)
         self.s_zero = xp.zeros(self.batch, dtype=u32)
         self.r_image, self.r_phase, self.r_sample, self.r_draw = (xp.zeros(rows, dtype=u32) for _ in range(4))
+        #: Whether the batch's purified images hold a non-finite value (read once, after the batch).
+        self.bad = xp.zeros((), dtype=bool)
+        if self.graphs is not None:
+            self.graphs.reset()  # captured graphs point at the buffers just replaced
         reserve = getattr(self.executor, "reserve", None)
         if reserve is not None and self.waves == (self.votes,):  # early-exit waves never fill the batch
             reserve(rows, self.image_shape)
@@ -143,16 +157,47 @@ class BatchLoop:
         """
         if self.rs is None:
             raise RuntimeError("call prepare() first")
-        xp, n = self.xp, len(samples)
+        n = len(samples)
         if not 0 < n <= self.batch:
             raise ValueError(f"a batch holds 1 to {self.batch} samples (got {n})")
-        rs, votes, calls = self.rs, self.votes, self.rs.num_calls
+        votes, calls = self.votes, self.rs.num_calls
         for name, keys in (("seed", [seed]), ("image index", image_indices), ("phase", phases), ("sample index", samples)):
             keys = np.asarray(keys)
             if keys.size and (keys.min() < 0 or keys.max() >= 2**32):  # uint32 would wrap onto other noise
                 raise ValueError(f"{name} must be in [0, 2^32) for the Philox key and counter")
         for buf, host in ((self.s_slot, slots), (self.s_image, image_indices), (self.s_phase, phases), (self.s_sample, samples)):
             self._put(buf, host)
+        if self.graphs is not None and n == self.batch and len(self.waves) == 1:
+            # A full batch without early exit: the same launches every batch, so one captured graph per
+            # seed (the noise kernel takes the seed as an argument) replays it; the keys were put above.
+            key = (self.batch, calls, votes, int(seed))
+            self.graphs.run(key, lambda staged: self._waves(staged, n, seed), images, self.batch)
+            unet, classifier = n * votes * calls, n * votes
+        else:
+            unet, classifier = self._waves(images, n, seed)
+        self.unet_evals += unet
+        self.classifier_evals += classifier
+        if bool(self.bad):
+            raise EngineError(
+                "the denoise step produced non-finite values (NaN or inf) in the purified images: the engine is "
+                "broken or was built for other inputs; rebuild it (densepure-rt build --force)"
+            )
+        low, high = int(self.labels[:n].min()), int(self.labels[:n].max())
+        if low < 0 or high >= self.num_classes:
+            bad_label = low if low < 0 else high
+            raise EngineError(
+                f"the classifier returned label {bad_label}, outside the engine's {self.num_classes} classes: "
+                "the engine's classifier does not match its manifest; rebuild the engine"
+            )
+        return self.voted[:n]
+
+    def _waves(self, images, n: int, seed: int) -> tuple[int, int]:
+        """The device work of one batch (after its keys are put): noise, x_{t*}, the waves of steps,
+        classifier and vote, into the loop's buffers and :attr:`bad`. Returns the (UNet, classifier)
+        evaluations it ran. Without early exit it reads nothing back from the device."""
+        xp, votes, calls = self.xp, self.votes, self.rs.num_calls
+        unet = classifier = 0
+        chunk = getattr(self.executor, "classifier_rows", None) or self.CLASSIFIER_ROWS
         delta, start = self.delta[:n], self.start[:n]
         self.noise.fill(delta, seed, self.s_image, self.s_phase, self.s_sample, self.s_zero, 0, float(self.sigma))
         # x_{t*} = (2 (x + delta) - 1) / sqrt(1 + 4 sigma^2), in float32 as the reference computes it.
@@ -160,7 +205,7 @@ class BatchLoop:
         self.labels[:n] = 0
         active = xp.arange(n)
         done = 0
-        bad = xp.zeros((), dtype=bool)
+        self.bad[...] = False
         for wave in self.waves:
             m = int(active.shape[0])
             rows = m * wave
@@ -175,13 +220,13 @@ class BatchLoop:
                 self.noise.fill(z, seed, self.r_image, self.r_phase, self.r_sample, self.r_draw, s, 1.0)
                 self.executor.step(x, z, self.table[s], x_next)
                 x, x_next = x_next, x
-            bad |= ~xp.isfinite(x).all()
-            for c in range(0, rows, self.CLASSIFIER_ROWS):
-                part = slice(c, min(rows, c + self.CLASSIFIER_ROWS))
+            self.bad |= ~xp.isfinite(x).all()
+            for c in range(0, rows, chunk):
+                part = slice(c, min(rows, c + chunk))
                 self.executor.classify(x[part], self.run_labels[part], self.logits[part])
             self.labels[active[:, None], xp.arange(done, done + wave)[None, :]] = self.run_labels[:rows].reshape(m, wave)
-            self.unet_evals += rows * calls
-            self.classifier_evals += rows
+            unet += rows * calls
+            classifier += rows
             done += wave
             if done == votes:
                 self.voted[active] = majority_vote(self.labels[active, :done])
@@ -195,16 +240,4 @@ class BatchLoop:
             active = active[still]  # reads the undecided count: one small device -> host read per wave
             if active.shape[0] == 0:
                 break
-        if bool(bad):
-            raise EngineError(
-                "the denoise step produced non-finite values (NaN or inf) in the purified images: the engine is "
-                "broken or was built for other inputs; rebuild it (densepure-rt build --force)"
-            )
-        low, high = int(self.labels[:n].min()), int(self.labels[:n].max())
-        if low < 0 or high >= self.num_classes:
-            bad_label = low if low < 0 else high
-            raise EngineError(
-                f"the classifier returned label {bad_label}, outside the engine's {self.num_classes} classes: "
-                "the engine's classifier does not match its manifest; rebuild the engine"
-            )
-        return self.voted[:n]
+        return unet, classifier

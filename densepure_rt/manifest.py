@@ -37,6 +37,7 @@ __all__ = [
     "load_manifest",
     "check_file_name",
     "graph_path",
+    "plan_path",
     "onnx_external_data",
 ]
 
@@ -162,6 +163,22 @@ def graph_path(directory: str | Path, manifest: dict, graph: str) -> Path:
     files = manifest.get("files")
     if not isinstance(files, dict) or name not in files:
         raise EngineError(f"{directory}: graphs.{graph}.file {name!r} is not listed (with its sha256) in files: rebuild the engine")
+    return Path(directory) / name
+
+
+def plan_path(directory: str | Path, manifest: dict, graph: str) -> Path:
+    """The path of the TensorRT plan of graph ``graph`` (``tensorrt.plans.<graph>.file``) in ``directory``.
+
+    Refuses a name that is not a plain file name listed in ``manifest['files']`` (as :func:`graph_path`)."""
+    plans = manifest.get("tensorrt", {}).get("plans") if isinstance(manifest.get("tensorrt"), dict) else None
+    entry = plans.get(graph) if isinstance(plans, dict) else None
+    name = entry.get("file", _MISSING) if isinstance(entry, dict) else _MISSING
+    if name is _MISSING:
+        raise EngineError(f"the manifest of {directory} has no tensorrt.plans.{graph}.file: rebuild the engine")
+    check_file_name(name, f"tensorrt.plans.{graph}.file", directory)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or name not in files:
+        raise EngineError(f"{directory}: tensorrt.plans.{graph}.file {name!r} is not listed (with its sha256) in files: rebuild the engine")
     return Path(directory) / name
 
 
@@ -403,6 +420,48 @@ def _validate(path: Path, manifest: dict) -> None:
         s.obj(f"graphs.{graph}")
         s.get(f"graphs.{graph}.file")
         graph_path(path.parent, manifest, graph)
+    _validate_tensorrt(s, path, manifest)
+
+
+# -- TensorRT plans (issue 13) -------------------------------------------------------------------- #
+_TRT_VERSION = re.compile(r"[0-9]{1,4}(\.[0-9]{1,6}){1,4}(\.post[0-9]{1,3})?")
+_CAPABILITY = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}")
+_HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
+_MAX_BYTES = 1 << 50
+
+
+def _validate_tensorrt(s: _Schema, path: Path, manifest: dict) -> None:
+    """The ``tensorrt`` section: required for (and only read for) ``backend.name == "tensorrt"``."""
+    gpu = manifest.get("gpu", None)
+    if gpu is not None and (not isinstance(gpu, str) or not 1 <= len(gpu) <= 200 or not gpu.isprintable()):
+        s.fail("gpu", "null or a string of 1..200 printable characters", gpu)
+    if manifest["backend"]["name"] != "tensorrt":
+        return
+    s.obj("tensorrt")
+    for field, pattern, what in (("version", _TRT_VERSION, "a TensorRT version such as '10.13.3.9'"),
+                                 ("compute_capability", _CAPABILITY, "a compute capability such as '9.0'")):
+        value = s.str(f"tensorrt.{field}", max_len=40)
+        if not pattern.fullmatch(value):
+            s.fail(f"tensorrt.{field}", what, value)
+    s.str("tensorrt.gpu")
+    s.str("tensorrt.cuda_version", max_len=40)
+    s.str("tensorrt.hardware_compatibility", choices=_HARDWARE_COMPATIBILITY)
+    s.obj("tensorrt.profile")
+    rows = [s.int(f"tensorrt.profile.{k}", 1, _MAX_BATCH) for k in ("min", "opt", "max")]
+    if not rows[0] <= rows[1] <= rows[2]:
+        s.fail("tensorrt.profile", "rows with min <= opt <= max", manifest["tensorrt"]["profile"])
+    if s.get("tensorrt.workspace_bytes", required=False) not in (None, _MISSING):  # null: TensorRT's default
+        s.int("tensorrt.workspace_bytes", 1, _MAX_BYTES)
+    s.obj("tensorrt.timing_cache")
+    s.str("tensorrt.timing_cache.path", max_len=4096)
+    s.bool("tensorrt.timing_cache.reused")
+    s.obj("tensorrt.plans")
+    for graph in _GRAPHS:
+        s.obj(f"tensorrt.plans.{graph}")
+        plan_path(path.parent, manifest, graph)
+        onnx = s.str(f"tensorrt.plans.{graph}.onnx_sha256", min_len=64, max_len=64)
+        if onnx != manifest["files"].get(manifest["graphs"][graph]["file"]):
+            s.fail(f"tensorrt.plans.{graph}.onnx_sha256", f"the sha256 of graphs.{graph}.file (the ONNX the plan was built from)", onnx)
 
 
 # ------------------------------------------------------------------------------------------------ #

@@ -4,8 +4,10 @@ The directory is staged beside its destination and renamed into place only once 
 been exported and validated, so a failed or interrupted build never leaves a half-written engine.
 
 Backends: ``onnxruntime`` (CPU, and CUDA where onnxruntime-gpu is installed) runs the ONNX graphs
-directly. TensorRT plans are built by :mod:`densepure_rt.engine.tensorrt` (unverified here: the
-TensorRT builder cannot be installed in this workplace).
+directly; ``openvino`` runs the fp32 graphs at an explicit precision. ``tensorrt``: the ONNX graphs are
+exported as for ONNX Runtime, then :mod:`densepure_rt.engine.tensorrt` builds a plan from each (written
+against the documented API, not run by this project: the TensorRT builder cannot be installed in its
+workplace); the engine holds both the ONNX graphs and the plans.
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ from densepure_rt.export.step import DenoiseStep
 __all__ = ["BuildOptions", "build_engine", "check_out_dir", "is_engine_dir", "PRECISIONS", "BACKENDS"]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-BACKENDS = ("onnxruntime", "openvino")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt")
 #: The precisions each backend runs: ONNX Runtime an fp16 or fp32 step graph; OpenVINO the fp32
-#: graphs at an inference precision it is told explicitly (fp32, or bf16 on CPUs that have it).
-BACKEND_PRECISIONS = {"onnxruntime": ("fp32", "fp16"), "openvino": ("fp32", "bf16")}
+#: graphs at an inference precision it is told explicitly (fp32, or bf16 on CPUs that have it);
+#: TensorRT a strongly typed plan of the fp16 (or fp32) step graph, the classifier in fp32.
+BACKEND_PRECISIONS = {"onnxruntime": ("fp32", "fp16"), "openvino": ("fp32", "bf16"), "tensorrt": ("fp16", "fp32")}
 
 
 @dataclass
@@ -53,6 +56,9 @@ class BuildOptions:
     force: bool = False
     validate: bool = True
     provenance: dict = field(default_factory=dict)
+    #: ``--backend tensorrt`` only: the profile, workspace, timing cache and hardware compatibility
+    #: (:class:`densepure_rt.engine.tensorrt.TensorRTOptions`; None: its defaults).
+    tensorrt: object = None
 
 
 def _check(options: BuildOptions) -> None:
@@ -184,6 +190,11 @@ def build_engine(
     _check(options)
     out_dir = Path(out_dir)
     check_out_dir(out_dir, options.force)
+    plan_builder = None
+    if options.backend == "tensorrt":  # before the export: no TensorRT, no GPU or bad options fail at once
+        from .tensorrt import PlanBuilder, TensorRTOptions
+
+        plan_builder = PlanBuilder(options.tensorrt or TensorRTOptions(), options.batch)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # A fresh, uniquely named staging folder: never a folder that might belong to someone else.
     stage = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".partial"))
@@ -213,6 +224,10 @@ def build_engine(
             log("validating both graphs against PyTorch on fresh random inputs...")
             validation["step"] = validate_graph(stage / sspec.file, step_parent, sspec, make_step)
             validation["classifier"] = validate_graph(stage / cspec.file, classifier, cspec, make_cls)
+        plans = None
+        if plan_builder is not None:
+            plans, plan_files = plan_builder.build(stage, {"step": sspec.file, "classifier": cspec.file}, options.precision, log)
+            files += plan_files
         log("counting FLOPs per sample...")
         cost_gflop = _cost_gflop(preset, unet, classifier)
         unet_params = sum(p.numel() for p in unet.parameters())
@@ -248,9 +263,11 @@ def build_engine(
                 "platform": platform.platform(),
                 **options.provenance,
             },
-            "gpu": None,
+            "gpu": plans["gpu"] if plans else None,
             "files": files,
         }
+        if plans:
+            manifest["tensorrt"] = plans
         write_manifest(stage, manifest)
         os.chmod(stage, 0o755)  # mkdtemp makes it 0700
         # Checked again just before the swap (the folder may have changed during a long export).
