@@ -375,8 +375,6 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
     validate_params(sigma, alpha, n0 if mode != "predict" else None, n)
     if ray is None and actors is not None:
         raise ConfigError("--actors goes with --ray")
-    if ray is not None and images_per_call > 1:
-        raise ConfigError("--images-per-call does not combine with --ray: each actor certifies one image at a time")
     # The canonical words ("4", "one-shot", "none"): the engine parses them again, strictly.
     steps_value = _steps_label(_parse_steps(steps))
     # With --ray the driver reads the manifest only: the actors open the engine where the GPUs are.
@@ -429,15 +427,16 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
                 click.echo(f"resuming {out}: {len(done)} images done, {len(todo)} to go", err=True)
             if ray is not None:
                 if todo:
-                    _run_on_ray(engine, task, dataset, todo, writer, options, ray, actors, device, threads, early_exit, quiet, every)
+                    _run_on_ray(engine, task, dataset, todo, writer, options, ray, actors, device, threads, early_exit, quiet, every,
+                                images_per_call)
                 return len(done) + len(todo)
             progress = _Progress(mode.split("-")[0], len(todo), per_image, quiet, every)
-            common = dict(seed=seed, batch=batch, progress=progress.update)
             try:
+                one_by_one = todo
                 if mode == "certify" and images_per_call > 1:
-                    todo = _certify_groups(engine, dataset, todo, images_per_call, writer, progress, sigma, steps_value, votes,
-                                           n0, n, alpha, common)
-                for idx in todo:
+                    _certify_groups(engine, dataset, todo, images_per_call, writer, progress, task)
+                    one_by_one = []
+                for idx in one_by_one:
                     sample = dataset[idx]
                     drawn = progress.samples
                     write_outcome(writer, sample.label, run_image(engine, task, sample.image, idx, progress=progress.update))
@@ -448,9 +447,11 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
     return len(done) + len(todo)
 
 
-def _run_on_ray(engine, task, dataset, todo, writer, options, address, actors, device, threads, early_exit, quiet, every) -> None:
+def _run_on_ray(engine, task, dataset, todo, writer, options, address, actors, device, threads, early_exit, quiet, every,
+                images_per_call=1) -> None:
     """Certify ``todo`` on Ray actors (:class:`densepure_rt.scale.RayPool`); this process alone
-    writes the rows, in completion order, each flushed as it arrives."""
+    writes the rows, in completion order, each flushed as it arrives. ``images_per_call``: images an
+    actor certifies at a time with shared batches (fixed-n CERTIFY)."""
     from .scale import RayPool
     from .work import write_outcome
 
@@ -468,7 +469,7 @@ def _run_on_ray(engine, task, dataset, todo, writer, options, address, actors, d
                    threads=threads, early_exit=early_exit, log=log)
     progress = None
     try:
-        pool.start(images=len(todo))
+        pool.start(images=-(-len(todo) // images_per_call))
         if pool.precision != options["precision"]:
             raise EngineError(
                 f"the Ray actors run the engine in {pool.precision}, the run records {options['precision']}: "
@@ -476,7 +477,7 @@ def _run_on_ray(engine, task, dataset, todo, writer, options, address, actors, d
             )
         log(f"{len(pool.actors)} Ray actors: " + ", ".join(f"{i['host']} (pid {i['pid']})" for i in pool.info))
         progress = _Progress(task.mode.split("-")[0], len(todo), task.samples_per_image, quiet, every)
-        for outcome in pool.map(task, todo, load):
+        for outcome in pool.map(task, todo, load, group=images_per_call):
             write_outcome(writer, labels.pop(outcome.idx), outcome)
             progress.update(task.samples_per_image)
             progress.image_done()
@@ -486,21 +487,18 @@ def _run_on_ray(engine, task, dataset, todo, writer, options, address, actors, d
         pool.close()
 
 
-def _certify_groups(engine, dataset, todo, size, writer, progress, sigma, steps, votes, n0, n, alpha, common) -> list:
+def _certify_groups(engine, dataset, todo, size, writer, progress, task) -> None:
     """Certify ``todo`` in groups of ``size`` images whose noisy samples share batches
-    (:meth:`Engine.certify_many`); rows are written in order once a group is done, so a run killed
-    inside a group resumes at its first image. Same rows as one image at a time. Returns []."""
+    (:func:`densepure_rt.work.run_group`); rows are written in order once a group is done, so a run
+    killed inside a group resumes at its first image. Same rows as one image at a time."""
+    from .work import run_group, write_outcome
+
     for g in range(0, len(todo), size):
         group = todo[g : g + size]
         samples = [dataset[idx] for idx in group]
-        t0 = time.time()
-        results = engine.certify_many([s.image for s in samples], sigma, steps, votes, n0, n, alpha,
-                                      image_indices=group, **common)
-        seconds = (time.time() - t0) / len(group)
-        for idx, sample, (cert, counts) in zip(group, samples, results):
-            writer.write_certificate(idx, sample.label, cert, counts.counts, seconds, counts.unet_evals)
+        for sample, outcome in zip(samples, run_group(engine, task, [s.image for s in samples], group, progress=progress.update)):
+            write_outcome(writer, sample.label, outcome)
             progress.image_done()
-    return []
 
 
 def _radius_list(values) -> list[float]:

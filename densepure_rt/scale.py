@@ -46,7 +46,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 
 from .errors import ConfigError, DensePureError, EngineError
-from .work import Outcome, Task, run_image
+from .work import Outcome, Task, run_group, run_image
 
 __all__ = ["ENGINE_ENV", "RayPool", "require_ray"]
 
@@ -106,6 +106,9 @@ class Worker:
 
     def run(self, task: Task, image: np.ndarray, idx: int) -> Outcome:
         return run_image(self.engine, task, image, idx)
+
+    def run_group(self, task: Task, images: np.ndarray, indices: list) -> list:
+        return run_group(self.engine, task, images, indices)
 
 
 class RayPool:
@@ -287,31 +290,46 @@ class RayPool:
     def live(self) -> int:
         return sum(a is not None for a in self.actors)
 
-    def map(self, task: Task, indices: Iterable[int], load: Callable[[int], np.ndarray]) -> Iterator[Outcome]:
+    def map(self, task: Task, indices: Iterable[int], load: Callable[[int], np.ndarray], group: int = 1) -> Iterator[Outcome]:
         """Outcomes of every image in ``indices`` (``load(idx)`` gives its image), in completion order.
 
-        An image whose actor died is computed again by another actor; an error of the user's (a
-        :class:`DensePureError` on an actor) is raised here as itself."""
+        ``group`` > 1 (fixed-n CERTIFY only): each actor gets up to ``group`` images at a time, whose
+        noisy samples share batches (:func:`densepure_rt.work.run_group`; same outcomes). An image
+        whose actor died (with its group) is computed again by another actor; an error of the
+        user's (a :class:`DensePureError` on an actor) is raised here as itself."""
         ray = self.ray
+        group = int(group)
+        if group < 1 or (group > 1 and task.mode != "certify"):
+            raise ConfigError("images per call > 1 goes with fixed-n CERTIFY only")
         todo = iter(indices)
         retry: deque = deque()
         pending: dict = {}
         idle = [s for s in range(len(self.actors)) if self.actors[s] is not None][::-1]
         while True:
             while idle:
-                idx = retry.popleft() if retry else next(todo, None)
-                if idx is None:
+                work = []
+                while len(work) < group:
+                    idx = retry.popleft() if retry else next(todo, None)
+                    if idx is None:
+                        break
+                    work.append(int(idx))
+                if not work:
                     break
                 slot = idle.pop()
-                pending[self.actors[slot].run.remote(task, load(idx), idx)] = (slot, idx)
+                actor = self.actors[slot]
+                if group == 1:
+                    ref = actor.run.remote(task, load(work[0]), work[0])
+                else:
+                    ref = actor.run_group.remote(task, np.stack([load(i) for i in work]), work)
+                pending[ref] = (slot, work)
             if not pending:
                 return
             (ref,), _ = ray.wait(list(pending), num_returns=1)
-            slot, idx = pending.pop(ref)
+            slot, work = pending.pop(ref)
             try:
-                outcome = ray.get(ref)
+                result = ray.get(ref)
             except ray.exceptions.RayActorError as exc:
-                retry.append(idx)
+                retry.extend(work)
                 self._replace(slot, _first_line(exc).split(". ")[0])
                 if self.actors[slot] is not None:
                     idle.append(slot)
@@ -321,7 +339,7 @@ class RayPool:
                 if isinstance(cause, DensePureError):
                     raise cause from None
                 raise EngineError(
-                    f"image {idx} failed on {self.info[slot]['host']}: {type(cause or exc).__name__}: {_first_line(cause or exc)}"
+                    f"images {work} failed on {self.info[slot]['host']}: {type(cause or exc).__name__}: {_first_line(cause or exc)}"
                 ) from None
             idle.append(slot)
-            yield outcome
+            yield from ([result] if group == 1 else result)

@@ -121,9 +121,22 @@ def test_ray_rows_equal_single_process(mode, work, engine, images, cluster, refe
     assert options["ray"] == cluster and options["precision"] == "fp32"
 
 
-def test_killed_actors_lose_only_their_images(engine, images, cluster, reference):
-    """SIGKILL one actor after the first image and the other after the third: every image comes
-    back exactly once, equal to the single-process outcome, computed by replacement actors."""
+def test_ray_groups_of_images_per_call_equal_single_process(work, engine, images, cluster, reference):
+    """--images-per-call 3 with --ray: each actor certifies 3 images at a time in shared batches
+    (16 images: 5 groups of 3 and one of 1); the rows equal one image at a time in one process."""
+    args, expected = reference["certify"]
+    out = work / "ray_groups.tsv"
+    result = invoke(*args, "--engine", engine, "--data", images, "--ray", cluster, "--actors", "2", "--images-per-call", "3",
+                    "--quiet", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert rows_without_time(out) == expected
+
+
+@pytest.mark.parametrize("group", [1, 3])
+def test_killed_actors_lose_only_their_images(group, engine, images, cluster, reference):
+    """SIGKILL one actor after the first image and the other after the third (one image, or groups
+    of 3, per call): every image comes back exactly once, equal to the single-process outcome,
+    computed by replacement actors."""
     manifest = load_manifest(engine)
     shape = manifest["image_shape"]
     dataset = open_dataset(images, image_size=shape[1], channels=shape[0])
@@ -133,7 +146,7 @@ def test_killed_actors_lose_only_their_images(engine, images, cluster, reference
     with RayPool(str(engine), manifest["manifest_sha256"], actors=2, log=lines.append) as pool:
         assert pool.live == 2
         first_pids = [info["pid"] for info in pool.info]
-        for outcome in pool.map(task, range(NUM_IMAGES), lambda i: dataset[i].image):
+        for outcome in pool.map(task, range(NUM_IMAGES), lambda i: dataset[i].image, group=group):
             outcomes.append(outcome)
             if len(outcomes) in (1, 3):
                 os.kill(pool.info[len(outcomes) // 3]["pid"], signal.SIGKILL)
@@ -209,9 +222,9 @@ def test_ray_flags_are_checked_before_work(work, engine, images):
     out = work / "never.tsv"
     result = invoke("certify", *CERTIFY, "--engine", engine, "--data", images, "--actors", "2", "--out", out)
     assert result.exit_code != 0 and "--actors goes with --ray" in result.stderr
-    result = invoke("certify", *CERTIFY, "--engine", engine, "--data", images, "--ray", "local", "--images-per-call", "2",
-                    "--out", out)
-    assert result.exit_code != 0 and "does not combine with --ray" in result.stderr
+    result = invoke("certify", *SETTINGS, "--n0", "10", "--radius", "0.25", "--engine", engine, "--data", images, "--ray", "local",
+                    "--images-per-call", "2", "--out", out)
+    assert result.exit_code != 0 and "--images-per-call goes with fixed-n CERTIFY" in result.stderr
     assert not out.exists()
 
 
