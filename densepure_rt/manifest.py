@@ -156,13 +156,18 @@ def graph_path(directory: str | Path, manifest: dict, graph: str) -> Path:
     only files that :func:`load_manifest` has checksummed.
     """
     entry = manifest.get("graphs", {}).get(graph) if isinstance(manifest.get("graphs"), dict) else None
+    return _listed_file(directory, manifest, entry, f"graphs.{graph}.file")
+
+
+def _listed_file(directory: str | Path, manifest: dict, entry: Any, field: str) -> Path:
+    """``directory / entry['file']``, refused unless it is a plain file name listed in ``files``."""
     name = entry.get("file", _MISSING) if isinstance(entry, dict) else _MISSING
     if name is _MISSING:
-        raise EngineError(f"the manifest of {directory} has no graphs.{graph}.file: rebuild the engine")
-    check_file_name(name, f"graphs.{graph}.file", directory)
+        raise EngineError(f"the manifest of {directory} has no {field}: rebuild the engine")
+    check_file_name(name, field, directory)
     files = manifest.get("files")
     if not isinstance(files, dict) or name not in files:
-        raise EngineError(f"{directory}: graphs.{graph}.file {name!r} is not listed (with its sha256) in files: rebuild the engine")
+        raise EngineError(f"{directory}: {field} {name!r} is not listed (with its sha256) in files: rebuild the engine")
     return Path(directory) / name
 
 
@@ -172,14 +177,7 @@ def plan_path(directory: str | Path, manifest: dict, graph: str) -> Path:
     Refuses a name that is not a plain file name listed in ``manifest['files']`` (as :func:`graph_path`)."""
     plans = manifest.get("tensorrt", {}).get("plans") if isinstance(manifest.get("tensorrt"), dict) else None
     entry = plans.get(graph) if isinstance(plans, dict) else None
-    name = entry.get("file", _MISSING) if isinstance(entry, dict) else _MISSING
-    if name is _MISSING:
-        raise EngineError(f"the manifest of {directory} has no tensorrt.plans.{graph}.file: rebuild the engine")
-    check_file_name(name, f"tensorrt.plans.{graph}.file", directory)
-    files = manifest.get("files")
-    if not isinstance(files, dict) or name not in files:
-        raise EngineError(f"{directory}: tensorrt.plans.{graph}.file {name!r} is not listed (with its sha256) in files: rebuild the engine")
-    return Path(directory) / name
+    return _listed_file(directory, manifest, entry, f"tensorrt.plans.{graph}.file")
 
 
 # ------------------------------------------------------------------------------------------------ #

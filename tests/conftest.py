@@ -68,3 +68,22 @@ def fixture_schedule(cfg: dict):
 
     kind, steps = cfg["schedule"].split("-")
     return make_schedule(kind, int(steps))
+
+
+def run_label_agreement(reference, other, images, cupy, sigma, steps, votes, count: int = 6, samples: int = 32) -> tuple[int, int]:
+    """(agreeing, all) per-run labels of two opened engines (early exit off) on the same noise:
+    ``samples`` estimation samples x ``votes`` runs of each of the first ``count`` images, batch 32.
+    ``reference`` runs on the CPU (numpy labels), ``other`` on a GPU (CuPy labels). For the `gpu`
+    tests that compare a reduced-precision GPU engine with the fp32 CPU one."""
+    from densepure_rt.noise import ESTIMATION
+
+    for e in (reference, other):
+        e._prepare(sigma, steps, votes, 32)
+    agree = rows = 0
+    for i in range(count):
+        reference.sample_counts(images[i], samples, ESTIMATION, seed=0, image_index=i, batch=32)
+        other.sample_counts(images[i], samples, ESTIMATION, seed=0, image_index=i, batch=32)
+        a, b = reference.backend.loop.labels, cupy.asnumpy(other.backend.loop.labels)
+        agree += int((a == b).sum())
+        rows += a.size
+    return agree, rows

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import run_label_agreement
 from densepure_rt.cli import main
 from densepure_rt.data import DIGITS_TEST_ASSET
 from densepure_rt.loop import HostNoise
@@ -289,15 +290,7 @@ def test_fp16_engine_labels_agree_with_fp32_on_99_percent_of_rows(engine, digits
     assert result.exit_code == 0, result.output
     images, _ = digits
     with open_engine(engine, early_exit=False) as cpu, open_engine(fp16, device="cuda", early_exit=False) as gpu:
-        for e in (cpu, gpu):
-            e._prepare(SIGMA, STEPS, VOTES, 32)
-        agree = rows = 0
-        for i in range(6):
-            cpu.sample_counts(images[i], 32, ESTIMATION, seed=0, image_index=i, batch=32)
-            gpu.sample_counts(images[i], 32, ESTIMATION, seed=0, image_index=i, batch=32)
-            a, b = cpu.backend.loop.labels, cupy.asnumpy(gpu.backend.loop.labels)
-            agree += int((a == b).sum())
-            rows += a.size
+        agree, rows = run_label_agreement(cpu, gpu, images, cupy, SIGMA, STEPS, VOTES)
         assert agree >= 0.99 * rows, (agree, rows)
 
 

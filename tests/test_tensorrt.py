@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import BLOCK_TORCH, ROOT
+from conftest import BLOCK_TORCH, ROOT, run_label_agreement
 from densepure_rt.cli import main
 from densepure_rt.data import DIGITS_TEST_ASSET
 from densepure_rt.errors import ConfigError, EngineError
@@ -947,15 +947,7 @@ def test_tensorrt_fp16_labels_agree_with_onnxruntime_on_99_percent_of_rows(real_
     images = _digits()
     with open_engine(ort_engine, early_exit=False) as cpu, open_engine(real_trt_engine, device="cuda", early_exit=False) as gpu:
         assert gpu.backend.name == "tensorrt"
-        for e in (cpu, gpu):
-            e._prepare(SIGMA, STEPS, VOTES, 32)
-        agree = rows = 0
-        for i in range(6):
-            cpu.sample_counts(images[i], 32, ESTIMATION, seed=0, image_index=i, batch=32)
-            gpu.sample_counts(images[i], 32, ESTIMATION, seed=0, image_index=i, batch=32)
-            a, b = cpu.backend.loop.labels, cupy.asnumpy(gpu.backend.loop.labels)
-            agree += int((a == b).sum())
-            rows += a.size
+        agree, rows = run_label_agreement(cpu, gpu, images, cupy, SIGMA, STEPS, VOTES)
         print(f"TensorRT fp16 vs ONNX Runtime fp32: {agree}/{rows} labels agree")
         assert agree >= 0.99 * rows, (agree, rows)
 
