@@ -228,6 +228,16 @@ def test_ray_flags_are_checked_before_work(work, engine, images):
     assert not out.exists()
 
 
+def test_gpu_actors_need_gpus_in_the_cluster(work, engine, images, cluster):
+    """--device cuda places one actor per GPU (num_gpus=1): on this CPU-only cluster that is a
+    one-line error before anything is written (the driver itself opens no CUDA session)."""
+    out = work / "gpu.tsv"
+    result = invoke("certify", *CERTIFY, "--engine", engine, "--data", images, "--device", "cuda", "--ray", cluster, "--out", out)
+    assert result.exit_code != 0
+    assert "the Ray cluster has no GPUs" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_runtime_never_imports_ray():
     code = (
         "import sys, numpy as np\n"
