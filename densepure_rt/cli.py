@@ -475,11 +475,10 @@ def _run_on_ray(engine, task, dataset, todo, writer, options, address, actors, d
                 f"the Ray actors run the engine in {pool.precision}, the run records {options['precision']}: "
                 "every node must compute the same"
             )
-        log(f"{len(pool.actors)} Ray actors: " + ", ".join(f"{i['host']} (pid {i['pid']})" for i in pool.info))
+        log(f"{len(pool.actors)} Ray actor{'s' if len(pool.actors) > 1 else ''}: " + ", ".join(f"{i['host']} (pid {i['pid']})" for i in pool.info))
         progress = _Progress(task.mode.split("-")[0], len(todo), task.samples_per_image, quiet, every)
-        for outcome in pool.map(task, todo, load, group=images_per_call):
+        for outcome in pool.map(task, todo, load, group=images_per_call, progress=None if quiet else progress.update):
             write_outcome(writer, labels.pop(outcome.idx), outcome)
-            progress.update(task.samples_per_image)
             progress.image_done()
     finally:
         if progress is not None:

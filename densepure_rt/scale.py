@@ -52,6 +52,8 @@ __all__ = ["ENGINE_ENV", "RayPool", "require_ray"]
 
 #: On a node whose copy of the engine directory lives at another path: that path.
 ENGINE_ENV = "DENSEPURE_RT_ENGINE"
+#: The actors' concurrency group for progress queries.
+PROGRESS_GROUP = "progress"
 
 
 def require_ray():
@@ -77,6 +79,7 @@ class Worker:
         from .runtime import open_engine
 
         self.engine = None
+        self.samples = 0
         self.error: Optional[str] = None
         self.path = os.environ.get(ENGINE_ENV) or engine_dir
         self.host = socket.gethostname()
@@ -104,11 +107,21 @@ class Worker:
             info["backend"] = backend.name
         return info
 
+    def _drawn(self, samples: int) -> None:
+        self.samples += samples
+
     def run(self, task: Task, image: np.ndarray, idx: int) -> Outcome:
-        return run_image(self.engine, task, image, idx)
+        self.samples = 0
+        return run_image(self.engine, task, image, idx, progress=self._drawn)
 
     def run_group(self, task: Task, images: np.ndarray, indices: list) -> list:
-        return run_group(self.engine, task, images, indices)
+        self.samples = 0
+        return run_group(self.engine, task, images, indices, progress=self._drawn)
+
+    def progress(self) -> int:
+        """Noisy samples drawn so far for the work in flight (called from the driver while ``run``
+        works: the actor has a second concurrency group, ``progress``, for it)."""
+        return self.samples
 
 
 class RayPool:
@@ -127,6 +140,7 @@ class RayPool:
         runtime_env: Optional[dict] = None,
         max_replacements: Optional[int] = None,
         start_timeout: float = 600.0,
+        poll: float = 2.0,
         log: Callable[[str], None] = print,
     ):
         if actors is not None and actors < 1:
@@ -138,6 +152,8 @@ class RayPool:
         self.early_exit, self.runtime_env = early_exit, runtime_env
         self.max_replacements = max_replacements
         self.start_timeout, self.log = float(start_timeout), log
+        #: Seconds between progress queries to busy actors (with a ``progress`` callback in :meth:`map`).
+        self.poll = float(poll)
         self.ray = None
         self._owns_ray = False
         self._actor_class = None
@@ -183,7 +199,9 @@ class RayPool:
 
     def _new_actor(self):
         if self._actor_class is None:
-            self._actor_class = self.ray.remote(Worker)
+            # "progress": a second thread that answers progress() while run() works (run keeps the
+            # default group's single thread).
+            self._actor_class = self.ray.remote(concurrency_groups={PROGRESS_GROUP: 1})(Worker)
         options = {"num_cpus": self.threads or 1}
         if self.device == "cuda":
             options = {"num_cpus": 1, "num_gpus": 1}
@@ -290,13 +308,37 @@ class RayPool:
     def live(self) -> int:
         return sum(a is not None for a in self.actors)
 
-    def map(self, task: Task, indices: Iterable[int], load: Callable[[int], np.ndarray], group: int = 1) -> Iterator[Outcome]:
+    def _poll(self, pending: dict, counted: dict, progress: Callable[[int], None]) -> None:
+        """Ask every busy actor how many samples its work in flight has drawn; report the increase."""
+        ray = self.ray
+        asks = {}
+        for slot, _ in pending.values():
+            asks[slot] = self.actors[slot].progress.options(concurrency_group=PROGRESS_GROUP).remote()
+        done, _ = ray.wait(list(asks.values()), num_returns=len(asks), timeout=self.poll)
+        done = set(done)
+        for slot, ref in asks.items():
+            if ref not in done:
+                continue
+            try:
+                now = int(ray.get(ref))
+            except ray.exceptions.RayError:  # a dead actor: its task's failure says so
+                continue
+            if now > counted.get(slot, 0):
+                progress(now - counted.get(slot, 0))
+                counted[slot] = now
+
+    def map(self, task: Task, indices: Iterable[int], load: Callable[[int], np.ndarray], group: int = 1,
+            progress: Optional[Callable[[int], None]] = None) -> Iterator[Outcome]:
         """Outcomes of every image in ``indices`` (``load(idx)`` gives its image), in completion order.
 
         ``group`` > 1 (fixed-n CERTIFY only): each actor gets up to ``group`` images at a time, whose
         noisy samples share batches (:func:`densepure_rt.work.run_group`; same outcomes). An image
         whose actor died (with its group) is computed again by another actor; an error of the
-        user's (a :class:`DensePureError` on an actor) is raised here as itself."""
+        user's (a :class:`DensePureError` on an actor) is raised here as itself.
+
+        ``progress(k)``: called with the noisy samples drawn since the last call (every
+        :attr:`poll` seconds from the busy actors, and each image's rest when it completes; negative
+        when a dead actor's counted samples are to be drawn again), so a bar moves within an image."""
         ray = self.ray
         group = int(group)
         if group < 1 or (group > 1 and task.mode != "certify"):
@@ -304,6 +346,7 @@ class RayPool:
         todo = iter(indices)
         retry: deque = deque()
         pending: dict = {}
+        counted: dict = {}  # slot -> samples of its work in flight already reported
         idle = [s for s in range(len(self.actors)) if self.actors[s] is not None][::-1]
         while True:
             while idle:
@@ -322,13 +365,21 @@ class RayPool:
                 else:
                     ref = actor.run_group.remote(task, np.stack([load(i) for i in work]), work)
                 pending[ref] = (slot, work)
+                counted[slot] = 0
             if not pending:
                 return
-            (ref,), _ = ray.wait(list(pending), num_returns=1)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=self.poll if progress is not None else None)
+            if not ready:
+                self._poll(pending, counted, progress)
+                continue
+            ref = ready[0]
             slot, work = pending.pop(ref)
             try:
                 result = ray.get(ref)
             except ray.exceptions.RayActorError as exc:
+                if progress is not None and counted.get(slot):
+                    progress(-counted[slot])  # those samples are drawn again elsewhere
+                counted[slot] = 0
                 retry.extend(work)
                 self._replace(slot, _first_line(exc).split(". ")[0])
                 if self.actors[slot] is not None:
@@ -341,5 +392,10 @@ class RayPool:
                 raise EngineError(
                     f"images {work} failed on {self.info[slot]['host']}: {type(cause or exc).__name__}: {_first_line(cause or exc)}"
                 ) from None
+            rest = task.samples_per_image * len(work) - counted.get(slot, 0)
+            if progress is not None and rest:
+                # Sequential modes stop before n: the rest of the image's samples are not drawn.
+                progress(rest)
+            counted[slot] = 0
             idle.append(slot)
             yield from ([result] if group == 1 else result)

@@ -143,16 +143,20 @@ def test_killed_actors_lose_only_their_images(group, engine, images, cluster, re
     task = Task("certify", 0.5, "2", 3, 0.001, 10, 40, seed=0, batch=16)
     lines: list[str] = []
     outcomes = []
-    with RayPool(str(engine), manifest["manifest_sha256"], actors=2, log=lines.append) as pool:
+    drawn: list[int] = []
+    with RayPool(str(engine), manifest["manifest_sha256"], actors=2, poll=0.05, log=lines.append) as pool:
         assert pool.live == 2
         first_pids = [info["pid"] for info in pool.info]
-        for outcome in pool.map(task, range(NUM_IMAGES), lambda i: dataset[i].image, group=group):
+        for outcome in pool.map(task, range(NUM_IMAGES), lambda i: dataset[i].image, group=group, progress=drawn.append):
             outcomes.append(outcome)
             if len(outcomes) in (1, 3):
                 os.kill(pool.info[len(outcomes) // 3]["pid"], signal.SIGKILL)
         assert pool.replaced == 2
         assert not set(first_pids) & {info["pid"] for info in pool.info}
     assert sum("died" in line for line in lines) == 2, lines
+    # The progress reported adds up to every sample exactly once (a dead actor's counted samples
+    # are taken back before they are drawn again).
+    assert sum(drawn) == NUM_IMAGES * (10 + 40)
     assert sorted(o.idx for o in outcomes) == list(range(NUM_IMAGES))
     with open_engine(engine, threads=1) as local:
         for o in outcomes:
@@ -164,6 +168,21 @@ def test_killed_actors_lose_only_their_images(group, engine, images, cluster, re
     for o in outcomes:
         row = dict(expected[o.idx])
         assert (o.result.prediction, o.result.n_a, o.result.c_a) == (row["predict"], row["n_a"], row["c_a"])
+
+
+def test_progress_moves_within_an_image(engine, images, cluster):
+    """Busy actors are asked for their drawn samples every `poll` seconds: the progress callback
+    moves in steps of a batch (16 samples) while an image is certified, and sums to all samples."""
+    manifest = load_manifest(engine)
+    shape = manifest["image_shape"]
+    dataset = open_dataset(images, image_size=shape[1], channels=shape[0])
+    task = Task("certify", 0.5, "2", 3, 0.001, 10, 400, seed=0, batch=16)
+    drawn: list[int] = []
+    with RayPool(str(engine), manifest["manifest_sha256"], actors=1, poll=0.05) as pool:
+        outcomes = list(pool.map(task, [0, 1], lambda i: dataset[i].image, progress=drawn.append))
+    assert [o.idx for o in outcomes] == [0, 1]
+    assert sum(drawn) == 2 * 410
+    assert len(drawn) > 2 and min(drawn) > 0 and any(k % 16 == 0 and k < 410 for k in drawn), drawn
 
 
 def test_killed_driver_resumes_without_duplicates(work, engine, images, cluster, reference):
