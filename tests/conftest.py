@@ -87,3 +87,16 @@ def run_label_agreement(reference, other, images, cupy, sigma, steps, votes, cou
         agree += int((a == b).sum())
         rows += a.size
     return agree, rows
+
+
+def gpu_cupy():
+    """CuPy with a usable CUDA device, or a skip (the `gpu` tests run wherever both exist)."""
+    import pytest
+
+    cupy = pytest.importorskip("cupy")
+    try:
+        if cupy.cuda.runtime.getDeviceCount() < 1:
+            pytest.skip("no CUDA device")
+    except Exception:  # noqa: BLE001 - no driver
+        pytest.skip("no CUDA driver")
+    return cupy

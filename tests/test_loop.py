@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import run_label_agreement
+from conftest import gpu_cupy, run_label_agreement
 from densepure_rt.cli import main
 from densepure_rt.data import DIGITS_TEST_ASSET
 from densepure_rt.loop import HostNoise
@@ -160,13 +160,7 @@ def test_cli_certify_on_the_loop_equals_the_reference_api(engine, digits, tmp_pa
 
 
 def _cupy():
-    cupy = pytest.importorskip("cupy")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except Exception:  # noqa: BLE001 - no driver
-        pytest.skip("no CUDA driver")
-    return cupy
+    return gpu_cupy()
 
 
 def _ort_cuda():

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from conftest import gpu_cupy
 from densepure_rt.philox import CUDA_SOURCE, box_muller, draw_normals, philox4x32
 
 # Random123's kat_vectors (philox4x32, as reproduced in DEShawResearch/fs123 core123/ut/ut_philox.cpp):
@@ -86,13 +87,7 @@ def test_out_of_range_keys_are_refused(bad):
 
 
 def _cupy():
-    cupy = pytest.importorskip("cupy")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except Exception:  # noqa: BLE001 - no driver
-        pytest.skip("no CUDA driver")
-    return cupy
+    return gpu_cupy()
 
 
 @pytest.mark.gpu

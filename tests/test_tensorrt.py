@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import BLOCK_TORCH, ROOT, run_label_agreement
+from conftest import BLOCK_TORCH, ROOT, gpu_cupy, run_label_agreement
 from densepure_rt.cli import main
 from densepure_rt.data import DIGITS_TEST_ASSET
 from densepure_rt.errors import ConfigError, EngineError
@@ -908,12 +908,7 @@ def test_the_runtime_never_imports_tensorrt_cupy_or_torch_unless_asked():
 
 def _gpu_tensorrt():
     pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13)")
-    cupy = pytest.importorskip("cupy")
-    try:
-        if cupy.cuda.runtime.getDeviceCount() < 1:
-            pytest.skip("no CUDA device")
-    except Exception:  # noqa: BLE001 - no driver
-        pytest.skip("no CUDA driver")
+    cupy = gpu_cupy()
     pytest.importorskip("torch")
     return cupy
 
