@@ -4,7 +4,15 @@ Every reader yields :class:`Sample` objects whose image is float32 in [0, 1], la
 ``[channels x H x W]``, with an integer label (-1 where the label is unknown). Readers are lazy:
 opening a dataset lists it, ``dataset[i]`` decodes and checks image ``i``, and
 ``dataset.validate(indices)`` checks the chosen images up front, so bad input stops a run before
-anything is written.
+anything is written. ``validate`` also returns the identity of what it read (the sha256 of the
+selected images' indices, labels, shapes and float32 pixels: :meth:`Dataset.validate`), which a
+results file records so that it is only ever continued on the same images.
+
+Given the engine's number of classes (``open_dataset(..., num_classes=N)``), every reader refuses
+labels the engine cannot output: a label above N - 1 in a labels file, CIFAR-10 batch or ``.npz``;
+an ``.npz`` whose stored ``num_classes`` is larger than N (its labels could exceed the engine's; a
+smaller one is accepted, since every label it allows is one of the engine's); an ImageNet-style
+folder with more than N class folders.
 
 Supported inputs (:func:`open_dataset` picks the reader from what the path is):
 
@@ -21,7 +29,9 @@ Supported inputs (:func:`open_dataset` picks the reader from what the path is):
   grayscale (value / 65535), or float TIFFs already in [0, 1]; deeper than 8 bits they stay in
   float through the resize. Labels are -1 (unknown) or class indices; anything else in a labels
   file, CIFAR-10 batch or ``.npz`` is refused with a :class:`DataError`, as are unreadable,
-  corrupt or hostile files (decompression bombs, symbolic-link loops, named pipes).
+  corrupt or hostile files (decompression bombs, symbolic-link loops, symbolic links to folders
+  outside the data folder, and named pipes, sockets, devices or broken links under an image
+  extension, all refused when the folder is listed).
 - ``.npz`` arrays: key ``images`` and optional ``labels`` (layouts in :class:`NpzDataset`).
 - The shipped digits test split: :func:`digits_test_split`.
 """
@@ -30,6 +40,7 @@ from __future__ import annotations
 
 import abc
 import csv
+import hashlib
 import io
 import os
 import pickle
@@ -67,6 +78,7 @@ __all__ = [
     "digits_test_split",
     "DIGITS_TEST_ASSET",
     "open_dataset",
+    "legacy_data_sha256",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -82,6 +94,7 @@ RANGE_TOLERANCE = 1e-5
 DIGITS_TEST_ASSET = Path(__file__).resolve().parent / "assets" / "digits_test.npz"
 
 CIFAR10_CLASSES = 10
+DIGITS_CLASSES = 10
 
 #: The largest label accepted where the number of classes is unknown (int32's maximum). Real label
 #: sets are far smaller; a bigger value is a corrupt or misread file, and would not fit the int32
@@ -423,11 +436,16 @@ def _label_range(num_classes: int | None, allow_unknown: bool) -> tuple[int, int
 
 
 def _check_labels(
-    labels: np.ndarray, num_classes: int | None, where: str, allow_unknown: bool = True
+    labels: np.ndarray,
+    num_classes: int | None,
+    where: str,
+    allow_unknown: bool = True,
+    whose: str = "the data",
 ) -> np.ndarray:
     """``labels`` (``[N]``) as int64, or :class:`DataError` naming the first bad label and its
     image index. Each must be an integer, and -1 (unknown, where ``allow_unknown``) or a class
-    index below ``num_classes`` (at most :data:`MAX_LABEL` where ``num_classes`` is None)."""
+    index below ``num_classes`` (at most :data:`MAX_LABEL` where ``num_classes`` is None).
+    ``whose`` says in the message where ``num_classes`` comes from ("the data", "the engine")."""
     if not np.issubdtype(labels.dtype, np.integer):
         raise DataError(f"{where}: labels have dtype {labels.dtype}; use integers")
     low, high, words = _label_range(num_classes, allow_unknown)
@@ -441,11 +459,19 @@ def _check_labels(
         bad |= labels > high
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise DataError(
-            f"{where}: label {int(labels[i])} of image {i} is not {words}: fix the labels"
-            + ("" if num_classes is None else f" (the data has {num_classes} classes)")
-        )
+        classes = "" if num_classes is None else f" ({whose} has {num_classes} classes)"
+        fix = "fix the labels"
+        if whose == "the engine":
+            fix += ", or certify them with an engine for their classes"
+        raise DataError(f"{where}: label {int(labels[i])} of image {i} is not {words}{classes}: {fix}")
     return labels.astype(np.int64)
+
+
+def _hash_sample(digest: Any, index: int, label: int, image: np.ndarray) -> None:
+    """Feed one image to a data digest in :meth:`Dataset.validate`'s byte layout."""
+    digest.update(struct.pack("<qq", int(index), int(label)))
+    digest.update(struct.pack("<3q", *(int(d) for d in image.shape)))
+    digest.update(np.ascontiguousarray(image, dtype="<f4").tobytes())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -486,11 +512,31 @@ class Dataset(abc.ABC):
     def __iter__(self) -> Iterator[Sample]:
         return (self[i] for i in range(len(self)))
 
-    def validate(self, indices: Sequence[int] | None = None) -> None:
-        """Check the images at ``indices`` (all where None) and raise :class:`DataError` at the
-        first bad one. Run this before writing any result."""
+    def validate(self, indices: Sequence[int] | None = None) -> str:
+        """Check the images at ``indices`` (all where None, in order) and raise :class:`DataError`
+        at the first bad one; run this before writing any result. Returns the hex sha256 of what
+        was read, the identity of the data a run certifies (recorded in a results file's options
+        and compared when it is continued), computed on the images as they are checked, so nothing
+        is decoded twice.
+
+        The digest is :func:`hashlib.sha256` over, for each index in ``indices`` in the order
+        given (``dataset[i]``, so ``i`` and ``i - len(dataset)`` hash alike), these bytes and
+        nothing else, all little-endian:
+
+        - the image's index in the dataset (``Sample.index``): 8 bytes, signed int64;
+        - its label (``Sample.label``, -1 where unknown): 8 bytes, signed int64;
+        - its shape ``C, H, W``: three signed int64, 24 bytes;
+        - its pixels exactly as certified (``Sample.image``): ``C * H * W`` float32 (IEEE 754
+          binary32), in C order (channel, then row, then column), ``4 * C * H * W`` bytes.
+
+        So the digest changes with any pixel, label or selection, and with nothing else: not
+        with file names, other files beside the data, or the file format the pixels came from. No
+        selection (empty ``indices``) is the sha256 of no bytes."""
+        digest = hashlib.sha256()
         for i in range(len(self)) if indices is None else indices:
-            self[i]
+            sample = self[i]
+            _hash_sample(digest, sample.index, sample.label, sample.image)
+        return digest.hexdigest()
 
     def __repr__(self) -> str:
         return (
@@ -536,23 +582,23 @@ class ArrayDataset(Dataset):
         label = -1 if self.labels is None else int(self.labels[index])
         return image, label, None
 
-    def validate(self, indices: Sequence[int] | None = None) -> None:
-        chosen = range(len(self)) if indices is None else list(indices)
-        if len(chosen) == 0:
-            return
-        if self.images.shape[2:] != self.image_shape[1:]:
+    def validate(self, indices: Sequence[int] | None = None) -> str:
+        """:meth:`Dataset.validate`; a float array is first checked in blocks, so that a bad image
+        late in a large selection stops the run before the images before it are hashed."""
+        chosen = list(range(len(self))) if indices is None else [int(i) for i in indices]
+        if chosen and self.images.shape[2:] != self.image_shape[1:]:
             self[chosen[0]]  # raises the shape message for the first chosen image
-        if self.images.dtype == np.uint8:
-            return  # right shape, and 8-bit pixels are always finite and in range
-        # Float arrays: check in blocks without converting the whole selection at once.
-        chosen = np.asarray(chosen, dtype=np.int64)
-        for start in range(0, len(chosen), 1024):
-            block = chosen[start : start + 1024]
-            values = self.images[block]
-            bad = ~np.isfinite(values) | (values < -RANGE_TOLERANCE) | (values > 1 + RANGE_TOLERANCE)
-            flagged = np.flatnonzero(bad.reshape(len(block), -1).any(axis=1))
-            if flagged.size:
-                self[int(block[flagged[0]])]  # raises the message for that image
+        if chosen and self.images.dtype != np.uint8:  # 8-bit pixels are always finite and in range
+            # Checked in blocks without converting the whole selection at once.
+            positions = np.asarray(chosen, dtype=np.int64)
+            for start in range(0, len(positions), 1024):
+                block = positions[start : start + 1024]
+                values = self.images[block]
+                bad = ~np.isfinite(values) | (values < -RANGE_TOLERANCE) | (values > 1 + RANGE_TOLERANCE)
+                flagged = np.flatnonzero(bad.reshape(len(block), -1).any(axis=1))
+                if flagged.size:
+                    self[int(block[flagged[0]])]  # raises the message for that image
+        return super().validate(chosen)
 
 
 class ImageFilesDataset(Dataset):
@@ -750,13 +796,18 @@ def _cifar_labels(labels: Any, n: int, path: Path) -> np.ndarray:
     return np.array([int(v) for v in labels], dtype=np.int64).reshape(n)
 
 
-def cifar10_batch(path: PathLike, image_size: int = 32, channels: int = 3) -> ArrayDataset:
+def cifar10_batch(
+    path: PathLike, image_size: int = 32, channels: int = 3, num_classes: int | None = None
+) -> ArrayDataset:
     """The CIFAR-10 batch at ``path`` (a batch file, or a folder holding ``test_batch``) as a
-    dataset of ``[channels x 32 x 32]`` images with labels 0-9."""
+    dataset of ``[channels x 32 x 32]`` images with labels 0-9. ``num_classes``: the engine's
+    number of classes, where known; a label at or above it is refused."""
     path = _require(Path(path))
     if _is_dir(path):
         path = path / "test_batch"
     images, labels = read_cifar_batch(path)
+    if num_classes is not None and num_classes < CIFAR10_CLASSES:
+        _check_labels(labels, num_classes, str(path), allow_unknown=False, whose="the engine")
     return ArrayDataset(
         images,
         labels,
@@ -771,12 +822,35 @@ def cifar10_batch(path: PathLike, image_size: int = 32, channels: int = 3) -> Ar
 # Folders of image files.
 
 
-def _walk(folder: Path) -> Iterator[tuple[str, list[str], list[str]]]:
-    """``os.walk(folder, followlinks=True)`` (torchvision's walk), with two hostile cases made
+def _inside(path: str, real_root: str) -> bool:
+    """Whether the resolved path ``path`` is ``real_root`` or lies beneath it."""
+    return path == real_root or path.startswith(real_root.rstrip(os.sep) + os.sep)
+
+
+def _check_folder_link(link: str, real_root: str) -> None:
+    """Refuse ``link`` if it is a symbolic link to a folder outside ``real_root`` (the data folder,
+    resolved): following it could walk any tree on the machine (a link to ``/sys`` or ``/`` takes
+    minutes), and the data would then depend on files that are not part of it. Links to folders
+    inside the data folder are followed (as torchvision does); a link that is not a folder is left
+    to the caller."""
+    if not os.path.islink(link) or not _is_dir(Path(link)):
+        return
+    target = os.path.realpath(link)
+    if not _inside(target, real_root):
+        raise DataError(
+            f"{link} is a symbolic link to {target}, a folder outside the data folder {real_root}: "
+            "links are followed only within the data folder; copy or move that folder into it, "
+            "or remove the link"
+        )
+
+
+def _walk(folder: Path, root: Path | None = None) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(folder, followlinks=True)`` (torchvision's walk), with three hostile cases made
     errors instead of silent: a folder that cannot be listed (``os.walk`` skips it, dropping its
-    images and renumbering everything after them), and a symbolic link to a folder that contains
-    it (``os.walk`` follows it round and round until the OS's limit on links in a path, listing
-    every image some 40 times)."""
+    images and renumbering everything after them), a symbolic link to a folder that contains it
+    (``os.walk`` follows it round and round until the OS's limit on links in a path, listing every
+    image some 40 times), and a symbolic link to a folder outside the data folder ``root``
+    (``folder`` where None), refused before anything beneath it is listed."""
 
     def fail(exc: OSError) -> None:
         raise DataError(
@@ -784,10 +858,12 @@ def _walk(folder: Path) -> Iterator[tuple[str, list[str], list[str]]]:
             "remove it"
         )
 
-    for root, dirs, names in os.walk(folder, onerror=fail, followlinks=True):
-        real_root = os.path.realpath(root)
+    real_data_root = os.path.realpath(folder if root is None else root)
+    _check_folder_link(str(folder), real_data_root)
+    for root_dir, dirs, names in os.walk(folder, onerror=fail, followlinks=True):
+        real_root = os.path.realpath(root_dir)
         for name in dirs:
-            link = os.path.join(root, name)
+            link = os.path.join(root_dir, name)
             if not os.path.islink(link):
                 continue
             target = os.path.realpath(link)
@@ -796,35 +872,90 @@ def _walk(folder: Path) -> Iterator[tuple[str, list[str], list[str]]]:
                     f"{link} is a symbolic link to {target}, a folder that contains the link "
                     "(a loop): remove the link"
                 )
-        yield root, dirs, names
+            _check_folder_link(link, real_data_root)
+        yield root_dir, dirs, names
 
 
-def _walk_images(folder: Path) -> list[Path]:
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    return "not a regular file"
+
+
+def _require_regular(path: Path) -> Path:
+    """``path`` (a name with an image extension) if it is a regular file, or a symbolic link to
+    one; :class:`DataError` otherwise. Checked when a folder is listed: skipping such a name would
+    renumber every later image, and opening a named pipe blocks until something writes to it."""
+    try:
+        mode = os.stat(path).st_mode  # follows links; never opens, so a pipe cannot block
+    except OSError as exc:
+        if os.path.islink(path):
+            raise DataError(
+                f"{path} is a symbolic link whose target cannot be opened ({exc.strerror or exc}): "
+                "restore its target or remove the link"
+            ) from None
+        raise DataError(f"cannot examine {path} ({exc.strerror or exc}): make it readable or remove it") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(
+            f"{path} has an image extension but is {_file_kind(mode)}, not a regular file: "
+            "remove it, or rename it without an image extension"
+        )
+    return path
+
+
+def _walk_images(folder: Path, root: Path | None = None) -> list[Path]:
     """Image files under ``folder`` in torchvision's ``make_dataset`` order: ``os.walk`` entries
-    sorted by folder path, files sorted by name within each."""
+    sorted by folder path, files sorted by name within each. Each must be a regular file
+    (:func:`_require_regular`); ``root`` is the data folder (for :func:`_walk`)."""
     found = []
-    for root, _, names in sorted(_walk(folder)):
-        found.extend(Path(root, name) for name in sorted(names) if _is_image_file(name))
+    for root_dir, _, names in sorted(_walk(folder, root)):
+        found.extend(
+            _require_regular(Path(root_dir, name)) for name in sorted(names) if _is_image_file(name)
+        )
     return found
 
 
 def image_folder(
-    root: PathLike, image_size: int = 256, channels: int = 3, resize: bool = True
+    root: PathLike,
+    image_size: int = 256,
+    channels: int = 3,
+    resize: bool = True,
+    num_classes: int | None = None,
 ) -> ImageFilesDataset:
     """An ImageNet-style folder (``root/<class>/<image>``), numbered as torchvision's
     ``ImageFolder``: classes are the sub-folders in sorted name order (class index = position),
     images are taken class by class in sorted path order (nested folders included). Each image is
     preprocessed as the published ImageNet evaluation: RGB, ``Resize(image_size, bicubic)``,
-    ``CenterCrop(image_size)``, /255."""
+    ``CenterCrop(image_size)``, /255. ``num_classes``: the engine's number of classes, where
+    known; more class folders than that are refused before any folder is walked."""
     root = _require(Path(root))
-    classes = sorted(entry.name for entry in _list_dir(root) if _is_dir(entry))
+    real_root = os.path.realpath(root)
+    entries = _list_dir(root)
+    for entry in entries:
+        _check_folder_link(str(entry), real_root)
+    classes = sorted(entry.name for entry in entries if _is_dir(entry))
     if not classes:
         raise DataError(f"{root} has no class sub-folders: put each class's images in its own folder")
+    if num_classes is not None and len(classes) > num_classes:
+        raise DataError(
+            f"{root / classes[num_classes]}: class folder {_show(classes[num_classes], 80)} would be "
+            f"label {num_classes}, but the engine has {num_classes} classes (0-{num_classes - 1}) "
+            f"and {root} holds {len(classes)} class folders: remove the extra folders, or certify "
+            "them with an engine for that many classes"
+        )
     files: list[Path] = []
     labels: list[int] = []
     empty = []
     for class_index, class_name in enumerate(classes):
-        found = _walk_images(root / class_name)
+        found = _walk_images(root / class_name, root)
         if not found:
             empty.append(class_name)
         files.extend(found)
@@ -860,11 +991,14 @@ def _looks_numeric(text: str) -> bool:
     return True
 
 
-def _read_labels_file(path: Path, names: Sequence[str]) -> dict[str, int]:
+def _read_labels_file(
+    path: Path, names: Sequence[str], num_classes: int | None = None
+) -> dict[str, int]:
     """``labels.csv`` rows ``file,label`` (a first row that is not ``file,<int>`` is a header) or
     ``labels.txt`` lines ``file label``; blank lines and ``#`` comments are skipped. The file must
     be UTF-8 text (a leading byte-order mark, as spreadsheet programs write, is fine); each label
-    -1 (unknown) or a class index 0-:data:`MAX_LABEL`; each file listed once."""
+    -1 (unknown) or a class index below ``num_classes`` (the engine's; 0-:data:`MAX_LABEL` where
+    None); each file listed once."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -897,7 +1031,9 @@ def _read_labels_file(path: Path, names: Sequence[str]) -> dict[str, int]:
     labels: dict[str, int] = {}
     listed_on: dict[str, int] = {}
     known = set(names)
-    low, high, words = _label_range(None, allow_unknown=True)
+    low, high, words = _label_range(num_classes, allow_unknown=True)
+    if num_classes is not None:
+        words += f" (the engine has {num_classes} classes)"
     for position, (line_no, row) in enumerate(numbered):
         if len(row) != 2:
             raise DataError(
@@ -934,26 +1070,33 @@ def _read_labels_file(path: Path, names: Sequence[str]) -> dict[str, int]:
 
 
 def plain_image_folder(
-    path: PathLike, image_size: int, channels: int = 3, resize: bool = True
+    path: PathLike,
+    image_size: int,
+    channels: int = 3,
+    resize: bool = True,
+    num_classes: int | None = None,
 ) -> ImageFilesDataset:
     """The image files directly in folder ``path`` (sorted by name), or the single image file
     ``path``. Labels are -1 unless ``labels.csv`` or ``labels.txt`` beside the images gives them
-    (``file,label`` / ``file label`` per line; unlisted files get -1). With ``resize``, images not
-    at ``image_size`` get the same resize + centre crop as :func:`image_folder`; without it they
-    are refused."""
+    (``file,label`` / ``file label`` per line; unlisted files get -1; each below ``num_classes``,
+    the engine's number of classes, where given). With ``resize``, images not at ``image_size``
+    get the same resize + centre crop as :func:`image_folder`; without it they are refused. Every
+    name with an image extension that is not a folder must be a regular file
+    (:func:`_require_regular`): skipping it would renumber the images after it."""
     path = _require(Path(path))
     if _is_file(path):
         files, folder = [path], path.parent
     else:
         folder = path
-        files = sorted(p for p in _list_dir(folder) if _is_image_file(p.name) and _is_file(p))
+        names = sorted(p for p in _list_dir(folder) if _is_image_file(p.name) and not _is_dir(p))
+        files = [_require_regular(p) for p in names]
         if not files:
             raise DataError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     labels_by_name: dict[str, int] = {}
     for candidate in ("labels.csv", "labels.txt"):
         if _is_file(folder / candidate):
             labels_by_name = _read_labels_file(
-                folder / candidate, [p.name for p in _list_dir(folder)]
+                folder / candidate, [p.name for p in _list_dir(folder)], num_classes
             )
             break
     labels = [labels_by_name.get(p.name, -1) for p in files]
@@ -1017,9 +1160,14 @@ def npz_dataset(
 ) -> ArrayDataset:
     """Images from a ``.npz`` file (loaded without pickle): key ``images``, uint8 (0-255) or float
     (already in [0, 1]) in a layout of :func:`_canonical_layout`; optional key ``labels`` (``[N]``
-    integers, each -1 = unknown or a class index below ``num_classes``) and scalar ``num_classes``
-    (a positive integer; the argument, where given, wins). Images are not resized: they must
-    already be ``image_size`` square."""
+    integers, each -1 = unknown or a class index) and scalar ``num_classes`` (a positive integer).
+    Images are not resized: they must already be ``image_size`` square.
+
+    The argument ``num_classes`` is the engine's number of classes, where known. A stored
+    ``num_classes`` larger than it is refused, whatever the labels (the file's labels may then
+    name classes the engine does not have); a smaller or equal one is accepted, and the labels are
+    checked against it. Without a stored count the labels are checked against the engine's. The
+    dataset's ``num_classes`` is the stored count, else the argument."""
     path = _require(Path(path))
     stored_classes = None
     try:
@@ -1038,7 +1186,7 @@ def npz_dataset(
                 )
             images = _npz_array(archive, "images", path)
             labels = _npz_array(archive, "labels", path) if "labels" in archive.files else None
-            if num_classes is None and "num_classes" in archive.files:
+            if "num_classes" in archive.files:
                 stored_classes = _npz_array(archive, "num_classes", path)
     except DataError:
         raise
@@ -1057,8 +1205,17 @@ def npz_dataset(
     ) as exc:
         reason = _one_line(str(exc)) or type(exc).__name__
         raise DataError(f"cannot read {path} as .npz ({reason}): save it with numpy.savez") from None
+    whose = "the engine"
     if stored_classes is not None:
-        num_classes = _npz_num_classes(stored_classes, path)
+        stored = _npz_num_classes(stored_classes, path)
+        if num_classes is not None and stored > num_classes:
+            raise DataError(
+                f"{path} stores num_classes {stored} but the engine has {num_classes} classes "
+                f"(0-{num_classes - 1}), so its labels may name classes the engine does not have: "
+                f"certify it with an engine for {stored} classes, or, if its labels are all "
+                f"-1 to {num_classes - 1}, save it with num_classes={num_classes}"
+            )
+        num_classes, whose = stored, "the data"
     if images.dtype != np.uint8 and not np.issubdtype(images.dtype, np.floating):
         raise DataError(
             f"{path}: 'images' has dtype {images.dtype}; use uint8 (0-255) or float in [0, 1]"
@@ -1066,7 +1223,7 @@ def npz_dataset(
     if labels is not None:
         if not np.issubdtype(labels.dtype, np.integer):
             raise DataError(f"{path}: 'labels' has dtype {labels.dtype}; use integers")
-        labels = _check_labels(labels.reshape(-1), num_classes, str(path))
+        labels = _check_labels(labels.reshape(-1), num_classes, str(path), whose=whose)
     return ArrayDataset(
         _canonical_layout(images, path),
         labels,
@@ -1077,10 +1234,13 @@ def npz_dataset(
     )
 
 
-def digits_test_split(image_size: int | None = None, channels: int = 1) -> ArrayDataset:
+def digits_test_split(
+    image_size: int | None = None, channels: int = 1, num_classes: int = DIGITS_CLASSES
+) -> ArrayDataset:
     """The held-out split of scikit-learn's digits shipped with the package
     (``densepure_rt/assets/digits_test.npz``: ``images`` float32 ``[N x 1 x H x W]`` in [0, 1],
-    ``labels`` ``[N]`` in 0-9). ``image_size`` defaults to the stored size."""
+    ``labels`` ``[N]`` in 0-9). ``image_size`` defaults to the stored size; ``num_classes`` is the
+    engine's number of classes (labels must lie below it)."""
     path = DIGITS_TEST_ASSET
     if not path.is_file():
         raise DataError(
@@ -1090,7 +1250,7 @@ def digits_test_split(image_size: int | None = None, channels: int = 1) -> Array
     if image_size is None:
         with np.load(path, allow_pickle=False) as archive:
             image_size = int(archive["images"].shape[-1])
-    dataset = npz_dataset(path, image_size, channels, num_classes=10)
+    dataset = npz_dataset(path, image_size, channels, num_classes=num_classes)
     dataset.name = "digits-test"
     return dataset
 
@@ -1099,17 +1259,23 @@ def digits_test_split(image_size: int | None = None, channels: int = 1) -> Array
 # Dispatch.
 
 
-def _has_images_below(folder: Path) -> bool:
-    for _, _, names in _walk(folder):
+def _has_images_below(folder: Path, root: Path) -> bool:
+    for _, _, names in _walk(folder, root):
         if any(_is_image_file(n) for n in names):
             return True
     return False
 
 
 def open_dataset(
-    spec: PathLike, image_size: int, channels: int = 3, resize: bool = True
+    spec: PathLike,
+    image_size: int,
+    channels: int = 3,
+    resize: bool = True,
+    num_classes: int | None = None,
 ) -> Dataset:
-    """Open the images at ``spec`` for an engine taking ``[channels x image_size x image_size]``.
+    """Open the images at ``spec`` for an engine taking ``[channels x image_size x image_size]``
+    and giving ``num_classes`` classes (where known: every reader then refuses labels the engine
+    cannot give, see the module docstring).
 
     - a file named ``test_batch`` / ``data_batch_N``, or a folder holding ``test_batch``: CIFAR-10;
     - a ``.npz`` file: :func:`npz_dataset`;
@@ -1118,6 +1284,8 @@ def open_dataset(
 
     ``resize`` applies to image files only (arrays are never resized)."""
     _check_geometry(image_size, channels)
+    if num_classes is not None and num_classes < 1:
+        raise ConfigError(f"the number of classes must be positive, got {num_classes}")
     try:
         path = Path(spec).expanduser()
     except RuntimeError:  # "~user" for a user that does not exist
@@ -1125,31 +1293,82 @@ def open_dataset(
     path = _require(path)
     if _is_file(path):
         if path.name == "test_batch" or path.name.startswith("data_batch_"):
-            return cifar10_batch(path, image_size, channels)
+            return cifar10_batch(path, image_size, channels, num_classes)
         if path.suffix.lower() == ".npz":
-            return npz_dataset(path, image_size, channels)
+            return npz_dataset(path, image_size, channels, num_classes)
         if _is_image_file(path.name):
-            return plain_image_folder(path, image_size, channels, resize)
+            return plain_image_folder(path, image_size, channels, resize, num_classes)
         hint = " (extract it first)" if path.name.endswith((".tar.gz", ".tgz", ".tar", ".zip")) else ""
         raise DataError(
             f"cannot tell what {path} holds{hint}: --data takes a CIFAR-10 test_batch, a .npz, "
             "an image, or a folder of images"
         )
+    if not _is_dir(path):
+        try:
+            kind = _file_kind(os.stat(path).st_mode)
+        except OSError as exc:
+            kind = f"a path that cannot be examined ({exc.strerror or exc})"
+        raise DataError(f"--data {path} is {kind}: pass a regular file or a folder")
     if _is_file(path / "test_batch"):
-        return cifar10_batch(path, image_size, channels)
+        return cifar10_batch(path, image_size, channels, num_classes)
     entries = _list_dir(path)
-    loose = [p for p in entries if _is_image_file(p.name) and _is_file(p)]
-    class_dirs = [p for p in entries if _is_dir(p) and _has_images_below(p)]
+    real_root = os.path.realpath(path)
+    for entry in sorted(entries):
+        _check_folder_link(str(entry), real_root)  # before walking anything beneath it
+    loose = [p for p in entries if _is_image_file(p.name) and not _is_dir(p)]
+    folders = sorted(p for p in entries if _is_dir(p))
+    if not loose and num_classes is not None and len(folders) > num_classes:
+        # More class folders than the engine has classes: refused before walking any of them.
+        return image_folder(path, image_size, channels, resize, num_classes)
+    class_dirs = [p for p in folders if _has_images_below(p, path)]
     if loose and class_dirs:
         raise DataError(
             f"{path} holds both image files and class folders ({class_dirs[0].name}, ...): "
             "move the loose images into a class folder, or point --data at one kind"
         )
     if loose:
-        return plain_image_folder(path, image_size, channels, resize)
+        return plain_image_folder(path, image_size, channels, resize, num_classes)
     if class_dirs:
-        return image_folder(path, image_size, channels, resize)
+        return image_folder(path, image_size, channels, resize, num_classes)
     raise DataError(
         f"{path} holds no images, class folders, .npz or CIFAR-10 test_batch: point --data at "
         "your data"
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# The data identity of results files written before densepure-rt recorded the content digest.
+
+
+def legacy_data_sha256(path: PathLike) -> str:
+    """The ``data_sha256`` that results files written before the content digest
+    (:meth:`Dataset.validate`) carry, for continuing them: the hex sha256 of the file's bytes
+    where ``path`` is a file; for a folder, the sha256 of its listing, one line
+    ``<name relative to path, '/'-separated>\\0<size in bytes, or -1 if it cannot be examined>\\n``
+    per file beneath it (``os.walk`` following every symbolic link, folders and files in sorted
+    name order). Unchanged from the old ``cli._data_sha256``, except that a file name that is not
+    UTF-8 is hashed as its raw bytes where the old code raised ``UnicodeEncodeError`` (so no old
+    results file can carry such a value). It does not read the images, and changes with any file
+    added, removed or resized beside them: use it only to recognise an old results file, never to
+    identify new data. It walks whatever the links point to: open the data first (the readers
+    refuse links to folders outside the data folder). ``~`` is expanded, as ``--data`` was.
+    Runs on the shipped digits split (no ``--data``) carry ``legacy_data_sha256(DIGITS_TEST_ASSET)``
+    (the asset's file sha256)."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                digest.update(block)
+        return digest.hexdigest()
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path, followlinks=True):
+        dirs.sort()
+        for name in sorted(files):
+            file = Path(root, name)
+            try:
+                size = file.stat().st_size
+            except OSError:
+                size = -1
+            digest.update(f"{file.relative_to(path).as_posix()}\0{size}\n".encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()

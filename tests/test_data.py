@@ -1,6 +1,8 @@
 """Data readers: every format is written here in miniature, then read back value for value."""
 
+import hashlib
 import io
+import json
 import math
 import os
 import pickle
@@ -858,11 +860,15 @@ def test_decompression_bombs_are_refused(tmp_path):
 
 
 def test_a_named_pipe_among_the_images_is_refused_not_waited_on(tmp_path):
+    # Listing refuses a pipe (test_non_regular_files_with_image_names_are_refused_when_listed);
+    # here one that appears after listing (a file replaced by a pipe) is refused when read.
     (tmp_path / "n01").mkdir()
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "n01" / "a.png")
-    os.mkfifo(tmp_path / "n01" / "b.png")  # torchvision lists it (name only), as does the reader
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "n01" / "b.png")
     ds = open_dataset(tmp_path, image_size=8)
     assert [p.name for p in ds.files] == ["a.png", "b.png"]
+    os.unlink(tmp_path / "n01" / "b.png")
+    os.mkfifo(tmp_path / "n01" / "b.png")
     outcome = []
 
     def read():
@@ -963,3 +969,452 @@ def test_paths_that_cannot_be_examined_are_refused(tmp_path):
         open_dataset(tmp_path / ("x" * 5000), image_size=8)
     with pytest.raises(DataError, match=r"cannot expand ~no-such-user-here/x: no such user"):
         open_dataset("~no-such-user-here/x", image_size=8)
+
+
+# ----------------------------------------------------------------------------- issue 19
+# Labels beyond the engine's classes, the data identity of results files, symbolic links out of
+# the data folder, non-regular files under image names, and file names that are not UTF-8. The
+# end-to-end tests certify on the shipped digits engine (1 x 16 x 16, 10 classes), built once.
+
+DIGITS_SMALL = ["--sigma", "0.5", "--steps", "1", "--votes", "1", "--n0", "4", "--n", "8", "--batch", "8", "--quiet"]
+
+
+def _cli(*args):
+    from click.testing import CliRunner
+
+    from densepure_rt.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _one_error_line(result) -> str:
+    """The CLI's own one-line error: exit status 2, a single ``error:`` line, no traceback."""
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def digits_engine(tmp_path_factory):
+    out = tmp_path_factory.mktemp("issue19") / "eng"
+    result = _cli("build", "--model", "digits", "--out", out)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _digits_pixels(n, start=0):
+    """The first ``n`` digits of the shipped test split as 16 x 16 uint8 images, and their labels."""
+    with np.load(data.DIGITS_TEST_ASSET) as archive:
+        images = archive["images"][start : start + n, 0]
+        labels = archive["labels"][start : start + n]
+    return np.round(images * 255).astype(np.uint8), labels.astype(int)
+
+
+def _write_digits_folder(folder, n=4, ext="bmp"):
+    """``n`` digits as 8-bit grayscale files ``d0.<ext>`` ... with a labels.csv; returns the names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pixels, labels = _digits_pixels(n)
+    names = [f"d{i}.{ext}" for i in range(n)]
+    for name, image in zip(names, pixels):
+        Image.fromarray(image, "L").save(folder / name)
+    (folder / "labels.csv").write_text("file,label\n" + "".join(f"{m},{y}\n" for m, y in zip(names, labels)))
+    return names
+
+
+def _independent_digest(items):
+    """sha256 over (index, label, shape, float32 pixels), little-endian, for (index, label, image)."""
+    digest = hashlib.sha256()
+    for index, label, image in items:
+        image = np.asarray(image, dtype=np.float32)
+        digest.update(int(index).to_bytes(8, "little", signed=True))
+        digest.update(int(label).to_bytes(8, "little", signed=True))
+        for d in image.shape:
+            digest.update(int(d).to_bytes(8, "little", signed=True))
+        digest.update(image.astype("<f4").tobytes(order="C"))
+    return digest.hexdigest()
+
+
+def _pillow_gray(path):
+    """An 8-bit grayscale file read with Pillow alone, as [1 x H x W] float32 in [0, 1]."""
+    with Image.open(path) as image:
+        return (np.asarray(image.convert("L"), dtype=np.float32) / np.float32(255))[None]
+
+
+def _recorded_digest(options_file):
+    """The data identity a results file's options record: ``data_content_sha256`` where results.py
+    names it so, ``data_sha256`` (the key older versions used for their listing hash) otherwise."""
+    options = json.loads(options_file.read_text(encoding="utf-8"))
+    return options.get("data_content_sha256", options.get("data_sha256"))
+
+
+def _rows(path):
+    """Result rows without the wall-time column."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    header = lines[0].split("\t")
+    return [{k: v for k, v in zip(header, line.split("\t")) if k != "time"} for line in lines[1:]]
+
+
+def _keep_first_rows(path, count):
+    """A killed run: the header and the first ``count`` rows."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    path.write_text("".join(lines[: 1 + count]), encoding="utf-8")
+
+
+# --- A: labels outside the engine's classes
+
+
+def test_labels_file_labels_beyond_the_engines_classes_are_refused(tmp_path):
+    for name in ("a.png", "b.png"):
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / name)
+    (tmp_path / "labels.csv").write_text("file,label\na.png,3\nb.png,57\n")
+    assert [s.label for s in open_dataset(tmp_path, image_size=4)] == [3, 57]  # no engine: any class
+    message = (r"labels\.csv: line 3: label '57' of 'b\.png' is out of range: labels are -1 \(unknown\) "
+               r"or 0-9 \(the engine has 10 classes\)")
+    with pytest.raises(DataError, match=message):
+        open_dataset(tmp_path, image_size=4, num_classes=10)
+    (tmp_path / "labels.csv").write_text("file,label\na.png,9\nb.png,-1\n")
+    assert [s.label for s in open_dataset(tmp_path, image_size=4, num_classes=10)] == [9, -1]
+
+
+def test_npz_labels_beyond_the_engines_classes_are_refused(tmp_path):
+    images = np.zeros((3, 1, 4, 4), np.uint8)
+    np.savez(tmp_path / "d.npz", images=images, labels=np.array([3, 57, 1]))  # no num_classes stored
+    assert open_dataset(tmp_path / "d.npz", image_size=4, channels=1).labels.tolist() == [3, 57, 1]
+    message = r"d\.npz: label 57 of image 1 is not -1 \(unknown\) or 0-9 \(the engine has 10 classes\)"
+    with pytest.raises(DataError, match=message) as info:
+        open_dataset(tmp_path / "d.npz", image_size=4, channels=1, num_classes=10)
+    assert "\n" not in str(info.value)
+
+
+def test_npz_that_stores_more_classes_than_the_engine_is_refused_fewer_accepted(tmp_path):
+    images = np.zeros((2, 1, 4, 4), np.uint8)
+    # Labels 0 and 1 fit a 10-class engine, but they are classes of a 12-class label set.
+    np.savez(tmp_path / "more.npz", images=images, labels=np.array([0, 1]), num_classes=12)
+    with pytest.raises(DataError, match=r"more\.npz stores num_classes 12 but the engine has 10 classes \(0-9\)"):
+        open_dataset(tmp_path / "more.npz", image_size=4, channels=1, num_classes=10)
+    np.savez(tmp_path / "fewer.npz", images=images, labels=np.array([0, 6]), num_classes=7)
+    ds = open_dataset(tmp_path / "fewer.npz", image_size=4, channels=1, num_classes=10)
+    assert ds.num_classes == 7 and ds.labels.tolist() == [0, 6]
+    np.savez(tmp_path / "fewer.npz", images=images, labels=np.array([0, 8]), num_classes=7)
+    with pytest.raises(DataError, match=r"label 8 of image 1 is not -1 \(unknown\) or 0-6 \(the data has 7 classes\)"):
+        open_dataset(tmp_path / "fewer.npz", image_size=4, channels=1, num_classes=10)
+    # A malformed stored count is refused even where the engine's count is known.
+    np.savez(tmp_path / "bad.npz", images=images, labels=np.array([0, 1]), num_classes=2.5)
+    with pytest.raises(DataError, match=r"'num_classes' is 2.5 of dtype float64"):
+        open_dataset(tmp_path / "bad.npz", image_size=4, channels=1, num_classes=10)
+
+
+def test_cifar_labels_beyond_the_engines_classes_are_refused(tmp_path):
+    _write_cifar_labels(tmp_path / "test_batch", [2, 7, 1])
+    assert open_dataset(tmp_path / "test_batch", image_size=32, num_classes=10).labels.tolist() == [2, 7, 1]
+    with pytest.raises(DataError, match=r"test_batch: label 7 of image 1 is not 0-4 \(the engine has 5 classes\)"):
+        open_dataset(tmp_path / "test_batch", image_size=32, num_classes=5)
+
+
+def test_image_folder_with_more_class_folders_than_the_engine_is_refused_before_walking(tmp_path):
+    for k in range(11):
+        (tmp_path / f"c{k:02d}").mkdir()
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / f"c{k:02d}" / "a.png")
+    os.symlink("..", tmp_path / "c03" / "loop")  # walking any class folder would stop at this loop
+    message = (r"c10: class folder 'c10' would be label 10, but the engine has 10 classes \(0-9\) "
+               r"and .* holds 11 class folders")
+    for reader in (open_dataset, data.image_folder):
+        with pytest.raises(DataError, match=message) as info:
+            reader(tmp_path, image_size=4, num_classes=10)
+        assert "\n" not in str(info.value)
+    os.unlink(tmp_path / "c03" / "loop")
+    assert len(open_dataset(tmp_path, image_size=4, num_classes=11)) == 11
+    assert len(open_dataset(tmp_path, image_size=4, num_classes=1000)) == 11
+
+
+def test_digits_split_labels_are_checked_against_the_engines_classes():
+    assert data.digits_test_split(num_classes=10).labels.max() == 9
+    with pytest.raises(DataError, match=r"digits_test\.npz: label \d of image \d+ is not -1 \(unknown\) or 0-4 \(the engine has 5"):
+        data.digits_test_split(num_classes=5)
+
+
+def test_cli_refuses_labels_beyond_the_engines_classes_before_writing(digits_engine, tmp_path):
+    folder = tmp_path / "csv"
+    names = _write_digits_folder(folder)
+    (folder / "labels.csv").write_text(f"file,label\n{names[0]},3\n{names[2]},57\n")
+    pixels, _ = _digits_pixels(3)
+    np.savez(tmp_path / "d.npz", images=pixels[:, None], labels=np.array([1, 57, 2]))
+    classes = tmp_path / "classes"
+    for k in range(11):
+        (classes / f"{k:02d}").mkdir(parents=True)
+        Image.fromarray(pixels[0], "L").save(classes / f"{k:02d}" / "a.png")
+    cases = {
+        folder: r"labels\.csv: line 3: label '57' of 'd2\.bmp' .*the engine has 10 classes",
+        tmp_path / "d.npz": r"d\.npz: label 57 of image 1 .*the engine has 10 classes",
+        classes: r"classes/10: class folder '10' would be label 10, but the engine has 10 classes",
+    }
+    for i, (data_path, message) in enumerate(cases.items()):
+        out = tmp_path / f"out{i}.tsv"
+        line = _one_error_line(_cli("certify", "--engine", digits_engine, "--data", data_path, *DIGITS_SMALL, "--out", out))
+        assert re.search(message, line), line
+        assert not out.exists() and not (tmp_path / f"out{i}.tsv.json").exists()
+
+
+# --- B: the data identity of a run
+
+
+def test_validate_returns_the_sha256_of_indices_labels_shapes_and_pixels(tmp_path):
+    names = _write_digits_folder(tmp_path / "plain", n=5, ext="png")
+    _, labels = _digits_pixels(5)
+    ds = open_dataset(tmp_path / "plain", image_size=16, channels=1, num_classes=10)
+    for chosen in ([0, 1, 2, 3, 4], [0, 2, 4], [3, 1]):
+        expected = _independent_digest(
+            (i, labels[i], _pillow_gray(tmp_path / "plain" / names[i])) for i in chosen
+        )
+        assert ds.validate(chosen) == expected
+    assert ds.validate() == ds.validate(range(5))
+    assert ds.validate([]) == hashlib.sha256().hexdigest()
+    # The same pixels from another format and another reader give the same identity.
+    pixels, _ = _digits_pixels(5)
+    np.savez(tmp_path / "d.npz", images=pixels[:, None], labels=labels)
+    assert open_dataset(tmp_path / "d.npz", image_size=16, channels=1).validate([0, 2, 4]) == ds.validate([0, 2, 4])
+    # Labels are part of it; 3-channel engines hash the 3-channel images they certify.
+    np.savez(tmp_path / "relabelled.npz", images=pixels[:, None], labels=labels[::-1])
+    assert open_dataset(tmp_path / "relabelled.npz", image_size=16, channels=1).validate() != ds.validate()
+    rgb = open_dataset(tmp_path / "plain", image_size=16, channels=3)
+    expected = _independent_digest(
+        (i, labels[i], np.repeat(_pillow_gray(tmp_path / "plain" / names[i]), 3, axis=0))
+        for i in (1, 3)
+    )
+    assert rgb.validate([1, 3]) == expected
+
+
+def test_validate_digest_of_float_and_cifar_arrays_matches_an_independent_one(tmp_path):
+    floats = _rng(30).random((4, 1, 6, 6), dtype=np.float32)
+    np.savez(tmp_path / "f.npz", images=floats.astype(np.float64), labels=np.array([1, -1, 0, 2]))
+    ds = open_dataset(tmp_path / "f.npz", image_size=6, channels=1)
+    expected = _independent_digest((i, [1, -1, 0, 2][i], floats[i].astype(np.float64).astype(np.float32)) for i in (0, 1, 3))
+    assert ds.validate([0, 1, 3]) == expected
+    images, labels = _write_cifar(tmp_path / "test_batch", n=4)
+    ds = open_dataset(tmp_path / "test_batch", image_size=32)
+    expected = _independent_digest((i, labels[i], images[i].reshape(3, 32, 32) / np.float32(255)) for i in range(4))
+    assert ds.validate() == expected
+
+
+def test_resume_with_out_inside_the_data_folder(digits_engine, tmp_path):
+    folder = tmp_path / "data"
+    names = _write_digits_folder(folder, n=4)
+    out = folder / "res.tsv"  # the run's own outputs land in the data folder
+    args = ["certify", "--engine", digits_engine, "--data", folder, *DIGITS_SMALL, "--out", out]
+    first = _cli(*args)
+    assert first.exit_code == 0, first.output
+    complete = _rows(out)
+    assert [r["idx"] for r in complete] == ["0", "1", "2", "3"]
+    # Killed after one image: the same command continues it (before: the new res.tsv, res.tsv.json
+    # and res.tsv.lock changed the folder's listing, and the run was refused as other data).
+    _keep_first_rows(out, 1)
+    again = _cli(*args)
+    assert again.exit_code == 0, again.output
+    assert f"resuming {out}: 1 images done, 3 to go" in again.stderr
+    assert _rows(out) == complete
+    _, labels = _digits_pixels(4)
+    assert _recorded_digest(folder / "res.tsv.json") == _independent_digest(
+        (i, labels[i], _pillow_gray(folder / names[i])) for i in range(4)
+    )
+
+
+def test_resume_after_an_unrelated_file_is_added_to_the_data_folder(digits_engine, tmp_path):
+    folder = tmp_path / "data"
+    _write_digits_folder(folder, n=3)
+    out = tmp_path / "res.tsv"
+    args = ["certify", "--engine", digits_engine, "--data", folder, *DIGITS_SMALL, "--out", out]
+    assert _cli(*args).exit_code == 0
+    complete = _rows(out)
+    _keep_first_rows(out, 1)
+    # A file and a folder beside the images do not change what is certified (before: refused).
+    (folder / "notes.txt").write_text("run on the digits engine\n")
+    (folder / "plots").mkdir()
+    (folder / "plots" / "curve.csv").write_text("0,1\n")
+    again = _cli(*args)
+    assert again.exit_code == 0, again.output
+    assert f"resuming {out}: 1 images done, 2 to go" in again.stderr
+    assert _rows(out) == complete
+
+
+def test_resume_refuses_an_image_replaced_by_other_pixels_of_the_same_size(digits_engine, tmp_path):
+    folder = tmp_path / "data"
+    names = _write_digits_folder(folder, n=4)
+    out = tmp_path / "res.tsv"
+    args = ["certify", "--engine", digits_engine, "--data", folder, *DIGITS_SMALL, "--out", out]
+    assert _cli(*args).exit_code == 0
+    _keep_first_rows(out, 1)
+    before = (folder / names[2]).read_bytes()
+    other, _ = _digits_pixels(1, start=40)
+    Image.fromarray(other[0], "L").save(folder / names[2])  # an 8-bit BMP: same size, other pixels
+    after = (folder / names[2]).read_bytes()
+    assert len(after) == len(before) and after != before
+    saved = (out.read_text(), (tmp_path / "res.tsv.json").read_text())
+    line = _one_error_line(_cli(*args))
+    assert re.search(r"holds results of other settings \(data_(content_)?sha256", line), line
+    assert (out.read_text(), (tmp_path / "res.tsv.json").read_text()) == saved  # nothing appended
+    # Outside the selection the same change is not part of the run: --max 2 certifies 0 and 1 only.
+    out2 = tmp_path / "max2.tsv"
+    (folder / names[2]).write_bytes(before)
+    args2 = ["certify", "--engine", digits_engine, "--data", folder, *DIGITS_SMALL, "--max", "2", "--out", out2]
+    assert _cli(*args2).exit_code == 0
+    _keep_first_rows(out2, 1)
+    Image.fromarray(other[0], "L").save(folder / names[2])
+    resumed = _cli(*args2)
+    assert resumed.exit_code == 0, resumed.output
+    assert "1 images done, 1 to go" in resumed.stderr
+
+
+def test_the_shipped_digits_split_is_identified_by_its_content(digits_engine, tmp_path):
+    out = tmp_path / "digits.tsv"
+    result = _cli("certify", "--engine", digits_engine, *DIGITS_SMALL, "--skip", "7", "--max", "20", "--out", out)
+    assert result.exit_code == 0, result.output
+    with np.load(data.DIGITS_TEST_ASSET) as archive:
+        images, labels = archive["images"], archive["labels"]
+    assert json.loads((tmp_path / "digits.tsv.json").read_text())["data"] == "digits-test"
+    expected = _independent_digest((i, labels[i], images[i]) for i in (0, 7, 14))
+    assert _recorded_digest(tmp_path / "digits.tsv.json") == expected
+    assert [r["idx"] for r in _rows(out)] == ["0", "7", "14"]
+
+
+def test_legacy_data_sha256_is_the_old_listing_and_file_identity(tmp_path):
+    # The identity results files written before the content digest carry, computed independently.
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a.png").write_bytes(b"12345")
+    (tmp_path / "b" / "c.txt").write_bytes(b"xy")
+    (tmp_path / "z.csv").write_bytes(b"")
+    listing = b"a.png\x005\nz.csv\x000\nb/c.txt\x002\n"  # top folder's files first, then b/
+    assert data.legacy_data_sha256(tmp_path) == hashlib.sha256(listing).hexdigest()
+    assert data.legacy_data_sha256(tmp_path / "a.png") == hashlib.sha256(b"12345").hexdigest()
+    assert data.legacy_data_sha256(data.DIGITS_TEST_ASSET) == hashlib.sha256(data.DIGITS_TEST_ASSET.read_bytes()).hexdigest()
+    odd = os.path.join(os.fsencode(tmp_path / "b"), b"\xff.png")
+    with open(odd, "wb") as f:
+        f.write(b"1")
+    listing = b"a.png\x005\nz.csv\x000\nb/c.txt\x002\nb/\xff.png\x001\n"
+    assert data.legacy_data_sha256(tmp_path) == hashlib.sha256(listing).hexdigest()
+
+
+# --- C: symbolic links out of the data folder
+
+
+def test_symlinks_to_folders_outside_the_data_folder_are_refused_without_walking_them(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(outside / "x.png")
+    os.symlink(outside, outside / "loop")  # listing beneath the link would stop at this loop instead
+    root = tmp_path / "data"
+    for cls in ("n01", "n02"):
+        (root / cls).mkdir(parents=True)
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / cls / "a.png")
+    os.symlink(outside, root / "n01" / "ext")
+    message = r"data/n01/ext is a symbolic link to .*/outside, a folder outside the data folder .*/data"
+    for reader in (open_dataset, data.image_folder):
+        with pytest.raises(DataError, match=message) as info:
+            reader(root, image_size=4)
+        assert "\n" not in str(info.value) and "a loop" not in str(info.value)
+    os.unlink(root / "n01" / "ext")
+    os.symlink(outside, root / "n03")  # a class folder that is itself a link out
+    with pytest.raises(DataError, match=r"data/n03 is a symbolic link to .*/outside, a folder outside"):
+        open_dataset(root, image_size=4)
+    with pytest.raises(DataError, match=r"data/n03 is a symbolic link to .*/outside, a folder outside"):
+        data.image_folder(root, image_size=4)
+    os.unlink(root / "n03")
+    # A plain folder: its sub-folders are looked into to tell the layout, so a link out is refused.
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(plain / "a.png")
+    os.symlink(outside, plain / "more")
+    with pytest.raises(DataError, match=r"plain/more is a symbolic link to .*/outside, a folder outside"):
+        open_dataset(plain, image_size=4)
+
+
+def test_symlinks_within_the_data_folder_are_still_followed(tmp_path):
+    root = tmp_path / "real"
+    for cls in ("n01", "n02"):
+        (root / cls).mkdir(parents=True)
+        Image.fromarray(np.full((4, 4), 10 * len(cls), np.uint8)).save(root / cls / "a.png")
+    (root / "n02" / "deep").mkdir()
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(root / "n02" / "deep" / "b.png")
+    os.symlink("../n02/deep", root / "n01" / "shared")
+    # --data itself may be a link: "inside" means inside the folder it resolves to.
+    os.symlink(root, tmp_path / "link")
+    for spec in (root, tmp_path / "link"):
+        ds = open_dataset(spec, image_size=4)
+        assert [p.relative_to(spec).as_posix() for p in ds.files] == [
+            "n01/a.png", "n01/shared/b.png", "n02/a.png", "n02/deep/b.png",
+        ]
+        assert ds.labels == [0, 0, 1, 1]
+
+
+# --- D: non-regular files under image names
+
+
+def test_non_regular_files_with_image_names_are_refused_when_listed(tmp_path):
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("a.png", "c.png"):
+        Image.fromarray(np.zeros((4, 4), np.uint8)).save(plain / name)
+    os.mkfifo(plain / "b.png")
+    # Before: the plain reader skipped b.png silently, so c.png became image 1.
+    message = r"plain/b\.png has an image extension but is a named pipe \(FIFO\), not a regular file"
+    for reader in (open_dataset, data.plain_image_folder):
+        with pytest.raises(DataError, match=message) as info:
+            reader(plain, image_size=4)
+        assert "\n" not in str(info.value)
+    os.unlink(plain / "b.png")
+    os.symlink(tmp_path / "missing.png", plain / "b.png")  # a broken link, skipped before too
+    with pytest.raises(DataError, match=r"plain/b\.png is a symbolic link whose target cannot be opened"):
+        open_dataset(plain, image_size=4)
+    os.unlink(plain / "b.png")
+    os.symlink(plain / "a.png", plain / "b.png")  # a link to a regular file is an image
+    assert [p.name for p in open_dataset(plain, image_size=4).files] == ["a.png", "b.png", "c.png"]
+    # A folder holding nothing but a pipe named like an image.
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    os.mkfifo(lone / "only.jpg")
+    with pytest.raises(DataError, match=r"lone/only\.jpg has an image extension but is a named pipe"):
+        open_dataset(lone, image_size=4)
+    # Class folders: refused when listed, whatever the selection (before: only when read).
+    classes = tmp_path / "classes"
+    (classes / "n01" / "sub").mkdir(parents=True)
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(classes / "n01" / "a.png")
+    os.mkfifo(classes / "n01" / "sub" / "p.webp")
+    message = r"n01/sub/p\.webp has an image extension but is a named pipe \(FIFO\)"
+    for reader in (open_dataset, data.image_folder):
+        with pytest.raises(DataError, match=message):
+            reader(classes, image_size=4)
+    # A pipe given as --data itself.
+    with pytest.raises(DataError, match=r"only\.jpg is a named pipe \(FIFO\): pass a regular file or a folder"):
+        open_dataset(lone / "only.jpg", image_size=4)
+
+
+# --- E: file names that are not UTF-8
+
+
+def test_cli_certifies_a_folder_with_file_names_that_are_not_utf8(digits_engine, tmp_path):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    pixels, _ = _digits_pixels(2)
+    raw = os.fsencode(folder)
+    for name, image in zip((b"\xff.png", b"a.png"), pixels):  # \xff is not UTF-8: Python sees '\udcff'
+        Image.fromarray(image, "L").save(os.path.join(raw, name).decode("utf-8", "surrogateescape"), format="PNG")
+    assert sorted(os.listdir(raw)) == [b"a.png", b"\xff.png"]
+    out = tmp_path / "odd.tsv"
+    # Before: UnicodeEncodeError from the folder's listing hash, a traceback.
+    result = _cli("certify", "--engine", digits_engine, "--data", folder, *DIGITS_SMALL, "--out", out)
+    assert result.exception is None, repr(result.exception)
+    assert result.exit_code == 0, result.output
+    assert [r["idx"] for r in _rows(out)] == ["0", "1"]
+    ds = open_dataset(folder, image_size=16, channels=1)
+    assert [os.fsencode(p.name) for p in ds.files] == [b"a.png", b"\xff.png"]
+    expected = _independent_digest((i, -1, _pillow_gray(p)) for i, p in enumerate(ds.files))
+    assert _recorded_digest(tmp_path / "odd.tsv.json") == expected
+    again = _cli("certify", "--engine", digits_engine, "--data", folder, *DIGITS_SMALL, "--out", out)
+    assert again.exit_code == 0, again.output
+    # A damaged file under such a name is one error line naming it (escaped), not a traceback.
+    with open(os.path.join(raw, b"\xfe.png"), "wb") as f:
+        f.write(b"not a png")
+    line = _one_error_line(_cli("certify", "--engine", digits_engine, "--data", folder, *DIGITS_SMALL, "--out", tmp_path / "bad.tsv"))
+    assert "cannot read image 1" in line and "\\udcfe.png" in line, line
