@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from .errors import EngineError
-from .manifest import graph_path
+from .manifest import check_graph_io, graph_path
 from .noise import sample_noise
 from .schedule import ReverseSchedule
 from .vote import majority_vote, undecided, vote_waves
@@ -99,6 +99,8 @@ class OnnxRuntimeBackend(Backend):
             self._cls = ort.InferenceSession(str(cls_file), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise EngineError(f"onnxruntime could not load the engine in {directory}: {str(exc).splitlines()[0][:200]}") from None
+        for graph, session in (("step", self._step), ("classifier", self._cls)):
+            check_graph_io(directory, graph, [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
         self.version = ort.__version__
         self.device = device
         self.image_shape = tuple(manifest["image_shape"])
@@ -217,7 +219,10 @@ class LoopBackend(Backend):
         self.version = self._executor.version
         #: The arithmetic the graphs run in: the engine's precision, as the executor compiled it.
         self.effective_precision = getattr(self._executor, "effective_precision", manifest["precision"]["step"])
-        self.loop = BatchLoop(self._executor, noise, self.image_shape, self.num_classes, xp=xp, graphs=graphs)
+        from .limits import rows_per_call
+
+        self.loop = BatchLoop(self._executor, noise, self.image_shape, self.num_classes, xp=xp, graphs=graphs,
+                              classifier_rows=rows_per_call(manifest)[1])
 
     @property
     def unet_evals(self) -> int:  # type: ignore[override]

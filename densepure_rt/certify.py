@@ -151,6 +151,10 @@ def predict(counts: np.ndarray, alpha: float) -> Prediction:
     return Prediction(prediction=prediction, count1=count1, count2=count2, p_value=p_value)
 
 
+#: The most noisy samples a phase may draw: the Philox counter keys a sample with 32 bits.
+MAX_SAMPLES = 2**32 - 1
+
+
 def validate_params(sigma: float, alpha: float, n0: int | None = None, n: int | None = None) -> None:
     """Check user-facing certification parameters; raise ConfigError naming the flag.
 
@@ -173,3 +177,5 @@ def validate_params(sigma: float, alpha: float, n0: int | None = None, n: int | 
             raise ConfigError(f"{flag} must be an integer (got {value!r})")
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1 (got {value})")
+        if value > MAX_SAMPLES:
+            raise ConfigError(f"{flag} must be at most {MAX_SAMPLES:,} (the noise's sample counter is 32 bits; got {value})")

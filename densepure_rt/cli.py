@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -29,8 +31,38 @@ QUICKSTART = (
 )
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that it unwinds as Ctrl-C does (rows kept, lock released)."""
+
+
+def _on_sigterm(signum, frame):  # noqa: ARG001 - a signal handler's signature
+    raise _Terminated()
+
+
 class _Group(click.Group):
-    """A click group that turns DensePureError (and OS errors) into one line and exit status 2."""
+    """A click group that turns DensePureError (and OS errors) into one line and exit status 2,
+    click's own usage errors too, and handles SIGTERM as it handles Ctrl-C."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread (an embedding application): leave signals alone
+            previous = None
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.ClickException as exc:  # a bad flag or value: click would print usage and three lines
+            where = f"{exc.ctx.command_path}: " if getattr(exc, "ctx", None) is not None else ""
+            click.echo(f"error: {where}{_one_line(exc.format_message())} (see --help)", err=True)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx):
         try:
@@ -42,9 +74,10 @@ class _Group(click.Group):
             where = f"{exc.filename}: " if exc.filename else ""
             click.echo(f"error: {where}{exc.strerror or exc}", err=True)
             sys.exit(2)
-        except KeyboardInterrupt:
-            click.echo("interrupted: rows written so far are kept; run the same command again to continue", err=True)
-            sys.exit(130)
+        except KeyboardInterrupt as exc:
+            what = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
+            click.echo(f"{what}: rows written so far are kept; run the same command again to continue", err=True)
+            sys.exit(143 if isinstance(exc, _Terminated) else 130)
 
 
 def _one_line(text: str) -> str:
@@ -102,7 +135,8 @@ def _weights_sha256(path: str | None, shipped: str, random_weights: bool) -> str
         return sha256_file(target)
     digest = hashlib.sha256()
     for file in sorted(p for p in target.rglob("*") if p.is_file()):
-        digest.update(f"{file.relative_to(target).as_posix()}\0{sha256_file(file)}\n".encode())
+        name = os.fsencode(file.relative_to(target).as_posix())  # bytes as on disk, also where not UTF-8
+        digest.update(name + f"\0{sha256_file(file)}\n".encode())
     return digest.hexdigest()
 
 
@@ -118,7 +152,8 @@ def _weights_sha256(path: str | None, shipped: str, random_weights: bool) -> str
 @click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default="onnxruntime", show_default=True,
               help="onnxruntime: CPU and CUDA; openvino: CPU (pip install openvino); tensorrt: plans for this machine's GPU "
                    "(pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13; not run by this project).")
-@click.option("--batch", type=click.IntRange(min=1), default=32, show_default=True, metavar="N", help="Default noisy samples per engine call.")
+@click.option("--batch", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Default noisy samples per engine call  [default: the preset's: 6 for imagenet (60 rows at K = 10), else 32]")
 @click.option("--out", type=click.Path(), metavar="DIR", help="Engine directory  [default: engines/PRESET]")
 @click.option("--force", is_flag=True, help="Rebuild, replacing an existing engine directory (never any other folder).")
 @click.option("--seed", type=int, default=0, show_default=True, metavar="N", help="Seed of --random-weights.")
@@ -156,6 +191,7 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
     from .presets import get_preset
 
     p = get_preset(preset)
+    batch = batch if batch is not None else p.default_batch
     try:
         from .engine.build import BACKEND_PRECISIONS, BuildOptions, build_engine, check_out_dir, is_engine_dir
         from .export.models import load_classifier, load_unet
@@ -229,49 +265,30 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
 # ------------------------------------------------------------------------------------------------ #
 
 
-def _data_sha256(path: Path) -> str:
-    """Identity of the data a run certifies: the sha256 of a file, or of a folder's listing
-    (relative names and sizes of every file beneath it; reading every image would take longer)."""
-    import hashlib
-    import os
-
-    from .manifest import sha256_file
-
-    if path.is_file():
-        return sha256_file(path)
-    digest = hashlib.sha256()
-    for root, dirs, files in os.walk(path, followlinks=True):
-        dirs.sort()
-        for name in sorted(files):
-            file = Path(root, name)
-            try:
-                size = file.stat().st_size
-            except OSError:
-                size = -1
-            digest.update(f"{file.relative_to(path).as_posix()}\0{size}\n".encode())
-    return digest.hexdigest()
-
-
 def _open_data(engine, data, skip, max_images):
-    from .data import DIGITS_TEST_ASSET, digits_test_split, open_dataset, select
-    from .manifest import sha256_file
+    """The dataset, the selected indices, the data as given (for the options file) and the data's
+    identity: the sha256 of the selected images' indices, labels, shapes and float32 pixels
+    (:meth:`densepure_rt.data.Dataset.validate`, computed while every selected image is checked).
+    Labels the engine cannot give are refused here, before anything is written. Results files
+    written before this identity carry :func:`densepure_rt.data.legacy_data_sha256` instead."""
+    from .data import digits_test_split, open_dataset, select
 
     shape = engine.image_shape
     if data is None:
         if engine.manifest.get("default_data") == "digits-test":
-            dataset = digits_test_split(image_size=shape[1], channels=shape[0])
-            spec, digest = "digits-test", sha256_file(DIGITS_TEST_ASSET)
+            dataset = digits_test_split(image_size=shape[1], channels=shape[0], num_classes=engine.num_classes)
+            spec = "digits-test"
         else:
             raise ConfigError(f"--data is required for a {engine.preset} engine (a CIFAR-10 test_batch, an image folder or an .npz)")
     else:
-        dataset = open_dataset(data, image_size=shape[1], channels=shape[0])
-        spec, digest = str(data), _data_sha256(Path(data).expanduser())
+        dataset = open_dataset(data, image_size=shape[1], channels=shape[0], num_classes=engine.num_classes)
+        spec = str(data)
     if tuple(dataset.image_shape) != tuple(shape):
         raise DataError(f"--data gives {dataset.image_shape} images but the engine expects {tuple(shape)}")
     indices = select(len(dataset), skip=skip, max_images=max_images)
     if not indices:
         raise ConfigError("no images selected: check --skip and --max")
-    dataset.validate(indices)  # bad input stops the run before anything is written
+    digest = dataset.validate(indices)  # bad input stops the run before anything is written
     return dataset, indices, spec, digest
 
 
@@ -293,7 +310,8 @@ def _common_options(f):
         click.option("--skip", type=click.IntRange(min=1), default=1, show_default=True, metavar="N", help="Take every N-th image."),
         click.option("--max", "max_images", type=click.IntRange(min=-1), default=-1, show_default=True, metavar="N", help="Stop at dataset index N (-1: no limit)."),
         click.option("--batch", type=click.IntRange(min=1), default=None, metavar="N", help="Noisy samples per engine call  [default: the engine's]"),
-        click.option("--seed", type=int, default=0, show_default=True, metavar="N", help="Noise seed (noise is a pure function of seed, image, sample)."),
+        click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, metavar="N",
+                     help="Noise seed, 0 to 2^32 - 1 (noise is a pure function of seed, image, sample)."),
         click.option("--resume", is_flag=True, help="Continue --out. Also what happens without it when --out holds results of the same settings."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
         click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N", help="CPU threads for the backend."),
@@ -305,6 +323,8 @@ def _common_options(f):
                           "'local' starts one on this machine, or a cluster's address. Needs densepure-rt[ray]."),
         click.option("--actors", type=click.IntRange(min=1), default=None, metavar="N",
                      help="With --ray: actors to start  [default: one per GPU with --device cuda, one per --threads CPUs (1) otherwise]"),
+        click.option("--ray-timeout", type=click.FloatRange(min=1), default=30.0, show_default=True, metavar="S",
+                     help="With --ray: seconds to wait for the cluster to answer before giving up with an error."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -362,11 +382,12 @@ class _Progress:
 
 
 def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, every,
-         out, n0, n, radii=None, tol=None, early_exit=None, images_per_call=1, ray=None, actors=None):
+         out, n0, n, radii=None, tol=None, early_exit=None, images_per_call=1, ray=None, actors=None, ray_timeout=30.0):
     """One certify / predict run over the selected images. ``mode``: "certify" (fixed n),
     "certify-radii" (target radii, n = n_max), "certify-until" (early stopping, n = n_max), "predict".
     ``ray``: a Ray address ("auto", "local", host:port) to spread the images over Ray actors."""
     from .certify import validate_params
+    from .manifest import engine_identity
     from .noise import NOISE_VERSION
     from .results import HEADERS, ResultsWriter, indices_todo
     from .runtime import open_engine
@@ -375,21 +396,33 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
     validate_params(sigma, alpha, n0 if mode != "predict" else None, n)
     if ray is None and actors is not None:
         raise ConfigError("--actors goes with --ray")
+    out = _out_file(out)
+    engine_dir = Path(engine_dir).expanduser()
+    if threads is not None and ray is None:
+        threads = _cap_threads(threads)
     # The canonical words ("4", "one-shot", "none"): the engine parses them again, strictly.
     steps_value = _steps_label(_parse_steps(steps))
     # With --ray the driver reads the manifest only: the actors open the engine where the GPUs are.
     with open_engine(engine_dir, device=device, threads=threads, early_exit=early_exit, metadata_only=ray is not None) as engine:
         engine.reverse_schedule(sigma, steps_value)  # refuses a (sigma, b) the schedule cannot honour
         batch = batch if batch is not None else int(engine.manifest.get("default_batch", 32))
+        # The most noisy samples one call of this run can hold: buffers are sized by it, and the row
+        # limit and the memory are checked against it before anything is written.
+        per_call = (int(n0) + n) * images_per_call if mode == "certify" else max(int(n0 or 0), n)
+        engine.check_rows(min(batch, per_call), votes)
         dataset, indices, spec, data_digest = _open_data(engine, data, skip, max_images)
         backend = engine.backend
         options = {
             "mode": mode,
             "engine": str(engine_dir),
-            "engine_sha256": engine.manifest["manifest_sha256"],
+            # What the engine computes (graphs and output-changing settings): a rebuild from the same
+            # weights continues the file; the manifest's own checksum (build date...) is kept for reference.
+            "engine_id": engine_identity(engine.manifest),
+            "engine_manifest_sha256": engine.manifest["manifest_sha256"],
             "preset": engine.preset,
             "data": spec,
-            "data_sha256": data_digest,
+            # The selected images' indices, labels and decoded pixels (densepure_rt.data.Dataset.validate).
+            "data_content_sha256": data_digest,
             "sigma": sigma,
             "steps": steps_value,
             "votes": votes,
@@ -419,7 +452,7 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
         task = Task(mode, sigma, steps_value, votes, alpha, n0, n, seed, batch,
                     radii=tuple(radii) if radii else None, tol=tol)
         with ResultsWriter(Path(out), header=HEADERS[mode]) as writer:
-            done = writer.open(options, resume=resume, allowed=indices)
+            done = writer.open(options, resume=resume, allowed=indices, legacy=_legacy_identities(engine, data))
             todo = indices_todo(indices, done)
             # Sequential modes usually stop long before n: the bar then jumps at the end of an image.
             per_image = task.samples_per_image
@@ -428,7 +461,7 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
             if ray is not None:
                 if todo:
                     _run_on_ray(engine, task, dataset, todo, writer, options, ray, actors, device, threads, early_exit, quiet, every,
-                                images_per_call)
+                                images_per_call, ray_timeout)
                 return len(done) + len(todo)
             progress = _Progress(mode.split("-")[0], len(todo), per_image, quiet, every)
             try:
@@ -447,8 +480,41 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
     return len(done) + len(todo)
 
 
+def _legacy_identities(engine, data) -> dict:
+    """How results files of older versions identified the engine and the data (computed only when
+    such a file is continued): the manifest's own sha256, and the sha256 of the data file or of a
+    folder's listing (:func:`densepure_rt.data.legacy_data_sha256`)."""
+    from .data import DIGITS_TEST_ASSET, legacy_data_sha256
+    from .manifest import sha256_file
+
+    def data_sha256() -> str:
+        return sha256_file(DIGITS_TEST_ASSET) if data is None else legacy_data_sha256(Path(data).expanduser())
+
+    return {"engine_sha256": lambda: engine.manifest["manifest_sha256"], "data_sha256": data_sha256}
+
+
+def _out_file(out: str) -> Path:
+    """``--out`` as a file path (``~`` expanded, as for --data); a folder, or a name ending in a
+    path separator, is refused instead of becoming a file of that name."""
+    if out.endswith(("/", os.sep)) or Path(out).expanduser().is_dir():
+        raise ConfigError(f"--out {out} is a folder: give a results file such as {out.rstrip('/' + os.sep) or '.'}/results.tsv")
+    return Path(out).expanduser()
+
+
+def _cap_threads(threads: int) -> int:
+    """``--threads`` capped at the CPUs this process may run on (more threads than CPUs only queue)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    if threads > cpus:
+        click.echo(f"--threads {threads} is more than the {cpus} CPUs available here: using {cpus}", err=True)
+        return cpus
+    return threads
+
+
 def _run_on_ray(engine, task, dataset, todo, writer, options, address, actors, device, threads, early_exit, quiet, every,
-                images_per_call=1) -> None:
+                images_per_call=1, ray_timeout=30.0) -> None:
     """Certify ``todo`` on Ray actors (:class:`densepure_rt.scale.RayPool`); this process alone
     writes the rows, in completion order, each flushed as it arrives. ``images_per_call``: images an
     actor certifies at a time with shared batches (fixed-n CERTIFY)."""
@@ -466,7 +532,7 @@ def _run_on_ray(engine, task, dataset, todo, writer, options, address, actors, d
         click.echo(line, err=True)
 
     pool = RayPool(str(engine.directory), engine.manifest["manifest_sha256"], address=address, actors=actors, device=device,
-                   threads=threads, early_exit=early_exit, log=log)
+                   threads=threads, early_exit=early_exit, connect_timeout=ray_timeout, log=log)
     progress = None
     try:
         pool.start(images=-(-len(todo) // images_per_call))
@@ -529,7 +595,7 @@ def _radius_list(values) -> list[float]:
 @click.option("--out", type=click.Path(), default="results.tsv", show_default=True, metavar="FILE", help="Results TSV (options saved as FILE.json).")
 @click.pass_context
 def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every,
-            ray, actors, n0, n, radii, tol, n_max, early_exit, images_per_call, out):
+            ray, actors, ray_timeout, n0, n, radii, tol, n_max, early_exit, images_per_call, out):
     """Certify images: Cohen et al.'s CERTIFY on DensePure's voted labels, one TSV row per image.
 
     \b
@@ -567,15 +633,22 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
     radii = _radius_list(radii) if radii else None
     rows = _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
                 progress_every, out, n0, n, radii=radii, tol=tol, early_exit=early_exit,
-                images_per_call=images_per_call, ray=ray, actors=actors)
-    from .report import certified_accuracy
+                images_per_call=images_per_call, ray=ray, actors=actors, ray_timeout=ray_timeout)
+    from .report import certified_accuracy, labelled
     from .results import read_results
 
-    results = read_results(out)
+    results = read_results(Path(out).expanduser())
     shown = radii or [sigma]
+    with_labels = len(labelled(results))
+    if not with_labels:
+        click.echo(f"{rows} images certified -> {out}: no image has a label, so there is no accuracy; the predictions "
+                   f"and radii are in the file (densepure-rt report {out})")
+        return
     acc = certified_accuracy(results, [0.0, *shown])
     at = ", ".join(f"{100 * a:.1f}% at radius {r:g}" for a, r in zip(acc[1:], shown))
-    click.echo(f"{rows} images certified -> {out}: certified accuracy {100 * acc[0]:.1f}% at radius 0, {at} (densepure-rt report {out} for the table)")
+    over = "" if with_labels == len(results) else f" of the {with_labels} labelled images"
+    click.echo(f"{rows} images certified -> {out}: certified accuracy{over} {100 * acc[0]:.1f}% at radius 0, {at} "
+               f"(densepure-rt report {out} for the table)")
 
 
 @main.command()
@@ -583,7 +656,7 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
 @click.option("--n", type=int, default=100, show_default=True, metavar="N", help="Noisy samples for the hypothesis test.")
 @click.option("--out", type=click.Path(), default="predictions.tsv", show_default=True, metavar="FILE")
 def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every,
-            ray, actors, n, out):
+            ray, actors, ray_timeout, n, out):
     """Predict with the smoothed classifier (Cohen et al.'s PREDICT; -1 means abstain).
 
     \b
@@ -591,13 +664,17 @@ def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batc
       densepure-rt predict --engine engines/digits --sigma 0.25 --steps 4 --votes 5 --n 100 --max 40
     """
     rows = _run("predict", engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
-                progress_every, out, None, n, ray=ray, actors=actors)
+                progress_every, out, None, n, ray=ray, actors=actors, ray_timeout=ray_timeout)
     from .results import read_rows
 
-    _, reader = read_rows(out, required=("idx", "predict", "correct"))
-    correct = sum(r["correct"] for r in reader)
+    _, reader = read_rows(Path(out).expanduser(), required=("idx", "predict", "label", "correct"))
     abstain = sum(r["predict"] == -1 for r in reader)
-    click.echo(f"{rows} images -> {out}: accuracy {correct / max(len(reader), 1):.1%}, abstained {abstain}")
+    known = [r for r in reader if r["label"] >= 0]
+    if not known:
+        click.echo(f"{rows} images -> {out}: no image has a label, so there is no accuracy; abstained {abstain}")
+        return
+    over = "" if len(known) == len(reader) else f" of the {len(known)} labelled images"
+    click.echo(f"{rows} images -> {out}: accuracy{over} {sum(r['correct'] for r in known) / len(known):.1%}, abstained {abstain}")
 
 
 # ------------------------------------------------------------------------------------------------ #
@@ -617,20 +694,25 @@ def report(results, radii, plot, json_out):
     Example:
       densepure-rt report sigma025.tsv sigma050.tsv --plot curve.png
     """
-    from .report import format_table, plot_curves, report_table
+    import math
+
+    from .report import printable, check_plot_path, format_table, plot_curves, report_table
 
     try:
         radii_values = [float(r) for r in radii.split(",") if r.strip()]
     except ValueError:
         raise ConfigError(f"--radii must be comma-separated numbers (got {radii!r})") from None
-    if not radii_values or any(r < 0 for r in radii_values):
-        raise ConfigError(f"--radii must be non-negative numbers (got {radii!r})")
+    if not radii_values or any(not math.isfinite(r) or r < 0 for r in radii_values):
+        raise ConfigError(f"--radii must be finite numbers >= 0 (got {radii!r})")
+    if plot:
+        check_plot_path(plot)  # before any work: a typo in the name does not cost the table
+    results = [Path(r).expanduser() for r in results]
     table = report_table(results, radii_values)
     click.echo(format_table(table))
     if json_out:
-        Path(json_out).write_text(json.dumps(table, indent=2) + "\n")
+        Path(json_out).expanduser().write_text(json.dumps(table, indent=2) + "\n")
     if plot:
-        click.echo(f"plot written to {plot_curves(results, plot)}")
+        click.echo(f"plot written to {printable(str(plot_curves(results, plot)))}")
 
 
 def _plan_lines(manifest: dict) -> list[str]:
@@ -664,6 +746,7 @@ def info(engine, engine_opt, as_json):
     engine_dir = engine or engine_opt
     if not engine_dir:
         raise ConfigError("give the engine directory: densepure-rt info engines/digits")
+    engine_dir = Path(engine_dir).expanduser()
     manifest = load_manifest(engine_dir)
     if as_json:
         click.echo(json.dumps(manifest, indent=2, sort_keys=True))

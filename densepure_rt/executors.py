@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EngineError
-from .manifest import graph_path
+from .manifest import check_graph_io, graph_path
 
 __all__ = ["OrtExecutor", "OpenVinoExecutor", "ort_providers"]
 
@@ -121,6 +121,8 @@ class OrtExecutor:
             self._cls = ort.InferenceSession(str(cls_file), options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise EngineError(f"onnxruntime could not load the engine in {directory}: {_first_line(exc)}") from None
+        for graph, session in (("step", self._step), ("classifier", self._cls)):
+            check_graph_io(directory, graph, [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
         self.cuda_graph = graph_providers is not None and self.cuda_graph_off is None
         #: One captured graph per full-batch row count: rows -> (x, noise, scalars, out buffers,
         #: IOBinding, RunOptions with its own gpu_graph_id). A captured graph replays at the addresses
@@ -255,6 +257,8 @@ class OpenVinoExecutor:
             self._cls = core.compile_model(str(cls_file), "CPU", config)
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own types
             raise EngineError(f"OpenVINO could not load the engine in {directory}: {_first_line(exc)}") from None
+        for graph, model in (("step", self._step), ("classifier", self._cls)):
+            check_graph_io(directory, graph, [p.get_any_name() for p in model.inputs], [p.get_any_name() for p in model.outputs])
         names = {v: k for k, v in _OV_PRECISION.items()}
         got = {names.get(m.get_property("INFERENCE_PRECISION_HINT").get_type_name(), "?") for m in (self._step, self._cls)}
         #: What OpenVINO compiled, read back from both compiled graphs: 'fp32' or 'bf16'.

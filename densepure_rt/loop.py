@@ -89,8 +89,11 @@ class BatchLoop:
     CLASSIFIER_ROWS = 512
 
     def __init__(self, executor: Executor, noise: NoiseSource, image_shape: Sequence[int], num_classes: int, xp=np,
-                 graphs=None):
+                 graphs=None, classifier_rows: int | None = None):
         self.executor, self.noise, self.xp = executor, noise, xp
+        #: The most rows one classifier call may hold (the engine's row limit of its classifier
+        #: graph, :mod:`densepure_rt.limits`); None: :attr:`CLASSIFIER_ROWS` only.
+        self.classifier_rows = classifier_rows
         #: Off by default (None): every batch runs eagerly. Else an object like
         #: :class:`densepure_rt.trt_executor.WholeBatchGraphs` that captures a full batch without early
         #: exit (a fixed sequence of launches) once and replays it for the next full batches.
@@ -198,6 +201,8 @@ class BatchLoop:
         xp, votes, calls = self.xp, self.votes, self.rs.num_calls
         unet = classifier = 0
         chunk = getattr(self.executor, "classifier_rows", None) or self.CLASSIFIER_ROWS
+        if self.classifier_rows is not None:
+            chunk = max(min(chunk, int(self.classifier_rows)), 1)
         delta, start = self.delta[:n], self.start[:n]
         self.noise.fill(delta, seed, self.s_image, self.s_phase, self.s_sample, self.s_zero, 0, float(self.sigma))
         # x_{t*} = (2 (x + delta) - 1) / sqrt(1 + 4 sigma^2), in float32 as the reference computes it.

@@ -39,9 +39,13 @@ __all__ = [
     "graph_path",
     "plan_path",
     "onnx_external_data",
+    "GRAPH_IO",
+    "check_graph_io",
+    "engine_identity",
 ]
 
-SCHEMA_VERSION = 1
+#: 2: graphs.<graph>.max_elements_per_row (the row limit, densepure_rt.limits).
+SCHEMA_VERSION = 2
 MANIFEST = "manifest.json"
 _SELF_KEY = "manifest_sha256"
 
@@ -57,6 +61,8 @@ _MAX_BATCH = 1_000_000
 _MAX_PARAMETERS = 10**13
 _MAX_OPSET = 1000
 _MAX_GFLOP = 1e9
+#: A row whose largest tensor reaches 2^31 elements cannot run at all (densepure_rt.limits).
+_MAX_ELEMENTS_PER_ROW = 2**31 - 1
 _SCHEDULES = ("linear", "cosine")
 _PRECISIONS = ("fp32", "fp16", "bf16")
 _GRAPHS = ("step", "classifier")
@@ -147,6 +153,24 @@ def _sha256_regular(path: Path, what: str, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+#: The input and output names of each graph (densepure_rt.export.onnx_export's specs).
+GRAPH_IO = {"step": (("x", "noise", "scalars"), ("x_next",)), "classifier": (("image",), ("labels", "logits"))}
+
+
+def check_graph_io(directory: str | Path, graph: str, inputs, outputs) -> None:
+    """Refuse, in one :class:`EngineError`, a loaded graph whose input or output names are not those of
+    ``graph`` (for example step.onnx and classifier.onnx swapped and the manifest sealed again):
+    the backend would otherwise fail deep inside a run, or compute something else."""
+    want_in, want_out = GRAPH_IO[graph]
+    got_in, got_out = tuple(sorted(inputs)), tuple(sorted(outputs))
+    if got_in != tuple(sorted(want_in)) or got_out != tuple(sorted(want_out)):
+        raise EngineError(
+            f"{directory}: the {graph} graph takes {', '.join(got_in) or 'nothing'} and gives {', '.join(got_out) or 'nothing'}, "
+            f"where a {graph} graph takes {', '.join(want_in)} and gives {', '.join(want_out)} (graph files swapped or "
+            "replaced?): rebuild the engine"
+        )
 
 
 def graph_path(directory: str | Path, manifest: dict, graph: str) -> Path:
@@ -418,6 +442,7 @@ def _validate(path: Path, manifest: dict) -> None:
         s.obj(f"graphs.{graph}")
         s.get(f"graphs.{graph}.file")
         graph_path(path.parent, manifest, graph)
+        s.int(f"graphs.{graph}.max_elements_per_row", 1, _MAX_ELEMENTS_PER_ROW)
     _validate_tensorrt(s, path, manifest)
 
 
@@ -460,6 +485,26 @@ def _validate_tensorrt(s: _Schema, path: Path, manifest: dict) -> None:
         onnx = s.str(f"tensorrt.plans.{graph}.onnx_sha256", min_len=64, max_len=64)
         if onnx != manifest["files"].get(manifest["graphs"][graph]["file"]):
             s.fail(f"tensorrt.plans.{graph}.onnx_sha256", f"the sha256 of graphs.{graph}.file (the ONNX the plan was built from)", onnx)
+
+
+def engine_identity(manifest: dict) -> str:
+    """What an engine computes, as one sha256: the sha256 of every file it runs (graphs, their
+    external data, TensorRT plans) and the settings that change its outputs (preset, image shape,
+    classes, schedule, precisions, backend). Not the build's date, host, timings or the manifest's
+    own checksum: a rebuild from the same weights and settings has the same identity (its graphs
+    are bit-identical), so results files keyed to it are continued; a changed graph is not.
+    (A TensorRT plan may differ between builds on the same machine: its sha256 is part of the
+    identity, so results continue only on the engine that wrote them.)"""
+    body = {
+        "files": {name: digest for name, digest in sorted(manifest["files"].items())},
+        "preset": manifest["preset"],
+        "image_shape": manifest["image_shape"],
+        "num_classes": manifest["num_classes"],
+        "schedule": manifest["schedule"],
+        "precision": manifest["precision"],
+        "backend": manifest["backend"]["name"],
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------------ #
@@ -538,6 +583,8 @@ def load_manifest(directory: str | Path, verify_files: bool = True) -> dict[str,
     """
     directory = Path(directory)
     if not directory.is_dir():
+        if os.path.lexists(directory):
+            raise EngineError(f"{directory} is a file, not an engine directory: give the folder `densepure-rt build` wrote")
         raise EngineError(f"engine directory {directory} does not exist: build one with `densepure-rt build`")
     path, manifest = _read_manifest(directory)
     if not isinstance(manifest, dict):

@@ -36,6 +36,9 @@ class Preset:
     shipped_classifier: str = ""
     default_data: str = ""  # "digits-test": certify without --data uses the shipped test split
     description: str = ""
+    #: Noisy samples per engine call by default (``build --batch``): with K = 10 votes, rows = 10 x
+    #: this must stay within the engine's row limit (densepure_rt.limits).
+    default_batch: int = 32
 
 
 PRESETS: dict[str, Preset] = {
@@ -76,6 +79,9 @@ PRESETS: dict[str, Preset] = {
         unet_gflop=2239.7,
         classifier_gflop=724.0,
         published=dict(n0=100, n=10000, alpha=0.001, skip=500, votes=10),
+        # 6 samples x K = 10 = 60 rows: the UNet holds 2^25 elements per row (512 x 256 x 256 in its
+        # first decoder concatenation), and no tensor may reach 2^31, so at most 63 rows per call.
+        default_batch=6,
     ),
     # DensePure CIFAR-10 (paper Table 1): 87.6 / 76.6 / 64.6 % at radius 0.0 / 0.25 / 0.5.
     "cifar10": Preset(

@@ -1,8 +1,10 @@
 """Certified accuracy from results files, as the papers report it, and the accuracy-vs-radius plot.
 
-Certified accuracy at radius r = fraction of images whose prediction is correct and whose certified
-radius is at least r. Across several files (one per sigma), each radius takes the best file, as in
-Cohen et al. and DensePure's tables.
+Certified accuracy at radius r = fraction of labelled images whose prediction is correct and whose
+certified radius is at least r. Images without a label (-1) are counted, but never as correct and
+never in the accuracy's denominator (an abstention, -1, is not a match for an unknown label). Across
+several files (one per sigma), each radius takes the best file, as in Cohen et al. and DensePure's
+tables.
 """
 
 from __future__ import annotations
@@ -15,17 +17,25 @@ import numpy as np
 from .errors import DataError
 from .results import read_results
 
-__all__ = ["DEFAULT_RADII", "certified_accuracy", "report_table", "format_table", "plot_curves"]
+__all__ = ["DEFAULT_RADII", "certified_accuracy", "labelled", "report_table", "format_table", "plot_curves", "check_plot_path", "printable"]
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
+def labelled(rows: Sequence[dict]) -> list[dict]:
+    """The rows whose image has a label (label >= 0)."""
+    return [r for r in rows if r["label"] >= 0]
+
+
 def certified_accuracy(rows: Sequence[dict], radii: Sequence[float]) -> np.ndarray:
-    """[len(radii)] fraction of rows with correct == 1 and radius >= r."""
+    """[len(radii)] fraction of the labelled rows with correct == 1 and radius >= r (NaN where no
+    row has a label). A file written before unlabelled rows were made never correct is read the
+    same way: only labelled rows count."""
+    rows = labelled(rows)
     if not rows:
-        return np.zeros(len(radii))
+        return np.full(len(radii), np.nan)
     correct = np.array([r["correct"] for r in rows], dtype=bool)
-    radius = np.array([r["radius"] for r in rows], dtype=float)
+    radius = np.array([r.get("radius", 0.0) for r in rows], dtype=float)
     return np.array([np.mean(correct & (radius >= r)) for r in radii])
 
 
@@ -33,35 +43,72 @@ def report_table(files: Sequence[str | Path], radii: Sequence[float] = DEFAULT_R
     """Per-file certified accuracies, the best per radius, and which file gave it."""
     if not files:
         raise DataError("report needs at least one results file")
-    per_file = {}
-    sizes = {}
+    per_file, sizes, with_labels = {}, {}, {}
     for f in files:
         rows = read_results(f)
         per_file[str(f)] = certified_accuracy(rows, radii)
         sizes[str(f)] = len(rows)
+        with_labels[str(f)] = len(labelled(rows))
     names = list(per_file)
     stacked = np.stack([per_file[n] for n in names])
-    best_idx = stacked.argmax(axis=0)
+    usable = ~np.isnan(stacked).all(axis=0)
+    best_idx = np.where(usable, np.nanargmax(np.where(np.isnan(stacked), -1.0, stacked), axis=0), 0)
+    best = np.where(usable, np.nanmax(np.where(np.isnan(stacked), -1.0, stacked), axis=0), np.nan)
     return {
         "radii": list(radii),
-        "files": {n: per_file[n].tolist() for n in names},
+        # None (JSON null) where a file has no labelled row: accuracy is not defined there.
+        "files": {n: [None if np.isnan(a) else float(a) for a in per_file[n]] for n in names},
         "images": sizes,
-        "best": stacked.max(axis=0).tolist(),
-        "best_file": [names[i] for i in best_idx],
+        "labelled": with_labels,
+        "best": [None if np.isnan(a) else float(a) for a in best],
+        "best_file": [names[i] if ok else None for i, ok in zip(best_idx, usable)],
     }
 
 
 def format_table(table: dict) -> str:
     """A plain-text table: one row per file plus the best-per-radius row."""
     radii = table["radii"]
-    width = max([len(Path(n).name) for n in table["files"]] + [len("best (per radius)")])
-    head = "radius".ljust(width) + "".join(f"{r:>8.2f}" for r in radii) + "   images"
+    names = {n: printable(Path(n).name) for n in table["files"]}
+    width = max([len(v) for v in names.values()] + [len("best (per radius)")])
+    head = "radius".ljust(width) + "".join(f"{r:>8.2f}" for r in radii) + "   images  labelled"
     lines = [head, "-" * len(head)]
     for name, acc in table["files"].items():
-        lines.append(Path(name).name.ljust(width) + "".join(f"{100 * a:>7.1f}%" for a in acc) + f"{table['images'][name]:>9d}")
+        lines.append(names[name].ljust(width) + "".join(_percent(a) for a in acc)
+                     + f"{table['images'][name]:>9d}{table['labelled'][name]:>10d}")
     if len(table["files"]) > 1:
-        lines.append("best (per radius)".ljust(width) + "".join(f"{100 * a:>7.1f}%" for a in table["best"]))
+        lines.append("best (per radius)".ljust(width) + "".join(_percent(a) for a in table["best"]))
+    unlabelled = sum(table["images"].values()) - sum(table["labelled"].values())
+    if unlabelled:
+        lines.append(f"({unlabelled} image{'s' if unlabelled > 1 else ''} without a label: "
+                     "never counted as correct, and not in the accuracies, which are over labelled images only)")
     return "\n".join(lines)
+
+
+def _percent(a) -> str:
+    return f"{'n/a':>8}" if a is None else f"{100 * a:>7.1f}%"
+
+
+def printable(text: str) -> str:
+    """``text`` with undecodable bytes of a file name (surrogate escapes) shown as ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def check_plot_path(out: str | Path) -> Path:
+    """``out`` as a plot file whose format matplotlib writes (by its extension), or a one-line
+    :class:`DataError`: checked before any work, so a typo does not cost the table."""
+    path = Path(out).expanduser()
+    if str(out).endswith(("/", "\\")) or path.is_dir():
+        raise DataError(f"--plot {out} is a folder: give a file such as {str(out).rstrip('/')}/curve.png")
+    from matplotlib.figure import Figure
+
+    formats = Figure().canvas.get_supported_filetypes()
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix not in formats:
+        raise DataError(
+            f"--plot {out}: matplotlib cannot write {('.' + suffix) if suffix else 'a file without an extension'}: "
+            f"end the name with one of {', '.join('.' + f for f in sorted(formats))}"
+        )
+    return path
 
 
 def plot_curves(files: Sequence[str | Path], out: str | Path, title: str = "DensePure certified accuracy") -> Path:
@@ -79,9 +126,9 @@ def plot_curves(files: Sequence[str | Path], out: str | Path, title: str = "Dens
     for name, rows in all_rows.items():
         acc = certified_accuracy(rows, grid)
         curves.append(acc)
-        ax.plot(grid, acc, label=Path(name).stem)
+        ax.plot(grid, acc, label=printable(Path(name).stem))
     if len(curves) > 1:
-        ax.plot(grid, np.max(curves, axis=0), "k--", linewidth=1, label="best per radius")
+        ax.plot(grid, np.nanmax(np.where(np.isnan(curves), -1.0, curves), axis=0), "k--", linewidth=1, label="best per radius")
     ax.set_xlabel("L2 radius")
     ax.set_ylabel("certified accuracy")
     ax.set_ylim(0, 1)
@@ -89,7 +136,7 @@ def plot_curves(files: Sequence[str | Path], out: str | Path, title: str = "Dens
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(out)
+    out = check_plot_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)

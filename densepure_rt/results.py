@@ -31,6 +31,7 @@ import errno
 import json
 import math
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,9 +73,36 @@ HEADERS = {"certify": HEADER, "predict": PREDICT_HEADER, "certify-radii": RADII_
 # Settings that must be identical for a run to continue an existing file.
 _RESUME_IF_RECORDED = ("precision",)
 _RESUME_KEYS = (
-    "mode", "engine_sha256", "data_sha256", "sigma", "steps", "votes", "n0", "n", "radii", "tol", "alpha", "seed", "skip", "max",
-    "ids", "noise",
+    "mode", "sigma", "steps", "votes", "n0", "n", "radii", "tol", "alpha", "seed", "skip", "max", "ids", "noise",
 )
+#: Identities of the engine and the data: (key of this version, key older versions wrote). A file
+#: written by an older version is compared on its old key, through the ``legacy`` values the caller
+#: computes the old way (:meth:`ResultsWriter.open`).
+_IDENTITY_KEYS = (("engine_id", "engine_sha256"), ("data_content_sha256", "data_sha256"))
+
+
+def _shown_key(key: str, options: dict) -> str:
+    """A setting as the user names it: with --radius / --tol, ``n`` is --n-max."""
+    if key == "n" and str(options.get("mode", "")).startswith("certify-"):
+        return "n-max"
+    return key
+
+
+def _changed_settings(saved: dict, options: dict, legacy: dict) -> list[str]:
+    """``key old -> new`` for each experiment-defining setting in which ``saved`` (a results file's
+    options) differs from ``options`` (this run's)."""
+    changed = [k for k in _RESUME_KEYS if saved.get(k) != options.get(k)]
+    # The arithmetic the engine actually ran in (OpenVINO fp32 / bf16): files written before it
+    # was recorded carry no such key and are continued as before.
+    changed += [k for k in _RESUME_IF_RECORDED if k in saved and saved.get(k) != options.get(k)]
+    shown = [f"{_shown_key(k, options)} {saved.get(k)!r} -> {options.get(k)!r}" for k in changed]
+    for key, old_key in _IDENTITY_KEYS:
+        if key in saved or old_key not in saved or old_key not in legacy:
+            if saved.get(key) != options.get(key):
+                shown.append(f"{key} {str(saved.get(key))[:12]}... -> {str(options.get(key))[:12]}...")
+        elif saved[old_key] != legacy[old_key]():
+            shown.append(f"{old_key} {str(saved[old_key])[:12]}... -> {str(legacy[old_key]())[:12]}...")
+    return shown
 
 #: Longest suffix added to a results file's name (``.json``, ``.lock``); temporary files use short names.
 _SIDECAR_SUFFIX = 5
@@ -279,6 +307,25 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _same_file(path: Path, fd: int) -> bool:
+    """Whether ``path`` (not followed if it is a link) is the file open as ``fd``."""
+    try:
+        here = os.lstat(path)
+    except OSError:
+        return False
+    mine = os.fstat(fd)
+    return (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _unlink_if_same(path: Path, fd: int) -> None:
+    """Remove ``path`` if it still is the file open as ``fd`` (another run's file is left alone)."""
+    if _same_file(path, fd):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write ``data`` to a short-named temporary file beside ``path``, fsync it, rename it into place."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".dp-", suffix=".tmp")
@@ -332,47 +379,114 @@ class ResultsWriter:
             )
 
     def _lock(self) -> None:
+        """Take the run's lock: an exclusive ``flock`` on ``FILE.lock``, which holds the holder's PID.
+
+        The lock file is opened without following symbolic links and must be a regular file with
+        one link and at most a PID in it, so a planted link or a user's file is refused, never
+        truncated; a lock file this run created and could not fill (a full disk) is removed again.
+        A lock file swapped between its opening and the ``flock`` (a run that ended meanwhile
+        removes its lock file) is opened again, so two runs never hold locks on different inodes.
+        """
         lock = lock_path(self.path)
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise _os_error(exc, lock, "create") from None
-        if fcntl is not None:
+        for _ in range(10):
+            fd, created = self._open_lock(lock)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                try:
-                    holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
-                finally:
-                    os.close(fd)
-                raise ConfigError(
-                    f"--out {self.path} is being written by another densepure-rt run (PID {holder}): "
-                    "wait for it to finish, or choose another --out"
-                ) from None
+                self._flock_or_refuse(fd, lock)
+                if _same_file(lock, fd):
+                    break
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # the lock file was removed or replaced meanwhile: take the one there now
+        else:  # pragma: no cover - ten swaps in a row
+            raise ConfigError(f"the lock file {lock} keeps being replaced: stop the other process that touches it")
         try:
-            os.ftruncate(fd, 0)
+            if not created:
+                os.ftruncate(fd, 0)  # a lock file of ours (checked in _open_lock) left by a run that died
             os.write(fd, f"{os.getpid()}\n".encode())
         except OSError as exc:
+            if created:
+                _unlink_if_same(lock, fd)
             os.close(fd)
             raise _os_error(exc, lock) from None
         self._lock_fd = fd
 
+    @staticmethod
+    def _open_lock(lock: Path) -> tuple[int, bool]:
+        """A descriptor of the lock file and whether this call created it (see :meth:`_lock`)."""
+        flags = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+        try:
+            return os.open(lock, flags | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise _os_error(exc, lock, "create") from None
+        try:
+            fd = os.open(lock, flags | getattr(os, "O_NONBLOCK", 0))
+        except OSError as exc:
+            if exc.errno == errno.ELOOP or os.path.islink(lock):
+                raise ConfigError(
+                    f"the lock file {lock} is a symbolic link, which densepure-rt never writes: remove the link "
+                    "(it may have been planted to overwrite another file), then run again"
+                ) from None
+            raise _os_error(exc, lock, "open") from None
+        info = os.fstat(fd)
+        problem = None
+        if not stat.S_ISREG(info.st_mode):
+            problem = "is not a regular file"
+        elif info.st_nlink != 1:
+            problem = f"has {info.st_nlink} hard links (a lock file has one)"
+        elif info.st_size > 32 or (info.st_size and not os.pread(fd, 33, 0).strip().isdigit()):
+            problem = "does not hold a PID, as a densepure-rt lock file does"
+        if problem:
+            os.close(fd)
+            raise ConfigError(
+                f"{lock} {problem}, so it is not a densepure-rt lock file and is left as it is: move it away, "
+                "or choose another --out"
+            )
+        return fd, False
+
+    def _flock_or_refuse(self, fd: int, lock: Path) -> None:
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise ConfigError(
+                f"--out {self.path} is being written by another densepure-rt run (PID {holder}): "
+                "wait for it to finish, or choose another --out"
+            ) from None
+
+    def _lock_results(self, fd: int) -> None:
+        """Also lock the results file itself: a run whose ``FILE.lock`` was deleted under it still
+        holds this one, so a second run is refused instead of appending the same images again."""
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(
+                f"--out {self.path} is being written by another densepure-rt run (its lock file {lock_path(self.path).name} "
+                "was removed while it ran): wait for it to finish, or choose another --out"
+            ) from None
+
     def _unlock(self) -> None:
         if self._lock_fd is None:
             return
-        try:
-            os.unlink(lock_path(self.path))
-        except OSError:
-            pass
+        _unlink_if_same(lock_path(self.path), self._lock_fd)  # never another run's lock file
         os.close(self._lock_fd)  # closing releases the flock
         self._lock_fd = None
 
-    def open(self, options: dict, resume: bool = True, allowed: Iterable[int] | None = None) -> set[int]:
+    def open(self, options: dict, resume: bool = True, allowed: Iterable[int] | None = None,
+             legacy: dict[str, Callable[[], object]] | None = None) -> set[int]:
         """Lock the file and return the image indices it already holds (empty for a new file).
 
         An existing file is continued only if its saved options match ``options`` on every
         experiment-defining key (see module docstring); ``resume`` is accepted for compatibility:
-        continuing an identical experiment is always safe, so it is the default.
+        continuing an identical experiment is always safe, so it is the default. ``legacy`` maps
+        an identity key of files written by older versions (``engine_sha256``, ``data_sha256``) to
+        a function computing that old value for this run, so such files can still be continued.
         """
         self._check_name()
         if self.path.parent and not self.path.parent.is_dir():
@@ -383,16 +497,34 @@ class ResultsWriter:
         self._lock()
         try:
             if os.path.lexists(self.path):
-                return self._continue(options, allowed)
+                return self._continue(options, allowed, legacy or {})
             self._pending_options = dict(options)
             return set()
         except BaseException:
-            self._unlock()
+            self.close()
             raise
 
-    def _continue(self, options: dict, allowed: Iterable[int] | None) -> set[int]:
-        if self.path.is_symlink() or not self.path.is_file():
-            raise ConfigError(f"--out {self.path} exists and is not a regular file: choose another --out")
+    def _open_existing(self) -> int:
+        """A read-write descriptor of the existing results file, locked (:meth:`_lock_results`)."""
+        flags = os.O_RDWR | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+        try:
+            fd = os.open(self.path, flags)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR) or os.path.islink(self.path):
+                raise ConfigError(f"--out {self.path} exists and is not a regular file: choose another --out") from None
+            raise _os_error(exc, self.path, "open") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ConfigError(f"--out {self.path} exists and is not a regular file: choose another --out")
+            self._lock_results(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _continue(self, options: dict, allowed: Iterable[int] | None, legacy: dict) -> set[int]:
+        fd = self._open_existing()
+        self._handle = os.fdopen(fd, "r+b", buffering=0)
         opts_file = options_path(self.path)
         if not opts_file.is_file():
             raise ConfigError(
@@ -407,43 +539,36 @@ class ResultsWriter:
             raise DataError(f"the options file {opts_file} is corrupt ({type(exc).__name__}): choose another --out") from None
         if not isinstance(saved, dict):
             raise DataError(f"the options file {opts_file} is not a JSON object: choose another --out")
-        changed = [k for k in _RESUME_KEYS if saved.get(k) != options.get(k)]
-        # The arithmetic the engine actually ran in (OpenVINO fp32 / bf16): files written before it
-        # was recorded carry no such key and are continued as before.
-        changed += [k for k in _RESUME_IF_RECORDED if k in saved and saved.get(k) != options.get(k)]
+        changed = _changed_settings(saved, options, legacy)
         if changed:
-            detail = ", ".join(f"{k} {saved.get(k)!r} -> {options.get(k)!r}" for k in changed)
             raise ConfigError(
-                f"--out {self.path} holds results of other settings ({detail}): use the same settings to "
+                f"--out {self.path} holds results of other settings ({', '.join(changed)}): use the same settings to "
                 "continue it, or choose another --out"
             )
-        done = self._repair_and_read(allowed)
-        try:
-            self._handle = open(self.path, "a", encoding="utf-8")
-        except OSError as exc:
-            raise _os_error(exc, self.path, "open") from None
-        return done
+        return self._repair_and_read(allowed)
 
     def _repair_and_read(self, allowed: Iterable[int] | None) -> set[int]:
-        """Drop a partial last line (a kill mid-write), check every row, return their indices."""
+        """Drop a partial last line (a kill mid-write), check every row, return their indices.
+        Works on the locked descriptor: the file is repaired in place, never replaced."""
         fix = "the file was edited or damaged: restore it, or choose another --out"
-        if self.path.stat().st_size > _MAX_BYTES:
+        handle = self._handle
+        if os.fstat(handle.fileno()).st_size > _MAX_BYTES:
             raise DataError(f"{self.path} is too large to be a results file: choose another --out")
-        data = self.path.read_bytes()
+        data = os.pread(handle.fileno(), _MAX_BYTES, 0)
         lines = _decode(data, self.path)
-        if not data:
-            lines = ["\t".join(self.header), ""]
-            self._replace_contents(("\t".join(self.header) + "\n").encode())
-        elif lines[-1]:  # the last line has no newline: a kill mid-write
-            keep = data[: data.rfind(b"\n") + 1]
-            lines = lines[:-1] + [""]
-            if not keep:
-                raise DataError(f"{self.path} has no complete header line: {fix}")
-            try:
-                with open(self.path, "r+b") as handle:
-                    handle.truncate(len(keep))
-            except OSError as exc:
-                raise _os_error(exc, self.path, "repair") from None
+        try:
+            if not data:
+                lines = ["\t".join(self.header), ""]
+                self._append(("\t".join(self.header) + "\n").encode())
+            elif lines[-1]:  # the last line has no newline: a kill mid-write
+                keep = data[: data.rfind(b"\n") + 1]
+                lines = lines[:-1] + [""]
+                if not keep:
+                    raise DataError(f"{self.path} has no complete header line: {fix}")
+                os.ftruncate(handle.fileno(), len(keep))
+                os.fsync(handle.fileno())
+        except OSError as exc:
+            raise _os_error(exc, self.path, "repair") from None
         if tuple(lines[0].split("\t")) != self.header:
             raise DataError(
                 f"{self.path} does not have the header of a densepure-rt {self._kind()} results file of this version: "
@@ -463,44 +588,87 @@ class ResultsWriter:
     def _kind(self) -> str:
         return next((mode for mode, header in HEADERS.items() if header == self.header), "")
 
-    def _replace_contents(self, data: bytes) -> None:
-        try:
-            _atomic_write(self.path, data)
-        except OSError as exc:
-            raise _os_error(exc, self.path) from None
-
     # -- writing ------------------------------------------------------------------------------ #
-    def _write_row(self, values: list) -> None:
-        line = "\t".join(str(v) for v in values)
-        if len(values) != len(self.header) or "\n" in line:
-            raise ValueError(f"a results row must have {len(self.header)} single-line values")
-        if self._pending_options is not None:
-            # The first row of a new file: options, then header + row, each renamed into place.
+    def _append(self, data: bytes) -> None:
+        """Append ``data`` at the end of the locked file, flushed and fsynced."""
+        fd = self._handle.fileno()
+        os.lseek(fd, 0, os.SEEK_END)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+
+    def _create(self, first: bytes) -> None:
+        """The first row of a new file: header and row go to a temporary file, which is locked,
+        fsynced and then linked into place only if no file of that name appeared meanwhile (a
+        rename would replace it); its options follow. A kill leaves either no file, or the file
+        with its first row."""
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".dp-", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; results are ordinary files
+            self._lock_results(fd)
+            self._handle = os.fdopen(fd, "r+b", buffering=0)
+            fd = -1
+            self._append(first)
+            try:
+                os.link(tmp, self.path)
+            except FileExistsError:
+                raise ConfigError(
+                    f"--out {self.path} was created by another densepure-rt run while this one worked (its lock "
+                    "file was removed): choose another --out"
+                ) from None
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+                    raise
+                if os.path.lexists(self.path):  # a file system without hard links: rename, checked first
+                    raise ConfigError(f"--out {self.path} was created by another run while this one worked: choose another --out") from None
+                os.rename(tmp, self.path)
             options = json.dumps(self._pending_options, indent=2, sort_keys=True) + "\n"
             try:
                 _atomic_write(options_path(self.path), options.encode())
             except OSError as exc:
                 raise _os_error(exc, options_path(self.path)) from None
-            self._replace_contents(("\t".join(self.header) + "\n" + line + "\n").encode("utf-8"))
-            self._pending_options = None
+        except OSError as exc:
+            raise _os_error(exc, self.path) from None
+        finally:
+            if fd != -1:
+                os.close(fd)
             try:
-                self._handle = open(self.path, "a", encoding="utf-8")
-            except OSError as exc:
-                raise _os_error(exc, self.path, "open") from None
+                os.unlink(tmp)
+            except OSError:
+                pass
+        _fsync_dir(self.path.parent)
+        self._pending_options = None
+
+    def _check_still_ours(self) -> None:
+        """Refuse to append to a results file that was deleted or replaced during the run."""
+        info = os.fstat(self._handle.fileno())
+        if info.st_nlink == 0 or not _same_file(self.path, self._handle.fileno()):
+            raise DataError(
+                f"{self.path} was deleted or replaced while this run wrote it: the rows of this run are not in it; "
+                "run again (to a new --out) to recompute them"
+            )
+
+    def _write_row(self, values: list) -> None:
+        line = "\t".join(str(v) for v in values)
+        if len(values) != len(self.header) or "\n" in line:
+            raise ValueError(f"a results row must have {len(self.header)} single-line values")
+        row = (line + "\n").encode("utf-8")
+        if self._pending_options is not None:
+            self._create(("\t".join(self.header) + "\n").encode() + row)
             return
         if self._handle is None:
             raise RuntimeError("ResultsWriter.open() was not called")
+        self._check_still_ours()
         try:
-            self._handle.write(line + "\n")
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
+            self._append(row)
         except OSError as exc:
             raise _os_error(exc, self.path) from None
 
     def write_certificate(self, idx: int, label: int, cert: Certificate, counts: np.ndarray, seconds: float, unet_evals: int = 0) -> None:
         """One CERTIFY row."""
         self._write_row([
-            idx, label, cert.prediction, f"{cert.radius:.6g}", int(cert.prediction == label),
+            idx, label, cert.prediction, f"{cert.radius:.6g}", _correct(cert.prediction, label),
             datetime.timedelta(seconds=seconds), cert.n_a, f"{cert.p_a_lower:.6g}", cert.c_a, top_counts(counts), unet_evals,
         ])
 
@@ -509,21 +677,21 @@ class ResultsWriter:
         names = {1: "certified", -1: "futile", 0: "undecided"}
         decisions = ",".join(f"{r:g}:{names[d]}" for r, d in zip(cert.radii, cert.decisions))
         self._write_row([
-            idx, label, cert.prediction, f"{cert.radius:.6g}", int(cert.prediction == label),
+            idx, label, cert.prediction, f"{cert.radius:.6g}", _correct(cert.prediction, label),
             datetime.timedelta(seconds=seconds), cert.c_a, cert.n_a, cert.n, decisions, cert.unet_evals,
         ])
 
     def write_until(self, idx: int, label: int, cert, seconds: float) -> None:
         """One ``certify --tol`` row (a :class:`densepure_rt.runtime.EarlyStopCertificate`)."""
         self._write_row([
-            idx, label, cert.prediction, f"{cert.radius:.6g}", int(cert.prediction == label),
+            idx, label, cert.prediction, f"{cert.radius:.6g}", _correct(cert.prediction, label),
             datetime.timedelta(seconds=seconds), cert.c_a, cert.n_a, cert.n, f"{cert.p_a_lower:.6g}", cert.reason, cert.unet_evals,
         ])
 
     def write_prediction(self, idx: int, label: int, prediction, seconds: float, unet_evals: int = 0) -> None:
         """One PREDICT row."""
         self._write_row([
-            idx, label, prediction.prediction, int(prediction.prediction == label), datetime.timedelta(seconds=seconds),
+            idx, label, prediction.prediction, _correct(prediction.prediction, label), datetime.timedelta(seconds=seconds),
             prediction.count1, prediction.count2, f"{prediction.p_value:.6g}", unet_evals,
         ])
 
@@ -543,6 +711,12 @@ class ResultsWriter:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _correct(prediction: int, label: int) -> int:
+    """1 when a labelled image's prediction is its label. An unlabelled image (label -1) is never
+    correct: an abstention (-1) would otherwise match it."""
+    return int(label >= 0 and prediction == label)
 
 
 def indices_todo(indices: Iterable[int], done: set[int]) -> list[int]:

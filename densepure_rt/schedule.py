@@ -263,11 +263,14 @@ def max_sigma(schedule: BetaSchedule) -> float:
     return float(np.sqrt(1.0 / schedule.alphas_cumprod[-1] - 1.0)) / 2.0
 
 
-def _check_sigma(schedule: BetaSchedule, sigma: float) -> None:
+def _check_sigma(schedule: BetaSchedule, sigma: float, covered: bool = True) -> None:
+    """A finite sigma > 0, and (``covered``) one the diffusion schedule reaches."""
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating, np.integer)) or not math.isfinite(sigma):
         raise ScheduleError(f"sigma must be a finite number (got {sigma!r})")
     if not sigma > 0:
         raise ScheduleError(f"sigma must be > 0 (got {sigma})")
+    if not covered:
+        return
     top = max_sigma(schedule)
     if sigma > top:
         raise ScheduleError(
@@ -289,6 +292,12 @@ def reverse_schedule(schedule: BetaSchedule, sigma: float, steps: Union[int, str
         steps = int(steps)  # the module's own sentinels (internal callers, fixtures' configs)
     else:
         steps = parse_steps(steps)
+    if steps == NO_PURIFICATION:
+        # No reverse run: the classifier gets 2 (x + delta) - 1 unscaled, and the diffusion schedule is
+        # not used, so any finite sigma > 0 is allowed (t* is NaN where the schedule does not reach it).
+        _check_sigma(schedule, sigma, covered=False)
+        ts = t_star(schedule, sigma) if sigma <= max_sigma(schedule) else math.nan
+        return ReverseSchedule(float(sigma), steps, float(ts), 1.0, (), np.zeros((0, len(STEP_SCALARS))))
     _check_sigma(schedule, sigma)
     ts = t_star(schedule, sigma)
     if steps >= 1 and steps > max_steps(schedule, sigma):
@@ -302,9 +311,6 @@ def reverse_schedule(schedule: BetaSchedule, sigma: float, steps: Union[int, str
     input_scale = (1.0 / (1.0 + (2.0 * sigma) ** 2)) ** 0.5
     rows: list[list[float]] = []
 
-    if steps == NO_PURIFICATION:
-        # No reverse run: the classifier gets 2 (x + delta) - 1 unscaled.
-        return ReverseSchedule(float(sigma), steps, float(ts), 1.0, (), np.zeros((0, len(STEP_SCALARS))))
     if steps == ONE_SHOT:
         tau = round(ts)
         full = _posterior_table(schedule.alphas_cumprod, schedule.betas)

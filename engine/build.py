@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shutil
+import socket
 import sys
 import tempfile
 import time
@@ -33,10 +34,11 @@ from densepure_rt.manifest import MANIFEST, write_manifest
 from densepure_rt.presets import Preset
 from densepure_rt.schedule import make_schedule, reverse_schedule
 
-from densepure_rt.export.onnx_export import classifier_spec, export_graph, step_spec, validate_graph
+from densepure_rt.export.onnx_export import classifier_spec, export_graph, max_elements_per_row, step_spec, validate_graph
+from densepure_rt.limits import row_limit
 from densepure_rt.export.step import DenoiseStep
 
-__all__ = ["BuildOptions", "build_engine", "check_out_dir", "is_engine_dir", "PRECISIONS", "BACKENDS"]
+__all__ = ["BuildOptions", "build_engine", "check_out_dir", "clean_stale_builds", "foreign_entry", "is_engine_dir", "PRECISIONS", "BACKENDS"]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 BACKENDS = ("onnxruntime", "openvino", "tensorrt")
@@ -77,17 +79,45 @@ def _check(options: BuildOptions) -> None:
         raise ConfigError(f"--batch must be an integer >= 1 (got {options.batch!r})")
 
 
-def is_engine_dir(path: str | Path) -> bool:
-    """True if ``path`` is a directory holding a densepure-rt ``manifest.json`` (a JSON object with
-    our self-checksum key), whether or not its files still verify."""
+def _manifest_body(path: str | Path) -> dict | None:
+    """The JSON object in ``path/manifest.json`` if it looks like a densepure-rt manifest (our
+    self-checksum and schema keys), whether or not it verifies; else None."""
     manifest = Path(path) / MANIFEST
     try:
         if manifest.is_symlink() or not manifest.is_file() or manifest.stat().st_size > (16 << 20):
-            return False
+            return None
         body = json.loads(manifest.read_bytes().decode("utf-8"))
     except (OSError, ValueError, UnicodeDecodeError, RecursionError):
-        return False
-    return isinstance(body, dict) and "manifest_sha256" in body and "schema_version" in body
+        return None
+    if isinstance(body, dict) and "manifest_sha256" in body and "schema_version" in body:
+        return body
+    return None
+
+
+def is_engine_dir(path: str | Path) -> bool:
+    """True if ``path`` is a directory holding a densepure-rt ``manifest.json`` (a JSON object with
+    our self-checksum key), whether or not its files still verify."""
+    return _manifest_body(path) is not None
+
+
+#: What an engine directory may hold besides the files its manifest lists: the manifest, and the
+#: temporary file :func:`densepure_rt.manifest.write_manifest` renames into place.
+_ENGINE_OWN = (MANIFEST, MANIFEST + ".tmp")
+
+
+def foreign_entry(path: str | Path) -> str | None:
+    """The first entry of the engine directory ``path`` that is not one of its own files (a file
+    its manifest lists, the manifest, or the manifest's temporary file): a sub-folder, a symbolic
+    link, or a file the manifest does not list. None when every entry is the engine's own, so
+    replacing the directory deletes nothing else."""
+    body = _manifest_body(path) or {}
+    files = body.get("files")
+    listed = set(files) if isinstance(files, dict) else set()
+    for entry in sorted(os.scandir(path), key=lambda e: e.name):
+        own = entry.name in listed or entry.name in _ENGINE_OWN
+        if not own or entry.is_symlink() or not entry.is_file(follow_symlinks=False):
+            return entry.name
+    return None
 
 
 def _protected(path: Path) -> str | None:
@@ -111,8 +141,10 @@ def check_out_dir(out_dir: str | Path, force: bool) -> str:
     Returns ``"new"`` (absent or an empty directory) or ``"replace"`` (an existing engine, with
     ``force``). Refuses, with one :class:`ConfigError` and without touching anything: a file; a
     non-empty directory that is not a densepure-rt engine (``--force`` never deletes such a
-    directory); an engine without ``force``; the root, the home folder, the working folder or any
-    of its ancestors; a symbolic link.
+    directory); an engine directory that also holds anything but its own files (:func:`foreign_entry`:
+    a copied manifest next to a user's files, or notes and results kept in an engine folder); an
+    engine without ``force``; the root, the home folder, the working folder or any of its
+    ancestors; a symbolic link.
     """
     out_dir = Path(out_dir)
     if not os.path.lexists(out_dir):
@@ -133,9 +165,83 @@ def check_out_dir(out_dir: str | Path, force: bool) -> str:
             f"--out {out_dir} exists and is not a densepure-rt engine (no manifest.json of ours): --force only "
             "replaces engine directories; choose another folder"
         )
+    foreign = foreign_entry(out_dir)
+    if foreign is not None:
+        raise ConfigError(
+            f"--out {out_dir} holds {foreign!r}, which is not a file of the engine (its manifest does not list it), "
+            "so the folder is not replaced, with or without --force: move it away, or choose another folder"
+        )
     if not force:
         raise ConfigError(f"--out {out_dir} already holds an engine: choose another folder, or pass --force to replace it")
     return "replace"
+
+
+#: The owner file of a build's work folders (``.NAME.XXXX.partial`` staging, ``.NAME.XXXX.old`` the
+#: replaced engine moved aside): which process of which host made it, for which engine directory.
+_OWNER = ".owner"
+_OWNER_TOOL = "densepure-rt build"
+
+
+def _work_folder(out_dir: Path, suffix: str) -> Path:
+    """A new, uniquely named folder beside ``out_dir`` holding an owner file (see :func:`clean_stale_builds`)."""
+    folder = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=suffix))
+    owner = {"tool": _OWNER_TOOL, "pid": os.getpid(), "host": socket.gethostname(), "out": str(out_dir.resolve())}
+    (folder / _OWNER).write_text(json.dumps(owner) + "\n")
+    return folder
+
+
+def _owner(folder: str) -> dict | None:
+    """The owner record of a build work folder, or None if it has none of ours."""
+    path = Path(folder) / _OWNER
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > 4096:
+            return None
+        owner = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(owner, dict) or owner.get("tool") != _OWNER_TOOL or type(owner.get("pid")) is not int:
+        return None
+    return owner
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # another user's process (or a PID this system cannot have: treated as alive)
+    return True
+
+
+def clean_stale_builds(out_dir: str | Path, log=print) -> None:
+    """Tidy up after builds into ``out_dir`` that were killed (``kill -9``, a power cut).
+
+    Their work folders beside ``out_dir`` (``.NAME.XXXX.partial``, ``.NAME.XXXX.old``) are removed
+    when their owner file names ``out_dir``, this host, and a process that no longer runs; a
+    folder of a live build, of another host or without our owner file is left alone. A build killed
+    between moving the old engine aside and moving the new one in leaves no ``out_dir``: the old
+    engine is then put back, not deleted."""
+    out_dir = Path(out_dir)
+    parent, here, host = out_dir.parent, str(out_dir.resolve()), socket.gethostname()
+    try:
+        entries = sorted(os.scandir(parent), key=lambda e: e.name)
+    except OSError:
+        return
+    for entry in entries:
+        if not (entry.name.startswith(f".{out_dir.name}.") and entry.name.endswith((".partial", ".old"))):
+            continue
+        if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+            continue
+        owner = _owner(entry.path)
+        if owner is None or owner.get("out") != here or owner.get("host") != host or _alive(owner["pid"]):
+            continue
+        kept = Path(entry.path) / "engine"
+        if entry.name.endswith(".old") and not os.path.lexists(out_dir) and kept.is_dir() and not kept.is_symlink():
+            kept.rename(out_dir)
+            log(f"{out_dir}: put back the engine a killed build (pid {owner['pid']}) had moved aside")
+        shutil.rmtree(entry.path, ignore_errors=True)
+        log(f"removed {entry.path}, left by a killed build (pid {owner['pid']})")
 
 
 def _step_inputs(preset: Preset, batch: int):
@@ -169,7 +275,8 @@ def _cost_gflop(preset: Preset, unet: nn.Module, classifier: nn.Module) -> dict:
 
     c, s = preset.channels, preset.image_size
     unet_gflop = count_gflop_meta(lambda: create_model(**preset.unet_kwargs), [(1, c, s, s), (1,)])
-    device = next(classifier.parameters()).device
+    first = next(classifier.parameters(), None)  # a classifier may have no parameters at all
+    device = first.device if first is not None else torch.device("cpu")
     classifier_gflop = count_gflop(classifier, torch.zeros(1, c, s, s, device=device))
     return {"unet": float(f"{unet_gflop:.6g}"), "classifier": float(f"{classifier_gflop:.6g}")}
 
@@ -196,8 +303,11 @@ def build_engine(
 
         plan_builder = PlanBuilder(options.tensorrt or TensorRTOptions(), options.batch)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_builds(out_dir, log)
     # A fresh, uniquely named staging folder: never a folder that might belong to someone else.
-    stage = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".partial"))
+    work = _work_folder(out_dir, ".partial")
+    stage = work / "engine"
+    stage.mkdir()
     try:
         image_shape = (preset.channels, preset.image_size, preset.image_size)
         val_batch = 2
@@ -224,6 +334,15 @@ def build_engine(
             log("validating both graphs against PyTorch on fresh random inputs...")
             validation["step"] = validate_graph(stage / sspec.file, step_parent, sspec, make_step)
             validation["classifier"] = validate_graph(stage / cspec.file, classifier, cspec, make_cls)
+        log("inferring every tensor's shape for the row limit...")
+        per_row = {g: max_elements_per_row(stage / spec.file) for g, spec in (("step", sspec), ("classifier", cspec))}
+        limits = {g: row_limit(n) for g, n in per_row.items()}
+        if plan_builder is not None and plan_builder.rows[2] > limits["step"]:
+            raise ConfigError(
+                f"--max-batch {plan_builder.rows[2]} rows is above this network's limit of {limits['step']} rows per call "
+                f"({per_row['step']:,} elements per row in its largest tensor; TensorRT refuses tensors of 2^31 "
+                f"elements or more): give --max-batch {limits['step']} or less"
+            )
         plans = None
         if plan_builder is not None:
             plans, plan_files = plan_builder.build(stage, {"step": sspec.file, "classifier": cspec.file}, options.precision, log)
@@ -250,7 +369,9 @@ def build_engine(
             # OpenVINO runs both graphs at the engine's precision; ONNX Runtime's classifier is fp32.
             "precision": {"step": options.precision, "classifier": options.precision if options.backend == "openvino" else "fp32"},
             "backend": {"name": options.backend, "opset": 17},
-            "graphs": {"step": sspec.as_dict(), "classifier": cspec.as_dict()},
+            # max_elements_per_row: the largest tensor of each graph per row of a call (shape inference
+            # over the exported graph); the runtime derives its row limit from it (densepure_rt.limits).
+            "graphs": {g: {**spec.as_dict(), "max_elements_per_row": per_row[g]} for g, spec in (("step", sspec), ("classifier", cspec))},
             "validation": validation,
             "default_batch": options.batch,
             "default_data": preset.default_data,
@@ -269,21 +390,19 @@ def build_engine(
         if plans:
             manifest["tensorrt"] = plans
         write_manifest(stage, manifest)
-        os.chmod(stage, 0o755)  # mkdtemp makes it 0700
+        os.chmod(stage, 0o755)
         # Checked again just before the swap (the folder may have changed during a long export).
         if check_out_dir(out_dir, options.force) == "replace":
-            old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".old"))
-            os.rmdir(old)
-            out_dir.rename(old)  # moved aside, deleted only once the new engine is in place
+            old = _work_folder(out_dir, ".old")
+            out_dir.rename(old / "engine")  # moved aside, deleted only once the new engine is in place
             stage.rename(out_dir)
             shutil.rmtree(old, ignore_errors=True)
         else:
             if out_dir.is_dir():
                 out_dir.rmdir()  # empty
             stage.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     log(f"engine written to {out_dir}")
     from densepure_rt.manifest import load_manifest
 

@@ -36,7 +36,12 @@ def load_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, tor
                 raise ValueError(str(exc)) from None
         else:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if not _refused_for_code(exc):  # not a pickle at all: garbage, truncated, or another format
+            raise CheckpointError(
+                f"{what} {path} is not a readable checkpoint (corrupt, truncated or another format: "
+                f"{_printable_first_line(exc)[:160]}): download or save it again (a plain state dict, torch.save or .safetensors)"
+            ) from None
         # torch's own message goes on to suggest weights_only=False, i.e. running the file's code:
         # that is exactly what densepure-rt never does, so it is not repeated here.
         raise CheckpointError(
@@ -44,13 +49,15 @@ def load_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, tor
             "reads plain state dicts; save model.state_dict() with torch.save, or convert it to .safetensors"
         ) from None
     except (RuntimeError, EOFError, ValueError, OSError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _printable_first_line(exc)
         if "weights_only" in first or "Weights only" in first:
-            first = "it needs pickled code to load"
-        first = "".join(ch for ch in first if ch.isprintable())  # no terminal escape codes
+            raise CheckpointError(
+                f"{what} {path} needs pickled code to load: densepure-rt only reads plain state dicts; save "
+                "model.state_dict() with torch.save, or convert it to .safetensors"
+            ) from None
         raise CheckpointError(
-            f"{what} {path} could not be read as a plain state dict ({first[:200]}): save model.state_dict() "
-            "with torch.save, or convert it to .safetensors"
+            f"{what} {path} is not a readable checkpoint (corrupt, truncated or another format: {first[:160]}): "
+            "download or save it again (a plain state dict, torch.save or .safetensors)"
         ) from None
     if isinstance(obj, Mapping):
         for key in _WRAPPER_KEYS:
@@ -65,6 +72,19 @@ def load_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, tor
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def _printable_first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return "".join(ch for ch in first if ch.isprintable())  # no terminal escape codes
+
+
+def _refused_for_code(exc: pickle.UnpicklingError) -> bool:
+    """Whether torch's weights-only unpickler refused a well-formed pickle because it names code
+    (a class, a function), as opposed to bytes that are no pickle at all ("invalid load key")."""
+    text = str(exc)
+    return "Weights only load failed" in text or "Unsupported global" in text or "Unsupported operand" in text
 
 
 def load_strict(module: torch.nn.Module, state: Mapping[str, torch.Tensor], what: str = "checkpoint") -> None:

@@ -27,7 +27,10 @@ from torch import nn
 from densepure_rt.errors import DensePureError
 from densepure_rt.schedule import STEP_SCALARS
 
-__all__ = ["TensorSpec", "GraphSpec", "step_spec", "classifier_spec", "export_graph", "validate_graph", "ExportValidationError"]
+__all__ = [
+    "TensorSpec", "GraphSpec", "step_spec", "classifier_spec", "export_graph", "validate_graph", "ExportValidationError",
+    "max_elements_per_row",
+]
 
 OPSET = 17
 #: Graphs whose weights exceed this are saved with external data (protobuf's hard limit is 2 GB).
@@ -161,6 +164,54 @@ def export_graph(module: nn.Module, spec: GraphSpec, directory: str | Path, exam
             return [spec.file, data]
         onnx.save_model(model, str(target))
         return [spec.file]
+
+
+def _shapes_at(model, rows: int, sizes: dict[str, Sequence[int]] | None) -> dict[str, int]:
+    """Element count of every tensor of ``model`` with ``rows`` rows per call (ONNX Runtime's
+    symbolic shape inference: it follows the shape arithmetic of reshapes, which ONNX's own shape
+    inference leaves unknown). ``sizes`` fixes other dynamic input dimensions (name -> full shape,
+    ``"batch"`` where the rows go)."""
+    import onnx
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    initializers = {t.name for t in fixed.graph.initializer}
+    for value in fixed.graph.input:
+        if value.name in initializers:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        wanted = (sizes or {}).get(value.name) or [d.dim_param or d.dim_value for d in dims]
+        for dim, want in zip(dims, wanted):
+            if isinstance(want, str):  # the dynamic batch axis: the rows of one call
+                if want != "batch":
+                    raise ValueError(f"input {value.name} has the dynamic axis {want!r}: give its size")
+                want = rows
+            dim.ClearField("dim_param")
+            dim.dim_value = int(want)
+    inferred = SymbolicShapeInference.infer_shapes(fixed, auto_merge=True)
+    counts = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.output]:
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim]
+        if any(d is None for d in dims):
+            raise ValueError(f"the shape of {value.name} could not be inferred")
+        counts[value.name] = int(np.prod(dims, dtype=np.int64)) if dims else 1
+    return counts
+
+
+def max_elements_per_row(model, sizes: dict[str, Sequence[int]] | None = None) -> int:
+    """The largest number of elements any tensor of ``model`` (an ONNX ModelProto or a path) holds
+    per row of its dynamic batch axis: the growth of each tensor from one row to two, maximised
+    over the graph's intermediate values and outputs. ONNX Runtime's CUDA kernels and TensorRT
+    index tensors with 32-bit integers, so ``(2**31 - 1) // max_elements_per_row`` rows is the most
+    one call may hold (the ImageNet UNet: 512 x 256 x 256 = 2^25 per row, in its first decoder
+    concatenation, so 63 rows). Shape inference only: nothing runs, weights need not be loaded."""
+    import onnx
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    one, two = _shapes_at(model, 1, sizes), _shapes_at(model, 2, sizes)
+    return max(two[name] - one[name] for name in one)
 
 
 def _session(path: Path):

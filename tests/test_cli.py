@@ -174,9 +174,9 @@ def test_report_table_json_and_plot_match_rows_recomputed_here(work, reference):
     assert result.exit_code == 0, result.output
 
     lines = result.stdout.splitlines()
-    assert lines[0].split() == ["radius", "0.00", "0.25", "0.50", "0.75", "1.00", "images"]
+    assert lines[0].split() == ["radius", "0.00", "0.25", "0.50", "0.75", "1.00", "images", "labelled"]
     row = next(line for line in lines if line.startswith(reference.name))
-    assert row.split()[1:] == [f"{100 * a:.1f}%" for a in expected] + [str(NUM_IMAGES)]
+    assert row.split()[1:] == [f"{100 * a:.1f}%" for a in expected] + [str(NUM_IMAGES), str(NUM_IMAGES)]
 
     table = json.loads(table_json.read_text())
     assert table["radii"] == radii

@@ -433,8 +433,8 @@ def test_full_disk_mid_run_is_one_line_and_the_rerun_completes(work, engine, ima
     options_size, results_size = len(Path(f"{out}.json").read_bytes()), out.stat().st_size
     out.unlink()
     Path(f"{out}.json").unlink()
-    limit = options_size + 300  # the options and the first rows fit; the whole file does not
-    assert limit < results_size - 300
+    limit = options_size + 100  # the options and the first rows fit; the whole file does not
+    assert limit < results_size - 100
     proc = subprocess.run(args, capture_output=True, text=True, preexec_fn=_limit_file_size(limit))
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "File too large" in proc.stderr
@@ -524,8 +524,12 @@ def test_results_have_one_time_column_and_options_record_paths_as_given(work, en
     ]
     options = json.loads((work / "given.tsv.json").read_text())
     assert options["engine"] == "eng" and options["data"] == "images.npz"
-    assert options["engine_sha256"] == json.loads((engine / "manifest.json").read_text())["manifest_sha256"]
-    assert options["data_sha256"] == sha256(images)
+    assert options["engine_manifest_sha256"] == json.loads((engine / "manifest.json").read_text())["manifest_sha256"]
+    # The data's identity is what was certified: index, label, shape and float32 pixels of image 0.
+    with np.load(images) as arrays:
+        image, label = arrays["images"][0].astype("<f4"), int(arrays["labels"][0])
+    content = np.array([0, label, *image.shape], dtype="<i8").tobytes() + image.tobytes()
+    assert options["data_content_sha256"] == hashlib.sha256(content).hexdigest()
     assert str(work) not in json.dumps(options)
 
 
