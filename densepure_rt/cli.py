@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import ConfigError, DataError, DensePureError, EngineError
+from .errors import ConfigError, DataError, DensePureError, EngineError, install_hint
 
 __all__ = ["main"]
 
@@ -196,7 +196,7 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
         from .engine.build import BACKEND_PRECISIONS, BuildOptions, build_engine, check_out_dir, is_engine_dir
         from .export.models import load_classifier, load_unet
     except ImportError as exc:
-        raise ConfigError(f"build needs the PyTorch extra ({exc.name} is missing): pip install 'densepure-rt[torch]'") from None
+        raise ConfigError(f"build needs the PyTorch extra ({exc.name} is missing): {install_hint('torch')}") from None
     if precision not in BACKEND_PRECISIONS[backend]:  # before anything is loaded or announced
         raise ConfigError(f"--precision {precision} is not one the {backend} backend runs: choose {' or '.join(BACKEND_PRECISIONS[backend])}")
     trt_flags = {"--min-batch": min_batch, "--opt-batch": opt_batch, "--max-batch": max_batch, "--workspace": workspace,

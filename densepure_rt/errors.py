@@ -19,3 +19,9 @@ class EngineError(DensePureError):
 
 class DataError(DensePureError):
     """Input images are missing, unreadable, of the wrong shape, or not finite."""
+
+
+def install_hint(extra: str) -> str:
+    """How to add one of densepure-rt's optional extras, the way the README installs it: from the
+    source checkout (the package is not published on PyPI)."""
+    return f"pip install -e '.[{extra}]' in your densepure-rt checkout"

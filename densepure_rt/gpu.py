@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import EngineError
+from .errors import EngineError, install_hint
 from .philox import CUDA_SOURCE
 
 __all__ = ["require_cupy", "CudaContext", "CupyNoise"]
@@ -32,7 +32,7 @@ def require_cupy():
         import cupy
     except ImportError:
         raise EngineError(
-            "--device cuda needs CuPy: pip install 'densepure-rt[gpu-cuda13]' (or [gpu-cuda12], matching your CUDA)"
+            f"--device cuda needs CuPy: {install_hint('gpu-cuda13')} (or gpu-cuda12, matching your CUDA)"
         ) from None
     try:
         if cupy.cuda.runtime.getDeviceCount() < 1:
