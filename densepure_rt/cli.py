@@ -739,6 +739,7 @@ def info(engine, engine_opt, as_json):
     Example:
       densepure-rt info engines/digits
     """
+    from .limits import rows_per_call
     from .manifest import load_manifest
 
     if engine and engine_opt and Path(engine) != Path(engine_opt):
@@ -762,6 +763,9 @@ def info(engine, engine_opt, as_json):
         f"classifier  {manifest['classifier']['name']}, {manifest['classifier']['parameters']:,} parameters, fp32"
         + (f", {cost['classifier']:g} GFLOP/sample" if isinstance(cost.get("classifier"), (int, float)) and cost.get("classifier") else ""),
         f"backend     {manifest['backend']['name']} (opset {manifest['backend']['opset']})",
+        "rows        at most {} per step call, {} per classifier call (largest tensors {:,} and {:,} elements per row; "
+        "rows = noisy samples x K)".format(*rows_per_call(manifest), manifest["graphs"]["step"]["max_elements_per_row"],
+                                          manifest["graphs"]["classifier"]["max_elements_per_row"]),
         *_plan_lines(manifest),
         f"built       {build.get('date', '?')} with densepure-rt {manifest.get('toolkit_version')}, torch {build.get('torch', '?')}"
         + ("  [random weights]" if build.get("random_weights") else ""),

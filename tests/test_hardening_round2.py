@@ -545,3 +545,34 @@ def test_a_changed_n_max_is_named_n_max(work, engine, images, tmp_path):
     assert invoke(*args, "--n-max", "50").exit_code == 0
     message = one_line_error(invoke(*args, "--n-max", "51"))
     assert "n-max 50 -> 51" in message
+
+
+def test_a_full_disk_while_creating_the_lock_leaves_no_lock_file(work, engine, images, tmp_path):
+    """RLIMIT_FSIZE = 0 stands in for a full disk: the lock file is created but its PID cannot be
+    written (EFBIG, the path ENOSPC takes); the run stops in one line and removes what it created."""
+    import resource
+
+    def no_room():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+
+    out = tmp_path / "full.tsv"
+    args = CLI + ["certify", "--engine", str(engine), "--data", str(images), *SMALL, "--out", str(out)]
+    proc = subprocess.run(args, capture_output=True, text=True, preexec_fn=no_room)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "lock" in proc.stderr
+    assert not Path(f"{out}.lock").exists() and not out.exists()
+
+
+def test_deleting_the_results_file_during_a_run_stops_it(work, engine, images, tmp_path):
+    out = tmp_path / "vanishing.tsv"
+    args, run = _start_slow_run(engine, images, out, n="300")
+    try:
+        _wait_for(lambda: out.exists() and len(out.read_text().splitlines()) >= 2)
+        out.unlink()
+        _, stderr = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 2, stderr
+    assert "was deleted or replaced while this run wrote it" in stderr and len(stderr.strip().splitlines()) == 1
