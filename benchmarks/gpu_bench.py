@@ -6,7 +6,7 @@ One run, per preset, with random weights at the published architecture (nothing 
   16 and BEiT-L/16-512 in fp32; CIFAR-10: the UNet in fp32 at batch 100 and ViT-B/16 in fp32;
   timm attention as two matmuls (the old timm the code used); the reverse loop driven step by step
   from Python (:func:`densepure_rt.export.fast.published_loop`).
-- ``tuned``: fp16 with the float32 islands of DESIGN.md, channels-last (NCHW timed too, the faster
+- ``tuned``: fp16 with the float32 islands of docs/design.md, channels-last (NCHW timed too, the faster
   layout kept), fused attention (SDPA), cudnn.benchmark, batches that fill the GPU, run eagerly.
 - ``compiled`` (``--compile``): the tuned reverse step through ``torch.compile`` (no CUDA graphs).
 - ``loop_eager`` / ``graph``: :class:`densepure_rt.export.fast.WholeLoop` for B noisy samples x K
@@ -91,9 +91,9 @@ from densepure_rt.presets import get_preset  # noqa: E402
 from densepure_rt.schedule import make_schedule, reverse_schedule  # noqa: E402
 from densepure_rt.vote import majority_vote  # noqa: E402
 
-PEAK_TFLOPS = 989.0  # H100/H200 dense FP16 tensor-core peak (DESIGN.md section 6)
+PEAK_TFLOPS = 989.0  # H100/H200 dense FP16 tensor-core peak (docs/design.md section 6)
 SIGMA = 0.5  # cost does not depend on sigma; t* does, and is recorded
-VOTES = STEPS = 10  # the published K and the b of DESIGN.md section 6
+VOTES = STEPS = 10  # the published K and the b of docs/design.md section 6
 DEFAULT_SETTINGS = dict(n0=100, n=10000)  # for presets without published settings (tiny)
 
 

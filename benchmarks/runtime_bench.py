@@ -2,7 +2,7 @@
 
 For each engine directory and batch size: noisy samples per second, UNet (denoise-step) evaluations
 per second per row, ms per UNet evaluation per row, the multiple of the FLOP floor (the engine's
-counted GFLOP at 989 TFLOP/s, DESIGN.md section 6) and images per hour at the published settings
+counted GFLOP at 989 TFLOP/s, docs/design.md section 6) and images per hour at the published settings
 ((n0 + n) noisy samples of K runs of b steps), with the vote's early exit off (every run, the cost
 the PyTorch paths of ``gpu_bench.py`` are timed at) and on.
 

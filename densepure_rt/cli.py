@@ -76,7 +76,12 @@ class _Group(click.Group):
             sys.exit(2)
         except KeyboardInterrupt as exc:
             what = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
-            click.echo(f"{what}: rows written so far are kept; run the same command again to continue", err=True)
+            after = {
+                "certify": "rows written so far are kept; run the same command again to continue",
+                "predict": "rows written so far are kept; run the same command again to continue",
+                "build": "no engine was written and the --out folder is as it was (the build's work folder was removed)",
+            }.get(ctx.invoked_subcommand or "", "nothing was changed")
+            click.echo(f"{what}: {after}", err=True)
             sys.exit(143 if isinstance(exc, _Terminated) else 130)
 
 
@@ -140,6 +145,37 @@ def _weights_sha256(path: str | None, shipped: str, random_weights: bool) -> str
     return digest.hexdigest()
 
 
+#: The default engine folder of a ``--random-weights`` build: engines/PRESET-random.
+RANDOM_SUFFIX = "-random"
+
+
+def _timed_log(started: float):
+    """A build log that prefixes each stage with the seconds since the build started."""
+
+    def log(message: str) -> None:
+        click.echo(f"[{time.time() - started:5.0f} s] {message}", err=True)
+
+    return log
+
+
+def _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights) -> None:
+    """The checkpoint flags, checked without torch: given files exist; random weights exclude
+    checkpoints; a preset with no shipped weights gets checkpoints or --random-weights."""
+    for flag, path in (("--diffusion-ckpt", diffusion_ckpt), ("--classifier-ckpt", classifier_ckpt)):
+        if path is not None and random_weights:
+            raise ConfigError(f"{flag} and --random-weights exclude each other: give checkpoints or ask for random weights")
+        if path is not None and not Path(path).expanduser().exists():
+            raise ConfigError(f"{flag} {path} does not exist")
+    if random_weights:
+        return
+    for what, path, shipped, hint, flag in (("diffusion", diffusion_ckpt, p.shipped_unet, p.diffusion_ckpt_hint, "--diffusion-ckpt"),
+                                            ("classifier", classifier_ckpt, p.shipped_classifier, p.classifier_ckpt_hint, "--classifier-ckpt")):
+        if path is None and not shipped:
+            if not hint:  # a preset without published weights (tiny)
+                raise ConfigError(f"the {p.name} preset has no weights to load: build it with --random-weights")
+            raise ConfigError(f"the {p.name} preset needs a {what} checkpoint: {hint} (or --random-weights for benchmarking)")
+
+
 @main.command()
 @click.option("--model", "preset", required=True, metavar="PRESET", help="Preset: imagenet, cifar10, digits, tiny.")
 @click.option("--diffusion-ckpt", type=click.Path(), metavar="PATH", help="Diffusion UNet checkpoint (.pt or .safetensors).")
@@ -154,7 +190,7 @@ def _weights_sha256(path: str | None, shipped: str, random_weights: bool) -> str
                    "(pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13; not run by this project).")
 @click.option("--batch", type=click.IntRange(min=1), default=None, metavar="N",
               help="Default noisy samples per engine call  [default: the preset's: 6 for imagenet (60 rows at K = 10), else 32]")
-@click.option("--out", type=click.Path(), metavar="DIR", help="Engine directory  [default: engines/PRESET]")
+@click.option("--out", type=click.Path(), metavar="DIR", help="Engine directory  [default: engines/PRESET, engines/PRESET-random with --random-weights]")
 @click.option("--force", is_flag=True, help="Rebuild, replacing an existing engine directory (never any other folder).")
 @click.option("--seed", type=int, default=0, show_default=True, metavar="N", help="Seed of --random-weights.")
 @click.option("--no-validate", is_flag=True, help="Skip validating the graphs against PyTorch.")
@@ -188,34 +224,37 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
       densepure-rt build --model imagenet --random-weights --precision fp16 --out engines/imagenet-rand
       densepure-rt build --model cifar10 ... --backend tensorrt --precision fp16 --batch 200 --max-batch 2000
     """
-    from .presets import get_preset
+    from .presets import BACKEND_PRECISIONS, get_preset
 
+    # Everything that can be checked without torch is checked first: importing torch and timm takes
+    # seconds to tens of seconds, and a typo should not cost that.
     p = get_preset(preset)
     batch = batch if batch is not None else p.default_batch
-    try:
-        from .engine.build import BACKEND_PRECISIONS, BuildOptions, build_engine, check_out_dir, is_engine_dir
-        from .export.models import load_classifier, load_unet
-    except ImportError as exc:
-        raise ConfigError(f"build needs the PyTorch extra ({exc.name} is missing): {install_hint('torch')}") from None
     if precision not in BACKEND_PRECISIONS[backend]:  # before anything is loaded or announced
         raise ConfigError(f"--precision {precision} is not one the {backend} backend runs: choose {' or '.join(BACKEND_PRECISIONS[backend])}")
+    _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights)
     trt_flags = {"--min-batch": min_batch, "--opt-batch": opt_batch, "--max-batch": max_batch, "--workspace": workspace,
                  "--timing-cache": timing_cache, "--hardware-compatibility": hardware_compatibility}
-    trt_options = None
     if backend != "tensorrt":
         given = [flag for flag, value in trt_flags.items() if value is not None]
         if given:
             raise ConfigError(f"{given[0]} goes with --backend tensorrt")
-    else:
+    click.echo(f"loading PyTorch for the {p.name} build...", err=True)
+    try:
+        from .engine.build import BuildOptions, build_engine, check_out_dir, clean_stale_builds, is_engine_dir
+        from .export.models import load_classifier, load_unet
+    except ImportError as exc:
+        raise ConfigError(f"build needs the PyTorch extra ({exc.name} is missing): {install_hint('torch')}") from None
+    trt_options = None
+    if backend == "tensorrt":
         from .engine.tensorrt import PlanBuilder, TensorRTOptions
 
         trt_options = TensorRTOptions(min_rows=min_batch or 1, opt_rows=opt_batch, max_rows=max_batch, workspace_mib=workspace,
                                       timing_cache=timing_cache, hardware_compatibility=hardware_compatibility or "none")
         plan_builder = PlanBuilder(trt_options, batch)  # TensorRT, a GPU and the profile checked before anything is loaded
-    for flag, path in (("--diffusion-ckpt", diffusion_ckpt), ("--classifier-ckpt", classifier_ckpt)):
-        if path is not None and not Path(path).exists():
-            raise ConfigError(f"{flag} {path} does not exist")
-    out = Path(out or f"engines/{p.name}")
+    # A random-weights engine gets a name that says so: its certificates mean nothing.
+    out = Path(out).expanduser() if out else Path(f"engines/{p.name}{RANDOM_SUFFIX if random_weights else ''}")
+    clean_stale_builds(out, log=lambda line: click.echo(line, err=True))
     inputs = {
         "preset": p.name,
         "precision": precision,
@@ -243,10 +282,14 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
             click.echo(f"{out}: up to date (same preset, settings and weights; manifest and files verified), reused; --force rebuilds it")
             return
     check_out_dir(out, force)  # refuses before anything is loaded or announced
+    weights = "random weights" if random_weights else "weights"
+    started = time.time()
+    click.echo(f"creating the {p.name} UNet ({weights})...", err=True)
     unet = load_unet(p, diffusion_ckpt, random_weights=random_weights, seed=seed)
+    click.echo(f"creating the {p.name} classifier ({weights})...", err=True)
     classifier = load_classifier(p, classifier_ckpt, random_weights=random_weights, seed=seed)
     # Announced only once the folder and the checkpoints have passed their checks.
-    click.echo(f"building {p.name} ({precision}, {backend}) into {out}", err=True)
+    click.echo(f"building {p.name} ({precision}, {backend}) into {out} (models ready after {time.time() - started:.0f} s)", err=True)
     provenance = {
         "command": "densepure-rt " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "random_weights": bool(random_weights),
@@ -256,8 +299,8 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
     }
     options = BuildOptions(precision=precision, backend=backend, batch=batch, force=force, validate=not no_validate, provenance=provenance,
                            tensorrt=trt_options)
-    manifest = build_engine(out, p, unet, classifier, options, log=lambda m: click.echo(m, err=True))
-    click.echo(f"{out}: {p.name}, step {precision}, {len(manifest['files'])} files, checks passed")
+    manifest = build_engine(out, p, unet, classifier, options, log=_timed_log(started))
+    click.echo(f"{out}: {p.name}, step {precision}, {len(manifest['files'])} files, checks passed ({time.time() - started:.0f} s)")
 
 
 # ------------------------------------------------------------------------------------------------ #
@@ -405,6 +448,10 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
     # With --ray the driver reads the manifest only: the actors open the engine where the GPUs are.
     with open_engine(engine_dir, device=device, threads=threads, early_exit=early_exit, metadata_only=ray is not None) as engine:
         engine.reverse_schedule(sigma, steps_value)  # refuses a (sigma, b) the schedule cannot honour
+        random_weights = bool(engine.manifest.get("build", {}).get("random_weights"))
+        if random_weights:
+            click.echo(f"warning: {engine_dir} was built with --random-weights (for benchmarking): its predictions and "
+                       "certificates mean nothing", err=True)
         batch = batch if batch is not None else int(engine.manifest.get("default_batch", 32))
         # The most noisy samples one call of this run can hold: buffers are sized by it, and the row
         # limit and the memory are checked against it before anything is written.
@@ -419,6 +466,7 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
             # weights continues the file; the manifest's own checksum (build date...) is kept for reference.
             "engine_id": engine_identity(engine.manifest),
             "engine_manifest_sha256": engine.manifest["manifest_sha256"],
+            "random_weights": random_weights,
             "preset": engine.preset,
             "data": spec,
             # The selected images' indices, labels and decoded pixels (densepure_rt.data.Dataset.validate).
@@ -688,7 +736,8 @@ def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batc
 @click.option("--plot", type=click.Path(), metavar="PNG", help="Write the certified-accuracy-vs-radius curve.")
 @click.option("--json", "json_out", type=click.Path(), metavar="FILE", help="Also write the table as JSON.")
 def report(results, radii, plot, json_out):
-    """Certified accuracy at standard radii (best sigma per radius across files) and the curve.
+    """Certified accuracy at standard radii (best sigma per radius across files) and the curve;
+    for files of `predict`: accuracy and abstentions.
 
     \b
     Example:
@@ -696,7 +745,8 @@ def report(results, radii, plot, json_out):
     """
     import math
 
-    from .report import printable, check_plot_path, format_table, plot_curves, report_table
+    from .report import (check_plot_path, format_predictions, format_table, is_prediction_file, plot_curves, prediction_summary,
+                         printable, report_table)
 
     try:
         radii_values = [float(r) for r in radii.split(",") if r.strip()]
@@ -707,6 +757,16 @@ def report(results, radii, plot, json_out):
     if plot:
         check_plot_path(plot)  # before any work: a typo in the name does not cost the table
     results = [Path(r).expanduser() for r in results]
+    predictions = [r for r in results if is_prediction_file(r)]
+    if predictions:  # predict files have no radius: accuracy and abstentions, as predict's summary
+        if len(predictions) < len(results) or plot:
+            raise ConfigError("report takes certify files or predict files, not both, and plots certify files only: "
+                              "run it once for each kind")
+        summaries = {str(r): prediction_summary(r) for r in predictions}
+        click.echo(format_predictions(summaries))
+        if json_out:
+            Path(json_out).expanduser().write_text(json.dumps({"predictions": summaries}, indent=2) + "\n")
+        return
     table = report_table(results, radii_values)
     click.echo(format_table(table))
     if json_out:

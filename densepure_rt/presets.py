@@ -1,4 +1,4 @@
-"""The model presets, as data (DESIGN section 2). The runtime itself reads only an engine's manifest.
+"""The model presets, as data (docs/design.md section 2). The runtime itself reads only an engine's manifest.
 
 Paper numbers beside each preset are from Xiao et al. (ICLR 2023), Table 1 / Table 2 (certified
 accuracy at radius 0 / 0.5 / 1.0, sigma chosen per radius), for orientation only: densepure-rt
@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigError
 
-__all__ = ["Preset", "PRESETS", "get_preset"]
+__all__ = ["Preset", "PRESETS", "get_preset", "BACKEND_PRECISIONS"]
+
+#: The precisions each backend runs (``build --backend/--precision``): ONNX Runtime an fp16 or fp32
+#: step graph; OpenVINO the fp32 graphs at an inference precision it is told explicitly (fp32, or
+#: bf16 on CPUs that have it); TensorRT a strongly typed plan of the fp16 (or fp32) step graph.
+#: Here, not in the torch-side builder, so that the CLI checks flags before importing torch.
+BACKEND_PRECISIONS = {"onnxruntime": ("fp32", "fp16"), "openvino": ("fp32", "bf16"), "tensorrt": ("fp16", "fp32")}
 
 
 @dataclass(frozen=True)
@@ -29,7 +35,7 @@ class Preset:
     classifier: str
     diffusion_ckpt_hint: str
     classifier_ckpt_hint: str
-    unet_gflop: float  # per sample, for the cost model (DESIGN section 6)
+    unet_gflop: float  # per sample, for the cost model (docs/design.md section 6)
     classifier_gflop: float
     published: dict = field(default_factory=dict)
     shipped_unet: str = ""  # file under densepure_rt/assets/ used when no checkpoint is given
@@ -174,8 +180,8 @@ PRESETS: dict[str, Preset] = {
         channels=3,
         num_classes=10,
         classifier="small-cnn",
-        diffusion_ckpt_hint="the tiny preset has no published weights: use --random-weights",
-        classifier_ckpt_hint="the tiny preset has no published weights: use --random-weights",
+        diffusion_ckpt_hint="",  # no published weights: --random-weights only
+        classifier_ckpt_hint="",
         unet_gflop=0.0,
         classifier_gflop=0.0,
         description="tiny random-weights model for tests and smoke runs (its certificates mean nothing)",

@@ -15,9 +15,9 @@ from typing import Sequence
 import numpy as np
 
 from .errors import DataError
-from .results import read_results
+from .results import PREDICT_HEADER, read_results, read_rows
 
-__all__ = ["DEFAULT_RADII", "certified_accuracy", "labelled", "report_table", "format_table", "plot_curves", "check_plot_path", "printable"]
+__all__ = ["DEFAULT_RADII", "certified_accuracy", "labelled", "is_prediction_file", "prediction_summary", "format_predictions", "report_table", "format_table", "plot_curves", "check_plot_path", "printable"]
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -37,6 +37,36 @@ def certified_accuracy(rows: Sequence[dict], radii: Sequence[float]) -> np.ndarr
     correct = np.array([r["correct"] for r in rows], dtype=bool)
     radius = np.array([r.get("radius", 0.0) for r in rows], dtype=float)
     return np.array([np.mean(correct & (radius >= r)) for r in radii])
+
+
+def is_prediction_file(path: str | Path) -> bool:
+    """Whether ``path`` is a ``predict`` results file (its header is :data:`PREDICT_HEADER`)."""
+    header, _ = read_rows(path, required=("idx",))
+    return tuple(header) == PREDICT_HEADER
+
+
+def prediction_summary(path: str | Path) -> dict:
+    """A ``predict`` file in numbers: images, labelled images, accuracy over the labelled ones
+    (None without labels), abstentions, and UNet evaluations per image."""
+    _, rows = read_rows(path, required=PREDICT_HEADER)
+    known = labelled(rows)
+    return {
+        "images": len(rows),
+        "labelled": len(known),
+        "accuracy": (sum(r["correct"] for r in known) / len(known)) if known else None,
+        "abstained": sum(r["predict"] == -1 for r in rows),
+        "unet_evals_per_image": (sum(r["unet_evals"] for r in rows) / len(rows)) if rows else 0.0,
+    }
+
+
+def format_predictions(summaries: dict) -> str:
+    """One line per ``predict`` file: accuracy over its labelled images and abstentions."""
+    width = max([len(printable(Path(n).name)) for n in summaries] + [len("predictions")])
+    lines = ["predictions".ljust(width) + "  accuracy   images  labelled  abstained", "-" * (width + 41)]
+    for name, s in summaries.items():
+        lines.append(printable(Path(name).name).ljust(width) + f"{_percent(s['accuracy']):>10}{s['images']:>9d}"
+                     f"{s['labelled']:>10d}{s['abstained']:>11d}")
+    return "\n".join(lines)
 
 
 def report_table(files: Sequence[str | Path], radii: Sequence[float] = DEFAULT_RADII) -> dict:

@@ -2,7 +2,7 @@
 
 Everything here is computed once per (schedule, sigma, b) on the host in float64, exactly as the
 official code computes it, and handed to the reverse loop as a small table of per-step scalars.
-The loop itself never touches these formulas (DESIGN section 1.3-1.4).
+The loop itself never touches these formulas (docs/design.md section 1.3-1.4).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def make_schedule(kind: str, num_timesteps: int, rescale_timesteps: bool = True)
 
 
 def t_star(schedule: BetaSchedule, sigma: float) -> float:
-    """The timestep whose alpha_bar equals 1 / (1 + (2 sigma)^2) (DESIGN section 1.3).
+    """The timestep whose alpha_bar equals 1 / (1 + (2 sigma)^2) (docs/design.md section 1.3).
 
     Linear: the discrete index whose sqrt(1/alpha_bar - 1) is nearest to 2 sigma, ties to the lower
     index (144 / 258 / 396 for sigma 0.25 / 0.5 / 1.0). Cosine: the continuous closed form
@@ -280,7 +280,7 @@ def _check_sigma(schedule: BetaSchedule, sigma: float, covered: bool = True) -> 
 
 
 def reverse_schedule(schedule: BetaSchedule, sigma: float, steps: Union[int, str]) -> ReverseSchedule:
-    """The frozen reverse schedule for (schedule, sigma, b) (DESIGN section 1.4).
+    """The frozen reverse schedule for (schedule, sigma, b) (docs/design.md section 1.4).
 
     ``steps`` = b >= 1 runs DensePure's fast sampling: tau_i = round(t* - i t*/b), respaced betas
     beta'_k = min(1 - alpha_bar(tau_{k}) / alpha_bar(tau_{k+1}), 0.999) over [0, tau_{b-1}, ..., tau_0].

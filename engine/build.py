@@ -31,7 +31,7 @@ from torch import nn
 from densepure_rt import __version__
 from densepure_rt.errors import ConfigError
 from densepure_rt.manifest import MANIFEST, write_manifest
-from densepure_rt.presets import Preset
+from densepure_rt.presets import BACKEND_PRECISIONS, Preset
 from densepure_rt.schedule import make_schedule, reverse_schedule
 
 from densepure_rt.export.onnx_export import classifier_spec, export_graph, max_elements_per_row, step_spec, validate_graph
@@ -41,11 +41,7 @@ from densepure_rt.export.step import DenoiseStep
 __all__ = ["BuildOptions", "build_engine", "check_out_dir", "clean_stale_builds", "foreign_entry", "is_engine_dir", "PRECISIONS", "BACKENDS"]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
-BACKENDS = ("onnxruntime", "openvino", "tensorrt")
-#: The precisions each backend runs: ONNX Runtime an fp16 or fp32 step graph; OpenVINO the fp32
-#: graphs at an inference precision it is told explicitly (fp32, or bf16 on CPUs that have it);
-#: TensorRT a strongly typed plan of the fp16 (or fp32) step graph, the classifier in fp32.
-BACKEND_PRECISIONS = {"onnxruntime": ("fp32", "fp16"), "openvino": ("fp32", "bf16"), "tensorrt": ("fp16", "fp32")}
+BACKENDS = tuple(BACKEND_PRECISIONS)
 
 
 @dataclass
@@ -268,7 +264,7 @@ def _classifier_inputs(preset: Preset, batch: int):
 
 def _cost_gflop(preset: Preset, unet: nn.Module, classifier: nn.Module) -> dict:
     """GFLOP of one UNet and one classifier evaluation of one sample, counted on the models
-    themselves (2 FLOPs per multiply-accumulate; DESIGN section 6's convention). The UNet is counted
+    themselves (2 FLOPs per multiply-accumulate; docs/design.md section 6's convention). The UNet is counted
     on the meta device (instant even at 552M parameters), the classifier with one real forward."""
     from densepure_rt.export.flops import count_gflop, count_gflop_meta
     from densepure_rt.export.unet import create_model
@@ -325,9 +321,10 @@ def build_engine(
         make_step, make_cls = _step_inputs(preset, val_batch), _classifier_inputs(preset, val_batch)
         gen = torch.Generator().manual_seed(0)
         t0 = time.time()
-        log(f"exporting the denoise-step graph ({graph_precision})...")
+        runs_in = f"; OpenVINO runs it in {options.precision}" if options.backend == "openvino" else ""
+        log(f"exporting the denoise-step graph ({graph_precision}{runs_in})...")
         files = export_graph(step_parent, sspec, stage, make_step(gen))
-        log("exporting the classifier graph (fp32)...")
+        log(f"exporting the classifier graph (fp32{runs_in})...")
         files += export_graph(classifier, cspec, stage, make_cls(gen))
         validation = {}
         if options.validate:

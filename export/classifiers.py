@@ -1,7 +1,7 @@
 """Classifiers that read a purified image: the preset's own resize and normalisation, the network, argmax.
 
 The classifier graph takes the purified image ``x0_hat`` in [-1, 1] exactly as the reverse run returns
-it, so the runtime never does image maths on the host (DESIGN.md 1.6). What each preset does, matched
+it, so the runtime never does image maths on the host (docs/design.md section 1.6). What each preset does, matched
 to the official DensePure code (``eval_certified_densepure.py`` at commit 1ed105d, class
 ``DensePure_Certify``, the class used by ``--certify_mode purify``):
 

@@ -1,11 +1,11 @@
 """PyTorch fast paths for DensePure, and the published baseline they are measured against.
 
-Three ways to run the same computation (DESIGN.md section 1), from slowest to fastest:
+Three ways to run the same computation (docs/design.md section 1), from slowest to fastest:
 
 - :func:`published_loop`: the reverse process driven step by step from Python the way the official
   code drives it (guided-diffusion's ``p_sample_loop``): per step, coefficient tensors built on the
   host from numpy float64 tables and copied to the device, ``randn_like`` for the noise.
-- :func:`tune_for_speed`: the same modules in fp16 (with the float32 islands of DESIGN.md section 3),
+- :func:`tune_for_speed`: the same modules in fp16 (with the float32 islands of docs/design.md section 3),
   channels-last convolutions and fused attention (SDPA), run eagerly.
 - :class:`WholeLoop`: the whole DensePure sampling loop for one batch of noisy samples (smoothing
   noise, b reverse steps of B*K rows, classifier, argmax, vote, histogram) as one fixed-shape

@@ -1,6 +1,6 @@
 """Forward FLOPs of one sample, counted by PyTorch's ``FlopCounterMode`` (for the manifests' ``cost_gflop``).
 
-Convention (``FlopCounterMode``'s, and DESIGN.md section 6's): 2 FLOPs per multiply-accumulate of the
+Convention (``FlopCounterMode``'s, and docs/design.md section 6's): 2 FLOPs per multiply-accumulate of the
 matrix products, convolutions and attention; bias additions, normalisation, activations, softmax,
 resizing and other element-wise work are not counted. On it the full-size UNets come to 16.77
 (cifar10) and 2239.67 (imagenet) GFLOP per sample, ViT-B/16 at 224 to 35.13, BEiT-L/16 at 512 to 723.97.

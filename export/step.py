@@ -1,4 +1,4 @@
-"""One reverse step as a module: the UNet plus DensePure's posterior update (DESIGN section 1.4).
+"""One reverse step as a module: the UNet plus DensePure's posterior update (docs/design.md section 1.4).
 
 This is both the reference's step and the exported *denoise step* graph, so the two cannot drift
 apart. All per-step numbers arrive as one float32 row of ``densepure_rt.schedule.STEP_SCALARS``,

@@ -234,7 +234,7 @@ def test_force_replaces_an_engine_and_reuse_skips_an_identical_build(tmp_path):
 
 
 def _official_taus(ts: float, b: int) -> list[int]:
-    """DensePure's fast-sampling timesteps, written out here from DESIGN section 1.4."""
+    """DensePure's fast-sampling timesteps, written out here from docs/design.md section 1.4."""
     return [round(ts - i * ts / b) for i in range(b)]
 
 

@@ -91,3 +91,93 @@ def test_committed_digits_results_continue_on_a_fresh_engine(folder, tmp_path):
         assert copy.read_bytes() == tsv.read_bytes()  # complete: not one row added or changed
         checked += 1
     assert checked >= 6
+
+
+# ------------------------------------------------------------------------------------------------ #
+# the newcomer's friction (issue 20, items 5-10)                                                    #
+# ------------------------------------------------------------------------------------------------ #
+
+import os  # noqa: E402
+import signal  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+_SCRIPT = Path(sys.executable).with_name("densepure-rt")
+CLI = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "densepure_rt.cli"]
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated (SIGTERM)"), (signal.SIGINT, 130, "interrupted")])
+def test_an_interrupted_build_leaves_nothing_and_says_so(sig, code, word, tmp_path):
+    out = tmp_path / "eng"
+    build = subprocess.Popen(CLI + ["build", "--model", "digits", "--out", str(out)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".eng.*.partial")):  # the export has started
+        assert build.poll() is None and time.time() < deadline, build.stderr.read() if build.poll() is not None else "timeout"
+        time.sleep(0.02)
+    build.send_signal(sig)
+    _, stderr = build.communicate(timeout=120)
+    assert build.returncode == code, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(word) and "no engine was written" in last and "rows" not in last
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no engine, no work folder
+
+
+def test_random_weights_engines_say_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert invoke("build", "--model", "tiny", "--random-weights").exit_code == 0
+    engine = tmp_path / "engines" / "tiny-random"
+    assert (engine / "manifest.json").is_file() and not (tmp_path / "engines" / "tiny").exists()
+    import numpy as np
+
+    np.savez(tmp_path / "x.npz", images=np.full((1, 3, 16, 16), 0.5, dtype=np.float32), labels=np.array([1]))
+    result = CliRunner().invoke(main, ["certify", "--engine", "engines/tiny-random", "--data", "x.npz", "--sigma", "0.5",
+                                       "--steps", "1", "--votes", "1", "--n0", "2", "--n", "5", "--quiet", "--out", "r.tsv"])
+    assert result.exit_code == 0, result.output
+    assert "warning: engines/tiny-random was built with --random-weights" in result.stderr
+    assert json.loads((tmp_path / "r.tsv.json").read_text())["random_weights"] is True
+
+
+def test_report_summarises_predict_files_and_they_are_ignored_by_git(tmp_path):
+    engine = tmp_path / "digits"
+    assert invoke("build", "--model", "digits", "--out", engine).exit_code == 0
+    out = tmp_path / "predictions.tsv"
+    result = invoke("predict", "--engine", engine, "--sigma", "0.25", "--steps", "2", "--votes", "3", "--n", "20",
+                    "--max", "40", "--skip", "10", "--quiet", "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = [line.split("\t") for line in out.read_text().splitlines()[1:]]
+    accuracy = sum(r[3] == "1" for r in rows) / len(rows)
+    abstained = sum(r[2] == "-1" for r in rows)
+    report = invoke("report", out)
+    assert report.exit_code == 0, report.output
+    line = next(x for x in report.stdout.splitlines() if x.startswith("predictions.tsv"))
+    assert line.split() == ["predictions.tsv", f"{100 * accuracy:.1f}%", str(len(rows)), str(len(rows)), str(abstained)]
+    ignored = subprocess.run(["git", "check-ignore", "predictions.tsv", "predictions.tsv.json"], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.stdout.split() == ["predictions.tsv", "predictions.tsv.json"]
+
+
+def test_build_checks_its_flags_before_importing_torch(tmp_path):
+    """A missing checkpoint, or a preset without weights, is one line from an interpreter where torch
+    cannot even be imported: the check comes first (importing torch and timm takes seconds)."""
+    from conftest import BLOCK_TORCH
+
+    program = BLOCK_TORCH + "import sys; from densepure_rt.cli import main; sys.exit(main())"
+    cases = [
+        (["--model", "cifar10", "--diffusion-ckpt", str(tmp_path / "missing.pt")], "--diffusion-ckpt"),
+        (["--model", "tiny"], "the tiny preset has no weights to load: build it with --random-weights"),
+        (["--model", "imagenet"], "needs a diffusion checkpoint"),
+    ]
+    for args, needle in cases:
+        proc = subprocess.run([sys.executable, "-c", program, "build", *args, "--out", str(tmp_path / "e")], capture_output=True,
+                              text=True, cwd=tmp_path, timeout=60)
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.count("\n") == 1 and needle in proc.stderr and "random-weights (or --random-weights" not in proc.stderr
+
+
+def test_an_openvino_bf16_build_says_what_it_runs_in(tmp_path):
+    pytest.importorskip("openvino")
+    result = invoke("build", "--model", "tiny", "--random-weights", "--backend", "openvino", "--precision", "bf16",
+                    "--no-validate", "--out", tmp_path / "ov")
+    assert result.exit_code == 0, result.output
+    assert "exporting the denoise-step graph (fp32; OpenVINO runs it in bf16)" in result.stderr
