@@ -8,17 +8,31 @@ sigma 0.5, b = 4 steps, K = 3 votes, n0 = 100, alpha = 0.001, seed 0:
 - ``--tol 0.05`` (stop when the radius would grow by less than 0.05 = 0.1 sigma per doubling);
 the sequential modes with ``--n-max 2000``, the fixed run's n, so every mode has the same budget.
 All modes use the exact early exit of the K-run vote (identical votes), and the sequential modes
-the exact early exit of the selection phase (identical c_a); the fixed run's UNet evaluations
-without them, i.e. the published method's cost, are (n0 + n) K b per image exactly.
+end the selection phase early (``densepure_rt.sequential.selection_done``: once the samples left
+cannot change the argmax, or once the leader is clear); the fixed run's UNet evaluations without
+the vote's early exit, i.e. the published method's cost, are (n0 + n) K b per image exactly.
 
-Writes ``benchmarks/results/sample_efficiency/`` (the TSVs with their options, ``summary.json``,
-``summary.md``). Usage: ``python benchmarks/sample_efficiency.py [--engine engines/digits]``.
-Takes about 40 minutes on a 2-core CPU (the fixed-n run is most of it).
+Writes ``benchmarks/results/sample_efficiency/`` (or ``--out``: the TSVs with their options,
+``summary.json``, ``summary.md``). Usage: ``python benchmarks/sample_efficiency.py [--engine
+engines/digits]``. Takes about 40 minutes on a 2-core CPU (the fixed-n run is most of it).
+
+Before / after the clear-leader rule of the selection (``--selection exact`` runs the sequential
+modes with the exact rule alone, the rule before it, by replacing ``selection_done`` with its
+``level=0`` form inside the CLI process; nothing else changes)::
+
+    python benchmarks/sample_efficiency.py --sequential-only --selection exact --out benchmarks/results/sample_efficiency/selection_exact
+    python benchmarks/sample_efficiency.py --sequential-only --selection clear --out benchmarks/results/sample_efficiency/selection_clear
+    python benchmarks/sample_efficiency.py --compare benchmarks/results/sample_efficiency/selection_exact benchmarks/results/sample_efficiency/selection_clear
+
+The selection samples each image used are not in the rows: they are recomputed here from the
+image's n0 selection votes (drawn once through the API and kept in ``selection_votes.json``) with
+the run's rule, and the c_a so found must equal every row's c_a (checked).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import shlex
@@ -33,16 +47,65 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "sample_efficiency"
 SIGMA, STEPS, VOTES, N0, N, ALPHA = 0.5, 4, 3, 100, 2000, 0.001
 MULTIPLES = (0.25, 0.5, 1.0, 1.5)
-COMMON = ["--sigma", SIGMA, "--steps", STEPS, "--votes", VOTES, "--n0", N0, "--alpha", ALPHA, "--skip", 9, "--seed", 0, "--quiet"]
+SKIP, SEED, BATCH = 9, 0, 32  # BATCH: the digits engine's default batch, the CLI's rounds
+COMMON = ["--sigma", SIGMA, "--steps", STEPS, "--votes", VOTES, "--n0", N0, "--alpha", ALPHA, "--skip", SKIP, "--seed", SEED, "--quiet"]
+# The CLI with the selection rule before the clear-leader rule: selection_done(..., level=0).
+EXACT_SELECTION_CLI = (
+    "import functools, sys\n"
+    "import densepure_rt.sequential as s\n"
+    "s.selection_done = functools.partial(s.selection_done, level=0.0)\n"
+    "from densepure_rt.cli import main\n"
+    "main(prog_name='densepure-rt')\n"
+)
 
 
-def cli() -> list[str]:
+def cli(selection: str = "clear") -> list[str]:
+    if selection == "exact":
+        return [sys.executable, "-c", EXACT_SELECTION_CLI]
     script = Path(sys.executable).with_name("densepure-rt")
     return [str(script)] if script.is_file() else [sys.executable, "-m", "densepure_rt.cli"]
 
 
+def selection_rule(selection: str):
+    from densepure_rt.sequential import selection_done
+
+    return functools.partial(selection_done, level=0.0) if selection == "exact" else selection_done
+
+
+def selection_votes(engine: str, indices: list[int], out: Path) -> dict[int, list[int]]:
+    """The voted labels of selection samples 0..n0-1 of each image (the noise of every mode's
+    selection phase), drawn once through the API and cached in ``out/selection_votes.json``."""
+    from densepure_rt.data import digits_test_split
+    from densepure_rt.noise import SELECTION
+    from densepure_rt.runtime import open_engine
+
+    path = out / "selection_votes.json"
+    votes = {int(k): v for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
+    todo = [i for i in indices if i not in votes]
+    if todo:
+        data = digits_test_split()
+        with open_engine(ROOT / engine) as eng:
+            eng._prepare(SIGMA, STEPS, VOTES, BATCH)
+            for i in todo:
+                chunks = [eng.backend.voted_labels(data[i].image, SEED, i, SELECTION, range(t, min(t + BATCH, N0))) for t in range(0, N0, BATCH)]
+                votes[i] = [int(x) for x in np.concatenate(chunks)]
+        path.write_text(json.dumps({str(k): votes[k] for k in sorted(votes)}) + "\n")
+    return votes
+
+
+def replay_selection(labels: list[int], rule, num_classes: int = 10) -> tuple[int, int]:
+    """(selection samples used, c_a) of ``Engine._select``'s loop (rounds of BATCH) under ``rule``."""
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for start in range(0, N0, BATCH):
+        size = min(BATCH, N0 - start)
+        counts += np.bincount(labels[start : start + size], minlength=num_classes)
+        if rule(counts, N0 - start - size):
+            return start + size, int(np.argmax(counts))
+    raise AssertionError("the rule must stop when no samples are left")
+
+
 def _cpu() -> dict:
-    """The CPU model and the flags that matter for CPU inference speed (DESIGN section 5)."""
+    """The CPU model and the flags that matter for CPU inference speed (docs/design.md section 5)."""
     info = {"machine": platform.machine(), "model": None, "flags": []}
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -65,10 +128,10 @@ def _seconds(text: str) -> float:
     return 3600 * int(h) + 60 * int(m) + float(sec)
 
 
-def run(name: str, engine: str, extra: list) -> dict:
-    out = OUT / f"{name}.tsv"
-    args = cli() + ["certify", "--engine", engine, *map(str, COMMON), *map(str, extra), "--out", str(out.relative_to(ROOT))]
-    print("$ densepure-rt", " ".join(shlex.quote(a) for a in args[len(cli()) :]), flush=True)
+def run(name: str, engine: str, extra: list, out_dir: Path = OUT, selection: str = "clear") -> dict:
+    out = out_dir / f"{name}.tsv"
+    args = cli(selection) + ["certify", "--engine", engine, *map(str, COMMON), *map(str, extra), "--out", str(out.relative_to(ROOT))]
+    print(f"$ densepure-rt [selection: {selection}]", " ".join(shlex.quote(a) for a in args[len(cli(selection)) :]), flush=True)
     subprocess.run(args, check=True, cwd=ROOT)  # an existing complete file of the same settings is reused
     lines = out.read_text().splitlines()
     header = lines[0].split("\t")
@@ -76,7 +139,19 @@ def run(name: str, engine: str, extra: list) -> dict:
     correct = np.array([r["correct"] == "1" for r in rows])
     radius = np.array([float(r["radius"]) for r in rows])
     evals = np.array([int(r["unet_evals"]) for r in rows])
-    samples = np.array([N0 + int(r["n"]) if "n" in r else N0 + N for r in rows])
+    sequential = "n" in header
+    if sequential:  # the selection samples each image used, and a check of every row's c_a
+        votes = selection_votes(engine, [int(r["idx"]) for r in rows], out_dir)
+        used = []
+        for r in rows:
+            n_sel, c_a = replay_selection(votes[int(r["idx"])], selection_rule(selection))
+            if c_a != int(r["c_a"]):
+                raise SystemExit(f"{out}: image {r['idx']}: c_a {r['c_a']} in the row, {c_a} from the selection votes")
+            used.append(n_sel)
+        selection_samples = np.array(used)
+    else:
+        selection_samples = np.full(len(rows), N0)
+    samples = selection_samples + np.array([int(r["n"]) if sequential else N for r in rows])
     return {
         "name": name,
         "args": [str(a) for a in extra],
@@ -85,45 +160,100 @@ def run(name: str, engine: str, extra: list) -> dict:
         "unet_evals_per_image": float(evals.mean()),
         "unet_evals_median": float(np.median(evals)),
         "images_at_budget": int(sum(int(r.get("n", 0)) == N for r in rows)) if "n" in header else None,
+        "selection": selection if sequential else "all n0",
+        "selection_samples_per_image": float(selection_samples.mean()),
         "samples_per_image": float(samples.mean()),
         "image_seconds": round(sum(_seconds(r["time"]) for r in rows), 1),
     }
 
 
+def _accuracy(r: dict) -> str:
+    """The certified accuracies of a run, "-" where a single-target run does not answer."""
+    only = r["name"][len("radius_"):] if r["name"].startswith("radius_") and r["name"] != "radius_all" else None
+    return " | ".join(f"{100 * v:.1f}%" if only in (None, key) else "-" for key, v in r["certified_accuracy"].items())
+
+
+def compare(before_dir: Path, after_dir: Path) -> None:
+    """Before / after table of two runs of the sequential modes (e.g. ``--selection exact`` and
+    ``clear``), written to ``OUT/selection_before_after.md`` and ``.json``."""
+    before = {r["name"]: r for r in json.loads((before_dir / "summary.json").read_text())["runs"]}
+    after = {r["name"]: r for r in json.loads((after_dir / "summary.json").read_text())["runs"]}
+    votes = json.loads((after_dir / "selection_votes.json").read_text())
+    picks = {name: [replay_selection(v, selection_rule(name)) for v in votes.values()] for name in ("exact", "clear")}
+    differ = sum(a[1] != b[1] for a, b in zip(picks["exact"], picks["clear"]))
+    lines = [
+        f"Selection before (exact rule alone) -> after (exact or clear leader): {before_dir.name} -> {after_dir.name}; "
+        f"{len(votes)} images, c_a differs on {differ}.",
+        "",
+        "| mode | " + " | ".join(f"r = {m:g} sigma" for m in MULTIPLES)
+        + " | selection samples / image | selection + estimation samples / image | UNet evals / image: mean | (median) | saved (mean) |",
+        "|" + " --- |" * (len(MULTIPLES) + 6),
+    ]
+    rows = []
+    for name, b in before.items():
+        a = after[name]
+        acc_b, acc_a = _accuracy(b).split(" | "), _accuracy(a).split(" | ")
+        acc = " | ".join(x if x == y else f"{x} -> {y}" for x, y in zip(acc_b, acc_a))
+        saved = 1 - a["unet_evals_per_image"] / b["unet_evals_per_image"]
+        lines.append(
+            f"| {name} | {acc} | {b['selection_samples_per_image']:.1f} -> {a['selection_samples_per_image']:.1f} | "
+            f"{b['samples_per_image']:.0f} -> {a['samples_per_image']:.0f} | "
+            f"{b['unet_evals_per_image']:.0f} -> {a['unet_evals_per_image']:.0f} | "
+            f"({b['unet_evals_median']:.0f} -> {a['unet_evals_median']:.0f}) | {100 * saved:.0f}% |"
+        )
+        rows.append({"name": name, "before": b, "after": a, "unet_evals_saved": saved})
+    text = "\n".join(lines) + "\n"
+    summary = {"before": str(before_dir.relative_to(ROOT)), "after": str(after_dir.relative_to(ROOT)), "images": len(votes),
+               "c_a_differs": differ, "runs": rows}
+    (OUT / "selection_before_after.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (OUT / "selection_before_after.md").write_text(text)
+    print(text, end="")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", default="engines/digits")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder of the TSVs and summaries (default %(default)s)")
+    parser.add_argument("--selection", choices=("clear", "exact"), default="clear",
+                        help="the sequential modes' selection rule: the runtime's (clear) or the exact rule alone (the rule before)")
+    parser.add_argument("--sequential-only", action="store_true", help="skip the fixed-n run")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"),
+                        help="only write OUT/selection_before_after.md/.json from two --out folders of the sequential modes")
     args = parser.parse_args()
-    OUT.mkdir(parents=True, exist_ok=True)
-    results = [run("fixed_n2000", args.engine, ["--n", N])]
+    if args.compare:
+        compare(*(p.resolve() for p in args.compare))
+        return
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    go = functools.partial(run, engine=args.engine, out_dir=out, selection=args.selection)
+    results = [] if args.sequential_only else [go("fixed_n2000", extra=["--n", N])]
     for m in MULTIPLES:
-        results.append(run(f"radius_{m:g}sigma", args.engine, ["--radius", m * SIGMA, "--n-max", N]))
+        results.append(go(f"radius_{m:g}sigma", extra=["--radius", m * SIGMA, "--n-max", N]))
     all_targets = [x for m in MULTIPLES for x in ("--radius", m * SIGMA)]
-    results.append(run("radius_all", args.engine, [*all_targets, "--n-max", N]))
-    results.append(run("tol_0.05", args.engine, ["--tol", 0.05, "--n-max", N]))
+    results.append(go("radius_all", extra=[*all_targets, "--n-max", N]))
+    results.append(go("tol_0.05", extra=["--tol", 0.05, "--n-max", N]))
     full_vote = (N0 + N) * VOTES * STEPS
     summary = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpu": _cpu(),
-        "settings": {"sigma": SIGMA, "steps": STEPS, "votes": VOTES, "n0": N0, "n": N, "alpha": ALPHA, "images": "every 9th digits test image"},
+        "settings": {"sigma": SIGMA, "steps": STEPS, "votes": VOTES, "n0": N0, "n": N, "alpha": ALPHA, "images": "every 9th digits test image",
+                     "selection": args.selection},
         "fixed_n_unet_evals_without_early_exit": full_vote,
         "runs": results,
     }
-    (OUT / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     head = (
         "| mode | " + " | ".join(f"r = {m:g} sigma" for m in MULTIPLES)
-        + " | n0 + n per image | UNet evals / image: mean (median) | fewer than fixed n = 2000, full vote: mean (median) |"
+        + " | selection + estimation samples / image | UNet evals / image: mean (median) | fewer than fixed n = 2000, full vote: mean (median) |"
     )
     lines = [head, "|" + " --- |" * (len(MULTIPLES) + 4)]
     for r in results:
         # A single-target run answers only for its own radius: other columns are not its question.
-        only = r["name"][len("radius_"):] if r["name"].startswith("radius_") and r["name"] != "radius_all" else None
-        acc = " | ".join(f"{100 * v:.1f}%" if only in (None, key) else "-" for key, v in r["certified_accuracy"].items())
         lines.append(
-            f"| {r['name']} | {acc} | {r['samples_per_image']:.0f} | {r['unet_evals_per_image']:.0f} ({r['unet_evals_median']:.0f}) | "
+            f"| {r['name']} | {_accuracy(r)} | {r['samples_per_image']:.0f} | {r['unet_evals_per_image']:.0f} ({r['unet_evals_median']:.0f}) | "
             f"{full_vote / r['unet_evals_per_image']:.1f}x ({full_vote / r['unet_evals_median']:.1f}x) |"
         )
-    (OUT / "summary.md").write_text("\n".join(lines) + "\n")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

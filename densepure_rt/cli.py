@@ -166,11 +166,10 @@ def _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights) -> No
             raise ConfigError(f"{flag} and --random-weights exclude each other: give checkpoints or ask for random weights")
         if path is not None and not Path(path).expanduser().exists():
             raise ConfigError(f"{flag} {path} does not exist")
-    if random_weights:
-        return
-    for what, path, shipped, hint, flag in (("diffusion", diffusion_ckpt, p.shipped_unet, p.diffusion_ckpt_hint, "--diffusion-ckpt"),
-                                            ("classifier", classifier_ckpt, p.shipped_classifier, p.classifier_ckpt_hint, "--classifier-ckpt")):
-        if path is None and not shipped:
+    if random_weights or diffusion_ckpt is not None or classifier_ckpt is not None:
+        return  # a checkpoint given: its own loading says what is wrong with it or with the other one
+    for what, shipped, hint in (("diffusion", p.shipped_unet, p.diffusion_ckpt_hint), ("classifier", p.shipped_classifier, p.classifier_ckpt_hint)):
+        if not shipped:
             if not hint:  # a preset without published weights (tiny)
                 raise ConfigError(f"the {p.name} preset has no weights to load: build it with --random-weights")
             raise ConfigError(f"the {p.name} preset needs a {what} checkpoint: {hint} (or --random-weights for benchmarking)")
@@ -239,7 +238,6 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
         given = [flag for flag, value in trt_flags.items() if value is not None]
         if given:
             raise ConfigError(f"{given[0]} goes with --backend tensorrt")
-    click.echo(f"loading PyTorch for the {p.name} build...", err=True)
     try:
         from .engine.build import BuildOptions, build_engine, check_out_dir, clean_stale_builds, is_engine_dir
         from .export.models import load_classifier, load_unet
@@ -282,11 +280,13 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
             click.echo(f"{out}: up to date (same preset, settings and weights; manifest and files verified), reused; --force rebuilds it")
             return
     check_out_dir(out, force)  # refuses before anything is loaded or announced
-    weights = "random weights" if random_weights else "weights"
     started = time.time()
-    click.echo(f"creating the {p.name} UNet ({weights})...", err=True)
+    # With checkpoints, a bad file must stay a one-line error: the models are announced once loaded.
+    if random_weights:
+        click.echo(f"creating the {p.name} UNet (random weights)...", err=True)
     unet = load_unet(p, diffusion_ckpt, random_weights=random_weights, seed=seed)
-    click.echo(f"creating the {p.name} classifier ({weights})...", err=True)
+    if random_weights:
+        click.echo(f"creating the {p.name} classifier (random weights)...", err=True)
     classifier = load_classifier(p, classifier_ckpt, random_weights=random_weights, seed=seed)
     # Announced only once the folder and the checkpoints have passed their checks.
     click.echo(f"building {p.name} ({precision}, {backend}) into {out} (models ready after {time.time() - started:.0f} s)", err=True)
@@ -449,9 +449,6 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
     with open_engine(engine_dir, device=device, threads=threads, early_exit=early_exit, metadata_only=ray is not None) as engine:
         engine.reverse_schedule(sigma, steps_value)  # refuses a (sigma, b) the schedule cannot honour
         random_weights = bool(engine.manifest.get("build", {}).get("random_weights"))
-        if random_weights:
-            click.echo(f"warning: {engine_dir} was built with --random-weights (for benchmarking): its predictions and "
-                       "certificates mean nothing", err=True)
         batch = batch if batch is not None else int(engine.manifest.get("default_batch", 32))
         # The most noisy samples one call of this run can hold: buffers are sized by it, and the row
         # limit and the memory are checked against it before anything is written.
@@ -485,6 +482,9 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
             "max": max_images,
             "ids": None,
             "batch": batch,
+            # The sequential modes decide after rounds of --batch samples: another round size gives
+            # other (equally valid) rows, so it is part of the experiment there.
+            "round": batch if mode in ("certify-radii", "certify-until") else None,
             "early_exit": engine.early_exit_for(batch),
             "images_per_call": images_per_call,
             "backend": backend.name if backend is not None else engine.manifest["backend"]["name"],
@@ -502,6 +502,9 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
         with ResultsWriter(Path(out), header=HEADERS[mode]) as writer:
             done = writer.open(options, resume=resume, allowed=indices, legacy=_legacy_identities(engine, data))
             todo = indices_todo(indices, done)
+            if random_weights and not quiet:  # once the run starts; the summary line says it too
+                click.echo(f"warning: {engine_dir} was built with --random-weights (for benchmarking): its predictions and "
+                           "certificates mean nothing", err=True)
             # Sequential modes usually stop long before n: the bar then jumps at the end of an image.
             per_image = task.samples_per_image
             if done:
@@ -539,6 +542,19 @@ def _legacy_identities(engine, data) -> dict:
         return sha256_file(DIGITS_TEST_ASSET) if data is None else legacy_data_sha256(Path(data).expanduser())
 
     return {"engine_sha256": lambda: engine.manifest["manifest_sha256"], "data_sha256": data_sha256}
+
+
+def _random_note(out) -> str:
+    """The summary's warning when ``out`` was computed by a random-weights engine (its options say so)."""
+    from .results import options_path
+
+    try:
+        options = json.loads(options_path(Path(out).expanduser()).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    if isinstance(options, dict) and options.get("random_weights"):
+        return " [random-weights engine: these numbers mean nothing]"
+    return ""
 
 
 def _out_file(out: str) -> Path:
@@ -690,13 +706,13 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
     with_labels = len(labelled(results))
     if not with_labels:
         click.echo(f"{rows} images certified -> {out}: no image has a label, so there is no accuracy; the predictions "
-                   f"and radii are in the file (densepure-rt report {out})")
+                   f"and radii are in the file (densepure-rt report {out}){_random_note(out)}")
         return
     acc = certified_accuracy(results, [0.0, *shown])
     at = ", ".join(f"{100 * a:.1f}% at radius {r:g}" for a, r in zip(acc[1:], shown))
     over = "" if with_labels == len(results) else f" of the {with_labels} labelled images"
     click.echo(f"{rows} images certified -> {out}: certified accuracy{over} {100 * acc[0]:.1f}% at radius 0, {at} "
-               f"(densepure-rt report {out} for the table)")
+               f"(densepure-rt report {out} for the table){_random_note(out)}")
 
 
 @main.command()
@@ -719,10 +735,11 @@ def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batc
     abstain = sum(r["predict"] == -1 for r in reader)
     known = [r for r in reader if r["label"] >= 0]
     if not known:
-        click.echo(f"{rows} images -> {out}: no image has a label, so there is no accuracy; abstained {abstain}")
+        click.echo(f"{rows} images -> {out}: no image has a label, so there is no accuracy; abstained {abstain}{_random_note(out)}")
         return
     over = "" if len(known) == len(reader) else f" of the {len(known)} labelled images"
-    click.echo(f"{rows} images -> {out}: accuracy{over} {sum(r['correct'] for r in known) / len(known):.1%}, abstained {abstain}")
+    click.echo(f"{rows} images -> {out}: accuracy{over} {sum(r['correct'] for r in known) / len(known):.1%}, abstained {abstain}"
+               f"{_random_note(out)}")
 
 
 # ------------------------------------------------------------------------------------------------ #

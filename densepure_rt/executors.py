@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import EngineError
-from .manifest import check_graph_io, graph_path
+from .manifest import GRAPH_IO, check_graph_io, graph_path
 
 __all__ = ["OrtExecutor", "OpenVinoExecutor", "ort_providers"]
 
@@ -213,6 +213,16 @@ class OrtExecutor:
         self._step = self._cls = self._io_step = self._io_cls = None  # type: ignore[assignment]
 
 
+def _port_names(ports, expected) -> list[str]:
+    """One name per OpenVINO port: the expected name where it is among the port's tensor names
+    (OpenVINO keeps the graph's internal tensor names beside the input's), else any of them."""
+    names = []
+    for port in ports:
+        own = port.get_names()
+        names.append(next((name for name in expected if name in own), port.get_any_name()))
+    return names
+
+
 #: OpenVINO's name for each precision an engine may ask for.
 _OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 
@@ -258,7 +268,8 @@ class OpenVinoExecutor:
         except Exception as exc:  # noqa: BLE001 - OpenVINO raises its own types
             raise EngineError(f"OpenVINO could not load the engine in {directory}: {_first_line(exc)}") from None
         for graph, model in (("step", self._step), ("classifier", self._cls)):
-            check_graph_io(directory, graph, [p.get_any_name() for p in model.inputs], [p.get_any_name() for p in model.outputs])
+            want_in, want_out = GRAPH_IO[graph]
+            check_graph_io(directory, graph, _port_names(model.inputs, want_in), _port_names(model.outputs, want_out))
         names = {v: k for k, v in _OV_PRECISION.items()}
         got = {names.get(m.get_property("INFERENCE_PRECISION_HINT").get_type_name(), "?") for m in (self._step, self._cls)}
         #: What OpenVINO compiled, read back from both compiled graphs: 'fp32' or 'bf16'.

@@ -9,16 +9,24 @@ Safety, in the order a run meets it:
 
 - **One writer per file.** :meth:`ResultsWriter.open` takes an exclusive ``flock`` on
   ``<results>.lock`` for the whole run; a second run on the same file stops with one line naming
-  the holder's PID. The kernel drops the lock when the holder dies, so a killed run never blocks
-  the next one.
+  the holder's PID. The lock file is opened without following symbolic links, and a file there that
+  is not a regular, single-link file holding at most a PID is refused and left as it is (a planted
+  link must not make a run truncate someone's file); a lock file this run created and could not
+  fill is removed. The kernel drops the lock when the holder dies, so a killed run never blocks the
+  next one. The run also holds ``flock`` on the options file and on the results file itself, so a
+  second run is refused even when ``<results>.lock`` was deleted under the first.
 - **Same settings or nothing.** The resolved options are saved as JSON beside the results
   (``<results>.json``). Running again on an existing file continues it when the settings that
   define the experiment are identical (noise is a pure function of seed, image and sample, so
-  continuing gives exactly the rows a fresh run would); other settings are refused.
-- **Nothing half-written.** A fresh file appears only with its first complete row: header and row
-  are written to a temporary file, fsynced and renamed into place, so a run that fails before its
-  first image leaves no file that would block a re-run. Later rows are appended with one write +
-  flush + fsync each; a kill can leave at most one partial last line, which the next run drops.
+  continuing gives exactly the rows a fresh run would); other settings are refused. The engine and
+  the data are identified by what they compute and hold (``engine_id``, ``data_content_sha256``);
+  files of older versions by their old keys, computed the old way.
+- **Nothing half-written.** A fresh file appears only with its first complete row: the options are
+  put in place (and locked) first, then header and row are written to a temporary file, fsynced and
+  hard-linked into place, which fails instead of replacing a file another run created meanwhile.
+  Later rows are appended with one write + fsync each, to the locked descriptor, after checking
+  that the file was not deleted or replaced; a kill can leave at most one partial last line, which
+  the next run drops (in place, on the same inode).
 - **Hostile files are refused.** Every existing row is parsed and checked (column count, types,
   index among the selected images, no duplicate index) before anything is appended; a binary,
   edited or foreign file is one error line, never a traceback.
@@ -71,7 +79,7 @@ UNTIL_HEADER = ("idx", "label", "predict", "radius", "correct", "time", "c_a", "
 HEADERS = {"certify": HEADER, "predict": PREDICT_HEADER, "certify-radii": RADII_HEADER, "certify-until": UNTIL_HEADER}
 
 # Settings that must be identical for a run to continue an existing file.
-_RESUME_IF_RECORDED = ("precision",)
+_RESUME_IF_RECORDED = ("precision", "round")
 _RESUME_KEYS = (
     "mode", "sigma", "steps", "votes", "n0", "n", "radii", "tol", "alpha", "seed", "skip", "max", "ids", "noise",
 )
@@ -92,8 +100,8 @@ def _changed_settings(saved: dict, options: dict, legacy: dict) -> list[str]:
     """``key old -> new`` for each experiment-defining setting in which ``saved`` (a results file's
     options) differs from ``options`` (this run's)."""
     changed = [k for k in _RESUME_KEYS if saved.get(k) != options.get(k)]
-    # The arithmetic the engine actually ran in (OpenVINO fp32 / bf16): files written before it
-    # was recorded carry no such key and are continued as before.
+    # The arithmetic the engine actually ran in (OpenVINO fp32 / bf16) and the sequential modes'
+    # round size: files written before they were recorded carry no such key and continue as before.
     changed += [k for k in _RESUME_IF_RECORDED if k in saved and saved.get(k) != options.get(k)]
     shown = [f"{_shown_key(k, options)} {saved.get(k)!r} -> {options.get(k)!r}" for k in changed]
     for key, old_key in _IDENTITY_KEYS:
@@ -307,6 +315,10 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+class _RaceLost(Exception):
+    """Another run put a file where this one was about to link its own."""
+
+
 def _same_file(path: Path, fd: int) -> bool:
     """Whether ``path`` (not followed if it is a link) is the file open as ``fd``."""
     try:
@@ -358,6 +370,8 @@ class ResultsWriter:
     header: tuple = HEADER
     _handle: object = field(default=None, init=False, repr=False)
     _lock_fd: int | None = field(default=None, init=False, repr=False)
+    #: The options file, locked for the run (a run creating the same file concurrently stops on it).
+    _options_fd: int | None = field(default=None, init=False, repr=False)
     _pending_options: dict | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
@@ -532,9 +546,18 @@ class ResultsWriter:
                 "continued safely: choose another --out"
             )
         try:
-            if opts_file.stat().st_size > (1 << 20):
+            self._options_fd = os.open(opts_file, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+            if fcntl is not None:
+                fcntl.flock(self._options_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise ConfigError(
+                f"--out {self.path}: its options file {opts_file.name} is held by another densepure-rt run or is not a "
+                "regular file: wait for that run, or choose another --out"
+            ) from None
+        try:
+            if os.fstat(self._options_fd).st_size > (1 << 20):
                 raise ValueError("too large")
-            saved = json.loads(opts_file.read_bytes().decode("utf-8"))
+            saved = json.loads(os.pread(self._options_fd, 1 << 20, 0).decode("utf-8"))
         except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise DataError(f"the options file {opts_file} is corrupt ({type(exc).__name__}): choose another --out") from None
         if not isinstance(saved, dict):
@@ -598,11 +621,82 @@ class ResultsWriter:
             view = view[os.write(fd, view):]
         os.fsync(fd)
 
+    def _link_new(self, tmp: str, target: Path) -> None:
+        """Put the complete temporary file ``tmp`` at ``target`` only if nothing is there: a hard
+        link fails where a rename would replace a file another run created meanwhile."""
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            raise _RaceLost() from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
+                raise
+            if os.path.lexists(target):  # a file system without hard links: rename, checked first
+                raise _RaceLost() from None
+            os.rename(tmp, target)
+
+    def _write_options(self) -> None:
+        """The options of a new file, put in place before its first row and locked for the run.
+
+        An options file already there without a results file is either left by a run killed between
+        the two (nobody holds it: it is replaced) or belongs to a run that is creating the same
+        results file right now after its lock file was deleted (it holds a lock on it: this run
+        stops). A kill after this leaves options without results, which the next run replaces."""
+        target = options_path(self.path)
+        data = (json.dumps(self._pending_options, indent=2, sort_keys=True) + "\n").encode()
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".dp-", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o666 & ~_UMASK)
+            os.write(fd, data)
+            os.fsync(fd)
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the inode that becomes the options file
+            try:
+                self._link_new(tmp, target)
+            except _RaceLost:
+                self._replace_stale_options(tmp, target)
+            self._options_fd, fd = fd, -1
+        finally:
+            if fd != -1:
+                os.close(fd)
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+    def _replace_stale_options(self, tmp: str, target: Path) -> None:
+        try:
+            holder = os.open(target, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+        except FileNotFoundError:
+            holder = None
+        if holder is not None:
+            try:
+                if fcntl is not None:
+                    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise ConfigError(
+                    f"--out {self.path} is being created by another densepure-rt run (its lock file was removed): "
+                    "choose another --out"
+                ) from None
+            finally:
+                os.close(holder)
+        if os.path.lexists(self.path):  # its results file exists: those options are its own, not stale
+            raise ConfigError(
+                f"--out {self.path} was created by another densepure-rt run while this one worked (its lock file was "
+                "removed): choose another --out"
+            )
+        os.replace(tmp, target)
+
     def _create(self, first: bytes) -> None:
-        """The first row of a new file: header and row go to a temporary file, which is locked,
-        fsynced and then linked into place only if no file of that name appeared meanwhile (a
-        rename would replace it); its options follow. A kill leaves either no file, or the file
-        with its first row."""
+        """The first row of a new file: its options are put in place and locked
+        (:meth:`_write_options`), then header and row go to a temporary file, which is locked,
+        fsynced and linked into place only if no file of that name appeared meanwhile. A kill leaves
+        no results file, or the results file with its first row and its options."""
+        try:
+            self._write_options()
+            _fsync_dir(self.path.parent)
+        except OSError as exc:
+            raise _os_error(exc, options_path(self.path)) from None
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".dp-", suffix=".tmp")
         try:
             os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp creates 0600; results are ordinary files
@@ -611,23 +705,12 @@ class ResultsWriter:
             fd = -1
             self._append(first)
             try:
-                os.link(tmp, self.path)
-            except FileExistsError:
+                self._link_new(tmp, self.path)
+            except _RaceLost:
                 raise ConfigError(
                     f"--out {self.path} was created by another densepure-rt run while this one worked (its lock "
                     "file was removed): choose another --out"
                 ) from None
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK):
-                    raise
-                if os.path.lexists(self.path):  # a file system without hard links: rename, checked first
-                    raise ConfigError(f"--out {self.path} was created by another run while this one worked: choose another --out") from None
-                os.rename(tmp, self.path)
-            options = json.dumps(self._pending_options, indent=2, sort_keys=True) + "\n"
-            try:
-                _atomic_write(options_path(self.path), options.encode())
-            except OSError as exc:
-                raise _os_error(exc, options_path(self.path)) from None
         except OSError as exc:
             raise _os_error(exc, self.path) from None
         finally:
@@ -703,6 +786,9 @@ class ResultsWriter:
             except OSError:
                 pass
             self._handle = None
+        if self._options_fd is not None:
+            os.close(self._options_fd)
+            self._options_fd = None
         self._pending_options = None
         self._unlock()
 

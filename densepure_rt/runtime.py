@@ -22,6 +22,7 @@ from .backends import Backend, check_labels, open_backend
 from .certify import Certificate, Prediction, certify, predict, validate_params
 from .data import check_image
 from .errors import ConfigError, EngineError
+from .limits import check_rows, rows_per_call
 from .manifest import load_manifest
 from .noise import ESTIMATION, PREDICTION, SELECTION
 from .schedule import ReverseSchedule, make_schedule, parse_steps, reverse_schedule
@@ -112,6 +113,9 @@ class Engine:
         self.image_shape = tuple(self.manifest["image_shape"])
         self.num_classes = int(self.manifest["num_classes"])
         self.preset = self.manifest["preset"]
+        #: The most rows (noisy samples x K) one call of the step / classifier graph may hold
+        #: (:mod:`densepure_rt.limits`).
+        self.step_rows, self.classifier_rows = rows_per_call(self.manifest)
         sched = self.manifest["schedule"]
         self._schedule = make_schedule(sched["kind"], sched["num_timesteps"], sched["rescale_timesteps"])
         #: None with ``metadata_only``: the manifest and schedule without sessions (a Ray driver, whose
@@ -153,14 +157,25 @@ class Engine:
             return self.early_exit
         return auto_early_exit(self.device, batch)
 
-    def _prepare(self, sigma: float, steps: int | str, votes: int, batch: int) -> ReverseSchedule:
+    def check_rows(self, batch: int, votes: int) -> None:
+        """Refuse ``batch`` noisy samples x ``votes`` runs per call above the engine's row limit or
+        the memory available (:func:`densepure_rt.limits.check_rows`), before anything is allocated."""
+        check_rows(self.manifest, batch, votes, self.device if self.backend is not None else None)
+
+    def _prepare(self, sigma: float, steps: int | str, votes: int, batch: int, samples: int | None = None) -> ReverseSchedule:
+        """Prepare the backend for (sigma, b, K) and batches of ``batch`` noisy samples, or of
+        ``samples`` where that is fewer (the most any call of the work ahead can hold: buffers are
+        sized by what a call can use, not by the request)."""
         for flag, value in (("--votes", votes), ("--batch", batch)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ConfigError(f"{flag} must be an integer >= 1 (got {value!r})")
+        if samples is not None:
+            batch = max(min(int(batch), int(samples)), 1)
         rs = self.reverse_schedule(sigma, steps)  # refuses non-finite schedules; the backend checks again
         early_exit = self.early_exit_for(int(batch))
         key = (float(sigma), rs.steps, int(votes), int(batch), early_exit)
         if self._prepared != key:
+            self.check_rows(int(batch), int(votes))
             self.backend.prepare(rs, int(votes), int(batch), early_exit=early_exit)
             self._prepared = key
         return rs
@@ -233,7 +248,18 @@ class Engine:
             evals[:] = [int(r) * self.backend.calls for r in runs_of]
         return counts
 
-    def certify_many(
+    def certify_many(self, images, sigma: float, steps: int | str = 4, votes: int = 10, n0: int = 100, n: int = 1000,
+                     alpha: float = 0.001, *, seed: int = 0, image_indices=None, batch: int = 32,
+                     progress: Progress = None) -> list[Certificate]:
+        """:meth:`certify` of several images (each float32 [C x H x W] in [0, 1]) at once, in batches
+        that mix their noisy samples: one :class:`Certificate` per image, the same as certifying each
+        alone with its image index (``image_indices``, default 0, 1, 2, ...) as the key of its noise.
+        :meth:`certify_many_counts` also returns each image's vote counts."""
+        pairs = self.certify_many_counts(images, sigma, steps, votes, n0, n, alpha, seed=seed, image_indices=image_indices,
+                                         batch=batch, progress=progress)
+        return [cert for cert, _ in pairs]
+
+    def certify_many_counts(
         self,
         images,
         sigma: float,
@@ -249,14 +275,15 @@ class Engine:
         progress: Progress = None,
     ) -> list[tuple[Certificate, CountsResult]]:
         """:meth:`certify_counts` of several images at once, in batches that mix images (both phases
-        of every image share the batches): the same certificates as one image at a time, fewer
-        partly filled batches. ``image_indices`` default to 0, 1, 2, ... (they key the noise)."""
+        of every image share the batches): one (Certificate, CountsResult) pair per image, the same
+        as one image at a time, with fewer partly filled batches. ``image_indices`` default to 0,
+        1, 2, ... (they key the noise)."""
         validate_params(sigma, alpha, n0, n)
         images = list(images)
         indices = list(range(len(images))) if image_indices is None else [int(i) for i in image_indices]
         if len(indices) != len(images):
             raise ConfigError(f"{len(images)} images but {len(indices)} image indices")
-        self._prepare(sigma, steps, votes, batch)
+        self._prepare(sigma, steps, votes, batch, samples=len(images) * (int(n0) + int(n)))
         jobs = []
         for img, idx in zip(images, indices):
             jobs += [(img, idx, SELECTION, n0), (img, idx, ESTIMATION, n)]
@@ -320,7 +347,7 @@ class Engine:
         """:meth:`certify`, also returning the vote counts of both phases (for results files)."""
         validate_params(sigma, alpha, n0, n)
         image = self._image(image, image_index)
-        self._prepare(sigma, steps, votes, batch)
+        self._prepare(sigma, steps, votes, batch, samples=max(int(n0), int(n)))
         common = dict(seed=seed, image_index=image_index, batch=batch, progress=progress)
         evals = self.backend.unet_evals
         counts0 = self.sample_counts(image, n0, SELECTION, **common)
@@ -328,10 +355,10 @@ class Engine:
         return certify(counts0, counts, sigma, alpha), CountsResult(counts0, counts, self.backend.unet_evals - evals)
 
     def _sequential(self, image, test, sigma, steps, votes, n0, *, seed, image_index, batch, progress) -> tuple[int, int]:
-        """Select c_a from n0 samples as CERTIFY does, then feed ``test`` estimation rounds until it
-        is done. Returns c_a and the UNet evaluations spent on the image."""
+        """Select c_a from at most n0 selection samples (:meth:`_select`), then feed ``test``
+        estimation rounds until it is done. Returns c_a and the UNet evaluations spent on the image."""
         image = self._image(image, image_index)
-        self._prepare(sigma, steps, votes, batch)
+        self._prepare(sigma, steps, votes, batch, samples=max(int(n0), int(test.remaining)))
         evals = self.backend.unet_evals
         common = dict(seed=seed, image_index=image_index, batch=batch, progress=progress)
         c_a = self._select(image, n0, **common)
@@ -339,10 +366,16 @@ class Engine:
         return c_a, self.backend.unet_evals - evals
 
     def _select(self, image, n0: int, *, seed, image_index, batch, progress) -> int:
-        """c_a = argmax of the n0 selection counts (ties to the lowest class), exactly as CERTIFY,
-        but stopping once the remaining selection samples cannot change the argmax: the leader's
-        count exceeds every other class's count plus the samples left. The same c_a as all n0
-        samples would give, with the same noise; the estimation samples stay independent of it."""
+        """c_a from the selection samples 0, 1, 2, ... of CERTIFY (the same noise), drawn in rounds
+        of ``batch`` and stopped after the first round at which
+        :func:`densepure_rt.sequential.selection_done` says so: the samples left cannot change the
+        argmax (then c_a is the class all n0 samples give), or the leader is clear (at least 2/3 of
+        the votes and a one-sided binomial test against the runner-up at level 1e-3). c_a is the
+        argmax of the counts so far (ties to the lowest class). The rule reads selection samples
+        only, so the estimation samples stay fresh and independent of c_a: the sequential tests are
+        valid for whichever class it picks. Fixed-n CERTIFY does not come here (it uses all n0)."""
+        from .sequential import selection_done
+
         counts = np.zeros(self.num_classes, dtype=np.int64)
         for start in range(0, n0, batch):
             size = min(batch, n0 - start)
@@ -351,9 +384,8 @@ class Engine:
             if progress is not None:
                 progress(size)
             left = n0 - start - size
-            leader = int(np.argmax(counts))
-            if left and counts[leader] > np.max(np.delete(counts, leader), initial=0) + left:
-                if progress is not None:
+            if selection_done(counts, left):
+                if left and progress is not None:
                     progress(left)
                 break
         return int(np.argmax(counts))
@@ -389,12 +421,15 @@ class Engine:
     ) -> RadiiCertificate:
         """Is the smoothed classifier certifiably robust at each target radius? Anytime-valid.
 
-        Selects ``c_a`` from ``n0`` selection samples exactly as CERTIFY does, then draws estimation
-        samples in rounds of ``batch`` and, after each round, tests H0: p_a <= Phi(R / sigma) for
-        every target R with one confidence sequence on p_a (:class:`densepure_rt.sequential.TargetRadiiTest`).
+        Selects ``c_a`` from at most ``n0`` selection samples (CERTIFY's argmax, stopped early once
+        the leader is clear: :meth:`_select`), then draws estimation samples in rounds of ``batch``
+        and, after each round, tests H0: p_a <= Phi(R / sigma) for every target R with one
+        confidence sequence on p_a (:class:`densepure_rt.sequential.TargetRadiiTest`).
         Stops when every target is certified or futile, or at ``n_max`` samples. Guarantee: the
         probability that any target with p_a <= Phi(R / sigma) is certified is at most alpha,
-        whatever the number of rounds.
+        whatever the number of rounds and whichever class the selection picked. The estimation
+        samples are those of fixed-n CERTIFY with the same seed: keeping the larger radius of both
+        runs on one image doubles the error to 2 alpha (use another seed for the second run).
         """
         from .sequential import TargetRadiiTest
 
@@ -438,7 +473,10 @@ class Engine:
         paying off: the radius would gain less than ``tol`` per doubling of the samples, or can no
         longer gain ``tol`` at all, or no radius is reachable, or ``n_max`` samples were used
         (:class:`densepure_rt.sequential.EarlyStopRadius`). The radius comes from a lower confidence
-        sequence on p_a, valid at any stopping time: P(radius > sigma * Phi^-1(p_a)) <= alpha.
+        sequence on p_a, valid at any stopping time: P(radius > sigma * Phi^-1(p_a)) <= alpha. An
+        empty running interval (reason "inconsistent", a detected coverage failure) abstains:
+        prediction -1, radius 0. Same estimation samples as fixed-n CERTIFY with the same seed (see
+        :meth:`certify_radii`).
         """
         from .sequential import EarlyStopRadius
 
@@ -477,7 +515,7 @@ class Engine:
         """Cohen et al.'s PREDICT of the DensePure smoothed classifier at ``image``."""
         validate_params(sigma, alpha, None, n)
         image = self._image(image, image_index)
-        self._prepare(sigma, steps, votes, batch)
+        self._prepare(sigma, steps, votes, batch, samples=int(n))
         counts = self.sample_counts(image, n, PREDICTION, seed=seed, image_index=image_index, batch=batch, progress=progress)
         return predict(counts, alpha)
 

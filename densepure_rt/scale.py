@@ -17,6 +17,13 @@ How it works (``densepure-rt certify --ray ...`` is built on it):
   must be at the same path on every node (or at the path in the node's ``DENSEPURE_RT_ENGINE``
   environment variable), and an actor whose manifest's sha256 differs from the driver's refuses
   to start, in one line naming its host.
+- Connecting is bounded by ``connect_timeout`` (``--ray-timeout``): a host that does not resolve
+  fails at once, an address is probed over TCP until then, and ``ray.init`` is given up on then
+  (Ray itself retries an address where no cluster answers for many minutes). Each failure is one
+  :class:`ConfigError` line saying what was tried and how to fix it.
+- ``actors`` is capped at what the cluster's nodes can hold (one line says so); an actor that no
+  node can hold is refused at once; while actors wait for resources held by other work, a line
+  every ``report_every`` seconds says how many are ready.
 - Images travel from the driver to the actors (the data needs to be readable on the driver only);
   each actor has at most one image in flight and gets the next when it returns one, so faster
   GPUs certify more images. Outcomes come back in completion order; the caller (the CLI) is the one
@@ -40,6 +47,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+import time
 from collections import deque
 from typing import Callable, Iterable, Iterator, Optional
 
@@ -54,6 +63,8 @@ __all__ = ["ENGINE_ENV", "RayPool", "require_ray"]
 ENGINE_ENV = "DENSEPURE_RT_ENGINE"
 #: The actors' concurrency group for progress queries.
 PROGRESS_GROUP = "progress"
+#: How to fix an address where no Ray cluster answers (the end of each such error line).
+_FIX = "start a cluster with `ray start --head` and give the address it prints, use --ray local, or raise --ray-timeout"
 
 
 def require_ray():
@@ -68,6 +79,32 @@ def require_ray():
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _host_port(address: str) -> Optional[tuple]:
+    """(host, port) of ``host:port``, ``[v6]:port`` or ``ray://host:port``; None if it is none of those."""
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    host = host.strip("[]")
+    if not host or not port.isdigit():
+        return None
+    return host, int(port)
+
+
+def _room(resources: dict, need: dict) -> int:
+    """How many actors that each need ``need`` fit in ``resources`` (Ray's resource dicts)."""
+    return min(int(resources.get(name, 0) // amount) for name, amount in need.items())
+
+
+def _resources(resources: dict) -> str:
+    """``{"CPU": 2.0, "GPU": 1.0}`` as "2 CPUs, 1 GPU"."""
+    return ", ".join(f"{amount:g} {name}{'s' if amount != 1 else ''}" for name, amount in resources.items()
+                     if name in ("CPU", "GPU"))
+
+
+def _not_main_thread_warning(record: logging.LogRecord) -> bool:
+    """A logging filter: drops Ray's warning that ``ray.init`` outside the main thread leaves SIGTERM
+    alone (the CLI has its own handler; a library user keeps theirs)."""
+    return "SIGTERM handler is not set" not in record.getMessage()
 
 
 class Worker:
@@ -140,6 +177,8 @@ class RayPool:
         runtime_env: Optional[dict] = None,
         max_replacements: Optional[int] = None,
         start_timeout: float = 600.0,
+        connect_timeout: float = 30.0,
+        report_every: float = 10.0,
         poll: float = 2.0,
         log: Callable[[str], None] = print,
     ):
@@ -152,6 +191,10 @@ class RayPool:
         self.early_exit, self.runtime_env = early_exit, runtime_env
         self.max_replacements = max_replacements
         self.start_timeout, self.log = float(start_timeout), log
+        #: Seconds to wait for the Ray cluster to answer when connecting (``--ray-timeout``).
+        self.connect_timeout = float(connect_timeout)
+        #: Seconds between "waiting for Ray actors: k of n ready" lines while actors start.
+        self.report_every = float(report_every)
         #: Seconds between progress queries to busy actors (with a ``progress`` callback in :meth:`map`).
         self.poll = float(poll)
         self.ray = None
@@ -174,37 +217,127 @@ class RayPool:
         self.close()
 
     def _connect(self) -> None:
+        """Connect to the cluster of ``address`` within :attr:`connect_timeout` (``"local"``: start one).
+
+        Ray's own client retries an address where no GCS answers for many minutes, in C++ that
+        cannot be interrupted; so an address is first probed over TCP (a host that does not resolve
+        fails at once), and ``ray.init`` then runs in a helper thread that is given up on at the
+        deadline. Every failure is one :class:`ConfigError` line that says what was tried and what to do."""
         ray = self.ray = require_ray()
         if ray.is_initialized():  # a caller (a library user, the tests) connected already
             return
+        if self.address == "local":
+            self._init(ray)
+        else:
+            deadline = time.monotonic() + self.connect_timeout
+            target = self._target(ray)
+            if target is not None:
+                self._probe(*target, deadline)
+            self._init_by(ray, deadline)
+        self._owns_ray = True
+
+    def _target(self, ray) -> Optional[tuple]:
+        """(host, port) of the GCS that ``ray.init`` will try for :attr:`address` (None: unknown)."""
+        if self.address != "auto":
+            return _host_port(self.address)
+        # "auto": RAY_ADDRESS, else the last `ray start` on this machine, else a running local GCS.
+        # Ray's resolver is private API: without it, the deadline on ray.init still holds.
+        resolve = getattr(getattr(getattr(ray, "_private", None), "services", None), "canonicalize_bootstrap_address", None)
+        if resolve is None:
+            return None
+        try:
+            found = resolve("auto")
+        except ConnectionError:  # no cluster found on this machine: Ray says so at once
+            raise ConfigError("--ray auto: no Ray cluster runs on this machine (none started with `ray start --head`, no "
+                              "RAY_ADDRESS); start one with `ray start --head`, or use --ray local") from None
+        except Exception:
+            return None
+        return _host_port(found) if found else None
+
+    def _probe(self, host: str, port: int, deadline: float) -> None:
+        """Return once something accepts a TCP connection at host:port; retry (a head node that is
+        starting) until ``deadline``, then raise."""
+        where = f"{host}:{port}"
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise ConfigError(f"--ray {self.address}: the host {host} does not resolve ({exc.strerror}); give the "
+                              "address that `ray start --head` prints on the head node, or use --ray local") from None
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                with socket.create_connection((host, port), timeout=max(0.1, min(2.0, left))):
+                    return
+            except OSError as exc:
+                last = exc.strerror or type(exc).__name__
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConfigError(f"--ray {self.address}: nothing accepted a connection at {where} within "
+                                  f"{self.connect_timeout:g} s ({last}); {_FIX}")
+            time.sleep(min(0.5, left))
+
+    def _init(self, ray) -> None:
         try:
             ray.init(address=self.address, include_dashboard=False, logging_level=logging.WARNING)
         except Exception as exc:  # ConnectionError, ValueError, RuntimeError... from Ray's start-up
-            raise ConfigError(
-                f"--ray {self.address}: cannot connect to or start a Ray cluster ({_first_line(exc)}); start one with "
-                "`ray start --head` and use --ray auto, or use --ray local"
-            ) from None
-        self._owns_ray = True
+            raise ConfigError(f"--ray {self.address}: cannot connect to or start a Ray cluster ({_first_line(exc)}); {_FIX}") from None
+
+    def _init_by(self, ray, deadline: float) -> None:
+        """:meth:`_init` in a helper thread, given up on at ``deadline`` (the thread is left to
+        Ray's retries: a process that goes on should not call ``ray.init`` again)."""
+        failure: list = []
+
+        def connect() -> None:
+            try:
+                self._init(ray)
+            except ConfigError as exc:
+                failure.append(exc)
+
+        thread = threading.Thread(target=connect, name="densepure-rt ray.init", daemon=True)
+        worker_log = logging.getLogger("ray._private.worker")
+        worker_log.addFilter(_not_main_thread_warning)
+        try:
+            thread.start()
+            thread.join(max(0.0, deadline - time.monotonic()))
+        finally:
+            worker_log.removeFilter(_not_main_thread_warning)
+        if thread.is_alive():
+            raise ConfigError(f"--ray {self.address}: no Ray cluster answered within {self.connect_timeout:g} s "
+                              f"(something accepts connections there, but not Ray's); {_FIX}")
+        if failure:
+            raise failure[0]
+
+    def _need(self) -> dict:
+        """The Ray resources one actor asks for."""
+        return {"CPU": 1, "GPU": 1} if self.device == "cuda" else {"CPU": self.threads or 1}
 
     def _count(self) -> int:
-        if self.wanted is not None:
-            return self.wanted
-        resources = self.ray.cluster_resources()
-        if self.device == "cuda":
-            n = int(resources.get("GPU", 0))
-            if n < 1:
-                raise ConfigError("--device cuda --ray: the Ray cluster has no GPUs; use --device cpu, or nodes with GPUs")
-            return n
-        return max(1, int(resources.get("CPU", 1) // self.threads))
+        """Actors to start: ``actors``, or one per actor's resources in the cluster; never more than
+        the cluster's nodes can hold (those would wait for resources that never come)."""
+        need = self._need()
+        total = self.ray.cluster_resources()
+        if self.device == "cuda" and total.get("GPU", 0) < 1:
+            raise ConfigError("--device cuda --ray: the Ray cluster has no GPUs; use --device cpu, or nodes with GPUs")
+        fit = sum(_room(node["Resources"], need) for node in self.ray.nodes() if node.get("Alive"))
+        if fit < 1:
+            raise ConfigError(
+                f"--ray: one actor needs {_resources(need)}{'' if self.device == 'cuda' else ' (--threads)'}, and no node of "
+                f"the Ray cluster has that ({_resources(total)} in all); use fewer --threads, or bigger nodes"
+            )
+        if self.wanted is None:
+            return fit
+        if self.wanted > fit:
+            self.log(f"--actors {self.wanted}: the Ray cluster ({_resources(total)}) has room for {fit} actor{'s' if fit > 1 else ''} "
+                     f"of {_resources(need)}; starting {fit}")
+        return min(self.wanted, fit)
 
     def _new_actor(self):
         if self._actor_class is None:
             # "progress": a second thread that answers progress() while run() works (run keeps the
             # default group's single thread).
             self._actor_class = self.ray.remote(concurrency_groups={PROGRESS_GROUP: 1})(Worker)
-        options = {"num_cpus": self.threads or 1}
-        if self.device == "cuda":
-            options = {"num_cpus": 1, "num_gpus": 1}
+        need = self._need()
+        options = {"num_cpus": need["CPU"], "num_gpus": need.get("GPU", 0)}
         if self.runtime_env:
             options["runtime_env"] = self.runtime_env
         return self._actor_class.options(**options).remote(
@@ -212,14 +345,24 @@ class RayPool:
         )
 
     def _await_ready(self, actors: list) -> list:
-        """Worker.ready() of each actor (None where it did not start within the timeout or died)."""
+        """Worker.ready() of each actor (None where it did not start within the timeout or died);
+        a log line every :attr:`report_every` seconds while some are not ready."""
         ray = self.ray
         refs = [a.ready.remote() for a in actors]
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=self.start_timeout)
-        done = set(done)
+        started = time.monotonic()
+        waiting = list(refs)
+        while waiting:
+            left = started + self.start_timeout - time.monotonic()
+            if left <= 0:
+                break
+            _, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=min(self.report_every, left))
+            if waiting:
+                self.log(f"waiting for Ray actors: {len(refs) - len(waiting)} of {len(refs)} ready "
+                         f"({time.monotonic() - started:.0f} s; giving up after {self.start_timeout:g} s)")
+        waiting = set(waiting)
         infos = []
         for ref in refs:
-            if ref not in done:
+            if ref in waiting:
                 infos.append(None)
                 continue
             try:
@@ -232,6 +375,13 @@ class RayPool:
                 raise EngineError(info["error"])
         return infos
 
+    def _say_if_busy(self, count: int) -> None:
+        """One log line when other work holds resources that some of the ``count`` actors need."""
+        free = _room(self.ray.available_resources(), self._need())
+        if free < count:
+            self.log(f"the Ray cluster has free resources for {free} of {count} actors now (other work holds the rest); "
+                     f"the others start when it frees them (up to {self.start_timeout:g} s)")
+
     def start(self, images: Optional[int] = None) -> None:
         """Connect, start the actors (at most ``images`` of them) and check their engines."""
         self._connect()
@@ -240,6 +390,7 @@ class RayPool:
             count = max(1, min(count, int(images)))
         if self.max_replacements is None:
             self.max_replacements = 2 * count
+        self._say_if_busy(count)
         actors = [self._new_actor() for _ in range(count)]
         infos = self._await_ready(actors)
         live = [(a, i) for a, i in zip(actors, infos) if i is not None]
@@ -248,8 +399,8 @@ class RayPool:
                 self.ray.kill(a)
         if not live:
             raise EngineError(
-                f"no Ray actor started within {self.start_timeout:.0f} s: the cluster lacks the resources for one "
-                f"({'1 GPU' if self.device == 'cuda' else f'{self.threads or 1} CPU'} per actor); check `ray status`"
+                f"no Ray actor started within {self.start_timeout:g} s: the cluster has no free resources for one "
+                f"({_resources(self._need())} per actor; other work holds them); check `ray status`"
             )
         if len(live) < count:
             self.log(f"{len(live)} of {count} Ray actors started (the others found no free resources); going on with {len(live)}")

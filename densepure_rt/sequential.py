@@ -1,9 +1,10 @@
 """Anytime-valid sequential certification: Cohen et al.'s guarantee from a data-dependent n.
 
-Pure statistics (numpy + scipy, never torch), like :mod:`densepure_rt.certify`. Selection of
-``c_a`` from ``n0`` samples happens elsewhere, exactly as in CERTIFY; this module sees only the
-estimation counts of ``c_a``, which arrive in rounds (one engine call each), and says after every
-round whether the evidence already suffices.
+Pure statistics (numpy + scipy, never torch), like :mod:`densepure_rt.certify`. The selection of
+``c_a`` from at most ``n0`` samples happens elsewhere (CERTIFY's argmax; :func:`selection_done`
+says when it may stop early); the procedures here see only the estimation counts of ``c_a``, which
+arrive in rounds (one engine call each), and say after every round whether the evidence already
+suffices.
 
 The maths (Robbins 1970; Waudby-Smith & Ramdas, arXiv 2010.09686; Voracek, arXiv 2406.17830).
 Let X_1, X_2, ... be i.i.d. Bernoulli(p) (X_i = 1 when the i-th noisy copy votes ``c_a``), S_t =
@@ -309,6 +310,71 @@ def fixed_n_samples_to_certify(p0: float, alpha: float, p_a: float = 1.0) -> int
 
 
 # --------------------------------------------------------------------------------------------
+# When the selection of c_a may stop
+# --------------------------------------------------------------------------------------------
+
+#: The clear-leader rule of :func:`selection_done`: the leader holds at least this share of the
+#: selection votes so far ...
+SELECTION_MIN_SHARE = 2.0 / 3.0
+#: ... and a one-sided binomial test of the leader against the runner-up rejects at this level.
+SELECTION_LEVEL = 1e-3
+
+
+def selection_done(counts0, left, min_share: float = SELECTION_MIN_SHARE, level: float = SELECTION_LEVEL):
+    """Whether the selection of ``c_a`` may stop now, from the selection counts so far: counts in, decision out.
+
+    counts0: [..., num_classes] integer per-class counts of the selection samples drawn so far
+    (vectorised over leading axes). left: the selection samples not yet drawn (n0 minus those drawn;
+    an integer >= 0 or an array broadcast with ``counts0.shape[:-1]``). min_share: in (0, 1].
+    level: in [0, 1); 0 turns the clear-leader rule off.
+
+    With k the leader's count (argmax, ties to the lowest class: ``c_a`` if selection stops now), r
+    the runner-up's (0 with a single class) and t = counts0.sum(-1), selection is done when
+      "exact": left == 0, or k > r + left: the samples left cannot change the argmax, so ``c_a`` is
+               the class all n0 samples would select (CERTIFY's); or
+      "clear": k >= min_share * t and P(Binomial(k + r, 1/2) >= k) <= level: the leader holds at
+               least ``min_share`` of the votes and a one-sided binomial test of leader against
+               runner-up (counts among those two) rejects at ``level``. The default (2/3, 1e-3) stops
+               a clear image after its first round: 32 selection samples instead of the exact rule's
+               64 (n0 = 100, rounds of 32), e.g. 73 instead of 105 samples in all at p_a = 0.99,
+               R = 0.5 sigma, alpha = 0.001 (``benchmarks/sequential_table.py``).
+
+    Why any such rule keeps the guarantee: it reads the selection samples only, so ``c_a`` is a
+    function of the selection samples, and the estimation samples are fresh and independent of
+    them (keyed by another noise phase). Given any ``c_a``, the estimation votes for ``c_a`` are
+    i.i.d. Bernoulli(p_{c_a}), so the sequential tests (:class:`TargetRadiiTest`,
+    :class:`EarlyStopRadius`) are valid tests of p_{c_a} whatever ``c_a`` is, a wrong class
+    included (then even R = 0 is false, and it is covered). The "clear" rule can pick another class
+    than all n0 samples would; that costs power (an abstention), never validity. ``level`` is a
+    heuristic bound on how often that happens, not part of any guarantee. Fixed-n CERTIFY
+    (:func:`densepure_rt.certify.certify`) does not use this: it selects from all n0 samples.
+
+    Returns a bool for a single count vector, else a bool array of shape counts0.shape[:-1].
+    """
+    counts0 = np.asarray(counts0)
+    if counts0.ndim < 1 or counts0.shape[-1] < 1 or counts0.dtype.kind not in "iu" or (counts0 < 0).any():
+        raise ValueError(f"counts0 must be [..., num_classes] non-negative integer counts (got {counts0.dtype}, shape {counts0.shape})")
+    left = np.asarray(left)
+    if left.dtype.kind not in "iu" or (left < 0).any():
+        raise ValueError(f"left must be an integer >= 0 (got {left!r})")
+    if isinstance(min_share, bool) or not isinstance(min_share, numbers.Real) or not 0.0 < min_share <= 1.0:
+        raise ValueError(f"min_share must be in (0, 1] (got {min_share!r})")
+    if isinstance(level, bool) or not isinstance(level, numbers.Real) or not 0.0 <= level < 1.0:
+        raise ValueError(f"level must be in [0, 1) (got {level!r})")
+    counts0 = counts0.astype(np.int64)
+    top2 = -np.sort(-counts0, axis=-1)[..., :2]  # the leader's and runner-up's counts
+    k = top2[..., 0]
+    r = top2[..., 1] if counts0.shape[-1] > 1 else np.zeros_like(k)
+    t = counts0.sum(axis=-1)
+    exact = (left == 0) | (k > r + left)
+    # sf(k - 1) = P(Binomial(k + r, 1/2) >= k); 1 when k = r = 0
+    p_value = stats.binom.sf(k - 1, k + r, 0.5)
+    clear = (t > 0) & (k >= min_share * t) & (p_value <= level)
+    done = exact | clear
+    return bool(done) if done.ndim == 0 else done
+
+
+# --------------------------------------------------------------------------------------------
 # Sequential procedures with resumable state
 # --------------------------------------------------------------------------------------------
 
@@ -352,10 +418,11 @@ class TargetRadiiTest:
     a certified prediction). alpha: failure probability in (0, 1). n_max: budget of estimation
     trials (>= 1). prior: ``BetaMixture`` (default ``DEFAULT_PRIOR``).
 
-    Feed it the estimation counts of ``c_a`` only, with ``c_a`` = argmax of n0 separate selection
-    counts exactly as in :func:`densepure_rt.certify.certify`. The estimation samples are independent
-    of the selection, so the guarantee below holds given any ``c_a``, including a wrong one (p_a <= 1/2,
-    where any certificate, even of R = 0, is false).
+    Feed it the estimation counts of ``c_a`` only, with ``c_a`` chosen from separate selection
+    samples (the argmax of :func:`densepure_rt.certify.certify`, possibly after fewer than n0 of
+    them: :func:`selection_done`). The estimation samples are independent of the selection, so the
+    guarantee below holds given any ``c_a``, including a wrong one (p_a <= 1/2, where any
+    certificate, even of R = 0, is false).
 
     Target j has threshold p0_j = Phi(R_j / sigma). After every :meth:`update` each undecided target
     gets :func:`decide` on the cumulative counts; a decision is final. The test is ``done`` when every
@@ -424,11 +491,13 @@ class TargetRadiiTest:
 class EarlyStopResult:
     """Outcome of :class:`EarlyStopRadius`.
 
-    radius: sigma * Phi^-1(p_a_lower), or 0.0 when p_a_lower <= 1/2 (abstain).
-    certified: p_a_lower > 1/2.
-    p_a_lower, p_a_upper: running intersection of the confidence sequence, max_s L_s and min_s U_s.
+    radius: sigma * Phi^-1(p_a_lower), or 0.0 when p_a_lower <= 1/2 or the reason is
+        "inconsistent" (abstain).
+    certified: p_a_lower > 1/2 and the reason is not "inconsistent".
+    p_a_lower, p_a_upper: running intersection of the confidence sequence, max_s L_s and min_s U_s
+        (kept as computed also when they cross).
     n_a, n: successes of ``c_a`` and estimation trials used.
-    reason: why it stopped: "futile", "precise", "stalled", "budget"; "" while running.
+    reason: why it stopped: "inconsistent", "futile", "precise", "stalled", "budget"; "" while running.
     """
 
     radius: float
@@ -451,6 +520,11 @@ class EarlyStopRadius:
     p_a_upper = min over rounds of U_s (the running intersection of the confidence sequence), and
     radius(n) = sigma * Phi^-1(p_a_lower), or 0.0 (abstain) when p_a_lower <= 1/2. It stops at the
     first round end where (checked in this order)
+      "inconsistent": p_a_upper <= p_a_lower: the running intersection is empty (the sequence's
+                 intervals (L_s, U_s) are open, and the computed bounds lie outside the exact ones),
+                 so p_a is outside some interval: a detected failure of the confidence sequence's
+                 coverage (probability <= alpha), not precision. It abstains: radius 0.0, not
+                 certified;
       "futile":  p_a_upper <= 1/2: no radius is reachable (on the confidence sequence's event);
       "precise": sigma * Phi^-1(p_a_upper) - radius(n) <= tol: the radius can never gain more than
                  tol, since p_a <= p_a_upper (on the same event);
@@ -460,8 +534,8 @@ class EarlyStopRadius:
                  function S/t -> L, so not fooled by noise like a measured per-round gain of the
                  running maximum, and independent of the round size);
       "budget":  n = n_max.
-    While abstaining only "futile", "precise" and "budget" apply (a certificate may need several
-    doublings to appear). At p_a = 1 the radius grows without bound, by about sigma ln 2 /
+    While abstaining only "inconsistent", "futile", "precise" and "budget" apply (a certificate
+    may need several doublings to appear). At p_a = 1 the radius grows without bound, by about sigma ln 2 /
     Phi^-1(p_a_lower) per doubling (0.15-0.25 sigma for n <= 10^5), so a smaller tol runs to n_max.
     The stopping rule does not affect validity: P(sigma * Phi^-1(p_a) < radius(n) for some n) <= alpha.
     """
@@ -487,8 +561,13 @@ class EarlyStopRadius:
 
     @property
     def radius(self) -> float:
-        """sigma * Phi^-1(p_a_lower), 0.0 while p_a_lower <= 1/2."""
-        return self._radius_of(self.p_a_lower)
+        """sigma * Phi^-1(p_a_lower), 0.0 while p_a_lower <= 1/2 and after "inconsistent"."""
+        return 0.0 if self.reason == "inconsistent" else self._radius_of(self.p_a_lower)
+
+    @property
+    def certified(self) -> bool:
+        """p_a_lower > 1/2, unless the running interval came out empty ("inconsistent")."""
+        return self.p_a_lower > 0.5 and self.reason != "inconsistent"
 
     @property
     def done(self) -> bool:
@@ -515,7 +594,10 @@ class EarlyStopRadius:
         self.p_a_lower = max(self.p_a_lower, float(lower[0]))
         self.p_a_upper = min(self.p_a_upper, float(upper[0]))
         radius = self.radius
-        if self.p_a_upper <= 0.5:
+        if self.p_a_upper <= self.p_a_lower:
+            self.reason = "inconsistent"
+            radius = 0.0
+        elif self.p_a_upper <= 0.5:
             self.reason = "futile"
         elif self.p_a_upper < 1.0 and self._radius_of(self.p_a_upper) - radius <= self.tol:
             self.reason = "precise"
@@ -528,7 +610,7 @@ class EarlyStopRadius:
     def result(self) -> EarlyStopResult:
         return EarlyStopResult(
             radius=self.radius,
-            certified=self.p_a_lower > 0.5,
+            certified=self.certified,
             p_a_lower=self.p_a_lower,
             p_a_upper=self.p_a_upper,
             n_a=self.n_a,

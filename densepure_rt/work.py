@@ -83,14 +83,14 @@ def run_image(engine, task: Task, image: np.ndarray, idx: int, progress: Optiona
 
 def run_group(engine, task: Task, images, indices, progress: Optional[Callable[[int], None]] = None) -> list[Outcome]:
     """Fixed-n CERTIFY of several images whose noisy samples share batches
-    (:meth:`densepure_rt.runtime.Engine.certify_many`, ``--images-per-call``): the same outcomes as
+    (:meth:`densepure_rt.runtime.Engine.certify_many_counts`, ``--images-per-call``): the same outcomes as
     :func:`run_image` of each image alone (tests), each charged its own UNet evaluations and an equal
     share of the group's wall time."""
     if task.mode != "certify":
         raise ValueError("groups of images share batches in fixed-n CERTIFY only")
     indices = [int(i) for i in indices]
     t0 = time.time()
-    results = engine.certify_many(list(images), task.sigma, task.steps, task.votes, task.n0, task.n, task.alpha,
+    results = engine.certify_many_counts(list(images), task.sigma, task.steps, task.votes, task.n0, task.n, task.alpha,
                                   seed=task.seed, image_indices=indices, batch=task.batch, progress=progress)
     seconds = (time.time() - t0) / max(len(indices), 1)
     return [Outcome(idx, "certify", cert, c.counts, c.unet_evals, seconds) for idx, (cert, c) in zip(indices, results)]

@@ -6,6 +6,8 @@
   CERTIFY: a fixed-n run with the n a sequential row used must see the same n_a. Their decisions
   are recomputed here from (n_a, n) with the beta-mixture formula written out independently
   (scipy.special.betaln), not with densepure_rt.sequential.
+- The sequential modes' selection stops at the first round where ``selection_done`` says so (on the
+  digits engine and on scripted votes), and an empty confidence interval abstains.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from scipy import special, stats
 
 from densepure_rt.cli import main
 from densepure_rt.data import digits_test_split
-from densepure_rt.runtime import open_engine
+from densepure_rt.noise import SELECTION
+from densepure_rt.runtime import Engine, open_engine
+from densepure_rt.sequential import selection_done
 
 SIGMA, STEPS, VOTES, N0, ALPHA = 0.5, 2, 3, 20, 0.001
 COMMON = ["--sigma", SIGMA, "--steps", STEPS, "--votes", VOTES, "--n0", N0, "--alpha", ALPHA, "--skip", 45, "--quiet"]
@@ -184,15 +188,91 @@ def test_changing_the_targets_of_a_results_file_is_refused(engine, tmp_path):
     assert result.exit_code == 0 and "1 images done, 0 to go" in result.stderr
 
 
-def test_selection_early_exit_picks_the_class_all_n0_samples_pick(engine):
-    """The sequential modes stop the selection phase once the argmax is decided: the same c_a."""
+def test_selection_stops_where_selection_done_says_on_the_digits_engine(engine):
+    """The sequential modes end the selection phase at the first round (of the batch) where
+    ``selection_done`` says so, with c_a the argmax of the counts so far; with the exact rule alone
+    (level 0) that is the class all n0 samples pick."""
     data = digits_test_split()
-    with open_engine(engine) as eng:
+    batch, n0 = 16, 100
+    early = 0
+    with open_engine(engine, early_exit=False) as eng:  # no vote early exit: K b evaluations per sample
+        eng._prepare(SIGMA, STEPS, VOTES, batch)
         for i in (0, 17, 45, 90, 135, 180, 225, 270):
             image = data[i].image
-            eng._prepare(SIGMA, STEPS, VOTES, 16)
-            full = eng.sample_counts(image, 100, 0, seed=0, image_index=i, batch=16)
+            # counts after every round, from the same selection samples (noise: a function of the index)
+            labels = np.concatenate(
+                [eng.backend.voted_labels(image, 0, i, SELECTION, range(t, min(t + batch, n0))) for t in range(0, n0, batch)]
+            )
+            ends = list(range(batch, n0, batch)) + [n0]
+            prefix = [np.bincount(labels[:t], minlength=eng.num_classes) for t in ends]
+            stop = next(t for t, c in zip(ends, prefix) if selection_done(c, n0 - t))
             before = eng.backend.unet_evals
-            c_a = eng._select(image, 100, seed=0, image_index=i, batch=16, progress=None)
-            assert c_a == int(np.argmax(full))  # np.argmax: ties to the lowest class, as CERTIFY
-            assert eng.backend.unet_evals - before <= 100 * VOTES * STEPS
+            c_a = eng._select(image, n0, seed=0, image_index=i, batch=batch, progress=None)
+            assert eng.backend.unet_evals - before == stop * VOTES * STEPS  # exactly the samples up to the stop
+            assert c_a == int(np.argmax(prefix[ends.index(stop)]))  # np.argmax: ties to the lowest class
+            exact_stop = next(t for t, c in zip(ends, prefix) if selection_done(c, n0 - t, level=0.0))
+            assert int(np.argmax(prefix[ends.index(exact_stop)])) == int(np.argmax(prefix[-1]))
+            early += stop < exact_stop
+    assert early >= 4  # the clear-leader rule ends most of these images' selection sooner
+
+
+class _ScriptedBackend:
+    """A backend whose voted label of sample i is ``selection(i)`` / ``estimation(i)``: one UNet
+    evaluation per sample, and a log of the samples asked for."""
+
+    calls = 1
+
+    def __init__(self, selection, estimation):
+        self.selection, self.estimation = selection, estimation
+        self.unet_evals = 0
+        self.asked = []
+
+    def voted_labels(self, image, seed, image_index, phase, samples):
+        samples = list(samples)
+        self.asked.append((phase, samples[0], samples[-1] + 1))
+        self.unet_evals += len(samples)
+        label = self.selection if phase == SELECTION else self.estimation
+        return np.array([label(i) for i in samples], dtype=np.int64)
+
+    def close(self):
+        pass
+
+
+def _scripted_engine(selection, estimation) -> Engine:
+    eng = Engine.__new__(Engine)  # no engine directory: only what the sequential modes touch
+    eng.image_shape, eng.num_classes = (1, 4, 4), 10
+    eng.backend = _ScriptedBackend(selection, estimation)
+    eng._prepare = lambda *args, **kwargs: None
+    return eng
+
+
+IMAGE = np.zeros((1, 4, 4), dtype=np.float32)
+
+
+def test_selection_rounds_on_scripted_votes():
+    # all 32 votes of the first round for class 3: done after one round (exact rule: after two)
+    eng = _scripted_engine(lambda i: 3, lambda i: 3)
+    assert eng._select(IMAGE, 100, seed=0, image_index=0, batch=32, progress=None) == 3
+    assert eng.backend.asked == [(SELECTION, 0, 32)]
+    # 3 of every 4 votes for class 3, the rest for 5: 24 vs 8 is not clear (p = 0.0035), 48 vs 16 is
+    eng = _scripted_engine(lambda i: 3 if i % 4 else 5, lambda i: 3)
+    seen = []
+    assert eng._select(IMAGE, 100, seed=0, image_index=0, batch=32, progress=seen.append) == 3
+    assert eng.backend.asked == [(SELECTION, 0, 32), (SELECTION, 32, 64)] and seen == [32, 32, 36]
+    # a leader that only the later votes overturn: the early stop takes class 2, all n0 votes class 7.
+    # The estimation votes (independent of the selection) then decide: futile for c_a = 2, abstain.
+    eng = _scripted_engine(lambda i: 2 if i < 32 else 7, lambda i: 7)
+    cert = eng.certify_radii(IMAGE, 0.5, [0.25], n0=100, n_max=640, alpha=0.001, batch=32)
+    assert (cert.c_a, cert.prediction, cert.radius, cert.decisions, cert.n_a) == (2, -1, 0.0, (-1,), 0)
+    assert cert.unet_evals == 32 + cert.n and cert.n == 32
+
+
+def test_certify_until_abstains_when_the_interval_comes_out_empty():
+    # 160 estimation votes for c_a, then none: the later intervals lie below the running lower bound
+    # (about 0.98), a detected coverage failure. Abstain, with the reason in the row's stop column.
+    eng = _scripted_engine(lambda i: 3, lambda i: 3 if i < 160 else 1)
+    cert = eng.certify_until(IMAGE, 0.5, tol=0.0, n0=100, n_max=3200, alpha=0.05, batch=32)
+    assert (cert.prediction, cert.radius, cert.reason, cert.c_a) == (-1, 0.0, "inconsistent", 3)
+    assert cert.p_a_lower > 0.97 and cert.n_a == 160 and 160 < cert.n < 3200
+
+

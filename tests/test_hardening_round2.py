@@ -576,3 +576,13 @@ def test_deleting_the_results_file_during_a_run_stops_it(work, engine, images, t
             run.kill()
     assert run.returncode == 2, stderr
     assert "was deleted or replaced while this run wrote it" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+def test_a_sequential_run_resumed_with_another_round_size_is_refused(work, engine, images, tmp_path):
+    """--radius decides after rounds of --batch samples, so the round size is part of the experiment
+    there (fixed-n rows do not depend on --batch, and its resume ignores it)."""
+    out = tmp_path / "rounds.tsv"
+    args = ["certify", "--engine", engine, "--data", images, *SMALL[:-5], "--radius", "0.1", "--n-max", "40", "--quiet",
+            "--max", "1", "--out", out]
+    assert invoke(*args, "--batch", "16").exit_code == 0
+    assert "round 16 -> 8" in one_line_error(invoke(*args, "--batch", "8"))

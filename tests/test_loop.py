@@ -109,8 +109,10 @@ def test_cross_image_batches_give_each_image_its_own_counts(engine, digits):
             want = ref.sample_counts(img, num, phase, seed=3, image_index=idx, batch=7)
             np.testing.assert_array_equal(counts, want)
         assert sum(int(c.sum()) for c in got) == 6 * 28
-        certs = new.certify_many(images, SIGMA, STEPS, VOTES, n0=5, n=23, alpha=0.01, seed=3,
-                                 image_indices=range(10, 16), batch=7)
+        certs = new.certify_many_counts(images, SIGMA, STEPS, VOTES, n0=5, n=23, alpha=0.01, seed=3,
+                                        image_indices=range(10, 16), batch=7)
+        assert new.certify_many(images, SIGMA, STEPS, VOTES, n0=5, n=23, alpha=0.01, seed=3, image_indices=range(10, 16),
+                                batch=7) == [cert for cert, _ in certs]
         for i, (cert, counts) in enumerate(certs):
             want_cert, want_counts = ref.certify_counts(images[i], SIGMA, STEPS, VOTES, 5, 23, 0.01, seed=3,
                                                         image_index=10 + i, batch=7)

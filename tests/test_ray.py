@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,11 +36,48 @@ NUM_IMAGES = 16
 SETTINGS = ["--sigma", "0.5", "--steps", "2", "--votes", "3", "--batch", "16"]
 CERTIFY = [*SETTINGS, "--n0", "10", "--n", "40"]
 TIME = "time"
+#: The most seconds a CLI run that cannot reach Ray (--ray-timeout 2) may take: the process's own
+#: start-up on a busy machine, and far below Ray's own retries (a log line every 40 s, for minutes).
+GIVES_UP_WITHIN = 25.0
 
 
 def invoke(*args):
     result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
     return result
+
+
+def run_cli(*args, env=None, prefix=(), timeout=90):
+    """The CLI in a process of its own (this one is connected to the module's cluster already):
+    (exit code, lines on stderr, seconds). Killed, and the test failed, if it runs past ``timeout``."""
+    command = [*prefix, sys.executable, "-m", "densepure_rt.cli", *(str(a) for a in args)]
+    started = time.monotonic()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"still running after {timeout} s (killed): {' '.join(command)}")
+    return done.returncode, done.stderr.strip().splitlines(), time.monotonic() - started
+
+
+def own_pid_namespace() -> list:
+    """A command prefix that runs a process in a PID namespace of its own, where it sees none of
+    this machine's Ray processes (``--ray auto`` looks for them); skips the test where unshare cannot."""
+    for prefix in (["unshare", "--pid", "--fork", "--mount-proc"],
+                   ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount-proc"]):
+        try:
+            if subprocess.run([*prefix, "true"], capture_output=True, timeout=30).returncode == 0:
+                return prefix
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    pytest.skip("unshare cannot make a PID namespace here")
+
+
+def assert_one_error_line(code: int, lines: list, seconds: float, out: Path, *says: str) -> None:
+    assert code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    for words in says:
+        assert words in lines[0], lines
+    assert seconds < GIVES_UP_WITHIN, f"took {seconds:.1f} s"
+    assert not out.exists() and not Path(f"{out}.json").exists()
 
 
 def rows_without_time(path: Path) -> dict[int, tuple]:
@@ -255,6 +294,103 @@ def test_gpu_actors_need_gpus_in_the_cluster(work, engine, images, cluster):
     assert result.exit_code != 0
     assert "the Ray cluster has no GPUs" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("address, says", [
+    ("127.0.0.1:1", ["nothing accepted a connection at 127.0.0.1:1 within 2 s", "ray start --head", "--ray local", "--ray-timeout"]),
+    ("nonexistent.invalid:6379", ["the host nonexistent.invalid does not resolve", "ray start --head", "--ray local"]),
+])
+def test_unreachable_address_fails_fast_in_one_line(address, says, engine, images, tmp_path):
+    """A port where nothing listens (tried until --ray-timeout), or a host that does not resolve (at
+    once): one error line, exit status 2, nothing written; Ray alone would retry for many minutes."""
+    out = tmp_path / "c.tsv"
+    code, lines, seconds = run_cli("certify", *CERTIFY, "--engine", engine, "--data", images, "--ray", address,
+                                   "--ray-timeout", "2", "--out", out)
+    assert_one_error_line(code, lines, seconds, out, f"--ray {address}: ", *says)
+    if address.startswith("127."):
+        assert seconds >= 2, "gave up before --ray-timeout"
+
+
+def test_a_port_without_ray_fails_fast_in_one_line(engine, images, tmp_path):
+    """Something accepts connections at the address but is not Ray (the kernel completes the
+    handshakes of this socket, nothing ever answers): ray.init is given up at --ray-timeout."""
+    out = tmp_path / "c.tsv"
+    with socket.create_server(("", 0)) as server:
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        code, lines, seconds = run_cli("certify", *CERTIFY, "--engine", engine, "--data", images, "--ray", address,
+                                       "--ray-timeout", "2", "--out", out)
+    assert_one_error_line(code, lines, seconds, out, f"--ray {address}: no Ray cluster answered within 2 s", "--ray-timeout")
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["no-cluster", "stale-address"])
+def test_auto_without_a_cluster_fails_fast_in_one_line(stale, engine, images, tmp_path):
+    """--ray auto where no Ray runs (a PID namespace of its own, an empty Ray temp directory): one
+    line at once; where the last `ray start` left the address of a cluster since killed: one line
+    after --ray-timeout."""
+    out = tmp_path / "c.tsv"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_TMPDIR"] = str(tmp_path)
+    if stale:
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
+    code, lines, seconds = run_cli("certify", *CERTIFY, "--engine", engine, "--data", images, "--ray", "auto",
+                                   "--ray-timeout", "2", "--out", out, env=env, prefix=own_pid_namespace())
+    if stale:
+        assert_one_error_line(code, lines, seconds, out, "--ray auto: nothing accepted a connection at", ":1 within 2 s")
+    else:
+        assert_one_error_line(code, lines, seconds, out, "--ray auto: no Ray cluster runs on this machine", "ray start --head")
+
+
+def test_more_actors_than_fit_start_those_that_fit(work, engine, images, cluster, reference):
+    """--actors 3 on the two-CPU cluster (one CPU per actor): one line says at once that 2 fit, 2
+    start, and the rows equal the single process's (Ray alone would wait for the third)."""
+    args, expected = reference["certify"]
+    out = work / "ray_three.tsv"
+    started = time.monotonic()
+    result = invoke(*args, "--engine", engine, "--data", images, "--ray", cluster, "--actors", "3", "--quiet", "--out", out)
+    seconds = time.monotonic() - started
+    assert result.exit_code == 0, result.output
+    assert "--actors 3: the Ray cluster (2 CPUs) has room for 2 actors of 1 CPU; starting 2" in result.stderr
+    assert "2 Ray actors" in result.stderr and "waiting for Ray actors" not in result.stderr
+    assert rows_without_time(out) == expected
+    assert seconds < 300, f"took {seconds:.0f} s"
+
+
+def test_an_actor_larger_than_every_node_is_refused(engine, images, cluster, tmp_path):
+    """--threads 3: each actor needs 3 CPUs, the cluster's one node has 2: one error line at once
+    that names both (Ray alone would wait for the actor for --start-timeout, 600 s)."""
+    out = tmp_path / "c.tsv"
+    started = time.monotonic()
+    result = invoke("certify", *CERTIFY, "--engine", engine, "--data", images, "--ray", cluster, "--threads", "3", "--out", out)
+    lines = result.stderr.strip().splitlines()
+    assert_one_error_line(result.exit_code, lines, time.monotonic() - started, out, "one actor needs 3 CPUs", "(2 CPUs in all)")
+
+
+def test_waiting_for_actors_reports_progress(engine, cluster):
+    """Other work holds both CPUs of the cluster for 3 s: the pool says so at once, then a line
+    every report_every seconds ("waiting for Ray actors: 0 of 1 ready"), and starts its actor when
+    the CPUs are free."""
+
+    @ray.remote(num_cpus=2)
+    class Holder:
+        def ready(self):
+            return True
+
+    holder = Holder.remote()
+    ray.get(holder.ready.remote())
+    release = threading.Timer(3.0, ray.kill, [holder])
+    lines: list[str] = []
+    manifest = load_manifest(engine)
+    release.start()
+    try:
+        with RayPool(str(engine), manifest["manifest_sha256"], actors=1, report_every=1.0, log=lines.append) as pool:
+            assert pool.live == 1
+    finally:
+        release.cancel()
+        ray.kill(holder)
+    assert lines[0].startswith("the Ray cluster has free resources for 0 of 1 actors now"), lines
+    waits = [line for line in lines if line.startswith("waiting for Ray actors: 0 of 1 ready")]
+    assert len(waits) >= 2 and len(waits) == len(lines) - 1, lines
 
 
 def test_runtime_never_imports_ray():

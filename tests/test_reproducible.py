@@ -135,7 +135,10 @@ def test_random_weights_engines_say_so(tmp_path, monkeypatch):
     result = CliRunner().invoke(main, ["certify", "--engine", "engines/tiny-random", "--data", "x.npz", "--sigma", "0.5",
                                        "--steps", "1", "--votes", "1", "--n0", "2", "--n", "5", "--quiet", "--out", "r.tsv"])
     assert result.exit_code == 0, result.output
-    assert "warning: engines/tiny-random was built with --random-weights" in result.stderr
+    assert "[random-weights engine: these numbers mean nothing]" in result.stdout  # --quiet: the summary says it
+    loud = CliRunner().invoke(main, ["certify", "--engine", "engines/tiny-random", "--data", "x.npz", "--sigma", "0.5",
+                                     "--steps", "1", "--votes", "1", "--n0", "2", "--n", "5", "--out", "r2.tsv"])
+    assert "warning: engines/tiny-random was built with --random-weights" in loud.stderr
     assert json.loads((tmp_path / "r.tsv.json").read_text())["random_weights"] is True
 
 
@@ -181,3 +184,23 @@ def test_an_openvino_bf16_build_says_what_it_runs_in(tmp_path):
                     "--no-validate", "--out", tmp_path / "ov")
     assert result.exit_code == 0, result.output
     assert "exporting the denoise-step graph (fp32; OpenVINO runs it in bf16)" in result.stderr
+
+
+def test_the_readme_python_snippets_run_as_written(tmp_path, monkeypatch):
+    """Every ```python block of the README's "Python API" section, verbatim, in a folder holding
+    the engine the README's quick start builds (engines/digits)."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Python API"):]
+    section = section[: section.index("\n## ", 4)]
+    blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    assert len(blocks) >= 2
+    monkeypatch.chdir(tmp_path)
+    assert invoke("build", "--model", "digits").exit_code == 0
+    for block in blocks:
+        namespace: dict = {}
+        exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
+    certs, pairs = namespace["certs"], namespace["pairs"]
+    assert [c for c, _ in pairs] == certs and len(certs) == 4
+    assert int(pairs[0][1].counts.sum()) == 100

@@ -15,6 +15,8 @@ across alphas use 20,000 for all), and 60,000 where the exact rate at alpha = 0.
 bound passes for k <= 12 false certificates, at 60,000 for k <= 47.
 """
 
+import functools
+import importlib.util
 import math
 import subprocess
 import sys
@@ -38,9 +40,10 @@ from densepure_rt.sequential import (
     decide,
     fixed_n_samples_to_certify,
     log_mixture,
+    selection_done,
 )
 
-from conftest import BLOCK_TORCH
+from conftest import BLOCK_TORCH, ROOT
 
 ROUND = 32
 N_MAX = 10_000
@@ -396,6 +399,85 @@ def test_early_stop_radius_reasons_and_result():
         EarlyStopRadius(0.5, 0.001, 64, 0.1).update(33, 32)
 
 
+def test_early_stop_radius_abstains_when_the_running_interval_is_empty():
+    # min_s U_s <= max_s L_s: p_a is outside some interval of the sequence, a detected coverage
+    # failure. Before, the first case was called "futile" and the second "precise", both with
+    # p_a_lower ~ 0.98 > 1/2, i.e. a certified radius of 2 sigma from contradictory evidence.
+    sigma, alpha = 1.0, 0.05
+    for successes, trials in ((0, 3000), (2000, 3000)):
+        es = EarlyStopRadius(sigma, alpha, 10_000, tol=0.0)  # tol 0: no "stalled", no "precise" at U = 1
+        for _ in range(5):
+            es.update(ROUND, ROUND)  # S = t = 160: L ~ 0.98
+        assert not es.done and es.certified and es.radius > 1.9
+        lower_before = es.p_a_lower
+        assert es.update(successes, trials) == 0.0
+        res = es.result()
+        upper_now = confidence_sequence(160 + successes, 160 + trials, alpha)[1]
+        assert upper_now < lower_before  # the new interval lies wholly below the running lower bound
+        assert res == EarlyStopResult(0.0, False, lower_before, upper_now, 160 + successes, 160 + trials, "inconsistent")
+        assert es.done and es.radius == 0.0 and not es.certified
+        with pytest.raises(ValueError):
+            es.update(1, 1)
+    # a consistent stream never reports it (the Monte-Carlo tests below check the rates)
+    es = EarlyStopRadius(sigma, alpha, 640, tol=0.0)
+    while not es.done:
+        es.update(28, ROUND)
+    assert es.result().reason == "budget" and es.p_a_lower < es.p_a_upper
+
+
+# --------------------------------------------------------------------------------------------
+# The selection of c_a: when it may stop
+# --------------------------------------------------------------------------------------------
+
+
+def _selection_done_by_hand(counts, left, min_share=2 / 3, level=1e-3):
+    """The rule of selection_done restated for one count vector: exact (the argmax is settled) or a
+    clear leader (share and a one-sided binomial test by scipy.stats.binomtest)."""
+    ranked = sorted((int(c) for c in counts), reverse=True) + [0]
+    k, r, t = ranked[0], ranked[1], int(sum(counts))
+    if left == 0 or k > r + left:
+        return True
+    if t == 0 or k < min_share * t or level == 0:
+        return False
+    return bool(stats.binomtest(k, k + r, 0.5, alternative="greater").pvalue <= level)
+
+
+def test_selection_done_matches_the_rule_restated():
+    rng = np.random.default_rng(43)
+    n0 = 100
+    for t in (1, 4, 10, 16, 32, 64, 96, 100):
+        # every split of t votes among 3 classes for small t, a random sample of count vectors else
+        if t <= 32:
+            a, b = np.meshgrid(np.arange(t + 1), np.arange(t + 1), indexing="ij")
+            keep = a + b <= t
+            counts = np.stack([a[keep], b[keep], t - a[keep] - b[keep]], axis=1)
+        else:
+            counts = rng.multinomial(t, rng.dirichlet([0.3, 0.3, 0.3, 0.3]), size=400)
+        for level in (1e-3, 0.0):
+            got = selection_done(counts, n0 - t, level=level)
+            want = [_selection_done_by_hand(c, n0 - t, level=level) for c in counts]
+            assert got.dtype == bool and got.tolist() == want
+        assert selection_done(counts[0], n0 - t) is _selection_done_by_hand(counts[0], n0 - t)
+    # first round of 32 (n0 = 100): the clear rule needs 26 of 32 against one runner-up
+    assert selection_done([26, 6], 68) and not selection_done([25, 7], 68)
+    assert selection_done([0, 32, 0], 68) and not selection_done([32, 0], 68, level=0.0)
+    # the exact rule: the leader must beat the runner-up plus the samples left
+    assert selection_done([51, 13], 36, level=0.0) and not selection_done([50, 14], 36, level=0.0)
+    assert selection_done([16, 16], 0)  # no samples left: done, c_a = class 0 (ties to the lowest)
+    # share: 22 of 33 votes is exactly 2/3
+    assert selection_done([22, 0, 11], 100) is _selection_done_by_hand([22, 0, 11], 100)
+    assert selection_done([22, 0, 0], 100)  # one class: binomial test of 22 against 0
+    # vectorised over leading axes, with left broadcast
+    stack = np.array([[[32, 0], [64, 0]], [[16, 16], [40, 24]]])
+    assert selection_done(stack, np.array([68, 36])).tolist() == [[True, True], [False, False]]
+    assert selection_done(stack, np.array([68, 36]), level=0.0).tolist() == [[False, True], [False, False]]
+    for bad in (lambda: selection_done([1.0, 2.0], 3), lambda: selection_done([-1, 2], 3),
+                lambda: selection_done([1, 2], -1), lambda: selection_done([1, 2], 1, level=1.0),
+                lambda: selection_done([1, 2], 1, min_share=0.0), lambda: selection_done(np.zeros((2, 0), int), 1)):
+        with pytest.raises(ValueError):
+            bad()
+
+
 # --------------------------------------------------------------------------------------------
 # Validity: Monte-Carlo and exact crossing probabilities
 # --------------------------------------------------------------------------------------------
@@ -503,9 +585,11 @@ def test_false_certificate_rate_with_near_tied_top_classes(probs):
 def _early_stop_vectorised(s, trials, sigma, alpha, tol):
     """The stopping rule of EarlyStopRadius's docstring, for [N, K] cumulative successes.
 
-    Returns the stopping round [N], the radius there [N], and p_a_lower there and after the last
-    round [N] each. Radii are computed once per observed (round, S) pair; sigma * Phi^-1 is
-    increasing, so the radius of a running max / min is the running max / min of the radii.
+    Returns the stopping round [N], the radius there [N], the p_a_lower the certificate rests on
+    there [N] (0 where it abstains because the running interval is empty, "inconsistent") and the
+    running p_a_lower after the last round [N]. Radii are computed once per observed (round, S)
+    pair; sigma * Phi^-1 is increasing, so the radius of a running max / min is the running max /
+    min of the radii.
     """
 
     def radius(p):
@@ -515,7 +599,9 @@ def _early_stop_vectorised(s, trials, sigma, alpha, tol):
     grid_lower, grid_upper = confidence_sequence(grid_s, grid_t, alpha)
     grid_doubled = confidence_sequence(2 * grid_s, 2 * grid_t, alpha)[0]
     lower = np.maximum.accumulate(grid_lower[index], axis=1)
-    stop = np.minimum.accumulate(grid_upper[index], axis=1) <= 0.5  # futile
+    upper = np.minimum.accumulate(grid_upper[index], axis=1)
+    inconsistent = upper <= lower
+    stop = inconsistent | (upper <= 0.5)  # inconsistent, futile
     r = np.maximum.accumulate(radius(grid_lower)[index], axis=1)
     cap = np.minimum.accumulate(np.where(grid_upper < 1.0, radius(grid_upper), np.inf)[index], axis=1)
     stop |= cap - r <= tol  # precise
@@ -523,7 +609,8 @@ def _early_stop_vectorised(s, trials, sigma, alpha, tol):
     stop[:, -1] = True  # budget
     k = np.argmax(stop, axis=1)
     rows = np.arange(s.shape[0])
-    return k, r[rows, k], lower[rows, k], lower[:, -1]
+    abstain = inconsistent[rows, k]
+    return k, np.where(abstain, 0.0, r[rows, k]), np.where(abstain, 0.0, lower[rows, k]), lower[:, -1]
 
 
 @pytest.mark.parametrize("p_a, scale", [(0.7, 1), (0.99, 3)])
@@ -562,6 +649,141 @@ def test_early_stop_radius_never_overstates_the_true_radius(p_a, scale):
             f"samples mean {np.concatenate(used).mean():.0f}, radius at stop mean {np.concatenate(radii).mean():.3f}"
         )
         assert at_stop <= anytime and upper <= alpha
+
+
+# --------------------------------------------------------------------------------------------
+# Validity of the whole pipeline: early selection, then the sequential test
+# --------------------------------------------------------------------------------------------
+
+N0 = 100
+SEL_SIZES = np.array([ROUND, ROUND, ROUND, N0 - 3 * ROUND])  # Engine._select's rounds: 32, 32, 32, 4
+#: Stops after the first round whenever the leader's one-sided p-value is <= 0.999: c_a from 32
+#: votes, often the wrong class in a near tie. Not the runtime's rule: a stress test of the claim
+#: that any rule reading only the selection samples keeps the guarantee.
+HASTY = functools.partial(selection_done, min_share=0.01, level=0.999)
+
+
+def _select_vectorised(rng, probs, n_streams, rule=selection_done):
+    """Engine._select on multinomial(probs) votes, for n_streams images at once: c_a [N] and the
+    selection samples used [N]. The rule is called on the counts after every round, as there."""
+    rounds = np.stack([rng.multinomial(m, probs, size=n_streams) for m in SEL_SIZES], axis=1)
+    cum = np.cumsum(rounds, axis=1)  # [N, rounds, classes]
+    ends = np.cumsum(SEL_SIZES)
+    done = rule(cum, (N0 - ends)[None, :])
+    k = np.argmax(done, axis=1)  # the last round is always done (no samples left)
+    return np.argmax(cum[np.arange(n_streams), k], axis=1), ends[k]
+
+
+def _exact_selection_law(probs, rule=selection_done):
+    """P(c_a = c) per class under ``rule``, by dynamic programming over the law of the count vector
+    at every round end (all splits of each round, scipy's multinomial pmf; up to 3 classes)."""
+    probs = np.asarray(probs, dtype=float)
+    c = probs.size
+    states, mass = np.zeros((1, c), dtype=np.int64), np.array([1.0])
+    p_class, t = np.zeros(c), 0
+    for m in SEL_SIZES:
+        grid = np.stack(np.meshgrid(*[np.arange(m + 1)] * (c - 1), indexing="ij"), axis=-1).reshape(-1, c - 1)
+        grid = grid[grid.sum(axis=1) <= m]
+        splits = np.concatenate([grid, m - grid.sum(axis=1, keepdims=True)], axis=1)
+        pmf = stats.multinomial.pmf(splits, m, probs)
+        new = (states[:, None, :] + splits[None, :, :]).reshape(-1, c)
+        key = np.ravel_multi_index(new[:, :-1].T, (N0 + 1,) * (c - 1))
+        key, inverse = np.unique(key, return_inverse=True)
+        mass = np.bincount(inverse.ravel(), (mass[:, None] * pmf[None, :]).ravel())
+        t += int(m)
+        first = np.stack(np.unravel_index(key, (N0 + 1,) * (c - 1)), axis=1)
+        states = np.concatenate([first, t - first.sum(axis=1, keepdims=True)], axis=1)
+        done = rule(states, N0 - t)
+        np.add.at(p_class, np.argmax(states[done], axis=1), mass[done])
+        states, mass = states[~done], mass[~done]
+    assert states.shape[0] == 0 and abs(p_class.sum() - 1) < 1e-9
+    return p_class
+
+
+@functools.lru_cache(maxsize=None)
+def _exact_false_certificate_cached(p, p0, alpha):
+    return _exact_false_certificate(p, p0, alpha)
+
+
+PIPELINE_CASES = {  # probs, target radii / sigma, selection rule, alpha
+    # p_A exactly at the threshold of the largest target: a clear leader (selection stops after 32
+    # samples) and a moderate one (selection stops early on some images, late on others)
+    "p_A = Phi(2), R up to 2 sigma": ((stats.norm.cdf(2.0), stats.norm.sf(2.0)), (0.0, 1.0, 2.0), selection_done, 0.05),
+    "p_A = Phi(0.5), R up to 0.5 sigma": ((stats.norm.cdf(0.5), stats.norm.sf(0.5)), (0.0, 0.5), selection_done, 0.1),
+    # near ties: p(c_a) <= 1/2 whichever class is picked, so even R = 0 is false (at p = 1/2 exactly
+    # for class 0 of the second)
+    "near tie (0.45, 0.45, 0.10)": ((0.45, 0.45, 0.10), (0.0,), selection_done, 0.1),
+    "near tie (0.5, 0.49, 0.01)": ((0.5, 0.49, 0.01), (0.0,), selection_done, 0.05),
+    # p_A = 0.6 at the threshold of R = Phi^-1(0.6) sigma with a hasty selection: the wrong class
+    # (p = 0.4, where R = 0 is false too) in 9% of the images against 1.4% from all n0 votes
+    "p_A = 0.6 at the threshold, hasty selection": ((0.6, 0.4), (0.0, stats.norm.ppf(0.6)), HASTY, 0.1),
+}
+
+
+@pytest.mark.parametrize("case", list(PIPELINE_CASES))
+def test_false_certificate_rate_of_the_pipeline_with_early_selection(case):
+    # Selection as Engine._select (rounds of 32 up to n0 = 100, stopped by the rule), then c_a's
+    # estimation stream, monitored after every round up to n_max = 10,000. False certificate:
+    #   TargetRadiiTest: some target R with Phi(R / sigma) >= p(c_a) certified at some round;
+    #   EarlyStopRadius: p_a_lower > p(c_a) (radius above sigma Phi^-1(p(c_a))) at its stopping
+    #   round (tol = 0.1 sigma), and, covering every stopping rule, at any round.
+    # Both rates are compared with the exact probability: the selection law (dynamic programming
+    # over the count vectors) times the crossing probability of c_a's stream.
+    probs, radii_sigma, rule, alpha = PIPELINE_CASES[case]
+    probs = np.asarray(probs, dtype=float)
+    sigma, tol, n = 1.0, 0.1, 4000
+    radii = np.asarray(radii_sigma) * sigma
+    thresholds = stats.norm.cdf(radii / sigma)
+    seed = sum(map(ord, case))
+    rng = np.random.default_rng(seed)
+    c_a, used = _select_vectorised(rng, probs, n, rule)
+    # the same votes, all n0 of them (for the report: how often the early stop changed c_a)
+    c_a_full = _select_vectorised(np.random.default_rng(seed), probs, n, functools.partial(selection_done, level=0.0))[0]
+    law = np.clip(_exact_selection_law(probs, rule), 0.0, 1.0)
+    assert (np.abs(np.bincount(c_a, minlength=probs.size) / n - law) <= 5 * np.sqrt(law * (1 - law) / n) + 1e-9).all()
+    p_sel = probs[c_a]
+    false_target = false_stop = false_any = 0
+    for value in np.unique(p_sel):
+        s = _cum_successes(rng, value, int((p_sel == value).sum()))
+        wrong = thresholds >= value
+        flagged = np.zeros(s.shape[0], dtype=bool)
+        if wrong.any():  # the smallest false target is certified whenever any false one is
+            p0 = thresholds[wrong].min()
+            flagged = (_at_observed(s, TRIALS, lambda ss, tt: decide(ss, tt, p0, alpha)) == CERTIFIED).any(axis=1)
+        false_target += int(flagged.sum())
+        _, _, lower_stop, lower_end = _early_stop_vectorised(s, TRIALS, sigma, alpha, tol)
+        false_stop += int((lower_stop > value).sum())
+        false_any += int((lower_end > value).sum())
+        # the classes, fed the first stream's rounds, are wrong only where the vectorised rule says so
+        test, es, prev = TargetRadiiTest(sigma, radii, alpha, N_MAX), EarlyStopRadius(sigma, alpha, N_MAX, tol), 0
+        for k_round, cum in enumerate(s[0]):
+            for proc in (test, es):
+                if not proc.done:
+                    proc.update(int(cum - prev), int(SIZES[k_round]))
+            prev = cum
+        res = test.result()
+        assert flagged[0] or not (res.certified and stats.norm.cdf(res.radius / sigma) >= value)
+        assert lower_end[0] > value or not es.p_a_lower > value
+    # exact: P(c_a = c) times c's crossing probability, summed (classes selected with probability
+    # < 1e-15 add less than that: skipped)
+    exact_target = sum(
+        w * _exact_false_certificate_cached(float(p), float(thresholds[thresholds >= p].min()), alpha)
+        for w, p in zip(law, probs) if w > 1e-15 and (thresholds >= p).any()
+    )
+    exact_any = sum(w * _exact_false_certificate_cached(float(p), float(p), alpha) for w, p in zip(law, probs) if w > 1e-15)
+    for name, k, exact in (("targets (TargetRadiiTest, any round)", false_target, exact_target),
+                           ("early stop, at its stop", false_stop, None), ("early stop, any round", false_any, exact_any)):
+        upper = _cp_upper95(k, n)
+        _report(
+            f"pipeline {case}, alpha={alpha}: c_a = class 0 in {np.mean(c_a == 0):.3f} (all n0: {np.mean(c_a_full == 0):.3f}; "
+            f"differs in {np.mean(c_a != c_a_full):.3f}), selection samples mean {used.mean():.1f}; {name}: {k}/{n} false "
+            f"= {k / n:.2e} (95% CP upper {upper:.2e})" + (f"; exact {exact:.2e} = {exact / alpha:.3f} alpha" if exact is not None else "")
+        )
+        assert upper <= alpha
+        if exact is not None:
+            assert exact <= alpha
+            assert abs(k - n * exact) <= 5 * math.sqrt(n * exact) + 3  # the Monte-Carlo agrees with the exact law
+    assert false_stop <= false_any
 
 
 # --------------------------------------------------------------------------------------------
@@ -610,3 +832,75 @@ def test_expected_samples_versus_fixed_n_clopper_pearson():
             assert mean <= 2.5 * oracle and mean <= 10_000 / 4
             if r <= 1.0:
                 assert mean <= 100  # versus n = 10,000 or 100,000 in fixed-n practice
+
+
+# --------------------------------------------------------------------------------------------
+# benchmarks/sequential_table.py (README "Fewer samples per certificate") against scipy
+# --------------------------------------------------------------------------------------------
+
+
+def _load_sequential_table():
+    spec = importlib.util.spec_from_file_location("sequential_table", ROOT / "benchmarks" / "sequential_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _expected_samples_by_hand(p, p0, alpha, n_max=N_MAX):
+    """E[estimation samples] of the target test, rounds of 32: sum over rounds of 32 P(undecided
+    before it), with the law of S_t from scipy's binomial pmf and the decision from the
+    beta-binomial formula of log M (_direct_log_m), not from densepure_rt.sequential."""
+    undecided = np.zeros(n_max + 1)
+    undecided[0] = 1.0
+    mean, t = 0.0, 0
+    while t < n_max and undecided.sum() > 1e-18:
+        m = min(ROUND, n_max - t)
+        mean += m * undecided.sum()
+        undecided = np.convolve(undecided, stats.binom.pmf(np.arange(m + 1), m, p))[: n_max + 1]
+        t += m
+        s = np.arange(t + 1)
+        rejected = _direct_log_m(s, t, p0, DEFAULT_PRIOR) >= math.log(1 / alpha)
+        undecided[: t + 1][rejected & (s != p0 * t)] = 0.0
+    return mean
+
+
+def test_sequential_table_against_independent_computations():
+    table = _load_sequential_table()
+    alpha = 0.001
+    table.ROWS = [(0.99, 0.5), (0.999, 0.5), (1.0, 0.5)]  # the rows checked here (the script prints all)
+    rows = {(x["p_a"], x["r_over_sigma"]): x for x in table.table()}
+    p0 = float(stats.norm.cdf(0.5))
+    # (a) the information bound log(1/alpha) / KL(p_A || p0), KL from scipy.stats.entropy
+    for p_a, want in ((0.99, 21.5), (0.999, 19.1), (1.0, 18.7)):
+        kl = stats.entropy([p_a, 1 - p_a], [p0, 1 - p0])
+        assert rows[(p_a, 0.5)]["lower_bound"] == pytest.approx(math.log(1 / alpha) / kl, rel=1e-12)
+        assert round(math.log(1 / alpha) / kl, 1) == want
+    # (b) fixed n at power >= 0.999: Cohen's Clopper-Pearson call (statsmodels), binomial law (scipy)
+    for p_a, want in ((0.99, 37), (0.999, 26), (1.0, 19)):
+        power = []
+        for n in range(1, want + 1):
+            k = np.arange(n + 1)
+            lower = np.array([proportion_confint(int(j), n, alpha=2 * alpha, method="beta")[0] for j in k])
+            power.append(stats.binom.pmf(k, n, p_a)[np.nan_to_num(lower) >= p0].sum())
+        assert power[-1] >= 0.999 and max(power[:-1]) < 0.999
+        assert rows[(p_a, 0.5)]["fixed_n_same_power"] == want
+        assert rows[(p_a, 0.5)]["fixed_n_power"] == pytest.approx(power[-1], abs=1e-12)
+    # (c) the sequential test's estimation samples: 40.8 / 33.0 / 32
+    for p_a, want in ((0.99, 40.8), (0.999, 33.0), (1.0, 32.0)):
+        got = rows[(p_a, 0.5)]["estimation_mean"]
+        assert got == pytest.approx(_expected_samples_by_hand(p_a, p0, alpha), abs=1e-9) and round(got, 1) == want
+    # (d) selection samples at p_A = 0.99 (two classes, n0 = 100, rounds of 32). The exact rule
+    # stops at 64 iff the leader has >= 51 (it beats the runner-up plus the 36 left), else at 96 at
+    # the latest, up to terms below 1e-12. The clear-leader rule stops at 32 iff the leader has >=
+    # k_min of 32 (2/3 of the votes and a one-sided binomial p-value <= 1e-3), else at 64 (below 1e-12).
+    stop64 = stats.binom.sf(50, 64, 0.99) + stats.binom.cdf(13, 64, 0.99)
+    assert rows[(0.99, 0.5)]["selection_exact"] == pytest.approx(64 * stop64 + 96 * (1 - stop64), abs=1e-9)
+    k_min = min(k for k in range(22, 33) if stats.binomtest(k, 32, 0.5, alternative="greater").pvalue <= 1e-3)
+    assert k_min == 26
+    stop32 = stats.binom.sf(k_min - 1, 32, 0.99) + stats.binom.cdf(32 - k_min, 32, 0.99)
+    assert rows[(0.99, 0.5)]["selection_clear"] == pytest.approx(32 * stop32 + 64 * (1 - stop32), abs=1e-9)
+    # totals: 105 -> 73 samples per image at p_A = 0.99, R = 0.5 sigma
+    assert round(rows[(0.99, 0.5)]["total_exact"], 1) == 104.8 and round(rows[(0.99, 0.5)]["total_clear"], 1) == 72.8
+    # the script's table (all rows) is the committed one (README and benchmarks/results/sample_efficiency)
+    fresh = _load_sequential_table()
+    assert fresh.markdown(fresh.table()) == (ROOT / "benchmarks" / "results" / "sample_efficiency" / "sequential_table.md").read_text()
