@@ -98,6 +98,7 @@ def _pil_feature_extractor(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- HF ViT -> timm ViT
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_hf_vit_folder_loads_into_timm_with_the_same_logits(tmp_path, fmt):
     hf = _tiny_hf_vit()

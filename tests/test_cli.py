@@ -267,6 +267,7 @@ def test_rows_do_not_depend_on_batch_size(work, engine, images, reference):
 # ------------------------------------------------------------------------------------------------ #
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_gives_the_uninterrupted_rows(work, engine, images, reference):
     out = work / "killed.tsv"
     cmd = CLI + certify_args(engine, images, out, "--batch", "7")

@@ -65,6 +65,7 @@ def test_load_split_is_the_fixed_stratified_split(split):
     assert np.bincount(y_test, minlength=10).min() >= 35  # stratified: 35 or 36 of each digit
 
 
+@pytest.mark.slow
 def test_unet_training_reduces_the_hybrid_loss(split):
     run = train_unet(30, seed=0, batch_size=16, unet_kwargs=TINY_UNET, x_train=split[0][:256], threads=1)
     simple, vlb, total = run.history["l_simple"], run.history["l_vlb"], run.history["loss"]

@@ -63,6 +63,7 @@ def engines(tmp_path_factory):
     return built
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_engine_reproduces_official_trajectory(engines, kind):
     folder = fixture_dir(KINDS[kind][3])
@@ -78,6 +79,7 @@ def test_engine_reproduces_official_trajectory(engines, kind):
     assert err < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind, sigma, steps", [("guided", 0.5, 3), ("guided", 0.25, "one-shot"), ("improved", 0.25, 2)])
 def test_engine_matches_reference_images_and_labels_with_same_noise(engines, kind, sigma, steps):
     unet, _ = load_fixture_unet(KINDS[kind][0])
@@ -152,6 +154,7 @@ def test_fp16_graph_keeps_scheduler_and_norm_arithmetic_in_float32(engines):
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
 
+@pytest.mark.slow
 def test_large_graphs_are_saved_with_external_data(tmp_path, monkeypatch):
     # The full-size fp32 ImageNet UNet is 2.2 GB, over protobuf's 2 GB limit; force the same path here.
     import densepure_rt.export.onnx_export as onnx_export

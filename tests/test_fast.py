@@ -234,6 +234,7 @@ def test_published_loop_equals_reverse_run_given_the_same_noise(name, schedule, 
 # The benchmark script at tiny size on the CPU
 
 
+@pytest.mark.slow
 def test_gpu_bench_runs_on_cpu_at_tiny_size(tmp_path):
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--quick", "--device", "cpu",
            "--preset", "tiny", "--threads", "1", "--out", str(tmp_path)]

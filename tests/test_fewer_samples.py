@@ -71,6 +71,7 @@ def engine(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_vote_early_exit_gives_identical_counts_with_fewer_unet_evaluations(engine):
     data = digits_test_split()
     results = {}
@@ -91,6 +92,7 @@ def test_vote_early_exit_gives_identical_counts_with_fewer_unet_evaluations(engi
     assert min(saved) > 0.2  # at least the last ceil(K/2) - 1 runs of clearly decided samples
 
 
+@pytest.mark.slow
 def test_cli_rows_are_identical_without_early_exit(engine, tmp_path):
     a, b = tmp_path / "ee.tsv", tmp_path / "full.tsv"
     assert invoke("certify", "--engine", engine, *COMMON, "--n", 40, "--out", a).exit_code == 0
@@ -104,6 +106,7 @@ def test_cli_rows_are_identical_without_early_exit(engine, tmp_path):
     assert sum(int(r["unet_evals"]) for r in ra) < sum(int(r["unet_evals"]) for r in rb)
 
 
+@pytest.mark.slow
 def test_target_radii_rows_match_fixed_n_samples_and_the_mixture_test(engine, tmp_path):
     radii = [0.125, 0.25, 0.5]
     out = tmp_path / "radii.tsv"
@@ -145,6 +148,7 @@ def test_target_radii_rows_match_fixed_n_samples_and_the_mixture_test(engine, tm
     assert (frow["c_a"], frow["n_a"]) == (row["c_a"], row["n_a"])
 
 
+@pytest.mark.slow
 def test_early_stopping_radius_is_the_lower_confidence_sequence(engine, tmp_path):
     out = tmp_path / "until.tsv"
     result = invoke("certify", "--engine", engine, *COMMON, "--tol", 0.05, "--n-max", 600, "--out", out)
@@ -188,6 +192,7 @@ def test_changing_the_targets_of_a_results_file_is_refused(engine, tmp_path):
     assert result.exit_code == 0 and "1 images done, 0 to go" in result.stderr
 
 
+@pytest.mark.slow
 def test_selection_stops_where_selection_done_says_on_the_digits_engine(engine):
     """The sequential modes end the selection phase at the first round (of the batch) where
     ``selection_done`` says so, with c_a the argmax of the counts so far; with the exact rule alone

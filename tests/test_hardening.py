@@ -208,6 +208,7 @@ def test_force_refuses_a_folder_that_is_not_an_engine(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["photos"]  # no staging folder left behind
 
 
+@pytest.mark.slow
 def test_force_replaces_an_engine_and_reuse_skips_an_identical_build(tmp_path):
     out = tmp_path / "eng"
     assert invoke("build", "--model", "tiny", "--random-weights", "--out", out).exit_code == 0
@@ -303,6 +304,7 @@ def test_api_counts_sum_to_the_samples_drawn(engine, images):
 # ------------------------------------------------------------------------------------------------ #
 
 
+@pytest.mark.slow
 def test_second_run_on_the_same_out_is_refused_naming_the_holder(work, engine, images, reference):
     import fcntl
 
@@ -423,6 +425,7 @@ def _limit_file_size(limit: int):
     return apply
 
 
+@pytest.mark.slow
 def test_full_disk_mid_run_is_one_line_and_the_rerun_completes(work, engine, images, reference):
     """A file-size limit (RLIMIT_FSIZE) stands in for a full disk: writes past it fail with EFBIG,
     through the same code path as ENOSPC."""

@@ -152,6 +152,7 @@ def test_manifest_records_the_largest_tensor_per_row_of_each_graph(engine):
     assert rows_per_call(manifest) == ((2**31 - 1) // TINY_STEP_PER_ROW, (2**31 - 1) // TINY_CLASSIFIER_PER_ROW)
 
 
+@pytest.mark.slow
 def test_imagenet_unet_holds_2_to_the_25_elements_per_row_so_at_most_63_rows(tmp_path):
     """Shape inference only: the ImageNet preset's UNet (552.8M parameters, left uninitialised and
     not exported) traced at 32 x 32 with dynamic spatial axes, its shapes inferred at 256 x 256."""
@@ -353,6 +354,7 @@ def _wait_for(predicate, seconds=60.0):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_deleting_the_lock_during_a_run_does_not_let_a_second_writer_in(work, engine, images, tmp_path):
     out = tmp_path / "guarded.tsv"
     args, first = _start_slow_run(engine, images, out, n="600")
@@ -373,6 +375,7 @@ def test_deleting_the_lock_during_a_run_does_not_let_a_second_writer_in(work, en
     assert indices == [str(i) for i in range(NUM_IMAGES)]
 
 
+@pytest.mark.slow
 def test_a_second_writer_racing_for_a_new_file_loses_without_touching_its_options(work, engine, images, tmp_path):
     out = tmp_path / "race.tsv"
     args, first = _start_slow_run(engine, images, out, n="3000")
@@ -464,6 +467,7 @@ def test_threads_beyond_the_cpus_are_capped(work, engine, images, reference):
     assert f"--threads 2000 is more than the {cpus} CPUs available here: using {cpus}" in result.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_is_handled_like_ctrl_c(work, engine, images, tmp_path):
     out = tmp_path / "term.tsv"
     args, run = _start_slow_run(engine, images, out, n="600")
@@ -564,6 +568,7 @@ def test_a_full_disk_while_creating_the_lock_leaves_no_lock_file(work, engine, i
     assert not Path(f"{out}.lock").exists() and not out.exists()
 
 
+@pytest.mark.slow
 def test_deleting_the_results_file_during_a_run_stops_it(work, engine, images, tmp_path):
     out = tmp_path / "vanishing.tsv"
     args, run = _start_slow_run(engine, images, out, n="300")

@@ -76,6 +76,7 @@ def test_host_noise_fills_the_sample_noise_layout():
         np.testing.assert_array_equal(zr, z[s])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("early_exit", [True, False])
 def test_loop_counts_equal_the_step_by_step_reference(engine, digits, early_exit):
     images, _ = digits
@@ -94,6 +95,7 @@ def test_loop_counts_equal_the_step_by_step_reference(engine, digits, early_exit
         assert new.backend.unet_evals == ref.backend.unet_evals
 
 
+@pytest.mark.slow
 def test_cross_image_batches_give_each_image_its_own_counts(engine, digits):
     """Batches of 7 samples that mix six images and both phases (n0 = 5 is smaller than a batch)
     give each image the counts of the reference run one image and one phase at a time."""
@@ -122,6 +124,7 @@ def test_cross_image_batches_give_each_image_its_own_counts(engine, digits):
             assert counts.unet_evals == want_counts.unet_evals  # exact per image, though batches mix images
 
 
+@pytest.mark.slow
 def test_cli_certify_on_the_loop_equals_the_reference_api(engine, digits, tmp_path):
     images, labels = digits
     data = tmp_path / "d.npz"

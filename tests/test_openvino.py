@@ -68,6 +68,7 @@ def digits():
     return images, data["labels"][:12]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_openvino_fp32_reproduces_the_official_trajectory_step_by_step(ov_engines, kind):
     """OpenVINO fp32: each reverse step within 1e-4 of the PyTorch reference's step on the same
@@ -112,6 +113,7 @@ def test_openvino_precision_is_set_explicitly_not_left_to_the_cpu(digits_engines
             assert compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
 
 
+@pytest.mark.slow
 def test_openvino_fp32_counts_equal_onnxruntime_on_the_digits_engine(digits_engines, digits):
     images, _ = digits
     with open_engine(digits_engines[("onnxruntime", "fp32")]) as ort_e, open_engine(digits_engines[("openvino", "fp32")]) as ov_e:
@@ -126,6 +128,7 @@ def test_openvino_fp32_counts_equal_onnxruntime_on_the_digits_engine(digits_engi
         assert split >= 2  # real vote splits, not constant counts
 
 
+@pytest.mark.slow
 def test_openvino_bf16_against_fp32_with_the_same_noise(digits_engines, digits):
     """bf16 changes the base classifier: most, not all, voted labels agree with fp32 (the README
     reports the measured shares; here the floor is 90% of voted labels)."""

@@ -32,6 +32,9 @@ from densepure_rt.runtime import open_engine
 from densepure_rt.scale import ENGINE_ENV, RayPool
 from densepure_rt.work import Task, run_image
 
+#: Ray's cluster start-up alone takes tens of seconds: the whole module is slow.
+pytestmark = pytest.mark.slow
+
 NUM_IMAGES = 16
 SETTINGS = ["--sigma", "0.5", "--steps", "2", "--votes", "3", "--batch", "16"]
 CERTIFY = [*SETTINGS, "--n0", "10", "--n", "40"]

@@ -27,6 +27,7 @@ def rows_without_time(path: Path) -> list[list[str]]:
     return [line.split("\t")[:5] + line.split("\t")[6:] for line in Path(path).read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_rebuilt_engine_continues_results_and_a_changed_graph_is_refused(tmp_path):
     engine = tmp_path / "engines" / "digits"
     assert invoke("build", "--model", "digits", "--out", engine).exit_code == 0
@@ -64,6 +65,7 @@ def test_a_rebuilt_engine_continues_results_and_a_changed_graph_is_refused(tmp_p
     assert result.exit_code == 2 and "engine_id" in result.stderr, result.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("folder", ["digits", "digits_k10"])
 def test_committed_digits_results_continue_on_a_fresh_engine(folder, tmp_path):
     """The README's digits experiment, run again in a fresh clone: every committed results file of
@@ -107,6 +109,7 @@ _SCRIPT = Path(sys.executable).with_name("densepure-rt")
 CLI = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "densepure_rt.cli"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, 143, "terminated (SIGTERM)"), (signal.SIGINT, 130, "interrupted")])
 def test_an_interrupted_build_leaves_nothing_and_says_so(sig, code, word, tmp_path):
     out = tmp_path / "eng"
@@ -142,6 +145,7 @@ def test_random_weights_engines_say_so(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "r.tsv.json").read_text())["random_weights"] is True
 
 
+@pytest.mark.slow
 def test_report_summarises_predict_files_and_they_are_ignored_by_git(tmp_path):
     engine = tmp_path / "digits"
     assert invoke("build", "--model", "digits", "--out", engine).exit_code == 0
@@ -186,6 +190,7 @@ def test_an_openvino_bf16_build_says_what_it_runs_in(tmp_path):
     assert "exporting the denoise-step graph (fp32; OpenVINO runs it in bf16)" in result.stderr
 
 
+@pytest.mark.slow
 def test_the_readme_python_snippets_run_as_written(tmp_path, monkeypatch):
     """Every ```python block of the README's "Python API" section, verbatim, in a folder holding
     the engine the README's quick start builds (engines/digits)."""

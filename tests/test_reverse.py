@@ -87,6 +87,7 @@ def test_nonpositive_sigma_is_refused(bad):
         reverse_schedule(linear_schedule(1000), bad, 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["densepure_guided_sigma0.5_b4", "densepure_improved_sigma0.25_b3"])
 def test_reverse_run_in_fp16_mode_stays_close_to_official(name):
     folder = fixture_dir(name)

@@ -844,6 +844,7 @@ def _digits(n: int = 6) -> np.ndarray:
     return images / 255.0 if images.max() > 1.5 else images
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fail", [None, "operation not permitted when stream is capturing"])
 def test_whole_batch_graphs_give_the_eager_counts(ort_engine, fail):
     """Full batches go through the graph object (captured at the first, replayed after, with each
