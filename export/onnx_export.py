@@ -199,6 +199,25 @@ def _shapes_at(model, rows: int, sizes: dict[str, Sequence[int]] | None) -> dict
     return counts
 
 
+def _without_external_weights(model):
+    """``model`` (loaded without its external data) with every externally stored initializer turned
+    into a graph input of the same type and shape: shape inference needs the shapes of the weights,
+    not their gigabytes, and would otherwise try to read the data file. Small initializers, which
+    may hold shapes that reshapes read, are stored inline and stay."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    external = [t for t in model.graph.initializer if t.data_location == TensorProto.EXTERNAL]
+    if not external:
+        return model
+    names = {t.name for t in external}
+    kept = [t for t in model.graph.initializer if t.name not in names]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in external)
+    return model
+
+
 def max_elements_per_row(model, sizes: dict[str, Sequence[int]] | None = None) -> int:
     """The largest number of elements any tensor of ``model`` (an ONNX ModelProto or a path) holds
     per row of its dynamic batch axis: the growth of each tensor from one row to two, maximised
@@ -209,7 +228,7 @@ def max_elements_per_row(model, sizes: dict[str, Sequence[int]] | None = None) -
     import onnx
 
     if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model), load_external_data=False)
+        model = _without_external_weights(onnx.load(str(model), load_external_data=False))
     one, two = _shapes_at(model, 1, sizes), _shapes_at(model, 2, sizes)
     return max(two[name] - one[name] for name in one)
 

@@ -167,6 +167,14 @@ def test_large_graphs_are_saved_with_external_data(tmp_path, monkeypatch):
     manifest = load_manifest(out)
     assert {"step.onnx", "step.onnx.data", "classifier.onnx", "classifier.onnx.data"} <= set(manifest["files"])
     assert (out / "step.onnx").stat().st_size < 1_000_000 < (out / "step.onnx.data").stat().st_size
+    # The row limit's shape inference read the graph without its weights, from any working folder:
+    # the same count as over the whole model loaded in memory.
+    import onnx
+
+    monkeypatch.chdir(tmp_path)
+    whole = onnx.load(str(out / "step.onnx"))
+    assert manifest["graphs"]["step"]["max_elements_per_row"] == onnx_export.max_elements_per_row(whole)
+    assert onnx_export.max_elements_per_row(out / "step.onnx") == onnx_export.max_elements_per_row(whole)
     folder = fixture_dir(KINDS["guided"][3])
     cfg = read_json(folder / "config.json")
     tr = load_file(str(folder / "trajectory.safetensors"))

@@ -591,3 +591,20 @@ def test_a_sequential_run_resumed_with_another_round_size_is_refused(work, engin
             "--max", "1", "--out", out]
     assert invoke(*args, "--batch", "16").exit_code == 0
     assert "round 16 -> 8" in one_line_error(invoke(*args, "--batch", "8"))
+
+
+def test_row_limit_shape_inference_reads_graphs_with_external_weights(engine, tmp_path, monkeypatch):
+    """Graphs over 2 GB keep their weights in a data file (the fp32 ImageNet UNet): the shape
+    inference reads the graph without them, from any working folder (it once tried to read the data
+    file relative to the working folder and failed at the end of a full ImageNet build)."""
+    import onnx
+
+    from densepure_rt.export.onnx_export import max_elements_per_row
+
+    model = onnx.load(str(engine / "step.onnx"))
+    onnx.save_model(model, str(tmp_path / "step.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="step.onnx.data", size_threshold=0)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert max_elements_per_row(tmp_path / "step.onnx") == TINY_STEP_PER_ROW
