@@ -6,6 +6,7 @@ with ``error:`` and exits with status 2; nothing half-written is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -37,6 +38,27 @@ class _Terminated(KeyboardInterrupt):
 
 def _on_sigterm(signum, frame):  # noqa: ARG001 - a signal handler's signature
     raise _Terminated()
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Hold SIGINT and SIGTERM while the block runs; a signal that came meanwhile is raised when it ends.
+
+    For imports of C extensions: an exception raised while one initialises (onnx's nanobind enums,
+    torch) aborts the interpreter (SIGABRT/SIGSEGV seen on Ctrl-C during ``build``) instead of unwinding,
+    and with it the clean-up of the build's work folder. Outside the main thread, or where signal
+    masks do not exist, the block runs as is."""
+    import threading
+
+    held = (signal.SIGINT, signal.SIGTERM)
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)  # a pending signal is delivered (and raised) here
 
 
 class _Group(click.Group):
@@ -239,8 +261,11 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
         if given:
             raise ConfigError(f"{given[0]} goes with --backend tensorrt")
     try:
-        from .engine.build import BuildOptions, build_engine, check_out_dir, clean_stale_builds, is_engine_dir
-        from .export.models import load_classifier, load_unet
+        with _signals_held():  # torch, onnx and ONNX Runtime load here, all of them: see _signals_held
+            from .engine.build import BuildOptions, build_engine, check_out_dir, clean_stale_builds, is_engine_dir, preload_build_modules
+            from .export.models import load_classifier, load_unet
+
+            preload_build_modules()
     except ImportError as exc:
         raise ConfigError(f"build needs the PyTorch extra ({exc.name} is missing): {install_hint('torch')}") from None
     trt_options = None

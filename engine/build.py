@@ -253,6 +253,23 @@ def _step_inputs(preset: Preset, batch: int):
     return make
 
 
+def preload_build_modules() -> None:
+    """Import every extension module a build loads later (onnx, ONNX Runtime's shape inference, the
+    exporter, the FLOP counter), so that none initialises while the work folder exists: a Ctrl-C that
+    lands inside an extension's initialisation aborts the interpreter instead of unwinding, and the
+    work folder would stay behind. The CLI calls this with the signals held."""
+    import onnx  # noqa: F401
+    import onnx.shape_inference  # noqa: F401
+    import onnxruntime  # noqa: F401
+    import onnxruntime.tools.symbolic_shape_infer  # noqa: F401
+    import torch._dynamo  # noqa: F401 - the FLOP counter and the exporter import it lazily
+    import torch.onnx  # noqa: F401
+    import torch.utils.flop_counter  # noqa: F401
+
+    import densepure_rt.export.flops  # noqa: F401
+    import densepure_rt.export.unet  # noqa: F401
+
+
 def _classifier_inputs(preset: Preset, batch: int):
     shape = (batch, preset.channels, preset.image_size, preset.image_size)
 
