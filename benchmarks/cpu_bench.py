@@ -1,7 +1,7 @@
 """CPU benchmark: the same certification work with the PyTorch reference (eager) and the runtime
 (ONNX Runtime, fp32), in one run on one machine; checks that they agree and prints the ratio.
 
-Both paths get the same noise (``densepure_rt.noise``), so their vote counts must be identical.
+Both paths get the same noise (``densepure_rt.sampling.noise``), so their vote counts must be identical.
 
     python benchmarks/cpu_bench.py --preset cifar10 --random-weights --images 2 --out benchmarks/results/cpu_cifar10.json
 """
@@ -31,7 +31,7 @@ def _cpu_name() -> str:
 
 def _images(preset, count: int, seed: int) -> tuple[np.ndarray, list[int]]:
     if preset.name == "digits":
-        from densepure_rt.data import digits_test_split
+        from densepure_rt.files.data import digits_test_split
 
         data = digits_test_split()
         return np.stack([data[i].image for i in range(count)]), [data[i].label for i in range(count)]
@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
     from densepure_rt.engine.build import BuildOptions, build_engine
     from densepure_rt.export.models import load_classifier, load_unet
     from densepure_rt.export.reference import DensePureReference
-    from densepure_rt.noise import ESTIMATION, SELECTION
+    from densepure_rt.sampling.noise import ESTIMATION, SELECTION
     from densepure_rt.presets import get_preset
     from densepure_rt.runtime import open_engine
     from densepure_rt.schedule import make_schedule, reverse_schedule

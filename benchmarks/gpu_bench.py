@@ -89,7 +89,7 @@ from densepure_rt.export.reference import reverse_run, to_diffusion_input  # noq
 from densepure_rt.export.step import DenoiseStep  # noqa: E402
 from densepure_rt.presets import get_preset  # noqa: E402
 from densepure_rt.schedule import make_schedule, reverse_schedule  # noqa: E402
-from densepure_rt.vote import majority_vote  # noqa: E402
+from densepure_rt.stats.vote import majority_vote  # noqa: E402
 
 PEAK_TFLOPS = 989.0  # H100/H200 dense FP16 tensor-core peak (docs/design.md section 6)
 SIGMA = 0.5  # cost does not depend on sigma; t* does, and is recorded

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from densepure_rt.noise import ESTIMATION  # noqa: E402
+from densepure_rt.sampling.noise import ESTIMATION  # noqa: E402
 from densepure_rt.presets import get_preset  # noqa: E402
 from densepure_rt.runtime import open_engine  # noqa: E402
 

@@ -8,7 +8,7 @@ sigma 0.5, b = 4 steps, K = 3 votes, n0 = 100, alpha = 0.001, seed 0:
 - ``--tol 0.05`` (stop when the radius would grow by less than 0.05 = 0.1 sigma per doubling);
 the sequential modes with ``--n-max 2000``, the fixed run's n, so every mode has the same budget.
 All modes use the exact early exit of the K-run vote (identical votes), and the sequential modes
-end the selection phase early (``densepure_rt.sequential.selection_done``: once the samples left
+end the selection phase early (``densepure_rt.stats.sequential.selection_done``: once the samples left
 cannot change the argmax, or once the leader is clear); the fixed run's UNet evaluations without
 the vote's early exit, i.e. the published method's cost, are (n0 + n) K b per image exactly.
 
@@ -52,7 +52,7 @@ COMMON = ["--sigma", SIGMA, "--steps", STEPS, "--votes", VOTES, "--n0", N0, "--a
 # The CLI with the selection rule before the clear-leader rule: selection_done(..., level=0).
 EXACT_SELECTION_CLI = (
     "import functools, sys\n"
-    "import densepure_rt.sequential as s\n"
+    "import densepure_rt.stats.sequential as s\n"
     "s.selection_done = functools.partial(s.selection_done, level=0.0)\n"
     "from densepure_rt.cli import main\n"
     "main(prog_name='densepure-rt')\n"
@@ -67,7 +67,7 @@ def cli(selection: str = "clear") -> list[str]:
 
 
 def selection_rule(selection: str):
-    from densepure_rt.sequential import selection_done
+    from densepure_rt.stats.sequential import selection_done
 
     return functools.partial(selection_done, level=0.0) if selection == "exact" else selection_done
 
@@ -75,8 +75,8 @@ def selection_rule(selection: str):
 def selection_votes(engine: str, indices: list[int], out: Path) -> dict[int, list[int]]:
     """The voted labels of selection samples 0..n0-1 of each image (the noise of every mode's
     selection phase), drawn once through the API and cached in ``out/selection_votes.json``."""
-    from densepure_rt.data import digits_test_split
-    from densepure_rt.noise import SELECTION
+    from densepure_rt.files.data import digits_test_split
+    from densepure_rt.sampling.noise import SELECTION
     from densepure_rt.runtime import open_engine
 
     path = out / "selection_votes.json"

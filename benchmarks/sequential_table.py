@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from densepure_rt.sequential import CERTIFIED, FUTILE, decide, selection_done
+from densepure_rt.stats.sequential import CERTIFIED, FUTILE, decide, selection_done
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "sample_efficiency"

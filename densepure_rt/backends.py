@@ -8,7 +8,7 @@ replay it per batch.
 
 :class:`OnnxRuntimeBackend` runs the engine's ONNX graphs with ONNX Runtime: the CPU provider, or the
 CUDA provider where onnxruntime-gpu is installed and ``device="cuda"`` is asked for. Its noise comes
-from :mod:`densepure_rt.noise` on the host (the same numbers as the PyTorch reference gets).
+from :mod:`densepure_rt.sampling.noise` on the host (the same numbers as the PyTorch reference gets).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import EngineError
-from .manifest import check_graph_io, graph_path
-from .noise import sample_noise
-from .schedule import ReverseSchedule
-from .vote import majority_vote, undecided, vote_waves
+from densepure_rt.errors import EngineError
+from densepure_rt.files.manifest import check_graph_io, graph_path
+from densepure_rt.sampling.noise import sample_noise
+from densepure_rt.schedule import ReverseSchedule
+from densepure_rt.stats.vote import majority_vote, undecided, vote_waves
 
 __all__ = ["Backend", "OnnxRuntimeBackend", "LoopBackend", "open_backend", "check_finite", "check_labels"]
 
@@ -43,8 +43,8 @@ class Backend(abc.ABC):
     def prepare(self, rs: ReverseSchedule, votes: int, batch: int, early_exit: bool = True) -> None:
         """Upload the per-step scalars of ``rs`` and size the buffers for ``batch`` samples x ``votes`` runs.
 
-        ``early_exit``: run the K runs in waves (:func:`densepure_rt.vote.vote_waves`) and stop a
-        sample's runs once its vote is decided (:func:`densepure_rt.vote.undecided`). The voted
+        ``early_exit``: run the K runs in waves (:func:`densepure_rt.stats.vote.vote_waves`) and stop a
+        sample's runs once its vote is decided (:func:`densepure_rt.stats.vote.undecided`). The voted
         labels are identical to the full vote with the same noise; only the work differs.
         """
 
@@ -161,14 +161,14 @@ class OnnxRuntimeBackend(Backend):
 
 
 class LoopBackend(Backend):
-    """The batch loop (:class:`densepure_rt.loop.BatchLoop`) over an :class:`densepure_rt.executors.OrtExecutor`.
+    """The batch loop (:class:`densepure_rt.sampling.loop.BatchLoop`) over an :class:`densepure_rt.executors.onnxrt.OrtExecutor`.
 
     ``device="cpu"``: numpy buffers, the host Philox noise, ONNX Runtime's CPU provider through
     IOBinding. ``device="cuda"``: CuPy buffers on one CUDA stream, the Philox CUDA kernel, ONNX
     Runtime's CUDA provider on that stream; images staged through pinned memory. Same labels as
     :class:`OnnxRuntimeBackend` for the same noise (tests), and batches may mix images
     (:meth:`voted_labels_many`). ``runtime="tensorrt"`` (GPU only): the same CuPy loop over
-    :class:`densepure_rt.trt_executor.TensorRTExecutor`, full batches without early exit captured whole
+    :class:`densepure_rt.executors.tensorrt.TensorRTExecutor`, full batches without early exit captured whole
     in a CUDA graph (``cuda_graph``); written against the documented API, not run by this project.
     """
 
@@ -176,8 +176,8 @@ class LoopBackend(Backend):
 
     def __init__(self, directory: str | Path, manifest: dict, device: str = "cpu", threads: int | None = None,
                  cuda_graph: bool = True, runtime: str = "onnxruntime"):
-        from .executors import OpenVinoExecutor, OrtExecutor
-        from .loop import BatchLoop, HostNoise
+        from densepure_rt.executors.onnxrt import OpenVinoExecutor, OrtExecutor
+        from densepure_rt.sampling.loop import BatchLoop, HostNoise
 
         self.name = runtime
         self.device = device
@@ -188,8 +188,8 @@ class LoopBackend(Backend):
         if runtime == "tensorrt":  # issue 13: written against the documented API, not run by this project
             if device != "cuda":
                 raise EngineError("this engine holds TensorRT plans, which run on a GPU: pass --device cuda (device='cuda')")
-            from .gpu import CudaContext, CupyNoise, require_cupy
-            from .trt_executor import TensorRTExecutor, WholeBatchGraphs, require_tensorrt
+            from densepure_rt.sampling.device import CudaContext, CupyNoise, require_cupy
+            from densepure_rt.executors.tensorrt import TensorRTExecutor, WholeBatchGraphs, require_tensorrt
 
             require_tensorrt()  # its one-line install hint before any CUDA work
             cupy = require_cupy()
@@ -203,7 +203,7 @@ class LoopBackend(Backend):
             xp, noise = np, HostNoise()
             self._executor = OpenVinoExecutor(directory, manifest, threads)
         elif device == "cuda":
-            from .gpu import CudaContext, CupyNoise, require_cupy
+            from densepure_rt.sampling.device import CudaContext, CupyNoise, require_cupy
 
             cupy = require_cupy()
             self._ctx = CudaContext(cupy)
@@ -219,7 +219,7 @@ class LoopBackend(Backend):
         self.version = self._executor.version
         #: The arithmetic the graphs run in: the engine's precision, as the executor compiled it.
         self.effective_precision = getattr(self._executor, "effective_precision", manifest["precision"]["step"])
-        from .limits import rows_per_call
+        from densepure_rt.limits import rows_per_call
 
         self.loop = BatchLoop(self._executor, noise, self.image_shape, self.num_classes, xp=xp, graphs=graphs,
                               classifier_rows=rows_per_call(manifest)[1])

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import click
 
-from . import __version__
-from .errors import ConfigError, DataError, DensePureError, EngineError, install_hint
+from densepure_rt import __version__
+from densepure_rt.errors import ConfigError, DataError, DensePureError, EngineError, install_hint
 
 __all__ = ["main"]
 
@@ -125,7 +125,7 @@ main.help = (
 
 
 def _parse_steps(value: str) -> int:
-    from .schedule import parse_steps
+    from densepure_rt.schedule import parse_steps
 
     try:
         return parse_steps(value)
@@ -134,7 +134,7 @@ def _parse_steps(value: str) -> int:
 
 
 def _steps_label(steps: int) -> str:
-    from .schedule import NO_PURIFICATION, ONE_SHOT
+    from densepure_rt.schedule import NO_PURIFICATION, ONE_SHOT
 
     return {ONE_SHOT: "one-shot", NO_PURIFICATION: "none"}.get(steps, str(steps))
 
@@ -149,7 +149,7 @@ def _weights_sha256(path: str | None, shipped: str, random_weights: bool) -> str
     weights, or None for random weights (their seed identifies them)."""
     import hashlib
 
-    from .manifest import sha256_file
+    from densepure_rt.files.manifest import sha256_file
 
     if random_weights:
         return None
@@ -247,7 +247,7 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
           --precision fp16 traces the half-precision UNet on the CPU: not finished after 25 min)
       densepure-rt build --model cifar10 ... --backend tensorrt --precision fp16 --batch 200 --max-batch 2000
     """
-    from .presets import BACKEND_PRECISIONS, get_preset
+    from densepure_rt.presets import BACKEND_PRECISIONS, get_preset
 
     # Everything that can be checked without torch is checked first: importing torch and timm takes
     # seconds to tens of seconds, and a typo should not cost that.
@@ -297,7 +297,7 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
                               "hardware_compatibility": trt_options.hardware_compatibility, "version": plan_builder.version,
                               "compute_capability": plan_builder.device["compute_capability"]}
     if not force and out.is_dir() and not out.is_symlink() and is_engine_dir(out):
-        from .manifest import load_manifest
+        from densepure_rt.files.manifest import load_manifest
 
         try:
             existing = load_manifest(out)
@@ -338,10 +338,10 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
 def _open_data(engine, data, skip, max_images):
     """The dataset, the selected indices, the data as given (for the options file) and the data's
     identity: the sha256 of the selected images' indices, labels, shapes and float32 pixels
-    (:meth:`densepure_rt.data.Dataset.validate`, computed while every selected image is checked).
+    (:meth:`densepure_rt.files.data.Dataset.validate`, computed while every selected image is checked).
     Labels the engine cannot give are refused here, before anything is written. Results files
-    written before this identity carry :func:`densepure_rt.data.legacy_data_sha256` instead."""
-    from .data import digits_test_split, open_dataset, select
+    written before this identity carry :func:`densepure_rt.files.data.legacy_data_sha256` instead."""
+    from densepure_rt.files.data import digits_test_split, open_dataset, select
 
     shape = engine.image_shape
     if data is None:
@@ -456,12 +456,12 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
     """One certify / predict run over the selected images. ``mode``: "certify" (fixed n),
     "certify-radii" (target radii, n = n_max), "certify-until" (early stopping, n = n_max), "predict".
     ``ray``: a Ray address ("auto", "local", host:port) to spread the images over Ray actors."""
-    from .certify import validate_params
-    from .manifest import engine_identity
-    from .noise import NOISE_VERSION
-    from .results import HEADERS, ResultsWriter, indices_todo
-    from .runtime import open_engine
-    from .work import Task, run_image, write_outcome
+    from densepure_rt.stats.cohen import validate_params
+    from densepure_rt.files.manifest import engine_identity
+    from densepure_rt.sampling.noise import NOISE_VERSION
+    from densepure_rt.files.results import HEADERS, ResultsWriter, indices_todo
+    from densepure_rt.runtime import open_engine
+    from densepure_rt.scale.work import Task, run_image, write_outcome
 
     validate_params(sigma, alpha, n0 if mode != "predict" else None, n)
     if ray is None and actors is not None:
@@ -493,7 +493,7 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
             "random_weights": random_weights,
             "preset": engine.preset,
             "data": spec,
-            # The selected images' indices, labels and decoded pixels (densepure_rt.data.Dataset.validate).
+            # The selected images' indices, labels and decoded pixels (densepure_rt.files.data.Dataset.validate).
             "data_content_sha256": data_digest,
             "sigma": sigma,
             "steps": steps_value,
@@ -561,9 +561,9 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
 def _legacy_identities(engine, data) -> dict:
     """How results files of older versions identified the engine and the data (computed only when
     such a file is continued): the manifest's own sha256, and the sha256 of the data file or of a
-    folder's listing (:func:`densepure_rt.data.legacy_data_sha256`)."""
-    from .data import DIGITS_TEST_ASSET, legacy_data_sha256
-    from .manifest import sha256_file
+    folder's listing (:func:`densepure_rt.files.data.legacy_data_sha256`)."""
+    from densepure_rt.files.data import DIGITS_TEST_ASSET, legacy_data_sha256
+    from densepure_rt.files.manifest import sha256_file
 
     def data_sha256() -> str:
         return sha256_file(DIGITS_TEST_ASSET) if data is None else legacy_data_sha256(Path(data).expanduser())
@@ -573,7 +573,7 @@ def _legacy_identities(engine, data) -> dict:
 
 def _random_note(out) -> str:
     """The summary's warning when ``out`` was computed by a random-weights engine (its options say so)."""
-    from .results import options_path
+    from densepure_rt.files.results import options_path
 
     try:
         options = json.loads(options_path(Path(out).expanduser()).read_text(encoding="utf-8"))
@@ -606,11 +606,11 @@ def _cap_threads(threads: int) -> int:
 
 def _run_on_ray(engine, task, dataset, todo, writer, options, address, actors, device, threads, early_exit, quiet, every,
                 images_per_call=1, ray_timeout=30.0) -> None:
-    """Certify ``todo`` on Ray actors (:class:`densepure_rt.scale.RayPool`); this process alone
+    """Certify ``todo`` on Ray actors (:class:`densepure_rt.scale.ray.RayPool`); this process alone
     writes the rows, in completion order, each flushed as it arrives. ``images_per_call``: images an
     actor certifies at a time with shared batches (fixed-n CERTIFY)."""
-    from .scale import RayPool
-    from .work import write_outcome
+    from densepure_rt.scale.ray import RayPool
+    from densepure_rt.scale.work import write_outcome
 
     labels = {}
 
@@ -645,9 +645,9 @@ def _run_on_ray(engine, task, dataset, todo, writer, options, address, actors, d
 
 def _certify_groups(engine, dataset, todo, size, writer, progress, task) -> None:
     """Certify ``todo`` in groups of ``size`` images whose noisy samples share batches
-    (:func:`densepure_rt.work.run_group`); rows are written in order once a group is done, so a run
+    (:func:`densepure_rt.scale.work.run_group`); rows are written in order once a group is done, so a run
     killed inside a group resumes at its first image. Same rows as one image at a time."""
-    from .work import run_group, write_outcome
+    from densepure_rt.scale.work import run_group, write_outcome
 
     for g in range(0, len(todo), size):
         group = todo[g : g + size]
@@ -725,8 +725,8 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
     rows = _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
                 progress_every, out, n0, n, radii=radii, tol=tol, early_exit=early_exit,
                 images_per_call=images_per_call, ray=ray, actors=actors, ray_timeout=ray_timeout)
-    from .report import certified_accuracy, labelled
-    from .results import read_results
+    from densepure_rt.files.report import certified_accuracy, labelled
+    from densepure_rt.files.results import read_results
 
     results = read_results(Path(out).expanduser())
     shown = radii or [sigma]
@@ -756,7 +756,7 @@ def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batc
     """
     rows = _run("predict", engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
                 progress_every, out, None, n, ray=ray, actors=actors, ray_timeout=ray_timeout)
-    from .results import read_rows
+    from densepure_rt.files.results import read_rows
 
     _, reader = read_rows(Path(out).expanduser(), required=("idx", "predict", "label", "correct"))
     abstain = sum(r["predict"] == -1 for r in reader)
@@ -789,7 +789,7 @@ def report(results, radii, plot, json_out):
     """
     import math
 
-    from .report import (check_plot_path, format_predictions, format_table, is_prediction_file, plot_curves, prediction_summary,
+    from densepure_rt.files.report import (check_plot_path, format_predictions, format_table, is_prediction_file, plot_curves, prediction_summary,
                          printable, report_table)
 
     try:
@@ -843,8 +843,8 @@ def info(engine, engine_opt, as_json):
     Example:
       densepure-rt info engines/digits
     """
-    from .limits import rows_per_call
-    from .manifest import load_manifest
+    from densepure_rt.limits import rows_per_call
+    from densepure_rt.files.manifest import load_manifest
 
     if engine and engine_opt and Path(engine) != Path(engine_opt):
         raise ConfigError(f"two engine directories given ({engine} and --engine {engine_opt}): give one")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import ConfigError
+from densepure_rt.errors import ConfigError
 
 __all__ = ["MAX_ELEMENTS", "row_limit", "rows_per_call", "memory_estimate", "available_memory", "check_rows"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
+from densepure_rt.errors import ConfigError
 
 __all__ = ["Preset", "PRESETS", "get_preset", "BACKEND_PRECISIONS"]
 

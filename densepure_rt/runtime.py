@@ -18,14 +18,14 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .backends import Backend, check_labels, open_backend
-from .certify import Certificate, Prediction, certify, predict, validate_params
-from .data import check_image
-from .errors import ConfigError, EngineError
-from .limits import check_rows, rows_per_call
-from .manifest import load_manifest
-from .noise import ESTIMATION, PREDICTION, SELECTION
-from .schedule import ReverseSchedule, make_schedule, parse_steps, reverse_schedule
+from densepure_rt.backends import Backend, check_labels, open_backend
+from densepure_rt.stats.cohen import Certificate, Prediction, certify, predict, validate_params
+from densepure_rt.files.data import check_image
+from densepure_rt.errors import ConfigError, EngineError
+from densepure_rt.limits import check_rows, rows_per_call
+from densepure_rt.files.manifest import load_manifest
+from densepure_rt.sampling.noise import ESTIMATION, PREDICTION, SELECTION
+from densepure_rt.schedule import ReverseSchedule, make_schedule, parse_steps, reverse_schedule
 
 __all__ = ["Engine", "open_engine", "CountsResult", "RadiiCertificate", "EarlyStopCertificate"]
 
@@ -368,13 +368,13 @@ class Engine:
     def _select(self, image, n0: int, *, seed, image_index, batch, progress) -> int:
         """c_a from the selection samples 0, 1, 2, ... of CERTIFY (the same noise), drawn in rounds
         of ``batch`` and stopped after the first round at which
-        :func:`densepure_rt.sequential.selection_done` says so: the samples left cannot change the
+        :func:`densepure_rt.stats.sequential.selection_done` says so: the samples left cannot change the
         argmax (then c_a is the class all n0 samples give), or the leader is clear (at least 2/3 of
         the votes and a one-sided binomial test against the runner-up at level 1e-3). c_a is the
         argmax of the counts so far (ties to the lowest class). The rule reads selection samples
         only, so the estimation samples stay fresh and independent of c_a: the sequential tests are
         valid for whichever class it picks. Fixed-n CERTIFY does not come here (it uses all n0)."""
-        from .sequential import selection_done
+        from densepure_rt.stats.sequential import selection_done
 
         counts = np.zeros(self.num_classes, dtype=np.int64)
         for start in range(0, n0, batch):
@@ -424,14 +424,14 @@ class Engine:
         Selects ``c_a`` from at most ``n0`` selection samples (CERTIFY's argmax, stopped early once
         the leader is clear: :meth:`_select`), then draws estimation samples in rounds of ``batch``
         and, after each round, tests H0: p_a <= Phi(R / sigma) for every target R with one
-        confidence sequence on p_a (:class:`densepure_rt.sequential.TargetRadiiTest`).
+        confidence sequence on p_a (:class:`densepure_rt.stats.sequential.TargetRadiiTest`).
         Stops when every target is certified or futile, or at ``n_max`` samples. Guarantee: the
         probability that any target with p_a <= Phi(R / sigma) is certified is at most alpha,
         whatever the number of rounds and whichever class the selection picked. The estimation
         samples are those of fixed-n CERTIFY with the same seed: keeping the larger radius of both
         runs on one image doubles the error to 2 alpha (use another seed for the second run).
         """
-        from .sequential import TargetRadiiTest
+        from densepure_rt.stats.sequential import TargetRadiiTest
 
         validate_params(sigma, alpha, n0, n_max)
         try:
@@ -472,13 +472,13 @@ class Engine:
         As :meth:`certify_radii` for the selection; then estimation rounds until more samples stop
         paying off: the radius would gain less than ``tol`` per doubling of the samples, or can no
         longer gain ``tol`` at all, or no radius is reachable, or ``n_max`` samples were used
-        (:class:`densepure_rt.sequential.EarlyStopRadius`). The radius comes from a lower confidence
+        (:class:`densepure_rt.stats.sequential.EarlyStopRadius`). The radius comes from a lower confidence
         sequence on p_a, valid at any stopping time: P(radius > sigma * Phi^-1(p_a)) <= alpha. An
         empty running interval (reason "inconsistent", a detected coverage failure) abstains:
         prediction -1, radius 0. Same estimation samples as fixed-n CERTIFY with the same seed (see
         :meth:`certify_radii`).
         """
-        from .sequential import EarlyStopRadius
+        from densepure_rt.stats.sequential import EarlyStopRadius
 
         validate_params(sigma, alpha, n0, n_max)
         try:

@@ -13,7 +13,7 @@ from typing import Literal, Union
 
 import numpy as np
 
-from .errors import ConfigError
+from densepure_rt.errors import ConfigError
 
 __all__ = [
     "ScheduleError",

@@ -30,7 +30,7 @@ from torch import nn
 
 from densepure_rt import __version__
 from densepure_rt.errors import ConfigError
-from densepure_rt.manifest import MANIFEST, write_manifest
+from densepure_rt.files.manifest import MANIFEST, write_manifest
 from densepure_rt.presets import BACKEND_PRECISIONS, Preset
 from densepure_rt.schedule import make_schedule, reverse_schedule
 
@@ -97,7 +97,7 @@ def is_engine_dir(path: str | Path) -> bool:
 
 
 #: What an engine directory may hold besides the files its manifest lists: the manifest, and the
-#: temporary file :func:`densepure_rt.manifest.write_manifest` renames into place.
+#: temporary file :func:`densepure_rt.files.manifest.write_manifest` renames into place.
 _ENGINE_OWN = (MANIFEST, MANIFEST + ".tmp")
 
 
@@ -418,6 +418,6 @@ def build_engine(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     log(f"engine written to {out_dir}")
-    from densepure_rt.manifest import load_manifest
+    from densepure_rt.files.manifest import load_manifest
 
     return load_manifest(out_dir)

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from densepure_rt.errors import ConfigError, EngineError
-from densepure_rt.manifest import sha256_file
-from densepure_rt.trt_executor import BATCHED_INPUTS, GRAPHS, device_properties, make_logger, require_tensorrt
+from densepure_rt.files.manifest import sha256_file
+from densepure_rt.executors.tensorrt import BATCHED_INPUTS, GRAPHS, device_properties, make_logger, require_tensorrt
 
 __all__ = ["HARDWARE_COMPATIBILITY", "TensorRTOptions", "PlanBuilder", "default_timing_cache", "gpu_properties"]
 
@@ -70,8 +70,8 @@ class TensorRTOptions:
 
 
 def gpu_properties() -> dict:
-    """This machine's GPU as :func:`densepure_rt.trt_executor.device_properties` reads it (needs CuPy)."""
-    from densepure_rt.gpu import require_cupy
+    """This machine's GPU as :func:`densepure_rt.executors.tensorrt.device_properties` reads it (needs CuPy)."""
+    from densepure_rt.sampling.device import require_cupy
 
     return device_properties(require_cupy())
 

@@ -119,7 +119,7 @@ def tune_for_speed(
 def device_majority_vote(labels: torch.Tensor, votes: int) -> torch.Tensor:
     """[B*votes] int64 labels (runs of one sample adjacent) -> [B] int64 voted labels, on the device.
 
-    The official tie rule (``densepure_rt.vote.majority_vote``): the most frequent label; ties go
+    The official tie rule (``densepure_rt.stats.vote.majority_vote``): the most frequent label; ties go
     to the class whose first vote has the lowest run index. Fixed shapes, no host synchronisation,
     no data-dependent Python control flow, so it can be captured in a CUDA graph.
     """
@@ -180,7 +180,7 @@ class WholeLoop:
     purified images between eager and graph, since the two may run different convolution or
     matmul algorithms; they agree to rounding, and labels and counts agree unless a classifier
     logit tie falls within that rounding. CPU and CUDA generators give different numbers for the
-    same seed, and neither equals the runtime's counter-based noise (``densepure_rt.noise``).
+    same seed, and neither equals the runtime's counter-based noise (``densepure_rt.sampling.noise``).
 
     Arguments: ``step`` a :class:`DenoiseStep` (or a UNet, wrapped in one); ``classifier`` maps
     purified images [B*K x C x H x W] float32 in [-1, 1] to logits [B*K x num_classes]; ``rs`` the

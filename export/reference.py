@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from densepure_rt.certify import Certificate, certify, predict, Prediction
-from densepure_rt.noise import ESTIMATION, PREDICTION, SELECTION, sample_noise
+from densepure_rt.stats.cohen import Certificate, certify, predict, Prediction
+from densepure_rt.sampling.noise import ESTIMATION, PREDICTION, SELECTION, sample_noise
 from densepure_rt.schedule import BetaSchedule, ReverseSchedule, reverse_schedule
-from densepure_rt.vote import majority_vote
+from densepure_rt.stats.vote import majority_vote
 
 from .step import DenoiseStep
 
@@ -98,7 +98,7 @@ class DensePureReference:
         phase: int,
         batch: int,
     ) -> np.ndarray:
-        """Per-class counts [num_classes] of ``num`` voted labels, noise from ``densepure_rt.noise``."""
+        """Per-class counts [num_classes] of ``num`` voted labels, noise from ``densepure_rt.sampling.noise``."""
         counts = np.zeros(self.num_classes, dtype=np.int64)
         x = torch.from_numpy(np.asarray(x_clean, dtype=np.float32))
         for start in range(0, num, batch):

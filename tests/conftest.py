@@ -75,7 +75,7 @@ def run_label_agreement(reference, other, images, cupy, sigma, steps, votes, cou
     ``samples`` estimation samples x ``votes`` runs of each of the first ``count`` images, batch 32.
     ``reference`` runs on the CPU (numpy labels), ``other`` on a GPU (CuPy labels). For the `gpu`
     tests that compare a reduced-precision GPU engine with the fp32 CPU one."""
-    from densepure_rt.noise import ESTIMATION
+    from densepure_rt.sampling.noise import ESTIMATION
 
     for e in (reference, other):
         e._prepare(sigma, steps, votes, 32)

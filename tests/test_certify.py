@@ -1,4 +1,4 @@
-"""densepure_rt.certify: Clopper-Pearson bound, CERTIFY, PREDICT, parameter checks, light imports."""
+"""densepure_rt.stats.cohen: Clopper-Pearson bound, CERTIFY, PREDICT, parameter checks, light imports."""
 
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 from statsmodels.stats.proportion import proportion_confint
 
-from densepure_rt.certify import (
+from densepure_rt.stats.cohen import (
     ABSTAIN,
     Certificate,
     Prediction,
@@ -241,6 +241,6 @@ def test_validate_params_raises_config_error_naming_the_flag(kwargs, message):
 
 
 def test_importing_certify_and_vote_does_not_import_torch():
-    code = "import sys, densepure_rt.certify, densepure_rt.vote; print('torch' in sys.modules)"
+    code = "import sys, densepure_rt.stats.cohen, densepure_rt.stats.vote; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

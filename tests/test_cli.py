@@ -26,7 +26,7 @@ from scipy import stats
 
 from conftest import BLOCK_TORCH
 from densepure_rt.cli import main
-from densepure_rt.data import DIGITS_TEST_ASSET
+from densepure_rt.files.data import DIGITS_TEST_ASSET
 
 HEADER6 = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 SIGMA, N0, N, ALPHA, VOTES, STEPS = 0.6, 5, 20, 0.001, 2, 2
@@ -459,8 +459,8 @@ def test_cli_certifies_in_an_interpreter_where_torch_cannot_be_imported(work, en
     out = work / "no_torch.tsv"
     argv = ["densepure-rt"] + certify_args(engine, images, out, "--batch", "7", "--max", "2")
     code = BLOCK_TORCH + (
-        "import densepure_rt.cli, densepure_rt.runtime, densepure_rt.backends, densepure_rt.results\n"
-        "import densepure_rt.report, densepure_rt.data, densepure_rt.manifest\n"
+        "import densepure_rt.cli, densepure_rt.runtime, densepure_rt.backends, densepure_rt.files.results\n"
+        "import densepure_rt.files.report, densepure_rt.files.data, densepure_rt.files.manifest\n"
         "assert 'torch' not in sys.modules\n"
         f"sys.argv = {argv!r}\n"
         "try:\n"

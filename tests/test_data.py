@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from densepure_rt import data
-from densepure_rt.data import Sample, check_image, open_dataset, select
+from densepure_rt.files import data
+from densepure_rt.files.data import Sample, check_image, open_dataset, select
 from densepure_rt.errors import ConfigError, DataError
 
 
@@ -440,7 +440,7 @@ def test_samples_are_frozen_and_read_only(tmp_path):
 
 def test_importing_the_readers_does_not_import_torch():
     code = (
-        "import sys, densepure_rt.data; "
+        "import sys, densepure_rt.files.data; "
         "heavy = [m for m in ('torch', 'torchvision') if m in sys.modules]; "
         "assert not heavy, heavy"
     )

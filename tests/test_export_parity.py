@@ -12,7 +12,7 @@ from densepure_rt.engine.build import BuildOptions, build_engine
 from densepure_rt.export.classifiers import PurifiedClassifier
 from densepure_rt.export.reference import DensePureReference, reverse_run, to_diffusion_input
 from densepure_rt.export.step import DenoiseStep
-from densepure_rt.noise import ESTIMATION, sample_noise
+from densepure_rt.sampling.noise import ESTIMATION, sample_noise
 from densepure_rt.presets import Preset
 from densepure_rt.runtime import open_engine
 from densepure_rt.schedule import reverse_schedule
@@ -158,7 +158,7 @@ def test_fp16_graph_keeps_scheduler_and_norm_arithmetic_in_float32(engines):
 def test_large_graphs_are_saved_with_external_data(tmp_path, monkeypatch):
     # The full-size fp32 ImageNet UNet is 2.2 GB, over protobuf's 2 GB limit; force the same path here.
     import densepure_rt.export.onnx_export as onnx_export
-    from densepure_rt.manifest import load_manifest
+    from densepure_rt.files.manifest import load_manifest
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1000)
     unet, _ = load_fixture_unet("guided_diffusion_unet")

@@ -23,7 +23,7 @@ from densepure_rt.export.reference import reverse_run, to_diffusion_input
 from densepure_rt.export.step import DenoiseStep
 from densepure_rt.export.unet import AttentionBlock, create_model, set_attention
 from densepure_rt.schedule import cosine_schedule, linear_schedule, reverse_schedule
-from densepure_rt.vote import majority_vote
+from densepure_rt.stats.vote import majority_vote
 
 needs_cuda = pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU (graph capture and the CUDA Philox generator)"

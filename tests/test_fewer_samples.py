@@ -5,7 +5,7 @@
 - ``certify --radius`` and ``certify --tol`` use the estimation samples 0, 1, 2, ... of fixed-n
   CERTIFY: a fixed-n run with the n a sequential row used must see the same n_a. Their decisions
   are recomputed here from (n_a, n) with the beta-mixture formula written out independently
-  (scipy.special.betaln), not with densepure_rt.sequential.
+  (scipy.special.betaln), not with densepure_rt.stats.sequential.
 - The sequential modes' selection stops at the first round where ``selection_done`` says so (on the
   digits engine and on scripted votes), and an empty confidence interval abstains.
 """
@@ -21,14 +21,14 @@ from click.testing import CliRunner
 from scipy import special, stats
 
 from densepure_rt.cli import main
-from densepure_rt.data import digits_test_split
-from densepure_rt.noise import SELECTION
+from densepure_rt.files.data import digits_test_split
+from densepure_rt.sampling.noise import SELECTION
 from densepure_rt.runtime import Engine, open_engine
-from densepure_rt.sequential import selection_done
+from densepure_rt.stats.sequential import selection_done
 
 SIGMA, STEPS, VOTES, N0, ALPHA = 0.5, 2, 3, 20, 0.001
 COMMON = ["--sigma", SIGMA, "--steps", STEPS, "--votes", VOTES, "--n0", N0, "--alpha", ALPHA, "--skip", 45, "--quiet"]
-# The default prior of densepure_rt.sequential, restated: equal weights on Beta(16^k, 1), k = 0..4.
+# The default prior of densepure_rt.stats.sequential, restated: equal weights on Beta(16^k, 1), k = 0..4.
 PRIOR_A = np.array([1.0, 16.0, 256.0, 4096.0, 65536.0])
 
 

@@ -424,7 +424,7 @@ def test_unlabelled_images_are_never_counted_as_correct(work, engine, tmp_path):
 
 
 def test_accuracy_is_over_labelled_images_only(tmp_path):
-    from densepure_rt.report import certified_accuracy
+    from densepure_rt.files.report import certified_accuracy
 
     rows = [
         {"label": 3, "predict": 3, "radius": 0.5, "correct": 1},

@@ -1,7 +1,7 @@
 """The batch loop (numpy + ONNX Runtime IOBinding on the CPU; CuPy + the CUDA provider on a GPU).
 
 The reference is the plain step-by-step path (:class:`densepure_rt.backends.OnnxRuntimeBackend`,
-``open_engine(..., loop=False)``): whole-array noise from :func:`densepure_rt.noise.sample_noise`,
+``open_engine(..., loop=False)``): whole-array noise from :func:`densepure_rt.sampling.noise.sample_noise`,
 ``session.run`` per step, the vote in numpy. On the shipped digits engine (trained weights, sigma
 0.6, where votes split) the loop must give identical counts, one image at a time and with batches
 that mix images, through the Python API and the CLI.
@@ -18,10 +18,10 @@ from click.testing import CliRunner
 
 from conftest import gpu_cupy, run_label_agreement
 from densepure_rt.cli import main
-from densepure_rt.data import DIGITS_TEST_ASSET
-from densepure_rt.loop import HostNoise
-from densepure_rt.noise import ESTIMATION, PREDICTION, SELECTION, sample_noise
-from densepure_rt.philox import draw_normals, row_normals
+from densepure_rt.files.data import DIGITS_TEST_ASSET
+from densepure_rt.sampling.loop import HostNoise
+from densepure_rt.sampling.noise import ESTIMATION, PREDICTION, SELECTION, sample_noise
+from densepure_rt.sampling.philox import draw_normals, row_normals
 from densepure_rt.runtime import open_engine
 
 SIGMA, STEPS, VOTES = 0.6, 2, 3
@@ -178,7 +178,7 @@ def _ort_cuda():
 @pytest.mark.gpu
 def test_cupy_noise_equals_host_noise():
     cupy = _cupy()
-    from densepure_rt.gpu import CudaContext, CupyNoise
+    from densepure_rt.sampling.device import CudaContext, CupyNoise
 
     ctx = CudaContext(cupy)
     noise = CupyNoise(cupy, ctx.stream)
@@ -199,9 +199,9 @@ def test_cupy_noise_equals_host_noise():
 def test_cuda_executor_step_matches_the_cpu_provider_in_fp32(engine):
     cupy = _cupy()
     _ort_cuda()
-    from densepure_rt.executors import OrtExecutor
-    from densepure_rt.gpu import CudaContext
-    from densepure_rt.manifest import load_manifest
+    from densepure_rt.executors.onnxrt import OrtExecutor
+    from densepure_rt.sampling.device import CudaContext
+    from densepure_rt.files.manifest import load_manifest
     from densepure_rt.schedule import make_schedule, reverse_schedule
 
     manifest = load_manifest(engine)

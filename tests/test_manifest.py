@@ -3,7 +3,7 @@ opened outside the directory or unverified.
 
 One real tiny engine is built per module; every case copies it, tampers with it and, where the
 tamper must get past the self-checksum, re-seals the manifest with the hashing written out below
-(independently of densepure_rt.manifest).
+(independently of densepure_rt.files.manifest).
 """
 
 from __future__ import annotations
@@ -311,7 +311,7 @@ def test_external_data_reader_finds_every_location_the_onnx_package_writes():
     onnx = pytest.importorskip("onnx")
     from onnx import helper, numpy_helper
 
-    from densepure_rt.manifest import onnx_external_data
+    from densepure_rt.files.manifest import onnx_external_data
 
     model = _tiny_external_model("a.bin")
 
@@ -434,7 +434,7 @@ def test_bad_field_is_a_one_line_error_naming_it(case, copy):
 
 def test_every_preset_size_passes_the_schema(copy):
     """The limits admit the real engines: 256x256 ImageNet, 4000-step cosine CIFAR-10, 1000 classes."""
-    from densepure_rt.manifest import load_manifest
+    from densepure_rt.files.manifest import load_manifest
 
     tamper(copy, _set("image_shape", [3, 256, 256]))
     tamper(copy, _set("num_classes", 1000))

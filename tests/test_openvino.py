@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 
 from conftest import fixture_dir, load_fixture_unet, read_json
 from densepure_rt.cli import main
-from densepure_rt.data import DIGITS_TEST_ASSET
+from densepure_rt.files.data import DIGITS_TEST_ASSET
 from densepure_rt.engine.build import BuildOptions, build_engine
 from densepure_rt.export.reference import to_diffusion_input
 from densepure_rt.export.step import DenoiseStep
-from densepure_rt.noise import ESTIMATION
+from densepure_rt.sampling.noise import ESTIMATION
 from densepure_rt.runtime import open_engine
 from test_export_parity import KINDS, fixture_preset, small_classifier
 

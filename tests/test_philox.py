@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from conftest import gpu_cupy
-from densepure_rt.philox import CUDA_SOURCE, box_muller, draw_normals, philox4x32
+from densepure_rt.sampling.philox import CUDA_SOURCE, box_muller, draw_normals, philox4x32
 
 # Random123's kat_vectors (philox4x32, as reproduced in DEShawResearch/fs123 core123/ut/ut_philox.cpp):
 # rounds, counter (4 words), key (2 words), expected output (4 words).
@@ -112,7 +112,7 @@ def test_cuda_kernel_equals_numpy_integers_exactly_and_normals_to_1e6():
 
 
 def test_sample_noise_lays_out_the_documented_draws():
-    from densepure_rt.noise import ESTIMATION, sample_noise
+    from densepure_rt.sampling.noise import ESTIMATION, sample_noise
 
     shape, sigma, votes, calls = (1, 5, 3), 0.25, 3, 2
     samples = [4, 9]
@@ -134,8 +134,8 @@ def test_sample_noise_lays_out_the_documented_draws():
 def test_certify_on_philox_noise_keeps_its_false_certificate_rate_at_a_known_p_a():
     """Monte-Carlo: a base classifier whose p_A is known exactly (a half-space in delta), fed the
     runtime's noise; CERTIFY at the threshold radius must not certify more often than alpha."""
-    from densepure_rt.certify import certify
-    from densepure_rt.noise import ESTIMATION, SELECTION, sample_noise
+    from densepure_rt.stats.cohen import certify
+    from densepure_rt.sampling.noise import ESTIMATION, SELECTION, sample_noise
 
     sigma, radius, alpha, n0, n, trials = 0.5, 0.25, 0.05, 10, 60, 3000
     p0 = stats.norm.cdf(radius / sigma)  # p_A exactly at the threshold: any certificate >= R is false

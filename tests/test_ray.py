@@ -1,4 +1,4 @@
-"""Scale-out on Ray (densepure_rt.scale, ``certify --ray``) on a local Ray cluster on the CPU.
+"""Scale-out on Ray (densepure_rt.scale.ray, ``certify --ray``) on a local Ray cluster on the CPU.
 
 One Ray cluster for the whole module (Ray's start-up is slow). The reference everywhere is the
 single-process run with the same settings and ``--threads 1`` (each actor runs one ONNX Runtime
@@ -24,13 +24,13 @@ import ray
 from click.testing import CliRunner
 
 from densepure_rt.cli import main
-from densepure_rt.data import DIGITS_TEST_ASSET, open_dataset
+from densepure_rt.files.data import DIGITS_TEST_ASSET, open_dataset
 from densepure_rt.errors import EngineError
-from densepure_rt.manifest import load_manifest, write_manifest
-from densepure_rt.results import read_rows
+from densepure_rt.files.manifest import load_manifest, write_manifest
+from densepure_rt.files.results import read_rows
 from densepure_rt.runtime import open_engine
-from densepure_rt.scale import ENGINE_ENV, RayPool
-from densepure_rt.work import Task, run_image
+from densepure_rt.scale.ray import ENGINE_ENV, RayPool
+from densepure_rt.scale.work import Task, run_image
 
 #: Ray's cluster start-up alone takes tens of seconds: the whole module is slow.
 pytestmark = pytest.mark.slow
@@ -403,3 +403,24 @@ def test_runtime_never_imports_ray():
         "assert 'ray' not in sys.modules, 'ray imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_local_cluster_leaves_no_session_folders(work, engine, images, reference, cluster):  # noqa: ARG001
+    """``--ray local`` starts a cluster of its own (in a separate process: this one is connected to
+    the module's cluster) and removes its session folder when it ends: Ray's default keeps
+    TMPDIR/ray/session_* (logs, sockets) for ever. TMPDIR is a short folder of the test's own
+    (Ray's socket paths must stay under 107 bytes); the rows equal the single-process run."""
+    import shutil
+    import tempfile
+
+    args, expected = reference["certify"]
+    tmp = tempfile.mkdtemp(prefix="dprt", dir="/tmp")
+    try:
+        out = work / "ray_local.tsv"
+        code, lines, _ = run_cli(*args, "--engine", engine, "--data", images, "--ray", "local", "--actors", "1", "--quiet",
+                                 "--out", out, env={**os.environ, "TMPDIR": tmp}, timeout=300)
+        assert code == 0, lines
+        assert rows_without_time(out) == expected
+        assert os.listdir(tmp) == [], os.listdir(tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

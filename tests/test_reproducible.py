@@ -70,7 +70,7 @@ def test_a_rebuilt_engine_continues_results_and_a_changed_graph_is_refused(tmp_p
 def test_committed_digits_results_continue_on_a_fresh_engine(folder, tmp_path):
     """The README's digits experiment, run again in a fresh clone: every committed results file of
     the current noise is complete and continues on a freshly built engine (nothing to compute)."""
-    from densepure_rt.noise import NOISE_VERSION
+    from densepure_rt.sampling.noise import NOISE_VERSION
 
     engine = tmp_path / "digits"
     assert invoke("build", "--model", "digits", "--out", engine).exit_code == 0

@@ -1,4 +1,4 @@
-"""densepure_rt.sequential: beta-mixture confidence sequence, decisions, sequential procedures.
+"""densepure_rt.stats.sequential: beta-mixture confidence sequence, decisions, sequential procedures.
 
 The maths is checked against formulas written here independently (scipy's beta-binomial law, closed
 forms, brute-force grids, a linear scan); validity by Monte-Carlo over synthetic Bernoulli streams
@@ -26,7 +26,7 @@ import pytest
 from scipy import special, stats
 from statsmodels.stats.proportion import proportion_confint
 
-from densepure_rt.sequential import (
+from densepure_rt.stats.sequential import (
     CERTIFIED,
     DEFAULT_PRIOR,
     FUTILE,
@@ -319,7 +319,7 @@ def test_bad_arguments_raise_value_error(call):
 
 def test_module_never_imports_torch():
     code = BLOCK_TORCH + (
-        "import densepure_rt.sequential as s\n"
+        "import densepure_rt.stats.sequential as s\n"
         "assert 'torch' not in sys.modules\n"
         "print(s.confidence_sequence(9, 10, 0.05))\n"
     )
@@ -849,7 +849,7 @@ def _load_sequential_table():
 def _expected_samples_by_hand(p, p0, alpha, n_max=N_MAX):
     """E[estimation samples] of the target test, rounds of 32: sum over rounds of 32 P(undecided
     before it), with the law of S_t from scipy's binomial pmf and the decision from the
-    beta-binomial formula of log M (_direct_log_m), not from densepure_rt.sequential."""
+    beta-binomial formula of log M (_direct_log_m), not from densepure_rt.stats.sequential."""
     undecided = np.zeros(n_max + 1)
     undecided[0] = 1.0
     mean, t = 0.0, 0

@@ -1,7 +1,7 @@
 """TensorRT plans (issue 13): what can be checked without TensorRT, and GPU tests for where it runs.
 
 TensorRT cannot be installed in this project's workplace, so its code (engine/tensorrt.py,
-densepure_rt/trt_executor.py) is checked in three ways, none standing in for another:
+densepure_rt/executors/tensorrt.py) is checked in three ways, none standing in for another:
 
 (a) API conformance against the REAL ``tensorrt-cu13-bindings`` wheel pinned in the dev extra: it
     cannot be imported without libnvinfer, but its compiled module holds the name of every bound
@@ -33,12 +33,12 @@ from click.testing import CliRunner
 
 from conftest import BLOCK_TORCH, ROOT, gpu_cupy, run_label_agreement
 from densepure_rt.cli import main
-from densepure_rt.data import DIGITS_TEST_ASSET
+from densepure_rt.files.data import DIGITS_TEST_ASSET
 from densepure_rt.errors import ConfigError, EngineError
-from densepure_rt.manifest import load_manifest
-from densepure_rt.noise import ESTIMATION
+from densepure_rt.files.manifest import load_manifest
+from densepure_rt.sampling.noise import ESTIMATION
 from densepure_rt.runtime import open_engine
-from densepure_rt.trt_executor import (
+from densepure_rt.executors.tensorrt import (
     INSTALL_TENSORRT,
     TensorRTExecutor,
     WholeBatchGraphs,
@@ -49,7 +49,7 @@ from test_manifest import assert_refused, read, write
 
 #: The bindings wheel the conformance test reads (pyproject.toml's dev extra pins the same).
 PINNED_BINDINGS = ("tensorrt-cu13-bindings", "11.4.0.106")
-TRT_SOURCES = (ROOT / "engine" / "tensorrt.py", ROOT / "densepure_rt" / "trt_executor.py")
+TRT_SOURCES = (ROOT / "engine" / "tensorrt.py", ROOT / "densepure_rt" / "executors" / "tensorrt.py")
 SIGMA, STEPS, VOTES = 0.6, 2, 3
 
 
@@ -895,7 +895,7 @@ def test_the_runtime_never_imports_tensorrt_cupy_or_torch_unless_asked():
         "        if name.split('.')[0] in ('tensorrt', 'tensorrt_bindings', 'cupy'):\n"
         "            raise ImportError(name + ' is blocked in this test')\n"
         "sys.meta_path.insert(0, _Block2())\n"
-        "import densepure_rt.runtime, densepure_rt.backends, densepure_rt.cli, densepure_rt.trt_executor, densepure_rt.manifest\n"
+        "import densepure_rt.runtime, densepure_rt.backends, densepure_rt.cli, densepure_rt.executors.tensorrt, densepure_rt.files.manifest\n"
         "assert not {'tensorrt', 'cupy', 'torch'} & set(sys.modules), sorted(sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

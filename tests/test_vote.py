@@ -1,9 +1,9 @@
-"""densepure_rt.vote: the official DensePure majority vote and per-class counting."""
+"""densepure_rt.stats.vote: the official DensePure majority vote and per-class counting."""
 
 import numpy as np
 import pytest
 
-from densepure_rt.vote import count_labels, majority_vote
+from densepure_rt.stats.vote import count_labels, majority_vote
 
 
 def _official_vote(row):
@@ -76,7 +76,7 @@ def _could_change(row: list[int], votes: int, classes: int) -> bool:
 
 @pytest.mark.parametrize("votes", [1, 2, 3, 4, 5, 6])
 def test_undecided_is_exact_against_every_completion_of_the_remaining_runs(votes):
-    from densepure_rt.vote import undecided
+    from densepure_rt.stats.vote import undecided
 
     rng = np.random.default_rng(votes)
     classes = 4  # one more class than most prefixes show: unseen classes are covered
@@ -88,7 +88,7 @@ def test_undecided_is_exact_against_every_completion_of_the_remaining_runs(votes
 
 @pytest.mark.parametrize("votes", [1, 2, 3, 5, 10])
 def test_waves_with_early_exit_give_the_full_vote(votes):
-    from densepure_rt.vote import undecided, vote_waves
+    from densepure_rt.stats.vote import undecided, vote_waves
 
     waves = vote_waves(votes)
     assert sum(waves) == votes and waves[0] == (votes + 1) // 2

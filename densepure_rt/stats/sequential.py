@@ -1,6 +1,6 @@
 """Anytime-valid sequential certification: Cohen et al.'s guarantee from a data-dependent n.
 
-Pure statistics (numpy + scipy, never torch), like :mod:`densepure_rt.certify`. The selection of
+Pure statistics (numpy + scipy, never torch), like :mod:`densepure_rt.stats.cohen`. The selection of
 ``c_a`` from at most ``n0`` samples happens elsewhere (CERTIFY's argmax; :func:`selection_done`
 says when it may stop early); the procedures here see only the estimation counts of ``c_a``, which
 arrive in rounds (one engine call each), and say after every round whether the evidence already
@@ -28,7 +28,7 @@ A target radius R is certified at round t when p0 = Phi(R / sigma) <= L_t, i.e. 
 S_t / t > p0 and log M_t(p0) >= log(1 / alpha); it is futile when U_t <= p0, i.e. S_t / t < p0 and
 the same inequality. A false certificate (certifying R although p_a <= Phi(R / sigma)) at any round
 needs p_a outside some CS_t: one event of probability <= alpha covers every round, every target and
-every stopping rule at once. Names follow :mod:`densepure_rt.certify`: ``n_a`` successes of
+every stopping rule at once. Names follow :mod:`densepure_rt.stats.cohen`: ``n_a`` successes of
 ``c_a``, ``n`` estimation trials, ``alpha`` failure probability, ``p_a_lower`` / ``p_a_upper`` the
 confidence sequence's bounds.
 """
@@ -347,7 +347,7 @@ def selection_done(counts0, left, min_share: float = SELECTION_MIN_SHARE, level:
     included (then even R = 0 is false, and it is covered). The "clear" rule can pick another class
     than all n0 samples would; that costs power (an abstention), never validity. ``level`` is a
     heuristic bound on how often that happens, not part of any guarantee. Fixed-n CERTIFY
-    (:func:`densepure_rt.certify.certify`) does not use this: it selects from all n0 samples.
+    (:func:`densepure_rt.stats.cohen.certify`) does not use this: it selects from all n0 samples.
 
     Returns a bool for a single count vector, else a bool array of shape counts0.shape[:-1].
     """
@@ -419,7 +419,7 @@ class TargetRadiiTest:
     trials (>= 1). prior: ``BetaMixture`` (default ``DEFAULT_PRIOR``).
 
     Feed it the estimation counts of ``c_a`` only, with ``c_a`` chosen from separate selection
-    samples (the argmax of :func:`densepure_rt.certify.certify`, possibly after fewer than n0 of
+    samples (the argmax of :func:`densepure_rt.stats.cohen.certify`, possibly after fewer than n0 of
     them: :func:`selection_done`). The estimation samples are independent of the selection, so the
     guarantee below holds given any ``c_a``, including a wrong one (p_a <= 1/2, where any
     certificate, even of R = 0, is false).

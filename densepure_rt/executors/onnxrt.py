@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EngineError
-from .manifest import GRAPH_IO, check_graph_io, graph_path
+from densepure_rt.errors import EngineError
+from densepure_rt.files.manifest import GRAPH_IO, check_graph_io, graph_path
 
 __all__ = ["OrtExecutor", "OpenVinoExecutor", "ort_providers"]
 

@@ -1,7 +1,7 @@
 """Scale-out on Ray: one actor per GPU (or per CPU slot) certifies images that the driver hands out.
 
-    from densepure_rt.scale import RayPool
-    from densepure_rt.work import Task
+    from densepure_rt.scale.ray import RayPool
+    from densepure_rt.scale.work import Task
 
     task = Task("certify", sigma=0.5, steps="4", votes=10, alpha=0.001, n0=100, n=10000, seed=0, batch=32)
     with RayPool("engines/cifar10", address="auto", device="cuda") as pool:
@@ -31,7 +31,7 @@ How it works (``densepure-rt certify --ray ...`` is built on it):
 - An actor that dies (process killed, node lost) loses only its image in flight: the image goes to
   another actor and a replacement actor is started (at most ``max_replacements`` in all). The
   outcome of an image does not depend on which actor computed it: noise is a pure function of
-  (seed, image index, phase, sample), and every actor runs :func:`densepure_rt.work.run_image`.
+  (seed, image index, phase, sample), and every actor runs :func:`densepure_rt.scale.work.run_image`.
   Rows are identical to a single-process run with the same ``--threads`` (ONNX Runtime's CPU
   kernels may round differently with another thread count), except the wall-time column.
 - A user error on an actor (a NaN image, a broken engine) stops the run with that error's one line.
@@ -46,7 +46,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from collections import deque
@@ -54,8 +56,8 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
-from .errors import ConfigError, DensePureError, EngineError
-from .work import Outcome, Task, run_group, run_image
+from densepure_rt.errors import ConfigError, DensePureError, EngineError
+from densepure_rt.scale.work import Outcome, Task, run_group, run_image
 
 __all__ = ["ENGINE_ENV", "RayPool", "require_ray"]
 
@@ -113,7 +115,7 @@ class Worker:
     driver can say which node refused and why in one line."""
 
     def __init__(self, engine_dir: str, manifest_sha256: str, device: str, threads: Optional[int], early_exit: Optional[bool]):
-        from .runtime import open_engine
+        from densepure_rt.runtime import open_engine
 
         self.engine = None
         self.samples = 0
@@ -199,6 +201,8 @@ class RayPool:
         self.poll = float(poll)
         self.ray = None
         self._owns_ray = False
+        #: The session folder of a cluster this pool started (``"local"``), removed when it closes.
+        self._temp_dir: Optional[str] = None
         self._actor_class = None
         self.actors: list = []  # slot -> actor handle (None: slot retired)
         self.info: list[dict] = []  # slot -> Worker.ready() of its current actor
@@ -227,6 +231,9 @@ class RayPool:
         if ray.is_initialized():  # a caller (a library user, the tests) connected already
             return
         if self.address == "local":
+            # Ray keeps each session's logs and sockets under TMPDIR/ray/session_* for ever; a cluster
+            # this pool starts gets a folder of its own instead, removed by close().
+            self._temp_dir = tempfile.mkdtemp(prefix="densepure-rt-ray-")
             self._init(ray)
         else:
             deadline = time.monotonic() + self.connect_timeout
@@ -277,8 +284,9 @@ class RayPool:
             time.sleep(min(0.5, left))
 
     def _init(self, ray) -> None:
+        where = {"_temp_dir": self._temp_dir} if self._temp_dir else {}
         try:
-            ray.init(address=self.address, include_dashboard=False, logging_level=logging.WARNING)
+            ray.init(address=self.address, include_dashboard=False, logging_level=logging.WARNING, **where)
         except Exception as exc:  # ConnectionError, ValueError, RuntimeError... from Ray's start-up
             raise ConfigError(f"--ray {self.address}: cannot connect to or start a Ray cluster ({_first_line(exc)}); {_FIX}") from None
 
@@ -431,6 +439,9 @@ class RayPool:
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
+        if self._temp_dir is not None:  # made by mkdtemp in _connect: never any other folder
+            shutil.rmtree(self._temp_dir, ignore_errors=True)
+            self._temp_dir = None
         self.ray = None
 
     # -- work ---------------------------------------------------------------------------------- #
@@ -483,7 +494,7 @@ class RayPool:
         """Outcomes of every image in ``indices`` (``load(idx)`` gives its image), in completion order.
 
         ``group`` > 1 (fixed-n CERTIFY only): each actor gets up to ``group`` images at a time, whose
-        noisy samples share batches (:func:`densepure_rt.work.run_group`; same outcomes). An image
+        noisy samples share batches (:func:`densepure_rt.scale.work.run_group`; same outcomes). An image
         whose actor died (with its group) is computed again by another actor; an error of the
         user's (a :class:`DensePureError` on an actor) is raised here as itself.
 

@@ -1,7 +1,7 @@
 """One image of a certify / predict run: what to compute (:class:`Task`), the computation
 (:func:`run_image`) and its results row (:func:`write_outcome`).
 
-Shared by the single-process CLI loop and the Ray actors (:mod:`densepure_rt.scale`), so a row
+Shared by the single-process CLI loop and the Ray actors (:mod:`densepure_rt.scale.ray`), so a row
 written from an actor on another machine is the same row one process writes: the noise is a pure
 function of (seed, image index, phase, sample), and both call the same engine methods with the same
 :class:`Task`. Only the ``time`` column, a wall-clock measurement, differs between runs.
@@ -97,7 +97,7 @@ def run_group(engine, task: Task, images, indices, progress: Optional[Callable[[
 
 
 def write_outcome(writer, label: int, outcome: Outcome) -> None:
-    """The results row of ``outcome`` (a :class:`densepure_rt.results.ResultsWriter` of its mode)."""
+    """The results row of ``outcome`` (a :class:`densepure_rt.files.results.ResultsWriter` of its mode)."""
     idx, result, seconds = outcome.idx, outcome.result, outcome.seconds
     if outcome.mode == "certify":
         writer.write_certificate(idx, label, result, outcome.counts, seconds, outcome.unet_evals)

@@ -14,8 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import DataError
-from .results import PREDICT_HEADER, read_results, read_rows
+from densepure_rt.errors import DataError
+from densepure_rt.files.results import PREDICT_HEADER, read_results, read_rows
 
 __all__ = ["DEFAULT_RADII", "certified_accuracy", "labelled", "is_prediction_file", "prediction_summary", "format_predictions", "report_table", "format_table", "plot_curves", "check_plot_path", "printable"]
 

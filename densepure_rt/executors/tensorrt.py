@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import EngineError
-from .manifest import plan_path
+from densepure_rt.errors import EngineError
+from densepure_rt.files.manifest import plan_path
 
 __all__ = [
     "INSTALL_TENSORRT",
@@ -269,7 +269,7 @@ class TensorRTExecutor:
         if not context.execute_async_v3(int(self._stream.ptr)):
             raise EngineError(f"TensorRT failed running the {what} graph: {self._logger.last()}")
 
-    # -- the executor interface (densepure_rt.loop.Executor) ----------------------------------------
+    # -- the executor interface (densepure_rt.sampling.loop.Executor) ----------------------------------------
     def step(self, x, noise, scalars, out) -> None:
         self._run("step", (("x", x), ("noise", noise), ("scalars", scalars)), (("x_next", out),), "denoise-step")
 

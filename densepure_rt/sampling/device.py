@@ -5,7 +5,7 @@ imports CuPy (nor torch). Why CuPy and not pycuda or raw cuda-python: docs/decis
 
 - :class:`CudaContext`: the loop's CUDA stream (non-blocking), on which the noise kernel, the loop's
   elementwise work and ONNX Runtime (``user_compute_stream``) all run in order.
-- :class:`CupyNoise`: :data:`densepure_rt.philox.CUDA_SOURCE`'s ``philox_rows`` kernel, compiled once
+- :class:`CupyNoise`: :data:`densepure_rt.sampling.philox.CUDA_SOURCE`'s ``philox_rows`` kernel, compiled once
   with NVRTC; per-row keys are device buffers of the loop, so the kernel draws each batch's own noise.
 - :meth:`CudaContext.stage`: images go host -> pinned host buffer -> device with an asynchronous copy
   on a second stream; the loop's stream waits on an event, not the host. Two pinned buffers
@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import EngineError, install_hint
-from .philox import CUDA_SOURCE
+from densepure_rt.errors import EngineError, install_hint
+from densepure_rt.sampling.philox import CUDA_SOURCE
 
 __all__ = ["require_cupy", "CudaContext", "CupyNoise"]
 
@@ -43,7 +43,7 @@ def require_cupy():
 
 
 class CupyNoise:
-    """The Philox noise source on the GPU: the same numbers as :class:`densepure_rt.loop.HostNoise`."""
+    """The Philox noise source on the GPU: the same numbers as :class:`densepure_rt.sampling.loop.HostNoise`."""
 
     THREADS = 256
 

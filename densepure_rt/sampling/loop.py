@@ -15,7 +15,7 @@ phase and its sample index, and returns their voted labels. Inside:
         finished samples vote (official tie rule); undecided ones go on to the next wave
 
 Every number a sample gets is a pure function of (seed, image index, phase, sample, draw) (see
-:mod:`densepure_rt.noise`), so the labels do not depend on the batch or on its other samples; on a
+:mod:`densepure_rt.sampling.noise`), so the labels do not depend on the batch or on its other samples; on a
 GPU the noise equals the host's to float32 rounding (the kernel's double-precision log/sin/cos may
 differ from glibc's in the last bit), so a rare vote can differ between devices. The buffers are
 allocated once per (schedule, K, batch) in :meth:`BatchLoop.prepare`; on a GPU a step allocates
@@ -25,14 +25,14 @@ once per wave (a handful of integers) to compact the next wave; without it (``ea
 batch is one asynchronous stream of launches until its labels are read back.
 
 The executor runs the two graphs on buffers of the loop's array module (``step(x, noise, scalars,
-out)`` and ``classify(images, labels, logits)``): :class:`densepure_rt.executors.OrtExecutor` binds them
+out)`` and ``classify(images, labels, logits)``): :class:`densepure_rt.executors.onnxrt.OrtExecutor` binds them
 with ONNX Runtime's IOBinding, on the CPU provider over numpy or on the CUDA provider over CuPy.
-The noise source fills per-row buffers: :func:`densepure_rt.philox.row_normals` on the host, the
-``philox_rows`` CUDA kernel on a GPU (:mod:`densepure_rt.gpu`); the same numbers to float32 rounding.
+The noise source fills per-row buffers: :func:`densepure_rt.sampling.philox.row_normals` on the host, the
+``philox_rows`` CUDA kernel on a GPU (:mod:`densepure_rt.sampling.device`); the same numbers to float32 rounding.
 
 Optional, off by default (``graphs=None``): a full batch without early exit (one fixed sequence of
 launches after the keys are put) can be handed to a graph object that captures it once and replays
-it (:class:`densepure_rt.trt_executor.WholeBatchGraphs`, used for TensorRT engines; not run on a GPU).
+it (:class:`densepure_rt.executors.tensorrt.WholeBatchGraphs`, used for TensorRT engines; not run on a GPU).
 The numpy path is unchanged by it.
 """
 
@@ -42,10 +42,10 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from .errors import EngineError
-from .philox import row_normals
-from .schedule import ReverseSchedule
-from .vote import majority_vote, undecided, vote_waves
+from densepure_rt.errors import EngineError
+from densepure_rt.sampling.philox import row_normals
+from densepure_rt.schedule import ReverseSchedule
+from densepure_rt.stats.vote import majority_vote, undecided, vote_waves
 
 __all__ = ["Executor", "NoiseSource", "HostNoise", "BatchLoop"]
 
@@ -71,7 +71,7 @@ class NoiseSource(Protocol):
 
 
 class HostNoise:
-    """The numpy noise source (:func:`densepure_rt.philox.row_normals`)."""
+    """The numpy noise source (:func:`densepure_rt.sampling.philox.row_normals`)."""
 
     def fill(self, out, seed: int, images, phases, samples, draws, offset: int, scale: float) -> None:
         rows = out.shape[0]
@@ -95,7 +95,7 @@ class BatchLoop:
         #: graph, :mod:`densepure_rt.limits`); None: :attr:`CLASSIFIER_ROWS` only.
         self.classifier_rows = classifier_rows
         #: Off by default (None): every batch runs eagerly. Else an object like
-        #: :class:`densepure_rt.trt_executor.WholeBatchGraphs` that captures a full batch without early
+        #: :class:`densepure_rt.executors.tensorrt.WholeBatchGraphs` that captures a full batch without early
         #: exit (a fixed sequence of launches) once and replays it for the next full batches.
         self.graphs = graphs
         self.image_shape = tuple(int(d) for d in image_shape)

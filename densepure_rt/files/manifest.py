@@ -25,8 +25,8 @@ import stat
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import __version__
-from .errors import EngineError
+from densepure_rt import __version__
+from densepure_rt.errors import EngineError
 
 __all__ = [
     "SCHEMA_VERSION",

@@ -2,7 +2,7 @@
 
 Changing the batch size, resuming a killed run, stopping a vote early, or running on another
 backend that uses this definition never changes which numbers a noisy sample gets. The numbers come
-from Philox4x32-10 (:mod:`densepure_rt.philox`, the Random123 generator, with a CUDA twin), keyed
+from Philox4x32-10 (:mod:`densepure_rt.sampling.philox`, the Random123 generator, with a CUDA twin), keyed
 (seed, image) with counter (element block, draw, sample, phase); a noisy sample's draws are
 
     draw 0                     delta       [C x H x W]   (the smoothing noise, times sigma)
@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .philox import draw_normals
+from densepure_rt.sampling.philox import draw_normals
 
 __all__ = ["SELECTION", "ESTIMATION", "PREDICTION", "NOISE_VERSION", "sample_noise", "draw_index"]
 

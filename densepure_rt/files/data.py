@@ -91,7 +91,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 RANGE_TOLERANCE = 1e-5
 
 #: The digits test split shipped with the package (produced by the digits training script).
-DIGITS_TEST_ASSET = Path(__file__).resolve().parent / "assets" / "digits_test.npz"
+DIGITS_TEST_ASSET = Path(__file__).resolve().parents[1] / "assets" / "digits_test.npz"
 
 CIFAR10_CLASSES = 10
 DIGITS_CLASSES = 10

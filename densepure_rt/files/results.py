@@ -47,8 +47,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from .certify import Certificate
-from .errors import ConfigError, DataError
+from densepure_rt.stats.cohen import Certificate
+from densepure_rt.errors import ConfigError, DataError
 
 try:  # POSIX advisory locks; on other systems runs are not protected against each other.
     import fcntl

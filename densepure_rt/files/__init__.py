@@ -1,0 +1,1 @@
+"""Files: results (TSV + options, locks, resume), engine manifests, reports, and the data readers."""
