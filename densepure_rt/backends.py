@@ -176,7 +176,8 @@ class LoopBackend(Backend):
 
     def __init__(self, directory: str | Path, manifest: dict, device: str = "cpu", threads: int | None = None,
                  cuda_graph: bool = True, runtime: str = "onnxruntime"):
-        from densepure_rt.executors.onnxrt import OpenVinoExecutor, OrtExecutor
+        from densepure_rt.executors.onnxrt import OrtExecutor
+        from densepure_rt.executors.openvino import OpenVinoExecutor
         from densepure_rt.sampling.loop import BatchLoop, HostNoise
 
         self.name = runtime
@@ -189,7 +190,8 @@ class LoopBackend(Backend):
             if device != "cuda":
                 raise EngineError("this engine holds TensorRT plans, which run on a GPU: pass --device cuda (device='cuda')")
             from densepure_rt.sampling.device import CudaContext, CupyNoise, require_cupy
-            from densepure_rt.executors.tensorrt import TensorRTExecutor, WholeBatchGraphs, require_tensorrt
+            from densepure_rt.executors.tensorrt import TensorRTExecutor, require_tensorrt
+            from densepure_rt.sampling.device import WholeBatchGraphs
 
             require_tensorrt()  # its one-line install hint before any CUDA work
             cupy = require_cupy()

@@ -25,3 +25,18 @@ def install_hint(extra: str) -> str:
     """How to add one of densepure-rt's optional extras, the way the README installs it: from the
     source checkout (the package is not published on PyPI)."""
     return f"pip install -e '.[{extra}]' in your densepure-rt checkout"
+
+
+def first_line(exc: BaseException | str, limit: int = 400) -> str:
+    """One line of an exception (or message) for a one-line error: its first line, at most ``limit``
+    characters; for ONNX Runtime's errors the status message (the part that says what went wrong,
+    e.g. a failed allocation) with the node it names; the exception's type where it says nothing."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__ if isinstance(exc, BaseException) else "no reason given"
+    line = text.splitlines()[0]
+    if "Status Message:" in line:
+        before, _, message = line.partition("Status Message:")
+        node = before.split("while running")[-1].strip().rstrip(".")
+        line = f"{node}: {message.strip()}"
+    return line[:limit]

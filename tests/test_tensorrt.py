@@ -38,10 +38,10 @@ from densepure_rt.errors import ConfigError, EngineError
 from densepure_rt.files.manifest import load_manifest
 from densepure_rt.sampling.noise import ESTIMATION
 from densepure_rt.runtime import open_engine
+from densepure_rt.sampling.device import WholeBatchGraphs
 from densepure_rt.executors.tensorrt import (
     INSTALL_TENSORRT,
     TensorRTExecutor,
-    WholeBatchGraphs,
     check_plans,
     open_plans,
 )

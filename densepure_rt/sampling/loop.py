@@ -32,7 +32,7 @@ The noise source fills per-row buffers: :func:`densepure_rt.sampling.philox.row_
 
 Optional, off by default (``graphs=None``): a full batch without early exit (one fixed sequence of
 launches after the keys are put) can be handed to a graph object that captures it once and replays
-it (:class:`densepure_rt.executors.tensorrt.WholeBatchGraphs`, used for TensorRT engines; not run on a GPU).
+it (:class:`densepure_rt.sampling.device.WholeBatchGraphs`, used for TensorRT engines; not run on a GPU).
 The numpy path is unchanged by it.
 """
 
@@ -95,7 +95,7 @@ class BatchLoop:
         #: graph, :mod:`densepure_rt.limits`); None: :attr:`CLASSIFIER_ROWS` only.
         self.classifier_rows = classifier_rows
         #: Off by default (None): every batch runs eagerly. Else an object like
-        #: :class:`densepure_rt.executors.tensorrt.WholeBatchGraphs` that captures a full batch without early
+        #: :class:`densepure_rt.sampling.device.WholeBatchGraphs` that captures a full batch without early
         #: exit (a fixed sequence of launches) once and replays it for the next full batches.
         self.graphs = graphs
         self.image_shape = tuple(int(d) for d in image_shape)

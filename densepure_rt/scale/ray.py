@@ -57,6 +57,7 @@ from typing import Callable, Iterable, Iterator, Optional
 import numpy as np
 
 from densepure_rt.errors import ConfigError, DensePureError, EngineError
+from densepure_rt.errors import first_line as _first_line
 from densepure_rt.scale.work import Outcome, Task, run_group, run_image
 
 __all__ = ["ENGINE_ENV", "RayPool", "require_ray"]
@@ -77,10 +78,6 @@ def require_ray():
         raise ConfigError("--ray needs Ray: pip install 'densepure-rt[ray]'") from None
     return ray
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _host_port(address: str) -> Optional[tuple]:
