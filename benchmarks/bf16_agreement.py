@@ -64,8 +64,8 @@ def main(argv=None) -> int:
                 same = total = same_pred = same_radius = 0
                 for i in indices:
                     image = data[i].image
-                    a = f32.backend.voted_labels(image, 0, i, ESTIMATION, range(args.samples))
-                    b = b16.backend.voted_labels(image, 0, i, ESTIMATION, range(args.samples))
+                    a = f32.loop.voted_labels(image, 0, i, ESTIMATION, range(args.samples))
+                    b = b16.loop.voted_labels(image, 0, i, ESTIMATION, range(args.samples))
                     same += int((a == b).sum())
                     total += a.size
                     ca = f32.certify(image, sigma, args.steps, args.votes, args.n0, args.n, args.alpha, image_index=i, batch=args.samples)

@@ -52,7 +52,7 @@ def time_config(engine_dir: Path, device: str, batch: int, sigma: float, steps: 
         engine._prepare(sigma, steps, votes, batch)
         # Warm-up: sessions, cuDNN autotuning, the kernel's compilation, the arena.
         engine.sample_counts(image, batch, ESTIMATION, seed=seed, image_index=0, batch=batch)
-        evals0, samples, batches = engine.backend.unet_evals, 0, 0
+        evals0, samples, batches = engine.loop.unet_evals, 0, 0
         t0 = time.perf_counter()
         while True:
             engine.sample_counts(image, batch, ESTIMATION, seed=seed + 1 + batches, image_index=1, batch=batch)
@@ -61,9 +61,9 @@ def time_config(engine_dir: Path, device: str, batch: int, sigma: float, steps: 
             elapsed = time.perf_counter() - t0  # sample_counts reads the labels back: the GPU is done
             if elapsed >= seconds and batches >= 3:
                 break
-        evals = engine.backend.unet_evals - evals0
+        evals = engine.loop.unet_evals - evals0
         manifest = engine.manifest
-        executor = getattr(engine.backend, "_executor", None)
+        executor = engine.executor
         info = {
             "providers": getattr(executor, "providers", None),
             "ort_cuda_graph": bool(getattr(executor, "cuda_graph", False)),

@@ -87,7 +87,7 @@ def selection_votes(engine: str, indices: list[int], out: Path) -> dict[int, lis
         with open_engine(ROOT / engine) as eng:
             eng._prepare(SIGMA, STEPS, VOTES, BATCH)
             for i in todo:
-                chunks = [eng.backend.voted_labels(data[i].image, SEED, i, SELECTION, range(t, min(t + BATCH, N0))) for t in range(0, N0, BATCH)]
+                chunks = [eng.loop.voted_labels(data[i].image, SEED, i, SELECTION, range(t, min(t + BATCH, N0))) for t in range(0, N0, BATCH)]
                 votes[i] = [int(x) for x in np.concatenate(chunks)]
         path.write_text(json.dumps({str(k): votes[k] for k in sorted(votes)}) + "\n")
     return votes

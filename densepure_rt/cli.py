@@ -384,7 +384,7 @@ def _common_options(f):
                      help="Noise seed, 0 to 2^32 - 1 (noise is a pure function of seed, image, sample)."),
         click.option("--resume", is_flag=True, help="Continue --out. Also what happens without it when --out holds results of the same settings."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
-        click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N", help="CPU threads for the backend."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N", help="CPU threads for the runtime (ONNX Runtime or OpenVINO)."),
         click.option("--quiet", is_flag=True, help="No progress output."),
         click.option("--progress-every", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="S",
                      help="Seconds between progress lines when stderr is not a terminal (a log file)."),
@@ -482,7 +482,7 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
         per_call = (int(n0) + n) * images_per_call if mode == "certify" else max(int(n0 or 0), n)
         engine.check_rows(min(batch, per_call), votes)
         dataset, indices, spec, data_digest = _open_data(engine, data, skip, max_images)
-        backend = engine.backend
+        executor = engine.executor  # None for a Ray driver (metadata only)
         options = {
             "mode": mode,
             "engine": str(engine_dir),
@@ -514,10 +514,10 @@ def _run(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, b
             "round": batch if mode in ("certify-radii", "certify-until") else None,
             "early_exit": engine.early_exit_for(batch),
             "images_per_call": images_per_call,
-            "backend": backend.name if backend is not None else engine.manifest["backend"]["name"],
-            # What the graphs ran in, read back from the backend (OpenVINO: its compiled precision);
+            "backend": executor.name if executor is not None else engine.manifest["backend"]["name"],
+            # What the graphs ran in, read back from the executor (OpenVINO: its compiled precision);
             # with --ray every actor's is checked against it.
-            "precision": getattr(backend, "effective_precision", engine.manifest["precision"]["step"]),
+            "precision": executor.effective_precision if executor is not None else engine.manifest["precision"]["step"],
             "device": device,
             "ray": ray,
             "version": __version__,

@@ -12,13 +12,15 @@
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
-from densepure_rt.backends import Backend, check_labels, open_backend
+from densepure_rt.sampling.loop import BatchLoop, check_labels
 from densepure_rt.stats.cohen import Certificate, Prediction, certify, predict, validate_params
 from densepure_rt.files.data import check_image
 from densepure_rt.errors import ConfigError, EngineError
@@ -91,7 +93,7 @@ class EarlyStopCertificate:
 
 
 class Engine:
-    """An opened engine directory: manifest verified, backend sessions loaded. A context manager."""
+    """An opened engine directory: manifest verified, its executor loaded under the batch loop. A context manager."""
 
     def __init__(
         self,
@@ -100,7 +102,6 @@ class Engine:
         device: str = "cpu",
         threads: int | None = None,
         early_exit: bool | None = None,
-        loop: bool = True,
         cuda_graph: bool = True,
         metadata_only: bool = False,
     ):
@@ -118,10 +119,11 @@ class Engine:
         self.step_rows, self.classifier_rows = rows_per_call(self.manifest)
         sched = self.manifest["schedule"]
         self._schedule = make_schedule(sched["kind"], sched["num_timesteps"], sched["rescale_timesteps"])
-        #: None with ``metadata_only``: the manifest and schedule without sessions (a Ray driver, whose
-        #: actors open the engine where the GPUs are).
-        self.backend: Backend = None if metadata_only else open_backend(  # type: ignore[assignment]
-            backend, self.directory, self.manifest, device=device, threads=threads, loop=loop, cuda_graph=cuda_graph
+        #: The batch loop over the engine's executor (:attr:`executor`) on ``device``. None with
+        #: ``metadata_only``: the manifest and schedule without sessions (a Ray driver, whose actors
+        #: open the engine where the GPUs are).
+        self.loop: BatchLoop | None = None if metadata_only else open_loop(
+            backend, self.directory, self.manifest, device=device, threads=threads, cuda_graph=cuda_graph
         )
         self._prepared: tuple | None = None
 
@@ -132,11 +134,16 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def executor(self):
+        """The runtime's executor of the engine's graphs (:mod:`densepure_rt.executors`); None with ``metadata_only``."""
+        return self.loop.executor if self.loop is not None else None
+
     def close(self) -> None:
-        """Free the backend (sessions, buffers)."""
-        if self.backend is not None:
-            self.backend.close()
-            self.backend = None  # type: ignore[assignment]
+        """Free the executor's sessions and the loop's buffers."""
+        if self.loop is not None:
+            self.loop.executor.close()
+            self.loop = None
 
     # -- schedule ---------------------------------------------------------------------------- #
     def reverse_schedule(self, sigma: float, steps: int | str) -> ReverseSchedule:
@@ -160,10 +167,10 @@ class Engine:
     def check_rows(self, batch: int, votes: int) -> None:
         """Refuse ``batch`` noisy samples x ``votes`` runs per call above the engine's row limit or
         the memory available (:func:`densepure_rt.limits.check_rows`), before anything is allocated."""
-        check_rows(self.manifest, batch, votes, self.device if self.backend is not None else None)
+        check_rows(self.manifest, batch, votes, self.device if self.loop is not None else None)
 
     def _prepare(self, sigma: float, steps: int | str, votes: int, batch: int, samples: int | None = None) -> ReverseSchedule:
-        """Prepare the backend for (sigma, b, K) and batches of ``batch`` noisy samples, or of
+        """Prepare the loop for (sigma, b, K) and batches of ``batch`` noisy samples, or of
         ``samples`` where that is fewer (the most any call of the work ahead can hold: buffers are
         sized by what a call can use, not by the request)."""
         for flag, value in (("--votes", votes), ("--batch", batch)):
@@ -171,12 +178,12 @@ class Engine:
                 raise ConfigError(f"{flag} must be an integer >= 1 (got {value!r})")
         if samples is not None:
             batch = max(min(int(batch), int(samples)), 1)
-        rs = self.reverse_schedule(sigma, steps)  # refuses non-finite schedules; the backend checks again
+        rs = self.reverse_schedule(sigma, steps)  # refuses non-finite schedules; the loop checks again
         early_exit = self.early_exit_for(int(batch))
         key = (float(sigma), rs.steps, int(votes), int(batch), early_exit)
         if self._prepared != key:
             self.check_rows(int(batch), int(votes))
-            self.backend.prepare(rs, int(votes), int(batch), early_exit=early_exit)
+            self.loop.prepare(rs, int(votes), int(batch), early_exit=early_exit)
             self._prepared = key
         return rs
 
@@ -200,7 +207,7 @@ class Engine:
         counts = np.zeros(self.num_classes, dtype=np.int64)
         for start in range(0, num, batch):
             samples = range(start, min(start + batch, num))
-            labels = np.asarray(self.backend.voted_labels(image, seed, image_index, phase, samples))
+            labels = np.asarray(self.loop.voted_labels(image, seed, image_index, phase, samples))
             counts += self._count(labels, len(samples))
             if progress is not None:
                 progress(len(samples))
@@ -214,13 +221,10 @@ class Engine:
         time, so a job of fewer samples than a batch (the n0 phase) shares its batch with the next.
 
         Each job's counts equal :meth:`sample_counts` of that job alone: noise is a pure function of
-        (seed, image index, phase, sample), not of the batch (test). Needs a backend with
-        ``voted_labels_many`` (the batch loop). ``evals``: a list that receives each job's UNet
+        (seed, image index, phase, sample), not of the batch (test). ``evals``: a list that receives each job's UNet
         evaluations (its samples' runs times the schedule's calls: exact, also when batches mix jobs).
         """
-        many = getattr(self.backend, "voted_labels_many", None)
-        if many is None:
-            raise ConfigError("cross-image batches need the batch loop backend (open the engine with loop=True)")
+        many = self.loop.voted_labels_many
         jobs = [(self._image(img, idx), int(idx), int(phase), int(num)) for img, idx, phase, num in jobs]
         images = np.stack([j[0] for j in jobs]) if jobs else np.zeros((0, *self.image_shape), dtype=np.float32)
         job_of = np.concatenate([np.full(j[3], k, dtype=np.int64) for k, j in enumerate(jobs)] + [np.zeros(0, np.int64)])
@@ -245,7 +249,7 @@ class Engine:
             if int(c.sum()) != num:
                 raise EngineError(f"the engine counted {int(c.sum())} labels for {num} samples: rebuild the engine")
         if evals is not None:
-            evals[:] = [int(r) * self.backend.calls for r in runs_of]
+            evals[:] = [int(r) * self.loop.calls for r in runs_of]
         return counts
 
     def certify_many(self, images, sigma: float, steps: int | str = 4, votes: int = 10, n0: int = 100, n: int = 1000,
@@ -298,7 +302,7 @@ class Engine:
 
     def _count(self, labels: np.ndarray, expected: int) -> np.ndarray:
         """Per-class counts of one batch's voted labels; a wrong count or a label outside the
-        engine's classes is an :class:`EngineError` (:func:`densepure_rt.backends.check_labels`)."""
+        engine's classes is an :class:`EngineError` (:func:`densepure_rt.sampling.loop.check_labels`)."""
         return np.bincount(check_labels(labels, expected, self.num_classes), minlength=self.num_classes)
 
     def _image(self, image: np.ndarray, image_index: int) -> np.ndarray:
@@ -349,21 +353,21 @@ class Engine:
         image = self._image(image, image_index)
         self._prepare(sigma, steps, votes, batch, samples=max(int(n0), int(n)))
         common = dict(seed=seed, image_index=image_index, batch=batch, progress=progress)
-        evals = self.backend.unet_evals
+        evals = self.loop.unet_evals
         counts0 = self.sample_counts(image, n0, SELECTION, **common)
         counts = self.sample_counts(image, n, ESTIMATION, **common)
-        return certify(counts0, counts, sigma, alpha), CountsResult(counts0, counts, self.backend.unet_evals - evals)
+        return certify(counts0, counts, sigma, alpha), CountsResult(counts0, counts, self.loop.unet_evals - evals)
 
     def _sequential(self, image, test, sigma, steps, votes, n0, *, seed, image_index, batch, progress) -> tuple[int, int]:
         """Select c_a from at most n0 selection samples (:meth:`_select`), then feed ``test``
         estimation rounds until it is done. Returns c_a and the UNet evaluations spent on the image."""
         image = self._image(image, image_index)
         self._prepare(sigma, steps, votes, batch, samples=max(int(n0), int(test.remaining)))
-        evals = self.backend.unet_evals
+        evals = self.loop.unet_evals
         common = dict(seed=seed, image_index=image_index, batch=batch, progress=progress)
         c_a = self._select(image, n0, **common)
         self._estimate_sequentially(image, test, c_a, **common)
-        return c_a, self.backend.unet_evals - evals
+        return c_a, self.loop.unet_evals - evals
 
     def _select(self, image, n0: int, *, seed, image_index, batch, progress) -> int:
         """c_a from the selection samples 0, 1, 2, ... of CERTIFY (the same noise), drawn in rounds
@@ -379,7 +383,7 @@ class Engine:
         counts = np.zeros(self.num_classes, dtype=np.int64)
         for start in range(0, n0, batch):
             size = min(batch, n0 - start)
-            labels = np.asarray(self.backend.voted_labels(image, seed, image_index, SELECTION, range(start, start + size)))
+            labels = np.asarray(self.loop.voted_labels(image, seed, image_index, SELECTION, range(start, start + size)))
             counts += self._count(labels, size)
             if progress is not None:
                 progress(size)
@@ -396,7 +400,7 @@ class Engine:
         start = 0
         while not test.done:
             size = min(batch, test.remaining)
-            labels = np.asarray(self.backend.voted_labels(image, seed, image_index, ESTIMATION, range(start, start + size)))
+            labels = np.asarray(self.loop.voted_labels(image, seed, image_index, ESTIMATION, range(start, start + size)))
             counts = self._count(labels, size)
             test.update(int(counts[c_a]), size)
             start += size
@@ -526,20 +530,66 @@ def open_engine(
     device: str = "cpu",
     threads: int | None = None,
     early_exit: bool | None = None,
-    loop: bool = True,
     cuda_graph: bool = True,
     metadata_only: bool = False,
 ) -> Engine:
     """Open and verify an engine directory (see :class:`Engine`). ``early_exit=False`` runs all K
     runs of every noisy sample (same votes, more work); None (default) decides by device and batch
-    size (:meth:`Engine.early_exit_for`). ``loop=False`` runs the
-    plain step-by-step ONNX Runtime path instead of the batch loop (same labels; for comparisons).
-    ``cuda_graph``: on a GPU, replay the full batch's step through ONNX Runtime's CUDA graph where
+    size (:meth:`Engine.early_exit_for`). ``cuda_graph``: on a GPU, replay the full batch's step through ONNX Runtime's CUDA graph where
     ONNX Runtime accepts it (every node on the CUDA provider); ignored on the CPU. ``metadata_only``:
-    verify the directory and read its manifest and schedule, but open no sessions (``engine.backend``
+    verify the directory and read its manifest and schedule, but open no sessions (``engine.loop``
     is None; what a Ray driver needs)."""
     return Engine(
-        directory, backend=backend, device=device, threads=threads, early_exit=early_exit, loop=loop, cuda_graph=cuda_graph,
+        directory, backend=backend, device=device, threads=threads, early_exit=early_exit, cuda_graph=cuda_graph,
         metadata_only=metadata_only,
     )
 
+
+def open_loop(runtime: str, directory: str | Path, manifest: dict, device: str = "cpu", threads: int | None = None,
+              cuda_graph: bool = True) -> BatchLoop:
+    """The batch loop over the executor of ``runtime`` (``"auto"``: the one the engine was built for)
+    on ``device``; refuses a runtime the manifest was not built for, or a device it cannot run on.
+
+    The one path from the engine to its graphs: device (:mod:`densepure_rt.sampling.device`) ->
+    executor (:mod:`densepure_rt.executors`) -> :class:`~densepure_rt.sampling.loop.BatchLoop`.
+    ``runtime="tensorrt"`` (GPU only): full batches without early exit are captured whole in a CUDA
+    graph (``cuda_graph``); written against the documented API, not run by this project."""
+    built = manifest["backend"]["name"]
+    if runtime not in ("auto", built):
+        raise EngineError(f"this engine was built for the {built} backend, not {runtime}: rebuild it with --backend {runtime}")
+    if built not in ("onnxruntime", "openvino", "tensorrt"):
+        raise EngineError(f"backend {built!r} is not supported by this densepure-rt: rebuild the engine for onnxruntime, openvino or tensorrt")
+    if device not in ("cpu", "cuda"):
+        raise EngineError(f"--device must be cpu or cuda for the {built} backend (got {device!r})")
+    if built == "tensorrt" and device != "cuda":
+        raise EngineError("this engine holds TensorRT plans, which run on a GPU: pass --device cuda (device='cuda')")
+    if built == "openvino" and device != "cpu":
+        raise EngineError("OpenVINO engines run on the CPU (--device cpu); for a GPU build with --backend onnxruntime")
+    from densepure_rt.sampling.device import open_device
+
+    graphs = None
+    if built == "tensorrt":  # issue 13: written against the documented API, not run by this project
+        from densepure_rt.executors.tensorrt import TensorRTExecutor, require_tensorrt
+        from densepure_rt.sampling.device import WholeBatchGraphs
+
+        require_tensorrt()  # its one-line install hint before any CUDA work
+        dev = open_device(device)
+        executor = TensorRTExecutor(directory, manifest, dev.cuda_stream, xp=dev.xp)
+        graphs = WholeBatchGraphs(dev.xp, dev.cuda_stream, log=_warn) if cuda_graph else None
+    elif built == "openvino":
+        from densepure_rt.executors.openvino import OpenVinoExecutor
+
+        dev = open_device(device)
+        executor = OpenVinoExecutor(directory, manifest, threads)
+    else:
+        from densepure_rt.executors.onnxrt import OrtExecutor
+
+        dev = open_device(device)
+        executor = OrtExecutor(directory, manifest, device, threads, stream=dev.cuda_stream, xp=dev.xp,
+                               cuda_graph=cuda_graph and device == "cuda", log=_warn)
+    return BatchLoop(executor, dev, tuple(manifest["image_shape"]), int(manifest["num_classes"]), graphs=graphs,
+                     classifier_rows=rows_per_call(manifest)[1])
+
+
+def _warn(message: str) -> None:
+    print(f"densepure-rt: {message}", file=sys.stderr)

@@ -83,7 +83,7 @@ def run_label_agreement(reference, other, images, cupy, sigma, steps, votes, cou
     for i in range(count):
         reference.sample_counts(images[i], samples, ESTIMATION, seed=0, image_index=i, batch=32)
         other.sample_counts(images[i], samples, ESTIMATION, seed=0, image_index=i, batch=32)
-        a, b = reference.backend.loop.labels, cupy.asnumpy(other.backend.loop.labels)
+        a, b = reference.loop.labels, cupy.asnumpy(other.loop.labels)
         agree += int((a == b).sum())
         rows += a.size
     return agree, rows

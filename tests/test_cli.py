@@ -459,7 +459,7 @@ def test_cli_certifies_in_an_interpreter_where_torch_cannot_be_imported(work, en
     out = work / "no_torch.tsv"
     argv = ["densepure-rt"] + certify_args(engine, images, out, "--batch", "7", "--max", "2")
     code = BLOCK_TORCH + (
-        "import densepure_rt.cli, densepure_rt.runtime, densepure_rt.backends, densepure_rt.files.results\n"
+        "import densepure_rt.cli, densepure_rt.runtime, densepure_rt.sampling.loop, densepure_rt.files.results\n"
         "import densepure_rt.files.report, densepure_rt.files.data, densepure_rt.files.manifest\n"
         "assert 'torch' not in sys.modules\n"
         f"sys.argv = {argv!r}\n"

@@ -15,6 +15,7 @@ from densepure_rt.export.step import DenoiseStep
 from densepure_rt.sampling.noise import ESTIMATION, sample_noise
 from densepure_rt.presets import Preset
 from densepure_rt.runtime import open_engine
+from oracle import open_reference
 from densepure_rt.schedule import reverse_schedule
 
 KINDS = {
@@ -73,7 +74,7 @@ def test_engine_reproduces_official_trajectory(engines, kind):
         rs = engine._prepare(cfg["sigma"], cfg["steps"], votes=1, batch=4)
         x_t = to_diffusion_input(tr["x_clean"] + tr["delta"], rs).numpy()
         noise = np.stack([tr[f"noise_{i}"].numpy() for i in range(cfg["noise_draws"])])
-        out = engine.backend.purify(x_t, noise)
+        out = engine.loop.purify(x_t, noise)
     err = float(np.abs(out - tr["out"].numpy()).max())
     print(f"{kind}: engine vs official max abs error {err:.3e}")
     assert err < 1e-4
@@ -94,9 +95,9 @@ def test_engine_matches_reference_images_and_labels_with_same_noise(engines, kin
         rs = engine._prepare(sigma, steps, votes, batch=len(samples))
         delta, z = sample_noise(11, 4, ESTIMATION, samples, votes, rs.num_calls, image.shape, sigma)
         x_t = np.repeat(rs.input_scale * (2 * (image[None] + delta) - 1), votes, axis=0)
-        got = engine.backend.purify(x_t, z)
-        got_labels = engine.backend.classify(got)
-        got_votes = engine.backend.voted_labels(image, 11, 4, ESTIMATION, samples)
+        got = engine.loop.purify(x_t, z)
+        got_labels = engine.loop.classify(got)
+        got_votes = engine.loop.voted_labels(image, 11, 4, ESTIMATION, samples)
         engine_counts = engine.sample_counts(image, 7, ESTIMATION, seed=3, image_index=2, batch=3)
     want = reverse_run(reference.step, torch.from_numpy(x_t), reverse_schedule(schedule, sigma, steps), [torch.from_numpy(zi) for zi in z])
     err = float(np.abs(got - want.numpy()).max())
@@ -118,7 +119,7 @@ def test_fp16_step_graph_stays_within_5e3_of_fp32_per_step(engines):
     rng = np.random.default_rng(3)
     image = rng.random((3, 32, 32), dtype=np.float32)
     # The graphs alone, through the step-by-step backend's sessions.
-    with open_engine(engines[("guided", "fp32")], loop=False) as e32, open_engine(engines[("guided", "fp16")], loop=False) as e16:
+    with open_reference(engines[("guided", "fp32")]) as e32, open_reference(engines[("guided", "fp16")]) as e16:
         assert e16.manifest["precision"]["step"] == "fp16"
         rs = e32._prepare(0.5, 4, 2, 4)
         e16._prepare(0.5, 4, 2, 4)
@@ -126,8 +127,8 @@ def test_fp16_step_graph_stays_within_5e3_of_fp32_per_step(engines):
         x = np.repeat(rs.input_scale * (2 * (image[None] + delta) - 1), 2, axis=0)
         for s in range(rs.num_calls):
             feeds = {"x": x, "noise": z[s], "scalars": rs.scalars[s].astype(np.float32)}
-            y32 = e32.backend._step.run(["x_next"], feeds)[0]
-            y16 = e16.backend._step.run(["x_next"], feeds)[0]
+            y32 = e32.loop._step.run(["x_next"], feeds)[0]
+            y16 = e16.loop._step.run(["x_next"], feeds)[0]
             rel = float(np.linalg.norm(y16 - y32) / np.linalg.norm(y32))
             print(f"step {s}: fp16 vs fp32 relative L2 {rel:.2e}")
             assert rel < 5e-3
@@ -182,7 +183,7 @@ def test_large_graphs_are_saved_with_external_data(tmp_path, monkeypatch):
         rs = engine._prepare(cfg["sigma"], cfg["steps"], votes=1, batch=4)
         x_t = to_diffusion_input(tr["x_clean"] + tr["delta"], rs).numpy()
         noise = np.stack([tr[f"noise_{i}"].numpy() for i in range(cfg["noise_draws"])])
-        assert float(np.abs(engine.backend.purify(x_t, noise) - tr["out"].numpy()).max()) < 1e-4
+        assert float(np.abs(engine.loop.purify(x_t, noise) - tr["out"].numpy()).max()) < 1e-4
     # A changed external-data file is caught like any other engine file.
     data = out / "step.onnx.data"
     blob = bytearray(data.read_bytes())

@@ -206,14 +206,14 @@ def test_selection_stops_where_selection_done_says_on_the_digits_engine(engine):
             image = data[i].image
             # counts after every round, from the same selection samples (noise: a function of the index)
             labels = np.concatenate(
-                [eng.backend.voted_labels(image, 0, i, SELECTION, range(t, min(t + batch, n0))) for t in range(0, n0, batch)]
+                [eng.loop.voted_labels(image, 0, i, SELECTION, range(t, min(t + batch, n0))) for t in range(0, n0, batch)]
             )
             ends = list(range(batch, n0, batch)) + [n0]
             prefix = [np.bincount(labels[:t], minlength=eng.num_classes) for t in ends]
             stop = next(t for t, c in zip(ends, prefix) if selection_done(c, n0 - t))
-            before = eng.backend.unet_evals
+            before = eng.loop.unet_evals
             c_a = eng._select(image, n0, seed=0, image_index=i, batch=batch, progress=None)
-            assert eng.backend.unet_evals - before == stop * VOTES * STEPS  # exactly the samples up to the stop
+            assert eng.loop.unet_evals - before == stop * VOTES * STEPS  # exactly the samples up to the stop
             assert c_a == int(np.argmax(prefix[ends.index(stop)]))  # np.argmax: ties to the lowest class
             exact_stop = next(t for t, c in zip(ends, prefix) if selection_done(c, n0 - t, level=0.0))
             assert int(np.argmax(prefix[ends.index(exact_stop)])) == int(np.argmax(prefix[-1]))
@@ -246,7 +246,7 @@ class _ScriptedBackend:
 def _scripted_engine(selection, estimation) -> Engine:
     eng = Engine.__new__(Engine)  # no engine directory: only what the sequential modes touch
     eng.image_shape, eng.num_classes = (1, 4, 4), 10
-    eng.backend = _ScriptedBackend(selection, estimation)
+    eng.loop = _ScriptedBackend(selection, estimation)
     eng._prepare = lambda *args, **kwargs: None
     return eng
 
@@ -258,12 +258,12 @@ def test_selection_rounds_on_scripted_votes():
     # all 32 votes of the first round for class 3: done after one round (exact rule: after two)
     eng = _scripted_engine(lambda i: 3, lambda i: 3)
     assert eng._select(IMAGE, 100, seed=0, image_index=0, batch=32, progress=None) == 3
-    assert eng.backend.asked == [(SELECTION, 0, 32)]
+    assert eng.loop.asked == [(SELECTION, 0, 32)]
     # 3 of every 4 votes for class 3, the rest for 5: 24 vs 8 is not clear (p = 0.0035), 48 vs 16 is
     eng = _scripted_engine(lambda i: 3 if i % 4 else 5, lambda i: 3)
     seen = []
     assert eng._select(IMAGE, 100, seed=0, image_index=0, batch=32, progress=seen.append) == 3
-    assert eng.backend.asked == [(SELECTION, 0, 32), (SELECTION, 32, 64)] and seen == [32, 32, 36]
+    assert eng.loop.asked == [(SELECTION, 0, 32), (SELECTION, 32, 64)] and seen == [32, 32, 36]
     # a leader that only the later votes overturn: the early stop takes class 2, all n0 votes class 7.
     # The estimation votes (independent of the selection) then decide: futile for c_a = 2, abstain.
     eng = _scripted_engine(lambda i: 2 if i < 32 else 7, lambda i: 7)

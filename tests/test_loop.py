@@ -1,7 +1,7 @@
 """The batch loop (numpy + ONNX Runtime IOBinding on the CPU; CuPy + the CUDA provider on a GPU).
 
-The reference is the plain step-by-step path (:class:`densepure_rt.backends.OnnxRuntimeBackend`,
-``open_engine(..., loop=False)``): whole-array noise from :func:`densepure_rt.sampling.noise.sample_noise`,
+The reference is the plain step-by-step oracle (:class:`oracle.StepByStep` in this folder,
+``open_reference(...)``): whole-array noise from :func:`densepure_rt.sampling.noise.sample_noise`,
 ``session.run`` per step, the vote in numpy. On the shipped digits engine (trained weights, sigma
 0.6, where votes split) the loop must give identical counts, one image at a time and with batches
 that mix images, through the Python API and the CLI.
@@ -19,10 +19,11 @@ from click.testing import CliRunner
 from conftest import gpu_cupy, run_label_agreement
 from densepure_rt.cli import main
 from densepure_rt.files.data import DIGITS_TEST_ASSET
-from densepure_rt.sampling.loop import HostNoise
+from densepure_rt.sampling.device import HostNoise
 from densepure_rt.sampling.noise import ESTIMATION, PREDICTION, SELECTION, sample_noise
 from densepure_rt.sampling.philox import draw_normals, row_normals
 from densepure_rt.runtime import open_engine
+from oracle import open_reference
 
 SIGMA, STEPS, VOTES = 0.6, 2, 3
 
@@ -80,8 +81,8 @@ def test_host_noise_fills_the_sample_noise_layout():
 @pytest.mark.parametrize("early_exit", [True, False])
 def test_loop_counts_equal_the_step_by_step_reference(engine, digits, early_exit):
     images, _ = digits
-    with open_engine(engine, loop=False, early_exit=early_exit) as ref, open_engine(engine, early_exit=early_exit) as new:
-        assert type(new.backend).__name__ == "LoopBackend" and type(ref.backend).__name__ == "OnnxRuntimeBackend"
+    with open_reference(engine, early_exit=early_exit) as ref, open_engine(engine, early_exit=early_exit) as new:
+        assert type(new.loop).__name__ == "BatchLoop" and type(ref.loop).__name__ == "StepByStep"
         for e in (ref, new):
             e._prepare(SIGMA, STEPS, VOTES, 8)
         split = 0
@@ -92,7 +93,7 @@ def test_loop_counts_equal_the_step_by_step_reference(engine, digits, early_exit
             split += int(np.count_nonzero(want)) > 1
         assert split >= 2  # the votes split: the comparison is of real counts, not of constants
         # The same work: early exit stops the same runs.
-        assert new.backend.unet_evals == ref.backend.unet_evals
+        assert new.loop.unet_evals == ref.loop.unet_evals
 
 
 @pytest.mark.slow
@@ -103,7 +104,7 @@ def test_cross_image_batches_give_each_image_its_own_counts(engine, digits):
     jobs = []
     for i in range(6):
         jobs += [(images[i], 10 + i, SELECTION, 5), (images[i], 10 + i, ESTIMATION, 23)]
-    with open_engine(engine, loop=False) as ref, open_engine(engine) as new:
+    with open_reference(engine) as ref, open_engine(engine) as new:
         for e in (ref, new):
             e._prepare(SIGMA, STEPS, VOTES, 7)
         got = new.sample_counts_many(jobs, seed=3, batch=7)
@@ -138,7 +139,7 @@ def test_cli_certify_on_the_loop_equals_the_reference_api(engine, digits, tmp_pa
     header = lines[0].split("\t")
     rows = [dict(zip(header, line.split("\t"))) for line in lines[1:]]
     assert len(rows) == 4
-    with open_engine(engine, loop=False) as ref:
+    with open_reference(engine) as ref:
         for row in rows:
             i = int(row["idx"])
             cert, counts = ref.certify_counts(images[i], SIGMA, STEPS, VOTES, 6, 25, 0.01, seed=0, image_index=i, batch=5)
@@ -261,7 +262,7 @@ def test_onnxruntime_cuda_graph_replays_give_the_same_counts(engine, digits):
     images, _ = digits
     with open_engine(engine, device="cuda", early_exit=False) as on, \
             open_engine(engine, device="cuda", early_exit=False, cuda_graph=False) as off:
-        executor = on.backend._executor
+        executor = on.executor
         print("ONNX Runtime CUDA graph:", "on" if executor.cuda_graph else f"off ({executor.cuda_graph_off})")
         for e in (on, off):
             e._prepare(SIGMA, STEPS, VOTES, 16)
@@ -296,8 +297,8 @@ def test_fp16_engine_labels_agree_with_fp32_on_99_percent_of_rows(engine, digits
 def test_classifier_in_chunks_gives_the_same_counts(engine, digits):
     """Rows beyond the classifier's chunk (here 5 rows) are classified in several calls: same counts."""
     images, _ = digits
-    with open_engine(engine, loop=False) as ref, open_engine(engine) as new:
-        new.backend.loop.CLASSIFIER_ROWS = 5
+    with open_reference(engine) as ref, open_engine(engine) as new:
+        new.loop.CLASSIFIER_ROWS = 5
         for e in (ref, new):
             e._prepare(SIGMA, STEPS, VOTES, 8)
         want = ref.sample_counts(images[4], 24, ESTIMATION, seed=7, image_index=4, batch=8)
@@ -321,4 +322,4 @@ def test_keys_outside_uint32_are_refused_not_wrapped(engine, digits):
         e._prepare(SIGMA, STEPS, VOTES, 4)
         for bad in (-1, 2**32 + 5):
             with pytest.raises(ValueError, match="image index must be in"):
-                e.backend.voted_labels_many(images[:1], [0], [bad], [ESTIMATION], [0], 0)
+                e.loop.voted_labels_many(images[:1], [0], [bad], [ESTIMATION], [0], 0)

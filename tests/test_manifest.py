@@ -175,20 +175,23 @@ def test_listed_name_that_is_a_directory_is_refused(copy):
     assert_refused(tamper(copy, edit), "extra", "is not a regular file")
 
 
-def test_backend_opens_only_names_listed_in_files(copy):
-    """OnnxRuntimeBackend, handed a manifest that did not go through load_manifest, still refuses."""
-    from densepure_rt.backends import OnnxRuntimeBackend, open_backend
+def test_executors_open_only_names_listed_in_files(copy):
+    """The executors (and the test oracle), handed a manifest that did not go through load_manifest, still refuse."""
+    from densepure_rt.runtime import open_loop
+    from oracle import StepByStep
 
     outside = copy.parent / "step.onnx"
     shutil.copy(copy / "step.onnx", outside)
     manifest = read(copy)
     manifest["graphs"]["step"]["file"] = "../step.onnx"
     with pytest.raises(EngineError, match="not a plain file name inside the engine directory"):
-        OnnxRuntimeBackend(copy, manifest)
+        StepByStep(copy, manifest)
+    with pytest.raises(EngineError, match="not a plain file name inside the engine directory"):
+        open_loop("auto", copy, manifest)
     manifest["graphs"]["step"]["file"] = "other.onnx"
     shutil.copy(copy / "step.onnx", copy / "other.onnx")
     with pytest.raises(EngineError, match="is not listed"):
-        open_backend("auto", copy, manifest)
+        open_loop("auto", copy, manifest)
 
 
 # ------------------------------------------------------------------------------------------------ #

@@ -79,11 +79,11 @@ def test_openvino_fp32_reproduces_the_official_trajectory_step_by_step(ov_engine
     unet, _ = load_fixture_unet(KINDS[kind][0])
     ref_step = DenoiseStep(unet).eval()
     with open_engine(ov_engines[kind]) as engine:
-        assert engine.backend.name == "openvino" and engine.backend.effective_precision == "fp32"
+        assert engine.executor.name == "openvino" and engine.executor.effective_precision == "fp32"
         rs = engine._prepare(cfg["sigma"], cfg["steps"], votes=1, batch=4)
         x_t = to_diffusion_input(tr["x_clean"] + tr["delta"], rs).numpy()
         noise = np.stack([tr[f"noise_{i}"].numpy() for i in range(cfg["noise_draws"])])
-        executor = engine.backend._executor
+        executor = engine.executor
         x = x_t
         for s in range(rs.num_calls):
             scalars = np.ascontiguousarray(rs.scalars[s], dtype=np.float32)
@@ -93,7 +93,7 @@ def test_openvino_fp32_reproduces_the_official_trajectory_step_by_step(ov_engine
                 want = ref_step(torch.from_numpy(x), torch.from_numpy(noise[s]), torch.from_numpy(scalars)).numpy()
             assert float(np.abs(got - want).max()) < 1e-4, s
             x = got
-        whole = engine.backend.purify(x_t, noise)
+        whole = engine.loop.purify(x_t, noise)
     np.testing.assert_array_equal(whole, x)
     err = float(np.abs(x - tr["out"].numpy()).max())
     print(f"{kind}: OpenVINO fp32 vs official max abs error {err:.3e}")
@@ -108,8 +108,8 @@ def test_openvino_precision_is_set_explicitly_not_left_to_the_cpu(digits_engines
     if _has_bf16():
         assert default == "bf16"  # what a backend that left the choice to OpenVINO would run
     with open_engine(engine_dir) as engine:
-        assert engine.backend.effective_precision == "fp32"
-        for compiled in (engine.backend._executor._step, engine.backend._executor._cls):
+        assert engine.executor.effective_precision == "fp32"
+        for compiled in (engine.executor._step, engine.executor._cls):
             assert compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() == "f32"
 
 
@@ -137,20 +137,20 @@ def test_openvino_bf16_against_fp32_with_the_same_noise(digits_engines, digits):
     images, _ = digits
     with open_engine(digits_engines[("openvino", "fp32")], early_exit=False) as f32, \
             open_engine(digits_engines[("openvino", "bf16")], early_exit=False) as b16:
-        assert b16.backend.effective_precision == "bf16"
+        assert b16.executor.effective_precision == "bf16"
         same = total = 0
         for e in (f32, b16):
             e._prepare(0.5, 4, 3, 32)
         for i in range(len(images)):
-            a = f32.backend.voted_labels(images[i], 5, i, ESTIMATION, range(32))
-            b = b16.backend.voted_labels(images[i], 5, i, ESTIMATION, range(32))
+            a = f32.loop.voted_labels(images[i], 5, i, ESTIMATION, range(32))
+            b = b16.loop.voted_labels(images[i], 5, i, ESTIMATION, range(32))
             same += int((a == b).sum())
             total += a.size
         # bf16 really runs (not silently fp32): a reverse run moves by bf16's rounding, not more.
         rng = np.random.default_rng(0)
         x = rng.standard_normal((8, 1, 16, 16)).astype(np.float32)
-        z = rng.standard_normal((f32.backend.loop.rs.num_calls, 8, 1, 16, 16)).astype(np.float32)
-        y32, y16 = f32.backend.purify(x, z), b16.backend.purify(x, z)
+        z = rng.standard_normal((f32.loop.rs.num_calls, 8, 1, 16, 16)).astype(np.float32)
+        y32, y16 = f32.loop.purify(x, z), b16.loop.purify(x, z)
     rel = float(np.linalg.norm((y16 - y32).astype(np.float64)) / np.linalg.norm(y32.astype(np.float64)))
     print(f"bf16 vs fp32: voted labels identical {same}/{total}; one run relative L2 {rel:.2e}")
     assert same >= 0.9 * total

@@ -855,15 +855,15 @@ def test_whole_batch_graphs_give_the_eager_counts(ort_engine, fail):
     with open_engine(ort_engine, early_exit=False) as plain, open_engine(ort_engine, early_exit=False) as graphed:
         graphs = NumpyGraphs(np, log=messages.append)
         graphs.fail = fail
-        graphed.backend.loop.graphs = graphs
+        graphed.loop.graphs = graphs
         for e in (plain, graphed):
             e._prepare(SIGMA, STEPS, VOTES, 8)
         for i in (0, 1, 2):  # one seed: one graph for all three images
             want = plain.sample_counts(images[i], 20, ESTIMATION, seed=4, image_index=i, batch=8)
             got = graphed.sample_counts(images[i], 20, ESTIMATION, seed=4, image_index=i, batch=8)
             np.testing.assert_array_equal(got, want)
-        assert graphed.backend.unet_evals == plain.backend.unet_evals
-        assert graphed.backend.classifier_evals == plain.backend.classifier_evals
+        assert graphed.loop.unet_evals == plain.loop.unet_evals
+        assert graphed.loop.classifier_evals == plain.loop.classifier_evals
         if fail is None:
             assert (graphs.captured, graphs.replayed, graphs.off) == (1, 5, None) and messages == []
         else:
@@ -882,7 +882,7 @@ def test_early_exit_batches_never_reach_the_graph_object(ort_engine):
     images = _digits()
     with open_engine(ort_engine, early_exit=True) as e:
         graphs = NumpyGraphs(np)
-        e.backend.loop.graphs = graphs
+        e.loop.graphs = graphs
         e._prepare(SIGMA, STEPS, VOTES, 8)
         e.sample_counts(images[0], 16, ESTIMATION, seed=0, image_index=0, batch=8)
         assert graphs.captured == graphs.replayed == 0 and graphs._graphs == {}
@@ -895,7 +895,7 @@ def test_the_runtime_never_imports_tensorrt_cupy_or_torch_unless_asked():
         "        if name.split('.')[0] in ('tensorrt', 'tensorrt_bindings', 'cupy'):\n"
         "            raise ImportError(name + ' is blocked in this test')\n"
         "sys.meta_path.insert(0, _Block2())\n"
-        "import densepure_rt.runtime, densepure_rt.backends, densepure_rt.cli, densepure_rt.executors.tensorrt, densepure_rt.files.manifest\n"
+        "import densepure_rt.runtime, densepure_rt.sampling.loop, densepure_rt.cli, densepure_rt.executors.tensorrt, densepure_rt.files.manifest\n"
         "assert not {'tensorrt', 'cupy', 'torch'} & set(sys.modules), sorted(sys.modules)\n"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -942,7 +942,7 @@ def test_tensorrt_fp16_labels_agree_with_onnxruntime_on_99_percent_of_rows(real_
     cupy = _gpu_tensorrt()
     images = _digits()
     with open_engine(ort_engine, early_exit=False) as cpu, open_engine(real_trt_engine, device="cuda", early_exit=False) as gpu:
-        assert gpu.backend.name == "tensorrt"
+        assert gpu.executor.name == "tensorrt"
         agree, rows = run_label_agreement(cpu, gpu, images, cupy, SIGMA, STEPS, VOTES)
         print(f"TensorRT fp16 vs ONNX Runtime fp32: {agree}/{rows} labels agree")
         assert agree >= 0.99 * rows, (agree, rows)
@@ -958,7 +958,7 @@ def test_tensorrt_whole_batch_graph_replays_give_the_eager_counts(real_trt_engin
     images = _digits()
     with open_engine(real_trt_engine, device="cuda", early_exit=False) as graphed, \
             open_engine(real_trt_engine, device="cuda", early_exit=False, cuda_graph=False) as eager:
-        graphs = graphed.backend.loop.graphs
+        graphs = graphed.loop.graphs
         for e in (graphed, eager):
             e._prepare(SIGMA, STEPS, VOTES, 16)
         for i in range(4):

@@ -62,6 +62,10 @@ class OrtExecutor:
     :meth:`step` and :meth:`classify` must be C-contiguous arrays of that module.
     """
 
+    name = "onnxruntime"
+    #: No limit of its own: the engine's row limit applies (:mod:`densepure_rt.limits`).
+    classifier_rows = None
+
     def __init__(self, directory: str | Path, manifest: dict, device: str = "cpu", threads: int | None = None,
                  stream=None, xp=np, cuda_graph: bool = False, log=None):
         try:
@@ -118,6 +122,7 @@ class OrtExecutor:
         self._graphs: dict[int, tuple] = {}
         self.providers = {"step": self._step.get_providers(), "classifier": self._cls.get_providers()}
         self.version = ort.__version__
+        self.effective_precision = manifest["precision"]["step"]
         self._ort = ort
         self._run_options = self._options(-1 if self.cuda_graph else None)
         self._io_step = self._step.io_binding()

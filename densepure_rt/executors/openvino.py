@@ -37,7 +37,11 @@ class OpenVinoExecutor:
     (:attr:`effective_precision`); an engine whose precision the CPU cannot run is refused.
     """
 
+    name = "openvino"
     xp = np
+    #: OpenVINO replays no CUDA graphs, and has no row limit of its own.
+    cuda_graph = False
+    classifier_rows = None
 
     def __init__(self, directory: str | Path, manifest: dict, threads: int | None = None):
         try:
@@ -82,6 +86,9 @@ class OpenVinoExecutor:
         self.version = ov.__version__
         self.providers = {"step": ["OpenVINO CPU"], "classifier": ["OpenVINO CPU"]}
         self.device = "cpu"
+
+    def reserve(self, rows: int, image_shape) -> None:
+        """Nothing to get ready: OpenVINO compiled the graphs for any number of rows."""
 
     def step(self, x, noise, scalars, out) -> None:
         try:

@@ -198,6 +198,10 @@ class TensorRTExecutor:
     plan's need over its profile): they never run at the same time, being queued on one stream.
     """
 
+    name = "tensorrt"
+    #: The whole-batch CUDA graphs of TensorRT engines are the device's (WholeBatchGraphs), not the executor's.
+    cuda_graph = False
+
     def __init__(self, directory: str | Path, manifest: dict, stream, xp, trt=None, compute_capability: str | None = None):
         trt = require_tensorrt() if trt is None else trt
         if compute_capability is None:

@@ -5,7 +5,7 @@ in one sentence, anything it cannot honour: a missing, oversized, malformed or e
 unknown schema, a field of the wrong type or out of range, a file name that is not a plain name
 inside the engine directory, a symbolic link, a changed file, or a graph (or a graph's external
 data) that ``files`` does not list. A backend that is not installed is refused by
-:func:`densepure_rt.backends.open_backend`.
+:func:`densepure_rt.runtime.open_loop`.
 
 The manifest carries a checksum of its own content, so an edit by hand is caught too. The seal (the
 manifest's self-checksum plus the sha256 of every file it lists) detects accidents and edits, not a

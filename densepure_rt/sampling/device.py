@@ -1,7 +1,10 @@
-"""The device layer on CuPy: one stream, the Philox noise kernel, pinned staging of images.
+"""The device the batch loop runs on: its array module, stream, noise source and image staging.
 
-Imported only when a GPU backend is asked for (``--device cuda``); the rest of the runtime never
-imports CuPy (nor torch). Why CuPy and not pycuda or raw cuda-python: docs/decisions.md.
+:class:`CpuDevice` (numpy, the host Philox noise, nothing to enter or wait for) and
+:class:`CudaDevice` (CuPy on one stream, the Philox CUDA kernel, pinned staging) give the loop one
+interface, so that neither the loop nor the executors branch on where they run. Only this module
+imports CuPy, and only when a GPU is asked for (``--device cuda``); the runtime never imports torch.
+Why CuPy and not pycuda or raw cuda-python: docs/decisions.md.
 
 - :class:`CudaContext`: the loop's CUDA stream (non-blocking), on which the noise kernel, the loop's
   elementwise work and ONNX Runtime (``user_compute_stream``) all run in order.
@@ -18,13 +21,89 @@ Written without a GPU; what ran on a lent H100 is recorded in README.md's backen
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import numpy as np
 
 from densepure_rt.errors import EngineError, install_hint
 from densepure_rt.errors import first_line as _first_line
-from densepure_rt.sampling.philox import CUDA_SOURCE
+from densepure_rt.sampling.philox import CUDA_SOURCE, row_normals
 
-__all__ = ["require_cupy", "CudaContext", "CupyNoise", "WholeBatchGraphs"]
+__all__ = ["CpuDevice", "CudaDevice", "open_device", "HostNoise", "require_cupy", "CudaContext", "CupyNoise", "WholeBatchGraphs"]
+
+
+class HostNoise:
+    """The numpy noise source (:func:`densepure_rt.sampling.philox.row_normals`)."""
+
+    def fill(self, out, seed: int, images, phases, samples, draws, offset: int, scale: float) -> None:
+        rows = out.shape[0]
+        size = int(np.prod(out.shape[1:]))
+        z = row_normals(seed, images[:rows], phases[:rows], samples[:rows], draws[:rows] + np.uint32(offset), size,
+                        scale=None if scale == 1.0 else scale)
+        out[...] = z.reshape(out.shape)
+
+
+class CpuDevice:
+    """The host: numpy buffers, :class:`HostNoise`, no stream (work is done when a call returns)."""
+
+    name = "cpu"
+    xp = np
+    #: The CUDA stream executors run on: none on the host.
+    cuda_stream = None
+
+    def __init__(self):
+        self.noise = HostNoise()
+
+    def stream(self):
+        """A context manager that makes the device's stream current (the loop enters it): none here."""
+        return nullcontext()
+
+    def stage(self, images: np.ndarray) -> np.ndarray:
+        """``images`` [N x C x H x W] as float32 arrays of the device."""
+        return np.ascontiguousarray(images, dtype=np.float32)
+
+    def to_host(self, a) -> np.ndarray:
+        """A numpy copy of a device array, once the work that writes it is done."""
+        return np.array(a)
+
+    def synchronize(self) -> None:
+        """Wait for the work queued on the device: nothing is queued on the host."""
+
+
+class CudaDevice:
+    """One GPU through CuPy: the loop's stream, :class:`CupyNoise` on it, images staged through
+    pinned memory (:class:`CudaContext`). ``xp`` is the cupy module."""
+
+    name = "cuda"
+
+    def __init__(self, device_id: int = 0):
+        cupy = require_cupy()
+        self.xp = cupy
+        self.context = CudaContext(cupy, device_id)
+        #: The stream every kernel of the loop and every executor call runs on, in order.
+        self.cuda_stream = self.context.stream
+        self.noise = CupyNoise(cupy, self.cuda_stream)
+
+    def stream(self):
+        return self.cuda_stream  # a CuPy stream is a context manager that makes it current
+
+    def stage(self, images: np.ndarray):
+        return self.context.stage(images)
+
+    def to_host(self, a) -> np.ndarray:
+        return self.xp.asnumpy(a, stream=self.cuda_stream, blocking=True)
+
+    def synchronize(self) -> None:
+        self.context.synchronize()
+
+
+def open_device(name: str):
+    """:class:`CpuDevice` for ``"cpu"``, :class:`CudaDevice` for ``"cuda"``; anything else is refused."""
+    if name == "cpu":
+        return CpuDevice()
+    if name == "cuda":
+        return CudaDevice()
+    raise EngineError(f"--device must be cpu or cuda (got {name!r})")
 
 
 def require_cupy():
@@ -44,7 +123,7 @@ def require_cupy():
 
 
 class CupyNoise:
-    """The Philox noise source on the GPU: the same numbers as :class:`densepure_rt.sampling.loop.HostNoise`."""
+    """The Philox noise source on the GPU: the same numbers as :class:`HostNoise`."""
 
     THREADS = 256
 

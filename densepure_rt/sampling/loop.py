@@ -43,42 +43,16 @@ from typing import Protocol, Sequence
 import numpy as np
 
 from densepure_rt.errors import EngineError
-from densepure_rt.sampling.philox import row_normals
+from densepure_rt.executors.base import Executor
 from densepure_rt.schedule import ReverseSchedule
 from densepure_rt.stats.vote import majority_vote, undecided, vote_waves
 
-__all__ = ["Executor", "NoiseSource", "HostNoise", "BatchLoop"]
-
-
-class Executor(Protocol):
-    """Runs the engine's graphs on buffers of one array module."""
-
-    xp: object
-
-    def step(self, x, noise, scalars, out) -> None:
-        """out[:] = step(x, noise, scalars): x, noise, out [R x C x H x W] float32; scalars [S] float32."""
-
-    def classify(self, images, labels, logits) -> None:
-        """labels[:] (int64 [R]) and logits[:] (float32 [R x classes]) of images [R x C x H x W]."""
-
-    def close(self) -> None:
-        """Free the sessions."""
+__all__ = ["NoiseSource", "BatchLoop", "check_labels"]
 
 
 class NoiseSource(Protocol):
     def fill(self, out, seed: int, images, phases, samples, draws, offset: int, scale: float) -> None:
         """out[r] = scale * normals of (images[r], phases[r], samples[r], draws[r] + offset), float32."""
-
-
-class HostNoise:
-    """The numpy noise source (:func:`densepure_rt.sampling.philox.row_normals`)."""
-
-    def fill(self, out, seed: int, images, phases, samples, draws, offset: int, scale: float) -> None:
-        rows = out.shape[0]
-        size = int(np.prod(out.shape[1:]))
-        z = row_normals(seed, images[:rows], phases[:rows], samples[:rows], draws[:rows] + np.uint32(offset), size,
-                        scale=None if scale == 1.0 else scale)
-        out[...] = z.reshape(out.shape)
 
 
 class BatchLoop:
@@ -88,9 +62,11 @@ class BatchLoop:
     #: scratch for no gain in speed.
     CLASSIFIER_ROWS = 512
 
-    def __init__(self, executor: Executor, noise: NoiseSource, image_shape: Sequence[int], num_classes: int, xp=np,
+    def __init__(self, executor: Executor, device, image_shape: Sequence[int], num_classes: int,
                  graphs=None, classifier_rows: int | None = None):
-        self.executor, self.noise, self.xp = executor, noise, xp
+        #: The device (:mod:`densepure_rt.sampling.device`): array module, stream, noise, staging.
+        self.device = device
+        self.executor, self.noise, self.xp = executor, device.noise, device.xp
         #: The most rows one classifier call may hold (the engine's row limit of its classifier
         #: graph, :mod:`densepure_rt.limits`); None: :attr:`CLASSIFIER_ROWS` only.
         self.classifier_rows = classifier_rows
@@ -107,7 +83,17 @@ class BatchLoop:
 
     # -- buffers ----------------------------------------------------------------------------------
     def prepare(self, rs: ReverseSchedule, votes: int, batch: int, early_exit: bool = True) -> None:
-        """Allocate every buffer for ``batch`` noisy samples x ``votes`` runs and upload the schedule."""
+        """Allocate every buffer for ``batch`` noisy samples x ``votes`` runs and upload the schedule,
+        on the device's stream; returns once the device is done with it.
+
+        ``early_exit``: run the K runs in waves (:func:`densepure_rt.stats.vote.vote_waves`) and stop a
+        sample's runs once its vote is decided (:func:`densepure_rt.stats.vote.undecided`). The voted
+        labels are identical to the full vote with the same noise; only the work differs."""
+        with self.device.stream():
+            self._prepare(rs, votes, batch, early_exit)
+        self.device.synchronize()
+
+    def _prepare(self, rs: ReverseSchedule, votes: int, batch: int, early_exit: bool) -> None:
         if not np.all(np.isfinite(rs.scalars)):
             raise EngineError(f"the reverse schedule for sigma {rs.sigma}, steps {rs.steps} is not finite: choose fewer steps")
         xp = self.xp
@@ -139,9 +125,8 @@ class BatchLoop:
         self.bad = xp.zeros((), dtype=bool)
         if self.graphs is not None:
             self.graphs.reset()  # captured graphs point at the buffers just replaced
-        reserve = getattr(self.executor, "reserve", None)
-        if reserve is not None and self.waves == (self.votes,):  # early-exit waves never fill the batch
-            reserve(rows, self.image_shape)
+        if self.waves == (self.votes,):  # early-exit waves never fill the batch
+            self.executor.reserve(rows, self.image_shape)
 
     def _put(self, buf, host) -> None:
         """buf[:len(host)] = host (a small host -> device copy into a preallocated buffer)."""
@@ -153,11 +138,16 @@ class BatchLoop:
 
     # -- one batch ---------------------------------------------------------------------------------
     def run(self, images, slots, image_indices, phases, samples, seed: int):
-        """Voted labels [n] int64 (an array of the loop's module) of n <= batch noisy samples.
+        """Voted labels [n] int64 (an array of the loop's module) of n <= batch noisy samples, queued
+        on the device's stream (the loop enters it itself).
 
         images: [slots x C x H x W] float32 in [0, 1] on the loop's device; sample i uses image
         ``images[slots[i]]`` with key (``image_indices[i]``, ``phases[i]``, ``samples[i]``).
         """
+        with self.device.stream():
+            return self._run(images, slots, image_indices, phases, samples, seed)
+
+    def _run(self, images, slots, image_indices, phases, samples, seed: int):
         if self.rs is None:
             raise RuntimeError("call prepare() first")
         n = len(samples)
@@ -200,7 +190,7 @@ class BatchLoop:
         evaluations it ran. Without early exit it reads nothing back from the device."""
         xp, votes, calls = self.xp, self.votes, self.rs.num_calls
         unet = classifier = 0
-        chunk = getattr(self.executor, "classifier_rows", None) or self.CLASSIFIER_ROWS
+        chunk = self.executor.classifier_rows or self.CLASSIFIER_ROWS
         if self.classifier_rows is not None:
             chunk = max(min(chunk, int(self.classifier_rows)), 1)
         delta, start = self.delta[:n], self.start[:n]
@@ -246,3 +236,66 @@ class BatchLoop:
             if active.shape[0] == 0:
                 break
         return unet, classifier
+
+    # -- on host arrays ------------------------------------------------------------------------------
+    def voted_labels_many(self, images: np.ndarray, slots, image_indices, phases, samples, seed: int, runs: bool = False):
+        """Voted labels [n] int64 on the host of a batch whose sample i is sample ``samples[i]`` of
+        phase ``phases[i]`` of image ``images[slots[i]]`` (index ``image_indices[i]``); ``images``
+        [N x C x H x W] on the host. ``runs=True``: also the runs [n] int64 each sample took."""
+        staged = self.device.stage(images)
+        n = len(samples)
+        with self.device.stream():
+            voted = self.device.to_host(self._run(staged, slots, image_indices, phases, samples, seed)).astype(np.int64)
+            return (voted, self.device.to_host(self.runs[:n])) if runs else voted
+
+    def voted_labels(self, image: np.ndarray, seed: int, image_index: int, phase: int, samples: Sequence[int]) -> np.ndarray:
+        """Voted labels [len(samples)] int64 of noisy samples ``samples`` of ``image`` [C x H x W] in [0, 1]."""
+        n = len(samples)
+        fill = np.zeros(n, dtype=np.int64)
+        return self.voted_labels_many(image[None], fill, fill + image_index, fill + phase, np.asarray(samples, dtype=np.int64), seed)
+
+    @property
+    def calls(self) -> int:
+        """UNet evaluations per run of the prepared schedule."""
+        return self.rs.num_calls
+
+    def purify(self, x_t: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        """One reverse run (after :meth:`prepare`) from x_{t*} [N x C x H x W] with the draws ``noise``
+        [calls x N x C x H x W], through the executor: x0_hat on the host (for tests and parity checks)."""
+        assert self.rs is not None, "call prepare() first"
+        xp = self.xp
+        with self.device.stream():
+            x = xp.array(np.asarray(x_t, dtype=np.float32), order="C", copy=True)  # the caller's array stays as it was
+            out = xp.empty_like(x)
+            for s in range(self.rs.num_calls):
+                z = xp.asarray(np.ascontiguousarray(noise[s], dtype=np.float32))
+                self.executor.step(x, z, self.table[s], out)
+                x, out = out, x
+            return self.device.to_host(x)
+
+    def classify(self, images: np.ndarray) -> np.ndarray:
+        """Labels [N] int64 of purified images [N x C x H x W] in [-1, 1], through the executor."""
+        xp, n = self.xp, len(images)
+        with self.device.stream():
+            x = xp.asarray(np.ascontiguousarray(images, dtype=np.float32))
+            labels = xp.empty(n, dtype=np.int64)
+            logits = xp.empty((n, self.num_classes), dtype=np.float32)
+            self.executor.classify(x, labels, logits)
+            return check_labels(self.device.to_host(labels), n, self.num_classes)
+
+
+def check_labels(labels: np.ndarray, expected: int, num_classes: int) -> np.ndarray:
+    """The classifier's labels as int64, or an :class:`EngineError` if they are not one integer in
+    [0, num_classes) per image: a dropped or out-of-range label would shrink n and inflate the bound."""
+    labels = np.asarray(labels)
+    if labels.shape != (expected,) or labels.dtype.kind not in "iu":
+        raise EngineError(
+            f"the classifier returned labels of shape {labels.shape} and dtype {labels.dtype} for {expected} images: rebuild the engine"
+        )
+    if expected and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        raise EngineError(
+            f"the classifier returned label {int(bad[0])}, outside the engine's {num_classes} classes: "
+            "the engine's classifier does not match its manifest; rebuild the engine"
+        )
+    return labels.astype(np.int64, copy=False)

@@ -138,9 +138,9 @@ class Worker:
         """Where the actor runs and what it runs in (or why it cannot)."""
         info = {"host": self.host, "pid": os.getpid(), "path": self.path, "error": self.error}
         if self.engine is not None:
-            backend = self.engine.backend
-            info["precision"] = getattr(backend, "effective_precision", self.engine.manifest["precision"]["step"])
-            info["backend"] = backend.name
+            executor = self.engine.executor
+            info["precision"] = executor.effective_precision
+            info["backend"] = executor.name
         return info
 
     def _drawn(self, samples: int) -> None:

@@ -75,9 +75,9 @@ def run_image(engine, task: Task, image: np.ndarray, idx: int, progress: Optiona
         result = engine.certify_until(image, task.sigma, task.tol, task.steps, task.votes, task.n0, task.n, task.alpha, **common)
         evals = result.unet_evals
     else:
-        before = engine.backend.unet_evals
+        before = engine.loop.unet_evals
         result = engine.predict(image, task.sigma, task.steps, task.votes, task.n, task.alpha, **common)
-        evals = engine.backend.unet_evals - before
+        evals = engine.loop.unet_evals - before
     return Outcome(int(idx), task.mode, result, counts, int(evals), time.time() - t0)
 
 

@@ -1,0 +1,145 @@
+"""The test oracle: the engine's graphs run step by step with ONNX Runtime's plain ``run()``.
+
+It was the runtime's first path (before the batch loop) and stays, independent of the loop, as the
+reference the loop is checked against: whole-array noise from
+:func:`densepure_rt.sampling.noise.sample_noise` (the layout the PyTorch reference uses), a plain
+Python wave/vote loop, and no IOBinding, buffers or device. :func:`open_reference` gives an engine
+whose loop is this oracle, so that an engine's certify/predict can be compared end to end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from densepure_rt.errors import EngineError
+from densepure_rt.files.manifest import check_graph_io, graph_path
+from densepure_rt.runtime import open_engine
+from densepure_rt.sampling.loop import check_labels
+from densepure_rt.sampling.noise import sample_noise
+from densepure_rt.schedule import ReverseSchedule
+from densepure_rt.stats.vote import majority_vote, undecided, vote_waves
+
+
+class StepByStep:
+    """ONNX Runtime over the engine's ``step.onnx`` and ``classifier.onnx``, one plain ``run()`` per
+    step, with whole-array host noise: what the batch loop must equal."""
+
+    name = "onnxruntime"
+    unet_evals = 0
+    classifier_evals = 0
+
+    def __init__(self, directory: str | Path, manifest: dict, device: str = "cpu", threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:  # pragma: no cover - onnxruntime is a dependency
+            raise EngineError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from None
+        available = ort.get_available_providers()
+        if device == "cuda":
+            if "CUDAExecutionProvider" not in available:
+                raise EngineError(
+                    "--device cuda needs onnxruntime-gpu (the installed onnxruntime only has "
+                    f"{', '.join(available)}): pip install onnxruntime-gpu, or use --device cpu"
+                )
+            providers = [("CUDAExecutionProvider", {}), "CPUExecutionProvider"]
+        elif device == "cpu":
+            providers = ["CPUExecutionProvider"]
+        else:
+            raise EngineError(f"--device must be cpu or cuda for the onnxruntime backend (got {device!r})")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = int(threads)
+        directory = Path(directory)
+        # Only plain file names listed (and, via load_manifest, checksummed) in manifest["files"].
+        step_file, cls_file = graph_path(directory, manifest, "step"), graph_path(directory, manifest, "classifier")
+        try:
+            self._step = ort.InferenceSession(str(step_file), options, providers=providers)
+            self._cls = ort.InferenceSession(str(cls_file), options, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise EngineError(f"onnxruntime could not load the engine in {directory}: {str(exc).splitlines()[0][:200]}") from None
+        for graph, session in (("step", self._step), ("classifier", self._cls)):
+            check_graph_io(directory, graph, [i.name for i in session.get_inputs()], [o.name for o in session.get_outputs()])
+        self.version = ort.__version__
+        self.device = device
+        self.image_shape = tuple(manifest["image_shape"])
+        self.num_classes = int(manifest["num_classes"])
+        self._rs: ReverseSchedule | None = None
+
+    def prepare(self, rs: ReverseSchedule, votes: int, batch: int, early_exit: bool = True) -> None:
+        if not np.all(np.isfinite(rs.scalars)):
+            raise EngineError(f"the reverse schedule for sigma {rs.sigma}, steps {rs.steps} is not finite: choose fewer steps")
+        self._rs = rs
+        self._votes = int(votes)
+        self._waves = vote_waves(votes) if early_exit else (int(votes),)
+        self._scalars = [np.ascontiguousarray(row, dtype=np.float32) for row in rs.scalars]
+        self._scale = np.float32(rs.input_scale)
+
+    def purify(self, x_t: np.ndarray, noise: np.ndarray) -> np.ndarray:
+        assert self._rs is not None, "call prepare() first"
+        x = np.ascontiguousarray(x_t, dtype=np.float32)
+        # On the CPU provider host memory is the device. With the CUDA provider each run() copies x
+        # to the GPU and back per step; IOBinding with device-resident OrtValues would remove that
+        # round trip, but it has not been written because it cannot be tested without a GPU.
+        for s, row in enumerate(self._scalars):
+            x = self._step.run(["x_next"], {"x": x, "noise": noise[s], "scalars": row})[0]
+        return x
+
+    def classify(self, images: np.ndarray) -> np.ndarray:
+        labels = self._cls.run(["labels"], {"image": np.ascontiguousarray(images, dtype=np.float32)})[0]
+        return check_labels(labels, len(images), self.num_classes)
+
+    def voted_labels(self, image: np.ndarray, seed: int, image_index: int, phase: int, samples: Sequence[int]) -> np.ndarray:
+        assert self._rs is not None, "call prepare() first"
+        rs, votes, n = self._rs, self._votes, len(samples)
+        delta, z = sample_noise(seed, image_index, phase, samples, votes, rs.num_calls, self.image_shape, rs.sigma)
+        # x_{t*} = (2 (x + delta) - 1) / sqrt(1 + 4 sigma^2); row b*K + k of z is run k of sample b.
+        start = self._scale * (2 * (image[None] + delta) - 1)
+        labels = np.empty((n, votes), dtype=np.int64)
+        voted = np.empty(n, dtype=np.int64)
+        active, done = np.arange(n), 0
+        for wave in self._waves:  # one wave of K runs, or ceil(K/2) runs then one run per wave
+            runs = np.arange(done, done + wave)
+            rows = (active[:, None] * votes + runs[None, :]).reshape(-1)
+            purified = self.purify(np.repeat(start[active], wave, axis=0), z[:, rows])
+            check_finite(purified)
+            labels[active[:, None], runs[None, :]] = self.classify(purified).reshape(len(active), wave)
+            self.unet_evals += len(rows) * rs.num_calls
+            self.classifier_evals += len(rows)
+            done += wave
+            still = undecided(labels[active, :done], votes)
+            finished = active[~still]
+            voted[finished] = majority_vote(labels[finished, :done])
+            active = active[still]
+            if active.size == 0:
+                break
+        return voted
+
+    @property
+    def executor(self) -> "StepByStep":
+        """The engine closes its loop's executor: here the oracle itself."""
+        return self
+
+    def close(self) -> None:
+        self._step = self._cls = None  # type: ignore[assignment]
+
+
+def check_finite(purified: np.ndarray) -> None:
+    """Refuse to classify a non-finite purified image: the classifier would answer some class
+    (argmax of NaN logits) and CERTIFY would certify it. Such an image comes from a broken engine."""
+    if not np.all(np.isfinite(purified)):
+        raise EngineError(
+            "the denoise step produced non-finite values (NaN or inf) in the purified images: the engine is "
+            "broken or was built for other inputs; rebuild it (densepure-rt build --force)"
+        )
+
+
+def open_reference(directory, device: str = "cpu", threads: int | None = None, early_exit: bool | None = None):
+    """The engine at ``directory`` with :class:`StepByStep` as its loop: ``certify``, ``predict`` and
+    ``sample_counts`` run through the oracle (``sample_counts_many`` needs the real loop)."""
+    engine = open_engine(directory, early_exit=early_exit, metadata_only=True)
+    engine.loop = StepByStep(directory, engine.manifest, device=device, threads=threads)
+    return engine
