@@ -51,12 +51,9 @@ def available_memory(device: str) -> int | None:
     """Bytes of memory available to a new allocation on ``device`` ("cpu": the kernel's
     MemAvailable; "cuda": the GPU's free memory), or None where it cannot be read."""
     if device == "cuda":
-        try:
-            import cupy
+        from densepure_rt.sampling.device import free_gpu_bytes
 
-            return int(cupy.cuda.runtime.memGetInfo()[0])
-        except Exception:  # noqa: BLE001 - no CuPy or no driver: the executor will say so
-            return None
+        return free_gpu_bytes()
     try:
         with open("/proc/meminfo", encoding="ascii") as handle:
             for line in handle:

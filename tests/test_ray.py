@@ -399,7 +399,7 @@ def test_waiting_for_actors_reports_progress(engine, cluster):
 def test_runtime_never_imports_ray():
     code = (
         "import sys, numpy as np\n"
-        "from densepure_rt import cli, runtime, work\n"
+        "from densepure_rt import cli, runtime, run\nfrom densepure_rt.scale import work\n"
         "assert 'ray' not in sys.modules, 'ray imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -421,6 +421,6 @@ def test_a_local_cluster_leaves_no_session_folders(work, engine, images, referen
                                  "--out", out, env={**os.environ, "TMPDIR": tmp}, timeout=300)
         assert code == 0, lines
         assert rows_without_time(out) == expected
-        assert os.listdir(tmp) == [], os.listdir(tmp)
+        assert os.listdir(tmp) == [], [os.path.join(d, f) for d, ds, fs in os.walk(tmp) for f in ds + fs]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

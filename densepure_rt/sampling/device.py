@@ -29,7 +29,7 @@ from densepure_rt.errors import EngineError, install_hint
 from densepure_rt.errors import first_line as _first_line
 from densepure_rt.sampling.philox import CUDA_SOURCE, row_normals
 
-__all__ = ["CpuDevice", "CudaDevice", "open_device", "HostNoise", "require_cupy", "CudaContext", "CupyNoise", "WholeBatchGraphs"]
+__all__ = ["CpuDevice", "CudaDevice", "open_device", "free_gpu_bytes", "HostNoise", "require_cupy", "CudaContext", "CupyNoise", "WholeBatchGraphs"]
 
 
 class HostNoise:
@@ -104,6 +104,17 @@ def open_device(name: str):
     if name == "cuda":
         return CudaDevice()
     raise EngineError(f"--device must be cpu or cuda (got {name!r})")
+
+
+def free_gpu_bytes() -> int | None:
+    """The current GPU's free memory in bytes, or None where it cannot be read (no CuPy, no driver:
+    opening the device will say so)."""
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.memGetInfo()[0])
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def require_cupy():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 __all__ = ["array_module", "majority_vote", "vote_waves", "undecided", "count_labels"]
@@ -11,9 +13,7 @@ def array_module(a):
     """numpy, or CuPy for a CuPy array: the vote runs where the labels are (no import of CuPy
     unless a CuPy array is passed in)."""
     if type(a).__module__.split(".")[0] == "cupy":
-        import cupy
-
-        return cupy
+        return sys.modules["cupy"]  # loaded already: a CuPy array exists (only the device module imports it)
     return np
 
 

@@ -1,0 +1,323 @@
+"""One certification or prediction run as the command line starts it: the engine and the data
+opened and checked, the results file and its options (resume, identities, locks), progress on the
+terminal, and the work in this process or on Ray actors. The commands themselves (flags, help,
+summaries) are in :mod:`densepure_rt.cli`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from densepure_rt import __version__
+from densepure_rt.errors import ConfigError, DataError, EngineError
+
+
+def _parse_steps(value: str) -> int:
+    from densepure_rt.schedule import parse_steps
+
+    try:
+        return parse_steps(value)
+    except ValueError as exc:
+        raise ConfigError(f"--{exc}") from None
+
+
+def _steps_label(steps: int) -> str:
+    from densepure_rt.schedule import NO_PURIFICATION, ONE_SHOT
+
+    return {ONE_SHOT: "one-shot", NO_PURIFICATION: "none"}.get(steps, str(steps))
+
+
+# ------------------------------------------------------------------------------------------------ #
+# build                                                                                              #
+# ------------------------------------------------------------------------------------------------ #
+
+
+def _open_data(engine, data, skip, max_images):
+    """The dataset, the selected indices, the data as given (for the options file) and the data's
+    identity: the sha256 of the selected images' indices, labels, shapes and float32 pixels
+    (:meth:`densepure_rt.files.data.Dataset.validate`, computed while every selected image is checked).
+    Labels the engine cannot give are refused here, before anything is written. Results files
+    written before this identity carry :func:`densepure_rt.files.data.legacy_data_sha256` instead."""
+    from densepure_rt.files.data import digits_test_split, open_dataset, select
+
+    shape = engine.image_shape
+    if data is None:
+        if engine.manifest.get("default_data") == "digits-test":
+            dataset = digits_test_split(image_size=shape[1], channels=shape[0], num_classes=engine.num_classes)
+            spec = "digits-test"
+        else:
+            raise ConfigError(f"--data is required for a {engine.preset} engine (a CIFAR-10 test_batch, an image folder or an .npz)")
+    else:
+        dataset = open_dataset(data, image_size=shape[1], channels=shape[0], num_classes=engine.num_classes)
+        spec = str(data)
+    if tuple(dataset.image_shape) != tuple(shape):
+        raise DataError(f"--data gives {dataset.image_shape} images but the engine expects {tuple(shape)}")
+    indices = select(len(dataset), skip=skip, max_images=max_images)
+    if not indices:
+        raise ConfigError("no images selected: check --skip and --max")
+    digest = dataset.validate(indices)  # bad input stops the run before anything is written
+    return dataset, indices, spec, digest
+
+
+class Progress:
+    """A progress bar on a terminal; on a log (stderr not a terminal), one line every few seconds."""
+
+    def __init__(self, mode: str, images: int, samples_per_image: int, quiet: bool, every: float):
+        self.mode, self.images, self.per_image, self.every = mode, images, samples_per_image, every
+        self.samples = self.images_done = 0
+        self.start = self.last = time.time()
+        self.bar = None
+        self.lines = False
+        if quiet:
+            return
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=images * samples_per_image, unit="sample", dynamic_ncols=True, smoothing=0.05)
+        else:
+            self.lines = True
+
+    def update(self, n: int) -> None:
+        self.samples += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.lines and time.time() - self.last >= self.every:
+            self._line()
+
+    def image_done(self) -> None:
+        self.images_done += 1
+        if self.bar is not None:
+            elapsed = max(time.time() - self.start, 1e-9)
+            self.bar.set_postfix(images=f"{self.images_done}/{self.images}", img_per_h=f"{3600 * self.images_done / elapsed:.0f}")
+
+    def _line(self) -> None:
+        self.last = now = time.time()
+        total = self.images * self.per_image
+        elapsed = now - self.start
+        rate = self.samples / elapsed if elapsed > 0 else 0.0
+        left = f", about {datetime.timedelta(seconds=round((total - self.samples) / rate))} left" if rate > 0 else ""
+        click.echo(
+            f"{self.mode}: {self.images_done}/{self.images} images, {self.samples}/{total} samples "
+            f"({100 * self.samples / max(total, 1):.0f}%), {rate:.1f} samples/s{left}",
+            err=True,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        elif self.lines and self.samples:
+            self._line()
+
+
+def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, every,
+         out, n0, n, radii=None, tol=None, early_exit=None, images_per_call=1, ray=None, actors=None, ray_timeout=30.0):
+    """One certify / predict run over the selected images. ``mode``: "certify" (fixed n),
+    "certify-radii" (target radii, n = n_max), "certify-until" (early stopping, n = n_max), "predict".
+    ``ray``: a Ray address ("auto", "local", host:port) to spread the images over Ray actors."""
+    from densepure_rt.stats.cohen import validate_params
+    from densepure_rt.files.manifest import engine_identity
+    from densepure_rt.sampling.noise import NOISE_VERSION
+    from densepure_rt.files.results import HEADERS, ResultsWriter, indices_todo
+    from densepure_rt.runtime import open_engine
+    from densepure_rt.scale.work import Task, run_image, write_outcome
+
+    validate_params(sigma, alpha, n0 if mode != "predict" else None, n)
+    if ray is None and actors is not None:
+        raise ConfigError("--actors goes with --ray")
+    out = _out_file(out)
+    engine_dir = Path(engine_dir).expanduser()
+    if threads is not None and ray is None:
+        threads = _cap_threads(threads)
+    # The canonical words ("4", "one-shot", "none"): the engine parses them again, strictly.
+    steps_value = _steps_label(_parse_steps(steps))
+    # With --ray the driver reads the manifest only: the actors open the engine where the GPUs are.
+    with open_engine(engine_dir, device=device, threads=threads, early_exit=early_exit, metadata_only=ray is not None) as engine:
+        engine.reverse_schedule(sigma, steps_value)  # refuses a (sigma, b) the schedule cannot honour
+        random_weights = bool(engine.manifest.get("build", {}).get("random_weights"))
+        batch = batch if batch is not None else int(engine.manifest.get("default_batch", 32))
+        # The most noisy samples one call of this run can hold: buffers are sized by it, and the row
+        # limit and the memory are checked against it before anything is written.
+        per_call = (int(n0) + n) * images_per_call if mode == "certify" else max(int(n0 or 0), n)
+        engine.check_rows(min(batch, per_call), votes)
+        dataset, indices, spec, data_digest = _open_data(engine, data, skip, max_images)
+        executor = engine.executor  # None for a Ray driver (metadata only)
+        options = {
+            "mode": mode,
+            "engine": str(engine_dir),
+            # What the engine computes (graphs and output-changing settings): a rebuild from the same
+            # weights continues the file; the manifest's own checksum (build date...) is kept for reference.
+            "engine_id": engine_identity(engine.manifest),
+            "engine_manifest_sha256": engine.manifest["manifest_sha256"],
+            "random_weights": random_weights,
+            "preset": engine.preset,
+            "data": spec,
+            # The selected images' indices, labels and decoded pixels (densepure_rt.files.data.Dataset.validate).
+            "data_content_sha256": data_digest,
+            "sigma": sigma,
+            "steps": steps_value,
+            "votes": votes,
+            "n0": n0,
+            "n": n,
+            "radii": list(radii) if radii else None,
+            "tol": tol,
+            "alpha": alpha,
+            "seed": seed,
+            "noise": NOISE_VERSION,
+            "skip": skip,
+            "max": max_images,
+            "ids": None,
+            "batch": batch,
+            # The sequential modes decide after rounds of --batch samples: another round size gives
+            # other (equally valid) rows, so it is part of the experiment there.
+            "round": batch if mode in ("certify-radii", "certify-until") else None,
+            "early_exit": engine.early_exit_for(batch),
+            "images_per_call": images_per_call,
+            "backend": executor.name if executor is not None else engine.manifest["backend"]["name"],
+            # What the graphs ran in, read back from the executor (OpenVINO: its compiled precision);
+            # with --ray every actor's is checked against it.
+            "precision": executor.effective_precision if executor is not None else engine.manifest["precision"]["step"],
+            "device": device,
+            "ray": ray,
+            "version": __version__,
+            "command": "densepure-rt " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        task = Task(mode, sigma, steps_value, votes, alpha, n0, n, seed, batch,
+                    radii=tuple(radii) if radii else None, tol=tol)
+        with ResultsWriter(Path(out), header=HEADERS[mode]) as writer:
+            done = writer.open(options, resume=resume, allowed=indices, legacy=_legacy_identities(engine, data))
+            todo = indices_todo(indices, done)
+            if random_weights and not quiet:  # once the run starts; the summary line says it too
+                click.echo(f"warning: {engine_dir} was built with --random-weights (for benchmarking): its predictions and "
+                           "certificates mean nothing", err=True)
+            # Sequential modes usually stop long before n: the bar then jumps at the end of an image.
+            per_image = task.samples_per_image
+            if done:
+                click.echo(f"resuming {out}: {len(done)} images done, {len(todo)} to go", err=True)
+            if ray is not None:
+                if todo:
+                    _run_on_ray(engine, task, dataset, todo, writer, options, ray, actors, device, threads, early_exit, quiet, every,
+                                images_per_call, ray_timeout)
+                return len(done) + len(todo)
+            progress = Progress(mode.split("-")[0], len(todo), per_image, quiet, every)
+            try:
+                one_by_one = todo
+                if mode == "certify" and images_per_call > 1:
+                    _certify_groups(engine, dataset, todo, images_per_call, writer, progress, task)
+                    one_by_one = []
+                for idx in one_by_one:
+                    sample = dataset[idx]
+                    drawn = progress.samples
+                    write_outcome(writer, sample.label, run_image(engine, task, sample.image, idx, progress=progress.update))
+                    progress.update(per_image - (progress.samples - drawn))  # the samples a sequential mode did not need
+                    progress.image_done()
+            finally:
+                progress.close()
+    return len(done) + len(todo)
+
+
+def _legacy_identities(engine, data) -> dict:
+    """How results files of older versions identified the engine and the data (computed only when
+    such a file is continued): the manifest's own sha256, and the sha256 of the data file or of a
+    folder's listing (:func:`densepure_rt.files.data.legacy_data_sha256`)."""
+    from densepure_rt.files.data import DIGITS_TEST_ASSET, legacy_data_sha256
+    from densepure_rt.files.manifest import sha256_file
+
+    def data_sha256() -> str:
+        return sha256_file(DIGITS_TEST_ASSET) if data is None else legacy_data_sha256(Path(data).expanduser())
+
+    return {"engine_sha256": lambda: engine.manifest["manifest_sha256"], "data_sha256": data_sha256}
+
+
+def random_note(out) -> str:
+    """The summary's warning when ``out`` was computed by a random-weights engine (its options say so)."""
+    from densepure_rt.files.results import options_path
+
+    try:
+        options = json.loads(options_path(Path(out).expanduser()).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return ""
+    if isinstance(options, dict) and options.get("random_weights"):
+        return " [random-weights engine: these numbers mean nothing]"
+    return ""
+
+
+def _out_file(out: str) -> Path:
+    """``--out`` as a file path (``~`` expanded, as for --data); a folder, or a name ending in a
+    path separator, is refused instead of becoming a file of that name."""
+    if out.endswith(("/", os.sep)) or Path(out).expanduser().is_dir():
+        raise ConfigError(f"--out {out} is a folder: give a results file such as {out.rstrip('/' + os.sep) or '.'}/results.tsv")
+    return Path(out).expanduser()
+
+
+def _cap_threads(threads: int) -> int:
+    """``--threads`` capped at the CPUs this process may run on (more threads than CPUs only queue)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    if threads > cpus:
+        click.echo(f"--threads {threads} is more than the {cpus} CPUs available here: using {cpus}", err=True)
+        return cpus
+    return threads
+
+
+def _run_on_ray(engine, task, dataset, todo, writer, options, address, actors, device, threads, early_exit, quiet, every,
+                images_per_call=1, ray_timeout=30.0) -> None:
+    """Certify ``todo`` on Ray actors (:class:`densepure_rt.scale.ray.RayPool`); this process alone
+    writes the rows, in completion order, each flushed as it arrives. ``images_per_call``: images an
+    actor certifies at a time with shared batches (fixed-n CERTIFY)."""
+    from densepure_rt.scale.ray import RayPool
+    from densepure_rt.scale.work import write_outcome
+
+    labels = {}
+
+    def load(idx):
+        sample = dataset[idx]
+        labels[idx] = sample.label
+        return sample.image
+
+    def log(line: str) -> None:
+        click.echo(line, err=True)
+
+    pool = RayPool(str(engine.directory), engine.manifest["manifest_sha256"], address=address, actors=actors, device=device,
+                   threads=threads, early_exit=early_exit, connect_timeout=ray_timeout, log=log)
+    progress = None
+    try:
+        pool.start(images=-(-len(todo) // images_per_call))
+        if pool.precision != options["precision"]:
+            raise EngineError(
+                f"the Ray actors run the engine in {pool.precision}, the run records {options['precision']}: "
+                "every node must compute the same"
+            )
+        log(f"{len(pool.actors)} Ray actor{'s' if len(pool.actors) > 1 else ''}: " + ", ".join(f"{i['host']} (pid {i['pid']})" for i in pool.info))
+        progress = Progress(task.mode.split("-")[0], len(todo), task.samples_per_image, quiet, every)
+        for outcome in pool.map(task, todo, load, group=images_per_call, progress=None if quiet else progress.update):
+            write_outcome(writer, labels.pop(outcome.idx), outcome)
+            progress.image_done()
+    finally:
+        if progress is not None:
+            progress.close()
+        pool.close()
+
+
+def _certify_groups(engine, dataset, todo, size, writer, progress, task) -> None:
+    """Certify ``todo`` in groups of ``size`` images whose noisy samples share batches
+    (:func:`densepure_rt.scale.work.run_group`); rows are written in order once a group is done, so a run
+    killed inside a group resumes at its first image. Same rows as one image at a time."""
+    from densepure_rt.scale.work import run_group, write_outcome
+
+    for g in range(0, len(todo), size):
+        group = todo[g : g + size]
+        samples = [dataset[idx] for idx in group]
+        for sample, outcome in zip(samples, run_group(engine, task, [s.image for s in samples], group, progress=progress.update)):
+            write_outcome(writer, sample.label, outcome)
+            progress.image_done()
