@@ -179,9 +179,9 @@ def bench_model(model: str, engine: Path, batch: int, args) -> dict:
         raise SystemExit(f"{engine}: the step graph is not fp32; build the engine with --precision fp32")
     sched = manifest["schedule"]
     rs = reverse_schedule(make_schedule(sched["kind"], sched["num_timesteps"], sched["rescale_timesteps"]), args.sigma, args.steps)
-    scalars = rs.scalars[0].astype(np.float32)
-    rng = np.random.default_rng(args.seed)
     shape = (batch, *manifest["image_shape"])
+    scalars = np.ascontiguousarray(np.broadcast_to(rs.scalars[0].astype(np.float32), (batch, rs.scalars.shape[1])))  # [rows x S]
+    rng = np.random.default_rng(args.seed)
     x, noise = rng.standard_normal(shape, dtype=np.float32), rng.standard_normal(shape, dtype=np.float32)
     images = rng.uniform(-1.0, 1.0, shape).astype(np.float32)
     step_args, cls_args = (x, noise, scalars), (images,)
@@ -191,7 +191,7 @@ def bench_model(model: str, engine: Path, batch: int, args) -> dict:
     caps = core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
     result = {"engine": str(engine), "preset": manifest["preset"], "batch": batch, "image_shape": manifest["image_shape"],
               "random_weights": bool(manifest.get("build", {}).get("random_weights", False)),
-              "sigma": args.sigma, "steps": args.steps, "step_scalars": scalars.tolist(), "openvino_config": {},
+              "sigma": args.sigma, "steps": args.steps, "step_scalars": scalars[0].tolist(), "openvino_config": {},
               "step": {}, "classifier": {}}
     refs = {}
     for part, module, inputs in (("step", step_module, step_args), ("classifier", cls_module, cls_args)):

@@ -1,6 +1,6 @@
 """ONNX export of the two graphs, declared as specs and validated against their PyTorch parents.
 
-- ``step``: (x [batch x C x H x W] f32, noise [batch x C x H x W] f32, scalars [8] f32) -> x_next
+- ``step``: (x [batch x C x H x W] f32, noise [batch x C x H x W] f32, scalars [batch x 8] f32: each row's reverse-step numbers) -> x_next
   [batch x C x H x W] f32. The UNet plus the posterior update (:class:`export.step.DenoiseStep`): one
   graph for every sigma and every b. In fp16 the UNet's block convolutions run in fp16 and
   GroupNorm statistics, softmax, the timestep embedding, the output head and all scheduler
@@ -89,7 +89,7 @@ def step_spec(image_shape: Sequence[int], precision: str) -> GraphSpec:
         inputs=(
             TensorSpec("x", img, "float32"),
             TensorSpec("noise", img, "float32"),
-            TensorSpec("scalars", (len(STEP_SCALARS),), "float32"),
+            TensorSpec("scalars", ("batch", len(STEP_SCALARS)), "float32"),
         ),
         outputs=(TensorSpec("x_next", img, "float32"),),
         atol={"x_next": 5e-2 if fp16 else 1e-4},

@@ -1,8 +1,11 @@
 """One reverse step as a module: the UNet plus DensePure's posterior update (docs/design.md section 1.4).
 
 This is both the reference's step and the exported *denoise step* graph, so the two cannot drift
-apart. All per-step numbers arrive as one float32 row of ``densepure_rt.schedule.STEP_SCALARS``,
-which makes one graph serve every sigma and every b. The scheduler arithmetic is float32 even when
+apart. All per-step numbers arrive as float32 rows of ``densepure_rt.schedule.STEP_SCALARS``, one
+row per image row (engine format 3), which makes one graph serve every sigma and every b, and lets
+rows at different reverse steps (of different noisy samples, runs and images) share one call: the
+runtime's scheduler fills every call that way. A single row [8] (the reference's per-step call)
+is broadcast to every image row: the arithmetic is the same float32 operations either way. The scheduler arithmetic is float32 even when
 the UNet runs in fp16 (its output head is float32 in fp16 mode, as in the original).
 """
 
@@ -13,13 +16,14 @@ from torch import nn
 
 from densepure_rt.schedule import STEP_SCALARS
 
-__all__ = ["DenoiseStep", "posterior_update"]
+__all__ = ["DenoiseStep", "per_row", "posterior_update"]
 
 _IDX = {name: i for i, name in enumerate(STEP_SCALARS)}
 
 
 def posterior_update(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x_{t-1} from x_t [N x C x H x W], the UNet output [N x 2C x H x W], z [N x C x H x W] and scalars s [8].
+    """x_{t-1} from x_t [N x C x H x W], the UNet output [N x 2C x H x W], z [N x C x H x W] and scalars
+    s [N x 8] (row i's step numbers; see :func:`per_row`).
 
     x0_hat = clip(sqrt(1/a') x - sqrt(1/a' - 1) eps, -1, 1); mean = coef1 x0_hat + coef2 x;
     log var = frac log beta' + (1 - frac) log beta_tilde' with frac = (v + 1) / 2;
@@ -27,6 +31,7 @@ def posterior_update(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tens
     """
     channels = x.shape[1]
     eps, v = model_out[:, :channels], model_out[:, channels:]
+    s = s.reshape(s.shape[0], s.shape[1], *([1] * (x.dim() - 1))).unbind(1)  # 8 columns of [N x 1 x 1 x 1]
     x0 = torch.clamp(s[_IDX["sqrt_recip_ab"]] * x - s[_IDX["sqrt_recipm1_ab"]] * eps, -1.0, 1.0)
     mean = s[_IDX["coef1"]] * x0 + s[_IDX["coef2"]] * x
     frac = (v + 1) / 2
@@ -38,13 +43,23 @@ def posterior_update(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tens
     return mean + torch.where(mask > 0, mask * torch.exp(0.5 * log_var) * noise, torch.zeros_like(mean))
 
 
+def per_row(scalars: torch.Tensor, rows: int) -> torch.Tensor:
+    """Scalars [rows x 8]: a [rows x 8] table as it is, one row [8] repeated for every image row."""
+    if scalars.dim() == 1:
+        return scalars.unsqueeze(0).expand(rows, scalars.shape[0])
+    return scalars
+
+
 class DenoiseStep(nn.Module):
-    """(x_t [N x C x H x W] f32, noise [N x C x H x W] f32, scalars [8] f32) -> x_{t-1} [N x C x H x W] f32."""
+    """(x_t [N x C x H x W] f32, noise [N x C x H x W] f32, scalars [N x 8] f32) -> x_{t-1} [N x C x H x W] f32.
+
+    ``scalars`` may also be one row [8] shared by every image row (the reference calls it so)."""
 
     def __init__(self, unet: nn.Module):
         super().__init__()
         self.unet = unet
 
     def forward(self, x: torch.Tensor, noise: torch.Tensor, scalars: torch.Tensor) -> torch.Tensor:
-        t = scalars[_IDX["model_t"]].expand(x.shape[0])
+        scalars = per_row(scalars, x.shape[0])
+        t = scalars[:, _IDX["model_t"]]
         return posterior_update(x, self.unet(x, t).float(), noise, scalars.float())

@@ -85,7 +85,8 @@ class StepByStep:
         # to the GPU and back per step; IOBinding with device-resident OrtValues would remove that
         # round trip, but it has not been written because it cannot be tested without a GPU.
         for s, row in enumerate(self._scalars):
-            x = self._step.run(["x_next"], {"x": x, "noise": noise[s], "scalars": row})[0]
+            rows = np.ascontiguousarray(np.broadcast_to(row, (len(x), len(row))))  # one row of scalars per image row
+            x = self._step.run(["x_next"], {"x": x, "noise": noise[s], "scalars": rows})[0]
         return x
 
     def classify(self, images: np.ndarray) -> np.ndarray:

@@ -126,13 +126,36 @@ def test_fp16_step_graph_stays_within_5e3_of_fp32_per_step(engines):
         delta, z = sample_noise(0, 0, ESTIMATION, range(4), 2, rs.num_calls, image.shape, 0.5)
         x = np.repeat(rs.input_scale * (2 * (image[None] + delta) - 1), 2, axis=0)
         for s in range(rs.num_calls):
-            feeds = {"x": x, "noise": z[s], "scalars": rs.scalars[s].astype(np.float32)}
+            feeds = {"x": x, "noise": z[s], "scalars": np.tile(rs.scalars[s].astype(np.float32), (len(x), 1))}
             y32 = e32.loop._step.run(["x_next"], feeds)[0]
             y16 = e16.loop._step.run(["x_next"], feeds)[0]
             rel = float(np.linalg.norm(y16 - y32) / np.linalg.norm(y32))
             print(f"step {s}: fp16 vs fp32 relative L2 {rel:.2e}")
             assert rel < 5e-3
             x = y32
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_rows_at_different_reverse_steps_share_one_call(engines, precision):
+    """Engine format 3: each row of a step call carries its own reverse-step scalars, so the
+    scheduler can put rows of different steps (runs, samples, images) in one call. A call of 6 rows
+    at steps 0, 1, 2, 3, 0, 3 of two schedules equals each row run alone with its own step's scalars
+    (to float32 rounding of batched kernels), and differs from running all rows at one step."""
+    rng = np.random.default_rng(5)
+    with open_reference(engines[("guided", precision)]) as ref:
+        step = ref.loop._step
+        tables = [ref._prepare(sigma, 4, 1, 1).scalars.astype(np.float32) for sigma in (0.25, 0.5)]
+        picks = [(0, 0), (0, 1), (1, 2), (1, 3), (1, 0), (0, 3)]  # (schedule, step) per row
+        scalars = np.stack([tables[t][s] for t, s in picks])
+        x = rng.standard_normal((6, 3, 32, 32), dtype=np.float32)
+        z = rng.standard_normal((6, 3, 32, 32), dtype=np.float32)
+        mixed = step.run(["x_next"], {"x": x, "noise": z, "scalars": scalars})[0]
+        alone = np.concatenate([step.run(["x_next"], {"x": x[i:i + 1], "noise": z[i:i + 1], "scalars": scalars[i:i + 1]})[0]
+                                for i in range(6)])
+        tol = 5e-2 if precision == "fp16" else 1e-4
+        assert float(np.abs(mixed - alone).max()) < tol
+        same = step.run(["x_next"], {"x": x, "noise": z, "scalars": np.tile(scalars[0], (6, 1))})[0]
+        assert float(np.abs(same[1:] - alone[1:]).max()) > 0.5  # the per-row scalars are really used (the gap is O(1))
 
 
 def test_fp16_graph_keeps_scheduler_and_norm_arithmetic_in_float32(engines):

@@ -107,7 +107,7 @@ def _hostile_graphs(directory: Path, step: str, label: int) -> None:
     img = ["batch", 3, 16, 16]
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, img)
     noise = helper.make_tensor_value_info("noise", TensorProto.FLOAT, img)
-    scalars = helper.make_tensor_value_info("scalars", TensorProto.FLOAT, [8])
+    scalars = helper.make_tensor_value_info("scalars", TensorProto.FLOAT, ["batch", 8])
     out = helper.make_tensor_value_info("x_next", TensorProto.FLOAT, img)
     zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
     nodes = [

@@ -177,8 +177,8 @@ def test_imagenet_unet_holds_2_to_the_25_elements_per_row_so_at_most_63_rows(tmp
     buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(step, (small, small, torch.zeros(8)), buffer, input_names=["x", "noise", "scalars"],
-                          output_names=["x_next"], dynamic_axes={"x": axes, "noise": axes, "x_next": axes},
+        torch.onnx.export(step, (small, small, torch.zeros(1, 8)), buffer, input_names=["x", "noise", "scalars"],
+                          output_names=["x_next"], dynamic_axes={"x": axes, "noise": axes, "scalars": {0: "batch"}, "x_next": axes},
                           opset_version=17, do_constant_folding=False, dynamo=False, export_params=False)
     model = onnx.load_from_string(buffer.getvalue())
     full = ["batch", 3, 256, 256]

@@ -512,3 +512,12 @@ def test_seal_is_still_checked(copy):
     manifest["num_classes"] = 11  # edited, not re-sealed
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert_refused(copy, "was edited after the build")
+
+
+def test_an_engine_of_the_previous_format_is_refused_with_the_rebuild_command(copy):
+    """Format 2 engines took one row of step scalars per call ([8]); this runtime feeds one row per
+    image row ([rows x 8]): such an engine is refused in one line that says how to rebuild it."""
+    manifest = read(copy)
+    assert manifest["schema_version"] == 3
+    write(copy, seal({**manifest, "schema_version": 2}))
+    assert_refused(copy, "schema_version 2", "schema_version 3", "densepure-rt build --force")

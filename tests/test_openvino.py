@@ -86,7 +86,7 @@ def test_openvino_fp32_reproduces_the_official_trajectory_step_by_step(ov_engine
         executor = engine.executor
         x = x_t
         for s in range(rs.num_calls):
-            scalars = np.ascontiguousarray(rs.scalars[s], dtype=np.float32)
+            scalars = np.ascontiguousarray(np.broadcast_to(rs.scalars[s].astype(np.float32), (len(x), rs.scalars.shape[1])))
             got = np.empty_like(x)
             executor.step(np.ascontiguousarray(x), np.ascontiguousarray(noise[s]), scalars, got)
             with torch.no_grad():

@@ -535,8 +535,9 @@ def test_build_writes_sealed_plans_and_the_manifest_records_them(trt_engine):
     assert [c._limits for c in trt._configs] == [{"workspace": 256 << 20}] * 2
     assert all(not c._cleared and c.hardware_compatibility_level == "none" for c in trt._configs)
     step, classifier = (c._profiles[0]._shapes for c in trt._configs)
-    assert step == {"x": ((1, 1, 16, 16), (24, 1, 16, 16), (40, 1, 16, 16)), "noise": ((1, 1, 16, 16), (24, 1, 16, 16), (40, 1, 16, 16))}
-    assert classifier == {"image": ((1, 1, 16, 16), (24, 1, 16, 16), (40, 1, 16, 16))}  # scalars [8] is static
+    assert step == {"x": ((1, 1, 16, 16), (24, 1, 16, 16), (40, 1, 16, 16)), "noise": ((1, 1, 16, 16), (24, 1, 16, 16), (40, 1, 16, 16)),
+                    "scalars": ((1, 8), (24, 8), (40, 8))}  # one row of step scalars per image row (format 3)
+    assert classifier == {"image": ((1, 1, 16, 16), (24, 1, 16, 16), (40, 1, 16, 16))}
 
 
 def test_info_shows_the_plans(trt_engine):
@@ -775,18 +776,19 @@ def test_executor_contexts_shapes_and_addresses(trt_engine):
     assert executor.classifier_rows == 40 and executor.effective_precision == "fp16"
     step, classifier = executor._engines["step"], executor._engines["classifier"]
     x = np.zeros((24, 1, 16, 16), np.float32)
-    z, out, scalars = np.zeros_like(x), np.zeros_like(x), np.zeros(8, np.float32)
+    z, out, scalars = np.zeros_like(x), np.zeros_like(x), np.zeros((24, 8), np.float32)
     labels, logits = np.zeros(24, np.int64), np.zeros((24, 10), np.float32)
     executor.reserve(24, (1, 16, 16))
     for _ in range(3):  # full batches: the reserved context, its shape set once
         executor.step(x, z, scalars, out)
         executor.classify(out, labels, logits)
-    executor.step(x[:5], z[:5], scalars, out[:5])  # a partial batch: the shared context
-    executor.step(x[:7], z[:7], scalars, out[:7])
-    executor.step(x[:7], z[:7], scalars, out[:7])
+    executor.step(x[:5], z[:5], scalars[:5], out[:5])  # a partial batch: the shared context
+    executor.step(x[:7], z[:7], scalars[:7], out[:7])
+    executor.step(x[:7], z[:7], scalars[:7], out[:7])
     full, shared = step._contexts
-    assert full._shapes == [("x", (24, 1, 16, 16)), ("noise", (24, 1, 16, 16))] and len(full._runs) == 3
-    assert shared._shapes == [("x", (5, 1, 16, 16)), ("noise", (5, 1, 16, 16)), ("x", (7, 1, 16, 16)), ("noise", (7, 1, 16, 16))]
+    assert full._shapes == [("x", (24, 1, 16, 16)), ("noise", (24, 1, 16, 16)), ("scalars", (24, 8))] and len(full._runs) == 3
+    assert shared._shapes == [("x", (5, 1, 16, 16)), ("noise", (5, 1, 16, 16)), ("scalars", (5, 8)),
+                              ("x", (7, 1, 16, 16)), ("noise", (7, 1, 16, 16)), ("scalars", (7, 8))]
     assert set(full._runs + shared._runs) == {77}
     assert full._addresses == {"x": x.ctypes.data, "noise": z.ctypes.data, "scalars": scalars.ctypes.data, "x_next": out.ctypes.data}
     assert full._memory == shared._memory == (executor._scratch.ctypes.data, 4096)  # one shared scratch buffer

@@ -34,7 +34,8 @@ class Executor(Protocol):
         """Get ready for calls of ``rows`` rows (a full batch): e.g. capture a graph of that shape."""
 
     def step(self, x, noise, scalars, out) -> None:
-        """out[:] = step(x, noise, scalars): x, noise, out [R x C x H x W] float32; scalars [S] float32."""
+        """out[:] = step(x, noise, scalars): x, noise, out [R x C x H x W] float32; scalars [R x S] float32
+        (each row's reverse-step numbers, engine format 3)."""
 
     def classify(self, images, labels, logits) -> None:
         """labels[:] (int64 [R]) and logits[:] (float32 [R x classes]) of images [R x C x H x W]."""

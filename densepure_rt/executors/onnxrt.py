@@ -166,7 +166,7 @@ class OrtExecutor:
         xp = self.xp
         gx = xp.empty((rows, *image_shape), dtype=np.float32)
         gz, gout = xp.empty_like(gx), xp.empty_like(gx)
-        gscal = xp.empty(self._scalar_count(), dtype=np.float32)
+        gscal = xp.empty((rows, self._scalar_count()), dtype=np.float32)
         io = self._step.io_binding()
         self._bind_in(io, "x", gx)
         self._bind_in(io, "noise", gz)
@@ -176,7 +176,7 @@ class OrtExecutor:
 
     def _scalar_count(self) -> int:
         shape = self._step.get_inputs()[[i.name for i in self._step.get_inputs()].index("scalars")].shape
-        return int(shape[0])
+        return int(shape[-1])  # [rows x S]
 
     def step(self, x, noise, scalars, out) -> None:
         graph = self._graphs.get(x.shape[0])

@@ -53,7 +53,7 @@ PLAN_IO = {
     "classifier": {"image": (True, "float32"), "labels": (False, "int64"), "logits": (False, "float32")},
 }
 #: The inputs whose first axis is the row (batch) axis of the optimization profile.
-BATCHED_INPUTS = {"step": ("x", "noise"), "classifier": ("image",)}
+BATCHED_INPUTS = {"step": ("x", "noise", "scalars"), "classifier": ("image",)}
 
 
 

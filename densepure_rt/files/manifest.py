@@ -45,7 +45,9 @@ __all__ = [
 ]
 
 #: 2: graphs.<graph>.max_elements_per_row (the row limit, densepure_rt.limits).
-SCHEMA_VERSION = 2
+#: 3: the step graph takes one row of scalars per image row ([batch x 8]), so rows at different
+#: reverse steps share a call (the scheduler); engines of format 2 took one row [8] per call.
+SCHEMA_VERSION = 3
 MANIFEST = "manifest.json"
 _SELF_KEY = "manifest_sha256"
 
@@ -598,8 +600,8 @@ def load_manifest(directory: str | Path, verify_files: bool = True) -> dict[str,
     if type(version) is not int or version != SCHEMA_VERSION:
         shown = "no schema_version" if version is _MISSING else f"schema_version {_show(version, 30)}"
         raise EngineError(
-            f"{path} has {shown} but this densepure-rt ({__version__}) reads schema_version "
-            f"{SCHEMA_VERSION}: rebuild the engine with this version"
+            f"{path} has {shown} but this densepure-rt ({__version__}) runs engines of schema_version "
+            f"{SCHEMA_VERSION}: rebuild the engine with `densepure-rt build --force` (the same --model and --out)"
         )
     _validate(path, manifest)
     if verify_files:

@@ -10,7 +10,7 @@ phase and its sample index, and returns their voted labels. Inside:
         x      = x_{t*} repeated over the wave's runs                           [samples x runs rows]
         for s in 0 .. calls-1:
             z  = N(seed; image, phase, sample, draw 1 + k * calls + s)          [per row: run k]
-            x  = step(x, z, scalars[s])                                          (the engine's step graph)
+            x  = step(x, z, scalars[s] for every row)                            (the engine's step graph)
         labels[:, runs] = classify(x)
         finished samples vote (official tie rule); undecided ones go on to the next wave
 
@@ -121,6 +121,8 @@ class BatchLoop:
         self.s_slot = xp.zeros(self.batch, dtype=np.int64)
         self.s_zero = xp.zeros(self.batch, dtype=u32)
         self.r_image, self.r_phase, self.r_sample, self.r_draw = (xp.zeros(rows, dtype=u32) for _ in range(4))
+        #: Per-row step scalars [rows x S] (engine format 3: each row names its own reverse step).
+        self.r_scalars = xp.zeros((rows, self.table.shape[1]), dtype=f32)
         #: Whether the batch's purified images hold a non-finite value (read once, after the batch).
         self.bad = xp.zeros((), dtype=bool)
         if self.graphs is not None:
@@ -211,9 +213,11 @@ class BatchLoop:
             self.r_phase[:rows] = xp.repeat(self.s_phase[active], wave)
             self.r_sample[:rows] = xp.repeat(self.s_sample[active], wave)
             self.r_draw[:rows] = xp.tile(1 + runs * np.uint32(calls), m)
+            scalars = self.r_scalars[:rows]
             for s in range(calls):
                 self.noise.fill(z, seed, self.r_image, self.r_phase, self.r_sample, self.r_draw, s, 1.0)
-                self.executor.step(x, z, self.table[s], x_next)
+                scalars[...] = self.table[s]  # every row of a wave is at step s
+                self.executor.step(x, z, scalars, x_next)
                 x, x_next = x_next, x
             self.bad |= ~xp.isfinite(x).all()
             for c in range(0, rows, chunk):
@@ -267,9 +271,11 @@ class BatchLoop:
         with self.device.stream():
             x = xp.array(np.asarray(x_t, dtype=np.float32), order="C", copy=True)  # the caller's array stays as it was
             out = xp.empty_like(x)
+            scalars = xp.empty((x.shape[0], self.table.shape[1]), dtype=np.float32)
             for s in range(self.rs.num_calls):
                 z = xp.asarray(np.ascontiguousarray(noise[s], dtype=np.float32))
-                self.executor.step(x, z, self.table[s], out)
+                scalars[...] = self.table[s]
+                self.executor.step(x, z, scalars, out)
                 x, out = out, x
             return self.device.to_host(x)
 
