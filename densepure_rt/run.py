@@ -146,6 +146,7 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
         # The most noisy samples one call of this run can hold: buffers are sized by it, and the row
         # limit and the memory are checked against it before anything is written.
         per_call = (int(n0) + n) * images_per_call if mode == "certify" else max(int(n0 or 0), n)
+        continuous = mode in ("certify", "predict") and engine.scheduling == "continuous"
         engine.check_rows(min(batch, per_call), votes)
         dataset, indices, spec, data_digest = _open_data(engine, data, skip, max_images)
         executor = engine.executor  # None for a Ray driver (metadata only)
@@ -178,7 +179,13 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
             # The sequential modes decide after rounds of --batch samples: another round size gives
             # other (equally valid) rows, so it is part of the experiment there.
             "round": batch if mode in ("certify-radii", "certify-until") else None,
-            "early_exit": engine.early_exit_for(batch),
+            "early_exit": engine.early_exit_for(batch, continuous=continuous),
+            # How the engine calls were filled (densepure_rt/sampling/scheduler.py); not part of the
+            # experiment: the rows are the same either way.
+            "scheduling": "continuous" if continuous else "waves",
+            # The engine format (manifest schema) the rows were computed with: a file of another
+            # format is refused by its engine_id; this says why.
+            "engine_format": engine.manifest["schema_version"],
             "images_per_call": images_per_call,
             "backend": executor.name if executor is not None else engine.manifest["backend"]["name"],
             # What the graphs ran in, read back from the executor (OpenVINO: its compiled precision);

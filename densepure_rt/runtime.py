@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from densepure_rt.sampling.loop import BatchLoop, check_labels
+from densepure_rt.sampling.scheduler import Job, Scheduler, SchedulerStats
 from densepure_rt.stats.cohen import Certificate, Prediction, certify, predict, validate_params
 from densepure_rt.files.data import check_image
 from densepure_rt.errors import ConfigError, EngineError
@@ -104,7 +105,16 @@ class Engine:
         early_exit: bool | None = None,
         cuda_graph: bool = True,
         metadata_only: bool = False,
+        scheduling: str = "continuous",
     ):
+        if scheduling not in ("continuous", "waves"):
+            raise ConfigError(f"scheduling must be 'continuous' or 'waves' (got {scheduling!r})")
+        #: How fixed-n sampling (certify, predict, certify_many) fills the engine calls:
+        #: "continuous" (:mod:`densepure_rt.sampling.scheduler`: every call full, rows of many samples
+        #: and images at any reverse step) or "waves" (the batch loop's waves, kept as a reference and
+        #: for the benchmark; the sequential modes still use it). The counts are the same.
+        self.scheduling = scheduling
+        self._scheduler: Scheduler | None = None
         self.directory = Path(directory)
         self.device = device
         #: Stop a noisy sample's K runs once its vote is decided (identical votes, less work);
@@ -154,14 +164,18 @@ class Engine:
         """
         return reverse_schedule(self._schedule, sigma, parse_steps(steps))
 
-    def early_exit_for(self, batch: int) -> bool:
+    def early_exit_for(self, batch: int, continuous: bool = False) -> bool:
         """Whether the vote exits early at ``batch`` noisy samples per batch: as asked, else always on
         the CPU, and on a GPU only from :data:`GPU_EARLY_EXIT_MIN_BATCH` samples on. Early exit's later
         waves run one run of each undecided sample: a handful of rows, which leave a GPU idle (on an
         H100, ImageNet at 3 samples per batch took 2.5x longer with it; CIFAR-10 at 200 took half
-        the time: benchmarks/results/gpu_h100). The labels are the same either way."""
+        the time: benchmarks/results/gpu_h100). The labels are the same either way.
+        ``continuous``: for the scheduler (fixed-n sampling), whose calls stay full while samples
+        exit early: on by default on every device."""
         if self.early_exit is not None:
             return self.early_exit
+        if continuous:
+            return True
         return auto_early_exit(self.device, batch)
 
     def check_rows(self, batch: int, votes: int) -> None:
@@ -185,7 +199,24 @@ class Engine:
             self.check_rows(int(batch), int(votes))
             self.loop.prepare(rs, int(votes), int(batch), early_exit=early_exit)
             self._prepared = key
+            self._scheduler = None
         return rs
+
+    def _scheduled_counts(self, jobs, *, seed: int, progress: Progress, evals: list | None) -> list[np.ndarray]:
+        """Per-class counts of (image, image_index, phase, num) jobs through the scheduler (after
+        :meth:`_prepare`): batch x K rows per call, as the wave loop's full call."""
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self.loop, self.loop.batch * self.loop.votes,
+                                        early_exit=self.early_exit_for(self.loop.batch, continuous=True))
+        jobs = list(jobs)
+        images = np.stack([img for img, _, _, _ in jobs]) if jobs else np.zeros((0, *self.image_shape), dtype=np.float32)
+        staged = self.loop.device.stage(images)
+        stats = SchedulerStats()
+        counts = self._scheduler.counts(staged, [Job(k, int(idx), int(phase), int(num)) for k, (_, idx, phase, num) in enumerate(jobs)],
+                                        seed, progress=progress, stats=stats)
+        if evals is not None:
+            evals[:] = [int(r) * self.loop.calls for r in stats.per_job_runs]
+        return counts
 
     # -- sampling ---------------------------------------------------------------------------- #
     def sample_counts(
@@ -204,6 +235,8 @@ class Engine:
         A label outside [0, num_classes), or a batch that returns the wrong number of labels, is an
         :class:`EngineError`: dropping such labels would shrink n and inflate the bound.
         """
+        if self.scheduling == "continuous":
+            return self._scheduled_counts([(image, image_index, phase, num)], seed=seed, progress=progress, evals=None)[0]
         counts = np.zeros(self.num_classes, dtype=np.int64)
         for start in range(0, num, batch):
             samples = range(start, min(start + batch, num))
@@ -226,6 +259,8 @@ class Engine:
         """
         many = self.loop.voted_labels_many
         jobs = [(self._image(img, idx), int(idx), int(phase), int(num)) for img, idx, phase, num in jobs]
+        if self.scheduling == "continuous":
+            return self._scheduled_counts(jobs, seed=seed, progress=progress, evals=evals)
         images = np.stack([j[0] for j in jobs]) if jobs else np.zeros((0, *self.image_shape), dtype=np.float32)
         job_of = np.concatenate([np.full(j[3], k, dtype=np.int64) for k, j in enumerate(jobs)] + [np.zeros(0, np.int64)])
         sample_of = np.concatenate([np.arange(j[3], dtype=np.int64) for j in jobs] + [np.zeros(0, np.int64)])
@@ -532,16 +567,19 @@ def open_engine(
     early_exit: bool | None = None,
     cuda_graph: bool = True,
     metadata_only: bool = False,
+    scheduling: str = "continuous",
 ) -> Engine:
     """Open and verify an engine directory (see :class:`Engine`). ``early_exit=False`` runs all K
     runs of every noisy sample (same votes, more work); None (default) decides by device and batch
     size (:meth:`Engine.early_exit_for`). ``cuda_graph``: on a GPU, replay the full batch's step through ONNX Runtime's CUDA graph where
     ONNX Runtime accepts it (every node on the CUDA provider); ignored on the CPU. ``metadata_only``:
     verify the directory and read its manifest and schedule, but open no sessions (``engine.loop``
-    is None; what a Ray driver needs)."""
+    is None; what a Ray driver needs). ``scheduling``: how fixed-n sampling fills the engine's calls,
+    "continuous" (default: :mod:`densepure_rt.sampling.scheduler`) or "waves" (the batch loop's
+    waves; the same counts)."""
     return Engine(
         directory, backend=backend, device=device, threads=threads, early_exit=early_exit, cuda_graph=cuda_graph,
-        metadata_only=metadata_only,
+        metadata_only=metadata_only, scheduling=scheduling,
     )
 
 

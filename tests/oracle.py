@@ -141,6 +141,6 @@ def check_finite(purified: np.ndarray) -> None:
 def open_reference(directory, device: str = "cpu", threads: int | None = None, early_exit: bool | None = None):
     """The engine at ``directory`` with :class:`StepByStep` as its loop: ``certify``, ``predict`` and
     ``sample_counts`` run through the oracle (``sample_counts_many`` needs the real loop)."""
-    engine = open_engine(directory, early_exit=early_exit, metadata_only=True)
+    engine = open_engine(directory, early_exit=early_exit, metadata_only=True, scheduling="waves")
     engine.loop = StepByStep(directory, engine.manifest, device=device, threads=threads)
     return engine

@@ -106,3 +106,26 @@ def test_waves_with_early_exit_give_the_full_vote(votes):
     assert active.size == 0
     np.testing.assert_array_equal(voted, [_official_vote(row) for row in full.tolist()])
     assert runs_used < full.size or votes <= 2
+
+
+@pytest.mark.parametrize("votes", [1, 2, 3, 4, 5, 6, 7])
+def test_runs_to_decide_is_the_fewest_runs_any_continuation_needs(votes):
+    """Against every continuation (three classes, K up to 7): the fewest further runs after which
+    SOME outcome decides the vote, by brute force over all outcomes and the exact majority rule."""
+    import itertools
+
+    from densepure_rt.stats.vote import runs_to_decide
+
+    def decided(seq):  # the full vote is fixed whatever the remaining runs return
+        rest = votes - len(seq)
+        runs = [list(seq) + list(t) for t in itertools.product(range(3), repeat=rest)]
+        full = {max(run, key=run.count) for run in runs}  # the official code's vote
+        return len(full) == 1
+
+    for j in range(1, votes + 1):
+        prefixes = np.array(list(itertools.product(range(3), repeat=j)))
+        got = runs_to_decide(prefixes, votes)
+        for prefix, need in zip(prefixes, got):
+            want = next(e for e in range(0, votes - j + 1)
+                        if any(decided(tuple(prefix) + t) for t in itertools.product(range(3), repeat=e)))
+            assert need == want, (prefix.tolist(), votes, int(need), want)

@@ -98,6 +98,10 @@ def _changed_settings(saved: dict, options: dict, legacy: dict) -> list[str]:
     # round size: files written before they were recorded carry no such key and continue as before.
     changed += [k for k in _RESUME_IF_RECORDED if k in saved and saved.get(k) != options.get(k)]
     shown = [f"{_shown_key(k, options)} {saved.get(k)!r} -> {options.get(k)!r}" for k in changed]
+    if "engine_format" in options and saved.get("engine_format", 2) != options["engine_format"]:
+        # Files written before the format was recorded came from format-2 engines (one row of step
+        # scalars per call); their engine_id differs too, so this only says why.
+        shown.append(f"engine format {saved.get('engine_format', 2)!r} -> {options['engine_format']!r} (rebuilt graphs)")
     for key, old_key in _IDENTITY_KEYS:
         if key in saved or old_key not in saved or old_key not in legacy:
             if saved.get(key) != options.get(key):

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-__all__ = ["array_module", "majority_vote", "vote_waves", "undecided", "count_labels"]
+__all__ = ["array_module", "majority_vote", "vote_waves", "undecided", "runs_to_decide", "count_labels"]
 
 
 def array_module(a):
@@ -91,6 +91,31 @@ def undecided(labels: np.ndarray, votes: int) -> np.ndarray:
     reach = counts + remaining
     overtakes = challenger & ((reach > lead_count[:, None]) | ((reach == lead_count[:, None]) & (runs < lead_run[:, None])))
     return overtakes.any(axis=1) | (remaining > lead_count)
+
+
+def runs_to_decide(labels: np.ndarray, votes: int) -> np.ndarray:
+    """The fewest further runs after which each row's vote could be decided (0 where it is already).
+
+    labels: [num_samples x j] int, the first j runs' labels (1 <= j <= votes). Fewer runs than this
+    cannot decide the vote whatever they return, so launching them all at once never costs more
+    UNet evaluations than running them one at a time with :func:`undecided` after each: the
+    scheduler launches this many, then asks again. The quickest way to a decision is every further
+    run voting for the current leader (more votes for a challenger only shrink the leader's margin
+    less than they would grow it); a test checks that against every continuation for small K.
+    """
+    xp = array_module(labels)
+    labels = xp.asarray(labels)
+    done = labels.shape[1]
+    need = xp.zeros(labels.shape[0], dtype=np.int64)
+    still = undecided(labels, votes)
+    if not bool(still.any()):
+        return need
+    leader = majority_vote(labels)
+    for extra in range(1, int(votes) - done + 1):
+        grown = xp.concatenate([labels, xp.repeat(leader[:, None], extra, axis=1)], axis=1)
+        now = still & (need == 0) & ~undecided(grown, votes)
+        need[now] = extra
+    return need
 
 
 def count_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
