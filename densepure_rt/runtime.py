@@ -215,7 +215,7 @@ class Engine:
         counts = self._scheduler.counts(staged, [Job(k, int(idx), int(phase), int(num)) for k, (_, idx, phase, num) in enumerate(jobs)],
                                         seed, progress=progress, stats=stats)
         if evals is not None:
-            evals[:] = [int(r) * self.loop.calls for r in stats.per_job_runs]
+            evals[:] = [int(e) for e in stats.per_job_unet_evals]
         return counts
 
     # -- sampling ---------------------------------------------------------------------------- #
@@ -393,16 +393,61 @@ class Engine:
         counts = self.sample_counts(image, n, ESTIMATION, **common)
         return certify(counts0, counts, sigma, alpha), CountsResult(counts0, counts, self.loop.unet_evals - evals)
 
-    def _sequential(self, image, test, sigma, steps, votes, n0, *, seed, image_index, batch, progress) -> tuple[int, int]:
+    def _sequential(self, image, test, sigma, steps, votes, n0, *, seed, image_index, batch, progress,
+                    round_size: int | None = None) -> tuple[int, int]:
         """Select c_a from at most n0 selection samples (:meth:`_select`), then feed ``test``
-        estimation rounds until it is done. Returns c_a and the UNet evaluations spent on the image."""
+        estimation rounds of ``round_size`` samples (default ``batch``) until it is done. Returns c_a
+        and the UNet evaluations spent on the image."""
+        round_size = batch if round_size is None else round_size
+        if isinstance(round_size, bool) or not isinstance(round_size, (int, np.integer)) or round_size < 1:
+            raise ConfigError(f"--round must be an integer >= 1 (got {round_size!r})")
         image = self._image(image, image_index)
+        if self.scheduling == "waves":
+            batch = int(round_size)  # the wave loop runs one round per batch
         self._prepare(sigma, steps, votes, batch, samples=max(int(n0), int(test.remaining)))
+        if self.scheduling == "continuous":
+            return self._sequential_continuous(image, test, int(n0), seed=seed, image_index=image_index,
+                                               round_size=int(round_size), progress=progress)
         evals = self.loop.unet_evals
         common = dict(seed=seed, image_index=image_index, batch=batch, progress=progress)
         c_a = self._select(image, n0, **common)
         self._estimate_sequentially(image, test, c_a, **common)
         return c_a, self.loop.unet_evals - evals
+
+    def _sequential_continuous(self, image, test, n0: int, *, seed, image_index, round_size, progress) -> tuple[int, int]:
+        """:meth:`_sequential` through the scheduler: the selection samples, then the estimation
+        samples, delivered in sample order in rounds of ``round_size`` (so the same rounds, and the
+        same decisions, as the wave loop with ``batch = round_size``), while the engine calls stay
+        full of the samples after them. Samples started past the point where a test stopped are
+        dropped (their work is counted)."""
+        from densepure_rt.stats.sequential import selection_done
+
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self.loop, self.loop.batch * self.loop.votes,
+                                        early_exit=self.early_exit_for(self.loop.batch, continuous=True))
+        counts = np.zeros(self.num_classes, dtype=np.int64)
+        chosen: list[int] = []
+        jobs = [Job(0, int(image_index), SELECTION, n0, round_size)]
+
+        def deliver(job: int, labels: np.ndarray) -> bool:
+            if job == 0:  # selection: stop once the leader is clear, then start the estimation job
+                counts[:] += np.bincount(labels, minlength=self.num_classes)
+                left = n0 - int(counts.sum())
+                done = left == 0 or selection_done(counts, left)
+                if done:
+                    if left and progress is not None:
+                        progress(left)
+                    chosen.append(int(np.argmax(counts)))
+                    if not test.done:
+                        jobs.append(Job(0, int(image_index), ESTIMATION, int(test.remaining), round_size))
+                return not done
+            test.update(int(np.count_nonzero(labels == chosen[0])), len(labels))
+            return not test.done
+
+        stats = self._scheduler.run(self.loop.device.stage(image[None]), jobs, seed, deliver, progress=progress)
+        if not chosen:  # n0 = 0 cannot happen (validated); a stopped run never gets here
+            raise EngineError("the selection phase ended without a class: rebuild the engine")
+        return chosen[0], int(sum(stats.per_job_unet_evals))  # one per row per step, dropped rows too
 
     def _select(self, image, n0: int, *, seed, image_index, batch, progress) -> int:
         """c_a from the selection samples 0, 1, 2, ... of CERTIFY (the same noise), drawn in rounds
@@ -457,6 +502,7 @@ class Engine:
         image_index: int = 0,
         batch: int = 32,
         progress: Progress = None,
+        round_size: int | None = None,
     ) -> RadiiCertificate:
         """Is the smoothed classifier certifiably robust at each target radius? Anytime-valid.
 
@@ -477,7 +523,8 @@ class Engine:
             test = TargetRadiiTest(sigma, list(radii), alpha, int(n_max))
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"--radius: {exc}") from None
-        c_a, evals = self._sequential(image, test, sigma, steps, votes, n0, seed=seed, image_index=image_index, batch=batch, progress=progress)
+        c_a, evals = self._sequential(image, test, sigma, steps, votes, n0, seed=seed, image_index=image_index, batch=batch,
+                                      progress=progress, round_size=round_size)
         result = test.result()
         return RadiiCertificate(
             prediction=c_a if result.certified else -1,
@@ -505,6 +552,7 @@ class Engine:
         image_index: int = 0,
         batch: int = 32,
         progress: Progress = None,
+        round_size: int | None = None,
     ) -> EarlyStopCertificate:
         """Cohen's CERTIFY output (the largest certified radius) with early stopping. Anytime-valid.
 
@@ -524,7 +572,8 @@ class Engine:
             test = EarlyStopRadius(sigma, alpha, int(n_max), float(tol))
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"--tol: {exc}") from None
-        c_a, evals = self._sequential(image, test, sigma, steps, votes, n0, seed=seed, image_index=image_index, batch=batch, progress=progress)
+        c_a, evals = self._sequential(image, test, sigma, steps, votes, n0, seed=seed, image_index=image_index, batch=batch,
+                                      progress=progress, round_size=round_size)
         result = test.result()
         return EarlyStopCertificate(
             prediction=c_a if result.certified else -1,

@@ -248,6 +248,7 @@ def _scripted_engine(selection, estimation) -> Engine:
     eng.image_shape, eng.num_classes = (1, 4, 4), 10
     eng.loop = _ScriptedBackend(selection, estimation)
     eng._prepare = lambda *args, **kwargs: None
+    eng.scheduling = "waves"  # scripted votes per round; the scheduler's rounds are checked against it (test_scheduler.py)
     return eng
 
 

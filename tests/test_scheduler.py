@@ -129,3 +129,24 @@ def test_calls_stay_full_where_the_wave_loop_shrinks(engine, images):
     print(f"calls {stats.calls}, full-call equivalent {full_calls:.1f}, idle fraction {stats.idle_fraction:.3f}")
     assert stats.calls <= full_calls * 1.15 + 2 * STEPS  # idle rows only while the last samples drain
     assert stats.idle_fraction < 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("round_size", [1, 6, 32])
+def test_sequential_modes_decide_as_the_wave_loop_with_rounds_of_the_same_size(engine, images, round_size):
+    """--radius and --tol through the scheduler: the selection and estimation samples are delivered
+    in sample order in rounds of --round, so every decision (c_a, samples used, votes for c_a,
+    radius) equals the wave loop's with batch = round, while the calls hold other samples."""
+    common = dict(steps=STEPS, votes=3, n0=40, n_max=300, alpha=0.01, seed=5)
+    results = {}
+    for scheduling in ("waves", "continuous"):
+        with open_engine(engine, scheduling=scheduling) as eng:
+            for k in range(len(images)):
+                radii = eng.certify_radii(images[k], 0.5, [0.25, 0.5], image_index=k, batch=8, round_size=round_size, **common)
+                until = eng.certify_until(images[k], 0.5, 0.05, image_index=k, batch=8, round_size=round_size, **common)
+                results.setdefault(scheduling, []).append((radii, until))
+    for (r_w, u_w), (r_c, u_c) in zip(results["waves"], results["continuous"]):
+        assert (r_c.c_a, r_c.n, r_c.n_a, r_c.decisions, r_c.radius) == (r_w.c_a, r_w.n, r_w.n_a, r_w.decisions, r_w.radius)
+        assert (u_c.c_a, u_c.n, u_c.n_a, u_c.reason, u_c.radius) == (u_w.c_a, u_w.n, u_w.n_a, u_w.reason, u_w.radius)
+        # The scheduler may have started samples past the stopping point (dropped): never fewer evaluations.
+        assert r_c.unet_evals >= r_w.unet_evals and u_c.unet_evals >= u_w.unet_evals

@@ -56,6 +56,8 @@ class Job:
     image_index: int
     phase: int
     num: int
+    #: Samples per delivery (0: all ``num`` at once): a sequential test's round.
+    round: int = 0
 
 
 @dataclass
@@ -70,7 +72,11 @@ class SchedulerStats:
     classifier_calls: int = 0
     unet_evals: int = 0
     classifier_evals: int = 0
+    #: Per job: runs of its delivered samples, and UNet evaluations of all its rows (dropped ones too).
     per_job_runs: list = field(default_factory=list)
+    per_job_unet_evals: list = field(default_factory=list)
+    #: (job, sample) in the order votes completed (not the order they are delivered in).
+    completion_order: list = field(default_factory=list)
 
     @property
     def idle_fraction(self) -> float:
@@ -131,165 +137,38 @@ class Scheduler:
 
         images: [N x C x H x W] float32 in [0, 1] staged on the loop's device (``Job.image`` indexes
         it). ``progress(k)``: k more samples voted. ``stats``: filled with what the call did."""
-        with self.device.stream():
-            return self._counts(images, jobs, int(seed), progress, stats if stats is not None else SchedulerStats())
+        counts = [np.zeros(self.loop.num_classes, dtype=np.int64) for _ in jobs]
 
-    def _counts(self, images, jobs, seed, progress, stats) -> list[np.ndarray]:
-        xp, R, K, calls, P = self.xp, self.slots, self.votes, self.calls, self.capacity
-        num_classes = self.loop.num_classes
-        if not 0 <= seed < 2**32:
-            raise ValueError("seed must be in [0, 2^32) for the Philox key and counter")
-        for job in jobs:
-            for name, key in (("image index", job.image_index), ("phase", job.phase), ("sample index", max(job.num - 1, 0))):
-                if not 0 <= int(key) < 2**32:
-                    raise ValueError(f"{name} must be in [0, 2^32) for the Philox key and counter")
-        counts = [np.zeros(num_classes, dtype=np.int64) for _ in jobs]
-        runs_of = np.zeros(len(jobs), dtype=np.int64)
-        stats.slots = R
-        # Slots (rows): which sample (place in the sample table), run and step each holds; -1: free.
-        slot_place = np.full(R, -1, dtype=np.int64)
-        slot_run = np.zeros(R, dtype=np.int64)
-        slot_step = np.zeros(R, dtype=np.int64)
-        # The sample table (host): job, sample index, runs launched / wanted, labels of its runs.
-        p_job = np.full(P, -1, dtype=np.int64)
-        p_sample = np.zeros(P, dtype=np.int64)
-        p_launched = np.zeros(P, dtype=np.int64)
-        p_target = np.zeros(P, dtype=np.int64)
-        p_known = np.zeros(P, dtype=np.int64)  # labels received (always runs 0 .. known-1)
-        p_labels = np.zeros((P, K), dtype=np.int64)
-        free_places = list(range(P - 1, -1, -1))
-        order: list[int] = []  # places in admission order (oldest first): who gets free slots first
-        queue_rows: list[tuple[int, int]] = []  # (place, run) of each purified image in the queue
-        next_job, next_sample = 0, 0
+        def add(job: int, labels: np.ndarray) -> bool:
+            counts[job] += np.bincount(labels, minlength=self.loop.num_classes)
+            return True
 
-        def admit(count: int) -> None:
-            """Take up to ``count`` new samples (in job and sample order) into the table, with their
-            x_{t*} computed on the device."""
-            nonlocal next_job, next_sample
-            places, imgs, keys = [], [], []
-            while len(places) < count and free_places and next_job < len(jobs):
-                job = jobs[next_job]
-                if next_sample >= job.num:
-                    next_job, next_sample = next_job + 1, 0
-                    continue
-                place = free_places.pop()
-                p_job[place], p_sample[place] = next_job, next_sample
-                p_launched[place], p_target[place], p_known[place] = 0, self.first, 0
-                places.append(place)
-                imgs.append(job.image)
-                keys.append((job.image_index, job.phase, next_sample))
-                order.append(place)
-                next_sample += 1
-            if not places:
-                return
-            m = len(places)
-            keys_a = np.asarray(keys, dtype=np.int64)
-            self._put(self.a_image, keys_a[:, 0])
-            self._put(self.a_phase, keys_a[:, 1])
-            self._put(self.a_sample, keys_a[:, 2])
-            delta = self.delta[:m]
-            self.noise.fill(delta, seed, self.a_image, self.a_phase, self.a_sample, self.a_zero, 0, float(self.loop.sigma))
-            where = xp.asarray(np.asarray(places, dtype=np.int64))
-            picked = xp.take(images, xp.asarray(np.asarray(imgs, dtype=np.int64)), axis=0)
-            # x_{t*} = (2 (x + delta) - 1) / sqrt(1 + 4 sigma^2): the wave loop's float32 arithmetic.
-            self.start[where] = xp.multiply(self.loop.scale, 2 * (picked + delta) - 1)
-
-        def fill_slots() -> None:
-            """Give every free slot the next run of the oldest sample that wants one, admitting new
-            samples when no sample in flight does."""
-            free = np.flatnonzero(slot_place < 0)
-            if not len(free):
-                return
-            launches: list[tuple[int, int]] = []
-            pos = 0
-            while pos < len(free):
-                wanting = [p for p in order if p_launched[p] < p_target[p]]
-                if not wanting:
-                    before = len(order)
-                    admit(len(free) - pos)
-                    if len(order) == before:
-                        break
-                    continue
-                for place in wanting:
-                    while pos < len(free) and p_launched[place] < p_target[place]:
-                        launches.append((int(free[pos]), place))
-                        slot_place[free[pos]], slot_run[free[pos]], slot_step[free[pos]] = place, p_launched[place], 0
-                        p_launched[place] += 1
-                        pos += 1
-                    if pos == len(free):
-                        break
-            if launches:
-                rows = np.asarray([s for s, _ in launches], dtype=np.int64)
-                from_places = np.asarray([p for _, p in launches], dtype=np.int64)
-                self.x[xp.asarray(rows)] = self.start[xp.asarray(from_places)]
-
-        def classify(rows: int) -> None:
-            """Classify the first ``rows`` queued images, read their labels, update the votes."""
-            nonlocal queue_rows
-            self.executor.classify(self.queue[:rows], self.q_labels[:rows], self.q_logits[:rows])
-            stats.classifier_calls += 1
-            stats.classifier_evals += rows
-            # Read with the labels (one host wait per chunk): a NaN image would get some label, and
-            # a label outside the classes would hide the real fault.
-            if not bool(xp.isfinite(self.queue[:rows]).all()):
-                raise EngineError(
-                    "the denoise step produced non-finite values (NaN or inf) in the purified images: the engine is "
-                    "broken or was built for other inputs; rebuild it (densepure-rt build --force)"
-                )
-            labels = self.device.to_host(self.q_labels[:rows])
-            if labels.shape != (rows,) or labels.dtype.kind not in "iu":
-                raise EngineError(f"the classifier returned labels of shape {labels.shape} for {rows} images: rebuild the engine")
-            if rows and (labels.min() < 0 or labels.max() >= num_classes):
-                bad_label = int(labels[(labels < 0) | (labels >= num_classes)][0])
-                raise EngineError(
-                    f"the classifier returned label {bad_label}, outside the engine's {num_classes} classes: "
-                    "the engine's classifier does not match its manifest; rebuild the engine"
-                )
-            touched = []
-            for (place, run), label in zip(queue_rows[:rows], labels.tolist()):
-                p_labels[place, run] = label
-                p_known[place] = max(p_known[place], run + 1)
-                touched.append(place)
-            left = len(queue_rows) - rows
-            if left:
-                self.queue[:left] = self.queue[rows:rows + left].copy()
-            queue_rows = queue_rows[rows:]
-            self._decide(sorted(set(touched)), p_job, p_known, p_target, p_launched, p_labels, counts, runs_of,
-                         free_places, order, progress)
-
-        # ---------------------------------------------------------------------------------------- #
-        while True:
-            fill_slots()
-            busy = slot_place >= 0
-            if not busy.any():
-                if queue_rows:
-                    classify(len(queue_rows))  # drain: nothing else can run until these are voted
-                    continue
-                break
-            hi = int(np.flatnonzero(busy)[-1]) + 1  # slots fill lowest first: the call covers 0 .. hi-1
-            if calls:
-                self._step(jobs, slot_place[:hi], slot_run[:hi], slot_step[:hi], p_job, p_sample, seed)
-                stats.calls += 1
-                stats.busy_rows += int(busy[:hi].sum())
-                stats.idle_rows += hi - int(busy[:hi].sum())
-                stats.unet_evals += int(busy[:hi].sum())
-                slot_step[busy] += 1
-            # (--steps none: no reverse step, a run's image is x_{t*} itself, classified at once)
-            done = np.flatnonzero(busy & (slot_step == calls))
-            if len(done):
-                q0 = len(queue_rows)
-                self.queue[q0:q0 + len(done)] = self.x[xp.asarray(done)]
-                queue_rows += [(int(slot_place[s]), int(slot_run[s])) for s in done]
-                slot_place[done] = -1
-            while len(queue_rows) >= self.chunk:
-                classify(self.chunk)
+        self.run(images, list(jobs), seed, add, progress=progress, stats=stats)
         for job, c in zip(jobs, counts):
             if int(c.sum()) != job.num:
                 raise EngineError(f"the engine counted {int(c.sum())} labels for {job.num} samples: rebuild the engine")
-        stats.per_job_runs = runs_of.tolist()
+        return counts
+
+    def run(self, images, jobs: list[Job], seed: int, deliver: Callable[[int, np.ndarray], bool],
+            progress: Optional[Callable[[int], None]] = None, stats: SchedulerStats | None = None) -> SchedulerStats:
+        """Run ``jobs`` (a list the caller may append to from ``deliver``: a job that depends on an
+        earlier one's outcome, as estimation on selection) and hand each job's voted labels to
+        ``deliver(job, labels)`` **in sample order**, ``job.round`` samples at a time (the last
+        round may be shorter; round 0: all ``num`` at once). ``deliver`` returns False to stop the
+        job: no more of its samples start, and its samples in flight are dropped (their work is
+        counted in ``stats.per_job_unet_evals``, never delivered).
+
+        Sample order is what keeps a sequential test valid: votes complete out of order (a
+        unanimous sample needs fewer runs than a split one, and unanimity goes with the majority
+        class), so a test fed in completion order would see the majority class early and certify
+        too often (tests/test_scheduler.py measures it). Labels that complete early wait until
+        their predecessors are in."""
+        stats = stats if stats is not None else SchedulerStats()
+        with self.device.stream():
+            _Run(self, images, jobs, int(seed), deliver, progress, stats).go()
         self.loop.unet_evals += stats.unet_evals
         self.loop.classifier_evals += stats.classifier_evals
-        return counts
+        return stats
 
     def _step(self, jobs, places, runs, steps, p_job, p_sample, seed: int) -> None:
         """One step call over rows 0 .. len(places)-1: each row's keys, step scalars and noise put,
@@ -310,38 +189,267 @@ class Scheduler:
         self.executor.step(self.x[:hi], z, self.scalars[:hi], self.x_next[:hi])
         self.x, self.x_next = self.x_next, self.x
 
-    def _decide(self, places, p_job, p_known, p_target, p_launched, p_labels, counts, runs_of, free_places, order,
-                progress) -> None:
+
+class _Run:
+    """The host state of one :meth:`Scheduler.run`: slots, the sample table, the classifier queue,
+    each job's delivered prefix."""
+
+    def __init__(self, sch: Scheduler, images, jobs, seed, deliver, progress, stats):
+        self.sch, self.images, self.jobs, self.seed = sch, images, jobs, seed
+        self.deliver, self.progress, self.stats = deliver, progress, stats
+        if not 0 <= seed < 2**32:
+            raise ValueError("seed must be in [0, 2^32) for the Philox key and counter")
+        R, P, K = sch.slots, sch.capacity, sch.votes
+        stats.slots = R
+        # Slots (rows): which sample (place in the sample table), run and step each holds; -1: free.
+        self.slot_place = np.full(R, -1, dtype=np.int64)
+        self.slot_run = np.zeros(R, dtype=np.int64)
+        self.slot_step = np.zeros(R, dtype=np.int64)
+        # The sample table: job, sample index, runs launched / wanted / labelled, labels, rows queued.
+        self.p_job = np.full(P, -1, dtype=np.int64)
+        self.p_sample = np.zeros(P, dtype=np.int64)
+        self.p_launched = np.zeros(P, dtype=np.int64)
+        self.p_target = np.zeros(P, dtype=np.int64)
+        self.p_known = np.zeros(P, dtype=np.int64)  # labels received: always runs 0 .. known-1
+        self.p_labels = np.zeros((P, K), dtype=np.int64)
+        self.p_queued = np.zeros(P, dtype=np.int64)
+        self.p_dead = np.zeros(P, dtype=bool)  # its job was stopped: its rows are dropped
+        self.free_places = list(range(P - 1, -1, -1))
+        self.order: list[int] = []  # live places in admission order: who gets free slots first
+        self.queue_rows: list[tuple[int, int]] = []  # (place, run) of each purified image queued
+        # Per job: next sample to start, voted labels not yet delivered, delivered count, stopped.
+        self.next_job = 0
+        self.started: list[int] = []
+        self.voted: list[dict] = []
+        self.delivered: list[int] = []
+        self.stopped: list[bool] = []
+        self.runs_of: list[int] = []
+        self.evals_of: list[int] = []
+
+    # -- jobs ------------------------------------------------------------------------------------
+    def _sync_jobs(self) -> None:
+        """Pick up jobs appended since the last look (checked as the first were)."""
+        while len(self.started) < len(self.jobs):
+            job = self.jobs[len(self.started)]
+            for name, key in (("image index", job.image_index), ("phase", job.phase), ("sample index", max(job.num - 1, 0))):
+                if not 0 <= int(key) < 2**32:
+                    raise ValueError(f"{name} must be in [0, 2^32) for the Philox key and counter")
+            if job.num < 0 or job.round < 0:
+                raise ValueError(f"a job needs num >= 0 and round >= 0 (got {job})")
+            self.started.append(0)
+            self.voted.append({})
+            self.delivered.append(0)
+            self.stopped.append(job.num == 0)
+            self.runs_of.append(0)
+            self.evals_of.append(0)
+
+    def _stop(self, j: int) -> None:
+        """No more samples of job j start; its samples in flight are dropped."""
+        self.stopped[j] = True
+        for place in [p for p in self.order if self.p_job[p] == j]:
+            self.slot_place[self.slot_place == place] = -1
+            self.order.remove(place)
+            self.p_dead[place] = True
+            if self.p_queued[place] == 0:
+                self._free(place)
+
+    def _free(self, place: int) -> None:
+        self.p_job[place] = -1
+        self.p_dead[place] = False
+        self.free_places.append(place)
+
+    # -- admission and slots -------------------------------------------------------------------------
+    def _admit(self, count: int) -> int:
+        """Take up to ``count`` new samples (in job and sample order) into the table, their x_{t*}
+        computed on the device. Returns how many."""
+        sch, xp = self.sch, self.sch.xp
+        places, imgs, keys = [], [], []
+        self._sync_jobs()
+        while len(places) < count and self.free_places and self.next_job < len(self.jobs):
+            j = self.next_job
+            job = self.jobs[j]
+            if self.stopped[j] or self.started[j] >= job.num:
+                self.next_job += 1
+                self._sync_jobs()
+                continue
+            place = self.free_places.pop()
+            self.p_job[place], self.p_sample[place] = j, self.started[j]
+            self.p_launched[place], self.p_target[place], self.p_known[place] = 0, sch.first, 0
+            places.append(place)
+            imgs.append(job.image)
+            keys.append((job.image_index, job.phase, self.started[j]))
+            self.order.append(place)
+            self.started[j] += 1
+        if not places:
+            return 0
+        m = len(places)
+        keys_a = np.asarray(keys, dtype=np.int64)
+        sch._put(sch.a_image, keys_a[:, 0])
+        sch._put(sch.a_phase, keys_a[:, 1])
+        sch._put(sch.a_sample, keys_a[:, 2])
+        delta = sch.delta[:m]
+        sch.noise.fill(delta, self.seed, sch.a_image, sch.a_phase, sch.a_sample, sch.a_zero, 0, float(sch.loop.sigma))
+        where = xp.asarray(np.asarray(places, dtype=np.int64))
+        picked = xp.take(self.images, xp.asarray(np.asarray(imgs, dtype=np.int64)), axis=0)
+        # x_{t*} = (2 (x + delta) - 1) / sqrt(1 + 4 sigma^2): the wave loop's float32 arithmetic.
+        sch.start[where] = xp.multiply(sch.loop.scale, 2 * (picked + delta) - 1)
+        return m
+
+    def _fill_slots(self) -> None:
+        """Give every free slot the next run of the oldest sample that wants one, admitting new
+        samples when no sample in flight does."""
+        free = np.flatnonzero(self.slot_place < 0)
+        rows, sources = [], []
+        pos = 0
+        while pos < len(free):
+            wanting = [p for p in self.order if self.p_launched[p] < self.p_target[p]]
+            if not wanting:
+                if not self._admit(len(free) - pos):
+                    break
+                continue
+            for place in wanting:
+                while pos < len(free) and self.p_launched[place] < self.p_target[place]:
+                    slot = int(free[pos])
+                    self.slot_place[slot], self.slot_run[slot], self.slot_step[slot] = place, self.p_launched[place], 0
+                    self.p_launched[place] += 1
+                    rows.append(slot)
+                    sources.append(place)
+                    pos += 1
+                if pos == len(free):
+                    break
+        if rows:
+            xp = self.sch.xp
+            self.sch.x[xp.asarray(np.asarray(rows, dtype=np.int64))] = self.sch.start[xp.asarray(np.asarray(sources, dtype=np.int64))]
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def go(self) -> None:
+        sch, xp, stats, calls = self.sch, self.sch.xp, self.stats, self.sch.calls
+        self._sync_jobs()
+        while True:
+            self._fill_slots()
+            busy = self.slot_place >= 0
+            if not busy.any():
+                if self.queue_rows:
+                    self._classify(len(self.queue_rows))  # drain: nothing else can run until these are voted
+                    continue
+                self._sync_jobs()
+                if any(not self.stopped[j] and self.started[j] < job.num for j, job in enumerate(self.jobs)):
+                    if not self.free_places:  # cannot happen: with nothing running every place is free
+                        raise RuntimeError("scheduler stalled with work left")
+                    continue  # a job appended by deliver, not admitted yet
+                break
+            hi = int(np.flatnonzero(busy)[-1]) + 1  # slots fill lowest first: the call covers 0 .. hi-1
+            if calls:
+                sch._step(self.jobs, self.slot_place[:hi], self.slot_run[:hi], self.slot_step[:hi], self.p_job, self.p_sample,
+                          self.seed)
+                n_busy = int(busy[:hi].sum())
+                stats.calls += 1
+                stats.busy_rows += n_busy
+                stats.idle_rows += hi - n_busy
+                stats.unet_evals += n_busy
+                for j in self.p_job[self.slot_place[busy]].tolist():
+                    self.evals_of[j] += 1
+                self.slot_step[busy] += 1
+            # (--steps none: no reverse step, a run's image is x_{t*} itself, classified at once)
+            done = np.flatnonzero(busy & (self.slot_step == calls))
+            if len(done):
+                q0 = len(self.queue_rows)
+                sch.queue[q0:q0 + len(done)] = sch.x[xp.asarray(done)]
+                for s in done.tolist():
+                    place = int(self.slot_place[s])
+                    self.queue_rows.append((place, int(self.slot_run[s])))
+                    self.p_queued[place] += 1
+                self.slot_place[done] = -1
+            while len(self.queue_rows) >= sch.chunk:
+                self._classify(sch.chunk)
+        stats.per_job_runs = list(self.runs_of)
+        stats.per_job_unet_evals = list(self.evals_of)
+
+    def _classify(self, rows: int) -> None:
+        """Classify the first ``rows`` queued images, read their labels, update the votes."""
+        sch, xp, stats, num_classes = self.sch, self.sch.xp, self.stats, self.sch.loop.num_classes
+        sch.executor.classify(sch.queue[:rows], sch.q_labels[:rows], sch.q_logits[:rows])
+        stats.classifier_calls += 1
+        stats.classifier_evals += rows
+        # Read with the labels (one host wait per chunk): a NaN image would get some label, and a
+        # label outside the classes would hide the real fault.
+        if not bool(xp.isfinite(sch.queue[:rows]).all()):
+            raise EngineError(
+                "the denoise step produced non-finite values (NaN or inf) in the purified images: the engine is "
+                "broken or was built for other inputs; rebuild it (densepure-rt build --force)"
+            )
+        labels = sch.device.to_host(sch.q_labels[:rows])
+        if labels.shape != (rows,) or labels.dtype.kind not in "iu":
+            raise EngineError(f"the classifier returned labels of shape {labels.shape} for {rows} images: rebuild the engine")
+        if rows and (labels.min() < 0 or labels.max() >= num_classes):
+            bad_label = int(labels[(labels < 0) | (labels >= num_classes)][0])
+            raise EngineError(
+                f"the classifier returned label {bad_label}, outside the engine's {num_classes} classes: "
+                "the engine's classifier does not match its manifest; rebuild the engine"
+            )
+        touched = set()
+        for (place, run), label in zip(self.queue_rows[:rows], labels.tolist()):
+            self.p_queued[place] -= 1
+            if self.p_dead[place]:
+                if self.p_queued[place] == 0:
+                    self._free(place)
+                continue
+            self.p_labels[place, run] = label
+            self.p_known[place] = max(self.p_known[place], run + 1)
+            touched.add(place)
+        left = len(self.queue_rows) - rows
+        if left:
+            sch.queue[:left] = sch.queue[rows:rows + left].copy()
+        self.queue_rows = self.queue_rows[rows:]
+        self._decide(sorted(touched))
+
+    def _decide(self, places) -> None:
         """Samples whose wanted runs are all labelled: vote if decided (or all K ran), else want the
-        fewest further runs that could decide."""
-        ready = [p for p in places if p_known[p] == p_target[p] == p_launched[p]]
-        if not ready:
-            return
-        K = self.votes
+        fewest further runs that could decide; then deliver what is in sample order."""
+        K = self.sch.votes
+        ready = [p for p in places if self.p_known[p] == self.p_target[p] == self.p_launched[p]]
         finished = []
         by_prefix: dict[int, list[int]] = {}
         for p in ready:
-            by_prefix.setdefault(int(p_known[p]), []).append(p)
+            by_prefix.setdefault(int(self.p_known[p]), []).append(p)
         for known, group in by_prefix.items():
-            labels = p_labels[group, :known]
+            labels = self.p_labels[group, :known]
+            voted = majority_vote(labels)
             if known == K:
-                voted = majority_vote(labels)
                 finished += list(zip(group, voted.tolist()))
                 continue
             still = undecided(labels, K)
-            voted = majority_vote(labels)
             more = runs_to_decide(labels, K)
             for i, p in enumerate(group):
                 if still[i]:
-                    p_target[p] = known + int(more[i])
+                    self.p_target[p] = known + int(more[i])
                 else:
                     finished.append((p, int(voted[i])))
+        jobs_touched = set()
         for p, label in finished:
-            job = int(p_job[p])
-            counts[job][label] += 1
-            runs_of[job] += int(p_known[p])
-            p_job[p] = -1
-            free_places.append(p)
-            order.remove(p)
-        if progress is not None and finished:
-            progress(len(finished))
+            j = int(self.p_job[p])
+            self.voted[j][int(self.p_sample[p])] = label
+            self.runs_of[j] += int(self.p_known[p])
+            self.stats.completion_order.append((j, int(self.p_sample[p])))
+            self.order.remove(p)
+            self._free(p)
+            jobs_touched.add(j)
+        for j in sorted(jobs_touched):
+            self._deliver(j)
+
+    def _deliver(self, j: int) -> None:
+        """Hand job j its next rounds of labels in sample order, while they are complete."""
+        job = self.jobs[j]
+        size = job.round or job.num
+        while not self.stopped[j] and self.delivered[j] < job.num:
+            first = self.delivered[j]
+            take = min(size, job.num - first)
+            if any(first + i not in self.voted[j] for i in range(take)):
+                break  # a predecessor is still running: wait for it (sample order, not completion order)
+            labels = np.asarray([self.voted[j].pop(first + i) for i in range(take)], dtype=np.int64)
+            self.delivered[j] += take
+            if self.progress is not None:
+                self.progress(take)
+            if not self.deliver(j, labels):
+                self._stop(j)
+            self._sync_jobs()
