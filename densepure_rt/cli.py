@@ -374,6 +374,10 @@ def _radius_list(values) -> list[float]:
               help="Cohen's largest radius, but stop once more samples would add less than T to it per doubling. Anytime-valid.")
 @click.option("--n-max", type=click.IntRange(min=1), default=10000, show_default=True, metavar="N",
               help="With --radius or --tol: the most estimation samples an image may use.")
+@click.option("--round", "round_size", type=click.IntRange(min=1), default=None, metavar="N",
+              help="With --radius or --tol: samples per round of the sequential test (its decisions come after each "
+                   "round, in sample order). Independent of the engine's call size: the calls stay full of later "
+                   "samples. Smaller rounds stop sooner on easy images.  [default: --batch]")
 @click.option("--early-exit/--no-early-exit", default=None,
               help="Stop a noisy sample's K runs once its vote is decided (identical votes, less work). "
                    "Default: on for the CPU; on a GPU from 64 noisy samples per batch (smaller waves leave it idle).")
@@ -383,13 +387,13 @@ def _radius_list(values) -> list[float]:
 @click.option("--out", type=click.Path(), default="results.tsv", show_default=True, metavar="FILE", help="Results TSV (options saved as FILE.json).")
 @click.pass_context
 def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every,
-            ray, actors, ray_timeout, n0, n, radii, tol, n_max, early_exit, images_per_call, out):
+            ray, actors, ray_timeout, n0, n, radii, tol, n_max, round_size, early_exit, images_per_call, out):
     """Certify images: Cohen et al.'s CERTIFY on DensePure's voted labels, one TSV row per image.
 
     \b
     Three modes, each with Cohen et al.'s guarantee (a false certificate with probability <= alpha):
       (default)     fixed n: CERTIFY with n0 selection and n estimation samples.
-      --radius R    is the image certifiably robust at R (and R2, ...)? Samples in rounds of --batch
+      --radius R    is the image certifiably robust at R (and R2, ...)? Samples in rounds of --round
                     and stops when every target is certified or futile, or at --n-max.
       --tol T       the largest certified radius, stopping when more samples stop paying off.
     A noisy sample's K runs stop as soon as its vote is decided (the same votes, fewer UNet calls;
@@ -416,11 +420,13 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
         mode, n = ("certify-radii" if radii else "certify-until"), n_max
     elif ctx.get_parameter_source("n_max") == ParameterSource.COMMANDLINE:
         raise ConfigError("--n-max goes with --radius or --tol; fixed-n CERTIFY takes --n")
+    if round_size is not None and mode == "certify":
+        raise ConfigError("--round goes with --radius or --tol (fixed-n CERTIFY has no rounds)")
     if images_per_call > 1 and mode != "certify":
         raise ConfigError("--images-per-call goes with fixed-n CERTIFY, not with --radius or --tol")
     radii = _radius_list(radii) if radii else None
     rows = run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
-                progress_every, out, n0, n, radii=radii, tol=tol, early_exit=early_exit,
+                progress_every, out, n0, n, radii=radii, tol=tol, early_exit=early_exit, round_size=round_size,
                 images_per_call=images_per_call, ray=ray, actors=actors, ray_timeout=ray_timeout)
     from densepure_rt.files.report import certified_accuracy, labelled
     from densepure_rt.files.results import read_results

@@ -118,7 +118,8 @@ class Progress:
 
 
 def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, every,
-         out, n0, n, radii=None, tol=None, early_exit=None, images_per_call=1, ray=None, actors=None, ray_timeout=30.0):
+         out, n0, n, radii=None, tol=None, early_exit=None, images_per_call=1, ray=None, actors=None, ray_timeout=30.0,
+         round_size=None):
     """One certify / predict run over the selected images. ``mode``: "certify" (fixed n),
     "certify-radii" (target radii, n = n_max), "certify-until" (early stopping, n = n_max), "predict".
     ``ray``: a Ray address ("auto", "local", host:port) to spread the images over Ray actors."""
@@ -146,7 +147,7 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
         # The most noisy samples one call of this run can hold: buffers are sized by it, and the row
         # limit and the memory are checked against it before anything is written.
         per_call = (int(n0) + n) * images_per_call if mode == "certify" else max(int(n0 or 0), n)
-        continuous = mode in ("certify", "predict") and engine.scheduling == "continuous"
+        continuous = engine.scheduling == "continuous"
         engine.check_rows(min(batch, per_call), votes)
         dataset, indices, spec, data_digest = _open_data(engine, data, skip, max_images)
         executor = engine.executor  # None for a Ray driver (metadata only)
@@ -176,9 +177,9 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
             "max": max_images,
             "ids": None,
             "batch": batch,
-            # The sequential modes decide after rounds of --batch samples: another round size gives
+            # The sequential modes decide after rounds of --round samples: another round size gives
             # other (equally valid) rows, so it is part of the experiment there.
-            "round": batch if mode in ("certify-radii", "certify-until") else None,
+            "round": (round_size or batch) if mode in ("certify-radii", "certify-until") else None,
             "early_exit": engine.early_exit_for(batch, continuous=continuous),
             # How the engine calls were filled (densepure_rt/sampling/scheduler.py); not part of the
             # experiment: the rows are the same either way.
@@ -198,7 +199,7 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         task = Task(mode, sigma, steps_value, votes, alpha, n0, n, seed, batch,
-                    radii=tuple(radii) if radii else None, tol=tol)
+                    radii=tuple(radii) if radii else None, tol=tol, round_size=round_size)
         with ResultsWriter(Path(out), header=HEADERS[mode]) as writer:
             done = writer.open(options, resume=resume, allowed=indices, legacy=_legacy_identities(engine, data))
             todo = indices_todo(indices, done)

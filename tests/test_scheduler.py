@@ -150,3 +150,33 @@ def test_sequential_modes_decide_as_the_wave_loop_with_rounds_of_the_same_size(e
         assert (u_c.c_a, u_c.n, u_c.n_a, u_c.reason, u_c.radius) == (u_w.c_a, u_w.n, u_w.n_a, u_w.reason, u_w.radius)
         # The scheduler may have started samples past the stopping point (dropped): never fewer evaluations.
         assert r_c.unet_evals >= r_w.unet_evals and u_c.unet_evals >= u_w.unet_evals
+
+
+def test_round_is_independent_of_the_call_size_on_the_cli(engine, images, tmp_path):
+    """--round sets the sequential test's round; --batch only the calls' rows: --batch 8 --round 5
+    gives the rows of --batch 5 (whose rounds are 5), and the options file records round 5."""
+    import json
+
+    data = tmp_path / "imgs.npz"
+    np.savez(data, images=images[:2], labels=np.array([0, 1]))
+    base = ["certify", "--engine", str(engine), "--data", str(data), "--sigma", "0.5", "--steps", "2", "--votes", "3",
+            "--n0", "30", "--n-max", "200", "--radius", "0.25", "--quiet"]
+    runner = CliRunner()
+    a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
+    assert runner.invoke(main, base + ["--batch", "8", "--round", "5", "--out", str(a)]).exit_code == 0
+    assert runner.invoke(main, base + ["--batch", "5", "--out", str(b)]).exit_code == 0
+
+    def rows(path):
+        lines = path.read_text().splitlines()
+        header = lines[0].split("\t")
+        # Not the wall time, nor the work: samples started past a test's stop are dropped, and how
+        # many depends on the call's rows.
+        skip = {header.index("time"), header.index(header[-1])}
+        return [[c for i, c in enumerate(line.split("\t")) if i not in skip] for line in lines]
+
+    assert rows(a) == rows(b)
+    options = json.loads(Path(f"{a}.json").read_text())
+    assert options["round"] == 5 and options["batch"] == 8 and options["scheduling"] == "continuous"
+    result = runner.invoke(main, ["certify", "--engine", str(engine), "--data", str(data), "--sigma", "0.5", "--round", "4",
+                                  "--out", str(tmp_path / "c.tsv")])
+    assert result.exit_code == 2 and "--round goes with --radius or --tol" in result.stderr

@@ -36,6 +36,8 @@ class Task:
     batch: int
     radii: Optional[tuple] = None
     tol: Optional[float] = None
+    #: Samples per round of the sequential modes (None: ``batch``).
+    round_size: Optional[int] = None
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -69,10 +71,12 @@ def run_image(engine, task: Task, image: np.ndarray, idx: int, progress: Optiona
         result, c = engine.certify_counts(image, task.sigma, task.steps, task.votes, task.n0, task.n, task.alpha, **common)
         counts, evals = c.counts, c.unet_evals
     elif task.mode == "certify-radii":
-        result = engine.certify_radii(image, task.sigma, list(task.radii), task.steps, task.votes, task.n0, task.n, task.alpha, **common)
+        result = engine.certify_radii(image, task.sigma, list(task.radii), task.steps, task.votes, task.n0, task.n, task.alpha,
+                                      round_size=task.round_size, **common)
         evals = result.unet_evals
     elif task.mode == "certify-until":
-        result = engine.certify_until(image, task.sigma, task.tol, task.steps, task.votes, task.n0, task.n, task.alpha, **common)
+        result = engine.certify_until(image, task.sigma, task.tol, task.steps, task.votes, task.n0, task.n, task.alpha,
+                                      round_size=task.round_size, **common)
         evals = result.unet_evals
     else:
         before = engine.loop.unet_evals
