@@ -380,7 +380,7 @@ def _radius_list(values) -> list[float]:
                    "samples. Smaller rounds stop sooner on easy images.  [default: --batch]")
 @click.option("--early-exit/--no-early-exit", default=None,
               help="Stop a noisy sample's K runs once its vote is decided (identical votes, less work). "
-                   "Default: on for the CPU; on a GPU from 64 noisy samples per batch (smaller waves leave it idle).")
+                   "Default: on (the scheduler keeps every engine call full while samples exit early).")
 @click.option("--images-per-call", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="Certify N images at a time in batches that mix their noisy samples (fills a GPU's batch "
                    "when n0 or the end of a phase would not). Same rows; plain certify only.")
@@ -396,8 +396,8 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
       --radius R    is the image certifiably robust at R (and R2, ...)? Samples in rounds of --round
                     and stops when every target is certified or futile, or at --n-max.
       --tol T       the largest certified radius, stopping when more samples stop paying off.
-    A noisy sample's K runs stop as soon as its vote is decided (the same votes, fewer UNet calls;
-    on a GPU from 64 noisy samples per batch, see --early-exit).
+    A noisy sample's K runs stop as soon as its vote is decided (the same votes, fewer UNet calls);
+    every engine call stays full of runs of other samples (continuous batching).
 
     Running the same command again continues an interrupted run (rows already written are kept);
     an --out written with other settings is refused.

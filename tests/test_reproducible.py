@@ -69,12 +69,15 @@ def test_a_rebuilt_engine_continues_results_and_a_changed_graph_is_refused(tmp_p
 @pytest.mark.parametrize("folder", ["digits", "digits_k10"])
 def test_committed_digits_results_continue_on_a_fresh_engine(folder, tmp_path):
     """The README's digits experiment, run again in a fresh clone: every committed results file of
-    the current noise is complete and continues on a freshly built engine (nothing to compute)."""
+    the current noise and engine format is complete and continues on a freshly built engine
+    (nothing to compute). The K = 10 sweep (digits_k10) was recorded with format-2 engines (one row
+    of step scalars per call): such a file is refused in one line that names the format change."""
+    from densepure_rt.files.manifest import SCHEMA_VERSION
     from densepure_rt.sampling.noise import NOISE_VERSION
 
     engine = tmp_path / "digits"
     assert invoke("build", "--model", "digits", "--out", engine).exit_code == 0
-    checked = 0
+    checked = old_format = 0
     for tsv in sorted((ROOT / "benchmarks" / "results" / folder).glob("*.tsv")):
         options_file = Path(f"{tsv}.json")
         if not options_file.is_file():
@@ -83,6 +86,16 @@ def test_committed_digits_results_continue_on_a_fresh_engine(folder, tmp_path):
         if options.get("noise") != NOISE_VERSION or options.get("mode") != "certify":
             continue
         copy = tmp_path / tsv.name
+        if options.get("engine_format", 2) != SCHEMA_VERSION:
+            shutil.copy(tsv, copy)
+            shutil.copy(options_file, f"{copy}.json")
+            result = invoke("certify", "--engine", engine, "--sigma", options["sigma"], "--steps", options["steps"],
+                            "--votes", options["votes"], "--n0", options["n0"], "--n", options["n"], "--alpha", options["alpha"],
+                            "--skip", options["skip"], "--seed", options["seed"], "--quiet", "--out", copy)
+            assert result.exit_code == 2 and f"engine format 2 -> {SCHEMA_VERSION}" in result.stderr, result.output
+            assert copy.read_bytes() == tsv.read_bytes()
+            old_format += 1
+            continue
         shutil.copy(tsv, copy)
         shutil.copy(options_file, f"{copy}.json")
         args = ["certify", "--engine", engine, "--sigma", options["sigma"], "--steps", options["steps"], "--votes", options["votes"],
@@ -92,7 +105,10 @@ def test_committed_digits_results_continue_on_a_fresh_engine(folder, tmp_path):
         assert result.exit_code == 0, (tsv.name, result.output)
         assert copy.read_bytes() == tsv.read_bytes()  # complete: not one row added or changed
         checked += 1
-    assert checked >= 6
+    if folder == "digits":
+        assert checked >= 6 and old_format == 0
+    else:
+        assert old_format >= 6 and checked == 0
 
 
 # ------------------------------------------------------------------------------------------------ #
