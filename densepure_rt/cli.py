@@ -348,6 +348,10 @@ def _common_options(f):
                      help="With --ray: actors to start  [default: one per GPU with --device cuda, one per --threads CPUs (1) otherwise]"),
         click.option("--ray-timeout", type=click.FloatRange(min=1), default=30.0, show_default=True, metavar="S",
                      help="With --ray: seconds to wait for the cluster to answer before giving up with an error."),
+        click.option("--scheduling", type=click.Choice(["waves", "continuous"]), default="waves", show_default=True,
+                     help="How engine calls are filled: 'waves' (a batch of samples, its undecided samples in shrinking "
+                          "waves) or 'continuous' (every call full of runs of many samples at any step; not yet run on "
+                          "a GPU). The same rows."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -380,14 +384,15 @@ def _radius_list(values) -> list[float]:
                    "samples. Smaller rounds stop sooner on easy images.  [default: --batch]")
 @click.option("--early-exit/--no-early-exit", default=None,
               help="Stop a noisy sample's K runs once its vote is decided (identical votes, less work). "
-                   "Default: on (the scheduler keeps every engine call full while samples exit early).")
+                   "Default: on for the CPU and with --scheduling continuous; with waves on a GPU from 64 noisy "
+                   "samples per batch (smaller waves leave it idle).")
 @click.option("--images-per-call", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="Certify N images at a time in batches that mix their noisy samples (fills a GPU's batch "
                    "when n0 or the end of a phase would not). Same rows; plain certify only.")
 @click.option("--out", type=click.Path(), default="results.tsv", show_default=True, metavar="FILE", help="Results TSV (options saved as FILE.json).")
 @click.pass_context
 def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every,
-            ray, actors, ray_timeout, n0, n, radii, tol, n_max, round_size, early_exit, images_per_call, out):
+            ray, actors, ray_timeout, scheduling, n0, n, radii, tol, n_max, round_size, early_exit, images_per_call, out):
     """Certify images: Cohen et al.'s CERTIFY on DensePure's voted labels, one TSV row per image.
 
     \b
@@ -397,7 +402,7 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
                     and stops when every target is certified or futile, or at --n-max.
       --tol T       the largest certified radius, stopping when more samples stop paying off.
     A noisy sample's K runs stop as soon as its vote is decided (the same votes, fewer UNet calls);
-    every engine call stays full of runs of other samples (continuous batching).
+    with --scheduling continuous every engine call stays full of runs of other samples.
 
     Running the same command again continues an interrupted run (rows already written are kept);
     an --out written with other settings is refused.
@@ -427,7 +432,7 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
     radii = _radius_list(radii) if radii else None
     rows = run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
                 progress_every, out, n0, n, radii=radii, tol=tol, early_exit=early_exit, round_size=round_size,
-                images_per_call=images_per_call, ray=ray, actors=actors, ray_timeout=ray_timeout)
+                images_per_call=images_per_call, ray=ray, actors=actors, ray_timeout=ray_timeout, scheduling=scheduling)
     from densepure_rt.files.report import certified_accuracy, labelled
     from densepure_rt.files.results import read_results
 
@@ -450,7 +455,7 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
 @click.option("--n", type=int, default=100, show_default=True, metavar="N", help="Noisy samples for the hypothesis test.")
 @click.option("--out", type=click.Path(), default="predictions.tsv", show_default=True, metavar="FILE")
 def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every,
-            ray, actors, ray_timeout, n, out):
+            ray, actors, ray_timeout, scheduling, n, out):
     """Predict with the smoothed classifier (Cohen et al.'s PREDICT; -1 means abstain).
 
     \b
@@ -458,7 +463,7 @@ def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batc
       densepure-rt predict --engine engines/digits --sigma 0.25 --steps 4 --votes 5 --n 100 --max 40
     """
     rows = run_mode("predict", engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
-                progress_every, out, None, n, ray=ray, actors=actors, ray_timeout=ray_timeout)
+                progress_every, out, None, n, ray=ray, actors=actors, ray_timeout=ray_timeout, scheduling=scheduling)
     from densepure_rt.files.results import read_rows
 
     _, reader = read_rows(Path(out).expanduser(), required=("idx", "predict", "label", "correct"))

@@ -119,7 +119,7 @@ class Progress:
 
 def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, every,
          out, n0, n, radii=None, tol=None, early_exit=None, images_per_call=1, ray=None, actors=None, ray_timeout=30.0,
-         round_size=None):
+         round_size=None, scheduling="waves"):
     """One certify / predict run over the selected images. ``mode``: "certify" (fixed n),
     "certify-radii" (target radii, n = n_max), "certify-until" (early stopping, n = n_max), "predict".
     ``ray``: a Ray address ("auto", "local", host:port) to spread the images over Ray actors."""
@@ -140,7 +140,8 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
     # The canonical words ("4", "one-shot", "none"): the engine parses them again, strictly.
     steps_value = _steps_label(_parse_steps(steps))
     # With --ray the driver reads the manifest only: the actors open the engine where the GPUs are.
-    with open_engine(engine_dir, device=device, threads=threads, early_exit=early_exit, metadata_only=ray is not None) as engine:
+    with open_engine(engine_dir, device=device, threads=threads, early_exit=early_exit, metadata_only=ray is not None,
+                     scheduling=scheduling) as engine:
         engine.reverse_schedule(sigma, steps_value)  # refuses a (sigma, b) the schedule cannot honour
         random_weights = bool(engine.manifest.get("build", {}).get("random_weights"))
         batch = batch if batch is not None else int(engine.manifest.get("default_batch", 32))
@@ -199,7 +200,7 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         task = Task(mode, sigma, steps_value, votes, alpha, n0, n, seed, batch,
-                    radii=tuple(radii) if radii else None, tol=tol, round_size=round_size)
+                    radii=tuple(radii) if radii else None, tol=tol, round_size=round_size, scheduling=scheduling)
         with ResultsWriter(Path(out), header=HEADERS[mode]) as writer:
             done = writer.open(options, resume=resume, allowed=indices, legacy=_legacy_identities(engine, data))
             todo = indices_todo(indices, done)

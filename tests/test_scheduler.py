@@ -163,7 +163,7 @@ def test_round_is_independent_of_the_call_size_on_the_cli(engine, images, tmp_pa
             "--n0", "30", "--n-max", "200", "--radius", "0.25", "--quiet"]
     runner = CliRunner()
     a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
-    assert runner.invoke(main, base + ["--batch", "8", "--round", "5", "--out", str(a)]).exit_code == 0
+    assert runner.invoke(main, base + ["--batch", "8", "--round", "5", "--scheduling", "continuous", "--out", str(a)]).exit_code == 0
     assert runner.invoke(main, base + ["--batch", "5", "--out", str(b)]).exit_code == 0
 
     def rows(path):

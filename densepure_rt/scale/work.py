@@ -38,6 +38,8 @@ class Task:
     tol: Optional[float] = None
     #: Samples per round of the sequential modes (None: ``batch``).
     round_size: Optional[int] = None
+    #: How the engine's calls are filled ("waves" or "continuous": the same rows).
+    scheduling: str = "waves"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -65,6 +67,7 @@ class Outcome:
 def run_image(engine, task: Task, image: np.ndarray, idx: int, progress: Optional[Callable[[int], None]] = None) -> Outcome:
     """Certify or predict one image with an opened :class:`densepure_rt.runtime.Engine`."""
     common = dict(seed=task.seed, batch=task.batch, image_index=int(idx), progress=progress)
+    engine.set_scheduling(task.scheduling)
     t0 = time.time()
     counts = None
     if task.mode == "certify":
@@ -93,6 +96,7 @@ def run_group(engine, task: Task, images, indices, progress: Optional[Callable[[
     if task.mode != "certify":
         raise ValueError("groups of images share batches in fixed-n CERTIFY only")
     indices = [int(i) for i in indices]
+    engine.set_scheduling(task.scheduling)
     t0 = time.time()
     results = engine.certify_many_counts(list(images), task.sigma, task.steps, task.votes, task.n0, task.n, task.alpha,
                                   seed=task.seed, image_indices=indices, batch=task.batch, progress=progress)
