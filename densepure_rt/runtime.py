@@ -209,17 +209,22 @@ class Engine:
             self._scheduler = None
         return rs
 
-    def _scheduled_counts(self, jobs, *, seed: int, progress: Progress, evals: list | None) -> list[np.ndarray]:
-        """Per-class counts of (image, image_index, phase, num) jobs through the scheduler (after
-        :meth:`_prepare`): batch x K rows per call, as the wave loop's full call."""
+    def scheduler(self) -> Scheduler:
+        """The continuous-batching scheduler over the prepared loop (after :meth:`_prepare`): batch x K
+        rows per call, as the wave loop's full call; made again when the preparation changes."""
         if self._scheduler is None:
             self._scheduler = Scheduler(self.loop, self.loop.batch * self.loop.votes,
                                         early_exit=self.early_exit_for(self.loop.batch, continuous=True))
+        return self._scheduler
+
+    def _scheduled_counts(self, jobs, *, seed: int, progress: Progress, evals: list | None) -> list[np.ndarray]:
+        """Per-class counts of (image, image_index, phase, num) jobs through the scheduler (after
+        :meth:`_prepare`): batch x K rows per call, as the wave loop's full call."""
         jobs = list(jobs)
         images = np.stack([img for img, _, _, _ in jobs]) if jobs else np.zeros((0, *self.image_shape), dtype=np.float32)
         staged = self.loop.device.stage(images)
         stats = SchedulerStats()
-        counts = self._scheduler.counts(staged, [Job(k, int(idx), int(phase), int(num)) for k, (_, idx, phase, num) in enumerate(jobs)],
+        counts = self.scheduler().counts(staged, [Job(k, int(idx), int(phase), int(num)) for k, (_, idx, phase, num) in enumerate(jobs)],
                                         seed, progress=progress, stats=stats)
         if evals is not None:
             evals[:] = [int(e) for e in stats.per_job_unet_evals]
@@ -429,9 +434,6 @@ class Engine:
         dropped (their work is counted)."""
         from densepure_rt.stats.sequential import selection_done
 
-        if self._scheduler is None:
-            self._scheduler = Scheduler(self.loop, self.loop.batch * self.loop.votes,
-                                        early_exit=self.early_exit_for(self.loop.batch, continuous=True))
         counts = np.zeros(self.num_classes, dtype=np.int64)
         chosen: list[int] = []
         jobs = [Job(0, int(image_index), SELECTION, n0, round_size)]
@@ -451,7 +453,7 @@ class Engine:
             test.update(int(np.count_nonzero(labels == chosen[0])), len(labels))
             return not test.done
 
-        stats = self._scheduler.run(self.loop.device.stage(image[None]), jobs, seed, deliver, progress=progress)
+        stats = self.scheduler().run(self.loop.device.stage(image[None]), jobs, seed, deliver, progress=progress)
         if not chosen:  # n0 = 0 cannot happen (validated); a stopped run never gets here
             raise EngineError("the selection phase ended without a class: rebuild the engine")
         return chosen[0], int(sum(stats.per_job_unet_evals))  # one per row per step, dropped rows too

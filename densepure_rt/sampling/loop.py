@@ -47,7 +47,13 @@ from densepure_rt.executors.base import Executor
 from densepure_rt.schedule import ReverseSchedule
 from densepure_rt.stats.vote import majority_vote, undecided, vote_waves
 
-__all__ = ["NoiseSource", "BatchLoop", "check_labels"]
+__all__ = ["NoiseSource", "BatchLoop", "check_labels", "NON_FINITE"]
+
+#: The error when a purified image holds NaN or inf (a NaN image would still get some label).
+NON_FINITE = (
+    "the denoise step produced non-finite values (NaN or inf) in the purified images: the engine is "
+    "broken or was built for other inputs; rebuild it (densepure-rt build --force)"
+)
 
 
 class NoiseSource(Protocol):
@@ -173,10 +179,7 @@ class BatchLoop:
         self.unet_evals += unet
         self.classifier_evals += classifier
         if bool(self.bad):
-            raise EngineError(
-                "the denoise step produced non-finite values (NaN or inf) in the purified images: the engine is "
-                "broken or was built for other inputs; rebuild it (densepure-rt build --force)"
-            )
+            raise EngineError(NON_FINITE)
         low, high = int(self.labels[:n].min()), int(self.labels[:n].max())
         if low < 0 or high >= self.num_classes:
             bad_label = low if low < 0 else high

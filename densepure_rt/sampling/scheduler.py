@@ -42,6 +42,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from densepure_rt.errors import EngineError
+from densepure_rt.sampling.loop import NON_FINITE, check_labels
 from densepure_rt.stats.vote import majority_vote, runs_to_decide, undecided, vote_waves
 
 __all__ = ["Job", "SchedulerStats", "Scheduler"]
@@ -374,19 +375,8 @@ class _Run:
         # Read with the labels (one host wait per chunk): a NaN image would get some label, and a
         # label outside the classes would hide the real fault.
         if not bool(xp.isfinite(sch.queue[:rows]).all()):
-            raise EngineError(
-                "the denoise step produced non-finite values (NaN or inf) in the purified images: the engine is "
-                "broken or was built for other inputs; rebuild it (densepure-rt build --force)"
-            )
-        labels = sch.device.to_host(sch.q_labels[:rows])
-        if labels.shape != (rows,) or labels.dtype.kind not in "iu":
-            raise EngineError(f"the classifier returned labels of shape {labels.shape} for {rows} images: rebuild the engine")
-        if rows and (labels.min() < 0 or labels.max() >= num_classes):
-            bad_label = int(labels[(labels < 0) | (labels >= num_classes)][0])
-            raise EngineError(
-                f"the classifier returned label {bad_label}, outside the engine's {num_classes} classes: "
-                "the engine's classifier does not match its manifest; rebuild the engine"
-            )
+            raise EngineError(NON_FINITE)
+        labels = check_labels(sch.device.to_host(sch.q_labels[:rows]), rows, num_classes)
         touched = set()
         for (place, run), label in zip(self.queue_rows[:rows], labels.tolist()):
             self.p_queued[place] -= 1
