@@ -351,7 +351,7 @@ def _common_options(f):
         click.option("--scheduling", type=click.Choice(["waves", "continuous"]), default="waves", show_default=True,
                      help="How engine calls are filled: 'waves' (a batch of samples, its undecided samples in shrinking "
                           "waves) or 'continuous' (every call full of runs of many samples at any step; not yet run on "
-                          "a GPU). The same rows."),
+                          "a GPU). The same rows for the same --round."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -381,14 +381,15 @@ def _radius_list(values) -> list[float]:
 @click.option("--round", "round_size", type=click.IntRange(min=1), default=None, metavar="N",
               help="With --radius or --tol: samples per round of the sequential test (its decisions come after each "
                    "round, in sample order). Independent of the engine's call size: the calls stay full of later "
-                   "samples. Smaller rounds stop sooner on easy images.  [default: --batch]")
+                   "samples. Smaller rounds stop sooner on easy images.  [default: 1 with --scheduling continuous, else --batch]")
 @click.option("--early-exit/--no-early-exit", default=None,
               help="Stop a noisy sample's K runs once its vote is decided (identical votes, less work). "
                    "Default: on for the CPU and with --scheduling continuous; with waves on a GPU from 64 noisy "
                    "samples per batch (smaller waves leave it idle).")
 @click.option("--images-per-call", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="Certify N images at a time in batches that mix their noisy samples (fills a GPU's batch "
-                   "when n0 or the end of a phase would not). Same rows; plain certify only.")
+                   "when n0 or the end of a phase would not). Same rows. With --scheduling continuous (every mode): "
+                   "the most images in flight; 1 leaves it to the scheduler (enough images to fill a call).")
 @click.option("--out", type=click.Path(), default="results.tsv", show_default=True, metavar="FILE", help="Results TSV (options saved as FILE.json).")
 @click.pass_context
 def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every,
@@ -427,8 +428,8 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
         raise ConfigError("--n-max goes with --radius or --tol; fixed-n CERTIFY takes --n")
     if round_size is not None and mode == "certify":
         raise ConfigError("--round goes with --radius or --tol (fixed-n CERTIFY has no rounds)")
-    if images_per_call > 1 and mode != "certify":
-        raise ConfigError("--images-per-call goes with fixed-n CERTIFY, not with --radius or --tol")
+    if images_per_call > 1 and mode != "certify" and scheduling != "continuous":
+        raise ConfigError("--images-per-call goes with fixed-n CERTIFY, or with --scheduling continuous")
     radii = _radius_list(radii) if radii else None
     rows = run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
                 progress_every, out, n0, n, radii=radii, tol=tol, early_exit=early_exit, round_size=round_size,

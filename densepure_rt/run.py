@@ -133,6 +133,8 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
     validate_params(sigma, alpha, n0 if mode != "predict" else None, n)
     if ray is None and actors is not None:
         raise ConfigError("--actors goes with --ray")
+    if ray is not None and images_per_call > 1 and mode != "certify":
+        raise ConfigError("with --ray, --images-per-call goes with fixed-n CERTIFY (each actor runs one image at a time)")
     out = _out_file(out)
     engine_dir = Path(engine_dir).expanduser()
     if threads is not None and ray is None:
@@ -149,6 +151,10 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
         # limit and the memory are checked against it before anything is written.
         per_call = (int(n0) + n) * images_per_call if mode == "certify" else max(int(n0 or 0), n)
         continuous = engine.scheduling == "continuous"
+        if mode in ("certify-radii", "certify-until") and round_size is None:
+            # The scheduler keeps the calls full whatever the round, so its tests read one vote at a
+            # time (they stop sooner); the wave loop runs one round per batch.
+            round_size = 1 if continuous else batch
         engine.check_rows(min(batch, per_call), votes)
         dataset, indices, spec, data_digest = _open_data(engine, data, skip, max_images)
         executor = engine.executor  # None for a Ray driver (metadata only)
@@ -180,7 +186,7 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
             "batch": batch,
             # The sequential modes decide after rounds of --round samples: another round size gives
             # other (equally valid) rows, so it is part of the experiment there.
-            "round": (round_size or batch) if mode in ("certify-radii", "certify-until") else None,
+            "round": round_size if mode in ("certify-radii", "certify-until") else None,
             "early_exit": engine.early_exit_for(batch, continuous=continuous),
             # How the engine calls were filled (densepure_rt/sampling/scheduler.py); not part of the
             # experiment: the rows are the same either way.
@@ -219,7 +225,10 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
             progress = Progress(mode.split("-")[0], len(todo), per_image, quiet, every)
             try:
                 one_by_one = todo
-                if mode == "certify" and images_per_call > 1:
+                if continuous:  # one scheduler run over every image, rows written as images finish
+                    _stream(engine, dataset, todo, writer, progress, task, images_per_call)
+                    one_by_one = []
+                elif mode == "certify" and images_per_call > 1:
                     _certify_groups(engine, dataset, todo, images_per_call, writer, progress, task)
                     one_by_one = []
                 for idx in one_by_one:
@@ -316,6 +325,28 @@ def _run_on_ray(engine, task, dataset, todo, writer, options, address, actors, d
         if progress is not None:
             progress.close()
         pool.close()
+
+
+def _stream(engine, dataset, todo, writer, progress, task, images_per_call: int) -> None:
+    """Every image of ``todo`` through one scheduler run (:func:`densepure_rt.scale.work.run_stream`):
+    rows written as images finish (flushed one by one, so a killed run resumes with the images not
+    written); ``--images-per-call`` above 1 bounds the images in flight."""
+    from densepure_rt.scale.work import run_stream, write_outcome
+
+    labels = {}
+
+    def items():
+        for idx in todo:
+            sample = dataset[idx]
+            labels[idx] = sample.label
+            yield idx, sample.image
+
+    def emit(outcome, samples: int) -> None:
+        write_outcome(writer, labels.pop(outcome.idx), outcome)
+        progress.update(task.samples_per_image - samples)  # the samples a sequential test did not need
+        progress.image_done()
+
+    run_stream(engine, task, items(), emit, in_flight=images_per_call if images_per_call > 1 else None, progress=progress.update)
 
 
 def _certify_groups(engine, dataset, todo, size, writer, progress, task) -> None:

@@ -525,26 +525,11 @@ class Engine:
         samples are those of fixed-n CERTIFY with the same seed: keeping the larger radius of both
         runs on one image doubles the error to 2 alpha (use another seed for the second run).
         """
-        from densepure_rt.stats.sequential import TargetRadiiTest
-
         validate_params(sigma, alpha, n0, n_max)
-        try:
-            test = TargetRadiiTest(sigma, list(radii), alpha, int(n_max))
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"--radius: {exc}") from None
+        test = _radii_test(sigma, radii, alpha, n_max)
         c_a, evals = self._sequential(image, test, sigma, steps, votes, n0, seed=seed, image_index=image_index, batch=batch,
                                       progress=progress, round_size=round_size)
-        result = test.result()
-        return RadiiCertificate(
-            prediction=c_a if result.certified else -1,
-            radius=result.radius,
-            c_a=c_a,
-            n_a=result.n_a,
-            n=result.n,
-            radii=tuple(float(r) for r in test.radii),
-            decisions=result.decisions,
-            unet_evals=evals,
-        )
+        return _radii_result(test, c_a, evals)
 
     def certify_until(
         self,
@@ -574,26 +559,11 @@ class Engine:
         prediction -1, radius 0. Same estimation samples as fixed-n CERTIFY with the same seed (see
         :meth:`certify_radii`).
         """
-        from densepure_rt.stats.sequential import EarlyStopRadius
-
         validate_params(sigma, alpha, n0, n_max)
-        try:
-            test = EarlyStopRadius(sigma, alpha, int(n_max), float(tol))
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"--tol: {exc}") from None
+        test = _until_test(sigma, alpha, n_max, tol)
         c_a, evals = self._sequential(image, test, sigma, steps, votes, n0, seed=seed, image_index=image_index, batch=batch,
                                       progress=progress, round_size=round_size)
-        result = test.result()
-        return EarlyStopCertificate(
-            prediction=c_a if result.certified else -1,
-            radius=result.radius,
-            c_a=c_a,
-            n_a=result.n_a,
-            n=result.n,
-            p_a_lower=result.p_a_lower,
-            reason=result.reason,
-            unet_evals=evals,
-        )
+        return _until_result(test, c_a, evals)
 
     def predict(
         self,
@@ -615,6 +585,101 @@ class Engine:
         self._prepare(sigma, steps, votes, batch, samples=int(n))
         counts = self.sample_counts(image, n, PREDICTION, seed=seed, image_index=image_index, batch=batch, progress=progress)
         return predict(counts, alpha)
+
+    def stream(self, mode: str, items, emit, *, sigma: float, steps: int | str = 4, votes: int = 10, n0: int = 100,
+               n: int = 1000, alpha: float = 0.001, radii=None, tol: float | None = None, seed: int = 0, batch: int = 32,
+               round_size: int = 1, in_flight: int | None = None, progress: Progress = None) -> SchedulerStats:
+        """Many images through one scheduler run (:mod:`densepure_rt.sampling.stream`): ``items``
+        yields (image index, image [C x H x W] in [0, 1]), read as images finish; ``emit(Streamed)``
+        gets each image's outcome as it finishes (``Streamed.result``: what ``certify_counts`` (a
+        (Certificate, CountsResult) pair), ``predict``, ``certify_radii`` or ``certify_until`` give
+        for the image alone, by ``mode``: "certify", "predict", "certify-radii", "certify-until").
+        Calls hold batch x votes rows; ``in_flight`` images at most are staged (default: enough for
+        the sequential tests' bounded samples to fill a call). Needs scheduling "continuous"."""
+        from densepure_rt.sampling.stream import FixedWork, SequentialWork, run_stream
+
+        if self.scheduling != "continuous":
+            raise ConfigError("streaming many images needs the scheduler: open the engine with scheduling='continuous'")
+        sequential = mode in ("certify-radii", "certify-until")
+        validate_params(sigma, alpha, n0 if mode != "predict" else None, n)
+        if isinstance(round_size, bool) or not isinstance(round_size, (int, np.integer)) or round_size < 1:
+            raise ConfigError(f"--round must be an integer >= 1 (got {round_size!r})")
+        if mode == "certify-radii":
+            _radii_test(sigma, radii, alpha, n)  # refuses bad radii before anything runs
+        elif mode == "certify-until":
+            _until_test(sigma, alpha, n, tol)
+        elif mode not in ("certify", "predict"):
+            raise ConfigError(f"unknown mode {mode!r}")
+        self._prepare(sigma, steps, votes, batch)
+        sch = self.scheduler()
+        if in_flight is None:
+            in_flight = -(-sch.slots // (sch.first * int(round_size))) + 1 if sequential else 2
+        if isinstance(in_flight, bool) or not isinstance(in_flight, (int, np.integer)) or in_flight < 1:
+            raise ConfigError(f"images in flight must be an integer >= 1 (got {in_flight!r})")
+        classes = self.num_classes
+
+        def make(idx: int):
+            if mode == "certify":
+                return FixedWork(idx, classes, [(SELECTION, n0), (ESTIMATION, n)],
+                                 lambda c, ev: (certify(c[0], c[1], sigma, alpha), CountsResult(c[0], c[1], ev)))
+            if mode == "predict":
+                return FixedWork(idx, classes, [(PREDICTION, n)], lambda c, ev: predict(c[0], alpha))
+            if mode == "certify-radii":
+                return SequentialWork(idx, classes, n0, _radii_test(sigma, radii, alpha, n), _radii_result, round_size, round_size)
+            return SequentialWork(idx, classes, n0, _until_test(sigma, alpha, n, tol), _until_result, round_size, round_size)
+
+        def checked():
+            for idx, image in items:
+                yield int(idx), self._image(image, int(idx)), make
+
+        return run_stream(sch, self.loop.device.stage, self.image_shape, checked(), seed=seed, in_flight=int(in_flight),
+                          emit=emit, progress=progress)
+
+
+def _radii_test(sigma, radii, alpha, n_max):
+    from densepure_rt.stats.sequential import TargetRadiiTest
+
+    try:
+        return TargetRadiiTest(sigma, list(radii), alpha, int(n_max))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"--radius: {exc}") from None
+
+
+def _radii_result(test, c_a: int, evals: int) -> RadiiCertificate:
+    result = test.result()
+    return RadiiCertificate(
+        prediction=c_a if result.certified else -1,
+        radius=result.radius,
+        c_a=c_a,
+        n_a=result.n_a,
+        n=result.n,
+        radii=tuple(float(r) for r in test.radii),
+        decisions=result.decisions,
+        unet_evals=int(evals),
+    )
+
+
+def _until_test(sigma, alpha, n_max, tol):
+    from densepure_rt.stats.sequential import EarlyStopRadius
+
+    try:
+        return EarlyStopRadius(sigma, alpha, int(n_max), float(tol))
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"--tol: {exc}") from None
+
+
+def _until_result(test, c_a: int, evals: int) -> EarlyStopCertificate:
+    result = test.result()
+    return EarlyStopCertificate(
+        prediction=c_a if result.certified else -1,
+        radius=result.radius,
+        c_a=c_a,
+        n_a=result.n_a,
+        n=result.n,
+        p_a_lower=result.p_a_lower,
+        reason=result.reason,
+        unet_evals=int(evals),
+    )
 
 
 def open_engine(

@@ -59,6 +59,10 @@ class Job:
     num: int
     #: Samples per delivery (0: all ``num`` at once): a sequential test's round.
     round: int = 0
+    #: Samples started and not yet delivered, at most, while other work can fill the call (0: no
+    #: bound). A sequential test's job is bounded, so free rows go to other images' samples rather
+    #: than to samples its test may never read; with nothing else to run it is exceeded.
+    ahead: int = 0
 
 
 @dataclass
@@ -151,7 +155,8 @@ class Scheduler:
         return counts
 
     def run(self, images, jobs: list[Job], seed: int, deliver: Callable[[int, np.ndarray], bool],
-            progress: Optional[Callable[[int], None]] = None, stats: SchedulerStats | None = None) -> SchedulerStats:
+            progress: Optional[Callable[[int], None]] = None, stats: SchedulerStats | None = None,
+            refill: Optional[Callable[[], bool]] = None) -> SchedulerStats:
         """Run ``jobs`` (a list the caller may append to from ``deliver``: a job that depends on an
         earlier one's outcome, as estimation on selection) and hand each job's voted labels to
         ``deliver(job, labels)`` **in sample order**, ``job.round`` samples at a time (the last
@@ -162,11 +167,17 @@ class Scheduler:
         Sample order is what keeps a sequential test valid: votes complete out of order (a
         unanimous sample needs fewer runs than a split one, and unanimity goes with the majority
         class), so a test fed in completion order would see the majority class early and certify
-        too often (tests/test_scheduler.py measures it). Labels that complete early wait until
-        their predecessors are in."""
+        too often (tests/test_scheduler_validity.py measures it). Labels that complete early wait
+        until their predecessors are in.
+
+        Rows are filled with: the next run of an undecided sample, else the next sample of the jobs
+        in flight (oldest job first, each within its ``ahead`` bound), else ``refill()``'s work (a
+        callable that appends jobs, e.g. the next image's, and returns whether it did), else
+        samples past the ``ahead`` bounds. ``stats.per_job_unet_evals`` is kept up to date while
+        running (a stopped job's count is final when ``deliver`` returns False)."""
         stats = stats if stats is not None else SchedulerStats()
         with self.device.stream():
-            _Run(self, images, jobs, int(seed), deliver, progress, stats).go()
+            _Run(self, images, jobs, int(seed), deliver, progress, stats, refill).go()
         self.loop.unet_evals += stats.unet_evals
         self.loop.classifier_evals += stats.classifier_evals
         return stats
@@ -195,9 +206,9 @@ class _Run:
     """The host state of one :meth:`Scheduler.run`: slots, the sample table, the classifier queue,
     each job's delivered prefix."""
 
-    def __init__(self, sch: Scheduler, images, jobs, seed, deliver, progress, stats):
+    def __init__(self, sch: Scheduler, images, jobs, seed, deliver, progress, stats, refill=None):
         self.sch, self.images, self.jobs, self.seed = sch, images, jobs, seed
-        self.deliver, self.progress, self.stats = deliver, progress, stats
+        self.deliver, self.progress, self.stats, self.refill = deliver, progress, stats, refill
         if not 0 <= seed < 2**32:
             raise ValueError("seed must be in [0, 2^32) for the Philox key and counter")
         R, P, K = sch.slots, sch.capacity, sch.votes
@@ -219,13 +230,13 @@ class _Run:
         self.order: list[int] = []  # live places in admission order: who gets free slots first
         self.queue_rows: list[tuple[int, int]] = []  # (place, run) of each purified image queued
         # Per job: next sample to start, voted labels not yet delivered, delivered count, stopped.
-        self.next_job = 0
+        self.live: list[int] = []  # jobs with samples left to start, oldest first
         self.started: list[int] = []
         self.voted: list[dict] = []
         self.delivered: list[int] = []
         self.stopped: list[bool] = []
-        self.runs_of: list[int] = []
-        self.evals_of: list[int] = []
+        self.runs_of = stats.per_job_runs = []
+        self.evals_of = stats.per_job_unet_evals = []
 
     # -- jobs ------------------------------------------------------------------------------------
     def _sync_jobs(self) -> None:
@@ -237,6 +248,8 @@ class _Run:
                     raise ValueError(f"{name} must be in [0, 2^32) for the Philox key and counter")
             if job.num < 0 or job.round < 0:
                 raise ValueError(f"a job needs num >= 0 and round >= 0 (got {job})")
+            if job.num > 0:
+                self.live.append(len(self.started))
             self.started.append(0)
             self.voted.append({})
             self.delivered.append(0)
@@ -247,6 +260,8 @@ class _Run:
     def _stop(self, j: int) -> None:
         """No more samples of job j start; its samples in flight are dropped."""
         self.stopped[j] = True
+        if j in self.live:
+            self.live.remove(j)
         for place in [p for p in self.order if self.p_job[p] == j]:
             self.slot_place[self.slot_place == place] = -1
             self.order.remove(place)
@@ -261,26 +276,37 @@ class _Run:
 
     # -- admission and slots -------------------------------------------------------------------------
     def _admit(self, count: int) -> int:
-        """Take up to ``count`` new samples (in job and sample order) into the table, their x_{t*}
-        computed on the device. Returns how many."""
+        """Take up to ``count`` new samples into the table (each job's in sample order; jobs oldest
+        first, within their ``ahead`` bounds, then ``refill``'s jobs, then past the bounds), their
+        x_{t*} computed on the device. Returns how many."""
         sch, xp = self.sch, self.sch.xp
         places, imgs, keys = [], [], []
         self._sync_jobs()
-        while len(places) < count and self.free_places and self.next_job < len(self.jobs):
-            j = self.next_job
-            job = self.jobs[j]
-            if self.stopped[j] or self.started[j] >= job.num:
-                self.next_job += 1
-                self._sync_jobs()
-                continue
-            place = self.free_places.pop()
-            self.p_job[place], self.p_sample[place] = j, self.started[j]
-            self.p_launched[place], self.p_target[place], self.p_known[place] = 0, sch.first, 0
-            places.append(place)
-            imgs.append(job.image)
-            keys.append((job.image_index, job.phase, self.started[j]))
-            self.order.append(place)
-            self.started[j] += 1
+
+        def take(bounded: bool) -> None:
+            for j in list(self.live):
+                job = self.jobs[j]
+                limit = job.num if not bounded or not job.ahead else min(job.num, self.delivered[j] + job.ahead)
+                while len(places) < count and self.free_places and self.started[j] < limit:
+                    place = self.free_places.pop()
+                    self.p_job[place], self.p_sample[place] = j, self.started[j]
+                    self.p_launched[place], self.p_target[place], self.p_known[place] = 0, sch.first, 0
+                    places.append(place)
+                    imgs.append(job.image)
+                    keys.append((job.image_index, job.phase, self.started[j]))
+                    self.order.append(place)
+                    self.started[j] += 1
+                if self.started[j] >= job.num:
+                    self.live.remove(j)
+                if len(places) >= count or not self.free_places:
+                    return
+
+        take(bounded=True)
+        while len(places) < count and self.free_places and self.refill is not None and self.refill():
+            self._sync_jobs()
+            take(bounded=True)
+        if len(places) < count:
+            take(bounded=False)
         if not places:
             return 0
         m = len(places)
@@ -334,7 +360,7 @@ class _Run:
                     self._classify(len(self.queue_rows))  # drain: nothing else can run until these are voted
                     continue
                 self._sync_jobs()
-                if any(not self.stopped[j] and self.started[j] < job.num for j, job in enumerate(self.jobs)):
+                if self.live:
                     if not self.free_places:  # cannot happen: with nothing running every place is free
                         raise RuntimeError("scheduler stalled with work left")
                     continue  # a job appended by deliver, not admitted yet
@@ -363,8 +389,6 @@ class _Run:
                 self.slot_place[done] = -1
             while len(self.queue_rows) >= sch.chunk:
                 self._classify(sch.chunk)
-        stats.per_job_runs = list(self.runs_of)
-        stats.per_job_unet_evals = list(self.evals_of)
 
     def _classify(self, rows: int) -> None:
         """Classify the first ``rows`` queued images, read their labels, update the votes."""

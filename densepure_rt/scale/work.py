@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-__all__ = ["MODES", "Task", "Outcome", "run_image", "run_group", "write_outcome"]
+__all__ = ["MODES", "Task", "Outcome", "run_image", "run_group", "run_stream", "write_outcome"]
 
 #: The run modes: fixed-n CERTIFY, target radii (--radius), early stopping (--tol), PREDICT.
 MODES = ("certify", "certify-radii", "certify-until", "predict")
@@ -102,6 +102,28 @@ def run_group(engine, task: Task, images, indices, progress: Optional[Callable[[
                                   seed=task.seed, image_indices=indices, batch=task.batch, progress=progress)
     seconds = (time.time() - t0) / max(len(indices), 1)
     return [Outcome(idx, "certify", cert, c.counts, c.unet_evals, seconds) for idx, (cert, c) in zip(indices, results)]
+
+
+def run_stream(engine, task: Task, items, emit: Callable[[Outcome, int], None], in_flight: Optional[int] = None,
+               progress: Optional[Callable[[int], None]] = None) -> None:
+    """Every image of ``items`` ((index, image) pairs, read lazily) through one scheduler run
+    (:meth:`densepure_rt.runtime.Engine.stream`, scheduling "continuous"): ``emit(outcome, samples)``
+    as each image finishes (in the order they finish), with the noisy samples its tests read. The
+    outcomes equal :func:`run_image`'s (tests/test_stream.py); ``seconds`` is the image's share of
+    the wall time (the time since the previous image finished)."""
+    engine.set_scheduling("continuous")
+    round_size = task.round_size if task.round_size is not None else 1
+
+    def out(s) -> None:
+        if task.mode == "certify":
+            cert, counts = s.result
+            emit(Outcome(s.idx, task.mode, cert, counts.counts, int(s.unet_evals), s.seconds), s.samples)
+        else:
+            emit(Outcome(s.idx, task.mode, s.result, None, int(s.unet_evals), s.seconds), s.samples)
+
+    engine.stream(task.mode, items, out, sigma=task.sigma, steps=task.steps, votes=task.votes, n0=task.n0, n=task.n,
+                  alpha=task.alpha, radii=task.radii, tol=task.tol, seed=task.seed, batch=task.batch, round_size=round_size,
+                  in_flight=in_flight, progress=progress)
 
 
 def write_outcome(writer, label: int, outcome: Outcome) -> None:

@@ -1,0 +1,195 @@
+"""Many images through one scheduler run (densepure_rt/sampling/stream.py, ``Engine.stream``, the CLI
+with ``--scheduling continuous``) against each image computed alone.
+
+On the shipped digits engine (trained weights, sigma 0.5 where votes split): every image's
+certificate, prediction, counts and test decisions equal what the engine's per-image methods give
+for it alone (the wave loop's for fixed n, the single-image scheduler's for the sequential tests, whose
+decisions equal the wave loop's with batch = round: tests/test_scheduler.py), for any bound on the
+images in flight and any round; fixed-n UNet evaluations are equal too. Rows are written as images
+finish; a run killed mid-stream resumes to the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from densepure_rt.cli import main
+from densepure_rt.files.data import DIGITS_TEST_ASSET
+from densepure_rt.files.results import read_results
+from densepure_rt.runtime import open_engine
+
+SIGMA, STEPS, VOTES, SEED = 0.5, 2, 3, 3
+CLI = [sys.executable, "-m", "densepure_rt.cli"]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stream") / "digits"
+    result = CliRunner().invoke(main, ["build", "--model", "digits", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    data = np.load(DIGITS_TEST_ASSET)
+    imgs = data["images"][:4].astype(np.float32)
+    if imgs.ndim == 3:
+        imgs = imgs[:, None]
+    return imgs / 255.0 if imgs.max() > 1.5 else imgs
+
+
+def _alone(eng, mode, image, idx, round_size):
+    common = dict(seed=SEED, image_index=idx, batch=8)
+    if mode == "certify":
+        cert, counts = eng.certify_counts(image, SIGMA, STEPS, VOTES, 10, 40, 0.001, **common)
+        return (cert, tuple(counts.counts0), tuple(counts.counts)), counts.unet_evals
+    if mode == "predict":
+        return eng.predict(image, SIGMA, STEPS, VOTES, 40, 0.001, **common), None
+    if mode == "certify-radii":
+        r = eng.certify_radii(image, SIGMA, [0.25, 0.5], STEPS, VOTES, 10, 120, 0.001, round_size=round_size, **common)
+        return (r.prediction, r.radius, r.c_a, r.n_a, r.n, r.decisions), None
+    r = eng.certify_until(image, SIGMA, 0.05, STEPS, VOTES, 10, 120, 0.001, round_size=round_size, **common)
+    return (r.prediction, r.radius, r.c_a, r.n_a, r.n, r.reason, r.p_a_lower), None
+
+
+def _streamed(result, mode):
+    if mode == "certify":
+        cert, counts = result
+        return cert, tuple(counts.counts0), tuple(counts.counts)
+    if mode == "predict":
+        return result
+    if mode == "certify-radii":
+        return result.prediction, result.radius, result.c_a, result.n_a, result.n, result.decisions
+    return result.prediction, result.radius, result.c_a, result.n_a, result.n, result.reason, result.p_a_lower
+
+
+@pytest.mark.parametrize("mode,in_flight,round_size", [
+    ("certify", None, 1), ("certify", 1, 1), ("predict", 2, 1),
+    ("certify-radii", None, 1), ("certify-radii", 1, 4), ("certify-until", 2, 1),
+])
+def test_each_streamed_image_equals_the_image_alone(engine, images, mode, in_flight, round_size):
+    with open_engine(engine, scheduling="continuous") as eng:
+        got = []
+        n = 120 if mode.startswith("certify-") else 40
+        stats = eng.stream(mode, [(20 + k, img) for k, img in enumerate(images)], got.append, sigma=SIGMA, steps=STEPS,
+                           votes=VOTES, n0=10, n=n, alpha=0.001, radii=[0.25, 0.5], tol=0.05, seed=SEED, batch=8,
+                           round_size=round_size, in_flight=in_flight)
+        assert sorted(s.idx for s in got) == [20 + k for k in range(len(images))]  # each image once
+        for s in got:
+            want, evals = _alone(eng, mode, images[s.idx - 20], s.idx, round_size)
+            assert _streamed(s.result, mode) == want
+            if evals is not None:  # fixed n: every sample runs, so the work is the image's own
+                assert s.unet_evals == evals
+        assert stats.idle_rows == 0 or stats.calls <= 2  # every call full but at the very end
+
+
+def test_the_stream_fills_calls_with_other_images_instead_of_speculation(engine, images):
+    """Rounds of one vote: one image at a time, the scheduler fills its calls with samples its test
+    may never read; streamed, those rows go to the other images' samples. Same decisions, less work."""
+    with open_engine(engine, scheduling="continuous") as eng:
+        alone = sum(eng.certify_radii(img, SIGMA, [0.25], STEPS, VOTES, 10, 150, 0.001, seed=SEED, image_index=k, batch=8,
+                                      round_size=1).unet_evals for k, img in enumerate(images))
+        got = []
+        eng.stream("certify-radii", list(enumerate(images)), got.append, sigma=SIGMA, steps=STEPS, votes=VOTES, n0=10,
+                   n=150, alpha=0.001, radii=[0.25], seed=SEED, batch=8, round_size=1)
+        streamed = sum(s.unet_evals for s in got)
+    assert streamed < alone, (streamed, alone)
+
+
+def test_stream_refuses_the_wave_loop_and_bad_bounds(engine, images):
+    from densepure_rt.errors import ConfigError
+
+    with open_engine(engine) as eng:  # waves
+        with pytest.raises(ConfigError, match="scheduling='continuous'"):
+            eng.stream("certify", [(0, images[0])], print, sigma=SIGMA)
+    with open_engine(engine, scheduling="continuous") as eng:
+        with pytest.raises(ConfigError, match="images in flight"):
+            eng.stream("certify", [(0, images[0])], print, sigma=SIGMA, in_flight=0)
+        with pytest.raises(ConfigError, match="--round"):
+            eng.stream("certify-radii", [(0, images[0])], print, sigma=SIGMA, radii=[0.25], round_size=0)
+        bad = images[0].copy()
+        bad[0, 0, 0] = np.nan
+        got = []
+        with pytest.raises(Exception, match="(?i)nan|finite"):
+            eng.stream("certify", [(0, images[0]), (1, bad)], got.append, sigma=SIGMA, steps=STEPS, votes=VOTES, n0=5, n=5,
+                       in_flight=1)
+        assert [s.idx for s in got] == [0]  # the image before the bad one finished and was emitted
+
+
+def _certify(out: Path, *extra: str) -> list[str]:
+    return ["certify", "--engine", str(extra[0]), "--sigma", str(SIGMA), "--steps", str(STEPS), "--votes", str(VOTES),
+            "--max", "5", "--batch", "8", "--seed", str(SEED), "--out", str(out), "--quiet", *extra[1:]]
+
+
+def _rows(path: Path) -> dict:
+    """Rows by image index, without the wall-clock time and the work (sequential tests' dropped
+    samples depend on what else was in flight)."""
+    text = path.read_text().splitlines()
+    header = text[0].split("\t")
+    rows = {}
+    for line in text[1:]:
+        cells = dict(zip(header, line.split("\t")))
+        assert cells["idx"] not in rows
+        rows[cells["idx"]] = {k: v for k, v in cells.items() if k not in ("time", "unet_evals")}
+    return rows
+
+
+@pytest.mark.parametrize("extra", [["--n0", "10", "--n", "40"], ["--radius", "0.25", "--n-max", "100", "--round", "4"],
+                                   ["--tol", "0.05", "--n-max", "100", "--round", "4"]])
+def test_cli_continuous_rows_equal_the_wave_loops(engine, tmp_path, extra):
+    waves, cont = tmp_path / "waves.tsv", tmp_path / "cont.tsv"
+    runner = CliRunner()
+    r1 = runner.invoke(main, _certify(waves, engine, *extra))
+    assert r1.exit_code == 0, r1.output
+    r2 = runner.invoke(main, _certify(cont, engine, *extra, "--scheduling", "continuous", "--images-per-call", "3"))
+    assert r2.exit_code == 0, r2.output
+    assert _rows(cont) == _rows(waves)
+    options = json.loads(Path(str(cont) + ".json").read_text())
+    assert options["scheduling"] == "continuous" and options["images_per_call"] == 3
+    if "--n" in extra:  # fixed n: the work is each image's own, so unet_evals match too
+        evals = [{r["idx"]: r["unet_evals"] for r in read_results(path)} for path in (cont, waves)]
+        assert evals[0] == evals[1]
+
+
+def test_cli_continuous_round_defaults_to_one(engine, tmp_path):
+    out = tmp_path / "r.tsv"
+    result = CliRunner().invoke(main, _certify(out, engine, "--radius", "0.25", "--n-max", "100", "--scheduling", "continuous"))
+    assert result.exit_code == 0, result.output
+    assert json.loads(Path(str(out) + ".json").read_text())["round"] == 1
+
+
+@pytest.mark.slow
+def test_a_streamed_run_killed_mid_stream_resumes_to_the_same_rows(engine, tmp_path):
+    args = ["--radius", "0.25", "--n-max", "200", "--scheduling", "continuous", "--images-per-call", "2"]
+    reference = tmp_path / "reference.tsv"
+    done = subprocess.run(CLI + _certify(reference, engine, *args), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    out = tmp_path / "killed.tsv"
+    proc = subprocess.Popen(CLI + _certify(out, engine, *args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            if out.exists() and len(out.read_text().splitlines()) >= 2:  # header and one row
+                proc.send_signal(signal.SIGKILL)
+                break
+            time.sleep(0.005)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert 1 <= len(_rows(out)) < 5
+    resumed = subprocess.run(CLI + _certify(out, engine, *args, "--resume"), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    assert _rows(out) == _rows(reference)
