@@ -1,0 +1,130 @@
+"""Samples per decision of ``certify --radius`` by round size: the wave loop's rounds of --batch
+against the scheduler's rounds of one vote, on the digits engine, through the CLI.
+
+    python benchmarks/round_bench.py --engine engines/digits --out benchmarks/results/scheduler/round_digits
+
+Every 9th digits test image (40), sigma 0.5, b = 4, K = 3, n0 = 100, alpha = 0.001, seed 0,
+``--radius 0.25`` (0.5 sigma), ``--n-max 2000`` (the sample-efficiency settings of the README):
+
+- ``waves_round32``: the wave loop, --batch 32 (its rounds are its batches);
+- ``continuous_round32``: the scheduler streaming every image, --round 32 (same decisions as
+  waves_round32: checked, so only the work and the time may differ);
+- ``continuous_round1``: the scheduler, --round 1 (its default).
+
+Per run: wall time, certified accuracy, estimation samples per image (mean; and for the images whose
+target was certified, against the lower bound log(1/alpha) / KL(p_hat || p0) with p_hat = n_a / n
+and p0 = Phi(R / sigma): the fewest samples any test that certifies at level alpha needs on average
+at that vote frequency), UNet evaluations per image. Writes the TSVs, their options and
+``summary.json`` under ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from scipy import stats
+
+SIGMA, RADIUS, ALPHA = 0.5, 0.25, 0.001
+RUNS = {
+    "waves_round32": ["--batch", "32"],
+    "continuous_round32": ["--batch", "32", "--scheduling", "continuous", "--round", "32"],
+    "continuous_round1": ["--batch", "32", "--scheduling", "continuous", "--round", "1"],
+}
+
+
+def _kl(p: float, q: float) -> float:
+    terms = [p * math.log(p / q) if p > 0 else 0.0, (1 - p) * math.log((1 - p) / (1 - q)) if p < 1 else 0.0]
+    return sum(terms)
+
+
+def _rows(path: Path) -> list[dict]:
+    lines = path.read_text().splitlines()
+    header = lines[0].split("\t")
+    return sorted((dict(zip(header, line.split("\t"))) for line in lines[1:]), key=lambda r: int(r["idx"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", default="engines/digits")
+    parser.add_argument("--out", default="benchmarks/results/scheduler/round_digits")
+    parser.add_argument("--easy-only", action="store_true", help="only (re)compute the easy-image comparison from --out's files")
+    args = parser.parse_args()
+    out = Path(args.out)
+    if args.easy_only:
+        summary = json.loads((out / "summary.json").read_text())
+        summary["easy_images"] = _easy(out)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(json.dumps(summary["easy_images"], indent=2))
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    p0 = float(stats.norm.cdf(RADIUS / SIGMA))
+    summary = {"settings": {"sigma": SIGMA, "radius": RADIUS, "alpha": ALPHA, "steps": 4, "votes": 3, "n0": 100,
+                            "n_max": 2000, "images": "every 9th digits test image (40)", "p0": p0},
+               "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
+               "runs": {}}
+    decisions = {}
+    for name, extra in RUNS.items():
+        tsv = out / f"{name}.tsv"
+        for stale in (tsv, Path(f"{tsv}.json")):
+            stale.unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "densepure_rt.cli", "certify", "--engine", args.engine, "--sigma", str(SIGMA), "--steps", "4",
+               "--votes", "3", "--n0", "100", "--alpha", str(ALPHA), "--skip", "9", "--seed", "0", "--radius", str(RADIUS),
+               "--n-max", "2000", "--quiet", "--out", str(tsv), *extra]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        seconds = time.perf_counter() - t0
+        rows = _rows(tsv)
+        n = [int(r["n"]) for r in rows]
+        evals = [int(r["unet_evals"]) for r in rows]
+        certified = [r for r in rows if r["predict"] != "-1" and r["correct"] == "1"]
+        ratios = []
+        for r in rows:
+            if r["predict"] == "-1":
+                continue
+            p_hat = int(r["n_a"]) / int(r["n"])
+            if p_hat > p0:
+                ratios.append(int(r["n"]) / (math.log(1 / ALPHA) / _kl(p_hat, p0)))
+        decisions[name] = [(r["idx"], r["predict"], r["radius"], r["n"], r["n_a"]) for r in rows]
+        summary["runs"][name] = {
+            "command": " ".join(cmd[2:]),
+            "seconds": round(seconds, 1),
+            "certified_accuracy": len(certified) / len(rows),
+            "estimation_samples_mean": sum(n) / len(n),
+            "estimation_samples_median": sorted(n)[len(n) // 2],
+            "certified_images": sum(r["predict"] != "-1" for r in rows),
+            "samples_over_lower_bound_mean": sum(ratios) / len(ratios) if ratios else None,
+            "unet_evals_per_image_mean": sum(evals) / len(evals),
+        }
+        print(name, json.dumps(summary["runs"][name]), flush=True)
+    summary["continuous_round32_decisions_equal_waves_round32"] = decisions["continuous_round32"] == decisions["waves_round32"]
+    if not summary["continuous_round32_decisions_equal_waves_round32"]:
+        raise SystemExit("the scheduler's rounds of 32 decided otherwise than the wave loop's: a bug")
+    summary["easy_images"] = _easy(out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _easy(out: Path) -> dict:
+    """The images the wave loop certified within its first two rounds (n <= 64): their estimation
+    samples and UNet evaluations, rounds of 32 against rounds of 1."""
+    a = {r["idx"]: r for r in _rows(out / "waves_round32.tsv")}
+    b = {r["idx"]: r for r in _rows(out / "continuous_round1.tsv")}
+    easy = [i for i in a if a[i]["predict"] != "-1" and int(a[i]["n"]) <= 64]
+
+    def mean(rows, key):
+        return sum(int(rows[i][key]) for i in easy) / len(easy)
+
+    return {"images": len(easy), "rule": "certified by waves_round32 with n <= 64",
+            "estimation_samples_mean": {"round32": mean(a, "n"), "round1": mean(b, "n")},
+            "unet_evals_mean": {"round32": mean(a, "unet_evals"), "round1": mean(b, "unet_evals")},
+            "same_predictions_all_images": sum(a[i]["predict"] == b[i]["predict"] for i in a)}
+
+
+if __name__ == "__main__":
+    main()
