@@ -9,6 +9,12 @@ the PyTorch paths of ``gpu_bench.py`` are timed at) and on.
     python benchmarks/runtime_bench.py --engine engines/cifar10-rand16 --device cuda --batch 64 200 --out DIR
     python benchmarks/runtime_bench.py --engine engines/digits --device cpu --batch 32 --out /tmp/rb  # CPU
 
+``--scheduling continuous`` (or ``both``) times the continuous-batching scheduler instead of (or
+besides) the wave loop, with its idle-row fraction. Every row reports the time spent in the step
+graph and in the classifier separately (:class:`TimedExecutor`: host clocks around each call on the
+CPU, where calls are synchronous; CUDA events on the device's stream on a GPU, read once at the
+end. The GPU path has not been run by this project.) and UNet evaluations per noisy sample.
+
 Writes ``runtime_<device>.json`` and ``runtime_<device>.md`` into ``--out`` after every
 configuration and prints the table last. Inputs: the first images of the engine's default data
 set where it has one, else uniform random images (never zeros).
@@ -39,35 +45,109 @@ from densepure_rt.runtime import open_engine  # noqa: E402
 PEAK_TFLOPS = 989.0
 
 
+class TimedExecutor:
+    """An executor whose step and classify calls are timed: ``seconds["step"]``, ``seconds["classify"]``
+    after :meth:`totals`. On the CPU (numpy buffers) host clocks around each call; with CuPy buffers
+    CUDA events recorded on the current stream around each call (no synchronisation in between; the
+    elapsed times are read at :meth:`totals`). Everything else is the wrapped executor's."""
+
+    def __init__(self, inner, xp):
+        self._inner, self._xp = inner, xp
+        self._gpu = xp.__name__ == "cupy"
+        self._events = {"step": [], "classify": []}
+        self._host = {"step": 0.0, "classify": 0.0}
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def _timed(self, what, fn, *args):
+        if self._gpu:
+            start, end = self._xp.cuda.Event(), self._xp.cuda.Event()
+            start.record()
+            fn(*args)
+            end.record()
+            self._events[what].append((start, end))
+        else:
+            t0 = time.perf_counter()
+            fn(*args)
+            self._host[what] += time.perf_counter() - t0
+
+    def step(self, x, noise, scalars, out):
+        self._timed("step", self._inner.step, x, noise, scalars, out)
+
+    def classify(self, images, labels, logits):
+        self._timed("classify", self._inner.classify, images, labels, logits)
+
+    def reset(self) -> None:
+        self._events = {"step": [], "classify": []}
+        self._host = {"step": 0.0, "classify": 0.0}
+
+    def totals(self) -> dict:
+        if not self._gpu:
+            return dict(self._host)
+        out = {}
+        for what, pairs in self._events.items():
+            if pairs:
+                pairs[-1][1].synchronize()
+            out[what] = sum(self._xp.cuda.get_elapsed_time(a, b) for a, b in pairs) / 1e3
+        return out
+
+
 def published(preset: str) -> dict:
     p = get_preset(preset).published or {}
     return {"n0": p.get("n0", 100), "n": p.get("n", 10000)}
 
 
 def time_config(engine_dir: Path, device: str, batch: int, sigma: float, steps: int, votes: int, early_exit: bool,
-                seconds: float, seed: int, cuda_graph: bool = True) -> dict:
-    with open_engine(engine_dir, device=device, early_exit=early_exit, cuda_graph=cuda_graph) as engine:
+                seconds: float, seed: int, cuda_graph: bool = True, scheduling: str = "waves") -> dict:
+    from densepure_rt.sampling.scheduler import SchedulerStats
+
+    with open_engine(engine_dir, device=device, early_exit=early_exit, cuda_graph=cuda_graph, scheduling=scheduling) as engine:
         shape = engine.image_shape
         image = np.random.default_rng(seed).uniform(0.05, 0.95, size=shape).astype(np.float32)
+        timed = engine.loop.executor = TimedExecutor(engine.loop.executor, engine.loop.xp)
         engine._prepare(sigma, steps, votes, batch)
-        # Warm-up: sessions, cuDNN autotuning, the kernel's compilation, the arena.
-        engine.sample_counts(image, batch, ESTIMATION, seed=seed, image_index=0, batch=batch)
+        idle = {"busy": 0, "idle": 0}
+
+        def one(seed_, index):
+            if scheduling == "waves":
+                engine.sample_counts(image, batch, ESTIMATION, seed=seed_, image_index=index, batch=batch)
+                return
+            st = SchedulerStats()
+            staged = engine.loop.device.stage(image[None])
+            from densepure_rt.sampling.scheduler import Job
+
+            engine.scheduler().counts(staged, [Job(0, index, ESTIMATION, batch)], seed_, stats=st)
+            idle["busy"] += st.busy_rows
+            idle["idle"] += st.idle_rows
+
+        # Warm-up: sessions, cuDNN autotuning, the kernel's compilation, the arena, every shape.
+        one(seed, 0)
+        one(seed + 10_000, 0)
+        timed.reset()
+        idle.update(busy=0, idle=0)
         evals0, samples, batches = engine.loop.unet_evals, 0, 0
         t0 = time.perf_counter()
         while True:
-            engine.sample_counts(image, batch, ESTIMATION, seed=seed + 1 + batches, image_index=1, batch=batch)
+            one(seed + 1 + batches, 1)
             samples += batch
             batches += 1
-            elapsed = time.perf_counter() - t0  # sample_counts reads the labels back: the GPU is done
+            elapsed = time.perf_counter() - t0  # the counts read the labels back: the GPU is done
             if elapsed >= seconds and batches >= 3:
                 break
         evals = engine.loop.unet_evals - evals0
+        split = timed.totals()
         manifest = engine.manifest
-        executor = engine.executor
+        executor = timed._inner
         info = {
             "providers": getattr(executor, "providers", None),
             "ort_cuda_graph": bool(getattr(executor, "cuda_graph", False)),
             "ort_cuda_graph_off": getattr(executor, "cuda_graph_off", None),
+            "scheduling": scheduling,
+            "step_seconds": round(split["step"], 4),
+            "classifier_seconds": round(split["classify"], 4),
+            "ms_per_unet_eval_row_step_only": 1e3 * split["step"] / max(1, evals),
+            "idle_row_fraction": (idle["idle"] / max(1, idle["busy"] + idle["idle"])) if scheduling == "continuous" else None,
         }
     calls = evals / max(1, samples)  # UNet evaluations per noisy sample (K * b without early exit)
     unet_gflop = float(manifest["cost_gflop"]["unet"])
@@ -102,17 +182,20 @@ def time_config(engine_dir: Path, device: str, batch: int, sigma: float, steps: 
 
 def markdown(rows: list[dict], header: str) -> str:
     lines = [header, "",
-             "| engine | precision | batch (rows) | early exit | ORT graph | samples/s | UNet evals/s | ms/UNet eval/row "
-             "| x floor | GPU-s/image (published) | images/hour |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| engine | precision | scheduling | batch (rows) | early exit | ORT graph | samples/s | UNet evals/s | UNet evals/sample "
+             "| ms/UNet eval/row | step s | classifier s | idle rows | x floor | GPU-s/image (published) | images/hour |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['engine']} | - | {r['batch']} | {r['early_exit']} | - | FAILED: {r['error']} | | | | | |")
+            lines.append(f"| {r['engine']} | - | - | {r['batch']} | {r['early_exit']} | - | FAILED: {r['error']} | | | | | | | | | |")
             continue
         lines.append(
-            f"| {Path(r['engine']).name} | {r['precision']} | {r['batch']} ({r['rows']}) | {r['early_exit']} | "
-            f"{'on' if r.get('ort_cuda_graph') else 'off'} | "
-            f"{r['noisy_samples_per_s']:.1f} | {r['unet_evals_per_s']:.0f} | {r['ms_per_unet_eval_row']:.4f} | "
+            f"| {Path(r['engine']).name} | {r['precision']} | {r.get('scheduling', 'waves')} | {r['batch']} ({r['rows']}) | "
+            f"{r['early_exit']} | {'on' if r.get('ort_cuda_graph') else 'off'} | "
+            f"{r['noisy_samples_per_s']:.1f} | {r['unet_evals_per_s']:.0f} | {r['unet_evals_per_sample']:.2f} | "
+            f"{r['ms_per_unet_eval_row']:.4f} | {r.get('step_seconds', float('nan')):.2f} | "
+            f"{r.get('classifier_seconds', float('nan')):.2f} | "
+            f"{'-' if r.get('idle_row_fraction') is None else format(r['idle_row_fraction'], '.3f')} | "
             f"{r['floor_multiple']:.2f} | {r['gpu_s_per_image_published']:.0f} | {r['images_per_hour_published']:.2f} |"
         )
     return "\n".join(lines) + "\n"
@@ -130,6 +213,8 @@ def main(argv=None) -> int:
     ap.add_argument("--early-exit", choices=["off", "on", "both"], default="both")
     ap.add_argument("--cuda-graph", choices=["off", "on", "both"], default="on",
                     help="ONNX Runtime's CUDA graph for full batches (GPU only)")
+    ap.add_argument("--scheduling", choices=["waves", "continuous", "both"], default="waves",
+                    help="the wave loop, the continuous-batching scheduler, or both")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--name", default=None, help="file stem: runtime_NAME.json / .md (default: the device)")
@@ -138,6 +223,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.early_exit]
+    schedulings = ["waves", "continuous"] if args.scheduling == "both" else [args.scheduling]
     graphs = {"off": [False], "on": [True], "both": [True, False]}[args.cuda_graph] if args.device == "cuda" else [False]
     header = (f"### densepure-rt runtime, {args.device}, {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}"
               f"\n\nsigma {args.sigma}, b = {args.steps}, K = {args.votes}; `{' '.join([Path(sys.executable).name, *sys.argv])}`; "
@@ -148,12 +234,12 @@ def main(argv=None) -> int:
         rows = json.loads((out / f"{stem}.json").read_text())
     for engine_dir in args.engine:
         for batch in args.batch:
-            for early_exit, cuda_graph in [(e, g) for e in modes for g in graphs]:
+            for early_exit, cuda_graph, scheduling in [(e, g, c) for e in modes for g in graphs for c in schedulings]:
                 if early_exit and not cuda_graph and len(graphs) > 1:
                     continue  # with early exit the waves are not full batches: the graph plays no part
                 try:
                     r = time_config(Path(engine_dir), args.device, batch, args.sigma, args.steps, args.votes,
-                                    early_exit, args.seconds, args.seed, cuda_graph)
+                                    early_exit, args.seconds, args.seed, cuda_graph, scheduling)
                 except Exception as exc:  # noqa: BLE001 - one unattended run: keep the others
                     traceback.print_exc()
                     r = {"engine": engine_dir, "batch": batch, "early_exit": early_exit,
