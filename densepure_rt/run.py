@@ -133,8 +133,6 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
     validate_params(sigma, alpha, n0 if mode != "predict" else None, n)
     if ray is None and actors is not None:
         raise ConfigError("--actors goes with --ray")
-    if ray is not None and images_per_call > 1 and mode != "certify":
-        raise ConfigError("with --ray, --images-per-call goes with fixed-n CERTIFY (each actor runs one image at a time)")
     out = _out_file(out)
     engine_dir = Path(engine_dir).expanduser()
     if threads is not None and ray is None:

@@ -174,6 +174,23 @@ def test_ray_groups_of_images_per_call_equal_single_process(work, engine, images
     assert rows_without_time(out) == expected
 
 
+def test_ray_actors_stream_several_images_with_the_scheduler(work, engine, images, cluster, reference):
+    """--scheduling continuous --images-per-call 3 with --ray and --radius: each actor streams 3
+    images through one scheduler run (several in flight); with --round 16 (the reference's rounds)
+    every row equals the single-process wave loop's but the work (samples started past a test's
+    stop are dropped, and how many depends on what else was in flight)."""
+    args, expected = reference["radius"]
+    out = work / "ray_stream.tsv"
+    result = invoke(*args, "--engine", engine, "--data", images, "--ray", cluster, "--actors", "2", "--images-per-call", "3",
+                    "--scheduling", "continuous", "--round", "16", "--quiet", "--out", out)
+    assert result.exit_code == 0, result.output
+
+    def without_work(rows):
+        return {k: tuple(c for c in v if c[0] != "unet_evals") for k, v in rows.items()}
+
+    assert without_work(rows_without_time(out)) == without_work(expected)
+
+
 @pytest.mark.parametrize("group", [1, 3])
 def test_killed_actors_lose_only_their_images(group, engine, images, cluster, reference):
     """SIGKILL one actor after the first image and the other after the third (one image, or groups

@@ -490,8 +490,9 @@ class RayPool:
             progress: Optional[Callable[[int], None]] = None) -> Iterator[Outcome]:
         """Outcomes of every image in ``indices`` (``load(idx)`` gives its image), in completion order.
 
-        ``group`` > 1 (fixed-n CERTIFY only): each actor gets up to ``group`` images at a time, whose
-        noisy samples share batches (:func:`densepure_rt.scale.work.run_group`; same outcomes). An image
+        ``group`` > 1 (fixed-n CERTIFY, or any mode with scheduling "continuous", where the actor
+        streams its images through one scheduler run): each actor gets up to ``group`` images at a
+        time, whose noisy samples share batches (:func:`densepure_rt.scale.work.run_group`; same outcomes). An image
         whose actor died (with its group) is computed again by another actor; an error of the
         user's (a :class:`DensePureError` on an actor) is raised here as itself.
 
@@ -500,8 +501,8 @@ class RayPool:
         when a dead actor's counted samples are to be drawn again), so a bar moves within an image."""
         ray = self.ray
         group = int(group)
-        if group < 1 or (group > 1 and task.mode != "certify"):
-            raise ConfigError("images per call > 1 goes with fixed-n CERTIFY only")
+        if group < 1 or (group > 1 and task.mode != "certify" and task.scheduling != "continuous"):
+            raise ConfigError("images per call > 1 goes with fixed-n CERTIFY, or with scheduling 'continuous'")
         todo = iter(indices)
         retry: deque = deque()
         pending: dict = {}

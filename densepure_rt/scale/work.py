@@ -92,10 +92,15 @@ def run_group(engine, task: Task, images, indices, progress: Optional[Callable[[
     """Fixed-n CERTIFY of several images whose noisy samples share batches
     (:meth:`densepure_rt.runtime.Engine.certify_many_counts`, ``--images-per-call``): the same outcomes as
     :func:`run_image` of each image alone (tests), each charged its own UNet evaluations and an equal
-    share of the group's wall time."""
-    if task.mode != "certify":
-        raise ValueError("groups of images share batches in fixed-n CERTIFY only")
+    share of the group's wall time. With scheduling "continuous", any mode: the images stream through
+    one scheduler run (:func:`run_stream`; a Ray actor's several images in flight)."""
     indices = [int(i) for i in indices]
+    if task.scheduling == "continuous":  # any mode: the images stream through one scheduler run
+        outcomes: dict = {}
+        run_stream(engine, task, list(zip(indices, images)), lambda o, _: outcomes.__setitem__(o.idx, o), progress=progress)
+        return [outcomes[i] for i in indices]
+    if task.mode != "certify":
+        raise ValueError("groups of images share batches in fixed-n CERTIFY, or in any mode with scheduling 'continuous'")
     engine.set_scheduling(task.scheduling)
     t0 = time.time()
     results = engine.certify_many_counts(list(images), task.sigma, task.steps, task.votes, task.n0, task.n, task.alpha,
