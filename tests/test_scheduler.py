@@ -88,6 +88,25 @@ def test_counts_and_work_equal_the_wave_loop(engine, images, votes, slots):
         assert sum(want_runs) > sum(j.num for j in jobs) * vote_waves(votes)[0]
 
 
+@pytest.mark.parametrize("slots", [7, 64])
+def test_full_calls_give_the_same_counts_and_count_their_free_rows_idle(engine, images, slots):
+    """full_calls (the default where the executor replays a CUDA graph): every call runs all rows,
+    the free ones on stale values; the counts and the work are the same, and every call's free rows
+    are counted idle (calls x slots rows in all)."""
+    jobs = _jobs(5, 9, 3)
+    with open_engine(engine) as eng:
+        eng._prepare(SIGMA, STEPS, 3, 16)
+        want_counts, want_runs = _wave_counts(eng, images, jobs, 3, seed=7)
+        stats = SchedulerStats()
+        sch = Scheduler(eng.loop, slots, full_calls=True)
+        assert Scheduler(eng.loop, slots).full_calls is False  # ONNX Runtime on the CPU replays no graph
+        got = sch.counts(eng.loop.device.stage(images), jobs, seed=7, stats=stats)
+    for g, w in zip(got, want_counts):
+        np.testing.assert_array_equal(g, w)
+    assert stats.per_job_runs == want_runs and stats.unet_evals == sum(want_runs) * STEPS
+    assert stats.busy_rows + stats.idle_rows == stats.calls * slots and stats.idle_rows > 0
+
+
 @pytest.mark.parametrize("steps", ["none", "one-shot", 1])
 def test_the_word_paths_and_one_step_equal_the_wave_loop(engine, images, steps):
     """--steps none (no reverse step: the classifier sees x_{t*}), one-shot and b = 1."""

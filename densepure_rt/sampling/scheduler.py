@@ -94,7 +94,7 @@ class Scheduler:
     device and noise (see the module doc). ``slots``: rows per step call (the engine's row limit
     and memory are checked by the caller, as for the wave loop's batch x K)."""
 
-    def __init__(self, loop, slots: int, chunk: int | None = None, early_exit: bool = True):
+    def __init__(self, loop, slots: int, chunk: int | None = None, early_exit: bool = True, full_calls: bool | None = None):
         if loop.rs is None:
             raise RuntimeError("prepare the loop first")
         self.loop, self.xp, self.device = loop, loop.xp, loop.device
@@ -113,13 +113,17 @@ class Scheduler:
         self.capacity = self.slots + self.chunk + self.slots
         #: Runs a sample starts with: ceil(K/2) with the vote's exact early exit, else all K.
         self.first = vote_waves(self.votes)[0] if early_exit else self.votes
+        #: Every step call runs all ``slots`` rows (free rows on stale values, counted idle): one shape,
+        #: so a captured CUDA graph replays for every call. Default: when the executor replays one
+        #: (ONNX Runtime's CUDA graph); otherwise a call covers the occupied rows only (cheaper on a CPU).
+        self.full_calls = bool(getattr(loop.executor, "cuda_graph", False)) if full_calls is None else bool(full_calls)
         self._allocate()
 
     def _allocate(self) -> None:
         xp, f32, u32 = self.xp, np.float32, np.uint32
         shape, R, P, Q = self.loop.image_shape, self.slots, self.capacity, self.chunk + self.slots
-        self.x = xp.empty((R, *shape), dtype=f32)
-        self.x_next = xp.empty_like(self.x)
+        self.x = xp.zeros((R, *shape), dtype=f32)  # free rows run on these: finite from the start
+        self.x_next = xp.zeros_like(self.x)
         self.z = xp.empty_like(self.x)
         self.scalars = xp.empty((R, self.loop.table.shape[1]), dtype=f32)
         self.start = xp.empty((P, *shape), dtype=f32)  # x_{t*} of each sample in flight
@@ -365,7 +369,8 @@ class _Run:
                         raise RuntimeError("scheduler stalled with work left")
                     continue  # a job appended by deliver, not admitted yet
                 break
-            hi = int(np.flatnonzero(busy)[-1]) + 1  # slots fill lowest first: the call covers 0 .. hi-1
+            # Slots fill lowest first: the call covers 0 .. hi-1 (all slots with full_calls).
+            hi = sch.slots if sch.full_calls else int(np.flatnonzero(busy)[-1]) + 1
             if calls:
                 sch._step(self.jobs, self.slot_place[:hi], self.slot_run[:hi], self.slot_step[:hi], self.p_job, self.p_sample,
                           self.seed)
