@@ -151,13 +151,46 @@ def _weights_sha256(path: str | None, shipped: str, random_weights: bool) -> str
 RANDOM_SUFFIX = "-random"
 
 
-def _timed_log(started: float):
-    """A build log that prefixes each stage with the seconds since the build started."""
+def _timed_log(started: float, pending: list | None = None, committing: list | None = None):
+    """A build log that prefixes each stage with the seconds since the build started. ``pending``:
+    signals seen (:func:`_signals_noted`); a stage boundary raises one that a library swallowed,
+    until ``committing`` is non-empty (the engine is taking its place)."""
 
     def log(message: str) -> None:
+        if not committing:
+            _raise_pending(pending)
         click.echo(f"[{time.time() - started:5.0f} s] {message}", err=True)
 
     return log
+
+
+def _raise_pending(pending: list | None) -> None:
+    if pending:
+        raise _Terminated() if pending[0] == signal.SIGTERM else KeyboardInterrupt()
+
+
+@contextlib.contextmanager
+def _signals_noted():
+    """SIGINT and SIGTERM raise as before, and are also noted in the yielded list: a library that
+    catches every exception cannot make the build ignore them, since each stage boundary raises a
+    noted one. (Seen once in CI: a SIGINT sent once the work folder existed, exit 0 and an engine
+    written; whether a library swallowed it or it came after the swap is not known.)"""
+    pending: list = []
+
+    def handler(signum, frame):  # noqa: ARG001 - a signal handler's signature
+        pending.append(signum)
+        raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+    try:
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: leave signals alone
+        yield pending
+        return
+    try:
+        yield pending
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights) -> None:
@@ -306,7 +339,15 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
     }
     options = BuildOptions(precision=precision, backend=backend, batch=batch, force=force, validate=not no_validate, provenance=provenance,
                            tensorrt=trt_options)
-    manifest = build_engine(out, p, unet, classifier, options, log=_timed_log(started))
+    with _signals_noted() as pending:
+        committing: list = []  # once the engine takes --out's place, a noted signal is not raised again
+
+        def before_commit() -> None:
+            _raise_pending(pending)
+            committing.append(True)
+
+        manifest = build_engine(out, p, unet, classifier, options, before_commit=before_commit,
+                                log=_timed_log(started, pending, committing))
     click.echo(f"{out}: {p.name}, step {precision}, {len(manifest['files'])} files, checks passed ({time.time() - started:.0f} s)")
 
 

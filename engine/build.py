@@ -12,13 +12,16 @@ workplace); the engine holds both the ONNX graphs and the plans.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +181,21 @@ _OWNER = ".owner"
 _OWNER_TOOL = "densepure-rt build"
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM held while the block runs (delivered, and raised, when it ends); as is
+    outside the main thread or where signal masks do not exist."""
+    held = (signal.SIGINT, signal.SIGTERM)
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
+
+
 def _work_folder(out_dir: Path, suffix: str) -> Path:
     """A new, uniquely named folder beside ``out_dir`` holding an owner file (see :func:`clean_stale_builds`)."""
     folder = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=suffix))
@@ -302,11 +320,13 @@ def build_engine(
     classifier: nn.Module,
     options: BuildOptions,
     log=print,
+    before_commit=None,
 ) -> dict:
     """Export, validate and seal an engine directory at ``out_dir``; returns the manifest.
 
     ``unet`` is the fp32 UNet (converted to fp16 here when asked); ``classifier`` maps purified
-    images [N x C x H x W] in [-1, 1] to logits.
+    images [N x C x H x W] in [-1, 1] to logits. ``before_commit()``: called just before the new
+    engine takes ``out_dir``'s place (the CLI raises there a Ctrl-C that a library swallowed).
     """
     _check(options)
     out_dir = Path(out_dir)
@@ -318,11 +338,15 @@ def build_engine(
         plan_builder = PlanBuilder(options.tensorrt or TensorRTOptions(), options.batch)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_builds(out_dir, log)
-    # A fresh, uniquely named staging folder: never a folder that might belong to someone else.
-    work = _work_folder(out_dir, ".partial")
-    stage = work / "engine"
-    stage.mkdir()
+    work = None
     try:
+        # A fresh, uniquely named staging folder: never a folder that might belong to someone else.
+        # Made with Ctrl-C / SIGTERM held, so that one raised here always finds it in ``work`` (and
+        # the clean-up below removes it): a signal between mkdtemp and the try could leave it behind.
+        with _signals_held():
+            work = _work_folder(out_dir, ".partial")
+            stage = work / "engine"
+            stage.mkdir()
         image_shape = (preset.channels, preset.image_size, preset.image_size)
         val_batch = 2
         unet = unet.eval()
@@ -406,6 +430,8 @@ def build_engine(
             manifest["tensorrt"] = plans
         write_manifest(stage, manifest)
         os.chmod(stage, 0o755)
+        if before_commit is not None:
+            before_commit()
         # Checked again just before the swap (the folder may have changed during a long export).
         if check_out_dir(out_dir, options.force) == "replace":
             old = _work_folder(out_dir, ".old")
@@ -417,7 +443,8 @@ def build_engine(
                 out_dir.rmdir()  # empty
             stage.rename(out_dir)
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
     log(f"engine written to {out_dir}")
     from densepure_rt.files.manifest import load_manifest
 
