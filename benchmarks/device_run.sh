@@ -61,6 +61,25 @@ if has in16; then
   timeout $(( 570 - $(elapsed) )) python3 benchmarks/runtime_bench.py --engine /tmp/eng/imagenet-rand16 --device cuda \
     --batch 3 --early-exit off --cuda-graph on --seconds 10 --out $OUT --name imagenet_fp16 2>&1 | tail -3
 fi
+if has fused; then
+  # Issue 23: the fused GPU graphs (build --device cuda) against the portable ones, and cuDNN's search modes.
+  log "build cifar10 fp16 --device cuda"
+  densepure-rt build --model cifar10 --random-weights --precision fp16 --device cuda --no-validate \
+    --out /tmp/eng/cifar10-cuda16 2>&1 | tail -1
+  log "gpu tests of the fused graphs"
+  python3 -m pytest -q -rs -s -m gpu tests/test_fusion.py tests/test_classifier_fp16.py 2>&1 | tee $OUT/gpu_tests_fused.txt | tail -8
+  log "bench cifar10 fp16: portable vs fused, EXHAUSTIVE vs HEURISTIC"
+  python3 benchmarks/runtime_bench.py --engine /tmp/eng/cifar10-cuda16 --device cuda --batch 200 --early-exit off \
+    --cuda-graph on --kernels both --cudnn-search both --seconds 4 --out $OUT --name cifar10_fused 2>&1 | tail -6
+  DENSEPURE_ORT_PREFER_NHWC=1 python3 benchmarks/runtime_bench.py --engine /tmp/eng/cifar10-cuda16 --device cuda \
+    --batch 200 --early-exit off --cuda-graph on --kernels fused --seconds 4 --out $OUT --name cifar10_fused_nhwc 2>&1 | tail -3
+  log "build imagenet fp16 --device cuda"
+  timeout 300 densepure-rt build --model imagenet --random-weights --precision fp16 --device cuda --no-validate \
+    --out /tmp/eng/imagenet-cuda16 2>&1 | tail -1
+  log "bench imagenet fp16: portable vs fused"
+  timeout $(( 570 - $(elapsed) )) python3 benchmarks/runtime_bench.py --engine /tmp/eng/imagenet-cuda16 --device cuda \
+    --batch 3 --early-exit off --cuda-graph on --kernels both --seconds 8 --out $OUT --name imagenet_fused 2>&1 | tail -4
+fi
 if has final; then
   # The runtime and the PyTorch paths in one call, on one machine.
   RB="python3 benchmarks/runtime_bench.py --device cuda --out $OUT --name h100 --append --cuda-graph on"

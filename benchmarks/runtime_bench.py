@@ -99,10 +99,16 @@ def published(preset: str) -> dict:
 
 
 def time_config(engine_dir: Path, device: str, batch: int, sigma: float, steps: int, votes: int, early_exit: bool,
-                seconds: float, seed: int, cuda_graph: bool = True, scheduling: str = "waves") -> dict:
+                seconds: float, seed: int, cuda_graph: bool = True, scheduling: str = "waves", kernels: str = "portable",
+                cudnn_search: str | None = None) -> dict:
     from densepure_rt.sampling.scheduler import SchedulerStats
 
-    with open_engine(engine_dir, device=device, early_exit=early_exit, cuda_graph=cuda_graph, scheduling=scheduling) as engine:
+    # The provider reads the cuDNN search mode when the sessions are made (densepure_rt/executors/onnxrt.py).
+    os.environ.pop("DENSEPURE_ORT_CUDNN_SEARCH", None)
+    if cudnn_search:
+        os.environ["DENSEPURE_ORT_CUDNN_SEARCH"] = cudnn_search
+    with open_engine(engine_dir, device=device, early_exit=early_exit, cuda_graph=cuda_graph, scheduling=scheduling,
+                     kernels=kernels) as engine:
         shape = engine.image_shape
         image = np.random.default_rng(seed).uniform(0.05, 0.95, size=shape).astype(np.float32)
         timed = engine.loop.executor = TimedExecutor(engine.loop.executor, engine.loop.xp)
@@ -122,7 +128,9 @@ def time_config(engine_dir: Path, device: str, batch: int, sigma: float, steps: 
             idle["idle"] += st.idle_rows
 
         # Warm-up: sessions, cuDNN autotuning, the kernel's compilation, the arena, every shape.
+        w0 = time.perf_counter()
         one(seed, 0)
+        warmup = time.perf_counter() - w0  # the first batch: where cuDNN's algorithm search is paid
         one(seed + 10_000, 0)
         timed.reset()
         idle.update(busy=0, idle=0)
@@ -144,6 +152,9 @@ def time_config(engine_dir: Path, device: str, batch: int, sigma: float, steps: 
             "ort_cuda_graph": bool(getattr(executor, "cuda_graph", False)),
             "ort_cuda_graph_off": getattr(executor, "cuda_graph_off", None),
             "scheduling": scheduling,
+            "kernels": kernels,
+            "cudnn_search": cudnn_search or "onnxruntime default (EXHAUSTIVE)",
+            "warmup_seconds": round(warmup, 2),
             "step_seconds": round(split["step"], 4),
             "classifier_seconds": round(split["classify"], 4),
             "ms_per_unet_eval_row_step_only": 1e3 * split["step"] / max(1, evals),
@@ -182,21 +193,24 @@ def time_config(engine_dir: Path, device: str, batch: int, sigma: float, steps: 
 
 def markdown(rows: list[dict], header: str) -> str:
     lines = [header, "",
-             "| engine | precision | scheduling | batch (rows) | early exit | ORT graph | samples/s | UNet evals/s | UNet evals/sample "
-             "| ms/UNet eval/row | step s | classifier s | idle rows | x floor | GPU-s/image (published) | images/hour |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| engine | precision | kernels | cuDNN search | scheduling | batch (rows) | early exit | ORT graph | samples/s | UNet evals/s "
+             "| UNet evals/sample | ms/UNet eval/row | step s | classifier s | idle rows | x floor | GPU-s/image (published) "
+             "| images/hour | first batch s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['engine']} | - | - | {r['batch']} | {r['early_exit']} | - | FAILED: {r['error']} | | | | | | | | | |")
+            lines.append(f"| {r['engine']} | - | - | - | - | {r['batch']} | {r['early_exit']} | - | FAILED: {r['error']} | | | | | | | | | | |")
             continue
         lines.append(
-            f"| {Path(r['engine']).name} | {r['precision']} | {r.get('scheduling', 'waves')} | {r['batch']} ({r['rows']}) | "
+            f"| {Path(r['engine']).name} | {r['precision']} | {r.get('kernels', 'portable')} | {r.get('cudnn_search', '-')} | "
+            f"{r.get('scheduling', 'waves')} | {r['batch']} ({r['rows']}) | "
             f"{r['early_exit']} | {'on' if r.get('ort_cuda_graph') else 'off'} | "
             f"{r['noisy_samples_per_s']:.1f} | {r['unet_evals_per_s']:.0f} | {r['unet_evals_per_sample']:.2f} | "
             f"{r['ms_per_unet_eval_row']:.4f} | {r.get('step_seconds', float('nan')):.2f} | "
             f"{r.get('classifier_seconds', float('nan')):.2f} | "
             f"{'-' if r.get('idle_row_fraction') is None else format(r['idle_row_fraction'], '.3f')} | "
-            f"{r['floor_multiple']:.2f} | {r['gpu_s_per_image_published']:.0f} | {r['images_per_hour_published']:.2f} |"
+            f"{r['floor_multiple']:.2f} | {r['gpu_s_per_image_published']:.0f} | {r['images_per_hour_published']:.2f} | "
+            f"{r.get('warmup_seconds', float('nan')):.1f} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -215,6 +229,10 @@ def main(argv=None) -> int:
                     help="ONNX Runtime's CUDA graph for full batches (GPU only)")
     ap.add_argument("--scheduling", choices=["waves", "continuous", "both"], default="waves",
                     help="the wave loop, the continuous-batching scheduler, or both")
+    ap.add_argument("--kernels", choices=["portable", "fused", "both"], default="portable",
+                    help="the engine's portable graphs, the fused GPU graphs of `build --device cuda`, or both")
+    ap.add_argument("--cudnn-search", choices=["default", "EXHAUSTIVE", "HEURISTIC", "both"], default="default",
+                    help="cuDNN convolution algorithm search (ONNX Runtime's cudnn_conv_algo_search); default: ONNX Runtime's")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
     ap.add_argument("--name", default=None, help="file stem: runtime_NAME.json / .md (default: the device)")
@@ -224,6 +242,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.early_exit]
     schedulings = ["waves", "continuous"] if args.scheduling == "both" else [args.scheduling]
+    kernel_sets = ["portable", "fused"] if args.kernels == "both" else [args.kernels]
+    searches = {"default": [None], "both": ["EXHAUSTIVE", "HEURISTIC"]}.get(args.cudnn_search, [args.cudnn_search])
     graphs = {"off": [False], "on": [True], "both": [True, False]}[args.cuda_graph] if args.device == "cuda" else [False]
     header = (f"### densepure-rt runtime, {args.device}, {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}"
               f"\n\nsigma {args.sigma}, b = {args.steps}, K = {args.votes}; `{' '.join([Path(sys.executable).name, *sys.argv])}`; "
@@ -234,12 +254,13 @@ def main(argv=None) -> int:
         rows = json.loads((out / f"{stem}.json").read_text())
     for engine_dir in args.engine:
         for batch in args.batch:
-            for early_exit, cuda_graph, scheduling in [(e, g, c) for e in modes for g in graphs for c in schedulings]:
+            for early_exit, cuda_graph, scheduling, kernels, search in [
+                    (e, g, c, k, s) for e in modes for g in graphs for c in schedulings for k in kernel_sets for s in searches]:
                 if early_exit and not cuda_graph and len(graphs) > 1:
                     continue  # with early exit the waves are not full batches: the graph plays no part
                 try:
                     r = time_config(Path(engine_dir), args.device, batch, args.sigma, args.steps, args.votes,
-                                    early_exit, args.seconds, args.seed, cuda_graph, scheduling)
+                                    early_exit, args.seconds, args.seed, cuda_graph, scheduling, kernels, search)
                 except Exception as exc:  # noqa: BLE001 - one unattended run: keep the others
                     traceback.print_exc()
                     r = {"engine": engine_dir, "batch": batch, "early_exit": early_exit,

@@ -222,6 +222,10 @@ def _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights) -> No
 @click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default="onnxruntime", show_default=True,
               help="onnxruntime: CPU and CUDA; openvino: CPU (pip install openvino); tensorrt: plans for this machine's GPU "
                    "(pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13; not run by this project).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="cuda: also write the GPU graphs (onnxruntime backend): the step with GroupNorm + SiLU fused into "
+                   "ONNX Runtime's CUDA kernel, checked on the CPU through its expansion; run them with "
+                   "`certify --device cuda --kernels fused`. The portable graphs are always written.")
 @click.option("--batch", type=click.IntRange(min=1), default=None, metavar="N",
               help="Default noisy samples per engine call  [default: the preset's: 6 for imagenet (60 rows at K = 10), else 32]")
 @click.option("--out", type=click.Path(), metavar="DIR", help="Engine directory  [default: engines/PRESET, engines/PRESET-random with --random-weights]")
@@ -243,7 +247,7 @@ def _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights) -> No
 @click.option("--hardware-compatibility", type=click.Choice(["none", "ampere_plus", "same_compute_capability"]), default=None,
               help="TensorRT plans for this GPU only (none), any GPU of its compute capability, or any Ampere or newer GPU  "
                    "[default: none]")
-def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, backend, batch, out, force, seed, no_validate,
+def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, backend, device, batch, out, force, seed, no_validate,
           min_batch, opt_batch, max_batch, workspace, timing_cache, hardware_compatibility):
     """Export a preset's UNet and classifier to an engine directory (needs the torch extra).
 
@@ -268,6 +272,8 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
     batch = batch if batch is not None else p.default_batch
     if precision not in BACKEND_PRECISIONS[backend]:  # before anything is loaded or announced
         raise ConfigError(f"--precision {precision} is not one the {backend} backend runs: choose {' or '.join(BACKEND_PRECISIONS[backend])}")
+    if device == "cuda" and backend != "onnxruntime":
+        raise ConfigError(f"--device cuda writes ONNX Runtime's fused CUDA graphs: it goes with --backend onnxruntime, not {backend}")
     _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights)
     trt_flags = {"--min-batch": min_batch, "--opt-batch": opt_batch, "--max-batch": max_batch, "--workspace": workspace,
                  "--timing-cache": timing_cache, "--hardware-compatibility": hardware_compatibility}
@@ -305,6 +311,8 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
         "classifier_sha256": _weights_sha256(classifier_ckpt, p.shipped_classifier, random_weights),
         "toolkit_version": __version__,
     }
+    if device == "cuda":  # recorded only when set, so that engines built before --device existed are reused
+        inputs["device"] = device
     if trt_options is not None:  # an engine with other plan settings is not reused
         inputs["tensorrt"] = {"rows": list(plan_builder.rows), "workspace_mib": workspace, "timing_cache": timing_cache,
                               "hardware_compatibility": trt_options.hardware_compatibility, "version": plan_builder.version,
@@ -337,7 +345,8 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
         "classifier_ckpt": str(classifier_ckpt) if classifier_ckpt else ("shipped" if p.shipped_classifier and not random_weights else None),
         "inputs": inputs,
     }
-    options = BuildOptions(precision=precision, backend=backend, batch=batch, force=force, validate=not no_validate, provenance=provenance,
+    options = BuildOptions(precision=precision, backend=backend, device=device, batch=batch, force=force, validate=not no_validate,
+                           provenance=provenance,
                            tensorrt=trt_options)
     with _signals_noted() as pending:
         committing: list = []  # once the engine takes --out's place, a noted signal is not raised again
@@ -393,6 +402,10 @@ def _common_options(f):
                      help="How engine calls are filled: 'waves' (a batch of samples, its undecided samples in shrinking "
                           "waves) or 'continuous' (every call full of runs of many samples at any step; not yet run on "
                           "a GPU). The same rows for the same --round."),
+        click.option("--kernels", type=click.Choice(["portable", "fused"]), default="portable", show_default=True,
+                     help="Which graphs run: 'portable' (standard ONNX, any device) or 'fused' (--device cuda only, an engine "
+                          "built with `build --device cuda`: GroupNorm + SiLU as one ONNX Runtime CUDA kernel; not yet "
+                          "measured on a GPU, so not the default)."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -434,7 +447,7 @@ def _radius_list(values) -> list[float]:
 @click.option("--out", type=click.Path(), default="results.tsv", show_default=True, metavar="FILE", help="Results TSV (options saved as FILE.json).")
 @click.pass_context
 def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every,
-            ray, actors, ray_timeout, scheduling, n0, n, radii, tol, n_max, round_size, early_exit, images_per_call, out):
+            ray, actors, ray_timeout, scheduling, kernels, n0, n, radii, tol, n_max, round_size, early_exit, images_per_call, out):
     """Certify images: Cohen et al.'s CERTIFY on DensePure's voted labels, one TSV row per image.
 
     \b
@@ -474,7 +487,8 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
     radii = _radius_list(radii) if radii else None
     rows = run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
                 progress_every, out, n0, n, radii=radii, tol=tol, early_exit=early_exit, round_size=round_size,
-                images_per_call=images_per_call, ray=ray, actors=actors, ray_timeout=ray_timeout, scheduling=scheduling)
+                images_per_call=images_per_call, ray=ray, actors=actors, ray_timeout=ray_timeout, scheduling=scheduling,
+                kernels=kernels)
     from densepure_rt.files.report import certified_accuracy, labelled
     from densepure_rt.files.results import read_results
 
@@ -497,7 +511,7 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
 @click.option("--n", type=int, default=100, show_default=True, metavar="N", help="Noisy samples for the hypothesis test.")
 @click.option("--out", type=click.Path(), default="predictions.tsv", show_default=True, metavar="FILE")
 def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every,
-            ray, actors, ray_timeout, scheduling, n, out):
+            ray, actors, ray_timeout, scheduling, kernels, n, out):
     """Predict with the smoothed classifier (Cohen et al.'s PREDICT; -1 means abstain).
 
     \b
@@ -505,7 +519,8 @@ def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batc
       densepure-rt predict --engine engines/digits --sigma 0.25 --steps 4 --votes 5 --n 100 --max 40
     """
     rows = run_mode("predict", engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
-                progress_every, out, None, n, ray=ray, actors=actors, ray_timeout=ray_timeout, scheduling=scheduling)
+                progress_every, out, None, n, ray=ray, actors=actors, ray_timeout=ray_timeout, scheduling=scheduling,
+                kernels=kernels)
     from densepure_rt.files.results import read_rows
 
     _, reader = read_rows(Path(out).expanduser(), required=("idx", "predict", "label", "correct"))

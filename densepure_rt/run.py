@@ -119,7 +119,7 @@ class Progress:
 
 def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, every,
          out, n0, n, radii=None, tol=None, early_exit=None, images_per_call=1, ray=None, actors=None, ray_timeout=30.0,
-         round_size=None, scheduling="waves"):
+         round_size=None, scheduling="waves", kernels="portable"):
     """One certify / predict run over the selected images. ``mode``: "certify" (fixed n),
     "certify-radii" (target radii, n = n_max), "certify-until" (early stopping, n = n_max), "predict".
     ``ray``: a Ray address ("auto", "local", host:port) to spread the images over Ray actors."""
@@ -141,7 +141,7 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
     steps_value = _steps_label(_parse_steps(steps))
     # With --ray the driver reads the manifest only: the actors open the engine where the GPUs are.
     with open_engine(engine_dir, device=device, threads=threads, early_exit=early_exit, metadata_only=ray is not None,
-                     scheduling=scheduling) as engine:
+                     scheduling=scheduling, kernels=kernels) as engine:
         engine.reverse_schedule(sigma, steps_value)  # refuses a (sigma, b) the schedule cannot honour
         random_weights = bool(engine.manifest.get("build", {}).get("random_weights"))
         batch = batch if batch is not None else int(engine.manifest.get("default_batch", 32))
@@ -189,6 +189,9 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
             # How the engine calls were filled (densepure_rt/sampling/scheduler.py); not part of the
             # experiment: the rows are the same either way.
             "scheduling": "continuous" if continuous else "waves",
+            # Which graphs ran: the portable ones or `build --device cuda`'s fused GPU graphs (other
+            # kernels, other rounding): part of the experiment, a file continues with the same.
+            "kernels": engine.kernels,
             # The engine format (manifest schema) the rows were computed with: a file of another
             # format is refused by its engine_id; this says why.
             "engine_format": engine.manifest["schema_version"],
@@ -305,6 +308,7 @@ def _run_on_ray(engine, task, dataset, todo, writer, options, address, actors, d
         click.echo(line, err=True)
 
     pool = RayPool(str(engine.directory), engine.manifest["manifest_sha256"], address=address, actors=actors, device=device,
+                   kernels=engine.kernels,
                    threads=threads, early_exit=early_exit, connect_timeout=ray_timeout, log=log)
     progress = None
     try:

@@ -26,7 +26,7 @@ from densepure_rt.stats.cohen import Certificate, Prediction, certify, predict, 
 from densepure_rt.files.data import check_image
 from densepure_rt.errors import ConfigError, EngineError
 from densepure_rt.limits import check_rows, rows_per_call
-from densepure_rt.files.manifest import load_manifest
+from densepure_rt.files.manifest import KERNELS, graph_path, load_manifest
 from densepure_rt.sampling.noise import ESTIMATION, PREDICTION, SELECTION
 from densepure_rt.schedule import ReverseSchedule, make_schedule, parse_steps, reverse_schedule
 
@@ -106,6 +106,7 @@ class Engine:
         cuda_graph: bool = True,
         metadata_only: bool = False,
         scheduling: str = "waves",
+        kernels: str = "portable",
     ):
         if scheduling not in ("continuous", "waves"):
             raise ConfigError(f"scheduling must be 'continuous' or 'waves' (got {scheduling!r})")
@@ -133,8 +134,12 @@ class Engine:
         #: The batch loop over the engine's executor (:attr:`executor`) on ``device``. None with
         #: ``metadata_only``: the manifest and schedule without sessions (a Ray driver, whose actors
         #: open the engine where the GPUs are).
+        #: Which graphs run: "portable" (standard ONNX, every provider) or "fused" (``build --device
+        #: cuda``: GroupNorm + SiLU fused for ONNX Runtime's CUDA provider; checked when opened even
+        #: with ``metadata_only``, so a Ray driver refuses what its actors would).
+        self.kernels = check_kernels(kernels, self.manifest, device, self.directory)
         self.loop: BatchLoop | None = None if metadata_only else open_loop(
-            backend, self.directory, self.manifest, device=device, threads=threads, cuda_graph=cuda_graph
+            backend, self.directory, self.manifest, device=device, threads=threads, cuda_graph=cuda_graph, kernels=kernels
         )
         self._prepared: tuple | None = None
 
@@ -691,6 +696,7 @@ def open_engine(
     cuda_graph: bool = True,
     metadata_only: bool = False,
     scheduling: str = "waves",
+    kernels: str = "portable",
 ) -> Engine:
     """Open and verify an engine directory (see :class:`Engine`). ``early_exit=False`` runs all K
     runs of every noisy sample (same votes, more work); None (default) decides by device and batch
@@ -699,15 +705,32 @@ def open_engine(
     verify the directory and read its manifest and schedule, but open no sessions (``engine.loop``
     is None; what a Ray driver needs). ``scheduling``: how fixed-n sampling fills the engine's calls,
     "waves" (default: the batch loop's waves) or "continuous" (:mod:`densepure_rt.sampling.scheduler`;
-    the same counts; not yet run on a GPU, and 0.87x the waves' speed on the 2-core CPU for digits)."""
+    the same counts; not yet run on a GPU, and 0.87x the waves' speed on the 2-core CPU for digits).
+    ``kernels``: "portable" (default) or "fused", the GPU graphs of an engine built with ``--device
+    cuda`` (ONNX Runtime's CUDA provider only; see :func:`check_kernels`)."""
     return Engine(
         directory, backend=backend, device=device, threads=threads, early_exit=early_exit, cuda_graph=cuda_graph,
-        metadata_only=metadata_only, scheduling=scheduling,
+        metadata_only=metadata_only, scheduling=scheduling, kernels=kernels,
     )
 
 
+def check_kernels(kernels: str, manifest: dict, device: str, directory) -> str:
+    """Refuse, in one line, a graph set the engine or the device cannot run: the fused graphs need
+    an engine built with ``--device cuda``, the onnxruntime backend and ``--device cuda``
+    (``com.microsoft.GroupNorm`` has no CPU kernel)."""
+    if kernels not in KERNELS:
+        raise ConfigError(f"--kernels must be {' or '.join(KERNELS)} (got {kernels!r})")
+    if kernels == "fused":
+        if manifest["backend"]["name"] != "onnxruntime":
+            raise EngineError(f"--kernels fused runs ONNX Runtime's fused CUDA graphs; this engine is a {manifest['backend']['name']} engine: use --kernels portable")
+        if device != "cuda":
+            raise EngineError("--kernels fused runs only on a GPU (ONNX Runtime's GroupNorm has no CPU kernel): pass --device cuda, or use --kernels portable")
+        graph_path(directory, manifest, "step", "fused")  # one line when the engine has none
+    return kernels
+
+
 def open_loop(runtime: str, directory: str | Path, manifest: dict, device: str = "cpu", threads: int | None = None,
-              cuda_graph: bool = True) -> BatchLoop:
+              cuda_graph: bool = True, kernels: str = "portable") -> BatchLoop:
     """The batch loop over the executor of ``runtime`` (``"auto"``: the one the engine was built for)
     on ``device``; refuses a runtime the manifest was not built for, or a device it cannot run on.
 
@@ -747,7 +770,7 @@ def open_loop(runtime: str, directory: str | Path, manifest: dict, device: str =
 
         dev = open_device(device)
         executor = OrtExecutor(directory, manifest, device, threads, stream=dev.cuda_stream, xp=dev.xp,
-                               cuda_graph=cuda_graph and device == "cuda", log=_warn)
+                               cuda_graph=cuda_graph and device == "cuda", log=_warn, kernels=kernels)
     return BatchLoop(executor, dev, tuple(manifest["image_shape"]), int(manifest["num_classes"]), graphs=graphs,
                      classifier_rows=rows_per_call(manifest)[1])
 

@@ -53,6 +53,8 @@ class BuildOptions:
 
     precision: str = "fp32"
     backend: str = "onnxruntime"
+    #: "cuda": also write the fused GPU graphs (:func:`_fused_graphs`); "cpu": the portable graphs only.
+    device: str = "cpu"
     batch: int = 32
     force: bool = False
     validate: bool = True
@@ -63,6 +65,10 @@ class BuildOptions:
 
 
 def _check(options: BuildOptions) -> None:
+    if options.device not in ("cpu", "cuda"):
+        raise ConfigError(f"--device must be cpu or cuda (got {options.device!r})")
+    if options.device == "cuda" and options.backend != "onnxruntime":
+        raise ConfigError(f"--device cuda writes ONNX Runtime's fused CUDA graphs: it goes with --backend onnxruntime, not {options.backend}")
     if options.precision not in PRECISIONS:
         raise ConfigError(f"--precision must be one of {', '.join(PRECISIONS)} (got {options.precision!r})")
     if options.backend not in BACKENDS:
@@ -313,6 +319,40 @@ def _cost_gflop(preset: Preset, unet: nn.Module, classifier: nn.Module) -> dict:
     return {"unet": float(f"{unet_gflop:.6g}"), "classifier": float(f"{classifier_gflop:.6g}")}
 
 
+def _fused_graphs(stage: Path, sspec, cspec, step_parent: nn.Module, classifier: nn.Module, make_step, make_cls,
+                  options: BuildOptions, log) -> tuple[dict, list[str]]:
+    """``--device cuda``: the GPU graphs beside the portable ones (issue 23). The step graph with
+    every GroupNorm32 (+ SiLU) the CUDA kernel takes fused (:mod:`densepure_rt.engine.fusion`).
+    ``com.microsoft.GroupNorm`` has no CPU kernel, so with validation the fused graph is checked
+    here through its inverse: every fused node expanded back into standard ops, run on the CPU
+    against the PyTorch parent with the portable graph's tolerances."""
+    import onnx
+
+    from densepure_rt.export.onnx_export import save_graph
+
+    from .fusion import expand_fused, fuse_group_norms
+
+    log("fusing GroupNorm + SiLU into ONNX Runtime's CUDA GroupNorm for the GPU step graph...")
+    fused, report = fuse_group_norms(onnx.load(str(stage / sspec.file), load_external_data=True))
+    if report["fused"] == 0:
+        raise ConfigError(f"--device cuda found no GroupNorm the CUDA kernel takes in this network ({report['norms']} norms): build without it")
+    step_file = "step.cuda.onnx"
+    files = save_graph(fused, stage, step_file)
+    step = {"file": step_file, "fusion": report}
+    if options.validate:
+        log(f"validating the fused step graph ({report['fused']} of {report['norms']} norms fused) through its expansion on the CPU...")
+        with tempfile.TemporaryDirectory(dir=stage.parent) as tmp:
+            save_graph(expand_fused(fused), tmp, "expanded.onnx")
+            step["validation"] = validate_graph(Path(tmp) / "expanded.onnx", step_parent, sspec, make_step)
+    classifier_entry, classifier_files = _gpu_classifier(stage, cspec, classifier, make_cls, options, log)
+    return {"step": step, "classifier": classifier_entry}, files + classifier_files
+
+
+def _gpu_classifier(stage: Path, cspec, classifier: nn.Module, make_cls, options: BuildOptions, log) -> tuple[dict, list[str]]:
+    """The classifier the fused kernels run: for now the portable fp32 graph itself."""
+    return {"file": cspec.file, "precision": "fp32"}, []
+
+
 def build_engine(
     out_dir: str | Path,
     preset: Preset,
@@ -382,6 +422,10 @@ def build_engine(
                 f"({per_row['step']:,} elements per row in its largest tensor; TensorRT refuses tensors of 2^31 "
                 f"elements or more): give --max-batch {limits['step']} or less"
             )
+        fused = None
+        if options.device == "cuda":
+            fused, fused_files = _fused_graphs(stage, sspec, cspec, step_parent, classifier, make_step, make_cls, options, log)
+            files += fused_files
         plans = None
         if plan_builder is not None:
             plans, plan_files = plan_builder.build(stage, {"step": sspec.file, "classifier": cspec.file}, options.precision, log)
@@ -428,6 +472,8 @@ def build_engine(
         }
         if plans:
             manifest["tensorrt"] = plans
+        if fused:
+            manifest["fused"] = fused
         write_manifest(stage, manifest)
         os.chmod(stage, 0o755)
         if before_commit is not None:

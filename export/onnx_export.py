@@ -155,15 +155,22 @@ def export_graph(module: nn.Module, spec: GraphSpec, directory: str | Path, exam
                 do_constant_folding=True,
                 dynamo=False,
             )
-        model = onnx.load(str(raw), load_external_data=True)
-        target = directory / spec.file
-        size = sum(t.ByteSize() for t in model.graph.initializer)
-        if size > EXTERNAL_DATA_BYTES:
-            data = spec.file + ".data"
-            onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
-            return [spec.file, data]
-        onnx.save_model(model, str(target))
-        return [spec.file]
+        return save_graph(onnx.load(str(raw), load_external_data=True), directory, spec.file)
+
+
+def save_graph(model, directory: str | Path, file: str) -> list[str]:
+    """Save ``model`` as ``directory/file``, its weights as external data ``<file>.data`` when they
+    pass 2 GB (protobuf's limit); returns the files written."""
+    import onnx
+
+    target = Path(directory) / file
+    size = sum(t.ByteSize() for t in model.graph.initializer)
+    if size > EXTERNAL_DATA_BYTES:
+        data = file + ".data"
+        onnx.save_model(model, str(target), save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+        return [file, data]
+    onnx.save_model(model, str(target))
+    return [file]
 
 
 def _shapes_at(model, rows: int, sizes: dict[str, Sequence[int]] | None) -> dict[str, int]:

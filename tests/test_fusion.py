@@ -10,15 +10,18 @@ checked against PyTorch's ``group_norm``. The fused graph itself runs only on a 
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import load_file
 
-from conftest import fixture_dir, load_fixture_unet, read_json
+from conftest import ROOT, fixture_dir, load_fixture_unet, read_json
 from densepure_rt.engine.build import BuildOptions, build_engine
 from densepure_rt.engine.fusion import (
     CONTRIB_DOMAIN,
@@ -226,3 +229,132 @@ def test_expanded_fused_fixture_graph_reproduces_the_official_trajectory(fixture
         assert err < 1e-4
     else:
         assert rel < 5e-3
+
+
+# -- on a GPU (the `gpu` marker: skipped where CuPy, a CUDA device or onnxruntime-gpu is missing) ------
+
+
+@pytest.mark.gpu
+def test_fused_graph_on_the_gpu_matches_the_portable_fp16_graph(tmp_path):
+    """Issue 23's GPU parity: the digits fp16 engine built with --device cuda, run with --kernels fused
+    and --kernels portable on the same GPU and the same noise: rel L2 <= 1e-3 after b = 4 steps of 400
+    rows, and voted labels agree for >= 99.5% of runs."""
+    from conftest import gpu_cupy
+    from densepure_rt.export.models import load_classifier, load_unet
+    from densepure_rt.presets import PRESETS
+    from densepure_rt.runtime import open_engine
+    from densepure_rt.sampling.noise import ESTIMATION
+
+    cupy = gpu_cupy()
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("onnxruntime-gpu is not installed")
+    out = tmp_path / "digits-cuda"
+    build_engine(out, PRESETS["digits"], load_unet("digits"), load_classifier("digits"),
+                 BuildOptions(precision="fp16", device="cuda"), log=lambda m: None)
+    images = np.load(str(ROOT / "densepure_rt" / "assets" / "digits_test.npz"))["images"][:6]
+    with open_engine(out, device="cuda", early_exit=False) as portable, \
+            open_engine(out, device="cuda", early_exit=False, kernels="fused") as fused:
+        rs = portable._prepare(0.5, 4, 1, 400)
+        fused._prepare(0.5, 4, 1, 400)
+        rng = np.random.default_rng(0)
+        x_t = rng.standard_normal((400, 1, 16, 16)).astype(np.float32) * 0.5
+        noise = rng.standard_normal((rs.num_calls, 400, 1, 16, 16)).astype(np.float32)
+        a, b = portable.loop.purify(x_t, noise), fused.loop.purify(x_t, noise)  # on the host
+        rel = float(np.linalg.norm(a - b) / np.linalg.norm(a))
+        agree = rows = 0
+        for e in (portable, fused):
+            e._prepare(0.5, 4, 3, 32)
+        for i, image in enumerate(images):
+            labels = []
+            for e in (portable, fused):
+                e.sample_counts(image, 64, ESTIMATION, seed=0, image_index=i, batch=32)
+                labels.append(cupy.asnumpy(cupy.asarray(e.loop.labels)))
+            agree += int((labels[0] == labels[1]).sum())
+            rows += labels[0].size
+    print(f"fused vs portable fp16 on the GPU: rel L2 {rel:.2e} after 4 steps; labels {agree}/{rows}")
+    assert rel <= 1e-3
+    assert agree / rows >= 0.995
+
+
+# -- build --device cuda and --kernels, as a user meets them on a CPU-only machine ---------------------
+
+
+@pytest.fixture(scope="module")
+def cuda_engine(tmp_path_factory):
+    """The digits engine (fp32) built with --device cuda: portable and fused graphs."""
+    from densepure_rt.cli import main
+
+    out = tmp_path_factory.mktemp("cuda-engine") / "digits"
+    result = CliRunner().invoke(main, ["build", "--model", "digits", "--device", "cuda", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_build_device_cuda_writes_the_fused_graph_beside_the_portable_ones(cuda_engine):
+    from densepure_rt.files.manifest import graph_path, load_manifest
+
+    manifest = load_manifest(cuda_engine)
+    assert graph_path(cuda_engine, manifest, "step").name == "step.onnx"
+    fused_file = graph_path(cuda_engine, manifest, "step", "fused")
+    assert fused_file.name == "step.cuda.onnx" and fused_file.name in manifest["files"]
+    report = manifest["fused"]["step"]["fusion"]
+    assert (report["norms"], report["fused"], report["fused_with_silu"], report["attention_norms_fused"]) == (25, 15, 5, 4)
+    assert fused_counts(onnx.load(str(fused_file)))["GroupNorm"] == 15
+    # Validated through its expansion against PyTorch, with the portable fp32 graph's tolerance.
+    assert manifest["fused"]["step"]["validation"]["x_next"]["max_abs"] <= 1e-4
+
+
+def test_kernels_fused_is_refused_in_one_line_where_it_cannot_run(cuda_engine, tmp_path):
+    from densepure_rt.cli import main
+
+    def certify(*extra):
+        return CliRunner().invoke(main, ["certify", "--engine", str(cuda_engine), "--sigma", "0.5", "--steps", "2", "--votes", "1",
+                                         "--n0", "4", "--n", "8", "--max", "1", "--out", str(tmp_path / "r.tsv"), *extra])
+
+    on_cpu = certify("--kernels", "fused")
+    assert on_cpu.exit_code != 0 and "--kernels fused runs only on a GPU" in on_cpu.output
+    assert len(on_cpu.output.strip().splitlines()) == 1 and "Traceback" not in on_cpu.output
+    assert not (tmp_path / "r.tsv").exists()
+    # The portable graphs of the same engine run on the CPU as any engine's.
+    ok = certify()
+    assert ok.exit_code == 0, ok.output
+    # A results file written with the fused graphs is not continued with the portable ones (other rounding).
+    options = tmp_path / "r.tsv.json"
+    saved = json.loads(options.read_text())
+    assert saved["kernels"] == "portable"
+    saved["kernels"] = "fused"
+    options.write_text(json.dumps(saved))
+    again = certify("--max", "2")
+    assert again.exit_code != 0 and "kernels 'fused' -> 'portable'" in again.output
+
+
+def test_an_engine_without_fused_graphs_says_how_to_get_them(tmp_path):
+    from densepure_rt.errors import EngineError
+    from densepure_rt.runtime import open_engine
+
+    out = tmp_path / "digits"
+    from densepure_rt.cli import main
+
+    assert CliRunner().invoke(main, ["build", "--model", "digits", "--no-validate", "--out", str(out)]).exit_code == 0
+    with pytest.raises(EngineError, match=r"no fused GPU graphs .*build --device cuda --force"):
+        open_engine(out, device="cuda", kernels="fused")
+    refused = CliRunner().invoke(main, ["build", "--model", "digits", "--device", "cuda", "--backend", "openvino", "--out", str(tmp_path / "x")])
+    assert refused.exit_code != 0 and "--device cuda" in refused.output and "onnxruntime" in refused.output
+
+
+def test_a_fused_entry_naming_an_unlisted_file_is_refused(cuda_engine, tmp_path):
+    """A hostile manifest: fused.step.file pointing outside the checksummed files (sealed again)."""
+    import shutil
+
+    from densepure_rt.errors import EngineError
+    from densepure_rt.files.manifest import load_manifest, write_manifest
+
+    copy = tmp_path / "engine"
+    shutil.copytree(cuda_engine, copy)
+    manifest = load_manifest(copy)
+    manifest.pop("manifest_sha256")
+    shutil.copy(copy / "step.onnx", copy / "extra.onnx")  # a real graph, but not one the manifest checksums
+    manifest["fused"]["step"]["file"] = "extra.onnx"
+    write_manifest(copy, manifest)
+    with pytest.raises(EngineError, match="fused.step.file 'extra.onnx' is not listed"):
+        load_manifest(copy)

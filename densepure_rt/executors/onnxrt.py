@@ -47,6 +47,14 @@ def ort_providers(
     options = {"device_id": str(device_id), "arena_extend_strategy": "kSameAsRequested", "use_tf32": "1" if tf32 else "0"}
     if os.environ.get("DENSEPURE_ORT_PREFER_NHWC") == "1":  # an experiment of benchmarks/runtime_bench.py
         options["prefer_nhwc"] = "1"
+    # cuDNN's convolution algorithm search (issue 23; an experiment of benchmarks/runtime_bench.py
+    # --cudnn-search): ONNX Runtime's default, EXHAUSTIVE, benchmarks every algorithm once per new
+    # input shape; with fixed call shapes (the scheduler) that is once per shape, HEURISTIC never.
+    search = os.environ.get("DENSEPURE_ORT_CUDNN_SEARCH")
+    if search:
+        if search not in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
+            raise EngineError(f"DENSEPURE_ORT_CUDNN_SEARCH must be EXHAUSTIVE, HEURISTIC or DEFAULT (got {search!r})")
+        options["cudnn_conv_algo_search"] = search
     if stream_ptr is not None:
         options["user_compute_stream"] = str(int(stream_ptr))
         options["has_user_compute_stream"] = "1"
@@ -67,7 +75,7 @@ class OrtExecutor:
     classifier_rows = None
 
     def __init__(self, directory: str | Path, manifest: dict, device: str = "cpu", threads: int | None = None,
-                 stream=None, xp=np, cuda_graph: bool = False, log=None):
+                 stream=None, xp=np, cuda_graph: bool = False, log=None, kernels: str = "portable"):
         try:
             import onnxruntime as ort
         except ImportError:  # pragma: no cover - onnxruntime is a dependency
@@ -95,7 +103,9 @@ class OrtExecutor:
         if threads:
             options.intra_op_num_threads = int(threads)
         directory = Path(directory)
-        step_file, cls_file = graph_path(directory, manifest, "step"), graph_path(directory, manifest, "classifier")
+        # kernels "fused": the GPU graphs of `build --device cuda` (refused on the CPU by runtime.check_kernels).
+        step_file, cls_file = graph_path(directory, manifest, "step", kernels), graph_path(directory, manifest, "classifier", kernels)
+        self.kernels = kernels
         #: Why ONNX Runtime's CUDA graph is not used (None when it is, or was not asked for).
         self.cuda_graph_off: str | None = None if cuda_graph else "not asked for"
         self._step = None

@@ -38,6 +38,7 @@ __all__ = [
     "check_file_name",
     "graph_path",
     "plan_path",
+    "KERNELS",
     "onnx_external_data",
     "GRAPH_IO",
     "check_graph_io",
@@ -175,14 +176,25 @@ def check_graph_io(directory: str | Path, graph: str, inputs, outputs) -> None:
         )
 
 
-def graph_path(directory: str | Path, manifest: dict, graph: str) -> Path:
-    """The path of graph ``graph`` (``"step"`` or ``"classifier"``) in ``directory``.
+#: The graph sets an engine may hold: "portable" (``graphs``: standard ONNX, every provider) and
+#: "fused" (``fused``: written by ``build --device cuda``, ONNX Runtime's CUDA provider only).
+KERNELS = ("portable", "fused")
+
+
+def graph_path(directory: str | Path, manifest: dict, graph: str, kernels: str = "portable") -> Path:
+    """The path of graph ``graph`` (``"step"`` or ``"classifier"``) of the ``kernels`` set in ``directory``.
 
     Refuses a name that is not a plain file name listed in ``manifest['files']``, so a backend opens
     only files that :func:`load_manifest` has checksummed.
     """
-    entry = manifest.get("graphs", {}).get(graph) if isinstance(manifest.get("graphs"), dict) else None
-    return _listed_file(directory, manifest, entry, f"graphs.{graph}.file")
+    key = "graphs" if kernels == "portable" else "fused"
+    if kernels == "fused" and not isinstance(manifest.get("fused"), dict):
+        raise EngineError(
+            f"{directory} has no fused GPU graphs (it was built without --device cuda): rebuild it with "
+            "`densepure-rt build --device cuda --force` (the same --model and --out), or run --kernels portable"
+        )
+    entry = manifest.get(key, {}).get(graph) if isinstance(manifest.get(key), dict) else None
+    return _listed_file(directory, manifest, entry, f"{key}.{graph}.file")
 
 
 def _listed_file(directory: str | Path, manifest: dict, entry: Any, field: str) -> Path:
@@ -445,6 +457,12 @@ def _validate(path: Path, manifest: dict) -> None:
         s.get(f"graphs.{graph}.file")
         graph_path(path.parent, manifest, graph)
         s.int(f"graphs.{graph}.max_elements_per_row", 1, _MAX_ELEMENTS_PER_ROW)
+    if s.obj("fused", required=False) is not None:  # build --device cuda (issue 23)
+        for graph in _GRAPHS:
+            s.obj(f"fused.{graph}")
+            s.get(f"fused.{graph}.file")
+            graph_path(path.parent, manifest, graph, "fused")
+        s.str("fused.classifier.precision", choices=_PRECISIONS)
     _validate_tensorrt(s, path, manifest)
 
 
@@ -609,8 +627,9 @@ def load_manifest(directory: str | Path, verify_files: bool = True) -> dict[str,
             file = directory / name
             if _sha256_regular(file, "engine file") != digest:
                 raise EngineError(f"engine file {file} has changed since the build (sha256 mismatch): rebuild the engine")
-        for graph in _GRAPHS:
-            name = manifest["graphs"][graph]["file"]
+        names = [manifest["graphs"][graph]["file"] for graph in _GRAPHS]
+        names += [manifest["fused"][graph]["file"] for graph in _GRAPHS] if "fused" in manifest else []
+        for name in names:
             for location in _graph_external_data(directory / name):
                 check_file_name(location, f"the external data of graph {name}", directory)
                 if location not in manifest["files"]:

@@ -111,7 +111,8 @@ class Worker:
     ``ray.remote``); an engine that cannot be opened is reported by :meth:`ready`, not raised, so the
     driver can say which node refused and why in one line."""
 
-    def __init__(self, engine_dir: str, manifest_sha256: str, device: str, threads: Optional[int], early_exit: Optional[bool]):
+    def __init__(self, engine_dir: str, manifest_sha256: str, device: str, threads: Optional[int], early_exit: Optional[bool],
+                 kernels: str = "portable"):
         from densepure_rt.runtime import open_engine
 
         self.engine = None
@@ -120,7 +121,7 @@ class Worker:
         self.path = os.environ.get(ENGINE_ENV) or engine_dir
         self.host = socket.gethostname()
         try:
-            engine = open_engine(self.path, device=device, threads=threads, early_exit=early_exit)
+            engine = open_engine(self.path, device=device, threads=threads, early_exit=early_exit, kernels=kernels)
         except DensePureError as exc:
             self.error = f"the engine at {self.path} on {self.host} cannot be opened: {_first_line(exc)}"
             return
@@ -173,6 +174,7 @@ class RayPool:
         device: str = "cpu",
         threads: Optional[int] = None,
         early_exit: Optional[bool] = None,
+        kernels: str = "portable",
         runtime_env: Optional[dict] = None,
         max_replacements: Optional[int] = None,
         start_timeout: float = 600.0,
@@ -187,7 +189,7 @@ class RayPool:
         self.address, self.wanted, self.device = address, actors, device
         # One CPU slot per actor: ONNX Runtime would otherwise take every core of the node per actor.
         self.threads = threads if threads is not None else (None if device == "cuda" else 1)
-        self.early_exit, self.runtime_env = early_exit, runtime_env
+        self.early_exit, self.runtime_env, self.kernels = early_exit, runtime_env, kernels
         self.max_replacements = max_replacements
         self.start_timeout, self.log = float(start_timeout), log
         #: Seconds to wait for the Ray cluster to answer when connecting (``--ray-timeout``).
@@ -346,7 +348,7 @@ class RayPool:
         if self.runtime_env:
             options["runtime_env"] = self.runtime_env
         return self._actor_class.options(**options).remote(
-            self.engine_dir, self.manifest_sha256, self.device, self.threads, self.early_exit
+            self.engine_dir, self.manifest_sha256, self.device, self.threads, self.early_exit, self.kernels
         )
 
     def _await_ready(self, actors: list) -> list:
