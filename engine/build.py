@@ -348,6 +348,26 @@ def _fused_graphs(stage: Path, sspec, cspec, step_parent: nn.Module, classifier:
     return {"step": step, "classifier": classifier_entry}, files + classifier_files
 
 
+def _as_group_normalization(stage: Path, sspec, log) -> dict:
+    """``--backend tensorrt``: rewrite the exported step graph in place at opset 21 with each
+    GroupNorm32 as one standard GroupNormalization (fp32 statistics), which TensorRT's parser maps
+    to its own normalisation layer (:func:`densepure_rt.engine.fusion.as_group_normalization`). It
+    stays standard ONNX: the validation below runs it on ONNX Runtime's CPU provider against PyTorch.
+    (TensorRT itself is not run by this project.)"""
+    import onnx
+
+    from densepure_rt.export.onnx_export import save_graph
+
+    from .fusion import as_group_normalization
+
+    log("writing the step graph's norms as GroupNormalization (opset 21) for TensorRT...")
+    rewritten, report = as_group_normalization(onnx.load(str(stage / sspec.file), load_external_data=True))
+    for stale in (stage / sspec.file, stage / (sspec.file + ".data")):
+        stale.unlink(missing_ok=True)
+    save_graph(rewritten, stage, sspec.file)
+    return report
+
+
 def _gpu_classifier(stage: Path, cspec, classifier: nn.Module, make_cls, options: BuildOptions, log) -> tuple[dict, list[str]]:
     """The classifier the fused kernels run: for now the portable fp32 graph itself."""
     return {"file": cspec.file, "precision": "fp32"}, []
@@ -406,6 +426,9 @@ def build_engine(
         runs_in = f"; OpenVINO runs it in {options.precision}" if options.backend == "openvino" else ""
         log(f"exporting the denoise-step graph ({graph_precision}{runs_in})...")
         files = export_graph(step_parent, sspec, stage, make_step(gen))
+        group_normalization = None
+        if options.backend == "tensorrt":
+            group_normalization = _as_group_normalization(stage, sspec, log)
         log(f"exporting the classifier graph (fp32{runs_in})...")
         files += export_graph(classifier, cspec, stage, make_cls(gen))
         validation = {}
@@ -455,6 +478,8 @@ def build_engine(
             # max_elements_per_row: the largest tensor of each graph per row of a call (shape inference
             # over the exported graph); the runtime derives its row limit from it (densepure_rt.limits).
             "graphs": {g: {**spec.as_dict(), "max_elements_per_row": per_row[g]} for g, spec in (("step", sspec), ("classifier", cspec))},
+            # --backend tensorrt: the step graph's norms as GroupNormalization-21 (_as_group_normalization).
+            **({"group_normalization": group_normalization} if group_normalization else {}),
             "validation": validation,
             "default_batch": options.batch,
             "default_data": preset.default_data,

@@ -48,6 +48,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 __all__ = [
     "CONTRIB_DOMAIN",
+    "GROUP_NORMALIZATION_OPSET",
+    "as_group_normalization",
     "cuda_supports",
     "expand_fused",
     "fuse_group_norms",
@@ -161,7 +163,8 @@ def _match(g: _Graph, norm) -> dict | None:
             island += [sig, silu]
             out, activation = silu.output[0], 1
     return {
-        "x": cast_in.input[0], "out": out, "nodes": island, "groups": groups, "channels": channels,
+        "x": cast_in.input[0], "out": out, "nodes": island,
+        "core": [r1, norm, shape_node, r2, mul, add], "x32": cast_in.output[0], "normed": add.output[0], "groups": groups, "channels": channels,
         "rank": rank, "epsilon": float(_attr(norm, "epsilon", 1e-5)), "activation": activation,
         "gamma": gamma.reshape(-1).astype(np.float32), "beta": beta.reshape(-1).astype(np.float32),
         "name": norm.name.rsplit("/", 1)[0] or norm.name,
@@ -216,22 +219,19 @@ def _with_domain(model: onnx.ModelProto, domain: str, version: int = 1) -> None:
         model.opset_import.append(helper.make_opsetid(domain, version))
 
 
-def fuse_group_norms(
-    model: onnx.ModelProto, supported: Callable[[int, int], bool] = cuda_supports
-) -> tuple[onnx.ModelProto, dict]:
-    """A copy of ``model`` with every GroupNorm32 island that ``supported(channels, groups)`` allows
-    replaced by ``com.microsoft.GroupNorm``; returns (model, report). The report counts the norms
-    found, fused, fused with their SiLU, and lists the ones left as they were and why."""
-    fused = onnx.ModelProto()
-    fused.CopyFrom(model)
+def _islands(model: onnx.ModelProto, supported: Callable[[int, int], bool]) -> tuple[onnx.ModelProto, list, list, int]:
+    """A copy of ``model`` (node names made unique: nodes are matched by name), its islands that
+    ``supported(channels, groups)`` allows, the norms left and why, and the number of norms."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
     seen: set = set()
-    for i, n in enumerate(fused.graph.node):  # nodes are matched by name: make names unique
+    for i, n in enumerate(copy.graph.node):
         if not n.name or n.name in seen:
             n.name = f"{n.name or n.op_type}__{i}"
         seen.add(n.name)
-    g = _Graph(fused.graph)
+    g = _Graph(copy.graph)
     matches, skipped = [], []
-    norms = [n for n in fused.graph.node if n.op_type == "InstanceNormalization"]
+    norms = [n for n in copy.graph.node if n.op_type == "InstanceNormalization"]
     for norm in norms:
         m = _match(g, norm)
         if m is None:
@@ -240,30 +240,74 @@ def fuse_group_norms(
             skipped.append({"node": m["name"], "why": f"{m['channels']} channels in {m['groups']} groups: not supported by the kernel"})
         else:
             matches.append(m)
-    last = {m["nodes"][-1].name: (k, m) for k, m in enumerate(matches)}
-    removed = {n.name for m in matches for n in m["nodes"]}
+    return copy, matches, skipped, len(norms)
+
+
+def _replace(model: onnx.ModelProto, matches: list, removed_of, anchor_of, make) -> None:
+    """Replace, in place, each match's ``removed_of(m)`` nodes by ``make(m, k, initializers)``, emitted
+    where its ``anchor_of(m)`` node was (the last of them: every input is produced by then)."""
+    anchors = {anchor_of(m).name: (k, m) for k, m in enumerate(matches)}
+    removed = {n.name for m in matches for n in removed_of(m)}
     new_inits: list = []
     nodes = []
-    for n in fused.graph.node:
-        if n.name in last:
-            k, m = last[n.name]
-            nodes += _fused_nodes(m, k, new_inits)
+    for n in model.graph.node:
+        if n.name in anchors:
+            k, m = anchors[n.name]
+            nodes += make(m, k, new_inits)
         elif n.name not in removed:
             nodes.append(n)
-    del fused.graph.node[:]
-    fused.graph.node.extend(nodes)
-    fused.graph.initializer.extend(new_inits)
-    _drop_dead(fused.graph)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    model.graph.initializer.extend(new_inits)
+    _drop_dead(model.graph)
+
+
+def fuse_group_norms(
+    model: onnx.ModelProto, supported: Callable[[int, int], bool] = cuda_supports
+) -> tuple[onnx.ModelProto, dict]:
+    """A copy of ``model`` with every GroupNorm32 island that ``supported(channels, groups)`` allows
+    replaced by ``com.microsoft.GroupNorm``; returns (model, report). The report counts the norms
+    found, fused, fused with their SiLU, and lists the ones left as they were and why."""
+    fused, matches, skipped, norms = _islands(model, supported)
+    _replace(fused, matches, lambda m: m["nodes"], lambda m: m["nodes"][-1], _fused_nodes)
     if matches:
         _with_domain(fused, CONTRIB_DOMAIN)
     report = {
-        "norms": len(norms),
+        "norms": norms,
         "fused": len(matches),
         "fused_with_silu": sum(m["activation"] for m in matches),
         "attention_norms_fused": sum(m["rank"] == 3 for m in matches),
         "left": skipped,
     }
     return fused, report
+
+
+#: The opset of :func:`as_group_normalization`'s graphs: GroupNormalization-21 (per-channel scale and
+#: bias, ``stash_type`` for the statistics' precision).
+GROUP_NORMALIZATION_OPSET = 21
+
+
+def as_group_normalization(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict]:
+    """For TensorRT builds: a copy of ``model`` at opset 21 where each island's core (Reshape,
+    InstanceNormalization, Reshape, Mul, Add) is one standard ``GroupNormalization`` (fp32 statistics,
+    ``stash_type`` 1), which TensorRT's ONNX parser maps to its native normalisation layer. The Casts
+    around it stay (the norm runs on the fp32 tensor, as GroupNorm32 does), and so does the SiLU
+    (TensorRT fuses pointwise ops itself). Standard ONNX: ONNX Runtime's CPU provider runs it, which
+    is how CI checks it. (TensorRT itself is not run by this project.)"""
+    from onnx import version_converter
+
+    upgraded = version_converter.convert_version(model, GROUP_NORMALIZATION_OPSET)
+    out, matches, skipped, norms = _islands(upgraded, lambda channels, groups: True)
+
+    def make(m, k, initializers):
+        p = f"group_normalization_{k}"
+        initializers += [numpy_helper.from_array(m["gamma"], f"{p}.scale"), numpy_helper.from_array(m["beta"], f"{p}.bias")]
+        # GroupNormalization takes any rank >= 3 with channels second: [N, C, H, W] and [N, C, L] alike.
+        return [helper.make_node("GroupNormalization", [m["x32"], f"{p}.scale", f"{p}.bias"], [m["normed"]], name=f"{p}/GroupNormalization",
+                                 epsilon=m["epsilon"], num_groups=m["groups"], stash_type=1)]
+
+    _replace(out, matches, lambda m: m["core"], lambda m: m["core"][-1], make)
+    return out, {"norms": norms, "group_normalization": len(matches), "left": skipped}
 
 
 def fused_counts(model: onnx.ModelProto) -> dict:

@@ -358,3 +358,28 @@ def test_a_fused_entry_naming_an_unlisted_file_is_refused(cuda_engine, tmp_path)
     write_manifest(copy, manifest)
     with pytest.raises(EngineError, match="fused.step.file 'extra.onnx' is not listed"):
         load_manifest(copy)
+
+
+# -- --backend tensorrt: GroupNormalization-21, standard ONNX (TensorRT itself is not run here) ---------
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_group_normalization_graph_equals_the_exported_one_on_the_cpu(digits_graphs, precision):
+    from densepure_rt.engine.fusion import GROUP_NORMALIZATION_OPSET, as_group_normalization
+
+    model = digits_graphs[precision]
+    rewritten, report = as_group_normalization(model)
+    onnx.checker.check_model(rewritten)
+    census = _norm_census(digits_graphs["unet"])
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert report["group_normalization"] == ops.count("GroupNormalization") == len(census["norms"]) == 25
+    assert "InstanceNormalization" not in ops and report["left"] == []
+    assert {o.domain or "": o.version for o in rewritten.opset_import}[""] == GROUP_NORMALIZATION_OPSET
+    assert all(helper.get_attribute_value(a) == 1 for n in rewritten.graph.node if n.op_type == "GroupNormalization"
+               for a in n.attribute if a.name == "stash_type")
+    feeds = _step_feeds((1, 16, 16), 6, seed=2)
+    want = _session(model).run(None, feeds)[0]
+    got = _session(rewritten).run(None, feeds)[0]
+    err, rel = float(np.abs(got - want).max()), float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    print(f"digits {precision}: GroupNormalization graph vs exported max abs {err:.2e}, rel L2 {rel:.2e}")
+    assert (err <= 1e-5) if precision == "fp32" else (rel <= 1e-3)

@@ -538,6 +538,12 @@ def test_build_writes_sealed_plans_and_the_manifest_records_them(trt_engine):
     assert step == {"x": ((1, 1, 16, 16), (24, 1, 16, 16), (40, 1, 16, 16)), "noise": ((1, 1, 16, 16), (24, 1, 16, 16), (40, 1, 16, 16)),
                     "scalars": ((1, 8), (24, 8), (40, 8))}  # one row of step scalars per image row (format 3)
     assert classifier == {"image": ((1, 1, 16, 16), (24, 1, 16, 16), (40, 1, 16, 16))}
+    # The plan's step ONNX has its 25 norms as GroupNormalization-21, TensorRT's native normalisation.
+    import onnx
+
+    ops = [n.op_type for n in onnx.load(str(engine / "step.onnx")).graph.node]
+    assert ops.count("GroupNormalization") == manifest["group_normalization"]["group_normalization"] == 25
+    assert "InstanceNormalization" not in ops
 
 
 def test_info_shows_the_plans(trt_engine):
