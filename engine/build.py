@@ -368,9 +368,65 @@ def _as_group_normalization(stage: Path, sspec, log) -> dict:
     return report
 
 
+#: The fused set's fp16 classifier is used only if its labels agree with the fp32 graph's on at least
+#: this share of the build's check images (issue 23); otherwise the fused set keeps the fp32 classifier.
+CLASSIFIER_AGREEMENT = 0.995
+
+
 def _gpu_classifier(stage: Path, cspec, classifier: nn.Module, make_cls, options: BuildOptions, log) -> tuple[dict, list[str]]:
-    """The classifier the fused kernels run: for now the portable fp32 graph itself."""
-    return {"file": cspec.file, "precision": "fp32"}, []
+    """The classifier of the fused set: the fp32 graph in fp16 with timm's attention fused
+    (:mod:`densepure_rt.engine.classifier_fp16`), gated by label agreement with the fp32 graph on
+    fresh random images, run on ONNX Runtime's CPU provider (which computes the ops it has no fp16
+    kernel for in fp32 between casts of the fp16 tensors). Below :data:`CLASSIFIER_AGREEMENT`, or
+    with ``--no-validate`` (nothing checked it), the fused set keeps the portable fp32 classifier."""
+    import onnx
+
+    from densepure_rt.export.onnx_export import save_graph
+
+    from .classifier_fp16 import fp16_classifier
+
+    portable = {"file": cspec.file, "precision": "fp32"}
+    if not options.validate:
+        return {**portable, "fp16": "not made: --no-validate leaves nothing to check its labels against"}, []
+    log("converting the classifier to fp16 with fused attention for the GPU...")
+    graph16, report = fp16_classifier(onnx.load(str(stage / cspec.file)))
+    file16 = "classifier.cuda.onnx"
+    with tempfile.TemporaryDirectory(dir=stage.parent) as tmp:
+        save_graph(graph16, tmp, file16)
+        agreement, max_abs = _classifier_agreement(stage / cspec.file, Path(tmp) / file16, make_cls)
+        report.update(labels_agree=agreement, logits_max_abs=max_abs)
+        if agreement < CLASSIFIER_AGREEMENT:
+            log(f"the fp16 classifier's labels agree with fp32 on {agreement:.1%} of the check images (need "
+                f"{CLASSIFIER_AGREEMENT:.1%}): the fused set keeps the fp32 classifier")
+            return {**portable, "fp16": report}, []
+        files = save_graph(graph16, stage, file16)
+    log(f"fp16 classifier: {report['attention_fused']} of {report['attention_blocks']} attention blocks fused, "
+        f"labels agree with fp32 on {agreement:.1%} of the check images")
+    return {"file": file16, "precision": "fp16", "fp16": report}, files
+
+
+def _classifier_agreement(fp32_file: Path, fp16_file: Path, make_cls, images: int = 64) -> tuple[float, float]:
+    """(share of equal labels, largest logit difference) of two classifier graphs on ``images``
+    fresh random images (16 for images over 64 x 64: ImageNet's BEiT-L is slow on a CPU), on ONNX
+    Runtime's CPU provider."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sessions = [ort.InferenceSession(str(f), options, providers=["CPUExecutionProvider"]) for f in (fp32_file, fp16_file)]
+    gen = torch.Generator().manual_seed(4321)
+    agree = total = 0
+    max_abs = 0.0
+    while total < images:
+        (x,) = make_cls(gen)
+        if x[0].numel() > 3 * 64 * 64:
+            images = min(images, 16)
+        feeds = {"image": x.numpy()}
+        (l32, g32), (l16, g16) = (s.run(["labels", "logits"], feeds) for s in sessions)
+        agree += int((l32 == l16).sum())
+        total += len(l32)
+        max_abs = max(max_abs, float(np.abs(g32 - g16).max()))
+    return agree / total, max_abs
 
 
 def build_engine(

@@ -302,6 +302,56 @@ def test_build_device_cuda_writes_the_fused_graph_beside_the_portable_ones(cuda_
     assert fused_counts(onnx.load(str(fused_file)))["GroupNorm"] == 15
     # Validated through its expansion against PyTorch, with the portable fp32 graph's tolerance.
     assert manifest["fused"]["step"]["validation"]["x_next"]["max_abs"] <= 1e-4
+    # The fp16 classifier (engine/classifier_fp16.py), used because its labels agree with fp32's.
+    classifier = manifest["fused"]["classifier"]
+    assert classifier["precision"] == "fp16" and classifier["file"] == "classifier.cuda.onnx" in manifest["files"]
+    assert classifier["fp16"]["labels_agree"] >= 0.995 and classifier["fp16"]["nodes_fp16"] > 0
+    assert graph_path(cuda_engine, manifest, "classifier", "fused").name == "classifier.cuda.onnx"
+    assert graph_path(cuda_engine, manifest, "classifier").name == "classifier.onnx"
+
+
+def test_without_validation_the_fused_set_keeps_the_fp32_classifier(tmp_path):
+    """Nothing checked an fp16 classifier's labels: it is not made, and the manifest says why."""
+    from densepure_rt.export.models import load_classifier, load_unet
+    from densepure_rt.presets import PRESETS
+
+    manifest = build_engine(tmp_path / "e", PRESETS["digits"], load_unet("digits"), load_classifier("digits"),
+                            BuildOptions(device="cuda", validate=False), log=lambda m: None)
+    classifier = manifest["fused"]["classifier"]
+    assert classifier["file"] == "classifier.onnx" and classifier["precision"] == "fp32"
+    assert "--no-validate" in classifier["fp16"]
+    assert "classifier.cuda.onnx" not in manifest["files"]
+
+
+def test_an_fp16_classifier_that_disagrees_is_not_used(tmp_path, monkeypatch):
+    """The agreement gate: a converted classifier that changes labels is left out (here the
+    conversion is replaced by one that swaps two logits, an fp16 classifier gone wrong)."""
+    import densepure_rt.engine.classifier_fp16 as classifier_fp16
+    from densepure_rt.export.models import load_classifier, load_unet
+    from densepure_rt.presets import PRESETS
+
+    real = classifier_fp16.fp16_classifier
+
+    def broken(model):
+        graph, report = real(model)
+        # Negate the logits before the ArgMax: labels change on almost every image.
+        for node in graph.graph.node:
+            if node.op_type == "ArgMax":
+                neg = helper.make_node("Neg", [node.input[0]], ["negated_logits"])
+                node.input[0] = "negated_logits"
+                graph.graph.node.insert(list(graph.graph.node).index(node), neg)
+                break
+        return graph, report
+
+    monkeypatch.setattr(classifier_fp16, "fp16_classifier", broken)
+    messages = []
+    manifest = build_engine(tmp_path / "e", PRESETS["digits"], load_unet("digits"), load_classifier("digits"),
+                            BuildOptions(device="cuda"), log=messages.append)
+    classifier = manifest["fused"]["classifier"]
+    assert classifier["precision"] == "fp32" and classifier["file"] == "classifier.onnx"
+    assert classifier["fp16"]["labels_agree"] < 0.5
+    assert any("keeps the fp32 classifier" in m for m in messages)
+    assert "classifier.cuda.onnx" not in manifest["files"]
 
 
 def test_kernels_fused_is_refused_in_one_line_where_it_cannot_run(cuda_engine, tmp_path):
