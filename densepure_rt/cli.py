@@ -597,6 +597,23 @@ def _plan_lines(manifest: dict) -> list[str]:
     ]
 
 
+
+def _fused_lines(manifest: dict) -> list[str]:
+    """``info``'s line for `build --device cuda`'s fused GPU graphs (read defensively: the report
+    fields are descriptive and not part of the manifest's validated schema)."""
+    fused = manifest.get("fused")
+    if not isinstance(fused, dict):
+        return []
+    step, cls = fused.get("step", {}), fused.get("classifier", {})
+    report = step.get("fusion") if isinstance(step.get("fusion"), dict) else {}
+    counts = (report.get("fused"), report.get("norms"), report.get("fused_with_silu"))
+    norms = f" ({counts[0]} of {counts[1]} GroupNorms fused, {counts[2]} with their SiLU)" if all(type(c) is int for c in counts) else ""
+    fp16 = cls.get("fp16") if isinstance(cls.get("fp16"), dict) else {}
+    blocks = (fp16.get("attention_fused"), fp16.get("attention_blocks"))
+    attention = f", {blocks[0]} of {blocks[1]} attention blocks fused" if all(type(b) is int for b in blocks) else ""
+    return [f"fused       GPU graphs for --kernels fused (--device cuda): step {step.get('file')}{norms}; "
+            f"classifier {cls.get('file')} {cls.get('precision')}{attention}"]
+
 @main.command()
 @click.argument("engine", required=False, type=click.Path(), metavar="[ENGINE_DIR]")
 @click.option("--engine", "engine_opt", type=click.Path(), metavar="DIR", help="The engine directory (or give it as the argument).")
@@ -636,6 +653,7 @@ def info(engine, engine_opt, as_json):
         "rows = noisy samples x K)".format(*rows_per_call(manifest), manifest["graphs"]["step"]["max_elements_per_row"],
                                           manifest["graphs"]["classifier"]["max_elements_per_row"]),
         *_plan_lines(manifest),
+        *_fused_lines(manifest),
         f"built       {build.get('date', '?')} with densepure-rt {manifest.get('toolkit_version')}, torch {build.get('torch', '?')}"
         + ("  [random weights]" if build.get("random_weights") else ""),
     ]

@@ -285,6 +285,7 @@ def preload_build_modules() -> None:
     work folder would stay behind. The CLI calls this with the signals held."""
     import onnx  # noqa: F401
     import onnx.shape_inference  # noqa: F401
+    import onnx.version_converter  # noqa: F401 - --backend tensorrt's GroupNormalization-21
     import onnxruntime  # noqa: F401
     import onnxruntime.tools.symbolic_shape_infer  # noqa: F401
     import torch._dynamo  # noqa: F401 - the FLOP counter and the exporter import it lazily

@@ -308,6 +308,10 @@ def test_build_device_cuda_writes_the_fused_graph_beside_the_portable_ones(cuda_
     assert classifier["fp16"]["labels_agree"] >= 0.995 and classifier["fp16"]["nodes_fp16"] > 0
     assert graph_path(cuda_engine, manifest, "classifier", "fused").name == "classifier.cuda.onnx"
     assert graph_path(cuda_engine, manifest, "classifier").name == "classifier.onnx"
+    from densepure_rt.cli import main
+
+    info = CliRunner().invoke(main, ["info", str(cuda_engine)])
+    assert info.exit_code == 0 and "step step.cuda.onnx (15 of 25 GroupNorms fused, 5 with their SiLU)" in info.output
 
 
 def test_without_validation_the_fused_set_keeps_the_fp32_classifier(tmp_path):
