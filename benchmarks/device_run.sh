@@ -26,7 +26,8 @@ import onnxruntime as ort, cupy
 print("onnxruntime", ort.__version__, ort.__file__, ort.get_available_providers())
 print("cupy", cupy.__version__, "devices", cupy.cuda.runtime.getDeviceCount())
 PY
-SECTIONS=${SECTIONS:-"tests c16 c32 in16"}
+# The next GPU session's checklist (issues 22, 23): SECTIONS="tests sched" in one call, SECTIONS="fused" in the next.
+SECTIONS=${SECTIONS:-"tests sched"}
 has() { [[ " $SECTIONS " == *" $1 "* ]]; }
 mkdir -p /tmp/eng
 if has tests; then
@@ -60,6 +61,15 @@ if has in16; then
   log "bench imagenet fp16"
   timeout $(( 570 - $(elapsed) )) python3 benchmarks/runtime_bench.py --engine /tmp/eng/imagenet-rand16 --device cuda \
     --batch 3 --early-exit off --cuda-graph on --seconds 10 --out $OUT --name imagenet_fp16 2>&1 | tail -3
+fi
+if has sched; then
+  # Issue 22: waves against the continuous-batching scheduler on the GPU (never run on one before).
+  log "build cifar10 fp16"
+  [ -d /tmp/eng/cifar10-rand16 ] || densepure-rt build --model cifar10 --random-weights --precision fp16 --no-validate \
+    --out /tmp/eng/cifar10-rand16 2>&1 | tail -1
+  log "bench cifar10 fp16: waves vs continuous, early exit on"
+  python3 benchmarks/runtime_bench.py --engine /tmp/eng/cifar10-rand16 --device cuda --batch 25 200 --early-exit on \
+    --cuda-graph on --scheduling both --seconds 4 --out $OUT --name cifar10_sched 2>&1 | tail -6
 fi
 if has fused; then
   # Issue 23: the fused GPU graphs (build --device cuda) against the portable ones, and cuDNN's search modes.
