@@ -437,3 +437,29 @@ def test_group_normalization_graph_equals_the_exported_one_on_the_cpu(digits_gra
     err, rel = float(np.abs(got - want).max()), float(np.linalg.norm(got - want) / np.linalg.norm(want))
     print(f"digits {precision}: GroupNormalization graph vs exported max abs {err:.2e}, rel L2 {rel:.2e}")
     assert (err <= 1e-5) if precision == "fp32" else (rel <= 1e-3)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: m.__setitem__("fused", ["step.cuda.onnx"]), "fused"),
+    (lambda m: m["fused"].pop("classifier"), "fused.classifier"),
+    (lambda m: m["fused"]["step"].pop("file"), "fused.step.file"),
+    (lambda m: m["fused"]["classifier"].__setitem__("precision", "fp64"), "fused.classifier.precision"),
+    (lambda m: m["fused"]["step"].__setitem__("file", "../step.onnx"), "fused.step.file"),
+])
+def test_a_hostile_fused_section_is_a_one_line_error(cuda_engine, tmp_path, edit, needle):
+    import shutil
+
+    from densepure_rt.cli import main
+    from densepure_rt.errors import EngineError
+    from densepure_rt.files.manifest import load_manifest, write_manifest
+
+    copy = tmp_path / "engine"
+    shutil.copytree(cuda_engine, copy)
+    manifest = load_manifest(copy)
+    manifest.pop("manifest_sha256")
+    edit(manifest)
+    write_manifest(copy, manifest)
+    with pytest.raises(EngineError, match=needle.replace(".", r"\.")):
+        load_manifest(copy)
+    info = CliRunner().invoke(main, ["info", str(copy)])
+    assert info.exit_code != 0 and "Traceback" not in info.output and len(info.output.strip().splitlines()) == 1
