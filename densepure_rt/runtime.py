@@ -114,7 +114,7 @@ class Engine:
         #: "waves" (the default: the batch loop's waves) or "continuous"
         #: (:mod:`densepure_rt.sampling.scheduler`: every call full, rows of many samples at any
         #: reverse step). The counts are the same. "waves" stays the default until the scheduler is
-        #: measured on a GPU: on the 2-core CPU it measured 0.87x the waves' speed (digits, K = 3).
+        #: run on a GPU (never yet); on the 2-core CPU the two are within noise (digits, K = 3).
         self.scheduling = scheduling
         self._scheduler: Scheduler | None = None
         self.directory = Path(directory)
@@ -705,7 +705,7 @@ def open_engine(
     verify the directory and read its manifest and schedule, but open no sessions (``engine.loop``
     is None; what a Ray driver needs). ``scheduling``: how fixed-n sampling fills the engine's calls,
     "waves" (default: the batch loop's waves) or "continuous" (:mod:`densepure_rt.sampling.scheduler`;
-    the same counts; not yet run on a GPU, and 0.87x the waves' speed on the 2-core CPU for digits).
+    the same counts; not yet run on a GPU; as fast as the waves on the 2-core CPU, within noise).
     ``kernels``: "portable" (default) or "fused", the GPU graphs of an engine built with ``--device
     cuda`` (ONNX Runtime's CUDA provider only; see :func:`check_kernels`)."""
     return Engine(
