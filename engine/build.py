@@ -378,8 +378,9 @@ def _gpu_classifier(stage: Path, cspec, classifier: nn.Module, make_cls, options
     """The classifier of the fused set: the fp32 graph in fp16 with timm's attention fused
     (:mod:`densepure_rt.engine.classifier_fp16`), gated by label agreement with the fp32 graph on
     fresh random images, run on ONNX Runtime's CPU provider (which computes the ops it has no fp16
-    kernel for in fp32 between casts of the fp16 tensors). Below :data:`CLASSIFIER_AGREEMENT`, or
-    with ``--no-validate`` (nothing checked it), the fused set keeps the portable fp32 classifier."""
+    kernel for in fp32 between casts of the fp16 tensors). Below :data:`CLASSIFIER_AGREEMENT` the
+    fused set keeps the portable fp32 classifier. The gate is part of making the fp16 graph, not of
+    ``--no-validate``'s validation against PyTorch: it runs either way."""
     import onnx
 
     from densepure_rt.export.onnx_export import save_graph
@@ -387,8 +388,6 @@ def _gpu_classifier(stage: Path, cspec, classifier: nn.Module, make_cls, options
     from .classifier_fp16 import fp16_classifier
 
     portable = {"file": cspec.file, "precision": "fp32"}
-    if not options.validate:
-        return {**portable, "fp16": "not made: --no-validate leaves nothing to check its labels against"}, []
     log("converting the classifier to fp16 with fused attention for the GPU...")
     graph16, report = fp16_classifier(onnx.load(str(stage / cspec.file)))
     file16 = "classifier.cuda.onnx"
