@@ -131,13 +131,13 @@ class Engine:
         self.step_rows, self.classifier_rows = rows_per_call(self.manifest)
         sched = self.manifest["schedule"]
         self._schedule = make_schedule(sched["kind"], sched["num_timesteps"], sched["rescale_timesteps"])
-        #: The batch loop over the engine's executor (:attr:`executor`) on ``device``. None with
-        #: ``metadata_only``: the manifest and schedule without sessions (a Ray driver, whose actors
-        #: open the engine where the GPUs are).
         #: Which graphs run: "portable" (standard ONNX, every provider) or "fused" (``build --device
         #: cuda``: GroupNorm + SiLU fused for ONNX Runtime's CUDA provider; checked when opened even
         #: with ``metadata_only``, so a Ray driver refuses what its actors would).
         self.kernels = check_kernels(kernels, self.manifest, device, self.directory)
+        #: The batch loop over the engine's executor (:attr:`executor`) on ``device``. None with
+        #: ``metadata_only``: the manifest and schedule without sessions (a Ray driver, whose actors
+        #: open the engine where the GPUs are).
         self.loop: BatchLoop | None = None if metadata_only else open_loop(
             backend, self.directory, self.manifest, device=device, threads=threads, cuda_graph=cuda_graph, kernels=kernels
         )
