@@ -117,7 +117,12 @@ class Scheduler:
         #: so a captured CUDA graph replays for every call. Default: when the executor replays one
         #: (ONNX Runtime's CUDA graph); otherwise a call covers the occupied rows only (cheaper on a CPU).
         self.full_calls = bool(getattr(loop.executor, "cuda_graph", False)) if full_calls is None else bool(full_calls)
-        self._allocate()
+        # On the loop's stream, as the wave loop allocates: the zero fills must be ordered before the
+        # kernels that later use these buffers there (a non-blocking stream does not wait for the
+        # default one), and done before the first call.
+        with self.device.stream():
+            self._allocate()
+        self.device.synchronize()
 
     def _allocate(self) -> None:
         xp, f32, u32 = self.xp, np.float32, np.uint32

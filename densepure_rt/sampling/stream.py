@@ -152,7 +152,8 @@ def run_stream(scheduler, stage: Callable[[np.ndarray], Any], image_shape, items
     if int(in_flight) < 1:
         raise ValueError(f"in_flight must be >= 1 (got {in_flight})")
     xp = scheduler.xp
-    staged = xp.zeros((int(in_flight), *image_shape), dtype=np.float32)
+    with scheduler.device.stream():  # zero-filled on the stream that later writes and reads it
+        staged = xp.zeros((int(in_flight), *image_shape), dtype=np.float32)
     free_slots = list(range(int(in_flight) - 1, -1, -1))
     jobs: list[Job] = []
     owner: list[tuple[_Work, int]] = []  # per job: its image's work and staging slot
