@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from densepure_rt import __version__
-from densepure_rt.errors import ConfigError, DensePureError, install_hint
+from densepure_rt.errors import ConfigError, DensePureError, install_hint, signals_held
 from densepure_rt.run import random_note, run_mode
 
 __all__ = ["main"]
@@ -38,27 +38,6 @@ class _Terminated(KeyboardInterrupt):
 
 def _on_sigterm(signum, frame):  # noqa: ARG001 - a signal handler's signature
     raise _Terminated()
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """Hold SIGINT and SIGTERM while the block runs; a signal that came meanwhile is raised when it ends.
-
-    For imports of C extensions: an exception raised while one initialises (onnx's nanobind enums,
-    torch) aborts the interpreter (SIGABRT/SIGSEGV seen on Ctrl-C during ``build``) instead of unwinding,
-    and with it the clean-up of the build's work folder. Outside the main thread, or where signal
-    masks do not exist, the block runs as is."""
-    import threading
-
-    held = (signal.SIGINT, signal.SIGTERM)
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)  # a pending signal is delivered (and raised) here
 
 
 class _Group(click.Group):
@@ -283,7 +262,7 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
         if given:
             raise ConfigError(f"{given[0]} goes with --backend tensorrt")
     try:
-        with _signals_held():  # torch, onnx and ONNX Runtime load here, all of them: see _signals_held
+        with signals_held():  # torch, onnx and ONNX Runtime load here, all of them: see errors.signals_held
             from .engine.build import BuildOptions, build_engine, check_out_dir, clean_stale_builds, is_engine_dir, preload_build_modules
             from .export.models import load_classifier, load_unet
 

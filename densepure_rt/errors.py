@@ -1,4 +1,12 @@
-"""User-facing errors. The CLI prints any of these as one line and exits non-zero (no traceback)."""
+"""User-facing errors. The CLI prints any of these as one line and exits non-zero (no traceback).
+
+Also :func:`signals_held`, the one place Ctrl-C and SIGTERM are held while something must not be
+interrupted half-way (the CLI's imports of C extensions, the build's work folder).
+"""
+
+import contextlib
+import signal
+import threading
 
 
 class DensePureError(Exception):
@@ -40,3 +48,23 @@ def first_line(exc: BaseException | str, limit: int = 400) -> str:
         node = before.split("while running")[-1].strip().rstrip(".")
         line = f"{node}: {message.strip()}"
     return line[:limit]
+
+
+@contextlib.contextmanager
+def signals_held():
+    """Hold SIGINT and SIGTERM while the block runs; a signal that came meanwhile is raised when it ends.
+
+    For imports of C extensions: an exception raised while one initialises (onnx's nanobind enums,
+    torch) aborts the interpreter (SIGABRT/SIGSEGV seen on Ctrl-C during ``build``) instead of
+    unwinding, and with it the clean-up of the build's work folder; and for making that folder, so a
+    signal cannot land between its creation and the clean-up's try. Outside the main thread, or
+    where signal masks do not exist, the block runs as is."""
+    held = (signal.SIGINT, signal.SIGTERM)
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)  # a pending signal is delivered (and raised) here

@@ -12,27 +12,22 @@ workplace); the engine holds both the ONNX graphs and the plans.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import platform
 import shutil
-import signal
 import socket
 import sys
 import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from densepure_rt import __version__
-from densepure_rt.errors import ConfigError
+from densepure_rt.errors import ConfigError, signals_held
 from densepure_rt.files.manifest import MANIFEST, write_manifest
 from densepure_rt.presets import BACKEND_PRECISIONS, Preset
 from densepure_rt.schedule import make_schedule, reverse_schedule
@@ -185,21 +180,6 @@ def check_out_dir(out_dir: str | Path, force: bool) -> str:
 #: replaced engine moved aside): which process of which host made it, for which engine directory.
 _OWNER = ".owner"
 _OWNER_TOOL = "densepure-rt build"
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """SIGINT and SIGTERM held while the block runs (delivered, and raised, when it ends); as is
-    outside the main thread or where signal masks do not exist."""
-    held = (signal.SIGINT, signal.SIGTERM)
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 def _work_folder(out_dir: Path, suffix: str) -> Path:
@@ -459,7 +439,7 @@ def build_engine(
         # A fresh, uniquely named staging folder: never a folder that might belong to someone else.
         # Made with Ctrl-C / SIGTERM held, so that one raised here always finds it in ``work`` (and
         # the clean-up below removes it): a signal between mkdtemp and the try could leave it behind.
-        with _signals_held():
+        with signals_held():
             work = _work_folder(out_dir, ".partial")
             stage = work / "engine"
             stage.mkdir()

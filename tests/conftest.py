@@ -100,3 +100,27 @@ def gpu_cupy():
     except Exception:  # noqa: BLE001 - no driver
         pytest.skip("no CUDA driver")
     return cupy
+
+
+def build_digits_engine(tmp_path_factory, folder: str) -> Path:
+    """The digits engine (shipped weights, fp32), built through the CLI into a fresh temporary folder."""
+    from click.testing import CliRunner
+
+    from densepure_rt.cli import main
+
+    out = tmp_path_factory.mktemp(folder) / "digits"
+    result = CliRunner().invoke(main, ["build", "--model", "digits", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def digits_test_images(count: int):
+    """The first ``count`` images of the shipped digits test split, [N x 1 x 16 x 16] float32 in [0, 1]."""
+    import numpy as np
+
+    from densepure_rt.files.data import DIGITS_TEST_ASSET
+
+    imgs = np.load(DIGITS_TEST_ASSET)["images"][:count].astype(np.float32)
+    if imgs.ndim == 3:
+        imgs = imgs[:, None]
+    return imgs / 255.0 if imgs.max() > 1.5 else imgs

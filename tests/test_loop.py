@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import gpu_cupy, run_label_agreement
+from conftest import build_digits_engine, gpu_cupy, run_label_agreement
 from densepure_rt.cli import main
 from densepure_rt.files.data import DIGITS_TEST_ASSET
 from densepure_rt.sampling.device import HostNoise
@@ -30,10 +30,7 @@ SIGMA, STEPS, VOTES = 0.6, 2, 3
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("loop") / "digits"
-    result = CliRunner().invoke(main, ["build", "--model", "digits", "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
+    return build_digits_engine(tmp_path_factory, "loop")
 
 
 @pytest.fixture(scope="module")

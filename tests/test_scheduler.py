@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import build_digits_engine, digits_test_images
 from densepure_rt.cli import main
-from densepure_rt.files.data import DIGITS_TEST_ASSET
 from densepure_rt.runtime import open_engine
 from densepure_rt.sampling.noise import ESTIMATION, SELECTION
 from densepure_rt.sampling.scheduler import Job, Scheduler, SchedulerStats
@@ -28,19 +28,12 @@ SIGMA, STEPS = 0.6, 2
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("scheduler") / "digits"
-    result = CliRunner().invoke(main, ["build", "--model", "digits", "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
+    return build_digits_engine(tmp_path_factory, "scheduler")
 
 
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
-    data = np.load(DIGITS_TEST_ASSET)
-    imgs = data["images"][:4].astype(np.float32)
-    if imgs.ndim == 3:
-        imgs = imgs[:, None]
-    return imgs / 255.0 if imgs.max() > 1.5 else imgs
+    return digits_test_images(4)
 
 
 def _jobs(n0: int, n: int, count: int) -> list[Job]:

@@ -32,10 +32,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from scipy import stats
 
-from densepure_rt.cli import main
+from conftest import build_digits_engine
 from densepure_rt.runtime import open_engine
 from densepure_rt.sampling.noise import ESTIMATION
 from densepure_rt.sampling.scheduler import Job, SchedulerStats
@@ -84,10 +83,7 @@ class SplitVotes:
 
 @pytest.fixture(scope="module")
 def engine_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("validity") / "digits"
-    result = CliRunner().invoke(main, ["build", "--model", "digits", "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
+    return build_digits_engine(tmp_path_factory, "validity")
 
 
 def _synthetic(engine_dir):

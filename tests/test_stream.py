@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from conftest import build_digits_engine, digits_test_images
 from densepure_rt.cli import main
-from densepure_rt.files.data import DIGITS_TEST_ASSET
 from densepure_rt.files.results import read_results
 from densepure_rt.runtime import open_engine
 
@@ -33,19 +33,12 @@ CLI = [sys.executable, "-m", "densepure_rt.cli"]
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("stream") / "digits"
-    result = CliRunner().invoke(main, ["build", "--model", "digits", "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
+    return build_digits_engine(tmp_path_factory, "stream")
 
 
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
-    data = np.load(DIGITS_TEST_ASSET)
-    imgs = data["images"][:4].astype(np.float32)
-    if imgs.ndim == 3:
-        imgs = imgs[:, None]
-    return imgs / 255.0 if imgs.max() > 1.5 else imgs
+    return digits_test_images(4)
 
 
 def _alone(eng, mode, image, idx, round_size):

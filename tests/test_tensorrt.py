@@ -31,7 +31,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import BLOCK_TORCH, ROOT, gpu_cupy, run_label_agreement
+from conftest import BLOCK_TORCH, ROOT, build_digits_engine, gpu_cupy, run_label_agreement
 from densepure_rt.cli import main
 from densepure_rt.files.data import DIGITS_TEST_ASSET
 from densepure_rt.errors import ConfigError, EngineError
@@ -839,10 +839,7 @@ class NumpyGraphs(WholeBatchGraphs):
 
 @pytest.fixture(scope="module")
 def ort_engine(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("trt-ort") / "digits"
-    result = CliRunner().invoke(main, ["build", "--model", "digits", "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    return out
+    return build_digits_engine(tmp_path_factory, "trt-ort")
 
 
 def _digits(n: int = 6) -> np.ndarray:
