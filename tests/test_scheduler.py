@@ -193,3 +193,63 @@ def test_round_is_independent_of_the_call_size_on_the_cli(engine, images, tmp_pa
     result = runner.invoke(main, ["certify", "--engine", str(engine), "--data", str(data), "--sigma", "0.5", "--round", "4",
                                   "--out", str(tmp_path / "c.tsv")])
     assert result.exit_code == 2 and "--round goes with --radius or --tol" in result.stderr
+
+
+class _Recording:
+    """The engine's real ONNX Runtime executor, with TensorRT's binding rules recorded: each bound
+    array's byte offset from the start of the buffer it is a view of (TensorRT takes only 256-byte
+    aligned addresses; the buffers themselves come aligned from CuPy's pool), the row counts of
+    the step calls, and the row counts reserved. ``classifier_rows`` and ``fixed_rows`` as a TensorRT
+    profile of 40 rows would set them."""
+
+    def __init__(self, inner, classifier_rows=40, fixed_rows=True):
+        self.inner, self.classifier_rows, self.fixed_rows = inner, classifier_rows, fixed_rows
+        self.cuda_graph = False
+        self.offsets, self.step_rows, self.reserved = [], [], []
+
+    def _offset(self, a) -> int:
+        root = a
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        return a.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+
+    def reserve(self, rows, image_shape) -> None:
+        self.reserved.append(int(rows))
+
+    def step(self, x, noise, scalars, out) -> None:
+        self.offsets += [self._offset(a) for a in (x, noise, scalars, out)]
+        self.step_rows.append(int(x.shape[0]))
+        self.inner.step(x, noise, scalars, out)
+
+    def classify(self, images, labels, logits) -> None:
+        self.offsets += [self._offset(a) for a in (images, labels, logits)]
+        self.inner.classify(images, labels, logits)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.mark.parametrize("loop", ["waves", "continuous"])
+def test_bound_views_are_256_byte_aligned_and_a_fixed_shape_executor_gets_full_reserved_calls(engine, images, loop):
+    """TensorRT's rule for bound addresses (256-byte alignment), checked where the loops slice their
+    buffers: the wave loop classifies a wave of 48 rows in chunks of at most the profile's 40 rows;
+    40 rows of int64 labels would put the second chunk 320 bytes in, so it takes 32-row chunks
+    (32 x 8 bytes, 32 x 10 logits x 4, 32 digits images). The scheduler with a fixed-shape executor
+    (TensorRT, ONNX Runtime's CUDA graph) reserves its row count and runs every step call full.
+    The counts equal the plain executor's."""
+    jobs = _jobs(5, 16, 2)
+    with open_engine(engine) as eng:
+        eng._prepare(SIGMA, STEPS, 3, 16, samples=16)
+        staged = eng.loop.device.stage(images)
+        want = Scheduler(eng.loop, 48).counts(staged, jobs, seed=3)
+        recording = eng.loop.executor = _Recording(eng.loop.executor)
+        if loop == "waves":
+            eng.loop.prepare(eng.loop.rs, 3, 16, early_exit=False)  # one wave of 16 x 3 = 48 rows
+            got = [eng.sample_counts(images[j.image], j.num, j.phase, seed=3, image_index=j.image_index, batch=16) for j in jobs]
+        else:
+            sch = Scheduler(eng.loop, 48)
+            got = sch.counts(staged, jobs, seed=3)
+            assert sch.full_calls and recording.reserved == [48] and set(recording.step_rows) == {48}
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert recording.offsets and all(offset % 256 == 0 for offset in recording.offsets), sorted(set(recording.offsets))

@@ -774,16 +774,26 @@ class _Stream:
     ptr = 77
 
 
+def _aligned(shape, dtype, alignment: int = 256) -> np.ndarray:
+    """A zeroed numpy array whose first byte sits on an ``alignment``-byte boundary (as CuPy's pool
+    hands out device blocks; numpy's own allocations are only 16- or 64-byte aligned)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.zeros(nbytes + alignment, dtype=np.uint8)
+    skip = -raw.ctypes.data % alignment
+    return raw[skip:skip + nbytes].view(dtype).reshape(shape)
+
+
 def test_executor_contexts_shapes_and_addresses(trt_engine):
     engine, _ = trt_engine
     manifest = load_manifest(engine)
     trt = FakeTensorRT()
     executor = TensorRTExecutor(engine, manifest, _Stream(), xp=np, trt=trt, compute_capability="9.0")
-    assert executor.classifier_rows == 40 and executor.effective_precision == "fp16"
+    assert executor.classifier_rows == 40 and executor.effective_precision == "fp16" and executor.fixed_rows
     step, classifier = executor._engines["step"], executor._engines["classifier"]
-    x = np.zeros((24, 1, 16, 16), np.float32)
-    z, out, scalars = np.zeros_like(x), np.zeros_like(x), np.zeros((24, 8), np.float32)
-    labels, logits = np.zeros(24, np.int64), np.zeros((24, 10), np.float32)
+    x = _aligned((24, 1, 16, 16), np.float32)
+    z, out, scalars = _aligned(x.shape, np.float32), _aligned(x.shape, np.float32), _aligned((24, 8), np.float32)
+    labels, logits = _aligned(24, np.int64), _aligned((24, 10), np.float32)
     executor.reserve(24, (1, 16, 16))
     for _ in range(3):  # full batches: the reserved context, its shape set once
         executor.step(x, z, scalars, out)
@@ -801,6 +811,9 @@ def test_executor_contexts_shapes_and_addresses(trt_engine):
     assert full._strategy == "user_managed" and len(classifier._contexts) == 1
     with pytest.raises(EngineError, match="got 41 rows but this engine's TensorRT plans take 1 to 40 rows"):
         executor.reserve(41, (1, 16, 16))
+    # TensorRT takes 256-byte aligned addresses only: a view 3 rows into the labels (24 bytes) is refused.
+    with pytest.raises(EngineError, match="buffer of labels of the classifier graph starts at an address 24 bytes past a 256-byte"):
+        executor.classify(out[3:], labels[3:], logits[3:])
     trt._fail_run = True
     with pytest.raises(EngineError, match="TensorRT failed running the classifier graph"):
         executor.classify(out, labels, logits)

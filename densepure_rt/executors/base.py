@@ -27,6 +27,9 @@ class Executor(Protocol):
     providers: dict
     #: Whether the runtime replays its own CUDA graphs of the step (ONNX Runtime's CUDA provider).
     cuda_graph: bool
+    #: Whether step calls should keep one row count (a replayed CUDA graph; TensorRT's profile shape,
+    #: set once per execution context): the scheduler then runs every call full and reserves it.
+    fixed_rows: bool
     #: The most rows one classifier call may hold for this runtime (TensorRT: its profile); None: no own limit.
     classifier_rows: Optional[int]
 

@@ -139,6 +139,11 @@ class OrtExecutor:
         self._io_cls = self._cls.io_binding()
         self._ort_device = "cuda" if device == "cuda" else "cpu"
 
+    @property
+    def fixed_rows(self) -> bool:
+        """One row count per step call where ONNX Runtime replays a CUDA graph (captured per shape)."""
+        return bool(self.cuda_graph)
+
     # -- binding -------------------------------------------------------------------------------------
     def _ptr(self, a) -> int:
         if not a.flags.c_contiguous:

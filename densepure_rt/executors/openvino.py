@@ -41,6 +41,7 @@ class OpenVinoExecutor:
     xp = np
     #: OpenVINO replays no CUDA graphs, and has no row limit of its own.
     cuda_graph = False
+    fixed_rows = False
     classifier_rows = None
 
     def __init__(self, directory: str | Path, manifest: dict, threads: int | None = None):

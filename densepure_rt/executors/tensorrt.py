@@ -184,6 +184,23 @@ def _ptr(a) -> int:
     return int(data.ptr) if hasattr(data, "ptr") else int(a.ctypes.data)
 
 
+#: TensorRT's rule for ``set_tensor_address``: "the pointer must have at least 256-byte alignment".
+TENSOR_ALIGNMENT = 256
+
+
+def _tensor_address(a, name: str, what: str) -> int:
+    """The address to bind for tensor ``name`` of the ``what`` graph: refused in one line unless it is
+    256-byte aligned (the loop's buffers are, and so are the views it binds: loop.classifier_chunk)."""
+    ptr = _ptr(a)
+    if ptr % TENSOR_ALIGNMENT:
+        raise EngineError(
+            f"the buffer of {name} of the {what} graph starts at an address {ptr % TENSOR_ALIGNMENT} bytes past a "
+            f"{TENSOR_ALIGNMENT}-byte boundary, which TensorRT does not accept: a bug of densepure-rt's loop, please "
+            "report it (the onnxruntime backend has no such rule)"
+        )
+    return ptr
+
+
 class TensorRTExecutor:
     """TensorRT over an engine's two plans, on the batch loop's CuPy buffers and CUDA stream.
 
@@ -201,6 +218,9 @@ class TensorRTExecutor:
     name = "tensorrt"
     #: The whole-batch CUDA graphs of TensorRT engines are the device's (WholeBatchGraphs), not the executor's.
     cuda_graph = False
+    #: Step calls of one row count run on a reserved context whose shape is set once (TensorRT: a
+    #: shape change costs a re-setup of the context before its next enqueue).
+    fixed_rows = True
 
     def __init__(self, directory: str | Path, manifest: dict, stream, xp, trt=None, compute_capability: str | None = None):
         trt = require_tensorrt() if trt is None else trt
@@ -263,7 +283,7 @@ class TensorRTExecutor:
                     raise EngineError(f"TensorRT refused shape {tuple(a.shape)} for {name} of the {what} graph: {self._logger.last()}")
             self._rows[key] = rows
         for name, a in (*inputs, *outputs):
-            if not context.set_tensor_address(name, _ptr(a)):
+            if not context.set_tensor_address(name, _tensor_address(a, name, what)):
                 raise EngineError(f"TensorRT refused the buffer of {name} of the {what} graph: {self._logger.last()}")
         if not context.execute_async_v3(int(self._stream.ptr)):
             raise EngineError(f"TensorRT failed running the {what} graph: {self._logger.last()}")

@@ -38,6 +38,7 @@ The numpy path is unchanged by it.
 
 from __future__ import annotations
 
+import math
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -47,7 +48,13 @@ from densepure_rt.executors.base import Executor
 from densepure_rt.schedule import ReverseSchedule
 from densepure_rt.stats.vote import majority_vote, undecided, vote_waves
 
-__all__ = ["NoiseSource", "BatchLoop", "check_labels", "NON_FINITE"]
+__all__ = ["NoiseSource", "BatchLoop", "check_labels", "classifier_chunk", "NON_FINITE", "ALIGNMENT"]
+
+#: Bytes to which every buffer address handed to an executor is aligned: TensorRT's rule for
+#: ``setTensorAddress`` ("at least 256-byte alignment"). The buffers themselves come from the array
+#: module (CuPy's pool hands out 512-byte aligned blocks); views into them start at row offsets that
+#: keep it (:func:`classifier_chunk`).
+ALIGNMENT = 256
 
 #: The error when a purified image holds NaN or inf (a NaN image would still get some label).
 NON_FINITE = (
@@ -195,9 +202,8 @@ class BatchLoop:
         evaluations it ran. Without early exit it reads nothing back from the device."""
         xp, votes, calls = self.xp, self.votes, self.rs.num_calls
         unet = classifier = 0
-        chunk = self.executor.classifier_rows or self.CLASSIFIER_ROWS
-        if self.classifier_rows is not None:
-            chunk = max(min(chunk, int(self.classifier_rows)), 1)
+        # Chunk c's views start at row c * chunk: a row count that keeps them 256-byte aligned.
+        chunk = classifier_chunk(self.classifier_limit(), self.image_shape, self.num_classes)
         delta, start = self.delta[:n], self.start[:n]
         self.noise.fill(delta, seed, self.s_image, self.s_phase, self.s_sample, self.s_zero, 0, float(self.sigma))
         # x_{t*} = (2 (x + delta) - 1) / sqrt(1 + 4 sigma^2), in float32 as the reference computes it.
@@ -243,6 +249,14 @@ class BatchLoop:
             if active.shape[0] == 0:
                 break
         return unet, classifier
+
+    def classifier_limit(self) -> int:
+        """The most rows one classifier call may hold: the executor's limit (TensorRT: its profile)
+        or :attr:`CLASSIFIER_ROWS`, and the engine's (:mod:`densepure_rt.limits`)."""
+        limit = self.executor.classifier_rows or self.CLASSIFIER_ROWS
+        if self.classifier_rows is not None:
+            limit = min(limit, int(self.classifier_rows))
+        return max(int(limit), 1)
 
     # -- on host arrays ------------------------------------------------------------------------------
     def voted_labels_many(self, images: np.ndarray, slots, image_indices, phases, samples, seed: int, runs: bool = False):
@@ -308,3 +322,17 @@ def check_labels(labels: np.ndarray, expected: int, num_classes: int) -> np.ndar
             "the engine's classifier does not match its manifest; rebuild the engine"
         )
     return labels.astype(np.int64, copy=False)
+
+
+def classifier_chunk(limit: int, image_shape: Sequence[int], num_classes: int) -> int:
+    """The most rows <= ``limit`` per classifier call such that chunk k's views of the loop's
+    buffers (images float32, labels int64, logits float32 [classes]) start at a multiple of
+    :data:`ALIGNMENT` bytes: the row counts after which each buffer is back on the alignment
+    (256 / gcd(256, row bytes)), their least common multiple, and ``limit`` rounded down to it.
+    A limit below that unit stays as it is (one chunk then covers all its rows, or an executor
+    that checks alignment says so)."""
+    unit = 1
+    for row_bytes in (4 * int(np.prod(image_shape)), 8, 4 * int(num_classes)):
+        unit = math.lcm(unit, ALIGNMENT // math.gcd(ALIGNMENT, row_bytes))
+    limit = int(limit)
+    return limit if limit < unit else limit - limit % unit

@@ -104,19 +104,21 @@ class Scheduler:
         self.slots = int(slots)
         if self.slots < 1:
             raise ValueError(f"slots must be >= 1 (got {slots})")
-        limit = loop.executor.classifier_rows or loop.CLASSIFIER_ROWS
-        if loop.classifier_rows is not None:
-            limit = min(limit, int(loop.classifier_rows))
-        #: Rows per classifier call: fixed (a partial chunk only to drain the queue).
-        self.chunk = max(min(int(chunk or self.slots), int(limit)), 1)
+        #: Rows per classifier call: fixed (a partial chunk only to drain the queue). Every chunk is
+        #: the queue's first rows, so its views start where the buffers do (aligned: TensorRT).
+        self.chunk = max(min(int(chunk or self.slots), loop.classifier_limit()), 1)
         #: Samples in flight at most: every slot's sample, plus those whose runs wait in the queue.
         self.capacity = self.slots + self.chunk + self.slots
         #: Runs a sample starts with: ceil(K/2) with the vote's exact early exit, else all K.
         self.first = vote_waves(self.votes)[0] if early_exit else self.votes
         #: Every step call runs all ``slots`` rows (free rows on stale values, counted idle): one shape,
-        #: so a captured CUDA graph replays for every call. Default: when the executor replays one
-        #: (ONNX Runtime's CUDA graph); otherwise a call covers the occupied rows only (cheaper on a CPU).
-        self.full_calls = bool(getattr(loop.executor, "cuda_graph", False)) if full_calls is None else bool(full_calls)
+        #: so a captured CUDA graph replays for every call and a TensorRT context keeps its shape.
+        #: Default: where the executor asks for it (``fixed_rows``: ONNX Runtime replaying CUDA graphs,
+        #: TensorRT), which then reserves that row count; otherwise a call covers the occupied rows
+        #: only (cheaper on a CPU).
+        self.full_calls = bool(getattr(loop.executor, "fixed_rows", False)) if full_calls is None else bool(full_calls)
+        if self.full_calls:
+            loop.executor.reserve(self.slots, loop.image_shape)
         # On the loop's stream, as the wave loop allocates: the zero fills must be ordered before the
         # kernels that later use these buffers there (a non-blocking stream does not wait for the
         # default one), and done before the first call.
