@@ -33,7 +33,7 @@ from scipy import stats
 
 SIGMA, RADIUS, ALPHA = 0.5, 0.25, 0.001
 RUNS = {
-    "waves_round32": ["--batch", "32"],
+    "waves_round32": ["--batch", "32", "--scheduling", "waves"],
     "continuous_round32": ["--batch", "32", "--scheduling", "continuous", "--round", "32"],
     "continuous_round1": ["--batch", "32", "--scheduling", "continuous", "--round", "1"],
 }

@@ -227,7 +227,7 @@ def main(argv=None) -> int:
     ap.add_argument("--early-exit", choices=["off", "on", "both"], default="both")
     ap.add_argument("--cuda-graph", choices=["off", "on", "both"], default="on",
                     help="ONNX Runtime's CUDA graph for full batches (GPU only)")
-    ap.add_argument("--scheduling", choices=["waves", "continuous", "both"], default="waves",
+    ap.add_argument("--scheduling", choices=["waves", "continuous", "both"], default="continuous",
                     help="the wave loop, the continuous-batching scheduler, or both")
     ap.add_argument("--kernels", choices=["portable", "fused", "both"], default="portable",
                     help="the engine's portable graphs, the fused GPU graphs of `build --device cuda`, or both")

@@ -48,7 +48,10 @@ OUT = ROOT / "benchmarks" / "results" / "sample_efficiency"
 SIGMA, STEPS, VOTES, N0, N, ALPHA = 0.5, 4, 3, 100, 2000, 0.001
 MULTIPLES = (0.25, 0.5, 1.0, 1.5)
 SKIP, SEED, BATCH = 9, 0, 32  # BATCH: the digits engine's default batch, the CLI's rounds
-COMMON = ["--sigma", SIGMA, "--steps", STEPS, "--votes", VOTES, "--n0", N0, "--alpha", ALPHA, "--skip", SKIP, "--seed", SEED, "--quiet"]
+# The recorded runs used the wave loop, whose rounds are its batches (--scheduling waves is no
+# longer the default: the scheduler with --round 32 gives the same decisions, other unet_evals).
+COMMON = ["--sigma", SIGMA, "--steps", STEPS, "--votes", VOTES, "--n0", N0, "--alpha", ALPHA, "--skip", SKIP, "--seed", SEED, "--quiet",
+          "--scheduling", "waves", "--batch", BATCH]
 # The CLI with the selection rule before the clear-leader rule: selection_done(..., level=0).
 EXACT_SELECTION_CLI = (
     "import functools, sys\n"

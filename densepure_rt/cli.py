@@ -378,10 +378,11 @@ def _common_options(f):
                      help="With --ray: actors to start  [default: one per GPU with --device cuda, one per --threads CPUs (1) otherwise]"),
         click.option("--ray-timeout", type=click.FloatRange(min=1), default=30.0, show_default=True, metavar="S",
                      help="With --ray: seconds to wait for the cluster to answer before giving up with an error."),
-        click.option("--scheduling", type=click.Choice(["waves", "continuous"]), default="waves", show_default=True,
-                     help="How engine calls are filled: 'waves' (a batch of samples, its undecided samples in shrinking "
-                          "waves) or 'continuous' (every call full of runs of many samples at any step; not yet run on "
-                          "a GPU). The same rows for the same --round."),
+        click.option("--scheduling", type=click.Choice(["continuous", "waves"]), default="continuous", show_default=True,
+                     help="How engine calls are filled: 'continuous' (every call full of runs of many samples and images "
+                          "at any reverse step) or 'waves' (the previous loop: a batch of samples, its undecided samples "
+                          "in shrinking waves; kept until the scheduler has run on a GPU, which it has not yet). The same "
+                          "rows for the same --round."),
         click.option("--kernels", type=click.Choice(["portable", "fused"]), default="portable", show_default=True,
                      help="Which graphs run: 'portable' (standard ONNX, any device) or 'fused' (--device cuda only, an engine "
                           "built with `build --device cuda`: GroupNorm + SiLU as one ONNX Runtime CUDA kernel; not yet "
@@ -415,15 +416,16 @@ def _radius_list(values) -> list[float]:
 @click.option("--round", "round_size", type=click.IntRange(min=1), default=None, metavar="N",
               help="With --radius or --tol: samples per round of the sequential test (its decisions come after each "
                    "round, in sample order). Independent of the engine's call size: the calls stay full of later "
-                   "samples. Smaller rounds stop sooner on easy images.  [default: 1 with --scheduling continuous, else --batch]")
+                   "samples. Smaller rounds stop sooner on easy images.  [default: 1; --batch with --scheduling waves; a resumed "
+                   "run keeps its file's]")
 @click.option("--early-exit/--no-early-exit", default=None,
               help="Stop a noisy sample's K runs once its vote is decided (identical votes, less work). "
-                   "Default: on for the CPU and with --scheduling continuous; with waves on a GPU from 64 noisy "
-                   "samples per batch (smaller waves leave it idle).")
+                   "Default: on (the calls stay full of other runs); with --scheduling waves on a GPU only from 64 "
+                   "noisy samples per batch (smaller waves leave it idle).")
 @click.option("--images-per-call", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
-              help="Certify N images at a time in batches that mix their noisy samples (fills a GPU's batch "
-                   "when n0 or the end of a phase would not). Same rows. With --scheduling continuous (every mode): "
-                   "the most images in flight; 1 leaves it to the scheduler (enough images to fill a call).")
+              help="The most images in flight at once (memory); 1 leaves it to the scheduler (enough images to fill "
+                   "a call). Same rows. With --scheduling waves: fixed-n CERTIFY of N images at a time in batches "
+                   "that mix their noisy samples.")
 @click.option("--out", type=click.Path(), default="results.tsv", show_default=True, metavar="FILE", help="Results TSV (options saved as FILE.json).")
 @click.pass_context
 def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every,
@@ -436,8 +438,8 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
       --radius R    is the image certifiably robust at R (and R2, ...)? Samples in rounds of --round
                     and stops when every target is certified or futile, or at --n-max.
       --tol T       the largest certified radius, stopping when more samples stop paying off.
-    A noisy sample's K runs stop as soon as its vote is decided (the same votes, fewer UNet calls);
-    with --scheduling continuous every engine call stays full of runs of other samples.
+    A noisy sample's K runs stop as soon as its vote is decided (the same votes, fewer UNet calls),
+    and every engine call stays full of runs of other samples and images (continuous batching).
 
     Running the same command again continues an interrupted run (rows already written are kept);
     an --out written with other settings is refused.
@@ -463,7 +465,7 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
     if round_size is not None and mode == "certify":
         raise ConfigError("--round goes with --radius or --tol (fixed-n CERTIFY has no rounds)")
     if images_per_call > 1 and mode != "certify" and scheduling != "continuous":
-        raise ConfigError("--images-per-call goes with fixed-n CERTIFY, or with --scheduling continuous")
+        raise ConfigError("--images-per-call with --scheduling waves goes with fixed-n CERTIFY only")
     radii = _radius_list(radii) if radii else None
     rows = run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
                 progress_every, out, n0, n, radii=radii, tol=tol, early_exit=early_exit, round_size=round_size,

@@ -6,6 +6,7 @@ summaries) are in :mod:`densepure_rt.cli`.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -119,7 +120,7 @@ class Progress:
 
 def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, every,
          out, n0, n, radii=None, tol=None, early_exit=None, images_per_call=1, ray=None, actors=None, ray_timeout=30.0,
-         round_size=None, scheduling="waves", kernels="portable"):
+         round_size=None, scheduling="continuous", kernels="portable"):
     """One certify / predict run over the selected images. ``mode``: "certify" (fixed n),
     "certify-radii" (target radii, n = n_max), "certify-until" (early stopping, n = n_max), "predict".
     ``ray``: a Ray address ("auto", "local", host:port) to spread the images over Ray actors."""
@@ -145,16 +146,25 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
         engine.reverse_schedule(sigma, steps_value)  # refuses a (sigma, b) the schedule cannot honour
         random_weights = bool(engine.manifest.get("build", {}).get("random_weights"))
         batch = batch if batch is not None else int(engine.manifest.get("default_batch", 32))
-        # The most noisy samples one call of this run can hold: buffers are sized by it, and the row
-        # limit and the memory are checked against it before anything is written.
-        per_call = (int(n0) + n) * images_per_call if mode == "certify" else max(int(n0 or 0), n)
         continuous = engine.scheduling == "continuous"
-        if mode in ("certify-radii", "certify-until") and round_size is None:
+        sequential = mode in ("certify-radii", "certify-until")
+        # A resumed file keeps the round it was started with when --round is not given: the default
+        # changed (--batch with the waves, 1 with the scheduler) and another round is another experiment.
+        adopt = {"round": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1} if sequential and round_size is None else {}
+        if sequential and round_size is None:
             # The scheduler keeps the calls full whatever the round, so its tests read one vote at a
             # time (they stop sooner); the wave loop runs one round per batch.
             round_size = 1 if continuous else batch
-        engine.check_rows(min(batch, per_call), votes)
         dataset, indices, spec, data_digest = _open_data(engine, data, skip, max_images)
+        # The most noisy samples one call of this run can hold: buffers are sized by it, and the row
+        # limit and the memory are checked against it before anything is written. The scheduler's
+        # calls hold samples of every image of the run; the waves', of one image (or one group).
+        per_image = (int(n0) + n) if mode != "predict" else n
+        if continuous:
+            per_call = per_image * max(len(indices), 1)
+        else:
+            per_call = (int(n0) + n) * images_per_call if mode == "certify" else max(int(n0 or 0), n)
+        engine.check_rows(min(batch, per_call), votes)
         executor = engine.executor  # None for a Ray driver (metadata only)
         options = {
             "mode": mode,
@@ -209,7 +219,11 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
         task = Task(mode, sigma, steps_value, votes, alpha, n0, n, seed, batch,
                     radii=tuple(radii) if radii else None, tol=tol, round_size=round_size, scheduling=scheduling)
         with ResultsWriter(Path(out), header=HEADERS[mode]) as writer:
-            done = writer.open(options, resume=resume, allowed=indices, legacy=_legacy_identities(engine, data))
+            done = writer.open(options, resume=resume, allowed=indices, legacy=_legacy_identities(engine, data), adopt=adopt)
+            if "round" in writer.adopted:
+                round_size = int(writer.adopted["round"])
+                task = dataclasses.replace(task, round_size=round_size)
+                click.echo(f"resuming with --round {round_size}, the round {out} was started with", err=True)
             todo = indices_todo(indices, done)
             if random_weights and not quiet:  # once the run starts; the summary line says it too
                 click.echo(f"warning: {engine_dir} was built with --random-weights (for benchmarking): its predictions and "
@@ -348,7 +362,8 @@ def _stream(engine, dataset, todo, writer, progress, task, images_per_call: int)
         progress.update(task.samples_per_image - samples)  # the samples a sequential test did not need
         progress.image_done()
 
-    run_stream(engine, task, items(), emit, in_flight=images_per_call if images_per_call > 1 else None, progress=progress.update)
+    run_stream(engine, task, items(), emit, in_flight=images_per_call if images_per_call > 1 else None, progress=progress.update,
+               images=len(todo))
 
 
 def _certify_groups(engine, dataset, todo, size, writer, progress, task) -> None:

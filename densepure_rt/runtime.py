@@ -105,16 +105,16 @@ class Engine:
         early_exit: bool | None = None,
         cuda_graph: bool = True,
         metadata_only: bool = False,
-        scheduling: str = "waves",
+        scheduling: str = "continuous",
         kernels: str = "portable",
     ):
         if scheduling not in ("continuous", "waves"):
             raise ConfigError(f"scheduling must be 'continuous' or 'waves' (got {scheduling!r})")
         #: How sampling (certify, predict, certify_many, --radius, --tol) fills the engine calls:
-        #: "waves" (the default: the batch loop's waves) or "continuous"
-        #: (:mod:`densepure_rt.sampling.scheduler`: every call full, rows of many samples at any
-        #: reverse step). The counts are the same. "waves" stays the default until the scheduler is
-        #: run on a GPU (never yet); on the 2-core CPU the two are within noise (digits, K = 3).
+        #: "continuous" (the default: :mod:`densepure_rt.sampling.scheduler`, every call full, rows
+        #: of many samples at any reverse step) or "waves" (the batch loop's waves). The counts are
+        #: the same. The waves stay, as a fallback, until the scheduler has run on a GPU (never yet:
+        #: its CuPy path is the numpy path's code, tested on the CPU only); then they go.
         self.scheduling = scheduling
         self._scheduler: Scheduler | None = None
         self.directory = Path(directory)
@@ -413,9 +413,10 @@ class Engine:
     def _sequential(self, image, test, sigma, steps, votes, n0, *, seed, image_index, batch, progress,
                     round_size: int | None = None) -> tuple[int, int]:
         """Select c_a from at most n0 selection samples (:meth:`_select`), then feed ``test``
-        estimation rounds of ``round_size`` samples (default ``batch``) until it is done. Returns c_a
-        and the UNet evaluations spent on the image."""
-        round_size = batch if round_size is None else round_size
+        estimation rounds of ``round_size`` samples (default 1 with the scheduler, ``batch`` with the
+        waves) until it is done. Returns c_a and the UNet evaluations spent on the image."""
+        if round_size is None:
+            round_size = 1 if self.scheduling == "continuous" else batch
         if isinstance(round_size, bool) or not isinstance(round_size, (int, np.integer)) or round_size < 1:
             raise ConfigError(f"--round must be an integer >= 1 (got {round_size!r})")
         image = self._image(image, image_index)
@@ -521,8 +522,8 @@ class Engine:
         """Is the smoothed classifier certifiably robust at each target radius? Anytime-valid.
 
         Selects ``c_a`` from at most ``n0`` selection samples (CERTIFY's argmax, stopped early once
-        the leader is clear: :meth:`_select`), then draws estimation samples in rounds of ``batch``
-        and, after each round, tests H0: p_a <= Phi(R / sigma) for every target R with one
+        the leader is clear: :meth:`_select`), then draws estimation samples in rounds of
+        ``round_size`` (default: 1; ``batch`` with the waves) and, after each round, tests H0: p_a <= Phi(R / sigma) for every target R with one
         confidence sequence on p_a (:class:`densepure_rt.stats.sequential.TargetRadiiTest`).
         Stops when every target is certified or futile, or at ``n_max`` samples. Guarantee: the
         probability that any target with p_a <= Phi(R / sigma) is certified is at most alpha,
@@ -593,14 +594,17 @@ class Engine:
 
     def stream(self, mode: str, items, emit, *, sigma: float, steps: int | str = 4, votes: int = 10, n0: int = 100,
                n: int = 1000, alpha: float = 0.001, radii=None, tol: float | None = None, seed: int = 0, batch: int = 32,
-               round_size: int = 1, in_flight: int | None = None, progress: Progress = None) -> SchedulerStats:
+               round_size: int = 1, in_flight: int | None = None, progress: Progress = None,
+               samples: int | None = None) -> SchedulerStats:
         """Many images through one scheduler run (:mod:`densepure_rt.sampling.stream`): ``items``
         yields (image index, image [C x H x W] in [0, 1]), read as images finish; ``emit(Streamed)``
         gets each image's outcome as it finishes (``Streamed.result``: what ``certify_counts`` (a
         (Certificate, CountsResult) pair), ``predict``, ``certify_radii`` or ``certify_until`` give
         for the image alone, by ``mode``: "certify", "predict", "certify-radii", "certify-until").
-        Calls hold batch x votes rows; ``in_flight`` images at most are staged (default: enough for
-        the sequential tests' bounded samples to fill a call). Needs scheduling "continuous"."""
+        Calls hold batch x votes rows, or fewer where ``samples`` (the most noisy samples the run
+        draws, all images together) is below ``batch``; ``in_flight`` images at most are staged
+        (default: enough for the sequential tests' bounded samples to fill a call). Needs scheduling
+        "continuous"."""
         from densepure_rt.sampling.stream import FixedWork, SequentialWork, run_stream
 
         if self.scheduling != "continuous":
@@ -615,7 +619,7 @@ class Engine:
             _until_test(sigma, alpha, n, tol)
         elif mode not in ("certify", "predict"):
             raise ConfigError(f"unknown mode {mode!r}")
-        self._prepare(sigma, steps, votes, batch)
+        self._prepare(sigma, steps, votes, batch, samples=samples)
         sch = self.scheduler()
         if in_flight is None:
             in_flight = -(-sch.slots // (sch.first * int(round_size))) + 1 if sequential else 2
@@ -695,7 +699,7 @@ def open_engine(
     early_exit: bool | None = None,
     cuda_graph: bool = True,
     metadata_only: bool = False,
-    scheduling: str = "waves",
+    scheduling: str = "continuous",
     kernels: str = "portable",
 ) -> Engine:
     """Open and verify an engine directory (see :class:`Engine`). ``early_exit=False`` runs all K
@@ -703,9 +707,9 @@ def open_engine(
     size (:meth:`Engine.early_exit_for`). ``cuda_graph``: on a GPU, replay the full batch's step through ONNX Runtime's CUDA graph where
     ONNX Runtime accepts it (every node on the CUDA provider); ignored on the CPU. ``metadata_only``:
     verify the directory and read its manifest and schedule, but open no sessions (``engine.loop``
-    is None; what a Ray driver needs). ``scheduling``: how fixed-n sampling fills the engine's calls,
-    "waves" (default: the batch loop's waves) or "continuous" (:mod:`densepure_rt.sampling.scheduler`;
-    the same counts; not yet run on a GPU; as fast as the waves on the 2-core CPU, within noise).
+    is None; what a Ray driver needs). ``scheduling``: how sampling fills the engine's calls,
+    "continuous" (default: :mod:`densepure_rt.sampling.scheduler`) or "waves" (the batch loop's waves,
+    kept until the scheduler has run on a GPU; the same counts).
     ``kernels``: "portable" (default) or "fused", the GPU graphs of an engine built with ``--device
     cuda`` (ONNX Runtime's CUDA provider only; see :func:`check_kernels`)."""
     return Engine(

@@ -78,6 +78,7 @@ def run_label_agreement(reference, other, images, cupy, sigma, steps, votes, cou
     from densepure_rt.sampling.noise import ESTIMATION
 
     for e in (reference, other):
+        e.set_scheduling("waves")  # whose loop.labels holds each batch's per-run labels, read below
         e._prepare(sigma, steps, votes, 32)
     agree = rows = 0
     for i in range(count):

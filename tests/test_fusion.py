@@ -252,8 +252,9 @@ def test_fused_graph_on_the_gpu_matches_the_portable_fp16_graph(tmp_path):
     build_engine(out, PRESETS["digits"], load_unet("digits"), load_classifier("digits"),
                  BuildOptions(precision="fp16", device="cuda"), log=lambda m: None)
     images = np.load(str(ROOT / "densepure_rt" / "assets" / "digits_test.npz"))["images"][:6]
-    with open_engine(out, device="cuda", early_exit=False) as portable, \
-            open_engine(out, device="cuda", early_exit=False, kernels="fused") as fused:
+    # The wave loop (scheduling="waves") keeps each batch's per-run labels in loop.labels, read below.
+    with open_engine(out, device="cuda", early_exit=False, scheduling="waves") as portable, \
+            open_engine(out, device="cuda", early_exit=False, kernels="fused", scheduling="waves") as fused:
         rs = portable._prepare(0.5, 4, 1, 400)
         fused._prepare(0.5, 4, 1, 400)
         rng = np.random.default_rng(0)

@@ -154,8 +154,9 @@ def test_cli_certify_on_the_loop_equals_the_reference_api(engine, digits, tmp_pa
     strip = lambda text: [line.split("\t")[:5] + line.split("\t")[6:] for line in text.splitlines()]  # noqa: E731
     assert strip(grouped.read_text()) == strip(out.read_text())
     radius_args = [a for i, a in enumerate(args[:-1]) if a != "--n" and (i == 0 or args[i - 1] != "--n")]
-    bad = CliRunner().invoke(main, radius_args + [str(tmp_path / "x.tsv"), "--images-per-call", "2", "--radius", "0.1"])
-    assert bad.exit_code == 2 and "--images-per-call goes with fixed-n CERTIFY" in bad.stderr
+    bad = CliRunner().invoke(main, radius_args + [str(tmp_path / "x.tsv"), "--images-per-call", "2", "--radius", "0.1",
+                                                  "--scheduling", "waves"])
+    assert bad.exit_code == 2 and "--images-per-call with --scheduling waves goes with fixed-n CERTIFY only" in bad.stderr
 
 
 # --------------------------------------------------------------------------------------------------
@@ -250,15 +251,17 @@ def test_gpu_loop_counts_and_cross_image_batches(engine, digits, tmp_path):
 
 
 @pytest.mark.gpu
-def test_onnxruntime_cuda_graph_replays_give_the_same_counts(engine, digits):
+@pytest.mark.parametrize("scheduling", ["waves", "continuous"])
+def test_onnxruntime_cuda_graph_replays_give_the_same_counts(engine, digits, scheduling):
     """Full batches (early exit off) replay ONNX Runtime's CUDA graph of the step on fixed buffers:
     the same kernels as without the graph, so the same counts, batch after batch (fresh noise per
-    batch: the noise kernel runs outside the graph and writes the fixed buffer anew)."""
+    batch: the noise kernel runs outside the graph and writes the fixed buffer anew). The scheduler
+    reserves its row count and runs every call full, so every call replays the graph."""
     _cupy()
     _ort_cuda()
     images, _ = digits
-    with open_engine(engine, device="cuda", early_exit=False) as on, \
-            open_engine(engine, device="cuda", early_exit=False, cuda_graph=False) as off:
+    with open_engine(engine, device="cuda", early_exit=False, scheduling=scheduling) as on, \
+            open_engine(engine, device="cuda", early_exit=False, cuda_graph=False, scheduling=scheduling) as off:
         executor = on.executor
         print("ONNX Runtime CUDA graph:", "on" if executor.cuda_graph else f"off ({executor.cuda_graph_off})")
         for e in (on, off):
@@ -287,7 +290,7 @@ def test_gpu_scheduler_counts_equal_the_gpu_wave_loop(engine, digits):
     _ort_cuda()
     images, _ = digits
     for cuda_graph in (False, True):
-        with open_engine(engine, device="cuda", early_exit=True, cuda_graph=cuda_graph) as waves, \
+        with open_engine(engine, device="cuda", early_exit=True, cuda_graph=cuda_graph, scheduling="waves") as waves, \
                 open_engine(engine, device="cuda", early_exit=True, cuda_graph=cuda_graph, scheduling="continuous") as sched:
             for e in (waves, sched):
                 e._prepare(SIGMA, STEPS, VOTES, 16)

@@ -102,7 +102,7 @@ def test_the_stream_fills_calls_with_other_images_instead_of_speculation(engine,
 def test_stream_refuses_the_wave_loop_and_bad_bounds(engine, images):
     from densepure_rt.errors import ConfigError
 
-    with open_engine(engine) as eng:  # waves
+    with open_engine(engine, scheduling="waves") as eng:
         with pytest.raises(ConfigError, match="scheduling='continuous'"):
             eng.stream("certify", [(0, images[0])], print, sigma=SIGMA)
     with open_engine(engine, scheduling="continuous") as eng:

@@ -870,7 +870,8 @@ def test_whole_batch_graphs_give_the_eager_counts(ort_engine, fail):
     plain loop's. A capture that fails is said once and every batch runs uncaptured."""
     images = _digits()
     messages = []
-    with open_engine(ort_engine, early_exit=False) as plain, open_engine(ort_engine, early_exit=False) as graphed:
+    with open_engine(ort_engine, early_exit=False, scheduling="waves") as plain, \
+            open_engine(ort_engine, early_exit=False, scheduling="waves") as graphed:
         graphs = NumpyGraphs(np, log=messages.append)
         graphs.fail = fail
         graphed.loop.graphs = graphs
@@ -898,7 +899,7 @@ def test_whole_batch_graphs_give_the_eager_counts(ort_engine, fail):
 
 def test_early_exit_batches_never_reach_the_graph_object(ort_engine):
     images = _digits()
-    with open_engine(ort_engine, early_exit=True) as e:
+    with open_engine(ort_engine, early_exit=True, scheduling="waves") as e:
         graphs = NumpyGraphs(np)
         e.loop.graphs = graphs
         e._prepare(SIGMA, STEPS, VOTES, 8)
@@ -974,8 +975,8 @@ def test_tensorrt_whole_batch_graph_replays_give_the_eager_counts(real_trt_engin
     the uncaptured counts."""
     _gpu_tensorrt()
     images = _digits()
-    with open_engine(real_trt_engine, device="cuda", early_exit=False) as graphed, \
-            open_engine(real_trt_engine, device="cuda", early_exit=False, cuda_graph=False) as eager:
+    with open_engine(real_trt_engine, device="cuda", early_exit=False, scheduling="waves") as graphed, \
+            open_engine(real_trt_engine, device="cuda", early_exit=False, cuda_graph=False, scheduling="waves") as eager:
         graphs = graphed.loop.graphs
         for e in (graphed, eager):
             e._prepare(SIGMA, STEPS, VOTES, 16)

@@ -230,6 +230,8 @@ class ResultsWriter:
     #: The options file, locked for the run (a run creating the same file concurrently stops on it).
     _options_fd: int | None = field(default=None, init=False, repr=False)
     _pending_options: dict | None = field(default=None, init=False, repr=False)
+    #: Settings a continued file's options supplied in place of this run's defaults (``open(adopt=)``).
+    adopted: dict = field(default_factory=dict, init=False)
 
     def __post_init__(self):
         self.path = Path(self.path)
@@ -350,7 +352,8 @@ class ResultsWriter:
         self._lock_fd = None
 
     def open(self, options: dict, resume: bool = True, allowed: Iterable[int] | None = None,
-             legacy: dict[str, Callable[[], object]] | None = None) -> set[int]:
+             legacy: dict[str, Callable[[], object]] | None = None,
+             adopt: dict[str, Callable[[object], bool]] | None = None) -> set[int]:
         """Lock the file and return the image indices it already holds (empty for a new file).
 
         An existing file is continued only if its saved options match ``options`` on every
@@ -358,7 +361,12 @@ class ResultsWriter:
         continuing an identical experiment is always safe, so it is the default. ``legacy`` maps
         an identity key of files written by older versions (``engine_sha256``, ``data_sha256``) to
         a function computing that old value for this run, so such files can still be continued.
+        ``adopt``: settings this run left at their defaults, each with a check of a value; a file
+        that recorded such a setting is continued with its value (written into ``options``, and
+        listed in :attr:`adopted`), so a default that changed between versions does not refuse it.
+        A recorded value that fails the check is a one-line :class:`DataError`.
         """
+        self.adopted = {}
         self._check_name()
         if self.path.parent and not self.path.parent.is_dir():
             try:
@@ -368,7 +376,7 @@ class ResultsWriter:
         self._lock()
         try:
             if os.path.lexists(self.path):
-                return self._continue(options, allowed, legacy or {})
+                return self._continue(options, allowed, legacy or {}, adopt or {})
             self._pending_options = dict(options)
             return set()
         except BaseException:
@@ -393,7 +401,7 @@ class ResultsWriter:
             raise
         return fd
 
-    def _continue(self, options: dict, allowed: Iterable[int] | None, legacy: dict) -> set[int]:
+    def _continue(self, options: dict, allowed: Iterable[int] | None, legacy: dict, adopt: dict) -> set[int]:
         fd = self._open_existing()
         self._handle = os.fdopen(fd, "r+b", buffering=0)
         opts_file = options_path(self.path)
@@ -419,6 +427,12 @@ class ResultsWriter:
             raise DataError(f"the options file {opts_file} is corrupt ({type(exc).__name__}): choose another --out") from None
         if not isinstance(saved, dict):
             raise DataError(f"the options file {opts_file} is not a JSON object: choose another --out")
+        for key, valid in adopt.items():
+            if key in saved and saved[key] != options.get(key):
+                if not valid(saved[key]):
+                    raise DataError(f"the options file {opts_file} records an impossible {key} ({str(saved[key])[:40]!r}): "
+                                    "choose another --out")
+                options[key] = self.adopted[key] = saved[key]
         changed = _changed_settings(saved, options, legacy)
         if changed:
             raise ConfigError(

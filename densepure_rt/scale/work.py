@@ -38,8 +38,8 @@ class Task:
     tol: Optional[float] = None
     #: Samples per round of the sequential modes (None: ``batch``).
     round_size: Optional[int] = None
-    #: How the engine's calls are filled ("waves" or "continuous": the same rows).
-    scheduling: str = "waves"
+    #: How the engine's calls are filled ("continuous" or "waves": the same rows).
+    scheduling: str = "continuous"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -110,13 +110,16 @@ def run_group(engine, task: Task, images, indices, progress: Optional[Callable[[
 
 
 def run_stream(engine, task: Task, items, emit: Callable[[Outcome, int], None], in_flight: Optional[int] = None,
-               progress: Optional[Callable[[int], None]] = None) -> None:
+               progress: Optional[Callable[[int], None]] = None, images: Optional[int] = None) -> None:
     """Every image of ``items`` ((index, image) pairs, read lazily) through one scheduler run
     (:meth:`densepure_rt.runtime.Engine.stream`, scheduling "continuous"): ``emit(outcome, samples)``
     as each image finishes (in the order they finish), with the noisy samples its tests read. The
     outcomes equal :func:`run_image`'s (tests/test_stream.py); ``seconds`` is the image's share of
-    the wall time (the time since the previous image finished)."""
+    the wall time (the time since the previous image finished). ``images``: how many ``items``
+    holds (default: its length, if it has one): the calls need hold no more rows than all their samples."""
     engine.set_scheduling("continuous")
+    if images is None and hasattr(items, "__len__"):
+        images = len(items)
     round_size = task.round_size if task.round_size is not None else 1
 
     def out(s) -> None:
@@ -128,7 +131,8 @@ def run_stream(engine, task: Task, items, emit: Callable[[Outcome, int], None], 
 
     engine.stream(task.mode, items, out, sigma=task.sigma, steps=task.steps, votes=task.votes, n0=task.n0, n=task.n,
                   alpha=task.alpha, radii=task.radii, tol=task.tol, seed=task.seed, batch=task.batch, round_size=round_size,
-                  in_flight=in_flight, progress=progress)
+                  in_flight=in_flight, progress=progress,
+                  samples=None if images is None else task.samples_per_image * max(int(images), 1))
 
 
 def write_outcome(writer, label: int, outcome: Outcome) -> None:
