@@ -370,3 +370,35 @@ def test_keys_outside_uint32_are_refused_not_wrapped(engine, digits):
         for bad in (-1, 2**32 + 5):
             with pytest.raises(ValueError, match="image index must be in"):
                 e.loop.voted_labels_many(images[:1], [0], [bad], [ESTIMATION], [0], 0)
+
+
+def test_host_to_device_copies_name_the_loops_stream():
+    """On a GPU every small host -> device copy of the loops (keys, steps) is queued on the loop's
+    stream, named explicitly: CuPy releases before 14 copied on the legacy default stream when none
+    was named, unordered with the loop's non-blocking stream. Checked on the loop's own _put with a
+    stand-in for a CuPy buffer that records the stream each copy is given (CuPy itself is not here)."""
+    from densepure_rt.sampling.loop import BatchLoop
+
+    class DeviceBuffer:
+        dtype = np.dtype(np.uint32)
+
+        def __init__(self):
+            self.copies = []
+
+        def __getitem__(self, index):
+            return self
+
+        def set(self, host, stream=None):
+            self.copies.append((host.tolist(), stream))
+
+    class Device:
+        loop_stream = object()
+
+        def stream(self):
+            return self.loop_stream
+
+    loop = BatchLoop.__new__(BatchLoop)
+    loop.xp, loop.device = object(), Device()  # not numpy: the device branch
+    buf = DeviceBuffer()
+    loop._put(buf, [3, 1, 2])
+    assert buf.copies == [([3, 1, 2], Device.loop_stream)]

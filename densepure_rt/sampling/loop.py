@@ -144,12 +144,18 @@ class BatchLoop:
             self.executor.reserve(rows, self.image_shape)
 
     def _put(self, buf, host) -> None:
-        """buf[:len(host)] = host (a small host -> device copy into a preallocated buffer)."""
+        """buf[:len(host)] = host (a small host -> device copy into a preallocated buffer).
+
+        On a GPU the copy is queued on the loop's stream, named explicitly: CuPy 14 takes the
+        current stream when none is given, but older releases copied synchronously on the legacy
+        default stream, which a non-blocking stream does not wait for (the copy could then overwrite
+        keys a queued noise kernel has yet to read). From pageable memory the driver takes the source
+        before the call returns, so ``host`` may be freed at once (not run on a GPU)."""
         host = np.ascontiguousarray(host, dtype=buf.dtype)
         if self.xp is np:
             buf[: len(host)] = host
         else:
-            buf[: len(host)].set(host)
+            buf[: len(host)].set(host, stream=self.device.stream())
 
     # -- one batch ---------------------------------------------------------------------------------
     def run(self, images, slots, image_indices, phases, samples, seed: int):
