@@ -26,7 +26,8 @@ import onnxruntime as ort, cupy
 print("onnxruntime", ort.__version__, ort.__file__, ort.get_available_providers())
 print("cupy", cupy.__version__, "devices", cupy.cuda.runtime.getDeviceCount())
 PY
-# The next GPU session's checklist (issues 22, 23): SECTIONS="tests sched" in one call, SECTIONS="fused" in the next.
+# The next GPU session's checklist (issues 22, 23): SECTIONS="tests sched" in one call, SECTIONS="fused" in the
+# next, SECTIONS="sched_in" (ImageNet, scheduler vs waves) if device time is left.
 # runtime_bench's default is the scheduler (--scheduling continuous, the CLI's default since 2026-12-06);
 # every section but "sched" pins the wave loop, so its numbers compare with the earlier runs' and do not
 # depend on the scheduler's first GPU run (section "sched" and the gpu tests check that).
@@ -73,6 +74,17 @@ if has sched; then
   log "bench cifar10 fp16: waves vs continuous, early exit on"
   python3 benchmarks/runtime_bench.py --engine /tmp/eng/cifar10-rand16 --device cuda --batch 25 200 --early-exit on \
     --cuda-graph on --scheduling both --seconds 4 --out $OUT --name cifar10_sched 2>&1 | tail -6
+fi
+if has sched_in; then
+  # Issue 22's headline: ImageNet fp16 with the vote's early exit, waves (one-run waves of 3 samples
+  # idled the H100: 61 ms per UNet eval per row) against the scheduler at the largest safe row count
+  # (63 rows: 6 samples x K 10 = 60).
+  log "build imagenet fp16"
+  [ -d /tmp/eng/imagenet-rand16 ] || timeout 240 densepure-rt build --model imagenet --random-weights --precision fp16 \
+    --no-validate --out /tmp/eng/imagenet-rand16 2>&1 | tail -1
+  log "bench imagenet fp16: waves vs continuous, early exit on"
+  timeout $(( 570 - $(elapsed) )) python3 benchmarks/runtime_bench.py --engine /tmp/eng/imagenet-rand16 --device cuda \
+    --batch 6 --early-exit on --cuda-graph on --scheduling both --seconds 10 --out $OUT --name imagenet_sched 2>&1 | tail -4
 fi
 if has fused; then
   # Issue 23: the fused GPU graphs (build --device cuda) against the portable ones, and cuDNN's search modes.
