@@ -186,22 +186,13 @@ def test_ray_actors_stream_several_images_with_the_scheduler(work, engine, image
     """--images-per-call 3 with --ray and --radius: each actor streams 3 images through one
     scheduler run (several in flight); every row equals the single-process run's but the work
     (samples started past a test's stop are dropped, and how many depends on what else was in
-    flight). With the waves and --round 16 (rounds of --batch 16), the same decisions again."""
+    flight). The waves give the same decisions with the same rounds: tests/test_stream.py."""
     args, expected = reference["radius"]
     out = work / "ray_stream.tsv"
     result = invoke(*args, "--engine", engine, "--data", images, "--ray", cluster, "--actors", "2", "--images-per-call", "3",
                     "--quiet", "--out", out)
     assert result.exit_code == 0, result.output
     assert _without_work(rows_without_time(out)) == _without_work(expected)
-    single_waves = work / "single_waves16.tsv"
-    result = invoke(*args, "--engine", engine, "--data", images, "--threads", "1", "--scheduling", "waves", "--quiet",
-                    "--out", single_waves)
-    assert result.exit_code == 0, result.output
-    out16 = work / "ray_stream16.tsv"
-    result = invoke(*args, "--engine", engine, "--data", images, "--ray", cluster, "--actors", "2", "--images-per-call", "3",
-                    "--round", "16", "--quiet", "--out", out16)
-    assert result.exit_code == 0, result.output
-    assert _without_work(rows_without_time(out16)) == _without_work(rows_without_time(single_waves))
 
 
 @pytest.mark.parametrize("group", [1, 3])
