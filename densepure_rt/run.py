@@ -155,13 +155,14 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
             # The scheduler keeps the calls full whatever the round, so its tests read one vote at a
             # time (they stop sooner); the wave loop runs one round per batch.
             round_size = 1 if continuous else batch
+        task = Task(mode, sigma, steps_value, votes, alpha, n0, n, seed, batch,
+                    radii=tuple(radii) if radii else None, tol=tol, round_size=round_size, scheduling=scheduling)
         dataset, indices, spec, data_digest = _open_data(engine, data, skip, max_images)
         # The most noisy samples one call of this run can hold: buffers are sized by it, and the row
         # limit and the memory are checked against it before anything is written. The scheduler's
         # calls hold samples of every image of the run; the waves', of one image (or one group).
-        per_image = (int(n0) + n) if mode != "predict" else n
         if continuous:
-            per_call = per_image * max(len(indices), 1)
+            per_call = task.samples_per_image * max(len(indices), 1)
         else:
             per_call = (int(n0) + n) * images_per_call if mode == "certify" else max(int(n0 or 0), n)
         engine.check_rows(min(batch, per_call), votes)
@@ -216,8 +217,6 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
             "command": "densepure-rt " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        task = Task(mode, sigma, steps_value, votes, alpha, n0, n, seed, batch,
-                    radii=tuple(radii) if radii else None, tol=tol, round_size=round_size, scheduling=scheduling)
         with ResultsWriter(Path(out), header=HEADERS[mode]) as writer:
             done = writer.open(options, resume=resume, allowed=indices, legacy=_legacy_identities(engine, data), adopt=adopt)
             if "round" in writer.adopted:

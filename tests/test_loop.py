@@ -94,14 +94,16 @@ def test_loop_counts_equal_the_step_by_step_reference(engine, digits, early_exit
 
 
 @pytest.mark.slow
-def test_cross_image_batches_give_each_image_its_own_counts(engine, digits):
-    """Batches of 7 samples that mix six images and both phases (n0 = 5 is smaller than a batch)
-    give each image the counts of the reference run one image and one phase at a time."""
+@pytest.mark.parametrize("scheduling", ["continuous", "waves"])
+def test_cross_image_batches_give_each_image_its_own_counts(engine, digits, scheduling):
+    """Batches of 7 samples (waves) or calls of 21 rows (the scheduler) that mix six images and both
+    phases (n0 = 5 is smaller than a batch) give each image the counts of the reference run one
+    image and one phase at a time."""
     images, _ = digits
     jobs = []
     for i in range(6):
         jobs += [(images[i], 10 + i, SELECTION, 5), (images[i], 10 + i, ESTIMATION, 23)]
-    with open_reference(engine) as ref, open_engine(engine) as new:
+    with open_reference(engine) as ref, open_engine(engine, scheduling=scheduling) as new:
         for e in (ref, new):
             e._prepare(SIGMA, STEPS, VOTES, 7)
         got = new.sample_counts_many(jobs, seed=3, batch=7)
@@ -147,12 +149,14 @@ def test_cli_certify_on_the_loop_equals_the_reference_api(engine, digits, tmp_pa
             assert int(row["unet_evals"]) == counts.unet_evals
     options = json.loads(Path(str(out) + ".json").read_text())
     assert options["votes"] == VOTES and options["early_exit"] is True  # the CPU default
-    # Three images per call: batches mix images, the rows (work included) are the same.
-    grouped = tmp_path / "g.tsv"
-    result = CliRunner().invoke(main, args[:-1] + [str(grouped), "--images-per-call", "3"])
-    assert result.exit_code == 0, result.output
+    # Three images per call (the scheduler: in flight; the waves: groups whose batches mix images):
+    # the rows (work included) are the same.
     strip = lambda text: [line.split("\t")[:5] + line.split("\t")[6:] for line in text.splitlines()]  # noqa: E731
-    assert strip(grouped.read_text()) == strip(out.read_text())
+    for scheduling in ("continuous", "waves"):
+        grouped = tmp_path / f"g-{scheduling}.tsv"
+        result = CliRunner().invoke(main, args[:-1] + [str(grouped), "--images-per-call", "3", "--scheduling", scheduling])
+        assert result.exit_code == 0, result.output
+        assert sorted(strip(grouped.read_text())) == sorted(strip(out.read_text()))
     radius_args = [a for i, a in enumerate(args[:-1]) if a != "--n" and (i == 0 or args[i - 1] != "--n")]
     bad = CliRunner().invoke(main, radius_args + [str(tmp_path / "x.tsv"), "--images-per-call", "2", "--radius", "0.1",
                                                   "--scheduling", "waves"])

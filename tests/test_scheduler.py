@@ -166,7 +166,8 @@ def test_sequential_modes_decide_as_the_wave_loop_with_rounds_of_the_same_size(e
 
 def test_round_is_independent_of_the_call_size_on_the_cli(engine, images, tmp_path):
     """--round sets the sequential test's round; --batch only the calls' rows: --batch 8 --round 5
-    gives the rows of --batch 5 (whose rounds are 5), and the options file records round 5."""
+    gives the rows of the wave loop with --batch 5 (whose rounds are 5), and the options file
+    records round 5."""
     import json
 
     data = tmp_path / "imgs.npz"
@@ -176,7 +177,7 @@ def test_round_is_independent_of_the_call_size_on_the_cli(engine, images, tmp_pa
     runner = CliRunner()
     a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
     assert runner.invoke(main, base + ["--batch", "8", "--round", "5", "--scheduling", "continuous", "--out", str(a)]).exit_code == 0
-    assert runner.invoke(main, base + ["--batch", "5", "--out", str(b)]).exit_code == 0
+    assert runner.invoke(main, base + ["--batch", "5", "--scheduling", "waves", "--out", str(b)]).exit_code == 0
 
     def rows(path):
         lines = path.read_text().splitlines()

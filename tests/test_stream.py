@@ -142,7 +142,7 @@ def _rows(path: Path) -> dict:
 def test_cli_continuous_rows_equal_the_wave_loops(engine, tmp_path, extra):
     waves, cont = tmp_path / "waves.tsv", tmp_path / "cont.tsv"
     runner = CliRunner()
-    r1 = runner.invoke(main, _certify(waves, engine, *extra))
+    r1 = runner.invoke(main, _certify(waves, engine, *extra, "--scheduling", "waves"))
     assert r1.exit_code == 0, r1.output
     r2 = runner.invoke(main, _certify(cont, engine, *extra, "--scheduling", "continuous", "--images-per-call", "3"))
     assert r2.exit_code == 0, r2.output

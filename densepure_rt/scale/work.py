@@ -36,7 +36,7 @@ class Task:
     batch: int
     radii: Optional[tuple] = None
     tol: Optional[float] = None
-    #: Samples per round of the sequential modes (None: ``batch``).
+    #: Samples per round of the sequential modes (None: 1 with the scheduler, ``batch`` with the waves).
     round_size: Optional[int] = None
     #: How the engine's calls are filled ("continuous" or "waves": the same rows).
     scheduling: str = "continuous"
