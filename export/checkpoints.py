@@ -28,14 +28,10 @@ def load_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, tor
         raise CheckpointError(f"{what} not found: {path}")
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            try:
-                obj = load_file(str(path), device="cpu")
-            except Exception as exc:  # safetensors raises its own SafetensorError for corrupt headers
-                raise ValueError(str(exc)) from None
+            obj = _load_safetensors(path)
         else:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            with open(path, "rb") as handle:  # opened here: the name may be any bytes the file system allows
+                obj = torch.load(handle, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         if not _refused_for_code(exc):  # not a pickle at all: garbage, truncated, or another format
             raise CheckpointError(
@@ -72,6 +68,23 @@ def load_state_dict(path: str | Path, what: str = "checkpoint") -> dict[str, tor
     if all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file's tensors on the CPU. safetensors takes UTF-8 names only: a name that
+    is not (Python holds its undecodable bytes as surrogate escapes, U+DC80-U+DCFF) is opened here
+    and its bytes handed over, which holds the file in memory twice while the tensors are made."""
+    from safetensors.torch import load, load_file
+
+    try:
+        if any("\udc80" <= ch <= "\udcff" for ch in str(path)):
+            with open(path, "rb") as handle:
+                return load(handle.read())
+        return load_file(path, device="cpu")
+    except OSError:
+        raise
+    except Exception as exc:  # safetensors raises its own SafetensorError for corrupt headers
+        raise ValueError(str(exc)) from None
 
 
 def _printable_first_line(exc: BaseException) -> str:
