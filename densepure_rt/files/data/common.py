@@ -297,8 +297,12 @@ class Dataset(abc.ABC):
 
 
 class ArrayDataset(Dataset):
-    """Images held in memory as ``[N x C x H x W]`` (C in {1, 3}; uint8, or float in [0, 1]),
-    converted per item to float32 with ``channels`` channels. ``labels`` is ``[N]`` int or None."""
+    """Images as ``[N x C x H x W]`` (C in {1, 3}; uint8, or float in [0, 1]), converted per item
+    to float32 with ``channels`` channels. ``labels`` is ``[N]`` int or None. ``images`` is an
+    array (in memory, or memory-mapped: only the images read are touched) or an array-like with
+    ``shape``, ``dtype``, ``ndim`` and indexing by an index or a 1-D index array, optionally with
+    ``prefetch(indices)``, which :meth:`validate` calls first with the selection (a compressed
+    ``.npz`` member: :class:`densepure_rt.files.data.npz._DeflatedRows`)."""
 
     def __init__(
         self,
@@ -337,7 +341,10 @@ class ArrayDataset(Dataset):
         """:meth:`Dataset.validate`; a float array is first checked in blocks, so that a bad image
         late in a large selection stops the run before the images before it are hashed."""
         chosen = list(range(len(self))) if indices is None else [int(i) for i in indices]
-        if chosen and self.images.shape[2:] != self.image_shape[1:]:
+        prefetch = getattr(self.images, "prefetch", None)
+        if prefetch is not None and chosen:  # a stream (a compressed .npz member): one pass for the selection
+            prefetch(chosen)
+        if chosen and tuple(self.images.shape[2:]) != tuple(self.image_shape[1:]):
             self[chosen[0]]  # raises the shape message for the first chosen image
         if chosen and self.images.dtype != np.uint8:  # 8-bit pixels are always finite and in range
             # Checked in blocks without converting the whole selection at once.
