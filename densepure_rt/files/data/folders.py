@@ -11,6 +11,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import click
 import numpy as np
 from PIL import Image
 
@@ -115,7 +116,11 @@ def image_folder(
 ) -> ImageFilesDataset:
     """An ImageNet-style folder (``root/<class>/<image>``), numbered as torchvision's
     ``ImageFolder``: classes are the sub-folders in sorted name order (class index = position),
-    images are taken class by class in sorted path order (nested folders included). Each image is
+    images are taken class by class in sorted path order (nested folders included). Names sort as
+    strings, whatever they say: class folders ``0/ 1/ ... 10/`` give folder ``10`` label 2 and
+    folder ``2`` label 3. Where every class folder is named by a number and some label differs
+    from its folder's number, one warning line goes to stderr (once per folder and process);
+    numbers padded to one width (``00/ 01/ ... 10/``) sort as numbers. Each image is
     preprocessed as the published ImageNet evaluation: RGB, ``Resize(image_size, bicubic)``,
     ``CenterCrop(image_size)``, /255. ``num_classes``: the engine's number of classes, where
     known; more class folders than that are refused before any folder is walked."""
@@ -149,6 +154,7 @@ def image_folder(
             f"class folder(s) {', '.join(empty[:5])}{' ...' if len(empty) > 5 else ''} in {root} "
             f"hold no images ({', '.join(IMAGE_EXTENSIONS)}): remove them or add their images"
         )
+    _warn_numbered_classes(root, classes)
     return ImageFilesDataset(
         files,
         labels,
@@ -158,6 +164,32 @@ def image_folder(
         num_classes=len(classes),
         classes=classes,
         name=str(root),
+    )
+
+
+#: Folders already warned about by :func:`_warn_numbered_classes` in this process.
+_WARNED_FOLDERS: set[str] = set()
+
+
+def _warn_numbered_classes(root: Path, classes: Sequence[str]) -> None:
+    """One line on stderr, once per folder and process, where every class folder is named by a
+    number (ASCII digits) and some folder's label (its position in sorted name order) is not that
+    number: with ``0/ 1/ ... 10/``, folder ``10`` is label 2, since names sort as strings."""
+    if not classes or not all(re.fullmatch(r"[0-9]{1,18}", name) for name in classes):
+        return
+    differs = [(label, name) for label, name in enumerate(classes) if int(name) != label]
+    key = os.fsdecode(os.path.realpath(root))
+    if not differs or key in _WARNED_FOLDERS:
+        return
+    _WARNED_FOLDERS.add(key)
+    examples = ", ".join(f"folder {name} is label {label}" for label, name in differs[:2])
+    width = len(str(len(classes) - 1))
+    padded = ", ".join(str(i).zfill(width) for i in range(min(len(classes), 3)))
+    click.echo(
+        f"warning: the class folders of {_one_line(str(root))} are numbers, but labels are their positions in sorted name "
+        f"order, as torchvision's ImageFolder numbers them ({examples}): for labels equal to the folder "
+        f"names, name them 0 to {len(classes) - 1}, padded to one width ({padded}, ...)",
+        err=True,
     )
 
 
