@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from densepure_rt import __version__
-from densepure_rt.errors import ConfigError, DensePureError, install_hint, signals_held
+from densepure_rt.errors import ConfigError, DensePureError, cli_message, install_hint, signals_held
 from densepure_rt.run import random_note, run_mode
 
 __all__ = ["main"]
@@ -33,57 +33,105 @@ QUICKSTART = (
 
 
 class _Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the process is, so that it unwinds as Ctrl-C does (rows kept, lock released)."""
+    """SIGTERM or SIGHUP (a closed terminal), raised where the process is, so that it unwinds as
+    Ctrl-C does (rows kept, lock released)."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
+
+
+#: Signals that end a run the way Ctrl-C does.
+_ENDING = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
 def _on_sigterm(signum, frame):  # noqa: ARG001 - a signal handler's signature
-    raise _Terminated()
+    raise _Terminated(signum)
 
 
 class _Group(click.Group):
     """A click group that turns DensePureError (and OS errors) into one line and exit status 2,
-    click's own usage errors too, and handles SIGTERM as it handles Ctrl-C."""
+    click's own usage errors too, and handles SIGTERM and SIGHUP as it handles Ctrl-C."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
-            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+            previous = {sig: signal.signal(sig, _on_sigterm) for sig in _ENDING}
         except ValueError:  # not the main thread (an embedding application): leave signals alone
             previous = None
+        given = list(sys.argv[1:] if args is None else args)
+        if not given or (len(given) == 1 and given[0] in self.commands):
+            given.append("--help")  # a bare command asks what it takes: its help on stdout, exit 0
         try:
-            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = super().main(given, prog_name, complete_var, standalone_mode=False, **extra)
         except click.ClickException as exc:  # a bad flag or value: click would print usage and three lines
             where = f"{exc.ctx.command_path}: " if getattr(exc, "ctx", None) is not None else ""
             click.echo(f"error: {where}{_one_line(exc.format_message())} (see --help)", err=True)
-            sys.exit(2)
+            _exit_after_error(2)
         except click.exceptions.Abort:
             click.echo("interrupted", err=True)
-            sys.exit(130)
+            _exit_after_error(130)
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in (previous or {}).items():
+                signal.signal(sig, handler)
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except DensePureError as exc:
-            click.echo(f"error: {_one_line(str(exc))}", err=True)
-            sys.exit(2)
+            click.echo(f"error: {_one_line(cli_message(exc))}", err=True)
+            _exit_after_error(2)
         except OSError as exc:  # a disk or permission problem not caught closer to its cause
             where = f"{exc.filename}: " if exc.filename else ""
             click.echo(f"error: {where}{exc.strerror or exc}", err=True)
-            sys.exit(2)
+            _exit_after_error(2)
         except KeyboardInterrupt as exc:
-            what = "terminated (SIGTERM)" if isinstance(exc, _Terminated) else "interrupted"
+            name = signal.Signals(exc.signum).name if isinstance(exc, _Terminated) else ""
+            what = f"terminated ({name})" if name else "interrupted"
             after = {
                 "certify": "rows written so far are kept; run the same command again to continue",
                 "predict": "rows written so far are kept; run the same command again to continue",
                 "build": "no engine was written and the --out folder is as it was (the build's work folder was removed)",
             }.get(ctx.invoked_subcommand or "", "nothing was changed")
             click.echo(f"{what}: {after}", err=True)
-            sys.exit(143 if isinstance(exc, _Terminated) else 130)
+            _exit_after_error(128 + int(exc.signum) if isinstance(exc, _Terminated) else 130)
+
+
+def _exit_after_error(code: int) -> None:
+    """Exit with ``code`` once the error line is out, so that it stays the last line: what libraries
+    print while the interpreter shuts down (Ray's cluster shutdown, torch's warnings) goes nowhere.
+    Only where stderr is the process's own (an embedding application or a test harness that
+    replaced sys.stderr keeps its stream)."""
+    if sys.stderr is sys.__stderr__:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 2)
+            os.close(devnull)
+        except (OSError, ValueError):
+            pass
+    sys.exit(code)
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option that refuses NaN and infinities (every float option of every command), with
+    FloatRange's optional bounds."""
+
+    name = "float"
+
+    def convert(self, value, param, ctx):
+        import math
+
+        number = click.FLOAT.convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return super().convert(number, param, ctx)
+
+    def _describe_range(self) -> str:
+        return "a finite number" if self.min is None and self.max is None else super()._describe_range()
 
 
 def _one_line(text: str) -> str:
@@ -145,12 +193,12 @@ def _timed_log(started: float, pending: list | None = None, committing: list | N
 
 def _raise_pending(pending: list | None) -> None:
     if pending:
-        raise _Terminated() if pending[0] == signal.SIGTERM else KeyboardInterrupt()
+        raise _Terminated(pending[0]) if pending[0] in _ENDING else KeyboardInterrupt()
 
 
 @contextlib.contextmanager
 def _signals_noted():
-    """SIGINT and SIGTERM raise as before, and are also noted in the yielded list: a library that
+    """SIGINT, SIGTERM and SIGHUP raise as before, and are also noted in the yielded list: a library that
     catches every exception cannot make the build ignore them, since each stage boundary raises a
     noted one. (Seen once in CI: a SIGINT sent once the work folder existed, exit 0 and an engine
     written; whether a library swallowed it or it came after the swap is not known.)"""
@@ -158,10 +206,10 @@ def _signals_noted():
 
     def handler(signum, frame):  # noqa: ARG001 - a signal handler's signature
         pending.append(signum)
-        raise _Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+        raise _Terminated(signum) if signum in _ENDING else KeyboardInterrupt()
 
     try:
-        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, *_ENDING)}
     except ValueError:  # not the main thread: leave signals alone
         yield pending
         return
@@ -356,10 +404,10 @@ def _common_options(f):
     options = [
         click.option("--engine", "engine_dir", required=True, type=click.Path(), metavar="DIR", help="Engine directory from `build`."),
         click.option("--data", type=click.Path(), metavar="PATH", help="CIFAR-10 test_batch, image folder, or .npz  [default: the engine's test split, if it ships one]"),
-        click.option("--sigma", type=float, required=True, metavar="S", help=SIGMA_HELP),
+        click.option("--sigma", type=FiniteFloat(min=0, min_open=True), required=True, metavar="S", help=SIGMA_HELP),
         click.option("--steps", default="4", show_default=True, metavar="b", help="Reverse steps b >= 1 (at most t*), 'one-shot' (Carlini et al.), or 'none' (plain smoothing)."),
         click.option("--votes", type=click.IntRange(min=1), default=10, show_default=True, metavar="K", help="Reverse runs voted per noisy sample."),
-        click.option("--alpha", type=float, default=0.001, show_default=True, metavar="A", help="Failure probability."),
+        click.option("--alpha", type=FiniteFloat(min=0, max=1, min_open=True, max_open=True), default=0.001, show_default=True, metavar="A", help="Failure probability."),
         click.option("--skip", type=click.IntRange(min=1), default=1, show_default=True, metavar="N", help="Take every N-th image."),
         click.option("--max", "max_images", type=click.IntRange(min=-1), default=-1, show_default=True, metavar="N", help="Stop at dataset index N (-1: no limit)."),
         click.option("--batch", type=click.IntRange(min=1), default=None, metavar="N", help="Noisy samples per engine call  [default: the engine's]"),
@@ -369,14 +417,14 @@ def _common_options(f):
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
         click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N", help="CPU threads for the runtime (ONNX Runtime or OpenVINO)."),
         click.option("--quiet", is_flag=True, help="No progress output."),
-        click.option("--progress-every", type=click.FloatRange(min=0), default=30.0, show_default=True, metavar="S",
+        click.option("--progress-every", type=FiniteFloat(min=0), default=30.0, show_default=True, metavar="S",
                      help="Seconds between progress lines when stderr is not a terminal (a log file)."),
         click.option("--ray", "ray", is_flag=False, flag_value="auto", default=None, metavar="[auto|local|ADDRESS]",
                      help="Spread the images over Ray actors: 'auto' (bare --ray) joins the cluster of `ray start --head`, "
                           "'local' starts one on this machine, or a cluster's address. Needs densepure-rt[ray]."),
         click.option("--actors", type=click.IntRange(min=1), default=None, metavar="N",
                      help="With --ray: actors to start  [default: one per GPU with --device cuda, one per --threads CPUs (1) otherwise]"),
-        click.option("--ray-timeout", type=click.FloatRange(min=1), default=30.0, show_default=True, metavar="S",
+        click.option("--ray-timeout", type=FiniteFloat(min=1), default=30.0, show_default=True, metavar="S",
                      help="With --ray: seconds to wait for the cluster to answer before giving up with an error."),
         click.option("--scheduling", type=click.Choice(["continuous", "waves"]), default="continuous", show_default=True,
                      help="How engine calls are filled: 'continuous' (every call full of runs of many samples and images "
@@ -407,9 +455,9 @@ def _radius_list(values) -> list[float]:
 @_common_options
 @click.option("--n0", type=int, default=100, show_default=True, metavar="N", help="Selection samples.")
 @click.option("--n", type=int, default=1000, show_default=True, metavar="N", help="Estimation samples (published: 100,000 CIFAR-10, 10,000 ImageNet).")
-@click.option("--radius", "radii", type=float, multiple=True, metavar="R",
+@click.option("--radius", "radii", type=FiniteFloat(min=0), multiple=True, metavar="R",
               help="Certify at target radius R (repeatable): stop sampling as soon as every target is decided. Anytime-valid.")
-@click.option("--tol", type=click.FloatRange(min=0), default=None, metavar="T",
+@click.option("--tol", type=FiniteFloat(min=0), default=None, metavar="T",
               help="Cohen's largest radius, but stop once more samples would add less than T to it per doubling. Anytime-valid.")
 @click.option("--n-max", type=click.IntRange(min=1), default=10000, show_default=True, metavar="N",
               help="With --radius or --tol: the most estimation samples an image may use.")
@@ -526,28 +574,35 @@ def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batc
 @click.option("--radii", default="0,0.25,0.5,0.75,1.0", show_default=True, metavar="R,R,...", help="Radii of the table.")
 @click.option("--plot", type=click.Path(), metavar="PNG", help="Write the certified-accuracy-vs-radius curve.")
 @click.option("--json", "json_out", type=click.Path(), metavar="FILE", help="Also write the table as JSON.")
-def report(results, radii, plot, json_out):
+@click.option("--force", is_flag=True,
+              help="Replace a --plot or --json file that densepure-rt did not write (never an input, never through a link).")
+def report(results, radii, plot, json_out, force):
     """Certified accuracy at standard radii (best sigma per radius across files) and the curve;
     for files of `predict`: accuracy and abstentions.
+
+    Whether a prediction is correct is recomputed from the label and predict columns. --plot and
+    --json replace only files a report wrote (or any file with --force), never an input.
 
     \b
     Example:
       densepure-rt report sigma025.tsv sigma050.tsv --plot curve.png
     """
-    import math
+    from densepure_rt.files.outputs import check_output, same_file, write_atomic
+    from densepure_rt.files.report import (check_plot_path, format_predictions, format_table, is_prediction_file, is_report_json,
+                                           is_report_plot, plot_curves, prediction_summary, printable, report_table)
+    from densepure_rt.files.results import options_path
 
-    from densepure_rt.files.report import (check_plot_path, format_predictions, format_table, is_prediction_file, plot_curves, prediction_summary,
-                         printable, report_table)
-
-    try:
-        radii_values = [float(r) for r in radii.split(",") if r.strip()]
-    except ValueError:
-        raise ConfigError(f"--radii must be comma-separated numbers (got {radii!r})") from None
-    if not radii_values or any(not math.isfinite(r) or r < 0 for r in radii_values):
-        raise ConfigError(f"--radii must be finite numbers >= 0 (got {radii!r})")
-    if plot:
-        check_plot_path(plot)  # before any work: a typo in the name does not cost the table
+    radii_values = _radii_csv(radii)
     results = [Path(r).expanduser() for r in results]
+    # Outputs are checked before any work: never an input, never through a link, never a foreign file.
+    inputs = [(f"the results file {r}", r) for r in results] + [(f"the options file of {r}", options_path(r)) for r in results]
+    if plot and json_out and same_file(Path(plot).expanduser(), Path(json_out).expanduser()):
+        raise ConfigError(f"--plot and --json name the same file ({plot}): give two names")
+    if plot:
+        check_plot_path(plot)  # a typo in the name does not cost the table
+        plot = check_output(plot, flag="--plot", inputs=inputs, recognise=is_report_plot, kind="report plot", force=force)
+    if json_out:
+        json_out = check_output(json_out, flag="--json", inputs=inputs, recognise=is_report_json, kind="report JSON", force=force)
     predictions = [r for r in results if is_prediction_file(r)]
     if predictions:  # predict files have no radius: accuracy and abstentions, as predict's summary
         if len(predictions) < len(results) or plot:
@@ -556,14 +611,32 @@ def report(results, radii, plot, json_out):
         summaries = {str(r): prediction_summary(r) for r in predictions}
         click.echo(format_predictions(summaries))
         if json_out:
-            Path(json_out).expanduser().write_text(json.dumps({"predictions": summaries}, indent=2) + "\n")
+            from densepure_rt.files.outputs import MARK
+
+            write_atomic(json_out, (json.dumps({"generator": MARK, "predictions": summaries}, indent=2) + "\n").encode())
         return
     table = report_table(results, radii_values)
     click.echo(format_table(table))
     if json_out:
-        Path(json_out).expanduser().write_text(json.dumps(table, indent=2) + "\n")
+        write_atomic(json_out, (json.dumps(table, indent=2) + "\n").encode())
     if plot:
         click.echo(f"plot written to {printable(str(plot_curves(results, plot)))}")
+
+
+def _radii_csv(text: str) -> list[float]:
+    """``--radii R,R,...``: finite numbers >= 0, no empty entries."""
+    import math
+
+    parts = [part.strip() for part in text.split(",")]
+    if not parts or any(not part for part in parts):
+        raise ConfigError(f"--radii must be comma-separated numbers with none left empty (got {text!r})")
+    try:
+        values = [float(part) for part in parts]
+    except ValueError:
+        raise ConfigError(f"--radii must be comma-separated numbers (got {text!r})") from None
+    if any(not math.isfinite(r) or r < 0 for r in values):
+        raise ConfigError(f"--radii must be finite numbers >= 0 (got {text!r})")
+    return values
 
 
 def _plan_lines(manifest: dict) -> list[str]:

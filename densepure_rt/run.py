@@ -131,10 +131,10 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
     from densepure_rt.runtime import open_engine
     from densepure_rt.scale.work import Task, run_image, write_outcome
 
-    validate_params(sigma, alpha, n0 if mode != "predict" else None, n)
+    validate_params(sigma, alpha, n0 if mode != "predict" else None, n, n_name="n_max" if mode.startswith("certify-") else "n")
     if ray is None and actors is not None:
         raise ConfigError("--actors goes with --ray")
-    out = _out_file(out)
+    out = _out_file(out, data)
     engine_dir = Path(engine_dir).expanduser()
     if threads is not None and ray is None:
         threads = _cap_threads(threads)
@@ -158,6 +158,12 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
         task = Task(mode, sigma, steps_value, votes, alpha, n0, n, seed, batch,
                     radii=tuple(radii) if radii else None, tol=tol, round_size=round_size, scheduling=scheduling)
         dataset, indices, spec, data_digest = _open_data(engine, data, skip, max_images)
+        if images_per_call > len(indices):  # a bound on the images in flight: more than the run has is all of them
+            images_per_call = max(len(indices), 1)
+        if images_per_call > 1:
+            from densepure_rt.arguments import check_staging
+
+            check_staging(images_per_call, engine.image_shape, device, name="--images-per-call ")
         # The most noisy samples one call of this run can hold: buffers are sized by it, and the row
         # limit and the memory are checked against it before anything is written. The scheduler's
         # calls hold samples of every image of the run; the waves', of one image (or one group).
@@ -282,12 +288,35 @@ def random_note(out) -> str:
     return ""
 
 
-def _out_file(out: str) -> Path:
-    """``--out`` as a file path (``~`` expanded, as for --data); a folder, or a name ending in a
-    path separator, is refused instead of becoming a file of that name."""
+#: Names of what a run reads (data, models, engines): a results file is never named like one.
+DATA_LIKE_SUFFIXES = (".npz", ".npy", ".onnx", ".safetensors", ".pt", ".pth", ".ckpt", ".plan", ".engine", ".json", ".lock")
+
+
+def _out_file(out: str, data: str | None = None) -> Path:
+    """``--out`` as a results file path (``~`` expanded, as for --data), refused in one line when it
+    is standard output, a folder (or a name ending in a path separator), named like a data, model
+    or sidecar file, the data itself, or inside the data folder (which the readers list)."""
+    from densepure_rt.files.data import IMAGE_EXTENSIONS
+    from densepure_rt.files.outputs import same_file
+
+    if out in ("", "-"):
+        raise ConfigError(f"--out {out or repr(out)}: results go to a file (it is resumed and locked), not standard output: "
+                          "give a file name such as results.tsv")
     if out.endswith(("/", os.sep)) or Path(out).expanduser().is_dir():
         raise ConfigError(f"--out {out} is a folder: give a results file such as {out.rstrip('/' + os.sep) or '.'}/results.tsv")
-    return Path(out).expanduser()
+    path = Path(out).expanduser()
+    name = path.name.lower()
+    if name.endswith(DATA_LIKE_SUFFIXES + IMAGE_EXTENSIONS) or name in ("test_batch", "batches.meta") or name.startswith("data_batch_"):
+        raise ConfigError(f"--out {out} is named like a data, model or options file: give the results a name ending in "
+                          ".tsv, such as results.tsv")
+    if data is not None and data != "digits-test":
+        source = Path(data).expanduser()
+        if same_file(path, source):
+            raise ConfigError(f"--out {out} is the --data file: give the results another name")
+        if source.is_dir() and os.path.realpath(path).startswith(os.path.join(os.path.realpath(source), "")):
+            raise ConfigError(f"--out {out} is inside the --data folder {data}, whose files are read as images: "
+                              "write the results elsewhere")
+    return path
 
 
 def _cap_threads(threads: int) -> int:

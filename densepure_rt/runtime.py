@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+
 import sys
 
 from dataclasses import dataclass
@@ -24,9 +25,10 @@ from densepure_rt.sampling.loop import BatchLoop, check_labels
 from densepure_rt.sampling.scheduler import Job, Scheduler, SchedulerStats
 from densepure_rt.stats.cohen import Certificate, Prediction, certify, predict, validate_params
 from densepure_rt.files.data import check_image
-from densepure_rt.errors import ConfigError, EngineError
+from densepure_rt.arguments import check_kernels, check_staging, sampling as _sampling
+from densepure_rt.errors import ConfigError, EngineError, param
 from densepure_rt.limits import check_rows, rows_per_call
-from densepure_rt.files.manifest import KERNELS, graph_path, load_manifest
+from densepure_rt.files.manifest import load_manifest
 from densepure_rt.sampling.noise import ESTIMATION, PREDICTION, SELECTION
 from densepure_rt.schedule import ReverseSchedule, make_schedule, parse_steps, reverse_schedule
 
@@ -110,11 +112,11 @@ class Engine:
     ):
         if scheduling not in ("continuous", "waves"):
             raise ConfigError(f"scheduling must be 'continuous' or 'waves' (got {scheduling!r})")
-        #: How sampling (certify, predict, certify_many, --radius, --tol) fills the engine calls:
-        #: "continuous" (the default: :mod:`densepure_rt.sampling.scheduler`, every call full, rows
-        #: of many samples at any reverse step) or "waves" (the batch loop's waves). The counts are
-        #: the same. The waves stay, as a fallback, until the scheduler has run on a GPU (never yet:
-        #: its CuPy path is the numpy path's code, tested on the CPU only); then they go.
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
+            raise ConfigError(f"{param('threads')} must be an integer >= 1, or None for the backend's choice (got {threads!r})")
+        #: How sampling fills the engine calls: "continuous" (:mod:`densepure_rt.sampling.scheduler`,
+        #: every call full of rows of many samples at any reverse step) or "waves" (the batch loop's
+        #: waves, a fallback). The counts are the same.
         self.scheduling = scheduling
         self._scheduler: Scheduler | None = None
         self.directory = Path(directory)
@@ -142,6 +144,7 @@ class Engine:
             backend, self.directory, self.manifest, device=device, threads=threads, cuda_graph=cuda_graph, kernels=kernels
         )
         self._prepared: tuple | None = None
+        self._closed = False
 
     # -- lifecycle --------------------------------------------------------------------------- #
     def __enter__(self) -> "Engine":
@@ -156,7 +159,8 @@ class Engine:
         return self.loop.executor if self.loop is not None else None
 
     def close(self) -> None:
-        """Free the executor's sessions and the loop's buffers."""
+        """Free the executor's sessions and the loop's buffers; the engine cannot run afterwards."""
+        self._closed = True
         if self.loop is not None:
             self.loop.executor.close()
             self.loop = None
@@ -199,9 +203,9 @@ class Engine:
         """Prepare the loop for (sigma, b, K) and batches of ``batch`` noisy samples, or of
         ``samples`` where that is fewer (the most any call of the work ahead can hold: buffers are
         sized by what a call can use, not by the request)."""
-        for flag, value in (("--votes", votes), ("--batch", batch)):
+        for name, value in (("votes", votes), ("batch", batch)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-                raise ConfigError(f"{flag} must be an integer >= 1 (got {value!r})")
+                raise ConfigError(f"{param(name)} must be an integer >= 1 (got {value!r})")
         if samples is not None:
             batch = max(min(int(batch), int(samples)), 1)
         rs = self.reverse_schedule(sigma, steps)  # refuses non-finite schedules; the loop checks again
@@ -236,6 +240,7 @@ class Engine:
         return counts
 
     # -- sampling ---------------------------------------------------------------------------- #
+    @_sampling
     def sample_counts(
         self,
         image: np.ndarray,
@@ -265,6 +270,7 @@ class Engine:
             raise EngineError(f"the engine counted {int(counts.sum())} labels for {num} samples: rebuild the engine")
         return counts
 
+    @_sampling
     def sample_counts_many(self, jobs, *, seed: int, batch: int, progress: Progress = None, evals: list | None = None) -> list[np.ndarray]:
         """Per-class counts of several (image, image_index, phase, num) jobs, with batches that mix
         images (after :meth:`_prepare`): the samples of all jobs are taken in order, ``batch`` at a
@@ -304,6 +310,7 @@ class Engine:
             evals[:] = [int(r) * self.loop.calls for r in runs_of]
         return counts
 
+    @_sampling
     def certify_many(self, images, sigma: float, steps: int | str = 4, votes: int = 10, n0: int = 100, n: int = 1000,
                      alpha: float = 0.001, *, seed: int = 0, image_indices=None, batch: int = 32,
                      progress: Progress = None) -> list[Certificate]:
@@ -315,6 +322,7 @@ class Engine:
                                          batch=batch, progress=progress)
         return [cert for cert, _ in pairs]
 
+    @_sampling
     def certify_many_counts(
         self,
         images,
@@ -359,11 +367,15 @@ class Engine:
 
     def _image(self, image: np.ndarray, image_index: int) -> np.ndarray:
         image = np.asarray(image)
+        if image.dtype.kind not in "fiu":  # a complex, boolean, object or text array is not an image
+            raise ConfigError(f"image {image_index} holds {image.dtype} values: give real pixel values in [0, 1] "
+                              "(float32 [C x H x W])")
         if image.dtype != np.float32:
             image = image.astype(np.float32)
         check_image(image, self.image_shape, image_index)
         return image
 
+    @_sampling
     def certify(
         self,
         image: np.ndarray,
@@ -385,6 +397,7 @@ class Engine:
         )
         return cert
 
+    @_sampling
     def certify_counts(
         self,
         image: np.ndarray,
@@ -418,7 +431,7 @@ class Engine:
         if round_size is None:
             round_size = 1 if self.scheduling == "continuous" else batch
         if isinstance(round_size, bool) or not isinstance(round_size, (int, np.integer)) or round_size < 1:
-            raise ConfigError(f"--round must be an integer >= 1 (got {round_size!r})")
+            raise ConfigError(f"{param('round_size')} must be an integer >= 1 (got {round_size!r})")
         image = self._image(image, image_index)
         if self.scheduling == "waves":
             batch = int(round_size)  # the wave loop runs one round per batch
@@ -502,6 +515,7 @@ class Engine:
             if progress is not None:
                 progress(size)
 
+    @_sampling
     def certify_radii(
         self,
         image: np.ndarray,
@@ -531,12 +545,13 @@ class Engine:
         samples are those of fixed-n CERTIFY with the same seed: keeping the larger radius of both
         runs on one image doubles the error to 2 alpha (use another seed for the second run).
         """
-        validate_params(sigma, alpha, n0, n_max)
+        validate_params(sigma, alpha, n0, n_max, n_name="n_max")
         test = _radii_test(sigma, radii, alpha, n_max)
         c_a, evals = self._sequential(image, test, sigma, steps, votes, n0, seed=seed, image_index=image_index, batch=batch,
                                       progress=progress, round_size=round_size)
         return _radii_result(test, c_a, evals)
 
+    @_sampling
     def certify_until(
         self,
         image: np.ndarray,
@@ -565,12 +580,13 @@ class Engine:
         prediction -1, radius 0. Same estimation samples as fixed-n CERTIFY with the same seed (see
         :meth:`certify_radii`).
         """
-        validate_params(sigma, alpha, n0, n_max)
+        validate_params(sigma, alpha, n0, n_max, n_name="n_max")
         test = _until_test(sigma, alpha, n_max, tol)
         c_a, evals = self._sequential(image, test, sigma, steps, votes, n0, seed=seed, image_index=image_index, batch=batch,
                                       progress=progress, round_size=round_size)
         return _until_result(test, c_a, evals)
 
+    @_sampling
     def predict(
         self,
         image: np.ndarray,
@@ -592,6 +608,7 @@ class Engine:
         counts = self.sample_counts(image, n, PREDICTION, seed=seed, image_index=image_index, batch=batch, progress=progress)
         return predict(counts, alpha)
 
+    @_sampling
     def stream(self, mode: str, items, emit, *, sigma: float, steps: int | str = 4, votes: int = 10, n0: int = 100,
                n: int = 1000, alpha: float = 0.001, radii=None, tol: float | None = None, seed: int = 0, batch: int = 32,
                round_size: int = 1, in_flight: int | None = None, progress: Progress = None,
@@ -612,7 +629,7 @@ class Engine:
         sequential = mode in ("certify-radii", "certify-until")
         validate_params(sigma, alpha, n0 if mode != "predict" else None, n)
         if isinstance(round_size, bool) or not isinstance(round_size, (int, np.integer)) or round_size < 1:
-            raise ConfigError(f"--round must be an integer >= 1 (got {round_size!r})")
+            raise ConfigError(f"{param('round_size')} must be an integer >= 1 (got {round_size!r})")
         if mode == "certify-radii":
             _radii_test(sigma, radii, alpha, n)  # refuses bad radii before anything runs
         elif mode == "certify-until":
@@ -624,7 +641,8 @@ class Engine:
         if in_flight is None:
             in_flight = -(-sch.slots // (sch.first * int(round_size))) + 1 if sequential else 2
         if isinstance(in_flight, bool) or not isinstance(in_flight, (int, np.integer)) or in_flight < 1:
-            raise ConfigError(f"images in flight must be an integer >= 1 (got {in_flight!r})")
+            raise ConfigError(f"{param('in_flight')} (images in flight) must be an integer >= 1 (got {in_flight!r})")
+        check_staging(int(in_flight), self.image_shape, self.device)
         classes = self.num_classes
 
         def make(idx: int):
@@ -651,7 +669,7 @@ def _radii_test(sigma, radii, alpha, n_max):
     try:
         return TargetRadiiTest(sigma, list(radii), alpha, int(n_max))
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"--radius: {exc}") from None
+        raise ConfigError(f"{param('radii')}: {exc}") from None
 
 
 def _radii_result(test, c_a: int, evals: int) -> RadiiCertificate:
@@ -674,7 +692,7 @@ def _until_test(sigma, alpha, n_max, tol):
     try:
         return EarlyStopRadius(sigma, alpha, int(n_max), float(tol))
     except (ValueError, TypeError) as exc:
-        raise ConfigError(f"--tol: {exc}") from None
+        raise ConfigError(f"{param('tol')}: {exc}") from None
 
 
 def _until_result(test, c_a: int, evals: int) -> EarlyStopCertificate:
@@ -718,21 +736,6 @@ def open_engine(
     )
 
 
-def check_kernels(kernels: str, manifest: dict, device: str, directory) -> str:
-    """Refuse, in one line, a graph set the engine or the device cannot run: the fused graphs need
-    an engine built with ``--device cuda``, the onnxruntime backend and ``--device cuda``
-    (``com.microsoft.GroupNorm`` has no CPU kernel)."""
-    if kernels not in KERNELS:
-        raise ConfigError(f"--kernels must be {' or '.join(KERNELS)} (got {kernels!r})")
-    if kernels == "fused":
-        if manifest["backend"]["name"] != "onnxruntime":
-            raise EngineError(f"--kernels fused runs ONNX Runtime's fused CUDA graphs; this engine is a {manifest['backend']['name']} engine: use --kernels portable")
-        if device != "cuda":
-            raise EngineError("--kernels fused runs only on a GPU (ONNX Runtime's GroupNorm has no CPU kernel): pass --device cuda, or use --kernels portable")
-        graph_path(directory, manifest, "step", "fused")  # one line when the engine has none
-    return kernels
-
-
 def open_loop(runtime: str, directory: str | Path, manifest: dict, device: str = "cpu", threads: int | None = None,
               cuda_graph: bool = True, kernels: str = "portable") -> BatchLoop:
     """The batch loop over the executor of ``runtime`` (``"auto"``: the one the engine was built for)
@@ -748,11 +751,11 @@ def open_loop(runtime: str, directory: str | Path, manifest: dict, device: str =
     if built not in ("onnxruntime", "openvino", "tensorrt"):
         raise EngineError(f"backend {built!r} is not supported by this densepure-rt: rebuild the engine for onnxruntime, openvino or tensorrt")
     if device not in ("cpu", "cuda"):
-        raise EngineError(f"--device must be cpu or cuda for the {built} backend (got {device!r})")
+        raise EngineError(f"{param('device')} must be cpu or cuda for the {built} backend (got {device!r})")
     if built == "tensorrt" and device != "cuda":
-        raise EngineError("this engine holds TensorRT plans, which run on a GPU: pass --device cuda (device='cuda')")
+        raise EngineError(f"this engine holds TensorRT plans, which run on a GPU: pass {param('device', 'cuda')}")
     if built == "openvino" and device != "cpu":
-        raise EngineError("OpenVINO engines run on the CPU (--device cpu); for a GPU build with --backend onnxruntime")
+        raise EngineError(f"OpenVINO engines run on the CPU ({param('device', 'cpu')}); for a GPU build with --backend onnxruntime")
     from densepure_rt.sampling.device import open_device
 
     graphs = None

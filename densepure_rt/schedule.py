@@ -263,12 +263,27 @@ def max_sigma(schedule: BetaSchedule) -> float:
     return float(np.sqrt(1.0 / schedule.alphas_cumprod[-1] - 1.0)) / 2.0
 
 
+#: The largest magnitude of a noise draw: Box-Muller's sqrt(-2 ln u) at the smallest uniform the
+#: Philox draws give, u = 2^-32 (densepure_rt/sampling/philox.py).
+MAX_NORMAL = math.sqrt(-2.0 * math.log(2.0**-32))
+
+#: The largest sigma accepted: the noisy classifier input, 2 (x + sigma z) - 1 with |z| <= MAX_NORMAL
+#: and x in [0, 1], then stays finite in float32 (the precision of the noise and of every graph
+#: input) with a factor 2 to spare.
+MAX_FINITE_SIGMA = float(np.finfo(np.float32).max) / (2.0 * MAX_NORMAL) / 2.0
+
+
 def _check_sigma(schedule: BetaSchedule, sigma: float, covered: bool = True) -> None:
     """A finite sigma > 0, and (``covered``) one the diffusion schedule reaches."""
     if isinstance(sigma, bool) or not isinstance(sigma, (int, float, np.floating, np.integer)) or not math.isfinite(sigma):
         raise ScheduleError(f"sigma must be a finite number (got {sigma!r})")
     if not sigma > 0:
         raise ScheduleError(f"sigma must be > 0 (got {sigma})")
+    if sigma > MAX_FINITE_SIGMA:
+        raise ScheduleError(
+            f"sigma {sigma:g} makes noisy pixels up to {2 * MAX_NORMAL:.3g} x sigma, beyond the largest float32 number "
+            f"({float(np.finfo(np.float32).max):.3g}) the engine computes in: use a sigma of at most {MAX_FINITE_SIGMA:.3g}"
+        )
     if not covered:
         return
     top = max_sigma(schedule)

@@ -234,9 +234,12 @@ def test_validate_params_accepts_published_settings():
     ],
 )
 def test_validate_params_raises_config_error_naming_the_flag(kwargs, message):
+    from densepure_rt.errors import cli_message
+
     with pytest.raises(ConfigError) as info:
         validate_params(**kwargs)
-    assert str(info.value) == message
+    assert cli_message(info.value) == message  # the command line names the flag
+    assert str(info.value) == message.replace("--", "", 1)  # the API names its parameter
     assert "\n" not in str(info.value)
 
 

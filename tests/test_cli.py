@@ -375,13 +375,13 @@ CERTIFY_BAD = {
     "changed file hash": ({"--engine": "flipped"}, "sha256"),
     "wrong image size": ({"--data": "size20"}, "1x20x20"),
     "NaN image": ({"--data": "nan"}, "NaN"),
-    "sigma 0": ({"--sigma": "0"}, "--sigma must be > 0"),
-    "sigma -1": ({"--sigma": "-1"}, "--sigma must be > 0"),
+    "sigma 0": ({"--sigma": "0"}, "'--sigma': 0.0 is not in the range x>0"),
+    "sigma -1": ({"--sigma": "-1"}, "'--sigma': -1.0 is not in the range x>0"),
     "n0 0": ({"--n0": "0"}, "--n0 must be >= 1"),
     "n 0": ({"--n": "0"}, "--n must be >= 1"),
-    "alpha 0": ({"--alpha": "0"}, "--alpha must be in (0, 1)"),
-    "alpha 1": ({"--alpha": "1"}, "--alpha must be in (0, 1)"),
-    "alpha 1.5": ({"--alpha": "1.5"}, "--alpha must be in (0, 1)"),
+    "alpha 0": ({"--alpha": "0"}, "'--alpha': 0.0 is not in the range 0<x<1"),
+    "alpha 1": ({"--alpha": "1"}, "'--alpha': 1.0 is not in the range 0<x<1"),
+    "alpha 1.5": ({"--alpha": "1.5"}, "'--alpha': 1.5 is not in the range 0<x<1"),
 }
 
 

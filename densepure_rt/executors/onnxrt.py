@@ -103,7 +103,7 @@ class OrtExecutor:
         if threads:
             options.intra_op_num_threads = int(threads)
         directory = Path(directory)
-        # kernels "fused": the GPU graphs of `build --device cuda` (refused on the CPU by runtime.check_kernels).
+        # kernels "fused": the GPU graphs of `build --device cuda` (refused on the CPU by arguments.check_kernels).
         step_file, cls_file = graph_path(directory, manifest, "step", kernels), graph_path(directory, manifest, "classifier", kernels)
         self.kernels = kernels
         #: Why ONNX Runtime's CUDA graph is not used (None when it is, or was not asked for).

@@ -1,8 +1,10 @@
 """Certified accuracy from results files, as the papers report it, and the accuracy-vs-radius plot.
 
 Certified accuracy at radius r = fraction of labelled images whose prediction is correct and whose
-certified radius is at least r. Images without a label (-1) are counted, but never as correct and
-never in the accuracy's denominator (an abstention, -1, is not a match for an unknown label). Across
+certified radius is at least r. Whether a prediction is correct is recomputed from the ``label`` and
+``predict`` columns; the file's own ``correct`` column is only compared with it
+(:func:`correct_mismatches`), so an edited column cannot change a reported number. Images without
+a label (-1) are counted, but never as correct and never in the accuracy's denominator (an abstention, -1, is not a match for an unknown label). Across
 several files (one per sigma), each radius takes the best file, as in Cohen et al. and DensePure's
 tables.
 """
@@ -15,9 +17,12 @@ from typing import Sequence
 import numpy as np
 
 from densepure_rt.errors import DataError
+from densepure_rt.files.outputs import MARK, holds_mark, write_atomic
 from densepure_rt.files.results import PREDICT_HEADER, read_results, read_rows
 
-__all__ = ["DEFAULT_RADII", "certified_accuracy", "labelled", "is_prediction_file", "prediction_summary", "format_predictions", "report_table", "format_table", "plot_curves", "check_plot_path", "printable"]
+__all__ = ["DEFAULT_RADII", "certified_accuracy", "labelled", "is_correct", "correct_mismatches", "is_prediction_file",
+           "prediction_summary", "format_predictions", "report_table", "format_table", "plot_curves", "check_plot_path",
+           "printable", "is_report_json", "is_report_plot"]
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -27,14 +32,24 @@ def labelled(rows: Sequence[dict]) -> list[dict]:
     return [r for r in rows if r["label"] >= 0]
 
 
+def is_correct(row: dict) -> bool:
+    """Whether a row's prediction is its label (an unlabelled image, label -1, is never correct,
+    even where the prediction is an abstention, -1)."""
+    return row["label"] >= 0 and row["predict"] == row["label"]
+
+
+def correct_mismatches(rows: Sequence[dict]) -> int:
+    """How many rows have a ``correct`` column that disagrees with their ``label`` and ``predict``."""
+    return sum(int(bool(r["correct"])) != int(is_correct(r)) for r in rows)
+
+
 def certified_accuracy(rows: Sequence[dict], radii: Sequence[float]) -> np.ndarray:
-    """[len(radii)] fraction of the labelled rows with correct == 1 and radius >= r (NaN where no
-    row has a label). A file written before unlabelled rows were made never correct is read the
-    same way: only labelled rows count."""
+    """[len(radii)] fraction of the labelled rows whose prediction is their label (recomputed,
+    :func:`is_correct`) and whose radius is >= r (NaN where no row has a label)."""
     rows = labelled(rows)
     if not rows:
         return np.full(len(radii), np.nan)
-    correct = np.array([r["correct"] for r in rows], dtype=bool)
+    correct = np.array([is_correct(r) for r in rows], dtype=bool)
     radius = np.array([r.get("radius", 0.0) for r in rows], dtype=float)
     return np.array([np.mean(correct & (radius >= r)) for r in radii])
 
@@ -53,9 +68,10 @@ def prediction_summary(path: str | Path) -> dict:
     return {
         "images": len(rows),
         "labelled": len(known),
-        "accuracy": (sum(r["correct"] for r in known) / len(known)) if known else None,
+        "accuracy": (sum(is_correct(r) for r in known) / len(known)) if known else None,
         "abstained": sum(r["predict"] == -1 for r in rows),
         "unet_evals_per_image": (sum(r["unet_evals"] for r in rows) / len(rows)) if rows else 0.0,
+        "correct_column_mismatches": correct_mismatches(rows),
     }
 
 
@@ -66,6 +82,11 @@ def format_predictions(summaries: dict) -> str:
     for name, s in summaries.items():
         lines.append(printable(Path(name).name).ljust(width) + f"{_percent(s['accuracy']):>10}{s['images']:>9d}"
                      f"{s['labelled']:>10d}{s['abstained']:>11d}")
+    for name, s in summaries.items():
+        count = s.get("correct_column_mismatches", 0)
+        if count:
+            lines.append(f"({printable(Path(name).name)}: the correct column disagrees with label and predict in {count} "
+                         f"row{'s' if count > 1 else ''}; recomputed from label and predict)")
     return "\n".join(lines)
 
 
@@ -73,18 +94,20 @@ def report_table(files: Sequence[str | Path], radii: Sequence[float] = DEFAULT_R
     """Per-file certified accuracies, the best per radius, and which file gave it."""
     if not files:
         raise DataError("report needs at least one results file")
-    per_file, sizes, with_labels = {}, {}, {}
+    per_file, sizes, with_labels, mismatches = {}, {}, {}, {}
     for f in files:
         rows = read_results(f)
         per_file[str(f)] = certified_accuracy(rows, radii)
         sizes[str(f)] = len(rows)
         with_labels[str(f)] = len(labelled(rows))
+        mismatches[str(f)] = correct_mismatches(rows)
     names = list(per_file)
     stacked = np.stack([per_file[n] for n in names])
     usable = ~np.isnan(stacked).all(axis=0)
     best_idx = np.where(usable, np.nanargmax(np.where(np.isnan(stacked), -1.0, stacked), axis=0), 0)
     best = np.where(usable, np.nanmax(np.where(np.isnan(stacked), -1.0, stacked), axis=0), np.nan)
     return {
+        "generator": MARK,
         "radii": list(radii),
         # None (JSON null) where a file has no labelled row: accuracy is not defined there.
         "files": {n: [None if np.isnan(a) else float(a) for a in per_file[n]] for n in names},
@@ -92,6 +115,8 @@ def report_table(files: Sequence[str | Path], radii: Sequence[float] = DEFAULT_R
         "labelled": with_labels,
         "best": [None if np.isnan(a) else float(a) for a in best],
         "best_file": [names[i] if ok else None for i, ok in zip(best_idx, usable)],
+        # Rows whose `correct` column disagrees with label and predict (recomputed, see is_correct).
+        "correct_column_mismatches": mismatches,
     }
 
 
@@ -107,6 +132,10 @@ def format_table(table: dict) -> str:
                      + f"{table['images'][name]:>9d}{table['labelled'][name]:>10d}")
     if len(table["files"]) > 1:
         lines.append("best (per radius)".ljust(width) + "".join(_percent(a) for a in table["best"]))
+    for name, count in table.get("correct_column_mismatches", {}).items():
+        if count:
+            lines.append(f"({names[name]}: the correct column disagrees with label and predict in {count} "
+                         f"row{'s' if count > 1 else ''}; recomputed from label and predict)")
     unlabelled = sum(table["images"].values()) - sum(table["labelled"].values())
     if unlabelled:
         lines.append(f"({unlabelled} image{'s' if unlabelled > 1 else ''} without a label: "
@@ -167,7 +196,36 @@ def plot_curves(files: Sequence[str | Path], out: str | Path, title: str = "Dens
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = check_plot_path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    fmt = out.suffix.lower().lstrip(".")
+    # The mark that lets a later report recognise (and replace) its own plot; the formats without
+    # metadata are replaced only with --force.
+    metadata = {"png": {"Software": MARK}, "pdf": {"Creator": MARK}, "svg": {"Creator": MARK},
+                "ps": {"Creator": MARK}, "eps": {"Creator": MARK}}.get(fmt)
+    try:
+        write_atomic(out, lambda handle: fig.savefig(handle, format=fmt, metadata=metadata))
+    finally:
+        plt.close(fig)
     return out
+
+
+def is_report_plot(path: Path) -> bool:
+    """Whether ``path`` is a plot a report wrote (it carries :data:`~densepure_rt.files.outputs.MARK`)."""
+    return holds_mark(path)
+
+
+def is_report_json(path: Path) -> bool:
+    """Whether ``path`` is a JSON table a report wrote: an object marked as one, or one with exactly
+    the keys of the tables that reports wrote before they carried the mark."""
+    import json
+
+    try:
+        if Path(path).stat().st_size > (16 << 20):
+            return False
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    if not isinstance(data, dict):
+        return False
+    if data.get("generator") == MARK:
+        return True
+    return set(data) in ({"radii", "files", "images", "labelled", "best", "best_file"}, {"predictions"})

@@ -66,6 +66,7 @@ __all__ = [
     "read_results",
     "read_rows",
     "options_path",
+    "is_options_file",
     "lock_path",
     "top_counts",
     "indices_todo",
@@ -124,6 +125,25 @@ def options_path(results: str | Path) -> Path:
     """Where the resolved options of ``results`` are saved."""
     results = Path(results)
     return results.with_name(results.name + ".json")
+
+
+def is_options_file(path: str | Path) -> bool:
+    """Whether ``path`` is a regular file (not a link) holding a densepure-rt run's options: a JSON
+    object naming a mode of this tool with its sigma and seed."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return False
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > (1 << 20):
+            return False
+        saved = json.loads(os.pread(fd, 1 << 20, 0).decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    finally:
+        os.close(fd)
+    return isinstance(saved, dict) and saved.get("mode") in HEADERS and {"sigma", "seed"} <= set(saved)
 
 
 def lock_path(results: str | Path) -> Path:
@@ -377,11 +397,23 @@ class ResultsWriter:
         try:
             if os.path.lexists(self.path):
                 return self._continue(options, allowed, legacy or {}, adopt or {})
+            self._check_foreign_options()
             self._pending_options = dict(options)
             return set()
         except BaseException:
             self.close()
             raise
+
+    def _check_foreign_options(self) -> None:
+        """A new results file's options file name must be free, or hold the options of a run killed
+        before its first row (which the first row replaces): anything else there is the user's and
+        is never replaced, so the run stops before any work."""
+        target = options_path(self.path)
+        if os.path.lexists(target) and not is_options_file(target):
+            raise ConfigError(
+                f"--out {self.path} would save its options as {target}, which exists and is not a densepure-rt options "
+                "file: move that file away, or choose another --out"
+            )
 
     def _open_existing(self) -> int:
         """A read-write descriptor of the existing results file, locked (:meth:`_lock_results`)."""
@@ -484,13 +516,21 @@ class ResultsWriter:
 
     # -- writing ------------------------------------------------------------------------------ #
     def _append(self, data: bytes) -> None:
-        """Append ``data`` at the end of the locked file, flushed and fsynced."""
+        """Append ``data`` at the end of the locked file, flushed and fsynced. A failed write (a
+        full disk) cuts the file back to its complete rows, so no partial line is left behind."""
         fd = self._handle.fileno()
-        os.lseek(fd, 0, os.SEEK_END)
+        end = os.lseek(fd, 0, os.SEEK_END)
         view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError:
+            try:
+                os.ftruncate(fd, end)
+            except OSError:
+                pass
+            raise
 
     def _link_new(self, tmp: str, target: Path) -> None:
         """Put the complete temporary file ``tmp`` at ``target`` only if nothing is there: a hard
@@ -551,6 +591,11 @@ class ResultsWriter:
                 ) from None
             finally:
                 os.close(holder)
+        if os.path.lexists(target) and not is_options_file(target):  # put there since this run started: never replaced
+            raise ConfigError(
+                f"--out {self.path} would save its options as {target}, which appeared while this run worked and is not a "
+                "densepure-rt options file: move that file away, then run again"
+            )
         if os.path.lexists(self.path):  # its results file exists: those options are its own, not stale
             raise ConfigError(
                 f"--out {self.path} was created by another densepure-rt run while this one worked (its lock file was "

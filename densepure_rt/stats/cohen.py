@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-from densepure_rt.errors import ConfigError
+from densepure_rt.errors import ConfigError, param
 
 ABSTAIN = -1
 
@@ -155,27 +155,28 @@ def predict(counts: np.ndarray, alpha: float) -> Prediction:
 MAX_SAMPLES = 2**32 - 1
 
 
-def validate_params(sigma: float, alpha: float, n0: int | None = None, n: int | None = None) -> None:
-    """Check user-facing certification parameters; raise ConfigError naming the flag.
+def validate_params(sigma: float, alpha: float, n0: int | None = None, n: int | None = None, n_name: str = "n") -> None:
+    """Check user-facing certification parameters; raise ConfigError naming the parameter.
 
-    sigma: finite, > 0. alpha: in (0, 1). n0, n (when given): integers >= 1.
+    sigma: finite, > 0. alpha: in (0, 1). n0, n (when given): integers >= 1. ``n_name``: what the
+    caller calls n ("n", or "n_max" in the sequential modes).
     """
     if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
-        raise ConfigError(f"--sigma must be a number (got {sigma!r})")
+        raise ConfigError(f"{param('sigma')} must be a number (got {sigma!r})")
     if not math.isfinite(sigma):
-        raise ConfigError(f"--sigma must be finite (got {sigma})")
+        raise ConfigError(f"{param('sigma')} must be finite (got {sigma})")
     if sigma <= 0:
-        raise ConfigError(f"--sigma must be > 0 (got {sigma})")
+        raise ConfigError(f"{param('sigma')} must be > 0 (got {sigma})")
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
-        raise ConfigError(f"--alpha must be a number (got {alpha!r})")
+        raise ConfigError(f"{param('alpha')} must be a number (got {alpha!r})")
     if not 0 < alpha < 1:  # also false for NaN
-        raise ConfigError(f"--alpha must be in (0, 1) (got {alpha})")
-    for flag, value in (("--n0", n0), ("--n", n)):
+        raise ConfigError(f"{param('alpha')} must be in (0, 1) (got {alpha})")
+    for name, value in (("n0", n0), (n_name, n)):
         if value is None:
             continue
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise ConfigError(f"{flag} must be an integer (got {value!r})")
+            raise ConfigError(f"{param(name)} must be an integer (got {value!r})")
         if value < 1:
-            raise ConfigError(f"{flag} must be >= 1 (got {value})")
+            raise ConfigError(f"{param(name)} must be >= 1 (got {value})")
         if value > MAX_SAMPLES:
-            raise ConfigError(f"{flag} must be at most {MAX_SAMPLES:,} (the noise's sample counter is 32 bits; got {value})")
+            raise ConfigError(f"{param(name)} must be at most {MAX_SAMPLES:,} (the noise's sample counter is 32 bits; got {value})")
