@@ -402,7 +402,8 @@ SIGMA_HELP = (
 
 def _common_options(f):
     options = [
-        click.option("--engine", "engine_dir", required=True, type=click.Path(), metavar="DIR", help="Engine directory from `build`."),
+        click.option("--engine", "engine_dir", type=click.Path(), metavar="DIR",
+                     help="Engine directory from `build`  [default: the digits engine shipped with densepure-rt]"),
         click.option("--data", type=click.Path(), metavar="PATH", help="CIFAR-10 test_batch, image folder, or .npz  [default: the engine's test split, if it ships one]"),
         click.option("--sigma", type=FiniteFloat(min=0, min_open=True), required=True, metavar="S", help=SIGMA_HELP),
         click.option("--steps", default="4", show_default=True, metavar="b", help="Reverse steps b >= 1 (at most t*), 'one-shot' (Carlini et al.), or 'none' (plain smoothing)."),

@@ -135,6 +135,12 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
     if ray is None and actors is not None:
         raise ConfigError("--actors goes with --ray")
     out = _out_file(out, data)
+    if engine_dir is None:
+        from densepure_rt.files.manifest import BUNDLED_ENGINE
+
+        engine_dir = BUNDLED_ENGINE
+        if not quiet:
+            click.echo(f"using the digits engine shipped with densepure-rt ({engine_dir}); --engine DIR for another", err=True)
     engine_dir = Path(engine_dir).expanduser()
     if threads is not None and ray is None:
         threads = _cap_threads(threads)

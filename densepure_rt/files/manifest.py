@@ -29,6 +29,7 @@ from densepure_rt import __version__
 from densepure_rt.errors import EngineError
 
 __all__ = [
+    "BUNDLED_ENGINE",
     "SCHEMA_VERSION",
     "MANIFEST",
     "MAX_MANIFEST_BYTES",
@@ -590,6 +591,12 @@ def _read_manifest(directory: Path) -> tuple[Path, Any]:
     except ValueError as exc:  # JSONDecodeError, or an integer with thousands of digits
         raise EngineError(f"{path} is corrupt ({exc.__class__.__name__}: {str(exc).splitlines()[0][:80]}): rebuild the engine") from None
     return path, manifest
+
+
+#: The digits engine shipped inside the package (``build --model digits``, byte for byte: a test
+#: rebuilds it), so that an install without torch can certify: certify and predict use it when
+#: no ``--engine`` is given.
+BUNDLED_ENGINE = Path(__file__).resolve().parents[1] / "assets" / "engines" / "digits"
 
 
 def load_manifest(directory: str | Path, verify_files: bool = True) -> dict[str, Any]:
