@@ -621,7 +621,7 @@ def report(results, radii, plot, json_out, force):
     if json_out:
         write_atomic(json_out, (json.dumps(table, indent=2) + "\n").encode())
     if plot:
-        click.echo(f"plot written to {printable(str(plot_curves(results, plot)))}")
+        click.echo(f"plot written to {printable(str(plot_curves(results, plot, radii=radii_values)))}")
 
 
 def _radii_csv(text: str) -> list[float]:

@@ -20,7 +20,8 @@ from densepure_rt.errors import DataError
 from densepure_rt.files.outputs import MARK, holds_mark, write_atomic
 from densepure_rt.files.results import PREDICT_HEADER, read_results, read_rows
 
-__all__ = ["DEFAULT_RADII", "certified_accuracy", "labelled", "is_correct", "correct_mismatches", "is_prediction_file",
+__all__ = ["DEFAULT_RADII", "certified_accuracy", "clopper_pearson", "accuracy_intervals", "run_settings", "settings_label",
+           "labelled", "is_correct", "correct_mismatches", "is_prediction_file",
            "prediction_summary", "format_predictions", "report_table", "format_table", "plot_curves", "check_plot_path",
            "printable", "is_report_json", "is_report_plot"]
 
@@ -52,6 +53,57 @@ def certified_accuracy(rows: Sequence[dict], radii: Sequence[float]) -> np.ndarr
     correct = np.array([is_correct(r) for r in rows], dtype=bool)
     radius = np.array([r.get("radius", 0.0) for r in rows], dtype=float)
     return np.array([np.mean(correct & (radius >= r)) for r in radii])
+
+
+def clopper_pearson(successes: int, trials: int, confidence: float = 0.95) -> tuple[float, float]:
+    """The two-sided Clopper-Pearson interval of a binomial proportion (``successes`` of ``trials``):
+    certified accuracy over a few dozen images is itself an estimate of the accuracy over the data's
+    distribution."""
+    from scipy.stats import beta
+
+    tail = (1.0 - confidence) / 2.0
+    low = 0.0 if successes == 0 else float(beta.ppf(tail, successes, trials - successes + 1))
+    high = 1.0 if successes == trials else float(beta.ppf(1.0 - tail, successes + 1, trials - successes))
+    return low, high
+
+
+def accuracy_intervals(rows: Sequence[dict], radii: Sequence[float], confidence: float = 0.95) -> list:
+    """[len(radii)] Clopper-Pearson intervals (low, high) of the certified accuracies of
+    :func:`certified_accuracy` over the labelled rows (None where no row has a label)."""
+    rows = labelled(rows)
+    if not rows:
+        return [None] * len(radii)
+    correct = np.array([is_correct(r) for r in rows], dtype=bool)
+    radius = np.array([r.get("radius", 0.0) for r in rows], dtype=float)
+    return [clopper_pearson(int(np.sum(correct & (radius >= r))), len(rows), confidence) for r in radii]
+
+
+def run_settings(path: str | Path) -> dict:
+    """The settings of a results file's run, from its options file (empty if it has none)."""
+    import json
+
+    from densepure_rt.files.results import options_path
+
+    try:
+        options = json.loads(options_path(Path(path)).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return {}
+    return options if isinstance(options, dict) else {}
+
+
+def settings_label(options: dict) -> str:
+    """sigma, K, b and the samples of a run, as a legend says them (empty without options)."""
+    if not options:
+        return ""
+    parts = [f"sigma {options.get('sigma')}", f"K {options.get('votes')}", f"b {options.get('steps')}"]
+    mode = options.get("mode")
+    if mode in ("certify-radii", "certify-until"):
+        parts.append(f"n-max {options.get('n')}")
+    else:
+        parts.append(f"n {options.get('n')}")
+    if options.get("random_weights"):
+        parts.append("random weights")
+    return ", ".join(parts)
 
 
 def is_prediction_file(path: str | Path) -> bool:
@@ -94,13 +146,15 @@ def report_table(files: Sequence[str | Path], radii: Sequence[float] = DEFAULT_R
     """Per-file certified accuracies, the best per radius, and which file gave it."""
     if not files:
         raise DataError("report needs at least one results file")
-    per_file, sizes, with_labels, mismatches = {}, {}, {}, {}
+    per_file, intervals, sizes, with_labels, mismatches, settings = {}, {}, {}, {}, {}, {}
     for f in files:
         rows = read_results(f)
         per_file[str(f)] = certified_accuracy(rows, radii)
+        intervals[str(f)] = accuracy_intervals(rows, radii)
         sizes[str(f)] = len(rows)
         with_labels[str(f)] = len(labelled(rows))
         mismatches[str(f)] = correct_mismatches(rows)
+        settings[str(f)] = settings_label(run_settings(f))
     names = list(per_file)
     stacked = np.stack([per_file[n] for n in names])
     usable = ~np.isnan(stacked).all(axis=0)
@@ -113,7 +167,14 @@ def report_table(files: Sequence[str | Path], radii: Sequence[float] = DEFAULT_R
         "files": {n: [None if np.isnan(a) else float(a) for a in per_file[n]] for n in names},
         "images": sizes,
         "labelled": with_labels,
+        # Two-sided 95% Clopper-Pearson intervals over each file's labelled images.
+        "intervals": {n: [None if iv is None else [float(iv[0]), float(iv[1])] for iv in intervals[n]] for n in names},
+        "interval": "two-sided 95% Clopper-Pearson over the labelled images",
+        "settings": settings,
+        # The best file per radius (an envelope over the files: choosing the best after seeing the
+        # results is optimistic, as in the papers' tables), its accuracy, interval and source.
         "best": [None if np.isnan(a) else float(a) for a in best],
+        "best_interval": [list(intervals[names[i]][k]) if ok else None for k, (i, ok) in enumerate(zip(best_idx, usable))],
         "best_file": [names[i] if ok else None for i, ok in zip(best_idx, usable)],
         # Rows whose `correct` column disagrees with label and predict (recomputed, see is_correct).
         "correct_column_mismatches": mismatches,
@@ -121,26 +182,42 @@ def report_table(files: Sequence[str | Path], radii: Sequence[float] = DEFAULT_R
 
 
 def format_table(table: dict) -> str:
-    """A plain-text table: one row per file plus the best-per-radius row."""
+    """A plain-text table: one row per file with its 95% interval row beneath, then (several
+    files) the best-per-radius row and the file each value comes from."""
     radii = table["radii"]
-    names = {n: printable(Path(n).name) for n in table["files"]}
+    files = list(table["files"])
+    several = len(files) > 1
+    names = {n: (f"[{i}] " if several else "") + printable(Path(n).name) for i, n in enumerate(files, 1)}
     width = max([len(v) for v in names.values()] + [len("best (per radius)")])
     head = "radius".ljust(width) + "".join(f"{r:>8.2f}" for r in radii) + "   images  labelled"
     lines = [head, "-" * len(head)]
+    intervals = table.get("intervals", {})
     for name, acc in table["files"].items():
         lines.append(names[name].ljust(width) + "".join(_percent(a) for a in acc)
                      + f"{table['images'][name]:>9d}{table['labelled'][name]:>10d}")
-    if len(table["files"]) > 1:
+        if name in intervals:
+            lines.append("  95% interval".ljust(width) + "".join(_interval(iv) for iv in intervals[name]))
+        if table.get("settings", {}).get(name):
+            lines.append(f"  ({table['settings'][name]})")
+    if several:
         lines.append("best (per radius)".ljust(width) + "".join(_percent(a) for a in table["best"]))
+        index = {n: i for i, n in enumerate(files, 1)}
+        lines.append("  from file".ljust(width) + "".join(f"{'[' + str(index[f]) + ']' if f else 'n/a':>8}" for f in table["best_file"]))
     for name, count in table.get("correct_column_mismatches", {}).items():
         if count:
-            lines.append(f"({names[name]}: the correct column disagrees with label and predict in {count} "
+            lines.append(f"({printable(Path(name).name)}: the correct column disagrees with label and predict in {count} "
                          f"row{'s' if count > 1 else ''}; recomputed from label and predict)")
     unlabelled = sum(table["images"].values()) - sum(table["labelled"].values())
     if unlabelled:
         lines.append(f"({unlabelled} image{'s' if unlabelled > 1 else ''} without a label: "
                      "never counted as correct, and not in the accuracies, which are over labelled images only)")
+    lines.append("(certified accuracy: the fraction of labelled images predicted correctly with a certified radius of at "
+                 "least r; 95% interval: Clopper-Pearson over those images)")
     return "\n".join(lines)
+
+
+def _interval(iv) -> str:
+    return f"{'':>8}" if iv is None else f"{100 * iv[0]:>4.0f}-{100 * iv[1]:<3.0f}"
 
 
 def _percent(a) -> str:
@@ -170,8 +247,11 @@ def check_plot_path(out: str | Path) -> Path:
     return path
 
 
-def plot_curves(files: Sequence[str | Path], out: str | Path, title: str = "DensePure certified accuracy") -> Path:
-    """Certified accuracy vs radius, one curve per file (and the best envelope), saved as PNG."""
+def plot_curves(files: Sequence[str | Path], out: str | Path, title: str = "DensePure certified accuracy",
+                radii: Sequence[float] = DEFAULT_RADII) -> Path:
+    """Certified accuracy vs radius, one curve per file with its 95% Clopper-Pearson band and its
+    settings (from its options file) in the legend; with several files the best-per-radius envelope,
+    marked at ``radii`` in the colour of the file each value comes from."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -180,20 +260,32 @@ def plot_curves(files: Sequence[str | Path], out: str | Path, title: str = "Dens
     all_rows = {str(f): read_results(f) for f in files}
     max_r = max([r["radius"] for rows in all_rows.values() for r in rows] + [1.0])
     grid = np.linspace(0.0, max_r * 1.05, 300)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    curves = []
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    curves, colours = [], {}
     for name, rows in all_rows.items():
         acc = certified_accuracy(rows, grid)
         curves.append(acc)
-        ax.plot(grid, acc, label=printable(Path(name).stem))
+        settings = settings_label(run_settings(name))
+        (line,) = ax.plot(grid, acc, label=printable(Path(name).stem) + (f" ({settings})" if settings else ""))
+        colours[name] = line.get_color()
+        bands = accuracy_intervals(rows, grid)
+        if bands[0] is not None:
+            ax.fill_between(grid, [b[0] for b in bands], [b[1] for b in bands], color=line.get_color(), alpha=0.12, linewidth=0)
     if len(curves) > 1:
-        ax.plot(grid, np.nanmax(np.where(np.isnan(curves), -1.0, curves), axis=0), "k--", linewidth=1, label="best per radius")
-    ax.set_xlabel("L2 radius")
-    ax.set_ylabel("certified accuracy")
+        ax.plot(grid, np.nanmax(np.where(np.isnan(curves), -1.0, curves), axis=0), "k--", linewidth=1,
+                label="best per radius (envelope over the files; dots: its source at the table's radii)")
+        table = report_table(list(all_rows), radii)
+        for r, acc, source in zip(table["radii"], table["best"], table["best_file"]):
+            if source is not None:
+                ax.plot([r], [acc], "o", color=colours[source], markeredgecolor="k", markersize=5)
+    labelled_counts = sorted({len(labelled(rows)) for rows in all_rows.values()})
+    counts = "/".join(str(c) for c in labelled_counts)
+    ax.set_xlabel("certified L2 radius (pixel values in [0, 1])")
+    ax.set_ylabel(f"certified accuracy (of {counts} labelled images)")
     ax.set_ylim(0, 1)
-    ax.set_title(title)
+    ax.set_title(f"{title}\nshaded: 95% Clopper-Pearson interval over the images", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     out = check_plot_path(out)
     fmt = out.suffix.lower().lstrip(".")

@@ -1,0 +1,67 @@
+"""report: certified accuracy with its 95% interval over the images, the envelope over several files
+and the file each of its values comes from, and legends from each file's settings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from statsmodels.stats.proportion import proportion_confint
+
+from densepure_rt.cli import main
+from densepure_rt.files.report import clopper_pearson
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED = ROOT / "benchmarks" / "results" / "digits"
+FILES = ("densepure_b4_k3_sigma0.25.tsv", "densepure_b4_k3_sigma0.5.tsv")
+RADII = [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+@pytest.mark.parametrize("successes, trials", [(0, 40), (1, 40), (20, 40), (39, 40), (40, 40), (3, 7), (0, 1), (1, 1)])
+def test_clopper_pearson_equals_statsmodels(successes, trials):
+    low, high = proportion_confint(successes, trials, alpha=0.05, method="beta")
+    assert clopper_pearson(successes, trials) == pytest.approx((low, high), abs=1e-12)
+
+
+@pytest.fixture()
+def two_files(tmp_path) -> list[Path]:
+    for name in FILES:
+        shutil.copy(COMMITTED / name, tmp_path / name)
+        shutil.copy(COMMITTED / f"{name}.json", tmp_path / f"{name}.json")
+    return [tmp_path / name for name in FILES]
+
+
+def _recomputed(path: Path) -> list[tuple[int, int]]:
+    """(certified and correct, labelled) per radius, read from the TSV here."""
+    lines = path.read_text().splitlines()
+    header = lines[0].split("\t")
+    rows = [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+    rows = [r for r in rows if int(r["label"]) >= 0]
+    return [(sum(r["predict"] == r["label"] and float(r["radius"]) >= rad for r in rows), len(rows)) for rad in RADII]
+
+
+def test_the_table_gives_intervals_the_envelope_and_its_sources(two_files, tmp_path):
+    table_json = tmp_path / "table.json"
+    result = CliRunner().invoke(main, ["report", *map(str, two_files), "--json", str(table_json), "--plot", str(tmp_path / "c.png")])
+    assert result.exit_code == 0, result.output
+    table = json.loads(table_json.read_text())
+    counts = {str(f): _recomputed(f) for f in two_files}
+    for name, per_radius in counts.items():
+        assert table["files"][name] == pytest.approx([k / n for k, n in per_radius])
+        expected = [proportion_confint(k, n, alpha=0.05, method="beta") for k, n in per_radius]
+        assert np.allclose(table["intervals"][name], expected, atol=1e-9, rtol=0)
+    for k, radius in enumerate(RADII):
+        best = max(counts, key=lambda n: counts[n][k][0])  # first file on ties, as argmax
+        assert table["best_file"][k] == best
+        assert table["best_interval"][k] == pytest.approx(table["intervals"][best][k])
+    assert table["settings"][str(two_files[1])] == "sigma 0.5, K 3, b 4, n 500"
+
+    lines = result.stdout.splitlines()
+    sources = next(line for line in lines if line.startswith("  from file")).split()[2:]
+    assert sources == [f"[{1 + [str(f) for f in two_files].index(n)}]" for n in table["best_file"]]
+    assert sum(line.startswith("  95% interval") for line in lines) == 2
+    assert "(sigma 0.25, K 3, b 4, n 500)" in result.stdout
