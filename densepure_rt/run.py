@@ -69,12 +69,21 @@ def _open_data(engine, data, skip, max_images):
 
 
 class Progress:
-    """A progress bar on a terminal; on a log (stderr not a terminal), one line every few seconds."""
+    """Progress of a run on a terminal (a bar) or a log (stderr not a terminal: one line every
+    ``every`` seconds).
 
-    def __init__(self, mode: str, images: int, samples_per_image: int, quiet: bool, every: float):
-        self.mode, self.images, self.per_image, self.every = mode, images, samples_per_image, every
+    Fixed-n modes count samples against the known total. The sequential modes (``sequential``)
+    cannot know their total, as each image stops when its test decides: they count images decided
+    and the samples used so far. The time left comes from the throughput measured since the first
+    samples were voted (the time the engine calls take to fill their pipeline at the start is not
+    a rate), projected over the samples left (fixed n) or the images left (sequential)."""
+
+    def __init__(self, mode: str, images: int, samples_per_image: int, quiet: bool, every: float, sequential: bool = False):
+        self.mode, self.images, self.per_image, self.every, self.sequential = mode, images, samples_per_image, every, sequential
         self.samples = self.images_done = 0
         self.start = self.last = time.time()
+        #: (time, samples, images) when the first samples were voted: rates are measured from there.
+        self.first: tuple[float, int, int] | None = None
         self.bar = None
         self.lines = False
         if quiet:
@@ -82,29 +91,61 @@ class Progress:
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=images * samples_per_image, unit="sample", dynamic_ncols=True, smoothing=0.05)
+            if sequential:
+                self.bar = tqdm(total=images, unit="image", dynamic_ncols=True, smoothing=0.05)
+            else:
+                self.bar = tqdm(total=images * samples_per_image, unit="sample", dynamic_ncols=True, smoothing=0.05)
         else:
             self.lines = True
 
     def update(self, n: int) -> None:
+        """``n`` more samples voted."""
         self.samples += n
-        if self.bar is not None:
+        if self.first is None and n > 0:  # the pipeline has filled: rates count from here
+            self.first = (time.time(), self.samples, self.images_done)
+        if self.bar is not None and not self.sequential:
             self.bar.update(n)
         elif self.lines and time.time() - self.last >= self.every:
             self._line()
 
-    def image_done(self) -> None:
+    def image_done(self, skipped: int = 0) -> None:
+        """One more image written; ``skipped``: samples of its budget a sequential test did not need."""
         self.images_done += 1
+        if not self.sequential and skipped:
+            self.update(skipped)
         if self.bar is not None:
-            elapsed = max(time.time() - self.start, 1e-9)
-            self.bar.set_postfix(images=f"{self.images_done}/{self.images}", img_per_h=f"{3600 * self.images_done / elapsed:.0f}")
+            if self.sequential:
+                self.bar.update(1)
+                self.bar.set_postfix(samples=f"{self.samples:,}")
+            else:
+                elapsed = max(time.time() - self.start, 1e-9)
+                self.bar.set_postfix(images=f"{self.images_done}/{self.images}", img_per_h=f"{3600 * self.images_done / elapsed:.0f}")
+
+    def seconds_left(self, now: float | None = None) -> float | None:
+        """The time left, from the throughput since the first samples were voted (None until it
+        can be measured)."""
+        now = time.time() if now is None else now
+        if self.first is None or now <= self.first[0]:
+            return None
+        since, samples, images = self.first
+        if self.sequential:
+            decided = self.images_done - images
+            return (self.images - self.images_done) * (now - since) / decided if decided > 0 else None
+        done = self.samples - samples
+        return (self.images * self.per_image - self.samples) * (now - since) / done if done > 0 else None
 
     def _line(self) -> None:
         self.last = now = time.time()
-        total = self.images * self.per_image
         elapsed = now - self.start
         rate = self.samples / elapsed if elapsed > 0 else 0.0
-        left = f", about {datetime.timedelta(seconds=round((total - self.samples) / rate))} left" if rate > 0 else ""
+        left = self.seconds_left(now)
+        left = f", about {datetime.timedelta(seconds=round(left))} left" if left is not None else ""
+        if self.sequential:
+            per = f" ({self.samples / self.images_done:,.0f} per decided image)" if self.images_done else ""
+            click.echo(f"{self.mode}: {self.images_done}/{self.images} images decided, {self.samples:,} samples used{per}, "
+                       f"{rate:.1f} samples/s{left}", err=True)
+            return
+        total = self.images * self.per_image
         click.echo(
             f"{self.mode}: {self.images_done}/{self.images} images, {self.samples}/{total} samples "
             f"({100 * self.samples / max(total, 1):.0f}%), {rate:.1f} samples/s{left}",
@@ -248,7 +289,7 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
                     _run_on_ray(engine, task, dataset, todo, writer, options, ray, actors, device, threads, early_exit, quiet, every,
                                 images_per_call, ray_timeout)
                 return len(done) + len(todo)
-            progress = Progress(mode.split("-")[0], len(todo), per_image, quiet, every)
+            progress = Progress(mode.split("-")[0], len(todo), per_image, quiet, every, sequential=sequential)
             try:
                 one_by_one = todo
                 if continuous:  # one scheduler run over every image, rows written as images finish
@@ -261,8 +302,7 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
                     sample = dataset[idx]
                     drawn = progress.samples
                     write_outcome(writer, sample.label, run_image(engine, task, sample.image, idx, progress=progress.update))
-                    progress.update(per_image - (progress.samples - drawn))  # the samples a sequential mode did not need
-                    progress.image_done()
+                    progress.image_done(skipped=per_image - (progress.samples - drawn))  # what a sequential test did not need
             finally:
                 progress.close()
     return len(done) + len(todo)
@@ -367,7 +407,8 @@ def _run_on_ray(engine, task, dataset, todo, writer, options, address, actors, d
                 "every node must compute the same"
             )
         log(f"{len(pool.actors)} Ray actor{'s' if len(pool.actors) > 1 else ''}: " + ", ".join(f"{i['host']} (pid {i['pid']})" for i in pool.info))
-        progress = Progress(task.mode.split("-")[0], len(todo), task.samples_per_image, quiet, every)
+        progress = Progress(task.mode.split("-")[0], len(todo), task.samples_per_image, quiet, every,
+                            sequential=task.mode in ("certify-radii", "certify-until"))
         for outcome in pool.map(task, todo, load, group=images_per_call, progress=None if quiet else progress.update):
             write_outcome(writer, labels.pop(outcome.idx), outcome)
             progress.image_done()
@@ -393,8 +434,7 @@ def _stream(engine, dataset, todo, writer, progress, task, images_per_call: int)
 
     def emit(outcome, samples: int) -> None:
         write_outcome(writer, labels.pop(outcome.idx), outcome)
-        progress.update(task.samples_per_image - samples)  # the samples a sequential test did not need
-        progress.image_done()
+        progress.image_done(skipped=task.samples_per_image - samples)  # what a sequential test did not need
 
     run_stream(engine, task, items(), emit, in_flight=images_per_call if images_per_call > 1 else None, progress=progress.update,
                images=len(todo))
