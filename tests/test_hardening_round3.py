@@ -201,6 +201,17 @@ def _certify_tol_inf(w, e, r):
     return ["certify", "--engine", e, *FAST[:-7], "--tol", "inf", "--out", w / "p.tsv"]
 
 
+def _certify_two_labels_files(w, e, r):
+    from PIL import Image
+
+    (w / "imgs").mkdir()
+    for i, image in enumerate(digits_test_images(2)):
+        Image.fromarray((image[0] * 255).astype(np.uint8)).save(w / "imgs" / f"{i}.png")
+    (w / "imgs" / "labels.csv").write_text("0.png,7\n1.png,2\n")
+    (w / "imgs" / "labels.txt").write_text("0.png 1\n1.png 3\n")
+    return ["certify", "--engine", e, *FAST, "--data", w / "imgs", "--out", w / "r.tsv"]
+
+
 CASES: dict[str, Case] = {
     # Outputs never replace an input, never follow a link, never replace a file densepure-rt did not write.
     "report --json onto the results file it reads": Case(_report_json_is_results, "is the results file", kept=("r.tsv", "r.tsv.json")),
@@ -228,6 +239,8 @@ CASES: dict[str, Case] = {
                                               absent=("s.tsv",)),
     "certify --progress-every nan": Case(_certify_progress_nan, "'nan' is not a finite number", absent=("p.tsv",)),
     "certify --ray-timeout nan": Case(_certify_ray_timeout_nan, "'nan' is not a finite number", absent=("p.tsv",)),
+    "certify --data with both labels.csv and labels.txt": Case(_certify_two_labels_files, "holds both labels.csv and labels.txt",
+                                                                absent=("r.tsv",)),
     "certify --tol inf": Case(_certify_tol_inf, "'inf' is not a finite number", absent=("p.tsv",),
                               doc="is not a finite number"),
 }

@@ -292,7 +292,8 @@ def plain_image_folder(
     num_classes: int | None = None,
 ) -> ImageFilesDataset:
     """The image files directly in folder ``path`` (sorted by name), or the single image file
-    ``path``. Labels are -1 unless ``labels.csv`` or ``labels.txt`` beside the images gives them
+    ``path``. Labels are -1 unless ``labels.csv`` or ``labels.txt`` (one of them: both is an
+    error) beside the images gives them
     (``file,label`` / ``file label`` per line; unlisted files get -1; each below ``num_classes``,
     the engine's number of classes, where given). With ``resize``, images not at ``image_size``
     get the same resize + centre crop as :func:`image_folder`; without it they are refused. Every
@@ -308,12 +309,12 @@ def plain_image_folder(
         if not files:
             raise DataError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     labels_by_name: dict[str, int] = {}
-    for candidate in ("labels.csv", "labels.txt"):
-        if _is_file(folder / candidate):
-            labels_by_name = _read_labels_file(
-                folder / candidate, [p.name for p in _list_dir(folder)], num_classes
-            )
-            break
+    present = [name for name in ("labels.csv", "labels.txt") if _is_file(folder / name)]
+    if len(present) > 1:  # which one holds the labels would be a guess
+        raise DataError(f"{folder} holds both labels.csv and labels.txt: keep the one with the labels and remove "
+                        "or rename the other")
+    if present:
+        labels_by_name = _read_labels_file(folder / present[0], [p.name for p in _list_dir(folder)], num_classes)
     labels = [labels_by_name.get(p.name, -1) for p in files]
     return ImageFilesDataset(
         files, labels, image_size=image_size, channels=channels, resize=resize, name=str(path)
