@@ -196,8 +196,24 @@ class Engine:
 
     def check_rows(self, batch: int, votes: int) -> None:
         """Refuse ``batch`` noisy samples x ``votes`` runs per call above the engine's row limit or
-        the memory available (:func:`densepure_rt.limits.check_rows`), before anything is allocated."""
-        check_rows(self.manifest, batch, votes, self.device if self.loop is not None else None)
+        the memory available (:func:`densepure_rt.limits.check_rows`: the modelled peak of a run
+        with this engine's weights and classifier chunk), before anything is allocated."""
+        from densepure_rt.files.manifest import graph_path
+
+        if self.loop is None:  # metadata only (a Ray driver): the actors check their own memory
+            check_rows(self.manifest, batch, votes, None)
+            return
+        weights = 0
+        for graph in ("step", "classifier"):
+            path = graph_path(self.directory, self.manifest, graph, self.kernels)
+            for name in (path.name, path.name + ".data"):  # the graph and its external weights, if any
+                if name in self.manifest["files"]:
+                    try:
+                        weights += (path.parent / name).stat().st_size
+                    except OSError:
+                        pass
+        check_rows(self.manifest, batch, votes, self.device, weights_bytes=weights,
+                   classifier_rows=self.loop.classifier_limit())
 
     def _prepare(self, sigma: float, steps: int | str, votes: int, batch: int, samples: int | None = None) -> ReverseSchedule:
         """Prepare the loop for (sigma, b, K) and batches of ``batch`` noisy samples, or of
