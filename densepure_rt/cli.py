@@ -19,6 +19,7 @@ import click
 
 from densepure_rt import __version__
 from densepure_rt.errors import ConfigError, DensePureError, cli_message, install_hint, signals_held
+from densepure_rt.executors.registry import BACKENDS
 from densepure_rt.run import random_note, run_mode
 
 __all__ = ["main"]
@@ -246,9 +247,8 @@ def _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights) -> No
               help="onnxruntime: the denoise step in fp32 or fp16 (the GPU's choice); openvino: both graphs in fp32 or "
                    "bf16 (CPUs with AVX-512 BF16 or AMX; bf16 changes the base classifier, so it is never chosen for you); "
                    "tensorrt: fp16 (the step's fp16 graph, strongly typed) or fp32.")
-@click.option("--backend", type=click.Choice(["onnxruntime", "openvino", "tensorrt"]), default="onnxruntime", show_default=True,
-              help="onnxruntime: CPU and CUDA; openvino: CPU (pip install openvino); tensorrt: plans for this machine's GPU "
-                   "(pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13; not run by this project).")
+@click.option("--backend", type=click.Choice(list(BACKENDS)), default="onnxruntime", show_default=True,
+              help="; ".join(f"{b.name}: {b.summary}" for b in BACKENDS.values()) + ".")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="cuda: also write the GPU graphs (onnxruntime backend): the step with GroupNorm + SiLU fused into "
                    "ONNX Runtime's CUDA kernel, checked on the CPU through its expansion; run them with "

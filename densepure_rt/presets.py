@@ -10,14 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from densepure_rt.errors import ConfigError
+from densepure_rt.executors.registry import backend_precisions
 
 __all__ = ["Preset", "PRESETS", "get_preset", "BACKEND_PRECISIONS"]
 
-#: The precisions each backend runs (``build --backend/--precision``): ONNX Runtime an fp16 or fp32
-#: step graph; OpenVINO the fp32 graphs at an inference precision it is told explicitly (fp32, or
-#: bf16 on CPUs that have it); TensorRT a strongly typed plan of the fp16 (or fp32) step graph.
-#: Here, not in the torch-side builder, so that the CLI checks flags before importing torch.
-BACKEND_PRECISIONS = {"onnxruntime": ("fp32", "fp16"), "openvino": ("fp32", "bf16"), "tensorrt": ("fp16", "fp32")}
+#: The precisions each backend runs (``build --backend/--precision``), from the backend registry
+#: (:mod:`densepure_rt.executors.registry`): read without torch, so the CLI checks flags first.
+BACKEND_PRECISIONS = backend_precisions()
 
 
 @dataclass(frozen=True)

@@ -761,39 +761,24 @@ def open_loop(runtime: str, directory: str | Path, manifest: dict, device: str =
     executor (:mod:`densepure_rt.executors`) -> :class:`~densepure_rt.sampling.loop.BatchLoop`.
     ``runtime="tensorrt"`` (GPU only): full batches without early exit are captured whole in a CUDA
     graph (``cuda_graph``); written against the documented API, not run by this project."""
+    from densepure_rt.executors.registry import get_backend
+    from densepure_rt.sampling.device import open_device
+
     built = manifest["backend"]["name"]
     if runtime not in ("auto", built):
         raise EngineError(f"this engine was built for the {built} backend, not {runtime}: rebuild it with --backend {runtime}")
-    if built not in ("onnxruntime", "openvino", "tensorrt"):
-        raise EngineError(f"backend {built!r} is not supported by this densepure-rt: rebuild the engine for onnxruntime, openvino or tensorrt")
-    if device not in ("cpu", "cuda"):
-        raise EngineError(f"{param('device')} must be cpu or cuda for the {built} backend (got {device!r})")
-    if built == "tensorrt" and device != "cuda":
-        raise EngineError(f"this engine holds TensorRT plans, which run on a GPU: pass {param('device', 'cuda')}")
-    if built == "openvino" and device != "cpu":
-        raise EngineError(f"OpenVINO engines run on the CPU ({param('device', 'cpu')}); for a GPU build with --backend onnxruntime")
-    from densepure_rt.sampling.device import open_device
-
+    backend = get_backend(built)
+    backend.check_device(device)
+    if backend.require is not None:
+        backend.require()  # its one-line install hint before any device work
+    dev = open_device(device)
+    executor = backend.open_executor(directory, manifest, dev, device=device, threads=threads, cuda_graph=cuda_graph,
+                                     kernels=kernels, log=_warn)
     graphs = None
-    if built == "tensorrt":  # issue 13: written against the documented API, not run by this project
-        from densepure_rt.executors.tensorrt import TensorRTExecutor, require_tensorrt
+    if backend.whole_batch_graphs and cuda_graph:
         from densepure_rt.sampling.device import WholeBatchGraphs
 
-        require_tensorrt()  # its one-line install hint before any CUDA work
-        dev = open_device(device)
-        executor = TensorRTExecutor(directory, manifest, dev.cuda_stream, xp=dev.xp)
-        graphs = WholeBatchGraphs(dev.xp, dev.cuda_stream, log=_warn) if cuda_graph else None
-    elif built == "openvino":
-        from densepure_rt.executors.openvino import OpenVinoExecutor
-
-        dev = open_device(device)
-        executor = OpenVinoExecutor(directory, manifest, threads)
-    else:
-        from densepure_rt.executors.onnxrt import OrtExecutor
-
-        dev = open_device(device)
-        executor = OrtExecutor(directory, manifest, device, threads, stream=dev.cuda_stream, xp=dev.xp,
-                               cuda_graph=cuda_graph and device == "cuda", log=_warn, kernels=kernels)
+        graphs = WholeBatchGraphs(dev.xp, dev.cuda_stream, log=_warn)
     return BatchLoop(executor, dev, tuple(manifest["image_shape"]), int(manifest["num_classes"]), graphs=graphs,
                      classifier_rows=rows_per_call(manifest)[1])
 

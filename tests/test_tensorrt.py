@@ -716,7 +716,7 @@ def test_check_plans_names_both_versions():
 
 def test_a_tensorrt_engine_needs_a_gpu_and_tensorrt_one_line_each(trt_engine, monkeypatch):
     engine, _ = trt_engine
-    with pytest.raises(EngineError, match="TensorRT plans, which run on a GPU: pass --device cuda"):
+    with pytest.raises(EngineError, match="TensorRT plans, which run on a GPU: pass device='cuda'"):
         open_engine(engine)
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(EngineError) as info:
