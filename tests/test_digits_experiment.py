@@ -1,5 +1,5 @@
-"""The README's digits experiment: its block and benchmarks/digits_experiment.sh run the same
-commands into a fresh folder, and end with a row-by-row comparison against the recorded results."""
+"""The digits experiment (docs/benchmarks.md): its block and benchmarks/digits_experiment.sh run the
+same commands into a fresh folder, and end with a row-by-row comparison against the recorded results."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ ECHO = 'densepure-rt() { echo "densepure-rt $*"; }\npython() { echo "python $*";
 
 
 def readme_block() -> str:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## The digits experiment"):]
+    """The first ```bash block of the section "The digits experiment" in docs/benchmarks.md."""
+    page = (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
+    section = page[page.index("## The digits experiment"):]
     return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
 
 
