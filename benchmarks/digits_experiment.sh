@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's digits experiment: certified accuracy of
+# The digits experiment (docs/benchmarks.md): certified accuracy of
 #   (a) the classifier alone under Gaussian noise (plain randomized smoothing, --steps none),
 #   (b) one-shot denoising (Carlini et al. 2022, --steps one-shot),
 #   (c) DensePure (--steps $B reverse steps, --votes $K runs voted per noisy sample),

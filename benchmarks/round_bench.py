@@ -4,7 +4,7 @@ against the scheduler's rounds of one vote, on the digits engine, through the CL
     python benchmarks/round_bench.py --engine engines/digits --out benchmarks/results/scheduler/round_digits
 
 Every 9th digits test image (40), sigma 0.5, b = 4, K = 3, n0 = 100, alpha = 0.001, seed 0,
-``--radius 0.25`` (0.5 sigma), ``--n-max 2000`` (the sample-efficiency settings of the README):
+``--radius 0.25`` (0.5 sigma), ``--n-max 2000`` (the sample-efficiency settings of docs/statistics.md):
 
 - ``waves_round32``: the wave loop, --batch 32 (its rounds are its batches);
 - ``continuous_round32``: the scheduler streaming every image, --round 32 (same decisions as

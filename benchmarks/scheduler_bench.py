@@ -3,7 +3,7 @@
     python benchmarks/scheduler_bench.py --engine engines/digits --images 8 --votes 3 --steps 4 \
         --n0 100 --n 500 --batch 32 --pairs 3 --json benchmarks/results/scheduler/digits_k3.json
 
-Fixed-n CERTIFY of the first ``--images`` digits test images (the README experiment's settings by
+Fixed-n CERTIFY of the first ``--images`` digits test images (the digits experiment's settings by
 default): for each scheduling, the wall time of ``certify_many_counts`` over all images (median of
 ``--pairs`` runs, the two schedulings alternating so that machine load hits both alike), the
 UNet evaluations, and for the scheduler its calls and idle-row fraction. The counts must be equal

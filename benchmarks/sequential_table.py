@@ -1,6 +1,6 @@
 """Exact expected samples of the sequential target-radius mode against fixed n and the information bound.
 
-Prints the table of README "Fewer samples per certificate" (and with ``--write`` saves it as
+Prints the table of docs/statistics.md "Fewer samples per certificate" (and with ``--write`` saves it as
 ``benchmarks/results/sample_efficiency/sequential_table.md`` and ``.json``). Nothing is simulated:
 every number is a sum over exact binomial laws.
 

@@ -495,8 +495,8 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
 
     \b
     Examples:
-      densepure-rt certify --engine engines/digits --sigma 0.5 --steps 4 --votes 3 --n 500 --skip 9 --out d.tsv
-      densepure-rt certify --engine engines/digits --sigma 0.5 --steps 4 --votes 3 --radius 0.25 --radius 0.5 --out r.tsv
+      densepure-rt certify --sigma 0.5 --steps 4 --votes 3 --n 500 --skip 9 --out d.tsv
+      densepure-rt certify --sigma 0.5 --steps 4 --votes 3 --radius 0.25 --radius 0.5 --out r.tsv
       densepure-rt certify --engine engines/cifar10 --data cifar-10-batches-py --sigma 0.25 \\
           --steps 10 --votes 10 --n0 100 --n 100000 --skip 20 --batch 100 --out cifar_025.tsv
     """
@@ -547,7 +547,7 @@ def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batc
 
     \b
     Example:
-      densepure-rt predict --engine engines/digits --sigma 0.25 --steps 4 --votes 5 --n 100 --max 40
+      densepure-rt predict --sigma 0.25 --steps 4 --votes 5 --n 100 --max 40
     """
     rows = run_mode("predict", engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
                 progress_every, out, None, n, ray=ray, actors=actors, ray_timeout=ray_timeout, scheduling=scheduling,

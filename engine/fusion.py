@@ -34,7 +34,7 @@ no CPU kernel: the fused graph runs only on the CUDA provider. CI checks it on t
 :func:`group_norm_reference`, a numpy statement of the op's documented semantics.
 
 Written and checked on a CPU-only machine: what of the fused graph ran on a GPU is recorded in
-README.md's GPU section and ``benchmarks/results/``.
+docs/gpu.md and ``benchmarks/results/``.
 """
 
 from __future__ import annotations

@@ -130,7 +130,7 @@ def test_openvino_fp32_counts_equal_onnxruntime_on_the_digits_engine(digits_engi
 
 @pytest.mark.slow
 def test_openvino_bf16_against_fp32_with_the_same_noise(digits_engines, digits):
-    """bf16 changes the base classifier: most, not all, voted labels agree with fp32 (the README
+    """bf16 changes the base classifier: most, not all, voted labels agree with fp32 (docs/backends.md
     reports the measured shares; here the floor is 90% of voted labels)."""
     if not _has_bf16():
         pytest.skip("this CPU has no BF16 support (no AVX-512 BF16 or AMX): the bf16 engine is refused here")

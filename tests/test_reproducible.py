@@ -69,7 +69,7 @@ def test_a_rebuilt_engine_continues_results_and_a_changed_graph_is_refused(tmp_p
 @pytest.mark.slow
 @pytest.mark.parametrize("folder", ["digits", "digits_k10"])
 def test_committed_digits_results_continue_on_a_fresh_engine(folder, tmp_path):
-    """The README's digits experiment, run again in a fresh clone: every committed results file of
+    """The digits experiment (docs/benchmarks.md), run again in a fresh clone: every committed results file of
     the current noise and engine format is complete and continues on a freshly built engine
     (nothing to compute). The K = 10 sweep (digits_k10) was recorded with format-2 engines (one row
     of step scalars per call): such a file is refused in one line that names the format change."""

@@ -8,7 +8,7 @@ without host waits, and the run does not synchronise at its end
 (``disable_synchronize_execution_providers``).
 
 The CUDA path was written on a machine without a GPU; what of it ran on a lent H100 is recorded in
-README.md's backend table and in ``benchmarks/results/``.
+docs/backends.md's status table and in ``benchmarks/results/``.
 """
 
 from __future__ import annotations
