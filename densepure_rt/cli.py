@@ -239,7 +239,7 @@ def _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights) -> No
 
 
 @main.command()
-@click.option("--model", "preset", required=True, metavar="PRESET", help="Preset: imagenet, cifar10, digits, tiny.")
+@click.option("--model", "preset", required=True, metavar="PRESET", help="Preset: imagenet, cifar10 or digits (docs/models.md).")
 @click.option("--diffusion-ckpt", type=click.Path(), metavar="PATH", help="Diffusion UNet checkpoint (.pt or .safetensors).")
 @click.option("--classifier-ckpt", type=click.Path(), metavar="PATH", help="Classifier checkpoint (file or Hugging Face folder).")
 @click.option("--random-weights", is_flag=True, help="Full-size architecture with random weights (benchmarking only).")
@@ -415,7 +415,8 @@ def _common_options(f):
         click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, metavar="N",
                      help="Noise seed, 0 to 2^32 - 1 (noise is a pure function of seed, image, sample)."),
         click.option("--resume", is_flag=True, help="Continue --out. Also what happens without it when --out holds results of the same settings."),
-        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+        click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                     help="Where the engine runs: the CPU, or the GPU (CuPy and a GPU runtime: onnxruntime-gpu or TensorRT)."),
         click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N", help="CPU threads for the runtime (ONNX Runtime or OpenVINO)."),
         click.option("--quiet", is_flag=True, help="No progress output."),
         click.option("--progress-every", type=FiniteFloat(min=0), default=30.0, show_default=True, metavar="S",
@@ -475,7 +476,7 @@ def _radius_list(values) -> list[float]:
               help="The most images in flight at once (memory); 1 leaves it to the scheduler (enough images to fill "
                    "a call). Same rows. With --scheduling waves: fixed-n CERTIFY of N images at a time in batches "
                    "that mix their noisy samples.")
-@click.option("--out", type=click.Path(), default="results.tsv", show_default=True, metavar="FILE", help="Results TSV (options saved as FILE.json).")
+@click.option("--out", type=click.Path(), default="certify.tsv", show_default=True, metavar="FILE", help="Results TSV (options saved as FILE.json).")
 @click.pass_context
 def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every,
             ray, actors, ray_timeout, scheduling, kernels, n0, n, radii, tol, n_max, round_size, early_exit, images_per_call, out):
@@ -540,7 +541,7 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
 @main.command()
 @_common_options
 @click.option("--n", type=int, default=100, show_default=True, metavar="N", help="Noisy samples for the hypothesis test.")
-@click.option("--out", type=click.Path(), default="predictions.tsv", show_default=True, metavar="FILE")
+@click.option("--out", type=click.Path(), default="predict.tsv", show_default=True, metavar="FILE", help="Results TSV (options saved as FILE.json).")
 def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every,
             ray, actors, ray_timeout, scheduling, kernels, n, out):
     """Predict with the smoothed classifier (Cohen et al.'s PREDICT; -1 means abstain).
@@ -563,6 +564,16 @@ def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batc
     over = "" if len(known) == len(reader) else f" of the {len(known)} labelled images"
     click.echo(f"{rows} images -> {out}: accuracy{over} {sum(r['correct'] for r in known) / len(known):.1%}, abstained {abstain}"
                f"{random_note(out)}")
+
+
+#: The order of certify's and predict's options in --help: the workflow (what to certify, how, the
+#: statistics, where the rows go, then how fast, progress, and scale-out).
+_WORKFLOW = ("engine_dir", "data", "skip", "max_images", "sigma", "steps", "votes", "n0", "n", "radii", "tol", "n_max",
+             "round_size", "alpha", "seed", "out", "resume", "batch", "images_per_call", "early_exit", "device", "threads",
+             "kernels", "scheduling", "quiet", "progress_every", "ray", "actors", "ray_timeout")
+
+for _command in (certify, predict):
+    _command.params.sort(key=lambda p: _WORKFLOW.index(p.name) if p.name in _WORKFLOW else len(_WORKFLOW))
 
 
 # ------------------------------------------------------------------------------------------------ #
@@ -671,25 +682,20 @@ def _fused_lines(manifest: dict) -> list[str]:
             f"classifier {cls.get('file')} {cls.get('precision')}{attention}"]
 
 @main.command()
-@click.argument("engine", required=False, type=click.Path(), metavar="[ENGINE_DIR]")
-@click.option("--engine", "engine_opt", type=click.Path(), metavar="DIR", help="The engine directory (or give it as the argument).")
+@click.option("--engine", "engine_dir", type=click.Path(), metavar="DIR",
+              help="Engine directory from `build`  [default: the digits engine shipped with densepure-rt]")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
-def info(engine, engine_opt, as_json):
+def info(engine_dir, as_json):
     """Verify an engine directory (manifest and every file's sha256) and describe it.
 
     \b
     Example:
-      densepure-rt info engines/digits
+      densepure-rt info --engine engines/cifar10
     """
     from densepure_rt.limits import rows_per_call
-    from densepure_rt.files.manifest import load_manifest
+    from densepure_rt.files.manifest import BUNDLED_ENGINE, load_manifest
 
-    if engine and engine_opt and Path(engine) != Path(engine_opt):
-        raise ConfigError(f"two engine directories given ({engine} and --engine {engine_opt}): give one")
-    engine_dir = engine or engine_opt
-    if not engine_dir:
-        raise ConfigError("give the engine directory: densepure-rt info engines/digits")
-    engine_dir = Path(engine_dir).expanduser()
+    engine_dir = Path(engine_dir).expanduser() if engine_dir else BUNDLED_ENGINE
     manifest = load_manifest(engine_dir)
     if as_json:
         click.echo(json.dumps(manifest, indent=2, sort_keys=True))

@@ -311,7 +311,7 @@ def test_build_device_cuda_writes_the_fused_graph_beside_the_portable_ones(cuda_
     assert graph_path(cuda_engine, manifest, "classifier").name == "classifier.onnx"
     from densepure_rt.cli import main
 
-    info = CliRunner().invoke(main, ["info", str(cuda_engine)])
+    info = CliRunner().invoke(main, ["info", "--engine", str(cuda_engine)])
     assert info.exit_code == 0 and "step step.cuda.onnx (15 of 25 GroupNorms fused, 5 with their SiLU)" in info.output
 
 
@@ -463,5 +463,5 @@ def test_a_hostile_fused_section_is_a_one_line_error(cuda_engine, tmp_path, edit
     write_manifest(copy, manifest)
     with pytest.raises(EngineError, match=needle.replace(".", r"\.")):
         load_manifest(copy)
-    info = CliRunner().invoke(main, ["info", str(copy)])
+    info = CliRunner().invoke(main, ["info", "--engine", str(copy)])
     assert info.exit_code != 0 and "Traceback" not in info.output and len(info.output.strip().splitlines()) == 1

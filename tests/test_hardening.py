@@ -493,11 +493,12 @@ def test_readme_quick_start_is_the_help_quick_start():
         assert command in help_text
 
 
-def test_info_takes_the_engine_as_an_argument(engine):
-    for args in ([engine], ["--engine", engine]):
-        result = invoke("info", *args)
-        assert result.exit_code == 0, result.output
-        assert "verified" in result.stdout and "tiny" in result.stdout
+def test_info_takes_the_engine_as_every_command_does(engine):
+    result = invoke("info", "--engine", engine)
+    assert result.exit_code == 0, result.output
+    assert "verified" in result.stdout and "tiny" in result.stdout
+    shipped = invoke("info", "--json")  # no --engine: the shipped digits engine, as certify's default
+    assert shipped.exit_code == 0 and json.loads(shipped.stdout)["preset"] == "digits"
 
 
 def test_certify_prints_a_summary_not_the_table_and_logs_progress_lines(work, engine, images, reference):

@@ -241,7 +241,7 @@ def test_force_refuses_a_folder_with_a_copied_manifest_next_to_user_files(engine
     folder = tmp_path / "thesis"
     folder.mkdir()
     (folder / "chapter1.tex").write_text("my work")
-    (folder / "manifest.json").write_text(invoke("info", engine, "--json").stdout)
+    (folder / "manifest.json").write_text(invoke("info", "--engine", engine, "--json").stdout)
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     message = one_line_error(invoke("build", "--model", "tiny", "--random-weights", "--force", "--out", folder))
     assert "'chapter1.tex'" in message and "not a file of the engine" in message
@@ -526,7 +526,7 @@ def test_out_as_a_folder_or_with_a_tilde(work, engine, images, tmp_path, monkeyp
 def test_info_on_a_file_says_it_is_a_file(tmp_path):
     file = tmp_path / "somefile"
     file.write_text("x")
-    assert "is a file, not an engine directory" in one_line_error(invoke("info", file))
+    assert "is a file, not an engine directory" in one_line_error(invoke("info", "--engine", file))
 
 
 def test_garbage_checkpoint_is_not_called_pickled_code(tmp_path):

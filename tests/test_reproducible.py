@@ -166,7 +166,7 @@ def test_random_weights_engines_say_so(tmp_path, monkeypatch):
 def test_report_summarises_predict_files_and_they_are_ignored_by_git(tmp_path):
     engine = tmp_path / "digits"
     assert invoke("build", "--model", "digits", "--out", engine).exit_code == 0
-    out = tmp_path / "predictions.tsv"
+    out = tmp_path / "predict.tsv"
     result = invoke("predict", "--engine", engine, "--sigma", "0.25", "--steps", "2", "--votes", "3", "--n", "20",
                     "--max", "40", "--skip", "10", "--quiet", "--out", out)
     assert result.exit_code == 0, result.output
@@ -175,10 +175,12 @@ def test_report_summarises_predict_files_and_they_are_ignored_by_git(tmp_path):
     abstained = sum(r[2] == "-1" for r in rows)
     report = invoke("report", out)
     assert report.exit_code == 0, report.output
-    line = next(x for x in report.stdout.splitlines() if x.startswith("predictions.tsv"))
-    assert line.split() == ["predictions.tsv", f"{100 * accuracy:.1f}%", str(len(rows)), str(len(rows)), str(abstained)]
-    ignored = subprocess.run(["git", "check-ignore", "predictions.tsv", "predictions.tsv.json"], cwd=ROOT, capture_output=True, text=True)
-    assert ignored.stdout.split() == ["predictions.tsv", "predictions.tsv.json"]
+    line = next(x for x in report.stdout.splitlines() if x.startswith("predict.tsv"))
+    assert line.split() == ["predict.tsv", f"{100 * accuracy:.1f}%", str(len(rows)), str(len(rows)), str(abstained)]
+    # The default outputs of certify and predict (COMMAND.tsv and its options) are ignored by git.
+    names = ["certify.tsv", "certify.tsv.json", "predict.tsv", "predict.tsv.json"]
+    ignored = subprocess.run(["git", "check-ignore", *names], cwd=ROOT, capture_output=True, text=True)
+    assert ignored.stdout.split() == names
 
 
 def test_build_checks_its_flags_before_importing_torch(tmp_path):

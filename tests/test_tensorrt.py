@@ -548,7 +548,7 @@ def test_build_writes_sealed_plans_and_the_manifest_records_them(trt_engine):
 
 def test_info_shows_the_plans(trt_engine):
     engine, _ = trt_engine
-    result = CliRunner().invoke(main, ["info", str(engine)])
+    result = CliRunner().invoke(main, ["info", "--engine", str(engine)])
     assert result.exit_code == 0, result.output
     assert "tensorrt    10.13.3.9 plans for Fake GPU (test) (compute capability 9.0, CUDA 13.0, hardware compatibility none)" in result.output
     assert "rows 1/24/40" in result.output and "step.plan, classifier.plan" in result.output
