@@ -443,6 +443,37 @@ def _common_options(f):
     return f
 
 
+_summary_option = click.option(
+    "--json-summary", type=click.Path(), metavar="FILE",
+    help="Also write the run in numbers as JSON, for pipelines: images, (certified) accuracy with 95% intervals, "
+         "UNet evaluations, wall time, settings.")
+
+
+def _check_summary(json_summary, out, data):
+    """``--json-summary`` checked before any work (never an input, never through a link, never a
+    file densepure-rt did not write)."""
+    if not json_summary:
+        return None
+    from densepure_rt.files.outputs import check_output
+    from densepure_rt.files.report import is_summary_json
+    from densepure_rt.files.results import options_path
+
+    inputs = [("the --out results file", Path(out).expanduser()), ("the options file of --out", options_path(Path(out).expanduser()))]
+    if data:
+        inputs.append(("the --data file", Path(data).expanduser()))
+    return check_output(json_summary, flag="--json-summary", inputs=inputs, recognise=is_summary_json, kind="summary")
+
+
+def _write_summary(summary, out, radii, started: float) -> None:
+    if summary is None:
+        return
+    from densepure_rt.files.outputs import write_atomic
+    from densepure_rt.files.report import run_summary
+
+    data = run_summary(Path(out).expanduser(), radii, time.time() - started)
+    write_atomic(summary, (json.dumps(data, indent=2) + "\n").encode())
+
+
 def _radius_list(values) -> list[float]:
     import math
 
@@ -477,9 +508,11 @@ def _radius_list(values) -> list[float]:
                    "a call). Same rows. With --scheduling waves: fixed-n CERTIFY of N images at a time in batches "
                    "that mix their noisy samples.")
 @click.option("--out", type=click.Path(), default="certify.tsv", show_default=True, metavar="FILE", help="Results TSV (options saved as FILE.json).")
+@_summary_option
 @click.pass_context
 def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every,
-            ray, actors, ray_timeout, scheduling, kernels, n0, n, radii, tol, n_max, round_size, early_exit, images_per_call, out):
+            ray, actors, ray_timeout, scheduling, kernels, n0, n, radii, tol, n_max, round_size, early_exit, images_per_call, out,
+            json_summary):
     """Certify images: Cohen et al.'s CERTIFY on DensePure's voted labels, one TSV row per image.
 
     \b
@@ -517,6 +550,8 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
     if images_per_call > 1 and mode != "certify" and scheduling != "continuous":
         raise ConfigError("--images-per-call with --scheduling waves goes with fixed-n CERTIFY only")
     radii = _radius_list(radii) if radii else None
+    started = time.time()
+    summary = _check_summary(json_summary, out, data)
     rows = run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
                 progress_every, out, n0, n, radii=radii, tol=tol, early_exit=early_exit, round_size=round_size,
                 images_per_call=images_per_call, ray=ray, actors=actors, ray_timeout=ray_timeout, scheduling=scheduling,
@@ -526,6 +561,7 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
 
     results = read_results(Path(out).expanduser())
     shown = radii or [sigma]
+    _write_summary(summary, out, [0.0, *shown], started)
     with_labels = len(labelled(results))
     if not with_labels:
         click.echo(f"{rows} images certified -> {out}: no image has a label, so there is no accuracy; the predictions "
@@ -542,19 +578,23 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
 @_common_options
 @click.option("--n", type=int, default=100, show_default=True, metavar="N", help="Noisy samples for the hypothesis test.")
 @click.option("--out", type=click.Path(), default="predict.tsv", show_default=True, metavar="FILE", help="Results TSV (options saved as FILE.json).")
+@_summary_option
 def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every,
-            ray, actors, ray_timeout, scheduling, kernels, n, out):
+            ray, actors, ray_timeout, scheduling, kernels, n, out, json_summary):
     """Predict with the smoothed classifier (Cohen et al.'s PREDICT; -1 means abstain).
 
     \b
     Example:
       densepure-rt predict --sigma 0.25 --steps 4 --votes 5 --n 100 --max 40
     """
+    started = time.time()
+    summary = _check_summary(json_summary, out, data)
     rows = run_mode("predict", engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
                 progress_every, out, None, n, ray=ray, actors=actors, ray_timeout=ray_timeout, scheduling=scheduling,
                 kernels=kernels)
     from densepure_rt.files.results import read_rows
 
+    _write_summary(summary, out, [], started)
     _, reader = read_rows(Path(out).expanduser(), required=("idx", "predict", "label", "correct"))
     abstain = sum(r["predict"] == -1 for r in reader)
     known = [r for r in reader if r["label"] >= 0]
@@ -569,7 +609,7 @@ def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batc
 #: The order of certify's and predict's options in --help: the workflow (what to certify, how, the
 #: statistics, where the rows go, then how fast, progress, and scale-out).
 _WORKFLOW = ("engine_dir", "data", "skip", "max_images", "sigma", "steps", "votes", "n0", "n", "radii", "tol", "n_max",
-             "round_size", "alpha", "seed", "out", "resume", "batch", "images_per_call", "early_exit", "device", "threads",
+             "round_size", "alpha", "seed", "out", "json_summary", "resume", "batch", "images_per_call", "early_exit", "device", "threads",
              "kernels", "scheduling", "quiet", "progress_every", "ray", "actors", "ray_timeout")
 
 for _command in (certify, predict):

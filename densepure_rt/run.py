@@ -182,7 +182,7 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
         engine_dir = BUNDLED_ENGINE
         if not quiet:
             click.echo(f"using the digits engine shipped with densepure-rt ({engine_dir}); --engine DIR for another", err=True)
-    engine_dir = Path(engine_dir).expanduser()
+    engine_dir = Path(engine_dir).expanduser().resolve()  # once, absolute: recorded, and what Ray actors open
     if threads is not None and ray is None:
         threads = _cap_threads(threads)
     # The canonical words ("4", "one-shot", "none"): the engine parses them again, strictly.

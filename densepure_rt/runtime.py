@@ -119,7 +119,8 @@ class Engine:
         #: waves, a fallback). The counts are the same.
         self.scheduling = scheduling
         self._scheduler: Scheduler | None = None
-        self.directory = Path(directory)
+        #: The engine directory, resolved once (absolute): what results record and Ray actors open.
+        self.directory = Path(directory).expanduser().resolve()
         self.device = device
         #: Stop a noisy sample's K runs once its vote is decided (identical votes, less work);
         #: None: decided per batch size (:meth:`early_exit_for`).

@@ -1199,24 +1199,27 @@ def test_validate_digest_of_float_and_cifar_arrays_matches_an_independent_one(tm
     assert ds.validate() == expected
 
 
-def test_resume_with_out_inside_the_data_folder(digits_engine, tmp_path):
+def test_out_inside_the_data_folder_is_refused_and_beside_it_resumes(digits_engine, tmp_path):
     folder = tmp_path / "data"
     names = _write_digits_folder(folder, n=4)
-    out = folder / "res.tsv"  # the run's own outputs land in the data folder
+    inside = ["certify", "--engine", digits_engine, "--data", folder, *DIGITS_SMALL, "--out", folder / "res.tsv"]
+    listing = sorted(p.name for p in folder.iterdir())
+    refused = _cli(*inside)  # results written among the images would be read as data by the next run
+    assert refused.exit_code == 2 and "inside the --data folder" in refused.stderr
+    assert sorted(p.name for p in folder.iterdir()) == listing
+    out = tmp_path / "res.tsv"
     args = ["certify", "--engine", digits_engine, "--data", folder, *DIGITS_SMALL, "--out", out]
     first = _cli(*args)
     assert first.exit_code == 0, first.output
     complete = _rows(out)
     assert [r["idx"] for r in complete] == ["0", "1", "2", "3"]
-    # Killed after one image: the same command continues it (before: the new res.tsv, res.tsv.json
-    # and res.tsv.lock changed the folder's listing, and the run was refused as other data).
-    _keep_first_rows(out, 1)
+    _keep_first_rows(out, 1)  # killed after one image: the same command continues it
     again = _cli(*args)
     assert again.exit_code == 0, again.output
     assert f"resuming {out}: 1 images done, 3 to go" in again.stderr
     assert _rows(out) == complete
     _, labels = _digits_pixels(4)
-    assert _recorded_digest(folder / "res.tsv.json") == _independent_digest(
+    assert _recorded_digest(tmp_path / "res.tsv.json") == _independent_digest(
         (i, labels[i], _pillow_gray(folder / names[i])) for i in range(4)
     )
 

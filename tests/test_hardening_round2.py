@@ -188,7 +188,9 @@ def test_imagenet_unet_holds_2_to_the_25_elements_per_row_so_at_most_63_rows(tmp
     assert preset.default_batch * 10 <= 63  # the preset's default batch at K = 10 fits
 
 
-def test_rows_above_the_engine_limit_are_refused_before_anything_is_written(work, engine, images):
+def test_rows_above_the_engine_limit_are_refused_before_anything_is_written(work, engine, images, monkeypatch):
+    from densepure_rt import limits
+
     def shrink(copy, manifest):  # a graph whose largest tensor is 2^31 / 4 elements per row: 3 rows
         manifest["graphs"]["step"]["max_elements_per_row"] = 2**29
 
@@ -197,7 +199,9 @@ def test_rows_above_the_engine_limit_are_refused_before_anything_is_written(work
     message = one_line_error(invoke("certify", "--engine", hostile, "--data", images, *SMALL, "--batch", "2", "--out", out))
     assert "--batch 2 x --votes 2 = 4 rows per call" in message and "limit of 3 rows" in message and "--batch 1" in message
     assert not out.exists() and not Path(f"{out}.json").exists()
-    # One sample of two runs is 2 rows: within the limit, and the rows are the reference's.
+    # One sample of two runs is 2 rows: within the limit. (The memory model takes the claimed 2^29
+    # elements per row at its word, about 36 GiB: memory is not what this test is about.)
+    monkeypatch.setattr(limits, "available_memory", lambda device: None)
     result = invoke("certify", "--engine", hostile, "--data", images, *SMALL, "--batch", "1", "--max", "2", "--out", out)
     assert result.exit_code == 0, result.output
 
@@ -207,12 +211,9 @@ def test_memory_estimate_refuses_what_the_machine_cannot_hold(engine, monkeypatc
 
     manifest = json.loads((engine / "manifest.json").read_text())
     monkeypatch.setattr(limits, "available_memory", lambda device: 2**28)  # a machine with 0.25 GiB free
-    # 2000 rows x (3 buffers of 3 x 16 x 16 + the largest tensor's input and output) x 4 bytes
-    needed = 4 * 2000 * (3 * 768 + 2 * TINY_STEP_PER_ROW)
-    assert needed > 2**28
-    with pytest.raises(ConfigError, match="needs at least") as caught:
+    with pytest.raises(ConfigError, match="needs about") as caught:
         limits.check_rows(manifest, 1000, 2, "cpu")
-    assert f"{needed / 2**30:.1f} GiB" in str(caught.value) and "0.2 GiB available" in str(caught.value)
+    assert "0.2 GiB available" in str(caught.value)  # the model's numbers: tests/test_memory_model.py
     limits.check_rows(manifest, 10, 2, "cpu")  # 20 rows fit
 
 

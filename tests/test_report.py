@@ -65,3 +65,43 @@ def test_the_table_gives_intervals_the_envelope_and_its_sources(two_files, tmp_p
     assert sources == [f"[{1 + [str(f) for f in two_files].index(n)}]" for n in table["best_file"]]
     assert sum(line.startswith("  95% interval") for line in lines) == 2
     assert "(sigma 0.25, K 3, b 4, n 500)" in result.stdout
+
+
+def _rows(path: Path) -> list[dict]:
+    lines = path.read_text().splitlines()
+    header = lines[0].split("\t")
+    return [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+
+
+def test_json_summary_gives_the_run_in_numbers(tmp_path):
+    out, summary = tmp_path / "r.tsv", tmp_path / "summary.json"
+    args = ["certify", "--sigma", "0.5", "--steps", "1", "--votes", "1", "--n0", "5", "--skip", "30", "--quiet",
+            "--radius", "0.1", "--n-max", "40", "--out", str(out), "--json-summary", str(summary)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(summary.read_text())
+    rows = _rows(out)
+    right = [r for r in rows if r["predict"] == r["label"]]
+    assert data["images"] == len(rows) == 12 and data["labelled"] == 12
+    assert data["radii"] == [0.0, 0.1]
+    assert data["certified_accuracy"][0] == pytest.approx(len(right) / 12)
+    assert data["certified_accuracy"][1] == pytest.approx(sum(float(r["radius"]) >= 0.1 for r in right) / 12)
+    low, high = proportion_confint(len(right), 12, alpha=0.05, method="beta")
+    assert data["intervals"][0] == pytest.approx([low, high])
+    assert data["unet_evals"] == sum(int(r["unet_evals"]) for r in rows)
+    assert data["settings"]["mode"] == "certify-radii" and data["settings"]["n"] == 40
+    assert data["wall_seconds"] > 0
+    # Run again: the results are continued (nothing to do) and the summary, its own, is replaced.
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 0, again.output
+    assert json.loads(summary.read_text())["unet_evals"] == data["unet_evals"]
+
+
+def test_json_summary_never_replaces_a_file_it_did_not_write(tmp_path):
+    mine = tmp_path / "mine.json"
+    mine.write_text('{"mine": 1}\n')
+    result = CliRunner().invoke(main, ["predict", "--sigma", "0.5", "--n", "10", "--out", str(tmp_path / "p.tsv"),
+                                       "--json-summary", str(mine)])
+    assert result.exit_code == 2
+    assert "is not a densepure-rt summary" in result.stderr
+    assert mine.read_text() == '{"mine": 1}\n' and not (tmp_path / "p.tsv").exists()

@@ -23,7 +23,7 @@ from densepure_rt.files.results import PREDICT_HEADER, read_results, read_rows
 __all__ = ["DEFAULT_RADII", "certified_accuracy", "clopper_pearson", "accuracy_intervals", "run_settings", "settings_label",
            "labelled", "is_correct", "correct_mismatches", "is_prediction_file",
            "prediction_summary", "format_predictions", "report_table", "format_table", "plot_curves", "check_plot_path",
-           "printable", "is_report_json", "is_report_plot"]
+           "printable", "is_report_json", "is_report_plot", "run_summary", "is_summary_json", "SUMMARY_MARK"]
 
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0)
 
@@ -303,6 +303,69 @@ def plot_curves(files: Sequence[str | Path], out: str | Path, title: str = "Dens
 def is_report_plot(path: Path) -> bool:
     """Whether ``path`` is a plot a report wrote (it carries :data:`~densepure_rt.files.outputs.MARK`)."""
     return holds_mark(path)
+
+
+#: What a ``--json-summary`` file says it is (a later run recognises it as its own and replaces it).
+SUMMARY_MARK = "densepure-rt summary"
+
+
+def _seconds(text: str) -> float:
+    """A ``time`` cell (``str(timedelta)``, e.g. ``0:00:01.532881``) in seconds."""
+    try:
+        days, _, clock = text.rpartition(" days, ") if " day" in text else ("0", "", text)
+        h, m, sec = clock.split(":")
+        return int(days or 0) * 86400 + int(h) * 3600 + int(m) * 60 + float(sec)
+    except ValueError:
+        return 0.0
+
+
+def run_summary(path: str | Path, radii: Sequence[float], wall_seconds: float) -> dict:
+    """A results file in numbers, for pipelines (``certify/predict --json-summary``): images,
+    labelled images, abstentions, accuracy (predict) or certified accuracy with its 95% interval at
+    each radius (certify), UNet evaluations, the images' summed time, this command's wall time, and
+    the run's settings from its options file."""
+    options = run_settings(path)
+    keys = ("mode", "engine", "engine_id", "data", "sigma", "steps", "votes", "n0", "n", "radii", "tol", "alpha", "seed",
+            "skip", "max", "round", "backend", "precision", "device", "version")
+    if is_prediction_file(path):
+        summary = prediction_summary(path)
+        rows = read_rows(path, required=PREDICT_HEADER)[1]
+    else:
+        rows = read_results(path)
+        known = labelled(rows)
+        summary = {
+            "images": len(rows),
+            "labelled": len(known),
+            "abstained": sum(r["predict"] == -1 for r in rows),
+            "radii": list(radii),
+            "certified_accuracy": [None if np.isnan(a) else float(a) for a in certified_accuracy(rows, radii)],
+            "intervals": [None if iv is None else list(iv) for iv in accuracy_intervals(rows, radii)],
+            "correct_column_mismatches": correct_mismatches(rows),
+        }
+    evals = sum(int(r.get("unet_evals", 0)) for r in rows)
+    return {
+        "generator": SUMMARY_MARK,
+        "results": str(path),
+        **summary,
+        "unet_evals": evals,
+        "unet_evals_per_image": evals / len(rows) if rows else 0.0,
+        "image_seconds": sum(_seconds(str(r.get("time", ""))) for r in rows),
+        "wall_seconds": float(wall_seconds),
+        "settings": {k: options[k] for k in keys if k in options},
+    }
+
+
+def is_summary_json(path: Path) -> bool:
+    """Whether ``path`` is a ``--json-summary`` file densepure-rt wrote."""
+    import json
+
+    try:
+        if Path(path).stat().st_size > (16 << 20):
+            return False
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return False
+    return isinstance(data, dict) and data.get("generator") == SUMMARY_MARK
 
 
 def is_report_json(path: Path) -> bool:
