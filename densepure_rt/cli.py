@@ -430,13 +430,12 @@ def _common_options(f):
                      help="With --ray: seconds to wait for the cluster to answer before giving up with an error."),
         click.option("--scheduling", type=click.Choice(["continuous", "waves"]), default="continuous", show_default=True,
                      help="How engine calls are filled: 'continuous' (every call full of runs of many samples and images "
-                          "at any reverse step) or 'waves' (the previous loop: a batch of samples, its undecided samples "
-                          "in shrinking waves; kept until the scheduler has run on a GPU, which it has not yet). The same "
+                          "at any reverse step) or 'waves' (a batch of samples, its undecided samples in shrinking waves; "
+                          "a fallback). The same "
                           "rows for the same --round."),
         click.option("--kernels", type=click.Choice(["portable", "fused"]), default="portable", show_default=True,
                      help="Which graphs run: 'portable' (standard ONNX, any device) or 'fused' (--device cuda only, an engine "
-                          "built with `build --device cuda`: GroupNorm + SiLU as one ONNX Runtime CUDA kernel; not yet "
-                          "measured on a GPU, so not the default)."),
+                          "built with `build --device cuda`: GroupNorm + SiLU as one ONNX Runtime CUDA kernel)."),
     ]
     for option in reversed(options):
         f = option(f)

@@ -761,7 +761,7 @@ def open_loop(runtime: str, directory: str | Path, manifest: dict, device: str =
     The one path from the engine to its graphs: device (:mod:`densepure_rt.sampling.device`) ->
     executor (:mod:`densepure_rt.executors`) -> :class:`~densepure_rt.sampling.loop.BatchLoop`.
     ``runtime="tensorrt"`` (GPU only): full batches without early exit are captured whole in a CUDA
-    graph (``cuda_graph``); written against the documented API, not run by this project."""
+    graph (``cuda_graph``); what has run on which hardware: docs/backends.md."""
     from densepure_rt.executors.registry import get_backend
     from densepure_rt.sampling.device import open_device
 

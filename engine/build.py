@@ -6,8 +6,8 @@ been exported and validated, so a failed or interrupted build never leaves a hal
 Backends: ``onnxruntime`` (CPU, and CUDA where onnxruntime-gpu is installed) runs the ONNX graphs
 directly; ``openvino`` runs the fp32 graphs at an explicit precision. ``tensorrt``: the ONNX graphs are
 exported as for ONNX Runtime, then :mod:`densepure_rt.engine.tensorrt` builds a plan from each (written
-against the documented API, not run by this project: the TensorRT builder cannot be installed in its
-workplace); the engine holds both the ONNX graphs and the plans.
+against the documented API; what has run where: docs/backends.md); the engine holds both the ONNX
+graphs and the plans.
 """
 
 from __future__ import annotations
@@ -218,7 +218,7 @@ def clean_stale_builds(out_dir: str | Path, log=print) -> None:
     """Tidy up after builds into ``out_dir`` that were killed (``kill -9``, a power cut).
 
     Their work folders beside ``out_dir`` (``.NAME.XXXX.partial``, ``.NAME.XXXX.old``) are removed
-    when their owner file names ``out_dir``, this host, and a process that no longer runs; a
+    when their owner file names ``out_dir``, this host, and a process that has ended; a
     folder of a live build, of another host or without our owner file is left alone. A build killed
     between moving the old engine aside and moving the new one in leaves no ``out_dir``: the old
     engine is then put back, not deleted."""
@@ -302,7 +302,7 @@ def _cost_gflop(preset: Preset, unet: nn.Module, classifier: nn.Module) -> dict:
 
 def _fused_graphs(stage: Path, sspec, cspec, step_parent: nn.Module, classifier: nn.Module, make_step, make_cls,
                   options: BuildOptions, log) -> tuple[dict, list[str]]:
-    """``--device cuda``: the GPU graphs beside the portable ones (issue 23). The step graph with
+    """``--device cuda``: the GPU graphs beside the portable ones. The step graph with
     every GroupNorm32 (+ SiLU) the CUDA kernel takes fused (:mod:`densepure_rt.engine.fusion`).
     ``com.microsoft.GroupNorm`` has no CPU kernel, so with validation the fused graph is checked
     here through its inverse: every fused node expanded back into standard ops, run on the CPU
@@ -334,7 +334,7 @@ def _as_group_normalization(stage: Path, sspec, log) -> dict:
     GroupNorm32 as one standard GroupNormalization (fp32 statistics), which TensorRT's parser maps
     to its own normalisation layer (:func:`densepure_rt.engine.fusion.as_group_normalization`). It
     stays standard ONNX: the validation below runs it on ONNX Runtime's CPU provider against PyTorch.
-    (TensorRT itself is not run by this project.)"""
+    """
     import onnx
 
     from densepure_rt.export.onnx_export import save_graph
@@ -350,7 +350,7 @@ def _as_group_normalization(stage: Path, sspec, log) -> dict:
 
 
 #: The fused set's fp16 classifier is used only if its labels agree with the fp32 graph's on at least
-#: this share of the build's check images (issue 23); otherwise the fused set keeps the fp32 classifier.
+#: this share of the build's check images; otherwise the fused set keeps the fp32 classifier.
 CLASSIFIER_AGREEMENT = 0.995
 
 

@@ -1,4 +1,4 @@
-"""An fp16 classifier graph with fused attention, for CUDA engines (issue 23, item 2).
+"""An fp16 classifier graph with fused attention, for CUDA engines.
 
 :func:`fp16_classifier` takes the fp32 ``classifier.onnx`` that :func:`densepure_rt.export.onnx_export.export_graph`
 writes (input ``image`` [batch x C x H x W] float32, outputs ``labels`` [batch] int64 and ``logits``

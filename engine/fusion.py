@@ -293,7 +293,7 @@ def as_group_normalization(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dic
     ``stash_type`` 1), which TensorRT's ONNX parser maps to its native normalisation layer. The Casts
     around it stay (the norm runs on the fp32 tensor, as GroupNorm32 does), and so does the SiLU
     (TensorRT fuses pointwise ops itself). Standard ONNX: ONNX Runtime's CPU provider runs it, which
-    is how CI checks it. (TensorRT itself is not run by this project.)"""
+    is how CI checks it."""
     from onnx import version_converter
 
     upgraded = version_converter.convert_version(model, GROUP_NORMALIZATION_OPSET)

@@ -1,7 +1,7 @@
 """TensorRT plans from an engine's exported ONNX graphs (``densepure-rt build --backend tensorrt``).
 
-Written against the documented TensorRT 10.x / 11.x Python API and NOT RUN by this project: TensorRT
-cannot be installed in its workplace (docs/design.md section 5). Checked in CI (``tests/test_tensorrt.py``):
+Written against the documented TensorRT 10.x / 11.x Python API (what has run on which hardware:
+docs/backends.md; docs/design.md section 5 says why). Checked in CI (``tests/test_tensorrt.py``):
 every TensorRT name used here exists in the pinned ``tensorrt-cu13-bindings`` wheel, and the build
 logic (profiles, timing-cache reuse, the manifest fields, parser errors) against a fake of the few
 TensorRT objects used. Whether TensorRT accepts these graphs and what its plans compute is tested

@@ -47,7 +47,7 @@ def ort_providers(
     options = {"device_id": str(device_id), "arena_extend_strategy": "kSameAsRequested", "use_tf32": "1" if tf32 else "0"}
     if os.environ.get("DENSEPURE_ORT_PREFER_NHWC") == "1":  # an experiment of benchmarks/runtime_bench.py
         options["prefer_nhwc"] = "1"
-    # cuDNN's convolution algorithm search (issue 23; an experiment of benchmarks/runtime_bench.py
+    # cuDNN's convolution algorithm search (an experiment of benchmarks/runtime_bench.py
     # --cudnn-search): ONNX Runtime's default, EXHAUSTIVE, benchmarks every algorithm once per new
     # input shape; with fixed call shapes (the scheduler) that is once per shape, HEURISTIC never.
     search = os.environ.get("DENSEPURE_ORT_CUDNN_SEARCH")

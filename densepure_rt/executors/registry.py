@@ -76,8 +76,7 @@ BACKENDS: dict[str, Backend] = {
                         wrong_device=f"OpenVINO engines run on the CPU ({param('device', 'cpu')}); for a GPU build with "
                                      "--backend onnxruntime"),
     "tensorrt": Backend("tensorrt", ("cuda",), ("fp16", "fp32"),
-                        "plans for this machine's GPU (pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13; "
-                        "not run by this project)", _tensorrt, require=_require_tensorrt, whole_batch_graphs=True,
+                        "plans for this machine's GPU (pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13)", _tensorrt, require=_require_tensorrt, whole_batch_graphs=True,
                         wrong_device=f"this engine holds TensorRT plans, which run on a GPU: pass {param('device', 'cuda')}"),
 }
 

@@ -1,7 +1,7 @@
 """TensorRT plans at run time: refusal of foreign plans and the batch loop's executor.
 
-Written against the documented TensorRT 10.x / 11.x Python API and NOT RUN by this project: TensorRT
-cannot be installed in its workplace (docs/design.md section 5). What is checked, in CI
+Written against the documented TensorRT 10.x / 11.x Python API (what has run on which hardware:
+docs/backends.md; docs/design.md section 5 says why). What is checked, in CI
 (``tests/test_tensorrt.py``): every TensorRT name used here exists in the pinned
 ``tensorrt-cu13-bindings`` wheel (its compiled module's strings); the refusal of foreign plans, the
 report of TensorRT's own refusal and the executor's context and shape bookkeeping against a fake of

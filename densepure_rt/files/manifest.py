@@ -458,7 +458,7 @@ def _validate(path: Path, manifest: dict) -> None:
         s.get(f"graphs.{graph}.file")
         graph_path(path.parent, manifest, graph)
         s.int(f"graphs.{graph}.max_elements_per_row", 1, _MAX_ELEMENTS_PER_ROW)
-    if s.obj("fused", required=False) is not None:  # build --device cuda (issue 23)
+    if s.obj("fused", required=False) is not None:  # build --device cuda
         for graph in _GRAPHS:
             s.obj(f"fused.{graph}")
             s.get(f"fused.{graph}.file")
@@ -467,7 +467,7 @@ def _validate(path: Path, manifest: dict) -> None:
     _validate_tensorrt(s, path, manifest)
 
 
-# -- TensorRT plans (issue 13) -------------------------------------------------------------------- #
+# -- TensorRT plans -------------------------------------------------------------------- #
 _TRT_VERSION = re.compile(r"[0-9]{1,4}(\.[0-9]{1,6}){1,4}(\.post[0-9]{1,3})?")
 _CAPABILITY = re.compile(r"[0-9]{1,3}\.[0-9]{1,3}")
 _HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")

@@ -98,7 +98,7 @@ def _changed_settings(saved: dict, options: dict, legacy: dict) -> list[str]:
     # The arithmetic the engine actually ran in (OpenVINO fp32 / bf16) and the sequential modes'
     # round size: files written before they were recorded carry no such key and continue as before.
     changed += [k for k in _RESUME_IF_RECORDED if k in saved and saved.get(k) != options.get(k)]
-    # The graphs that ran (issue 23): files written before --kernels existed ran the portable ones.
+    # The graphs that ran: files written before --kernels existed ran the portable ones.
     if "kernels" in options and saved.get("kernels", "portable") != options["kernels"]:
         changed.append("kernels")
     shown = [f"{_shown_key(k, options)} {saved.get(k, 'portable' if k == 'kernels' else None)!r} -> {options.get(k)!r}" for k in changed]

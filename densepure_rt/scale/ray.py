@@ -38,8 +38,8 @@ How it works (``densepure-rt certify --ray ...`` is built on it):
 
 Ray is an optional dependency (``pip install 'densepure-rt[ray]'``), imported only here, and this
 module only when ``--ray`` is given. Tested on a local Ray cluster on the CPU (tests/test_ray.py);
-the GPU placement (``num_gpus=1`` per actor, Ray sets ``CUDA_VISIBLE_DEVICES``) has not run on a
-multi-GPU node in this project.
+on GPUs each actor takes ``num_gpus=1`` and Ray sets ``CUDA_VISIBLE_DEVICES`` (what has run on
+which hardware: docs/backends.md).
 """
 
 from __future__ import annotations
