@@ -285,7 +285,7 @@ class RayPool:
     def _init(self, ray) -> None:
         where = {"_temp_dir": self._temp_dir} if self._temp_dir else {}
         try:
-            ray.init(address=self.address, include_dashboard=False, logging_level=logging.WARNING, **where)
+            ray.init(address=self.address, include_dashboard=False, logging_level=logging.ERROR, **where)
         except Exception as exc:  # ConnectionError, ValueError, RuntimeError... from Ray's start-up
             raise ConfigError(f"--ray {self.address}: cannot connect to or start a Ray cluster ({_first_line(exc)}); {_FIX}") from None
 
