@@ -384,11 +384,24 @@ def test_early_stop_radius_reasons_and_result():
         return es.result()
 
     assert run(0.2, 0.01).reason == "futile"
-    res = run(1.0, 0.05)  # at p_a = 1 each doubling gains > 0.05: runs to the budget
+    res = run(1.0, 0.0)  # tol 0: never "stalled", and never "precise" while U = 1: runs to the budget
     assert res.reason == "budget" and res.n == 10_000 and res.certified
     # S = t = 10,000: L = (alpha sum_k w_k a_k / (a_k + t))^(1/t) for the default prior's Beta(a_k, 1)
     mass = sum(w * a / (a + 10_000) for w, a in zip(DEFAULT_PRIOR.weights, DEFAULT_PRIOR.a))
     assert res.radius == pytest.approx(0.5 * stats.norm.ppf((0.001 * mass) ** (1 / 10_000)), rel=1e-6)
+    # At p_a = 1 and tol 0.05 it stalls at the first round end n where the budget, at the frequency
+    # Phi(-1)^(1/n) (the Clopper-Pearson lower bound of n / n at level Phi(-1)), gains < 0.05.
+    res = run(1.0, 0.05)
+
+    def closed_form_radius(t):  # L_t(t) as above
+        return 0.5 * stats.norm.ppf((0.001 * sum(w * a / (a + t) for w, a in zip(DEFAULT_PRIOR.weights, DEFAULT_PRIOR.a))) ** (1 / t))
+
+    def gain(n):
+        forecast = confidence_sequence(math.floor(stats.norm.cdf(-1.0) ** (1 / n) * 10_000), 10_000, 0.001)[0]
+        return 0.5 * stats.norm.ppf(forecast) - closed_form_radius(n)
+
+    stall_at = next(n for n in range(ROUND, 10_000, ROUND) if closed_form_radius(n) > 0 and gain(n) < 0.05)
+    assert res.reason == "stalled" and res.n == stall_at and res.radius == pytest.approx(closed_form_radius(stall_at), rel=1e-6)
     res = run(0.9, 0.05)
     assert res.reason == "stalled" and res.certified and 0 < res.radius < 0.5 * stats.norm.ppf(0.9)
     res = run(0.6, 0.0, n_max=320)
@@ -582,35 +595,81 @@ def test_false_certificate_rate_with_near_tied_top_classes(probs):
         assert upper <= alpha
 
 
-def _early_stop_vectorised(s, trials, sigma, alpha, tol):
-    """The stopping rule of EarlyStopRadius's docstring, for [N, K] cumulative successes.
+#: The "stalled" forecast's frequency: the one-sided Clopper-Pearson lower bound at Phi(-1).
+FORECAST_LEVEL = stats.norm.cdf(-1.0)
 
-    Returns the stopping round [N], the radius there [N], the p_a_lower the certificate rests on
-    there [N] (0 where it abstains because the running interval is empty, "inconsistent") and the
-    running p_a_lower after the last round [N]. Radii are computed once per observed (round, S)
-    pair; sigma * Phi^-1 is increasing, so the radius of a running max / min is the running max /
-    min of the radii.
-    """
+
+def _early_stop_block(s, trials, sigma, alpha, tol, n_max, lower0, upper0):
+    """The stopping rule of EarlyStopRadius's docstring over one block of rounds: [N, K] cumulative
+    successes ``s`` at ``trials`` [K], continuing the running bounds ``lower0`` / ``upper0`` [N] of
+    the rounds before. Returns per round [N, K]: stop, inconsistent, the running p_a_lower and
+    p_a_upper, and the radius. Bounds are computed once per observed (round, S) pair; sigma * Phi^-1 is increasing, so
+    the radius of a running max / min is the running max / min of the radii. The forecast's
+    frequency is scipy's Beta quantile (the Clopper-Pearson lower bound), its bound the confidence
+    sequence at n_max trials."""
 
     def radius(p):
         return np.where(p > 0.5, sigma * stats.norm.ppf(np.clip(p, 0.5, 1.0)), 0.0)
 
     grid_s, grid_t, index = _observed_grid(s, trials)
     grid_lower, grid_upper = confidence_sequence(grid_s, grid_t, alpha)
-    grid_doubled = confidence_sequence(2 * grid_s, 2 * grid_t, alpha)[0]
-    lower = np.maximum.accumulate(grid_lower[index], axis=1)
-    upper = np.minimum.accumulate(grid_upper[index], axis=1)
+    f = np.where(grid_s > 0, stats.beta.ppf(FORECAST_LEVEL, np.maximum(grid_s, 1), grid_t - grid_s + 1), 0.0)
+    grid_forecast = confidence_sequence(np.floor(f * n_max).astype(np.int64), np.full(grid_t.shape, n_max), alpha)[0]
+    lower = np.maximum(lower0[:, None], np.maximum.accumulate(grid_lower[index], axis=1))
+    upper = np.minimum(upper0[:, None], np.minimum.accumulate(grid_upper[index], axis=1))
     inconsistent = upper <= lower
     stop = inconsistent | (upper <= 0.5)  # inconsistent, futile
-    r = np.maximum.accumulate(radius(grid_lower)[index], axis=1)
-    cap = np.minimum.accumulate(np.where(grid_upper < 1.0, radius(grid_upper), np.inf)[index], axis=1)
+    r = radius(lower)
+    cap = np.where(upper < 1.0, radius(upper), np.inf)
     stop |= cap - r <= tol  # precise
-    stop |= (r > 0) & ((radius(grid_doubled) - radius(grid_lower))[index] < tol)  # stalled
-    stop[:, -1] = True  # budget
+    gain = np.maximum(radius(grid_forecast) - radius(grid_lower), 0.0)[index]
+    stop |= (r > 0) & (gain < tol)  # stalled
+    stop |= (trials == n_max)[None, :]  # budget
+    return stop, inconsistent, lower, upper, r
+
+
+def _early_stop_vectorised(s, trials, sigma, alpha, tol, n_max=N_MAX):
+    """The stopping rule for [N, K] cumulative successes at ``trials`` (the last = n_max).
+
+    Returns the stopping round [N], the radius there [N], the p_a_lower the certificate rests on
+    there [N] (0 where it abstains because the running interval is empty, "inconsistent") and the
+    running p_a_lower after the last round [N].
+    """
+    n = s.shape[0]
+    stop, inconsistent, lower, _, r = _early_stop_block(s, trials, sigma, alpha, tol, n_max, np.zeros(n), np.ones(n))
     k = np.argmax(stop, axis=1)
-    rows = np.arange(s.shape[0])
+    rows = np.arange(n)
     abstain = inconsistent[rows, k]
     return k, np.where(abstain, 0.0, r[rows, k]), np.where(abstain, 0.0, lower[rows, k]), lower[:, -1]
+
+
+def _early_stop_one_by_one(draw, n_streams, sigma, alpha, tol, n_max=N_MAX, block=250):
+    """The stopping rule on ``n_streams`` streams fed one vote per round, simulated in blocks of
+    rounds until every stream has stopped; ``draw(streams, start, stop)``: the votes (0 / 1) of
+    those streams at samples start .. stop - 1, [len(streams) x (stop - start)]. Returns the samples
+    used [N], the radius [N] and the p_a_lower the certificate rests on [N] (0 where it abstains),
+    at the stop."""
+    used, radius, lower_at = np.zeros(n_streams, dtype=np.int64), np.zeros(n_streams), np.zeros(n_streams)
+    active = np.arange(n_streams)
+    base = np.zeros(n_streams, dtype=np.int64)
+    lower0, upper0 = np.zeros(n_streams), np.ones(n_streams)
+    for start in range(0, n_max, block):
+        trials = np.arange(start + 1, min(start + block, n_max) + 1)
+        s = base[active, None] + np.cumsum(draw(active, start, start + trials.size), axis=1, dtype=np.int64)
+        stop, inconsistent, lower, upper, r = _early_stop_block(s, trials, sigma, alpha, tol, n_max, lower0[active], upper0[active])
+        hit = stop.any(axis=1)
+        k = np.argmax(stop, axis=1)[hit]
+        rows = np.flatnonzero(hit)
+        abstain = inconsistent[rows, k]
+        used[active[hit]] = trials[k]
+        radius[active[hit]] = np.where(abstain, 0.0, r[rows, k])
+        lower_at[active[hit]] = np.where(abstain, 0.0, lower[rows, k])
+        base[active] = s[:, -1]
+        lower0[active], upper0[active] = lower[:, -1], upper[:, -1]
+        active = active[~hit]
+        if active.size == 0:
+            break
+    return used, radius, lower_at
 
 
 @pytest.mark.parametrize("p_a, scale", [(0.7, 1), (0.99, 3)])
@@ -649,6 +708,71 @@ def test_early_stop_radius_never_overstates_the_true_radius(p_a, scale):
             f"samples mean {np.concatenate(used).mean():.0f}, radius at stop mean {np.concatenate(radii).mean():.3f}"
         )
         assert at_stop <= anytime and upper <= alpha
+
+
+#: Median samples at p_a = 0.99 of the one-doubling forecast ("stalled" when r(2 n_a, 2 n) - r(n_a, n)
+#: < tol, the "tol" rule of densepure-rt 0.1.0 results files without a stop_rule), measured on the
+#: streams of the test below (200, seed 99, rounds of one): STOP_RULE may spend at most 1.5 times that.
+ONE_DOUBLING_MEDIAN_AT_099 = 1489
+
+
+def _votes(p_a, n_streams, seed, n_max=N_MAX):
+    """[n_streams x n_max] Bernoulli(p_a) votes (bool), one stream per row."""
+    return np.random.default_rng(seed).random((n_streams, n_max)) < p_a
+
+
+@pytest.mark.slow
+def test_early_stop_radius_reaches_what_the_budget_can_give():
+    # Rounds of one sample (the scheduler's default), sigma 0.5, alpha 0.001, n_max 10,000, tol 0.05,
+    # 200 streams per p_a: the radius at the stop against Cohen's Clopper-Pearson radius at
+    # n = 1,000 (computed here with scipy), and the samples it takes where p_a is near 1.
+    sigma, alpha, tol, n_streams = 0.5, 0.001, 0.05, 200
+    for p_a in (0.7, 0.8, 0.9, 0.99):
+        votes = _votes(p_a, n_streams, seed=int(round(100 * p_a)))
+        used, radius, _ = _early_stop_one_by_one(lambda rows, a, b: votes[rows, a:b], n_streams, sigma, alpha, tol)
+        for i in range(2):  # EarlyStopRadius stops where the restated rule does, with the same radius
+            es = EarlyStopRadius(sigma, alpha, N_MAX, tol)
+            while not es.done:
+                es.update(int(votes[i, es.n]), 1)
+            assert es.n == used[i] and es.radius == pytest.approx(radius[i], abs=1e-12)
+        k = int(round(1000 * p_a))
+        cp_1000 = sigma * stats.norm.ppf(stats.beta.ppf(alpha, k, 1000 - k + 1))
+        _report(f"early stop, rounds of one, p_a={p_a}: samples median {np.median(used):.0f} (min {used.min()}, max "
+                f"{used.max()}), radius median {np.median(radius):.3f} (min {radius.min():.3f}); Clopper-Pearson at "
+                f"n = 1,000: {cp_1000:.3f}")
+        if p_a < 0.95:
+            assert np.median(radius) >= cp_1000 - tol and radius.min() >= cp_1000 - 3 * tol
+        else:
+            assert np.median(used) <= 1.5 * ONE_DOUBLING_MEDIAN_AT_099
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("p_a", [0.7, 0.99])
+def test_early_stop_radius_with_rounds_of_one_never_overstates_the_true_radius(p_a):
+    # The stopping rule only picks when to stop; the radius comes from the confidence sequence,
+    # which holds at every round at once. Rounds of one (a look after every sample), sigma 0.5,
+    # tol 0.05: false if sigma * Phi^-1(p_a) < reported radius, i.e. p_a < p_a_lower, at the stop.
+    # alpha = 0.05: the Monte-Carlo rate's 95% upper bound is below alpha. alpha = 0.001: the exact
+    # probability that the sequence's lower bound ever passes p_a before n_max (dynamic programming
+    # over the law of S_t, one sample per round), which bounds the rate at any stop, is below alpha,
+    # and the Monte-Carlo count at this rule's stop agrees with it.
+    sigma, tol = 0.5, 0.05
+    for alpha, n_streams in ((0.05, 4_000), (0.001, 20_000)):
+        rng = np.random.default_rng(int(1000 * p_a) + int(1 / alpha))
+        used, radius, lower = _early_stop_one_by_one(lambda rows, a, b: rng.random((rows.size, b - a)) < p_a, n_streams,
+                                                     sigma, alpha, tol, block=max(20, 2_000_000 // n_streams))
+        false = int((lower > p_a).sum())
+        upper = _cp_upper95(false, n_streams)
+        exact = _exact_false_certificate(p_a, p_a, alpha, sizes=np.ones(N_MAX, dtype=np.int64)) if alpha < 0.01 else None
+        _report(f"early stop, rounds of one, p_a={p_a} (true radius {sigma * stats.norm.ppf(p_a):.3f}), tol={tol}, "
+                f"alpha={alpha}: false at stop {false}/{n_streams} (95% CP upper {upper:.2e}); samples median "
+                f"{np.median(used):.0f}, radius median {np.median(radius):.3f}"
+                + (f"; exact at any round {exact:.2e} = {exact / alpha:.3f} alpha" if exact is not None else ""))
+        if exact is None:
+            assert upper <= alpha
+        else:
+            assert exact <= alpha
+            assert false <= n_streams * exact + 5 * math.sqrt(n_streams * exact) + 3
 
 
 # --------------------------------------------------------------------------------------------
