@@ -139,8 +139,9 @@ def test_target_radii_rows_match_fixed_n_samples_and_the_mixture_test(engine, tm
     assert "certified" in kinds
     assert options["round"] == 1  # rounds of one vote (the default with the scheduler): n is any count
 
-    # The estimation samples are fixed-n CERTIFY's samples 0..n-1: a fixed-n run of that n agrees.
-    row = got[0]
+    # The estimation samples are fixed-n CERTIFY's samples 0..n-1: a fixed-n run of that n agrees
+    # (on the first image; rows are written in the order images finish).
+    row = min(got, key=lambda r: int(r["idx"]))
     fixed = tmp_path / "fixed.tsv"
     result = invoke("certify", "--engine", engine, *COMMON, "--max", 1, "--n", row["n"], "--out", fixed)
     assert result.exit_code == 0, result.output

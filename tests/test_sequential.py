@@ -40,6 +40,7 @@ from densepure_rt.stats.sequential import (
     decide,
     fixed_n_samples_to_certify,
     log_mixture,
+    selection_certain,
     selection_done,
 )
 
@@ -436,6 +437,94 @@ def test_early_stop_radius_abstains_when_the_running_interval_is_empty():
     while not es.done:
         es.update(28, ROUND)
     assert es.result().reason == "budget" and es.p_a_lower < es.p_a_upper
+
+
+# --------------------------------------------------------------------------------------------
+# Look-ahead: samples a test reads whatever their votes (the scheduler starts them freely)
+# --------------------------------------------------------------------------------------------
+
+
+def _paths(width, classes=2):
+    """Every sequence of ``width`` votes over ``classes`` classes, [classes^width x width]."""
+    return np.stack(np.unravel_index(np.arange(classes**width), (classes,) * width), axis=1)
+
+
+def _earliest_stop(stops_after):
+    """The fewest votes after which some path stops: ``stops_after`` [paths x width] bool (stopped
+    after k + 1 votes), width + 1 where none does within the window."""
+    first = np.where(stops_after.any(axis=1), np.argmax(stops_after, axis=1) + 1, stops_after.shape[1] + 1)
+    return int(first.min())
+
+
+@pytest.mark.parametrize("state", [(0, 0), (5, 5), (9, 12), (3, 10), (30, 36), (14, 20)])
+def test_target_radii_look_ahead_is_the_earliest_stop_over_every_path(state):
+    # Every path of the next 12 votes, decided with the beta-binomial formula of log M (not decide):
+    # no path makes the test done sooner than certain_more says; it is the latest of the targets'
+    # earliest decisions (each over every path; the test's earliest stop may come later, when
+    # different targets are decided soonest on different paths).
+    n_a, n = state
+    sigma, radii, alpha, width = 1.0, [0.25, 0.6], 0.05, 12
+    test = TargetRadiiTest(sigma, radii, alpha, 10_000)
+    if n:
+        test.update(n_a, n)
+    if test.done:
+        assert test.certain_more() == 0
+        return
+    votes = _paths(width)
+    s = n_a + np.cumsum(votes, axis=1)
+    t = n + np.arange(1, width + 1)[None, :]
+    done = np.ones(s.shape, dtype=bool)
+    per_target = []
+    for p0, decided in zip(stats.norm.cdf(np.asarray(radii) / sigma), test.decisions):
+        if decided:
+            continue
+        sure = _direct_log_m(s, np.broadcast_to(t, s.shape), p0, DEFAULT_PRIOR) >= math.log(1 / alpha)
+        target_done = np.maximum.accumulate(sure & (s != p0 * t), axis=1)  # a decision is final
+        per_target.append(_earliest_stop(target_done))
+        done &= target_done
+    got = test.certain_more(window=width)
+    assert got == min(max(per_target), width) and got <= _earliest_stop(done), (state, got, per_target)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("counts, left", [((0, 0, 0), 100), ((6, 0, 0), 94), ((2, 2, 2), 8), ((9, 0, 1), 5)])
+def test_selection_look_ahead_is_the_earliest_stop_over_every_path(counts, left):
+    # Every path of the next votes over three classes, stopped by the rule restated by hand.
+    width = min(7, left)
+    votes = _paths(width, classes=3)
+    done = np.zeros(votes.shape, dtype=bool)
+    for i, path in enumerate(votes):
+        c = np.array(counts)
+        for k, v in enumerate(path):
+            c[v] += 1
+            done[i, k] = _selection_done_by_hand(c, left - k - 1)
+    want = 0 if _selection_done_by_hand(counts, left) else _earliest_stop(done)
+    assert selection_certain(np.array(counts), left, window=width) == min(want, width)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("votes_so_far", [(), (1,) * 2, (1, 0, 1, 0), (0,) * 2])
+def test_early_stop_look_ahead_is_the_earliest_stop_over_every_path(votes_so_far):
+    # Every path of the next 9 votes fed to EarlyStopRadius (sigma 1, alpha 0.2, tol 0.3: stops come
+    # within a few votes): none stops sooner than certain_more says (3, 1, 8 and 4 votes here).
+    width = 9
+    base = EarlyStopRadius(1.0, 0.2, 10_000, 0.3)
+    for v in votes_so_far:
+        base.update(v, 1)
+    assert not base.done
+    ahead = base.certain_more(window=width)
+    stops = np.zeros((2**width, width), dtype=bool)
+    for i, path in enumerate(_paths(width)):
+        es = EarlyStopRadius(1.0, 0.2, 10_000, 0.3)
+        for v in votes_so_far:
+            es.update(v, 1)
+        for k, v in enumerate(path):
+            es.update(int(v), 1)
+            if es.done:
+                stops[i, k:] = True
+                break
+    assert ahead <= _earliest_stop(stops)
+    assert ahead >= 1 and (base.p_a_lower > 0.5 or ahead > 1 or _earliest_stop(stops) == 1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,6 +93,9 @@ class BatchLoop:
         #: Work done so far: UNet (step) and classifier evaluations, one per row each.
         self.unet_evals = 0
         self.classifier_evals = 0
+        #: Of ``unet_evals``: those of samples never delivered to a test (started by the scheduler,
+        #: then dropped when their test stopped). The wave loop drops none.
+        self.dropped_evals = 0
 
     # -- buffers ----------------------------------------------------------------------------------
     def prepare(self, rs: ReverseSchedule, votes: int, batch: int, early_exit: bool = True) -> None:

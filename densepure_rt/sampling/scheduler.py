@@ -45,7 +45,13 @@ from densepure_rt.errors import EngineError
 from densepure_rt.sampling.loop import NON_FINITE, check_labels
 from densepure_rt.stats.vote import majority_vote, runs_to_decide, undecided, vote_waves
 
-__all__ = ["Job", "SchedulerStats", "Scheduler"]
+__all__ = ["Job", "SchedulerStats", "Scheduler", "SPECULATION"]
+
+#: Past every bound (no other work can fill the call), a bounded job may start this fraction of the
+#: samples it has delivered beyond them (1/32: its dropped work stays within about 3% of its
+#: delivered work, while a long test, e.g. the last image of a run, still fills the calls as it
+#: goes on).
+SPECULATION = 1 / 32
 
 
 @dataclass(frozen=True)
@@ -59,10 +65,13 @@ class Job:
     num: int
     #: Samples per delivery (0: all ``num`` at once): a sequential test's round.
     round: int = 0
-    #: Samples started and not yet delivered, at most, while other work can fill the call (0: no
-    #: bound). A sequential test's job is bounded, so free rows go to other images' samples rather
-    #: than to samples its test may never read; with nothing else to run it is exceeded.
+    #: Samples started and not yet delivered, at most (0: no bound), beyond those its test certainly
+    #: reads (``sure``, and what ``deliver`` returns). A sequential test's job is bounded, so free rows
+    #: go to other images' samples rather than to samples its test may never read; with nothing else
+    #: to run it may exceed it by :data:`SPECULATION` of what it has delivered.
     ahead: int = 0
+    #: Samples the job's test reads whatever the votes (it cannot stop before): started freely.
+    sure: int = 0
 
 
 @dataclass
@@ -77,11 +86,24 @@ class SchedulerStats:
     classifier_calls: int = 0
     unet_evals: int = 0
     classifier_evals: int = 0
-    #: Per job: runs of its delivered samples, and UNet evaluations of all its rows (dropped ones too).
+    #: Per job: runs of its delivered samples, UNet evaluations of all its rows (dropped ones too),
+    #: and UNet evaluations of its samples delivered to ``deliver`` (the rest were dropped).
     per_job_runs: list = field(default_factory=list)
     per_job_unet_evals: list = field(default_factory=list)
+    per_job_delivered_evals: list = field(default_factory=list)
     #: (job, sample) in the order votes completed (not the order they are delivered in).
     completion_order: list = field(default_factory=list)
+
+    @property
+    def per_job_dropped_evals(self) -> list:
+        """Per job: UNet evaluations of samples started and never delivered (dropped when the job
+        stopped). Final once the job is stopped or done; 0 for a job that delivered every sample."""
+        return [int(e) - int(d) for e, d in zip(self.per_job_unet_evals, self.per_job_delivered_evals)]
+
+    @property
+    def dropped_evals(self) -> int:
+        """UNet evaluations of samples never delivered, all jobs together."""
+        return int(sum(self.per_job_dropped_evals))
 
     @property
     def idle_fraction(self) -> float:
@@ -171,9 +193,11 @@ class Scheduler:
         """Run ``jobs`` (a list the caller may append to from ``deliver``: a job that depends on an
         earlier one's outcome, as estimation on selection) and hand each job's voted labels to
         ``deliver(job, labels)`` **in sample order**, ``job.round`` samples at a time (the last
-        round may be shorter; round 0: all ``num`` at once). ``deliver`` returns False to stop the
-        job: no more of its samples start, and its samples in flight are dropped (their work is
-        counted in ``stats.per_job_unet_evals``, never delivered).
+        round may be shorter; round 0: all ``num`` at once). ``deliver`` returns False (or 0) to
+        stop the job: no more of its samples start, and its samples in flight are dropped (their
+        work is counted in ``stats.per_job_unet_evals`` and ``stats.per_job_dropped_evals``, never
+        delivered); True to go on; or an integer k >= 1: go on, and the next k samples will be
+        read whatever their votes (a test that cannot stop before them), so they start freely.
 
         Sample order is what keeps a sequential test valid: votes complete out of order (a
         unanimous sample needs fewer runs than a split one, and unanimity goes with the majority
@@ -182,15 +206,21 @@ class Scheduler:
         until their predecessors are in.
 
         Rows are filled with: the next run of an undecided sample, else the next sample of the jobs
-        in flight (oldest job first, each within its ``ahead`` bound), else ``refill()``'s work (a
-        callable that appends jobs, e.g. the next image's, and returns whether it did), else
-        samples past the ``ahead`` bounds. ``stats.per_job_unet_evals`` is kept up to date while
-        running (a stopped job's count is final when ``deliver`` returns False)."""
+        in flight (oldest job first, each within its bound: the samples its test surely reads, and
+        ``ahead`` more), else ``refill()``'s work (a callable that appends jobs, e.g. the next
+        image's, and returns whether it did), else samples past the bounds, at most
+        :data:`SPECULATION` of each job's delivered samples; else rows stay free (a smaller call,
+        or an idle row with ``full_calls``). New samples are admitted by rows: as many as the free
+        rows can start (a sample takes ``first`` rows at once), one more for a remainder, so at
+        most one sample waits for rows after its admission. ``stats.per_job_unet_evals`` and
+        ``stats.per_job_delivered_evals`` are kept up to date while running (a stopped job's counts
+        are final when ``deliver`` returns False: no step call comes between)."""
         stats = stats if stats is not None else SchedulerStats()
         with self.device.stream():
             _Run(self, images, jobs, int(seed), deliver, progress, stats, refill).go()
         self.loop.unet_evals += stats.unet_evals
         self.loop.classifier_evals += stats.classifier_evals
+        self.loop.dropped_evals += stats.dropped_evals
         return stats
 
     def _step(self, jobs, places, runs, steps, p_job, p_sample, seed: int) -> None:
@@ -236,18 +266,22 @@ class _Run:
         self.p_known = np.zeros(P, dtype=np.int64)  # labels received: always runs 0 .. known-1
         self.p_labels = np.zeros((P, K), dtype=np.int64)
         self.p_queued = np.zeros(P, dtype=np.int64)
+        self.p_evals = np.zeros(P, dtype=np.int64)  # UNet evaluations of its rows so far
         self.p_dead = np.zeros(P, dtype=bool)  # its job was stopped: its rows are dropped
         self.free_places = list(range(P - 1, -1, -1))
         self.order: list[int] = []  # live places in admission order: who gets free slots first
         self.queue_rows: list[tuple[int, int]] = []  # (place, run) of each purified image queued
-        # Per job: next sample to start, voted labels not yet delivered, delivered count, stopped.
+        # Per job: next sample to start, voted (label, UNet evaluations) of samples not yet delivered,
+        # delivered count, stopped.
         self.live: list[int] = []  # jobs with samples left to start, oldest first
         self.started: list[int] = []
         self.voted: list[dict] = []
         self.delivered: list[int] = []
+        self.sure: list[int] = []  # samples the job's test reads whatever the votes
         self.stopped: list[bool] = []
         self.runs_of = stats.per_job_runs = []
         self.evals_of = stats.per_job_unet_evals = []
+        self.delivered_evals_of = stats.per_job_delivered_evals = []
 
     # -- jobs ------------------------------------------------------------------------------------
     def _sync_jobs(self) -> None:
@@ -264,9 +298,11 @@ class _Run:
             self.started.append(0)
             self.voted.append({})
             self.delivered.append(0)
+            self.sure.append(max(int(job.sure), 0))
             self.stopped.append(job.num == 0)
             self.runs_of.append(0)
             self.evals_of.append(0)
+            self.delivered_evals_of.append(0)
 
     def _stop(self, j: int) -> None:
         """No more samples of job j start; its samples in flight are dropped."""
@@ -286,10 +322,22 @@ class _Run:
         self.free_places.append(place)
 
     # -- admission and slots -------------------------------------------------------------------------
+    def _limit(self, j: int, past_bounds: bool) -> int:
+        """The samples job j may have started: all of them without an ``ahead`` bound; else those
+        its test surely reads and ``ahead`` more, and past the bounds :data:`SPECULATION` of those
+        it has delivered more."""
+        job, done = self.jobs[j], self.delivered[j]
+        if not job.ahead:
+            return job.num
+        bound = max(done + job.ahead, self.sure[j])
+        if past_bounds:
+            bound = max(bound, done + int(done * SPECULATION))
+        return min(job.num, bound)
+
     def _admit(self, count: int) -> int:
         """Take up to ``count`` new samples into the table (each job's in sample order; jobs oldest
-        first, within their ``ahead`` bounds, then ``refill``'s jobs, then past the bounds), their
-        x_{t*} computed on the device. Returns how many."""
+        first, within their bounds, then ``refill``'s jobs, then past the bounds by at most
+        :data:`SPECULATION`), their x_{t*} computed on the device. Returns how many."""
         sch, xp = self.sch, self.sch.xp
         places, imgs, keys = [], [], []
         self._sync_jobs()
@@ -297,11 +345,12 @@ class _Run:
         def take(bounded: bool) -> None:
             for j in list(self.live):
                 job = self.jobs[j]
-                limit = job.num if not bounded or not job.ahead else min(job.num, self.delivered[j] + job.ahead)
+                limit = self._limit(j, past_bounds=not bounded)
                 while len(places) < count and self.free_places and self.started[j] < limit:
                     place = self.free_places.pop()
                     self.p_job[place], self.p_sample[place] = j, self.started[j]
                     self.p_launched[place], self.p_target[place], self.p_known[place] = 0, sch.first, 0
+                    self.p_evals[place] = 0
                     places.append(place)
                     imgs.append(job.image)
                     keys.append((job.image_index, job.phase, self.started[j]))
@@ -342,7 +391,11 @@ class _Run:
         while pos < len(free):
             wanting = [p for p in self.order if self.p_launched[p] < self.p_target[p]]
             if not wanting:
-                if not self._admit(len(free) - pos):
+                # By rows: a new sample takes ``first`` rows at once, so admitting one per free row
+                # would start samples whose first runs wait for later calls (ahead of their tests,
+                # often past the point where a test stops: dropped work). A remainder below
+                # ``first`` rows takes one more sample, whose other first runs lead the next call.
+                if not self._admit(-(-(len(free) - pos) // self.sch.first)):
                     break
                 continue
             for place in wanting:
@@ -386,7 +439,9 @@ class _Run:
                 stats.busy_rows += n_busy
                 stats.idle_rows += hi - n_busy
                 stats.unet_evals += n_busy
-                for j in self.p_job[self.slot_place[busy]].tolist():
+                held = self.slot_place[busy]
+                np.add.at(self.p_evals, held, 1)
+                for j in self.p_job[held].tolist():
                     self.evals_of[j] += 1
                 self.slot_step[busy] += 1
             # (--steps none: no reverse step, a run's image is x_{t*} itself, classified at once)
@@ -454,7 +509,7 @@ class _Run:
         jobs_touched = set()
         for p, label in finished:
             j = int(self.p_job[p])
-            self.voted[j][int(self.p_sample[p])] = label
+            self.voted[j][int(self.p_sample[p])] = (label, int(self.p_evals[p]))
             self.runs_of[j] += int(self.p_known[p])
             self.stats.completion_order.append((j, int(self.p_sample[p])))
             self.order.remove(p)
@@ -472,10 +527,15 @@ class _Run:
             take = min(size, job.num - first)
             if any(first + i not in self.voted[j] for i in range(take)):
                 break  # a predecessor is still running: wait for it (sample order, not completion order)
-            labels = np.asarray([self.voted[j].pop(first + i) for i in range(take)], dtype=np.int64)
+            voted = [self.voted[j].pop(first + i) for i in range(take)]
+            labels = np.asarray([label for label, _ in voted], dtype=np.int64)
             self.delivered[j] += take
+            self.delivered_evals_of[j] += sum(evals for _, evals in voted)
             if self.progress is not None:
                 self.progress(take)
-            if not self.deliver(j, labels):
+            more = self.deliver(j, labels)
+            if not more:
                 self._stop(j)
+            else:
+                self.sure[j] = max(self.sure[j], self.delivered[j] + int(more))
             self._sync_jobs()

@@ -9,10 +9,13 @@
 
 One :class:`densepure_rt.sampling.scheduler.Scheduler` run serves every image of a run: a freed row
 takes the next run of an undecided sample, else the next sample of the images in flight (a
-sequential test's job at most ``ahead`` samples past what its test has read), else the next image
-(``refill``), else samples past the bounds (the last images of a run). So a sequential test with
-rounds of one vote does not leave the calls empty, and its calls are not filled with samples it
-may never read while other images have work.
+sequential test's job: the samples its test reads whatever their votes, e.g. 10 at first for a
+target R = 0.5 sigma at alpha = 0.001, where no decision can come sooner, and ``ahead`` more),
+else the next image (``refill``), else a few samples past those bounds
+(:data:`densepure_rt.sampling.scheduler.SPECULATION`: the last images of a run). So a sequential
+test with rounds of one vote does not leave the calls empty, and its calls are not filled with
+samples it may never read: the work of samples started and dropped when a test stopped
+(``Streamed.dropped_evals``) stays within a few percent.
 
 What an image computes is what it computes alone (:class:`densepure_rt.runtime.Engine`'s
 ``certify_counts``, ``predict``, ``certify_radii``, ``certify_until``): the noise is keyed by
@@ -40,7 +43,9 @@ __all__ = ["Streamed", "FixedWork", "SequentialWork", "run_stream"]
 class Streamed:
     """One image's outcome: ``result`` (what the engine method returns for it), the per-class counts
     of its last phase (fixed-n work), its UNet evaluations (dropped samples' too), the noisy samples
-    its tests read, and its share of the wall time (the time since the previous image finished)."""
+    its tests read, its share of the wall time (the time since the previous image finished), and
+    ``dropped_evals``: those of its UNet evaluations spent on samples its tests never read (started,
+    then dropped when a test stopped; 0 for fixed-n work)."""
 
     idx: int
     result: Any
@@ -48,6 +53,7 @@ class Streamed:
     unet_evals: int
     samples: int
     seconds: float
+    dropped_evals: int = 0
 
 
 class _Work:
@@ -64,8 +70,9 @@ class _Work:
     def start(self, add: Callable[..., int]) -> None:
         raise NotImplementedError
 
-    def take(self, job: int, labels: np.ndarray, add: Callable[..., int], evals: Callable[[], int]) -> bool:
-        """Votes of ``job`` in sample order; returns whether the job goes on."""
+    def take(self, job: int, labels: np.ndarray, add: Callable[..., int], evals: Callable[[], int]) -> int:
+        """Votes of ``job`` in sample order; returns whether the job goes on: 0 (False) stops it, k >= 1
+        (True is 1) goes on, k samples more being read whatever their votes."""
         raise NotImplementedError
 
 
@@ -114,28 +121,32 @@ class SequentialWork(_Work):
         self.c_a: Optional[int] = None
 
     def start(self, add) -> None:
-        self.jobs.append(add(SELECTION, self.n0, self.round, self.ahead))
+        from densepure_rt.stats.sequential import selection_certain
 
-    def take(self, job, labels, add, evals) -> bool:
-        from densepure_rt.stats.sequential import selection_done
+        sure = selection_certain(self.counts0, self.n0)
+        self.jobs.append(add(SELECTION, self.n0, self.round, self.ahead, sure))
+
+    def take(self, job, labels, add, evals) -> int:
+        from densepure_rt.stats.sequential import selection_certain
 
         self.samples += len(labels)
         if job == self.jobs[0]:
             self.counts0 += np.bincount(labels, minlength=self.num_classes)
             left = self.n0 - int(self.counts0.sum())
-            if not (left == 0 or selection_done(self.counts0, left)):
-                return True
+            more = selection_certain(self.counts0, left) if left else 0
+            if more:
+                return more
             self.c_a = int(np.argmax(self.counts0))
             if self.test.done:  # cannot happen with n_max >= 1; kept so a finished test is never fed
                 self._done(evals)
             else:
-                self.jobs.append(add(ESTIMATION, int(self.test.remaining), self.round, self.ahead))
-            return False
+                self.jobs.append(add(ESTIMATION, int(self.test.remaining), self.round, self.ahead, self.test.certain_more()))
+            return 0
         self.test.update(int(np.count_nonzero(labels == self.c_a)), len(labels))
         if self.test.done:
             self._done(evals)
-            return False
-        return True
+            return 0
+        return self.test.certain_more()
 
     def _done(self, evals) -> None:
         self.result = self.finish(self.test, self.c_a, int(evals()))
@@ -165,11 +176,13 @@ def run_stream(scheduler, stage: Callable[[np.ndarray], Any], image_shape, items
     def finish(work: _Work, slot: int) -> None:
         free_slots.append(slot)
         now = time.time()
-        emit(Streamed(work.idx, work.result, work.counts, _evals(work), work.samples, now - last[0]))
+        emit(Streamed(work.idx, work.result, work.counts, _evals(work), work.samples, now - last[0],
+                      _evals(work, stats.per_job_dropped_evals)))
         last[0] = now
 
-    def _evals(work: _Work) -> int:
-        return int(sum(stats.per_job_unet_evals[j] for j in work.jobs if j < len(stats.per_job_unet_evals)))
+    def _evals(work: _Work, per_job: Optional[list] = None) -> int:
+        per_job = stats.per_job_unet_evals if per_job is None else per_job
+        return int(sum(per_job[j] for j in work.jobs if j < len(per_job)))
 
     def refill() -> bool:
         nonlocal exhausted
@@ -183,8 +196,8 @@ def run_stream(scheduler, stage: Callable[[np.ndarray], Any], image_shape, items
             staged[slot] = stage(np.asarray(image, dtype=np.float32)[None])[0]
             work = make_work(int(idx))
 
-            def add(phase, num, round_size, ahead, work=work, slot=slot, idx=idx) -> int:
-                jobs.append(Job(slot, int(idx), int(phase), int(num), int(round_size), int(ahead)))
+            def add(phase, num, round_size, ahead, sure=0, work=work, slot=slot, idx=idx) -> int:
+                jobs.append(Job(slot, int(idx), int(phase), int(num), int(round_size), int(ahead), int(sure)))
                 owner.append((work, slot))
                 return len(jobs) - 1
 
@@ -195,11 +208,11 @@ def run_stream(scheduler, stage: Callable[[np.ndarray], Any], image_shape, items
             return True
         return False
 
-    def deliver(job: int, labels: np.ndarray) -> bool:
+    def deliver(job: int, labels: np.ndarray) -> int:
         work, slot = owner[job]
 
-        def add(phase, num, round_size, ahead) -> int:
-            jobs.append(Job(slot, work.idx, int(phase), int(num), int(round_size), int(ahead)))
+        def add(phase, num, round_size, ahead, sure=0) -> int:
+            jobs.append(Job(slot, work.idx, int(phase), int(num), int(round_size), int(ahead), int(sure)))
             owner.append((work, slot))
             return len(jobs) - 1
 

@@ -54,7 +54,9 @@ class Task:
 @dataclass(frozen=True)
 class Outcome:
     """The result of one image: the engine's certificate or prediction, its per-class estimation
-    counts (fixed-n CERTIFY only), the UNet evaluations it took and its wall time."""
+    counts (fixed-n CERTIFY only), the UNet evaluations it took, its wall time, and
+    ``dropped_evals``: those of its UNet evaluations spent on noisy samples its tests never read
+    (started by the scheduler, then dropped when a sequential test stopped; 0 in fixed-n modes)."""
 
     idx: int
     mode: str
@@ -62,6 +64,7 @@ class Outcome:
     counts: Optional[np.ndarray]
     unet_evals: int
     seconds: float
+    dropped_evals: int = 0
 
 
 def run_image(engine, task: Task, image: np.ndarray, idx: int, progress: Optional[Callable[[int], None]] = None) -> Outcome:
@@ -70,6 +73,7 @@ def run_image(engine, task: Task, image: np.ndarray, idx: int, progress: Optiona
     engine.set_scheduling(task.scheduling)
     t0 = time.time()
     counts = None
+    dropped = engine.loop.dropped_evals
     if task.mode == "certify":
         result, c = engine.certify_counts(image, task.sigma, task.steps, task.votes, task.n0, task.n, task.alpha, **common)
         counts, evals = c.counts, c.unet_evals
@@ -85,7 +89,7 @@ def run_image(engine, task: Task, image: np.ndarray, idx: int, progress: Optiona
         before = engine.loop.unet_evals
         result = engine.predict(image, task.sigma, task.steps, task.votes, task.n, task.alpha, **common)
         evals = engine.loop.unet_evals - before
-    return Outcome(int(idx), task.mode, result, counts, int(evals), time.time() - t0)
+    return Outcome(int(idx), task.mode, result, counts, int(evals), time.time() - t0, engine.loop.dropped_evals - dropped)
 
 
 def run_group(engine, task: Task, images, indices, progress: Optional[Callable[[int], None]] = None) -> list[Outcome]:
@@ -125,9 +129,9 @@ def run_stream(engine, task: Task, items, emit: Callable[[Outcome, int], None], 
     def out(s) -> None:
         if task.mode == "certify":
             cert, counts = s.result
-            emit(Outcome(s.idx, task.mode, cert, counts.counts, int(s.unet_evals), s.seconds), s.samples)
+            emit(Outcome(s.idx, task.mode, cert, counts.counts, int(s.unet_evals), s.seconds, int(s.dropped_evals)), s.samples)
         else:
-            emit(Outcome(s.idx, task.mode, s.result, None, int(s.unet_evals), s.seconds), s.samples)
+            emit(Outcome(s.idx, task.mode, s.result, None, int(s.unet_evals), s.seconds, int(s.dropped_evals)), s.samples)
 
     engine.stream(task.mode, items, out, sigma=task.sigma, steps=task.steps, votes=task.votes, n0=task.n0, n=task.n,
                   alpha=task.alpha, radii=task.radii, tol=task.tol, seed=task.seed, batch=task.batch, round_size=round_size,

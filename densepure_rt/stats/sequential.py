@@ -381,6 +381,32 @@ def selection_done(counts0, left, min_share: float = SELECTION_MIN_SHARE, level:
     return bool(done) if done.ndim == 0 else done
 
 
+#: How far ahead (in samples) the ``*_certain`` look-aheads search for the earliest possible stop;
+#: a stop further away counts as this many samples.
+LOOKAHEAD = 64
+
+
+def selection_certain(counts0, left, min_share: float = SELECTION_MIN_SHARE, level: float = SELECTION_LEVEL,
+                      window: int = LOOKAHEAD) -> int:
+    """The fewest further selection samples after which :func:`selection_done` could say done,
+    whatever their votes (0 when it says so now; at most ``window``): that many more are read.
+
+    counts0: [num_classes] integer counts of the selection samples so far; left: samples not yet
+    drawn. The earliest stop puts every further vote on the leader: both rules grow with the
+    leader's count and shrink with the runner-up's, and any other split leaves a leader with at
+    most as many votes and a runner-up with at least as many."""
+    counts0 = np.asarray(counts0)
+    if counts0.ndim != 1:
+        raise ValueError(f"counts0 must be one count vector [num_classes] (got shape {counts0.shape})")
+    if selection_done(counts0, left, min_share, level):
+        return 0
+    m = np.arange(1, min(int(left), int(window)) + 1)
+    path = np.repeat(counts0.astype(np.int64)[None, :], m.size, axis=0)
+    path[:, int(np.argmax(counts0))] += m
+    done = selection_done(path, int(left) - m, min_share, level)
+    return int(m[np.argmax(done)]) if done.any() else int(m.size)
+
+
 # --------------------------------------------------------------------------------------------
 # Sequential procedures with resumable state
 # --------------------------------------------------------------------------------------------
@@ -481,6 +507,23 @@ class TargetRadiiTest:
         self.decisions[idx] = new
         self.decided_at[idx[new != UNDECIDED]] = self.n
         return self.decisions.copy()
+
+    def certain_more(self, window: int = LOOKAHEAD) -> int:
+        """The fewest further estimation samples after which the test could be done, whatever their
+        votes (0 when done; at most ``window`` or the budget left): that many more are read.
+
+        The test is done when every target is decided; a target is certified soonest if every
+        further vote is a success and found futile soonest if every one is a failure (:func:`decide`
+        is monotone in the successes), so no target is decided before the first of those two
+        times, and the test not before the latest target's."""
+        if self.done:
+            return 0
+        m = np.arange(1, min(int(window), self.remaining) + 1)[:, None]
+        p0 = self.thresholds[self.decisions == UNDECIDED][None, :]
+        can = (decide(self.n_a + m, self.n + m, p0, self.alpha, self.prior) == CERTIFIED) | (
+            decide(self.n_a, self.n + m, p0, self.alpha, self.prior) == FUTILE)
+        first = np.where(can.any(axis=0), np.argmax(can, axis=0) + 1, m.size)
+        return int(first.max())
 
     def result(self) -> TargetRadiiResult:
         certified = self.decisions == CERTIFIED
@@ -630,6 +673,26 @@ class EarlyStopRadius:
         elif self.n >= self.n_max:
             self.reason = "budget"
         return radius
+
+    def certain_more(self, window: int = LOOKAHEAD) -> int:
+        """The fewest further estimation samples after which it could stop, whatever their votes
+        (0 when stopped; at most ``window`` or the budget left): that many more are read.
+
+        While p_a_lower <= 1/2 (no radius yet) it stops only once some later L_s > 1/2 ("stalled",
+        "precise" or "inconsistent" with a radius) or some later U_s <= Phi(tol / sigma) ("futile",
+        "precise" at radius 0, "inconsistent" without one), or at the budget; the first comes
+        soonest if every further vote is a success, the second if every one is a failure (read from
+        :func:`decide`, which is monotone in the successes). Once there is a radius, "stalled" may
+        come after any sample: 1."""
+        if self.done:
+            return 0
+        if self.p_a_lower > 0.5:
+            return 1
+        m = np.arange(1, min(int(window), self.remaining) + 1)
+        p_tol = float(special.ndtr(self.tol / self.sigma))
+        can = (decide(self.n_a + m, self.n + m, 0.5, self.alpha, self.prior) == CERTIFIED) | (
+            decide(self.n_a, self.n + m, p_tol, self.alpha, self.prior) == FUTILE)
+        return int(m[np.argmax(can)]) if can.any() else int(m.size)
 
     def _forecast_successes(self) -> int:
         """floor(f n_max), f the one-sided Clopper-Pearson lower bound of n_a / n at level
