@@ -119,12 +119,15 @@ class SequentialWork(_Work):
         self.round, self.ahead = int(round_size), max(int(ahead), int(round_size))
         self.counts0 = np.zeros(num_classes, dtype=np.int64)
         self.c_a: Optional[int] = None
+        #: Samples of the current phase its test reads whatever their votes (a look-ahead, asked
+        #: again once they are read).
+        self.sure = 0
 
     def start(self, add) -> None:
         from densepure_rt.stats.sequential import selection_certain
 
-        sure = selection_certain(self.counts0, self.n0)
-        self.jobs.append(add(SELECTION, self.n0, self.round, self.ahead, sure))
+        self.sure = selection_certain(self.counts0, self.n0)
+        self.jobs.append(add(SELECTION, self.n0, self.round, self.ahead, self.sure))
 
     def take(self, job, labels, add, evals) -> int:
         from densepure_rt.stats.sequential import selection_certain
@@ -132,21 +135,30 @@ class SequentialWork(_Work):
         self.samples += len(labels)
         if job == self.jobs[0]:
             self.counts0 += np.bincount(labels, minlength=self.num_classes)
-            left = self.n0 - int(self.counts0.sum())
+            drawn = int(self.counts0.sum())
+            if drawn < self.sure:  # selection_done cannot be true yet
+                return self.sure - drawn
+            left = self.n0 - drawn
             more = selection_certain(self.counts0, left) if left else 0
             if more:
+                self.sure = drawn + more
                 return more
             self.c_a = int(np.argmax(self.counts0))
             if self.test.done:  # cannot happen with n_max >= 1; kept so a finished test is never fed
                 self._done(evals)
             else:
-                self.jobs.append(add(ESTIMATION, int(self.test.remaining), self.round, self.ahead, self.test.certain_more()))
+                self.sure = self.test.certain_more()
+                self.jobs.append(add(ESTIMATION, int(self.test.remaining), self.round, self.ahead, self.sure))
             return 0
         self.test.update(int(np.count_nonzero(labels == self.c_a)), len(labels))
         if self.test.done:
             self._done(evals)
             return 0
-        return self.test.certain_more()
+        if self.test.n < self.sure:
+            return self.sure - self.test.n
+        more = self.test.certain_more()
+        self.sure = self.test.n + more
+        return more
 
     def _done(self, evals) -> None:
         self.result = self.finish(self.test, self.c_a, int(evals()))

@@ -381,9 +381,10 @@ def selection_done(counts0, left, min_share: float = SELECTION_MIN_SHARE, level:
     return bool(done) if done.ndim == 0 else done
 
 
-#: How far ahead (in samples) the ``*_certain`` look-aheads search for the earliest possible stop;
-#: a stop further away counts as this many samples.
-LOOKAHEAD = 64
+#: How far ahead (in samples) the look-aheads (:func:`selection_certain`, ``certain_more``) search
+#: for the earliest possible stop; a stop further away counts as this many samples (the caller asks
+#: again once they are read).
+LOOKAHEAD = 16
 
 
 def selection_certain(counts0, left, min_share: float = SELECTION_MIN_SHARE, level: float = SELECTION_LEVEL,
@@ -398,18 +399,30 @@ def selection_certain(counts0, left, min_share: float = SELECTION_MIN_SHARE, lev
     counts0 = np.asarray(counts0)
     if counts0.ndim != 1:
         raise ValueError(f"counts0 must be one count vector [num_classes] (got shape {counts0.shape})")
-    if selection_done(counts0, left, min_share, level):
-        return 0
-    m = np.arange(1, min(int(left), int(window)) + 1)
+    m = np.arange(0, min(int(left), int(window)) + 1)  # m = 0: done now
     path = np.repeat(counts0.astype(np.int64)[None, :], m.size, axis=0)
     path[:, int(np.argmax(counts0))] += m
     done = selection_done(path, int(left) - m, min_share, level)
-    return int(m[np.argmax(done)]) if done.any() else int(m.size)
+    return int(m[np.argmax(done)]) if done.any() else int(m[-1])
 
 
 # --------------------------------------------------------------------------------------------
 # Sequential procedures with resumable state
 # --------------------------------------------------------------------------------------------
+
+
+def _decided_soonest(n_a: int, n: int, m: np.ndarray, up, down, alpha: float, prior: BetaMixture) -> np.ndarray:
+    """Whether :func:`decide` certifies ``up`` after m more successes, or finds ``down`` futile after
+    m more failures (elementwise over m broadcast with up / down): the soonest each can happen.
+    :func:`decide`'s arithmetic without its argument checks (the look-aheads run after every round)."""
+    m, up, down = np.broadcast_arrays(m, up, down)
+    s = np.stack([n_a + m, np.full(m.shape, n_a)])  # [2 x ...]: all successes, all failures
+    t = np.stack([n + m, n + m])
+    p0 = np.stack([up, down]).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        log_m = prior.log_marginal(s, t) - special.xlogy(s, p0) - special.xlog1py(t - s, -p0)
+    rejected = log_m >= math.log(1.0 / alpha)
+    return (rejected[0] & (s[0] > p0[0] * t[0])) | (rejected[1] & (s[1] < p0[1] * t[1]))
 
 
 def _check_round(successes, trials, n: int, n_max: int) -> tuple[int, int]:
@@ -520,8 +533,7 @@ class TargetRadiiTest:
             return 0
         m = np.arange(1, min(int(window), self.remaining) + 1)[:, None]
         p0 = self.thresholds[self.decisions == UNDECIDED][None, :]
-        can = (decide(self.n_a + m, self.n + m, p0, self.alpha, self.prior) == CERTIFIED) | (
-            decide(self.n_a, self.n + m, p0, self.alpha, self.prior) == FUTILE)
+        can = _decided_soonest(self.n_a, self.n, m, p0, p0, self.alpha, self.prior)
         first = np.where(can.any(axis=0), np.argmax(can, axis=0) + 1, m.size)
         return int(first.max())
 
@@ -690,8 +702,7 @@ class EarlyStopRadius:
             return 1
         m = np.arange(1, min(int(window), self.remaining) + 1)
         p_tol = float(special.ndtr(self.tol / self.sigma))
-        can = (decide(self.n_a + m, self.n + m, 0.5, self.alpha, self.prior) == CERTIFIED) | (
-            decide(self.n_a, self.n + m, p_tol, self.alpha, self.prior) == FUTILE)
+        can = _decided_soonest(self.n_a, self.n, m, 0.5, p_tol, self.alpha, self.prior)
         return int(m[np.argmax(can)]) if can.any() else int(m.size)
 
     def _forecast_successes(self) -> int:
