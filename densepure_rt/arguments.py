@@ -9,7 +9,7 @@ import inspect
 import numpy as np
 
 from densepure_rt.errors import ConfigError, EngineError, param
-from densepure_rt.files.manifest import KERNELS, graph_path
+from densepure_rt.files.manifest import KERNELS, Manifest, graph_path
 
 __all__ = ["sampling", "check_staging", "check_kernels"]
 
@@ -70,16 +70,16 @@ def check_staging(in_flight: int, image_shape, device: str, name: str = "in_flig
         )
 
 
-def check_kernels(kernels: str, manifest: dict, device: str, directory) -> str:
+def check_kernels(kernels: str, manifest: Manifest, device: str, directory) -> str:
     """Refuse, in one line, a graph set the engine or the device cannot run: the fused graphs need
     an engine built with ``--device cuda``, the onnxruntime backend and ``--device cuda``
     (``com.microsoft.GroupNorm`` has no CPU kernel)."""
     if kernels not in KERNELS:
         raise ConfigError(f"{param('kernels')} must be {' or '.join(KERNELS)} (got {kernels!r})")
     if kernels == "fused":
-        if manifest["backend"]["name"] != "onnxruntime":
+        if manifest.backend != "onnxruntime":
             raise EngineError(f"{param('kernels', 'fused')} runs ONNX Runtime's fused CUDA graphs; this engine is a "
-                              f"{manifest['backend']['name']} engine: use {param('kernels', 'portable')}")
+                              f"{manifest.backend} engine: use {param('kernels', 'portable')}")
         if device != "cuda":
             raise EngineError(f"{param('kernels', 'fused')} runs only on a GPU (ONNX Runtime's GroupNorm has no CPU kernel): pass "
                               f"{param('device', 'cuda')}, or use {param('kernels', 'portable')}")

@@ -385,7 +385,7 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
 
         manifest = build_engine(out, p, unet, classifier, options, before_commit=before_commit,
                                 log=_timed_log(started, pending, committing))
-    click.echo(f"{out}: {p.name}, step {precision}, {len(manifest['files'])} files, checks passed ({time.time() - started:.0f} s)")
+    click.echo(f"{out}: {p.name}, step {precision}, {len(manifest.files)} files, checks passed ({time.time() - started:.0f} s)")
 
 
 # ------------------------------------------------------------------------------------------------ #
@@ -690,10 +690,10 @@ def _radii_csv(text: str) -> list[float]:
     return values
 
 
-def _plan_lines(manifest: dict) -> list[str]:
+def _plan_lines(manifest) -> list[str]:
     """The TensorRT plans of an engine (the manifest's validated ``tensorrt`` section), for ``info``."""
-    trt = manifest.get("tensorrt")
-    if manifest["backend"]["name"] != "tensorrt" or not isinstance(trt, dict):
+    trt = manifest.tensorrt
+    if manifest.backend != "tensorrt" or not isinstance(trt, dict):
         return []
     rows = trt["profile"]
     return [
@@ -703,11 +703,10 @@ def _plan_lines(manifest: dict) -> list[str]:
     ]
 
 
-
-def _fused_lines(manifest: dict) -> list[str]:
+def _fused_lines(manifest) -> list[str]:
     """``info``'s line for `build --device cuda`'s fused GPU graphs (read defensively: the report
     fields are descriptive and not part of the manifest's validated schema)."""
-    fused = manifest.get("fused")
+    fused = manifest.fused
     if not isinstance(fused, dict):
         return []
     step, cls = fused.get("step", {}), fused.get("classifier", {})
@@ -719,6 +718,7 @@ def _fused_lines(manifest: dict) -> list[str]:
     attention = f", {blocks[0]} of {blocks[1]} attention blocks fused" if all(type(b) is int for b in blocks) else ""
     return [f"fused       GPU graphs for --kernels fused (--device cuda): step {step.get('file')}{norms}; "
             f"classifier {cls.get('file')} {cls.get('precision')}{attention}"]
+
 
 @main.command()
 @click.option("--engine", "engine_dir", type=click.Path(), metavar="DIR",
@@ -737,26 +737,25 @@ def info(engine_dir, as_json):
     engine_dir = Path(engine_dir).expanduser() if engine_dir else BUNDLED_ENGINE
     manifest = load_manifest(engine_dir)
     if as_json:
-        click.echo(json.dumps(manifest, indent=2, sort_keys=True))
+        click.echo(json.dumps(manifest.to_dict(), indent=2, sort_keys=True))
         return
-    build = manifest.get("build", {})
-    cost = manifest.get("cost_gflop", {})
+    build, cost = manifest.build, manifest.cost_gflop
+    step, classifier = manifest.graphs["step"], manifest.graphs["classifier"]
     lines = [
-        f"engine      {engine_dir} (verified: manifest and {len(manifest['files'])} file checksums)",
-        f"preset      {manifest['preset']}  image {'x'.join(map(str, manifest['image_shape']))}  classes {manifest['num_classes']}",
-        f"schedule    {manifest['schedule']['kind']}, {manifest['schedule']['num_timesteps']} steps",
-        f"unet        {manifest['unet']['parameters']:,} parameters, step graph {manifest['precision']['step']}"
+        f"engine      {engine_dir} (verified: manifest and {len(manifest.files)} file checksums)",
+        f"preset      {manifest.preset}  image {'x'.join(map(str, manifest.image_shape))}  classes {manifest.num_classes}",
+        f"schedule    {manifest.schedule.kind}, {manifest.schedule.num_timesteps} steps",
+        f"unet        {manifest.unet_parameters:,} parameters, step graph {manifest.step_precision}"
         + (f", {cost['unet']:g} GFLOP/sample" if isinstance(cost.get("unet"), (int, float)) and cost.get("unet") else ""),
-        f"classifier  {manifest['classifier']['name']}, {manifest['classifier']['parameters']:,} parameters, fp32"
+        f"classifier  {manifest.classifier_name}, {manifest.classifier_parameters:,} parameters, {manifest.classifier_precision}"
         + (f", {cost['classifier']:g} GFLOP/sample" if isinstance(cost.get("classifier"), (int, float)) and cost.get("classifier") else ""),
-        f"backend     {manifest['backend']['name']} (opset {manifest['backend']['opset']})",
+        f"backend     {manifest.backend} (opset {manifest.opset})",
         "rows        at most {} per step call, {} per classifier call (largest tensors {:,} and {:,} elements per row; "
-        "rows = noisy samples x K)".format(*rows_per_call(manifest), manifest["graphs"]["step"]["max_elements_per_row"],
-                                          manifest["graphs"]["classifier"]["max_elements_per_row"]),
+        "rows = noisy samples x K)".format(*rows_per_call(manifest), step.max_elements_per_row, classifier.max_elements_per_row),
         *_plan_lines(manifest),
         *_fused_lines(manifest),
-        f"built       {build.get('date', '?')} with densepure-rt {manifest.get('toolkit_version')}, torch {build.get('torch', '?')}"
-        + ("  [random weights]" if build.get("random_weights") else ""),
+        f"built       {build.get('date', '?')} with densepure-rt {manifest.toolkit_version}, torch {build.get('torch', '?')}"
+        + ("  [random weights]" if manifest.random_weights else ""),
     ]
     click.echo("\n".join(lines))
 

@@ -69,6 +69,7 @@ import os
 from dataclasses import dataclass
 
 from densepure_rt.errors import ConfigError, param
+from densepure_rt.files.manifest import Manifest, row_facts
 
 __all__ = [
     "MAX_ELEMENTS",
@@ -101,10 +102,10 @@ def row_limit(elements_per_row: int) -> int:
     return MAX_ELEMENTS // max(int(elements_per_row), 1)
 
 
-def rows_per_call(manifest: dict) -> tuple[int, int]:
+def rows_per_call(manifest: Manifest) -> tuple[int, int]:
     """(step, classifier) row limits of an engine, from its manifest."""
-    graphs = manifest["graphs"]
-    return row_limit(graphs["step"]["max_elements_per_row"]), row_limit(graphs["classifier"]["max_elements_per_row"])
+    _, step, classifier = row_facts(manifest)
+    return row_limit(step), row_limit(classifier)
 
 
 @dataclass(frozen=True)
@@ -129,17 +130,14 @@ class MemoryEstimate:
         return self.fixed + self.variable
 
 
-def memory_estimate(manifest: dict, rows: int, weights_bytes: int = 0, classifier_rows: int | None = None) -> MemoryEstimate:
+def memory_estimate(manifest: Manifest, rows: int, weights_bytes: int = 0, classifier_rows: int | None = None) -> MemoryEstimate:
     """The modelled peak memory of a run whose step calls hold ``rows`` rows (module doc).
 
     ``weights_bytes``: the size of the engine's graph files (0: weights not counted).
     ``classifier_rows``: the most rows a classifier call holds (the executor's and the engine's
     limit); default :data:`CLASSIFIER_CHUNK` or the engine's classifier row limit if lower."""
     rows = int(rows)
-    c, h, w = (int(d) for d in manifest["image_shape"])
-    graphs = manifest["graphs"]
-    step_largest = int(graphs["step"]["max_elements_per_row"])
-    classifier_largest = int(graphs["classifier"]["max_elements_per_row"])
+    (c, h, w), step_largest, classifier_largest = row_facts(manifest)
     if classifier_rows is None:
         classifier_rows = min(CLASSIFIER_CHUNK, rows_per_call(manifest)[1])
     chunk = min(rows, max(int(classifier_rows), 1))
@@ -193,7 +191,7 @@ def _growth(estimate: MemoryEstimate, device: str, in_use: int) -> int:
     return estimate.variable + max(estimate.fixed - in_use, 0)
 
 
-def check_rows(manifest: dict, batch: int, votes: int, device: str | None = "cpu", *, weights_bytes: int = 0,
+def check_rows(manifest: Manifest, batch: int, votes: int, device: str | None = "cpu", *, weights_bytes: int = 0,
                classifier_rows: int | None = None) -> None:
     """Refuse ``batch`` noisy samples x ``votes`` runs per call, in one :class:`ConfigError` naming
     both (the CLI shows --batch and --votes), when the rows exceed the step graph's row limit, or
@@ -204,7 +202,7 @@ def check_rows(manifest: dict, batch: int, votes: int, device: str | None = "cpu
     step_rows, _ = rows_per_call(manifest)
     request = f"{param('batch')} {batch} x {param('votes')} {votes} = {rows} rows per call"
     if rows > step_rows:
-        per_row = manifest["graphs"]["step"]["max_elements_per_row"]
+        per_row = row_facts(manifest)[1]
         raise ConfigError(
             f"{request}, above this engine's limit of {step_rows} rows "
             f"(its largest tensor holds {per_row:,} elements per row, and no tensor may reach 2^31): "

@@ -51,7 +51,7 @@ def _open_data(engine, data, skip, max_images):
 
     shape = engine.image_shape
     if data is None:
-        if engine.manifest.get("default_data") == "digits-test":
+        if engine.manifest.default_data == "digits-test":
             dataset = digits_test_split(image_size=shape[1], channels=shape[0], num_classes=engine.num_classes)
             spec = "digits-test"
         else:
@@ -166,7 +166,6 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
     "certify-radii" (target radii, n = n_max), "certify-until" (early stopping, n = n_max), "predict".
     ``ray``: a Ray address ("auto", "local", host:port) to spread the images over Ray actors."""
     from densepure_rt.stats.cohen import validate_params
-    from densepure_rt.files.manifest import engine_identity
     from densepure_rt.sampling.noise import NOISE_VERSION
     from densepure_rt.files.results import HEADERS, ResultsWriter, indices_todo
     from densepure_rt.runtime import open_engine
@@ -191,8 +190,8 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
     with open_engine(engine_dir, device=device, threads=threads, early_exit=early_exit, metadata_only=ray is not None,
                      scheduling=scheduling, kernels=kernels) as engine:
         engine.reverse_schedule(sigma, steps_value)  # refuses a (sigma, b) the schedule cannot honour
-        random_weights = bool(engine.manifest.get("build", {}).get("random_weights"))
-        batch = batch if batch is not None else int(engine.manifest.get("default_batch", 32))
+        random_weights = engine.manifest.random_weights
+        batch = batch if batch is not None else engine.manifest.default_batch
         continuous = engine.scheduling == "continuous"
         sequential = mode in ("certify-radii", "certify-until")
         # A resumed file keeps the round it was started with when --round is not given: the default
@@ -225,8 +224,8 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
             "engine": str(engine_dir),
             # What the engine computes (graphs and output-changing settings): a rebuild from the same
             # weights continues the file; the manifest's own checksum (build date...) is kept for reference.
-            "engine_id": engine_identity(engine.manifest),
-            "engine_manifest_sha256": engine.manifest["manifest_sha256"],
+            "engine_id": engine.manifest.identity,
+            "engine_manifest_sha256": engine.manifest.manifest_sha256,
             "random_weights": random_weights,
             "preset": engine.preset,
             "data": spec,
@@ -258,12 +257,12 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
             "kernels": engine.kernels,
             # The engine format (manifest schema) the rows were computed with: a file of another
             # format is refused by its engine_id; this says why.
-            "engine_format": engine.manifest["schema_version"],
+            "engine_format": engine.manifest.schema_version,
             "images_per_call": images_per_call,
-            "backend": executor.name if executor is not None else engine.manifest["backend"]["name"],
+            "backend": executor.name if executor is not None else engine.manifest.backend,
             # What the graphs ran in, read back from the executor (OpenVINO: its compiled precision);
             # with --ray every actor's is checked against it.
-            "precision": executor.effective_precision if executor is not None else engine.manifest["precision"]["step"],
+            "precision": executor.effective_precision if executor is not None else engine.manifest.step_precision,
             "device": device,
             "ray": ray,
             "version": __version__,
@@ -318,7 +317,7 @@ def _legacy_identities(engine, data) -> dict:
     def data_sha256() -> str:
         return sha256_file(DIGITS_TEST_ASSET) if data is None else legacy_data_sha256(Path(data).expanduser())
 
-    return {"engine_sha256": lambda: engine.manifest["manifest_sha256"], "data_sha256": data_sha256}
+    return {"engine_sha256": lambda: engine.manifest.manifest_sha256, "data_sha256": data_sha256}
 
 
 def random_note(out) -> str:
@@ -395,7 +394,7 @@ def _run_on_ray(engine, task, dataset, todo, writer, options, address, actors, d
     def log(line: str) -> None:
         click.echo(line, err=True)
 
-    pool = RayPool(str(engine.directory), engine.manifest["manifest_sha256"], address=address, actors=actors, device=device,
+    pool = RayPool(str(engine.directory), engine.manifest.manifest_sha256, address=address, actors=actors, device=device,
                    kernels=engine.kernels,
                    threads=threads, early_exit=early_exit, connect_timeout=ray_timeout, log=log)
     progress = None

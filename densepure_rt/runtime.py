@@ -28,7 +28,7 @@ from densepure_rt.files.data import check_image
 from densepure_rt.arguments import check_kernels, check_staging, sampling as _sampling
 from densepure_rt.errors import ConfigError, EngineError, param
 from densepure_rt.limits import check_rows, rows_per_call
-from densepure_rt.files.manifest import load_manifest
+from densepure_rt.files.manifest import Manifest, as_manifest, load_manifest
 from densepure_rt.sampling.noise import ESTIMATION, PREDICTION, SELECTION
 from densepure_rt.schedule import ReverseSchedule, make_schedule, parse_steps, reverse_schedule
 
@@ -125,15 +125,16 @@ class Engine:
         #: Stop a noisy sample's K runs once its vote is decided (identical votes, less work);
         #: None: decided per batch size (:meth:`early_exit_for`).
         self.early_exit = None if early_exit is None else bool(early_exit)
+        #: The verified, typed manifest (:class:`~densepure_rt.files.manifest.Manifest`), parsed once here.
         self.manifest = load_manifest(self.directory)
-        self.image_shape = tuple(self.manifest["image_shape"])
-        self.num_classes = int(self.manifest["num_classes"])
-        self.preset = self.manifest["preset"]
+        self.image_shape = self.manifest.image_shape
+        self.num_classes = self.manifest.num_classes
+        self.preset = self.manifest.preset
         #: The most rows (noisy samples x K) one call of the step / classifier graph may hold
         #: (:mod:`densepure_rt.limits`).
         self.step_rows, self.classifier_rows = rows_per_call(self.manifest)
-        sched = self.manifest["schedule"]
-        self._schedule = make_schedule(sched["kind"], sched["num_timesteps"], sched["rescale_timesteps"])
+        sched = self.manifest.schedule
+        self._schedule = make_schedule(sched.kind, sched.num_timesteps, sched.rescale_timesteps)
         #: Which graphs run: "portable" (standard ONNX, every provider) or "fused" (``build --device
         #: cuda``: GroupNorm + SiLU fused for ONNX Runtime's CUDA provider; checked when opened even
         #: with ``metadata_only``, so a Ray driver refuses what its actors would).
@@ -208,7 +209,7 @@ class Engine:
         for graph in ("step", "classifier"):
             path = graph_path(self.directory, self.manifest, graph, self.kernels)
             for name in (path.name, path.name + ".data"):  # the graph and its external weights, if any
-                if name in self.manifest["files"]:
+                if name in self.manifest.files:
                     try:
                         weights += (path.parent / name).stat().st_size
                     except OSError:
@@ -753,7 +754,7 @@ def open_engine(
     )
 
 
-def open_loop(runtime: str, directory: str | Path, manifest: dict, device: str = "cpu", threads: int | None = None,
+def open_loop(runtime: str, directory: str | Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
               cuda_graph: bool = True, kernels: str = "portable") -> BatchLoop:
     """The batch loop over the executor of ``runtime`` (``"auto"``: the one the engine was built for)
     on ``device``; refuses a runtime the manifest was not built for, or a device it cannot run on.
@@ -765,7 +766,8 @@ def open_loop(runtime: str, directory: str | Path, manifest: dict, device: str =
     from densepure_rt.executors.registry import get_backend
     from densepure_rt.sampling.device import open_device
 
-    built = manifest["backend"]["name"]
+    manifest = as_manifest(manifest)
+    built = manifest.backend
     if runtime not in ("auto", built):
         raise EngineError(f"this engine was built for the {built} backend, not {runtime}: rebuild it with --backend {runtime}")
     backend = get_backend(built)
@@ -780,7 +782,7 @@ def open_loop(runtime: str, directory: str | Path, manifest: dict, device: str =
         from densepure_rt.sampling.device import WholeBatchGraphs
 
         graphs = WholeBatchGraphs(dev.xp, dev.cuda_stream, log=_warn)
-    return BatchLoop(executor, dev, tuple(manifest["image_shape"]), int(manifest["num_classes"]), graphs=graphs,
+    return BatchLoop(executor, dev, manifest.image_shape, manifest.num_classes, graphs=graphs,
                      classifier_rows=rows_per_call(manifest)[1])
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from densepure_rt.errors import ConfigError, signals_held
-from densepure_rt.files.manifest import MANIFEST, write_manifest
+from densepure_rt.files.manifest import MANIFEST, peek_manifest, write_manifest
 from densepure_rt.presets import BACKEND_PRECISIONS, Preset
 from densepure_rt.schedule import make_schedule, reverse_schedule
 
@@ -79,25 +79,10 @@ def _check(options: BuildOptions) -> None:
         raise ConfigError(f"--batch must be an integer >= 1 (got {options.batch!r})")
 
 
-def _manifest_body(path: str | Path) -> dict | None:
-    """The JSON object in ``path/manifest.json`` if it looks like a densepure-rt manifest (our
-    self-checksum and schema keys), whether or not it verifies; else None."""
-    manifest = Path(path) / MANIFEST
-    try:
-        if manifest.is_symlink() or not manifest.is_file() or manifest.stat().st_size > (16 << 20):
-            return None
-        body = json.loads(manifest.read_bytes().decode("utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
-        return None
-    if isinstance(body, dict) and "manifest_sha256" in body and "schema_version" in body:
-        return body
-    return None
-
-
 def is_engine_dir(path: str | Path) -> bool:
     """True if ``path`` is a directory holding a densepure-rt ``manifest.json`` (a JSON object with
     our self-checksum key), whether or not its files still verify."""
-    return _manifest_body(path) is not None
+    return peek_manifest(path) is not None
 
 
 #: What an engine directory may hold besides the files its manifest lists: the manifest, and the
@@ -110,7 +95,7 @@ def foreign_entry(path: str | Path) -> str | None:
     its manifest lists, the manifest, or the manifest's temporary file): a sub-folder, a symbolic
     link, or a file the manifest does not list. None when every entry is the engine's own, so
     replacing the directory deletes nothing else."""
-    body = _manifest_body(path) or {}
+    body = peek_manifest(path) or {}
     files = body.get("files")
     listed = set(files) if isinstance(files, dict) else set()
     for entry in sorted(os.scandir(path), key=lambda e: e.name):

@@ -119,6 +119,10 @@ class StepByStep:
                 break
         return voted
 
+    def classifier_limit(self) -> int:
+        """The most rows one classifier call holds: the oracle classifies each wave in one call."""
+        return 2**31 - 1
+
     @property
     def executor(self) -> "StepByStep":
         """The engine closes its loop's executor: here the oracle itself."""

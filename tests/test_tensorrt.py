@@ -683,7 +683,7 @@ def test_plans_of_another_tensorrt_version_are_refused_before_deserializing(trt_
 ])
 def test_plans_for_another_compute_capability_are_refused_before_deserializing(trt_engine, level, here, fits):
     engine, _ = trt_engine
-    manifest = load_manifest(engine)
+    manifest = load_manifest(engine).to_dict()
     manifest["tensorrt"] = {**manifest["tensorrt"], "hardware_compatibility": level}
     trt = FakeTensorRT()
     if fits:

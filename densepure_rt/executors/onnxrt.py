@@ -20,7 +20,7 @@ import numpy as np
 
 from densepure_rt.errors import EngineError
 from densepure_rt.errors import first_line as _first_line
-from densepure_rt.files.manifest import check_graph_io, graph_path
+from densepure_rt.files.manifest import Manifest, as_manifest, check_graph_io, graph_path
 
 __all__ = ["OrtExecutor", "ort_providers"]
 
@@ -74,12 +74,13 @@ class OrtExecutor:
     #: No limit of its own: the engine's row limit applies (:mod:`densepure_rt.limits`).
     classifier_rows = None
 
-    def __init__(self, directory: str | Path, manifest: dict, device: str = "cpu", threads: int | None = None,
+    def __init__(self, directory: str | Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
                  stream=None, xp=np, cuda_graph: bool = False, log=None, kernels: str = "portable"):
         try:
             import onnxruntime as ort
         except ImportError:  # pragma: no cover - onnxruntime is a dependency
             raise EngineError("onnxruntime is not installed: pip install onnxruntime (or onnxruntime-gpu)") from None
+        manifest = as_manifest(manifest)
         self.xp, self.device = xp, device
         self.device_id = 0
         stream_ptr = None
@@ -94,7 +95,7 @@ class OrtExecutor:
             self.device_id = int(xp.cuda.Device().id)
             stream_ptr = int(stream.ptr) if stream is not None else None
         # An fp32 engine is asked for fp32 arithmetic: no TF32 (10-bit mantissa) convolutions or matmuls.
-        tf32 = manifest.get("precision", {}).get("step") != "fp32"
+        tf32 = manifest.step_precision != "fp32"
         providers = ort_providers(device, stream_ptr, self.device_id, tf32=tf32)
         graph_providers = ort_providers(device, stream_ptr, self.device_id, cuda_graph=True, tf32=tf32) if cuda_graph else None
         options = ort.SessionOptions()
@@ -132,7 +133,7 @@ class OrtExecutor:
         self._graphs: dict[int, tuple] = {}
         self.providers = {"step": self._step.get_providers(), "classifier": self._cls.get_providers()}
         self.version = ort.__version__
-        self.effective_precision = manifest["precision"]["step"]
+        self.effective_precision = manifest.step_precision
         self._ort = ort
         self._run_options = self._options(-1 if self.cuda_graph else None)
         self._io_step = self._step.io_binding()

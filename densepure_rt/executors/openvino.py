@@ -9,7 +9,7 @@ import numpy as np
 
 from densepure_rt.errors import EngineError
 from densepure_rt.errors import first_line as _first_line
-from densepure_rt.files.manifest import GRAPH_IO, check_graph_io, graph_path
+from densepure_rt.files.manifest import GRAPH_IO, Manifest, as_manifest, check_graph_io, graph_path
 
 __all__ = ["OpenVinoExecutor"]
 
@@ -44,12 +44,13 @@ class OpenVinoExecutor:
     fixed_rows = False
     classifier_rows = None
 
-    def __init__(self, directory: str | Path, manifest: dict, threads: int | None = None):
+    def __init__(self, directory: str | Path, manifest: Manifest, threads: int | None = None):
         try:
             import openvino as ov
         except ImportError:
             raise EngineError("this engine is for OpenVINO: pip install openvino (or rebuild it with --backend onnxruntime)") from None
-        precision = manifest["precision"]["step"]
+        manifest = as_manifest(manifest)
+        precision = manifest.step_precision
         if precision not in _OV_PRECISION:
             raise EngineError(f"an OpenVINO engine runs fp32 or bf16, not {precision!r}: rebuild the engine")
         core = ov.Core()

@@ -31,7 +31,7 @@ import numpy as np
 
 from densepure_rt.errors import EngineError
 from densepure_rt.errors import first_line as _first_line
-from densepure_rt.files.manifest import plan_path
+from densepure_rt.files.manifest import Manifest, as_manifest, plan_path
 
 __all__ = [
     "INSTALL_TENSORRT",
@@ -114,12 +114,12 @@ def _capability(text: str) -> tuple[int, int]:
     return int(major), int(minor or 0)
 
 
-def check_plans(manifest: dict, version: str, compute_capability: str) -> None:
+def check_plans(manifest: Manifest, version: str, compute_capability: str) -> None:
     """Refuse, in one sentence and before anything is deserialized, plans that this TensorRT
     ``version`` on a GPU of ``compute_capability`` ('9.0') cannot run: built by another TensorRT
     version (a plan is tied to the exact version), or for another compute capability (with hardware
     compatibility ``ampere_plus``: any GPU of compute capability 8.0 or newer)."""
-    info = manifest["tensorrt"]
+    info = as_manifest(manifest).tensorrt
     rebuild = "rebuild the engine on this machine (densepure-rt build --backend tensorrt --force ...)"
     if info["version"] != version:
         raise EngineError(
@@ -222,7 +222,8 @@ class TensorRTExecutor:
     #: shape change costs a re-setup of the context before its next enqueue).
     fixed_rows = True
 
-    def __init__(self, directory: str | Path, manifest: dict, stream, xp, trt=None, compute_capability: str | None = None):
+    def __init__(self, directory: str | Path, manifest: Manifest, stream, xp, trt=None, compute_capability: str | None = None):
+        manifest = as_manifest(manifest)
         trt = require_tensorrt() if trt is None else trt
         if compute_capability is None:
             compute_capability = device_properties(xp)["compute_capability"]
@@ -230,7 +231,7 @@ class TensorRTExecutor:
         self._logger = make_logger(trt)
         self._runtime, self._engines = open_plans(directory, manifest, trt, compute_capability, self._logger)
         self.xp, self._stream = xp, stream
-        profile = manifest["tensorrt"]["profile"]
+        profile = manifest.tensorrt["profile"]
         self.min_rows, self.max_rows = int(profile["min"]), int(profile["max"])
         #: The loop classifies a wave in one call of up to this many rows (the profile's maximum), so a
         #: full batch's classifier runs at one fixed shape (a captured graph needs that).
@@ -244,7 +245,7 @@ class TensorRTExecutor:
         self.device = "cuda"
         self.providers = {graph: [f"TensorRT {self.version}"] for graph in GRAPHS}
         #: The arithmetic of the step plan: the fp16 ONNX graph's own types (a strongly typed network).
-        self.effective_precision = manifest["precision"]["step"]
+        self.effective_precision = manifest.step_precision
 
     def _check_rows(self, rows: int, what: str) -> None:
         if not self.min_rows <= rows <= self.max_rows:

@@ -22,13 +22,22 @@ import mmap
 import os
 import re
 import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from densepure_rt import __version__
 from densepure_rt.errors import EngineError
+from densepure_rt.files.onnx_proto import BadProto as _BadProto, onnx_external_data
 
 __all__ = [
+    "Manifest",
+    "as_manifest",
+    "row_facts",
+    "GraphInfo",
+    "ScheduleInfo",
+    "peek_manifest",
     "BUNDLED_ENGINE",
     "SCHEMA_VERSION",
     "MANIFEST",
@@ -217,104 +226,6 @@ def plan_path(directory: str | Path, manifest: dict, graph: str) -> Path:
     plans = manifest.get("tensorrt", {}).get("plans") if isinstance(manifest.get("tensorrt"), dict) else None
     entry = plans.get(graph) if isinstance(plans, dict) else None
     return _listed_file(directory, manifest, entry, f"tensorrt.plans.{graph}.file")
-
-
-# ------------------------------------------------------------------------------------------------ #
-# ONNX external data, read without the onnx package                                                  #
-# ------------------------------------------------------------------------------------------------ #
-
-
-class _BadProto(ValueError):
-    pass
-
-
-# For each message that can (transitively) hold a TensorProto, the length-delimited fields to follow
-# (field numbers of onnx.proto: ModelProto, TrainingInfoProto, GraphProto, NodeProto, AttributeProto,
-# FunctionProto, SparseTensorProto).
-_MODEL, _TRAINING, _GRAPH, _NODE, _ATTRIBUTE, _FUNCTION, _SPARSE, _TENSOR = range(8)
-_CHILDREN = {
-    _MODEL: {7: _GRAPH, 20: _TRAINING, 25: _FUNCTION},
-    _TRAINING: {1: _GRAPH, 2: _GRAPH},
-    _GRAPH: {1: _NODE, 5: _TENSOR, 15: _SPARSE},
-    _NODE: {5: _ATTRIBUTE},
-    _ATTRIBUTE: {5: _TENSOR, 6: _GRAPH, 10: _TENSOR, 11: _GRAPH, 22: _SPARSE, 23: _SPARSE},
-    _FUNCTION: {7: _NODE, 11: _ATTRIBUTE},
-    _SPARSE: {1: _TENSOR, 2: _TENSOR},
-    _TENSOR: {},
-}
-_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION, _EXTERNAL = 13, 14, 1
-_MAX_PROTO_DEPTH = 100
-
-
-def _varint(buf, pos: int, end: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= end or shift > 63:
-            raise _BadProto("truncated or overlong varint")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
-
-
-def _fields(buf, start: int, end: int) -> Iterator[tuple[int, int, Any]]:
-    """(field number, wire type, value) of one protobuf message; a LEN value is its (start, end)."""
-    pos = start
-    while pos < end:
-        key, pos = _varint(buf, pos, end)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            value, pos = _varint(buf, pos, end)
-        elif wire == 1:
-            value, pos = None, pos + 8
-        elif wire == 5:
-            value, pos = None, pos + 4
-        elif wire == 2:
-            length, pos = _varint(buf, pos, end)
-            value, pos = (pos, pos + length), pos + length
-        else:
-            raise _BadProto(f"unsupported wire type {wire}")
-        if pos > end:
-            raise _BadProto("truncated field")
-        yield number, wire, value
-
-
-def onnx_external_data(buf) -> list[str]:
-    """The external-data locations of every tensor in a serialized ONNX ModelProto ``buf``.
-
-    Walks initializers, sparse initializers, tensor attributes (Constant), subgraphs and functions
-    with a plain protobuf reader (the runtime does not depend on the onnx package). Raises
-    ValueError on bytes that are not a well-formed protobuf message.
-    """
-    locations: list[str] = []
-    stack = [(_MODEL, 0, len(buf), 0)]
-    while stack:
-        kind, start, end, depth = stack.pop()
-        if depth > _MAX_PROTO_DEPTH:
-            raise _BadProto(f"nested more than {_MAX_PROTO_DEPTH} messages deep")
-        children = _CHILDREN[kind]
-        external, location = False, None
-        for number, wire, value in _fields(buf, start, end):
-            if kind == _TENSOR and number == _TENSOR_DATA_LOCATION and wire == 0:
-                external = value == _EXTERNAL
-            elif kind == _TENSOR and number == _TENSOR_EXTERNAL_DATA and wire == 2:
-                entry = {}
-                for n, w, v in _fields(buf, *value):
-                    if n in (1, 2) and w == 2:
-                        try:
-                            entry[n] = bytes(buf[v[0] : v[1]]).decode("utf-8")
-                        except UnicodeDecodeError:
-                            raise _BadProto("an external-data entry is not UTF-8") from None
-                if entry.get(1) == "location":
-                    location = entry.get(2, "")
-                    locations.append(location)
-            elif wire == 2 and number in children:
-                stack.append((children[number], *value, depth + 1))
-        if external and location is None:
-            raise _BadProto("a tensor stored as external data has no location")
-    return locations
 
 
 def _graph_external_data(path: Path) -> list[str]:
@@ -529,6 +440,191 @@ def engine_identity(manifest: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ #
+# the typed manifest                                                                                 #
+# ------------------------------------------------------------------------------------------------ #
+
+
+class _FrozenDict(dict):
+    """A dict that refuses changes (a verified manifest is read, never edited)."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a verified manifest cannot be changed: copy it with Manifest.to_dict()")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse  # type: ignore[assignment]
+
+
+class _FrozenList(list):
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a verified manifest cannot be changed: copy it with Manifest.to_dict()")
+
+    __setitem__ = __delitem__ = append = extend = insert = pop = remove = clear = sort = reverse = _refuse  # type: ignore[assignment]
+    __iadd__ = __imul__ = _refuse  # type: ignore[assignment]
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, dict):
+        return _FrozenDict({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return _FrozenList(_freeze(v) for v in value)
+    return value
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _thaw(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_thaw(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class ScheduleInfo:
+    """The diffusion model's noise schedule: ``kind`` ("linear" or "cosine"), its number of
+    timesteps, and whether the network takes timesteps rescaled to 1000."""
+
+    kind: str
+    num_timesteps: int
+    rescale_timesteps: bool
+
+
+@dataclass(frozen=True)
+class GraphInfo:
+    """One graph of an engine: its file (listed, with its sha256, in :attr:`Manifest.files`) and
+    the largest tensor it holds per row (the row limit, :mod:`densepure_rt.limits`)."""
+
+    file: str
+    max_elements_per_row: int
+
+
+class Manifest(Mapping):
+    """A verified engine manifest (:func:`load_manifest`), parsed once: what every consumer reads,
+    as typed attributes. As a read-only mapping it is also the JSON object it was parsed from
+    (:meth:`to_dict` copies it), for the checksums, the identity and ``info --json``.
+
+    New fields (a model's preprocessing, its source, its variance type) are added here, once, with
+    their check in :func:`_validate`."""
+
+    def __init__(self, data: Mapping, directory: str | Path | None = None):
+        raw = _freeze(_thaw(dict(data)))
+        object.__setattr__(self, "_raw", raw)
+        #: The engine directory the manifest was read from (None for a manifest not read from disk).
+        object.__setattr__(self, "directory", None if directory is None else Path(directory))
+        schedule, graphs = raw["schedule"], raw["graphs"]
+        fields = {
+            "schema_version": int(raw["schema_version"]),
+            "manifest_sha256": str(raw.get(_SELF_KEY, "")),
+            "toolkit_version": str(raw.get("toolkit_version", "")),
+            "preset": str(raw["preset"]),
+            "image_shape": tuple(int(d) for d in raw["image_shape"]),
+            "num_classes": int(raw["num_classes"]),
+            "schedule": ScheduleInfo(str(schedule["kind"]), int(schedule["num_timesteps"]), bool(schedule["rescale_timesteps"])),
+            "backend": str(raw["backend"]["name"]),
+            "opset": int(raw["backend"]["opset"]),
+            "step_precision": str(raw["precision"]["step"]),
+            "classifier_precision": str(raw["precision"].get("classifier", "fp32")),
+            "graphs": _FrozenDict({g: GraphInfo(str(graphs[g]["file"]), int(graphs[g]["max_elements_per_row"])) for g in _GRAPHS}),
+            "files": raw["files"],
+            "fused": raw.get("fused"),
+            "tensorrt": raw.get("tensorrt"),
+            "build": raw.get("build", _FrozenDict()),
+            "default_batch": int(raw.get("default_batch", 32)),
+            "default_data": raw.get("default_data"),
+            "unet_parameters": int(raw["unet"]["parameters"]),
+            "classifier_name": str(raw["classifier"]["name"]),
+            "classifier_parameters": int(raw["classifier"]["parameters"]),
+            "cost_gflop": raw.get("cost_gflop", _FrozenDict()),
+        }
+        for name, value in fields.items():
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("a verified manifest cannot be changed")
+
+    #: Type hints of the attributes set in __init__ (frozen).
+    schema_version: int
+    manifest_sha256: str
+    toolkit_version: str
+    preset: str
+    image_shape: tuple
+    num_classes: int
+    schedule: ScheduleInfo
+    backend: str
+    opset: int
+    step_precision: str
+    classifier_precision: str
+    graphs: Mapping
+    files: Mapping
+    fused: Mapping | None
+    tensorrt: Mapping | None
+    build: Mapping
+    default_batch: int
+    default_data: str | None
+    unet_parameters: int
+    classifier_name: str
+    classifier_parameters: int
+    cost_gflop: Mapping
+
+    @property
+    def random_weights(self) -> bool:
+        """Whether the engine was built with ``--random-weights`` (its certificates mean nothing)."""
+        return bool(self.build.get("random_weights"))
+
+    @property
+    def identity(self) -> str:
+        """What the engine computes, as one sha256 (:func:`engine_identity`)."""
+        return engine_identity(self)
+
+    def __getitem__(self, key):
+        return self._raw[key]
+
+    def __iter__(self):
+        return iter(self._raw)
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def to_dict(self) -> dict:
+        """A plain, editable copy of the JSON object."""
+        return _thaw(self._raw)
+
+    def __repr__(self) -> str:
+        return f"Manifest({self.preset!r}, {self.backend}, step {self.step_precision}, directory={str(self.directory)!r})"
+
+
+def as_manifest(manifest: Mapping) -> Manifest:
+    """``manifest`` as a :class:`Manifest` (a JSON object of one, e.g. read by a test, is wrapped;
+    it is not verified: that is :func:`load_manifest`'s)."""
+    return manifest if isinstance(manifest, Manifest) else Manifest(manifest)
+
+
+def row_facts(manifest: Mapping) -> tuple[tuple[int, ...], int, int]:
+    """(image shape, largest tensor per row of the step graph, of the classifier graph): what the
+    row limits and the memory model need, from a :class:`Manifest` or a JSON object holding at least
+    ``image_shape`` and ``graphs.<graph>.max_elements_per_row``."""
+    if isinstance(manifest, Manifest):
+        return manifest.image_shape, manifest.graphs["step"].max_elements_per_row, manifest.graphs["classifier"].max_elements_per_row
+    graphs = manifest["graphs"]
+    return (tuple(int(d) for d in manifest["image_shape"]), int(graphs["step"]["max_elements_per_row"]),
+            int(graphs["classifier"]["max_elements_per_row"]))
+
+
+def peek_manifest(directory: str | Path) -> dict | None:
+    """The JSON object in ``directory/manifest.json`` if it looks like a densepure-rt manifest (the
+    self-checksum and schema keys), whether or not it verifies; else None. For deciding whether a
+    folder is an engine (``build --force``), never for running one (:func:`load_manifest`)."""
+    manifest = Path(directory) / MANIFEST
+    try:
+        if manifest.is_symlink() or not manifest.is_file() or manifest.stat().st_size > MAX_MANIFEST_BYTES:
+            return None
+        body = json.loads(manifest.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if isinstance(body, dict) and _SELF_KEY in body and "schema_version" in body:
+        return body
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ #
 # write and load                                                                                     #
 # ------------------------------------------------------------------------------------------------ #
 
@@ -599,10 +695,10 @@ def _read_manifest(directory: Path) -> tuple[Path, Any]:
 BUNDLED_ENGINE = Path(__file__).resolve().parents[1] / "assets" / "engines" / "digits"
 
 
-def load_manifest(directory: str | Path, verify_files: bool = True) -> dict[str, Any]:
+def load_manifest(directory: str | Path, verify_files: bool = True) -> Manifest:
     """Read and verify ``directory/manifest.json``; raise :class:`EngineError` with one sentence.
 
-    Checks, in order: the manifest is a regular file of at most 16 MiB of UTF-8 JSON, an object at
+    Returns the typed :class:`Manifest`. Checks, in order: the manifest is a regular file of at most 16 MiB of UTF-8 JSON, an object at
     most 32 levels deep; its self-checksum; its schema version; the type and range of every field the
     runtime and the CLI read; every name in ``files`` is a plain file name inside the directory; the
     graphs are listed in ``files``. With ``verify_files``, also: every listed file is a regular file
@@ -644,4 +740,4 @@ def load_manifest(directory: str | Path, verify_files: bool = True) -> dict[str,
                         f"{directory}: graph {name} reads external data {location!r}, which files does not "
                         "list with its sha256: rebuild the engine"
                     )
-    return manifest
+    return Manifest(manifest, directory)

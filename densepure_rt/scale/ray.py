@@ -125,7 +125,7 @@ class Worker:
         except DensePureError as exc:
             self.error = f"the engine at {self.path} on {self.host} cannot be opened: {_first_line(exc)}"
             return
-        found = engine.manifest["manifest_sha256"]
+        found = engine.manifest.manifest_sha256
         if found != manifest_sha256:
             engine.close()
             self.error = (
