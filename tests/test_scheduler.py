@@ -196,6 +196,33 @@ def test_round_is_independent_of_the_call_size_on_the_cli(engine, images, tmp_pa
     assert result.exit_code == 2 and "--round goes with --radius or --tol" in result.stderr
 
 
+def test_a_bounded_job_starts_what_its_test_promises_and_drops_nothing(engine, images):
+    """A sequential job (rounds of one vote, ahead 1) whose test stops after 30 samples: told only
+    "go on" (True) it has one sample in flight and drops nothing; told how many more samples the
+    test reads whatever the votes (deliver returns k), it starts them together, so the same labels
+    arrive in fewer calls, and still drops nothing. Past every bound it may start SPECULATION of
+    what it has read: 0 samples after 30."""
+    got = {}
+    for promise in (False, True):
+        labels = []
+
+        def deliver(job, lab, labels=labels, promise=promise):
+            labels.extend(lab.tolist())
+            left = 30 - len(labels)
+            return left if promise else left > 0
+
+        with open_engine(engine) as eng:
+            eng._prepare(SIGMA, STEPS, 3, 16)
+            stats = SchedulerStats()
+            Scheduler(eng.loop, 24).run(eng.loop.device.stage(images), [Job(0, 10, ESTIMATION, 200, 1, 1, 12)], 7, deliver,
+                                        stats=stats)
+        assert len(labels) == 30 and stats.per_job_dropped_evals == [0] and stats.dropped_evals == 0
+        assert stats.per_job_delivered_evals == stats.per_job_unet_evals == [stats.unet_evals]
+        got[promise] = (labels, stats.calls)
+    assert got[True][0] == got[False][0]  # sample order: the same votes
+    assert got[True][1] < got[False][1] / 2
+
+
 class _Recording:
     """The engine's real ONNX Runtime executor, with TensorRT's binding rules recorded: each bound
     array's byte offset from the start of the buffer it is a view of (TensorRT takes only 256-byte
