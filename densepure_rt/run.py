@@ -167,6 +167,7 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
     ``ray``: a Ray address ("auto", "local", host:port) to spread the images over Ray actors."""
     from densepure_rt.stats.cohen import validate_params
     from densepure_rt.sampling.noise import NOISE_VERSION
+    from densepure_rt.stats.sequential import STOP_RULE
     from densepure_rt.files.results import HEADERS, ResultsWriter, indices_todo
     from densepure_rt.runtime import open_engine
     from densepure_rt.scale.work import Task, run_image, write_outcome
@@ -248,6 +249,8 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
             # The sequential modes decide after rounds of --round samples: another round size gives
             # other (equally valid) rows, so it is part of the experiment there.
             "round": round_size if mode in ("certify-radii", "certify-until") else None,
+            # When --tol stops (densepure_rt.stats.sequential.STOP_RULE): another rule is another experiment.
+            "stop_rule": STOP_RULE if mode == "certify-until" else None,
             "early_exit": engine.early_exit_for(batch, continuous=continuous),
             # How the engine calls were filled (densepure_rt/sampling/scheduler.py); not part of the
             # experiment: the rows are the same either way.

@@ -101,7 +101,12 @@ def _changed_settings(saved: dict, options: dict, legacy: dict) -> list[str]:
     # The graphs that ran: files written before --kernels existed ran the portable ones.
     if "kernels" in options and saved.get("kernels", "portable") != options["kernels"]:
         changed.append("kernels")
-    shown = [f"{_shown_key(k, options)} {saved.get(k, 'portable' if k == 'kernels' else None)!r} -> {options.get(k)!r}" for k in changed]
+    # --tol's stop rule (densepure_rt.stats.sequential.STOP_RULE): --tol files written before it was
+    # recorded stopped by the one-doubling forecast. Another rule stops elsewhere: never mixed.
+    if options.get("mode") == "certify-until" and saved.get("stop_rule", ONE_DOUBLING) != options.get("stop_rule"):
+        changed.append("stop_rule")
+    defaults = {"kernels": "portable", "stop_rule": ONE_DOUBLING}
+    shown = [f"{_shown_key(k, options)} {saved.get(k, defaults.get(k))!r} -> {options.get(k)!r}" for k in changed]
     if "engine_format" in options and saved.get("engine_format", 2) != options["engine_format"]:
         # Files written before the format was recorded came from format-2 engines (one row of step
         # scalars per call); their engine_id differs too, so this only says why.
@@ -113,6 +118,9 @@ def _changed_settings(saved: dict, options: dict, legacy: dict) -> list[str]:
         elif saved[old_key] != legacy[old_key]():
             shown.append(f"{old_key} {str(saved[old_key])[:12]}... -> {str(legacy[old_key]())[:12]}...")
     return shown
+
+#: The name of --tol's stop rule in files written before the rule was recorded.
+ONE_DOUBLING = "tol-one-doubling"
 
 #: Longest suffix added to a results file's name (``.json``, ``.lock``); temporary files use short names.
 _SIDECAR_SUFFIX = 5
