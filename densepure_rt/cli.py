@@ -463,13 +463,16 @@ def _check_summary(json_summary, out, data):
     return check_output(json_summary, flag="--json-summary", inputs=inputs, recognise=is_summary_json, kind="summary")
 
 
-def _write_summary(summary, out, radii, started: float) -> None:
+def _write_summary(summary, out, radii, started: float, totals) -> None:
     if summary is None:
         return
     from densepure_rt.files.outputs import write_atomic
     from densepure_rt.files.report import run_summary
 
     data = run_summary(Path(out).expanduser(), radii, time.time() - started)
+    # This invocation's work (a resumed run computes only the images it wrote).
+    data["this_run"] = {"images_written": totals.written, "unet_evals": totals.unet_evals,
+                        "dropped_unet_evals": totals.dropped_evals}
     write_atomic(summary, (json.dumps(data, indent=2) + "\n").encode())
 
 
@@ -551,7 +554,7 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
     radii = _radius_list(radii) if radii else None
     started = time.time()
     summary = _check_summary(json_summary, out, data)
-    rows = run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
+    totals = run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
                 progress_every, out, n0, n, radii=radii, tol=tol, early_exit=early_exit, round_size=round_size,
                 images_per_call=images_per_call, ray=ray, actors=actors, ray_timeout=ray_timeout, scheduling=scheduling,
                 kernels=kernels)
@@ -560,17 +563,17 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
 
     results = read_results(Path(out).expanduser())
     shown = radii or [sigma]
-    _write_summary(summary, out, [0.0, *shown], started)
+    _write_summary(summary, out, [0.0, *shown], started, totals)
     with_labels = len(labelled(results))
     if not with_labels:
-        click.echo(f"{rows} images certified -> {out}: no image has a label, so there is no accuracy; the predictions "
-                   f"and radii are in the file (densepure-rt report {out}){random_note(out)}")
+        click.echo(f"{totals.images} images certified -> {out}: no image has a label, so there is no accuracy; the predictions "
+                   f"and radii are in the file (densepure-rt report {out}){totals.line()}{random_note(out)}")
         return
     acc = certified_accuracy(results, [0.0, *shown])
     at = ", ".join(f"{100 * a:.1f}% at radius {r:g}" for a, r in zip(acc[1:], shown))
     over = "" if with_labels == len(results) else f" of the {with_labels} labelled images"
-    click.echo(f"{rows} images certified -> {out}: certified accuracy{over} {100 * acc[0]:.1f}% at radius 0, {at} "
-               f"(densepure-rt report {out} for the table){random_note(out)}")
+    click.echo(f"{totals.images} images certified -> {out}: certified accuracy{over} {100 * acc[0]:.1f}% at radius 0, {at} "
+               f"(densepure-rt report {out} for the table){totals.line()}{random_note(out)}")
 
 
 @main.command()
@@ -588,21 +591,24 @@ def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batc
     """
     started = time.time()
     summary = _check_summary(json_summary, out, data)
-    rows = run_mode("predict", engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
+    totals = run_mode("predict", engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
                 progress_every, out, None, n, ray=ray, actors=actors, ray_timeout=ray_timeout, scheduling=scheduling,
                 kernels=kernels)
     from densepure_rt.files.results import read_rows
 
-    _write_summary(summary, out, [], started)
+    from densepure_rt.files.report import is_correct
+
+    _write_summary(summary, out, [], started, totals)
     _, reader = read_rows(Path(out).expanduser(), required=("idx", "predict", "label", "correct"))
     abstain = sum(r["predict"] == -1 for r in reader)
     known = [r for r in reader if r["label"] >= 0]
     if not known:
-        click.echo(f"{rows} images -> {out}: no image has a label, so there is no accuracy; abstained {abstain}{random_note(out)}")
+        click.echo(f"{totals.images} images -> {out}: no image has a label, so there is no accuracy; abstained {abstain}"
+                   f"{totals.line()}{random_note(out)}")
         return
     over = "" if len(known) == len(reader) else f" of the {len(known)} labelled images"
-    click.echo(f"{rows} images -> {out}: accuracy{over} {sum(r['correct'] for r in known) / len(known):.1%}, abstained {abstain}"
-               f"{random_note(out)}")
+    click.echo(f"{totals.images} images -> {out}: accuracy{over} {sum(is_correct(r) for r in known) / len(known):.1%}, "
+               f"abstained {abstain}{totals.line()}{random_note(out)}")
 
 
 #: The order of certify's and predict's options in --help: the workflow (what to certify, how, the

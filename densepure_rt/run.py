@@ -68,6 +68,35 @@ def _open_data(engine, data, skip, max_images):
     return dataset, indices, spec, digest
 
 
+@dataclasses.dataclass
+class RunTotals:
+    """What one invocation did: images in its results file, images it wrote, the UNet evaluations
+    of those, and how many of them went to noisy samples that no test read (started ahead of a
+    decision, then dropped)."""
+
+    images: int = 0
+    written: int = 0
+    unet_evals: int = 0
+    dropped_evals: int = 0
+
+    def write(self, writer, label: int, outcome) -> None:
+        """Write ``outcome``'s row and count it."""
+        from densepure_rt.scale.work import write_outcome
+
+        write_outcome(writer, label, outcome)
+        self.written += 1
+        self.unet_evals += int(outcome.unet_evals)
+        self.dropped_evals += int(getattr(outcome, "dropped_evals", 0))
+
+    def line(self) -> str:
+        """The summary's clause on the work, or '' when nothing was computed."""
+        if not self.written:
+            return ""
+        share = f" ({100 * self.dropped_evals / self.unet_evals:.1f}%)" if self.unet_evals else ""
+        return (f"; {self.unet_evals:,} UNet evaluations for {self.written} images, {self.dropped_evals:,}{share} on samples "
+                "no test read")
+
+
 class Progress:
     """Progress of a run on a terminal (a bar) or a log (stderr not a terminal: one line every
     ``every`` seconds).
@@ -170,7 +199,7 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
     from densepure_rt.stats.sequential import STOP_RULE
     from densepure_rt.files.results import HEADERS, ResultsWriter, indices_todo
     from densepure_rt.runtime import open_engine
-    from densepure_rt.scale.work import Task, run_image, write_outcome
+    from densepure_rt.scale.work import Task, run_image
 
     validate_params(sigma, alpha, n0 if mode != "predict" else None, n, n_name="n_max" if mode.startswith("certify-") else "n")
     if ray is None and actors is not None:
@@ -272,6 +301,7 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
             "command": "densepure-rt " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
+        totals = RunTotals()
         with ResultsWriter(Path(out), header=HEADERS[mode]) as writer:
             done = writer.open(options, resume=resume, allowed=indices, legacy=_legacy_identities(engine, data), adopt=adopt)
             if "round" in writer.adopted:
@@ -288,26 +318,28 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
                 click.echo(f"resuming {out}: {len(done)} images done, {len(todo)} to go", err=True)
             if ray is not None:
                 if todo:
-                    _run_on_ray(engine, task, dataset, todo, writer, options, ray, actors, device, threads, early_exit, quiet, every,
+                    _run_on_ray(engine, task, dataset, todo, writer, totals, options, ray, actors, device, threads, early_exit, quiet, every,
                                 images_per_call, ray_timeout)
-                return len(done) + len(todo)
+                totals.images = len(done) + len(todo)
+                return totals
             progress = Progress(mode.split("-")[0], len(todo), per_image, quiet, every, sequential=sequential)
             try:
                 one_by_one = todo
                 if continuous:  # one scheduler run over every image, rows written as images finish
-                    _stream(engine, dataset, todo, writer, progress, task, images_per_call)
+                    _stream(engine, dataset, todo, writer, totals, progress, task, images_per_call)
                     one_by_one = []
                 elif mode == "certify" and images_per_call > 1:
-                    _certify_groups(engine, dataset, todo, images_per_call, writer, progress, task)
+                    _certify_groups(engine, dataset, todo, images_per_call, writer, totals, progress, task)
                     one_by_one = []
                 for idx in one_by_one:
                     sample = dataset[idx]
                     drawn = progress.samples
-                    write_outcome(writer, sample.label, run_image(engine, task, sample.image, idx, progress=progress.update))
+                    totals.write(writer, sample.label, run_image(engine, task, sample.image, idx, progress=progress.update))
                     progress.image_done(skipped=per_image - (progress.samples - drawn))  # what a sequential test did not need
             finally:
                 progress.close()
-    return len(done) + len(todo)
+    totals.images = len(done) + len(todo)
+    return totals
 
 
 def _legacy_identities(engine, data) -> dict:
@@ -379,13 +411,12 @@ def _cap_threads(threads: int) -> int:
     return threads
 
 
-def _run_on_ray(engine, task, dataset, todo, writer, options, address, actors, device, threads, early_exit, quiet, every,
+def _run_on_ray(engine, task, dataset, todo, writer, totals, options, address, actors, device, threads, early_exit, quiet, every,
                 images_per_call=1, ray_timeout=30.0) -> None:
     """Certify ``todo`` on Ray actors (:class:`densepure_rt.scale.ray.RayPool`); this process alone
     writes the rows, in completion order, each flushed as it arrives. ``images_per_call``: images an
     actor certifies at a time with shared batches (fixed-n CERTIFY)."""
     from densepure_rt.scale.ray import RayPool
-    from densepure_rt.scale.work import write_outcome
 
     labels = {}
 
@@ -412,7 +443,7 @@ def _run_on_ray(engine, task, dataset, todo, writer, options, address, actors, d
         progress = Progress(task.mode.split("-")[0], len(todo), task.samples_per_image, quiet, every,
                             sequential=task.mode in ("certify-radii", "certify-until"))
         for outcome in pool.map(task, todo, load, group=images_per_call, progress=None if quiet else progress.update):
-            write_outcome(writer, labels.pop(outcome.idx), outcome)
+            totals.write(writer, labels.pop(outcome.idx), outcome)
             progress.image_done()
     finally:
         if progress is not None:
@@ -420,11 +451,11 @@ def _run_on_ray(engine, task, dataset, todo, writer, options, address, actors, d
         pool.close()
 
 
-def _stream(engine, dataset, todo, writer, progress, task, images_per_call: int) -> None:
+def _stream(engine, dataset, todo, writer, totals, progress, task, images_per_call: int) -> None:
     """Every image of ``todo`` through one scheduler run (:func:`densepure_rt.scale.work.run_stream`):
     rows written as images finish (flushed one by one, so a killed run resumes with the images not
     written); ``--images-per-call`` above 1 bounds the images in flight."""
-    from densepure_rt.scale.work import run_stream, write_outcome
+    from densepure_rt.scale.work import run_stream
 
     labels = {}
 
@@ -435,22 +466,22 @@ def _stream(engine, dataset, todo, writer, progress, task, images_per_call: int)
             yield idx, sample.image
 
     def emit(outcome, samples: int) -> None:
-        write_outcome(writer, labels.pop(outcome.idx), outcome)
+        totals.write(writer, labels.pop(outcome.idx), outcome)
         progress.image_done(skipped=task.samples_per_image - samples)  # what a sequential test did not need
 
     run_stream(engine, task, items(), emit, in_flight=images_per_call if images_per_call > 1 else None, progress=progress.update,
                images=len(todo))
 
 
-def _certify_groups(engine, dataset, todo, size, writer, progress, task) -> None:
+def _certify_groups(engine, dataset, todo, size, writer, totals, progress, task) -> None:
     """Certify ``todo`` in groups of ``size`` images whose noisy samples share batches
     (:func:`densepure_rt.scale.work.run_group`); rows are written in order once a group is done, so a run
     killed inside a group resumes at its first image. Same rows as one image at a time."""
-    from densepure_rt.scale.work import run_group, write_outcome
+    from densepure_rt.scale.work import run_group
 
     for g in range(0, len(todo), size):
         group = todo[g : g + size]
         samples = [dataset[idx] for idx in group]
         for sample, outcome in zip(samples, run_group(engine, task, [s.image for s in samples], group, progress=progress.update)):
-            write_outcome(writer, sample.label, outcome)
+            totals.write(writer, sample.label, outcome)
             progress.image_done()

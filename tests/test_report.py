@@ -105,3 +105,20 @@ def test_json_summary_never_replaces_a_file_it_did_not_write(tmp_path):
     assert result.exit_code == 2
     assert "is not a densepure-rt summary" in result.stderr
     assert mine.read_text() == '{"mine": 1}\n' and not (tmp_path / "p.tsv").exists()
+
+
+def test_the_summary_line_and_json_count_this_runs_work(tmp_path):
+    out, summary = tmp_path / "r.tsv", tmp_path / "s.json"
+    args = ["certify", "--sigma", "0.5", "--steps", "2", "--votes", "10", "--n0", "20", "--radius", "0.25", "--n-max", "200",
+            "--skip", "60", "--quiet", "--out", str(out), "--json-summary", str(summary)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    rows = _rows(out)
+    evals = sum(int(r["unet_evals"]) for r in rows)
+    this_run = json.loads(summary.read_text())["this_run"]
+    assert this_run["images_written"] == len(rows) == 6 and this_run["unet_evals"] == evals
+    assert 0 <= this_run["dropped_unet_evals"] <= 0.02 * evals  # samples started and never read: a few percent at most
+    assert f"{evals:,} UNet evaluations for 6 images, {this_run['dropped_unet_evals']:,}" in result.stdout
+    again = CliRunner().invoke(main, args)  # nothing left to compute
+    assert json.loads(summary.read_text())["this_run"] == {"images_written": 0, "unet_evals": 0, "dropped_unet_evals": 0}
+    assert "UNet evaluations for" not in again.stdout

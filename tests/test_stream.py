@@ -108,7 +108,7 @@ def test_stream_refuses_the_wave_loop_and_bad_bounds(engine, images):
     with open_engine(engine, scheduling="continuous") as eng:
         with pytest.raises(ConfigError, match="images in flight"):
             eng.stream("certify", [(0, images[0])], print, sigma=SIGMA, in_flight=0)
-        with pytest.raises(ConfigError, match="--round"):
+        with pytest.raises(ConfigError, match="round_size must be an integer"):
             eng.stream("certify-radii", [(0, images[0])], print, sigma=SIGMA, radii=[0.25], round_size=0)
         bad = images[0].copy()
         bad[0, 0, 0] = np.nan
