@@ -11,7 +11,7 @@ The public API is importable from the package itself (loaded on first use, so th
 
 import os as _os
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # ONNX Runtime 1.29+ ships telemetry on Linux: at the first session it writes a device id under
 # ~/.cache/Microsoft, a session file ($TMPDIR/.ses) and tries an HTTPS upload. A certification
