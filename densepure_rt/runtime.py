@@ -98,6 +98,9 @@ class EarlyStopCertificate:
 class Engine:
     """An opened engine directory: manifest verified, its executor loaded under the batch loop. A context manager."""
 
+    #: Whether :meth:`close` ran (the sampling entry points then refuse, :mod:`densepure_rt.arguments`).
+    _closed = False
+
     def __init__(
         self,
         directory: str | Path,
