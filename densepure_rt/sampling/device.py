@@ -203,9 +203,9 @@ class CudaContext:
 class WholeBatchGraphs:
     """Whole batches of the loop as CUDA graphs: one per (batch, b, K, seed), replayed per batch.
 
-    NOT RUN ON A GPU: written where there is none; its bookkeeping is tested on numpy with a stand-in
-    for the capture. Used for TensorRT engines (ONNX Runtime may allocate or synchronise inside a run:
-    docs/decisions.md, issue 10).
+    Its bookkeeping is tested on numpy with a stand-in for the capture (what has run on a GPU:
+    docs/backends.md). Used for TensorRT engines (ONNX Runtime may allocate or synchronise inside a
+    run: docs/decisions.md).
 
     The loop hands it a full batch without early exit (:meth:`run`): a fixed sequence of launches on
     the loop's buffers (noise kernel, b step enqueues, classifier, vote). The rules, at the lines where

@@ -32,7 +32,7 @@ The noise source fills per-row buffers: :func:`densepure_rt.sampling.philox.row_
 
 Optional, off by default (``graphs=None``): a full batch without early exit (one fixed sequence of
 launches after the keys are put) can be handed to a graph object that captures it once and replays
-it (:class:`densepure_rt.sampling.device.WholeBatchGraphs`, used for TensorRT engines; not run on a GPU).
+it (:class:`densepure_rt.sampling.device.WholeBatchGraphs`, used for TensorRT engines).
 The numpy path is unchanged by it.
 """
 
@@ -153,7 +153,7 @@ class BatchLoop:
         current stream when none is given, but older releases copied synchronously on the legacy
         default stream, which a non-blocking stream does not wait for (the copy could then overwrite
         keys a queued noise kernel has yet to read). From pageable memory the driver takes the source
-        before the call returns, so ``host`` may be freed at once (not run on a GPU)."""
+        before the call returns, so ``host`` may be freed at once."""
         host = np.ascontiguousarray(host, dtype=buf.dtype)
         if self.xp is np:
             buf[: len(host)] = host
