@@ -23,7 +23,9 @@ _os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 _PUBLIC = {
     "open_engine": "densepure_rt.runtime",
     "Engine": "densepure_rt.runtime",
-    "CountsResult": "densepure_rt.runtime",
+    "CountsResult": "densepure_rt.certificates",
+    "RadiiCertificate": "densepure_rt.certificates",
+    "EarlyStopCertificate": "densepure_rt.certificates",
     "Certificate": "densepure_rt.stats.cohen",
     "Prediction": "densepure_rt.stats.cohen",
     "DensePureError": "densepure_rt.errors",

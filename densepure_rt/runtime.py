@@ -3,11 +3,13 @@
     from densepure_rt.runtime import open_engine
 
     with open_engine("engines/digits") as engine:
-        cert = engine.certify(image, sigma=0.5, steps=4, votes=5, n0=100, n=1000, alpha=0.001)
+        cert = engine.certify(image, sigma=0.5, steps=4, votes=5, n0=100, n=1000, alpha=0.001, image_index=0)
         print(cert.prediction, cert.radius)
 
 ``image`` is float32 [C x H x W] in [0, 1] at the engine's size. Noise is a pure function of
-(seed, image_index, phase, sample index), so results do not depend on the batch size.
+(seed, image_index, phase, sample index), so results do not depend on the batch size; every
+single-image call takes the image's index (two images certified with one index would share their
+noise, and their certificates would not be independent).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from dataclasses import dataclass
+import dataclasses
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,6 +25,7 @@ import numpy as np
 
 from densepure_rt.sampling.loop import BatchLoop, check_labels
 from densepure_rt.sampling.scheduler import Job, Scheduler, SchedulerStats
+from densepure_rt.certificates import CountsResult, EarlyStopCertificate, RadiiCertificate
 from densepure_rt.stats.cohen import Certificate, Prediction, certify, predict, validate_params
 from densepure_rt.files.data import check_image
 from densepure_rt.arguments import check_kernels, check_staging, sampling as _sampling
@@ -47,59 +50,14 @@ def auto_early_exit(device: str, batch: int) -> bool:
     return device != "cuda" or int(batch) >= GPU_EARLY_EXIT_MIN_BATCH
 
 
-@dataclass(frozen=True)
-class CountsResult:
-    """Vote counts of one image: selection (n0) and estimation (n) phases, per class, and the work
-    they took (UNet evaluations: one per row per reverse step)."""
-
-    counts0: np.ndarray
-    counts: np.ndarray
-    unet_evals: int = 0
-
-
-@dataclass(frozen=True)
-class RadiiCertificate:
-    """Outcome of :meth:`Engine.certify_radii` for one image.
-
-    prediction: ``c_a`` when some target radius is certified, else -1 (abstain).
-    radius: the largest certified target radius (0.0 when none).
-    c_a: the class selected from the n0 selection samples. n_a, n: its votes among the n
-    estimation samples used. radii / decisions: each target and its decision (+1 certified,
-    -1 futile, 0 undecided when n_max ran out; undecided counts as not certified).
-    unet_evals: UNet evaluations spent on the image (both phases).
-    """
-
-    prediction: int
-    radius: float
-    c_a: int
-    n_a: int
-    n: int
-    radii: tuple[float, ...]
-    decisions: tuple[int, ...]
-    unet_evals: int
-
-
-@dataclass(frozen=True)
-class EarlyStopCertificate:
-    """Outcome of :meth:`Engine.certify_until` for one image: Cohen's output (prediction ``c_a`` or
-    -1, radius sigma * Phi^-1(p_a_lower)) from an anytime-valid lower confidence bound, the
-    samples used, why sampling stopped, and the UNet evaluations spent."""
-
-    prediction: int
-    radius: float
-    c_a: int
-    n_a: int
-    n: int
-    p_a_lower: float
-    reason: str
-    unet_evals: int
-
-
 class Engine:
     """An opened engine directory: manifest verified, its executor loaded under the batch loop. A context manager."""
 
     #: Whether :meth:`close` ran (the sampling entry points then refuse, :mod:`densepure_rt.arguments`).
     _closed = False
+    #: The engine directory and its manifest (set when opened; None on an engine made for a test).
+    directory = None
+    manifest = None
 
     def __init__(
         self,
@@ -408,7 +366,7 @@ class Engine:
         alpha: float = 0.001,
         *,
         seed: int = 0,
-        image_index: int = 0,
+        image_index: int,
         batch: int = 32,
         progress: Progress = None,
     ) -> Certificate:
@@ -430,7 +388,7 @@ class Engine:
         alpha: float,
         *,
         seed: int = 0,
-        image_index: int = 0,
+        image_index: int,
         batch: int = 32,
         progress: Progress = None,
     ) -> tuple[Certificate, CountsResult]:
@@ -442,7 +400,16 @@ class Engine:
         evals = self.loop.unet_evals
         counts0 = self.sample_counts(image, n0, SELECTION, **common)
         counts = self.sample_counts(image, n, ESTIMATION, **common)
-        return certify(counts0, counts, sigma, alpha), CountsResult(counts0, counts, self.loop.unet_evals - evals)
+        cert = dataclasses.replace(certify(counts0, counts, sigma, alpha),
+                                   settings=self._settings(sigma=sigma, steps=steps, votes=votes, n0=n0, n=n, alpha=alpha, seed=seed,
+                                                           image_index=image_index))
+        return cert, CountsResult(counts0, counts, self.loop.unet_evals - evals)
+
+    def _settings(self, **settings) -> dict:
+        """What a single-image result was computed with: the call's settings and the engine's identity."""
+        settings["steps"] = str(settings["steps"])
+        engine_id = self.manifest.identity if self.manifest is not None else None
+        return {**settings, "engine": None if self.directory is None else str(self.directory), "engine_id": engine_id}
 
     def _sequential(self, image, test, sigma, steps, votes, n0, *, seed, image_index, batch, progress,
                     round_size: int | None = None) -> tuple[int, int]:
@@ -549,7 +516,7 @@ class Engine:
         alpha: float = 0.001,
         *,
         seed: int = 0,
-        image_index: int = 0,
+        image_index: int,
         batch: int = 32,
         progress: Progress = None,
         round_size: int | None = None,
@@ -570,7 +537,9 @@ class Engine:
         test = _radii_test(sigma, radii, alpha, n_max)
         c_a, evals = self._sequential(image, test, sigma, steps, votes, n0, seed=seed, image_index=image_index, batch=batch,
                                       progress=progress, round_size=round_size)
-        return _radii_result(test, c_a, evals)
+        return dataclasses.replace(_radii_result(test, c_a, evals), settings=self._settings(
+            sigma=sigma, steps=steps, votes=votes, n0=n0, n_max=n_max, radii=list(test.radii), alpha=alpha, seed=seed,
+            image_index=image_index, round_size=round_size))
 
     @_sampling
     def certify_until(
@@ -585,7 +554,7 @@ class Engine:
         alpha: float = 0.001,
         *,
         seed: int = 0,
-        image_index: int = 0,
+        image_index: int,
         batch: int = 32,
         progress: Progress = None,
         round_size: int | None = None,
@@ -593,8 +562,8 @@ class Engine:
         """Cohen's CERTIFY output (the largest certified radius) with early stopping. Anytime-valid.
 
         As :meth:`certify_radii` for the selection; then estimation rounds until more samples stop
-        paying off: the radius would gain less than ``tol`` per doubling of the samples, or can no
-        longer gain ``tol`` at all, or no radius is reachable, or ``n_max`` samples were used
+        paying off: the whole remaining budget would gain the radius less than ``tol`` (the stop rule
+        :data:`densepure_rt.stats.sequential.STOP_RULE`), or it cannot gain ``tol`` at all any more, or no radius is reachable, or ``n_max`` samples were used
         (:class:`densepure_rt.stats.sequential.EarlyStopRadius`). The radius comes from a lower confidence
         sequence on p_a, valid at any stopping time: P(radius > sigma * Phi^-1(p_a)) <= alpha. An
         empty running interval (reason "inconsistent", a detected coverage failure) abstains:
@@ -605,7 +574,11 @@ class Engine:
         test = _until_test(sigma, alpha, n_max, tol)
         c_a, evals = self._sequential(image, test, sigma, steps, votes, n0, seed=seed, image_index=image_index, batch=batch,
                                       progress=progress, round_size=round_size)
-        return _until_result(test, c_a, evals)
+        from densepure_rt.stats.sequential import STOP_RULE
+
+        return dataclasses.replace(_until_result(test, c_a, evals), settings=self._settings(
+            sigma=sigma, steps=steps, votes=votes, n0=n0, n_max=n_max, tol=tol, alpha=alpha, seed=seed, image_index=image_index,
+            round_size=round_size, stop_rule=STOP_RULE))
 
     @_sampling
     def predict(
@@ -618,7 +591,7 @@ class Engine:
         alpha: float = 0.001,
         *,
         seed: int = 0,
-        image_index: int = 0,
+        image_index: int,
         batch: int = 32,
         progress: Progress = None,
     ) -> Prediction:
@@ -627,7 +600,8 @@ class Engine:
         image = self._image(image, image_index)
         self._prepare(sigma, steps, votes, batch, samples=int(n))
         counts = self.sample_counts(image, n, PREDICTION, seed=seed, image_index=image_index, batch=batch, progress=progress)
-        return predict(counts, alpha)
+        return dataclasses.replace(predict(counts, alpha), settings=self._settings(
+            sigma=sigma, steps=steps, votes=votes, n=n, alpha=alpha, seed=seed, image_index=image_index))
 
     @_sampling
     def stream(self, mode: str, items, emit, *, sigma: float, steps: int | str = 4, votes: int = 10, n0: int = 100,

@@ -273,7 +273,7 @@ def test_selection_rounds_on_scripted_votes():
     # a leader that only the later votes overturn: the early stop takes class 2, all n0 votes class 7.
     # The estimation votes (independent of the selection) then decide: futile for c_a = 2, abstain.
     eng = _scripted_engine(lambda i: 2 if i < 32 else 7, lambda i: 7)
-    cert = eng.certify_radii(IMAGE, 0.5, [0.25], n0=100, n_max=640, alpha=0.001, batch=32)
+    cert = eng.certify_radii(IMAGE, 0.5, [0.25], n0=100, n_max=640, alpha=0.001, batch=32, image_index=0)
     assert (cert.c_a, cert.prediction, cert.radius, cert.decisions, cert.n_a) == (2, -1, 0.0, (-1,), 0)
     assert cert.unet_evals == 32 + cert.n and cert.n == 32
 
@@ -282,7 +282,7 @@ def test_certify_until_abstains_when_the_interval_comes_out_empty():
     # 160 estimation votes for c_a, then none: the later intervals lie below the running lower bound
     # (about 0.98), a detected coverage failure. Abstain, with the reason in the row's stop column.
     eng = _scripted_engine(lambda i: 3, lambda i: 3 if i < 160 else 1)
-    cert = eng.certify_until(IMAGE, 0.5, tol=0.0, n0=100, n_max=3200, alpha=0.05, batch=32)
+    cert = eng.certify_until(IMAGE, 0.5, tol=0.0, n0=100, n_max=3200, alpha=0.05, batch=32, image_index=0)
     assert (cert.prediction, cert.radius, cert.reason, cert.c_a) == (-1, 0.0, "inconsistent", 3)
     assert cert.p_a_lower > 0.97 and cert.n_a == 160 and 160 < cert.n < 3200
 

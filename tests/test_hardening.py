@@ -292,7 +292,7 @@ def test_api_counts_sum_to_the_samples_drawn(engine, images):
 
     image = np.load(images)["images"][0]
     with open_engine(engine) as eng:
-        cert, counts = eng.certify_counts(image, 1.0, 1, 2, 7, 23, 0.001, batch=5)
+        cert, counts = eng.certify_counts(image, 1.0, 1, 2, 7, 23, 0.001, batch=5, image_index=0)
     assert counts.counts0.sum() == 7 and counts.counts.sum() == 23
     assert cert.n_a == counts.counts[cert.c_a]
     p_low = stats.beta.ppf(0.001, cert.n_a, 23 - cert.n_a + 1) if cert.n_a else 0.0

@@ -122,3 +122,27 @@ def test_the_summary_line_and_json_count_this_runs_work(tmp_path):
     again = CliRunner().invoke(main, args)  # nothing left to compute
     assert json.loads(summary.read_text())["this_run"] == {"images_written": 0, "unet_evals": 0, "dropped_unet_evals": 0}
     assert "UNet evaluations for" not in again.stdout
+
+
+def test_api_results_carry_their_settings_and_have_to_dict():
+    from densepure_rt import open_engine
+    from densepure_rt.files.data import digits_test_split
+    from densepure_rt.files.manifest import BUNDLED_ENGINE
+    from densepure_rt.stats.cohen import certify
+
+    sample = digits_test_split()[3]
+    with open_engine(BUNDLED_ENGINE) as engine:
+        cert, counts = engine.certify_counts(sample.image, 0.5, 1, 1, 5, 20, 0.001, seed=7, image_index=sample.index)
+        radii = engine.certify_radii(sample.image, 0.5, [0.1], steps=1, votes=1, n0=5, n_max=40, image_index=sample.index)
+        prediction = engine.predict(sample.image, 0.5, steps=1, votes=1, n=20, image_index=sample.index)
+        with pytest.raises(TypeError, match="image_index"):  # two images with one index would share their noise
+            engine.certify(sample.image, 0.5, steps=1, votes=1, n0=5, n=20)
+    # The certificate is CERTIFY of its own counts (recomputed here), and carries what made it.
+    assert cert == certify(counts.counts0, counts.counts, 0.5, 0.001)
+    data = json.loads(json.dumps(cert.to_dict()))
+    assert data["radius"] == cert.radius and data["n_a"] == cert.n_a
+    assert {k: data["settings"][k] for k in ("sigma", "steps", "votes", "n0", "n", "alpha", "seed", "image_index")} == {
+        "sigma": 0.5, "steps": "1", "votes": 1, "n0": 5, "n": 20, "alpha": 0.001, "seed": 7, "image_index": sample.index}
+    assert data["settings"]["engine"] == str(BUNDLED_ENGINE.resolve())
+    assert radii.to_dict()["settings"]["n_max"] == 40 and radii.to_dict()["radii"] == [0.1]
+    assert prediction.to_dict()["settings"]["n"] == 20

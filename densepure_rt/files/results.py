@@ -680,7 +680,7 @@ class ResultsWriter:
         ])
 
     def write_radii(self, idx: int, label: int, cert, seconds: float) -> None:
-        """One ``certify --radius`` row (a :class:`densepure_rt.runtime.RadiiCertificate`)."""
+        """One ``certify --radius`` row (a :class:`densepure_rt.certificates.RadiiCertificate`)."""
         names = {1: "certified", -1: "futile", 0: "undecided"}
         decisions = ",".join(f"{r:g}:{names[d]}" for r, d in zip(cert.radii, cert.decisions))
         self._write_row([
@@ -689,7 +689,7 @@ class ResultsWriter:
         ])
 
     def write_until(self, idx: int, label: int, cert, seconds: float) -> None:
-        """One ``certify --tol`` row (a :class:`densepure_rt.runtime.EarlyStopCertificate`)."""
+        """One ``certify --tol`` row (a :class:`densepure_rt.certificates.EarlyStopCertificate`)."""
         self._write_row([
             idx, label, cert.prediction, f"{cert.radius:.6g}", _correct(cert.prediction, label),
             datetime.timedelta(seconds=seconds), cert.c_a, cert.n_a, cert.n, f"{cert.p_a_lower:.6g}", cert.reason, cert.unet_evals,

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Mapping, Optional
 
 import numpy as np
 from scipy import stats
@@ -39,6 +41,29 @@ class Certificate:
     n_a: int
     p_a_lower: float
     c_a: int
+    #: The settings it was computed with, where the caller says them (the engine's entry points:
+    #: sigma, steps, votes, n0, n, alpha, seed, image_index, engine); not part of equality.
+    settings: Optional[Mapping] = field(default=None, compare=False, repr=False)
+
+    def to_dict(self) -> dict:
+        """Its fields (and settings) as plain JSON-able values."""
+        return result_dict(self)
+
+
+def result_dict(result) -> dict:
+    """A result dataclass (certificate, prediction) as a plain dict: numpy scalars become Python
+    numbers, tuples lists, and ``settings`` a dict."""
+    out = {}
+    for f in dataclasses.fields(result):
+        value = getattr(result, f.name)
+        if isinstance(value, Mapping):
+            value = {k: (v.item() if hasattr(v, "item") else list(v) if isinstance(v, tuple) else v) for k, v in value.items()}
+        elif isinstance(value, tuple):
+            value = [v.item() if hasattr(v, "item") else v for v in value]
+        elif hasattr(value, "item"):
+            value = value.item()
+        out[f.name] = value
+    return out
 
 
 @dataclass(frozen=True)
@@ -55,6 +80,12 @@ class Prediction:
     count1: int
     count2: int
     p_value: float
+    #: The settings it was computed with (as :attr:`Certificate.settings`); not part of equality.
+    settings: Optional[Mapping] = field(default=None, compare=False, repr=False)
+
+    def to_dict(self) -> dict:
+        """Its fields (and settings) as plain JSON-able values."""
+        return result_dict(self)
 
 
 def _check_counts(counts: np.ndarray, name: str) -> np.ndarray:
