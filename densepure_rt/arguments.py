@@ -36,7 +36,8 @@ _ARGUMENT_CHECKS = {"seed": _check_seed, "image_index": _check_image_index, "ima
 
 def sampling(method):
     """An :class:`Engine` entry point that samples: refused on a closed engine or one opened with
-    ``metadata_only``, and its shared arguments (seed, image indices) checked first."""
+    ``metadata_only``, its shared arguments (seed, image indices) checked first, and ``batch=None``
+    (the default) made the engine's own default batch, as on the command line."""
     signature = inspect.signature(method)
 
     @functools.wraps(method)
@@ -50,7 +51,11 @@ def sampling(method):
         for name, value in bound.arguments.items():
             if name in _ARGUMENT_CHECKS:
                 _ARGUMENT_CHECKS[name](value)
-        return method(self, *args, **kwargs)
+        if "batch" in signature.parameters and bound.arguments.get("batch") is None:
+            # The command line's default: the engine's own batch (its manifest's default_batch).
+            manifest = getattr(self, "manifest", None)
+            bound.arguments["batch"] = manifest.default_batch if manifest is not None else 32
+        return method(*bound.args, **bound.kwargs)
 
     return checked
 

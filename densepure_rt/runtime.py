@@ -291,7 +291,7 @@ class Engine:
 
     @_sampling
     def certify_many(self, images, sigma: float, steps: int | str = 4, votes: int = 10, n0: int = 100, n: int = 1000,
-                     alpha: float = 0.001, *, seed: int = 0, image_indices=None, batch: int = 32,
+                     alpha: float = 0.001, *, seed: int = 0, image_indices=None, batch: int | None = None,
                      progress: Progress = None) -> list[Certificate]:
         """:meth:`certify` of several images (each float32 [C x H x W] in [0, 1]) at once, in batches
         that mix their noisy samples: one :class:`Certificate` per image, the same as certifying each
@@ -314,7 +314,7 @@ class Engine:
         *,
         seed: int = 0,
         image_indices=None,
-        batch: int = 32,
+        batch: int | None = None,
         progress: Progress = None,
     ) -> list[tuple[Certificate, CountsResult]]:
         """:meth:`certify_counts` of several images at once, in batches that mix images (both phases
@@ -367,7 +367,7 @@ class Engine:
         *,
         seed: int = 0,
         image_index: int,
-        batch: int = 32,
+        batch: int | None = None,
         progress: Progress = None,
     ) -> Certificate:
         """Cohen et al.'s CERTIFY of the DensePure smoothed classifier at ``image`` [C x H x W] in [0, 1]."""
@@ -389,7 +389,7 @@ class Engine:
         *,
         seed: int = 0,
         image_index: int,
-        batch: int = 32,
+        batch: int | None = None,
         progress: Progress = None,
     ) -> tuple[Certificate, CountsResult]:
         """:meth:`certify`, also returning the vote counts of both phases (for results files)."""
@@ -517,7 +517,7 @@ class Engine:
         *,
         seed: int = 0,
         image_index: int,
-        batch: int = 32,
+        batch: int | None = None,
         progress: Progress = None,
         round_size: int | None = None,
     ) -> RadiiCertificate:
@@ -555,7 +555,7 @@ class Engine:
         *,
         seed: int = 0,
         image_index: int,
-        batch: int = 32,
+        batch: int | None = None,
         progress: Progress = None,
         round_size: int | None = None,
     ) -> EarlyStopCertificate:
@@ -587,12 +587,12 @@ class Engine:
         sigma: float,
         steps: int | str = 4,
         votes: int = 10,
-        n: int = 1000,
+        n: int = 100,
         alpha: float = 0.001,
         *,
         seed: int = 0,
         image_index: int,
-        batch: int = 32,
+        batch: int | None = None,
         progress: Progress = None,
     ) -> Prediction:
         """Cohen et al.'s PREDICT of the DensePure smoothed classifier at ``image``."""
@@ -605,7 +605,7 @@ class Engine:
 
     @_sampling
     def stream(self, mode: str, items, emit, *, sigma: float, steps: int | str = 4, votes: int = 10, n0: int = 100,
-               n: int = 1000, alpha: float = 0.001, radii=None, tol: float | None = None, seed: int = 0, batch: int = 32,
+               n: int = 1000, alpha: float = 0.001, radii=None, tol: float | None = None, seed: int = 0, batch: int | None = None,
                round_size: int = 1, in_flight: int | None = None, progress: Progress = None,
                samples: int | None = None) -> SchedulerStats:
         """Many images through one scheduler run (:mod:`densepure_rt.sampling.stream`): ``items``
