@@ -708,10 +708,10 @@ def test_tensorrts_own_refusal_of_a_plan_is_one_line(trt_engine):
 
 
 def test_check_plans_names_both_versions():
-    manifest = {"tensorrt": {"version": "11.4.0.106", "compute_capability": "9.0", "gpu": "H100", "hardware_compatibility": "none"}}
-    check_plans(manifest, "11.4.0.106", "9.0")
+    plans = {"version": "11.4.0.106", "compute_capability": "9.0", "gpu": "H100", "hardware_compatibility": "none"}
+    check_plans(plans, "11.4.0.106", "9.0")
     with pytest.raises(EngineError, match="built by TensorRT 11.4.0.106 but this machine runs TensorRT 10.13.3.9"):
-        check_plans(manifest, "10.13.3.9", "9.0")
+        check_plans(plans, "10.13.3.9", "9.0")
 
 
 def test_a_tensorrt_engine_needs_a_gpu_and_tensorrt_one_line_each(trt_engine, monkeypatch):

@@ -31,6 +31,8 @@ import numpy as np
 
 from densepure_rt.errors import EngineError
 from densepure_rt.errors import first_line as _first_line
+from typing import Mapping
+
 from densepure_rt.files.manifest import Manifest, as_manifest, plan_path
 
 __all__ = [
@@ -114,12 +116,12 @@ def _capability(text: str) -> tuple[int, int]:
     return int(major), int(minor or 0)
 
 
-def check_plans(manifest: Manifest, version: str, compute_capability: str) -> None:
-    """Refuse, in one sentence and before anything is deserialized, plans that this TensorRT
+def check_plans(info: Mapping, version: str, compute_capability: str) -> None:
+    """Refuse, in one sentence and before anything is deserialized, plans (``info``: the manifest's
+    ``tensorrt`` section) that this TensorRT
     ``version`` on a GPU of ``compute_capability`` ('9.0') cannot run: built by another TensorRT
     version (a plan is tied to the exact version), or for another compute capability (with hardware
     compatibility ``ampere_plus``: any GPU of compute capability 8.0 or newer)."""
-    info = as_manifest(manifest).tensorrt
     rebuild = "rebuild the engine on this machine (densepure-rt build --backend tensorrt --force ...)"
     if info["version"] != version:
         raise EngineError(
@@ -161,7 +163,7 @@ def open_plans(directory, manifest: dict, trt, compute_capability: str, logger=N
     """(runtime, {graph: engine}): :func:`check_plans`, then each plan of ``manifest['tensorrt']['plans']``
     deserialized once. A plan TensorRT refuses (corrupt, or for another GPU despite the manifest) is an
     :class:`EngineError` of one line holding TensorRT's own reason."""
-    check_plans(manifest, str(trt.__version__), compute_capability)
+    check_plans(as_manifest(manifest).tensorrt, str(trt.__version__), compute_capability)
     logger = make_logger(trt) if logger is None else logger
     runtime = trt.Runtime(logger)
     engines = {}
