@@ -49,9 +49,6 @@ UNDECIDED = 0
 #: The version of :class:`EarlyStopRadius`'s stopping rule (its "stalled" forecast): results written
 #: under one rule are not continued under another (the rows would mix two stopping times).
 STOP_RULE = "tol-budget-1"
-#: The "stalled" forecast's frequency: the one-sided Clopper-Pearson lower bound at this level,
-#: Phi(-1) (one standard error below the observed frequency).
-FORECAST_LEVEL = float(stats.norm.cdf(-1.0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -591,11 +588,11 @@ class EarlyStopRadius:
       "precise": sigma * Phi^-1(p_a_upper) - radius(n) <= tol: the radius can never gain more than
                  tol, since p_a <= p_a_upper (on the same event);
       "stalled": radius(n) > 0 and max(r(floor(f n_max), n_max) - r(n_a, n), 0) < tol (never
-                 with tol = 0), with r(S, t) = sigma * Phi^-1(L_t(S)) (0 when <= 1/2) and f the
-                 one-sided Clopper-Pearson lower bound of n_a / n at level Phi(-1) = 0.159
-                 (:data:`FORECAST_LEVEL`: one standard error below the frequency): spending the
-                 whole budget at a success frequency the counts cannot tell from the observed one
-                 would raise the radius of the current counts by less than tol (:data:`STOP_RULE`);
+                 with tol = 0), with r(S, t) = sigma * Phi^-1(L_t(S)) (0 when <= 1/2) and f = p -
+                 sqrt(p (1 - p) / n), p = n_a / n, one standard error below the frequency:
+                 spending the whole budget at a success frequency the counts cannot tell from the
+                 observed one would raise the radius of the current counts by less than tol
+                 (:data:`STOP_RULE`);
       "budget":  n = n_max.
     While abstaining only "inconsistent", "futile", "precise" and "budget" apply (a certificate
     may need several doublings to appear).
@@ -606,13 +603,14 @@ class EarlyStopRadius:
     standard error below the frequency: near p_a = 1, sigma Phi^-1 is steep, and the gain forecast
     at the observed frequency stays large up to the budget (0.04-0.06 per doubling at p_a = 0.99,
     sigma = 0.5, n = 10^3-10^4), so a plain forecast would spend most of the budget there; the
-    discount is as large as those gains, and small where p_a is moderate. Measured with rounds of
+    discount is as large as those gains there, small where p_a is moderate, and 0 while every vote
+    is a success (at p_a = 1 it stops within tol of the budget's radius). Measured with rounds of
     one sample, sigma 0.5, alpha 0.001, n_max 10,000, tol 0.05, 200 Bernoulli streams each
-    (tests/test_sequential.py): median radius 0.159 / 0.316 / 0.527 at p_a = 0.7 / 0.8 / 0.9 after
-    885 / 944 / 1,072 samples (fixed-n Clopper-Pearson at n = 1,000: 0.197 / 0.351 / 0.557); at
-    p_a = 0.99 1,845 samples (the one-doubling forecast: 1,489), radius 0.998; at p_a = 1 it stalls
-    at 1,776 samples, radius 1.31 (the budget would give 1.57, but the counts cannot yet rule out
-    p_a = 1 - 1.8 / n, where it gives less).
+    (tests/test_sequential.py): median radius 0.160 / 0.318 / 0.529 at p_a = 0.7 / 0.8 / 0.9
+    after 910 / 979 / 1,127 samples (fixed-n Clopper-Pearson at n = 1,000: 0.197 / 0.351 /
+    0.557; the one-doubling forecast: about 0.08 / 0.25 / 0.46 after 300-400); at p_a = 0.99
+    2,093 samples (one-doubling: 1,489), radius 1.006; at p_a = 1 7,054 samples, radius 1.522 of
+    the budget's 1.572.
 
     The stopping rule does not affect validity: P(sigma * Phi^-1(p_a) < radius(n) for some n) <= alpha,
     so the radius at any stopping time, this rule's included, is false with probability <= alpha.
@@ -706,12 +704,11 @@ class EarlyStopRadius:
         return int(m[np.argmax(can)]) if can.any() else int(m.size)
 
     def _forecast_successes(self) -> int:
-        """floor(f n_max), f the one-sided Clopper-Pearson lower bound of n_a / n at level
-        :data:`FORECAST_LEVEL` (0 when n_a = 0): the successes of the "stalled" forecast."""
-        if self.n_a == 0:
-            return 0
-        f = float(special.betaincinv(self.n_a, self.n - self.n_a + 1, FORECAST_LEVEL))  # = scipy.stats.beta.ppf
-        return min(int(math.floor(f * self.n_max)), self.n_max)
+        """floor(f n_max), f = p - sqrt(p (1 - p) / n) with p = n_a / n (one standard error below the
+        frequency), clipped to [0, n_max]: the successes of the "stalled" forecast."""
+        p = self.n_a / self.n
+        f = p - math.sqrt(p * (1.0 - p) / self.n)
+        return min(max(int(math.floor(f * self.n_max)), 0), self.n_max)
 
     def result(self) -> EarlyStopResult:
         return EarlyStopResult(
