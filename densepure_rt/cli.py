@@ -7,6 +7,7 @@ with ``error:`` and exits with status 2; nothing half-written is left behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shlex
@@ -221,9 +222,35 @@ def _signals_noted():
             signal.signal(sig, old)
 
 
-def _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights) -> None:
+_PREPROCESSING_FLAGS = ("--input-size", "--resize", "--antialias", "--mean", "--std", "--channels", "--outputs", "--labels",
+                        "--classifier-weights")
+
+
+def _classifier_request(spec, weights, classifier_ckpt, input_size, resize, antialias, mean, std, channel_order, outputs, labels):
+    """``build --classifier`` and its preprocessing flags as a ClassifierRequest (None without
+    --classifier), checked without torch."""
+    from densepure_rt.presets import Preprocessing, classifier_request
+
+    given = (input_size, resize, antialias, mean, std, channel_order, outputs, labels, weights)
+    if spec is None:
+        used = [flag for flag, value in zip(_PREPROCESSING_FLAGS, given) if value is not None]
+        if used:
+            raise ConfigError(f"{used[0]} goes with --classifier (a preset's classifier has its own preprocessing)")
+        return None
+    if classifier_ckpt is not None:
+        raise ConfigError("--classifier and --classifier-ckpt exclude each other: --classifier-ckpt is the preset's classifier")
+    preprocessing = Preprocessing(
+        input_size=Preprocessing.parse_size(input_size), resize=resize, antialias=antialias,
+        mean=Preprocessing.parse_numbers(mean, "--mean"), std=Preprocessing.parse_numbers(std, "--std", positive=True),
+        channels=channel_order, outputs=outputs,
+    )
+    return classifier_request(spec, weights, preprocessing, labels)
+
+
+def _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights, own_classifier: bool = False) -> None:
     """The checkpoint flags, checked without torch: given files exist; random weights exclude
-    checkpoints; a preset with no shipped weights gets checkpoints or --random-weights."""
+    checkpoints; a preset with no shipped weights gets checkpoints or --random-weights (the
+    classifier's only without ``own_classifier``, --classifier)."""
     for flag, path in (("--diffusion-ckpt", diffusion_ckpt), ("--classifier-ckpt", classifier_ckpt)):
         if path is not None and random_weights:
             raise ConfigError(f"{flag} and --random-weights exclude each other: give checkpoints or ask for random weights")
@@ -232,6 +259,8 @@ def _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights) -> No
     if random_weights or diffusion_ckpt is not None or classifier_ckpt is not None:
         return  # a checkpoint given: its own loading says what is wrong with it or with the other one
     for what, shipped, hint in (("diffusion", p.shipped_unet, p.diffusion_ckpt_hint), ("classifier", p.shipped_classifier, p.classifier_ckpt_hint)):
+        if what == "classifier" and own_classifier:
+            continue
         if not shipped:
             if not hint:  # a preset without published weights (tiny)
                 raise ConfigError(f"the {p.name} preset has no weights to load: build it with --random-weights")
@@ -259,6 +288,28 @@ def _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights) -> No
 @click.option("--force", is_flag=True, help="Rebuild, replacing an existing engine directory (never any other folder).")
 @click.option("--seed", type=int, default=0, show_default=True, metavar="N", help="Seed of --random-weights.")
 @click.option("--no-validate", is_flag=True, help="Skip validating the graphs against PyTorch.")
+# -- your own classifier, beside the preset's diffusion model (docs/models.md, "Your own classifier") ---
+@click.option("--classifier", "classifier_spec", metavar="PATH|timm:NAME|torchvision:NAME",
+              help="Your classifier in place of the preset's: an ONNX file (.onnx), a TorchScript file (.pt, .pth, .ts, "
+                   ".jit), a torch.export program (.pt2), or timm:NAME / torchvision:NAME with --classifier-weights. "
+                   "It gets the purified image in [0, 1] at the engine's size, resized, reordered and normalised as "
+                   "declared below; the build checks it against the original model.")
+@click.option("--classifier-weights", type=click.Path(), metavar="FILE",
+              help="Weights of a timm:NAME or torchvision:NAME classifier (.safetensors, or a state dict read with weights_only=True).")
+@click.option("--input-size", metavar="H[xW]",
+              help="The classifier's input size  [default: the model's (timm, torchvision, a fixed ONNX input), else the engine's image size]")
+@click.option("--resize", type=click.Choice(["bilinear", "bicubic", "nearest"]), default=None,
+              help="Interpolation to the input size  [default: the model's, else bilinear]")
+@click.option("--antialias/--no-antialias", default=None,
+              help="Low-pass filter when shrinking (bilinear, bicubic)  [default: the model's, else off]")
+@click.option("--mean", metavar="A[,B,C]", help="Per-channel mean subtracted from the [0, 1] image  [default: the model's, else 0]")
+@click.option("--std", metavar="A[,B,C]", help="Per-channel std the image is divided by  [default: the model's, else 1]")
+@click.option("--channels", "channel_order", type=click.Choice(["rgb", "bgr"]), default=None,
+              help="Channel order the classifier takes; --mean/--std are in that order  [default: rgb]")
+@click.option("--outputs", type=click.Choice(["logits", "probabilities"]), default=None,
+              help="What the classifier returns (recorded; the label is the argmax either way)  [default: logits]")
+@click.option("--labels", "labels_file", type=click.Path(), metavar="FILE",
+              help="Class names, one per line: their number must equal the classifier's outputs.")
 # -- TensorRT (--backend tensorrt only); rows = noisy samples x K per engine call ---------------------
 @click.option("--min-batch", type=click.IntRange(min=1), default=None, metavar="ROWS",
               help="TensorRT profile: fewest rows per call  [default: 1]")
@@ -275,8 +326,9 @@ def _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights) -> No
               help="TensorRT plans for this GPU only (none), any GPU of its compute capability, or any Ampere or newer GPU  "
                    "[default: none]")
 def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, backend, device, batch, out, force, seed, no_validate,
+          classifier_spec, classifier_weights, input_size, resize, antialias, mean, std, channel_order, outputs, labels_file,
           min_batch, opt_batch, max_batch, workspace, timing_cache, hardware_compatibility):
-    """Export a preset's UNet and classifier to an engine directory (needs the torch extra).
+    """Export a preset's UNet and classifier (or --classifier, your own) to an engine directory (needs the torch extra).
 
     An existing engine built from the same preset, settings and weights is verified and reused
     (nothing is rebuilt); --force rebuilds it. --force never deletes a folder that is not an engine.
@@ -291,6 +343,9 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
           --precision fp16 traces the half-precision UNet on the CPU: not finished after 25 min;
           --device cuda adds the fused GPU graphs: 6 min and 20.4 GB, measured)
       densepure-rt build --model cifar10 ... --backend tensorrt --precision fp16 --batch 200 --max-batch 2000
+      densepure-rt build --model digits --classifier my.onnx --out engines/mine
+      densepure-rt build --model cifar10 --diffusion-ckpt cifar10_uncond_50M_500K.pt --classifier timm:resnet18 \\
+          --classifier-weights resnet18-cifar10.safetensors --input-size 32 --out engines/cifar10-resnet
     """
     from densepure_rt.presets import BACKEND_PRECISIONS, get_preset
 
@@ -302,7 +357,9 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
         raise ConfigError(f"--precision {precision} is not one the {backend} backend runs: choose {' or '.join(BACKEND_PRECISIONS[backend])}")
     if device == "cuda" and backend != "onnxruntime":
         raise ConfigError(f"--device cuda writes ONNX Runtime's fused CUDA graphs: it goes with --backend onnxruntime, not {backend}")
-    _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights)
+    request = _classifier_request(classifier_spec, classifier_weights, classifier_ckpt, input_size, resize, antialias, mean, std,
+                                  channel_order, outputs, labels_file)
+    _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights, own_classifier=request is not None)
     trt_flags = {"--min-batch": min_batch, "--opt-batch": opt_batch, "--max-batch": max_batch, "--workspace": workspace,
                  "--timing-cache": timing_cache, "--hardware-compatibility": hardware_compatibility}
     if backend != "tensorrt":
@@ -325,7 +382,8 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
                                       timing_cache=timing_cache, hardware_compatibility=hardware_compatibility or "none")
         plan_builder = PlanBuilder(trt_options, batch)  # TensorRT, a GPU and the profile checked before anything is loaded
     # A random-weights engine gets a name that says so: its certificates mean nothing.
-    out = Path(out).expanduser() if out else Path(f"engines/{p.name}{RANDOM_SUFFIX if random_weights else ''}")
+    own = f"-{Path(request.path).stem if request.path else request.name}" if request is not None else ""
+    out = Path(out).expanduser() if out else Path(f"engines/{p.name}{own}{RANDOM_SUFFIX if random_weights else ''}")
     clean_stale_builds(out, log=lambda line: click.echo(line, err=True))
     inputs = {
         "preset": p.name,
@@ -339,6 +397,12 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
         "classifier_sha256": _weights_sha256(classifier_ckpt, p.shipped_classifier, random_weights),
         "toolkit_version": __version__,
     }
+    if request is not None:  # every declared choice: an engine built with other preprocessing is not reused
+        inputs["diffusion_sha256"] = _weights_sha256(diffusion_ckpt, p.shipped_unet, random_weights)
+        inputs["classifier_sha256"] = _weights_sha256(request.path or request.weights, "", False)
+        inputs["classifier"] = {"format": request.format, "name": request.name, "labels": list(request.labels or []),
+                                "preprocessing": {k: (list(v) if isinstance(v, tuple) else v)
+                                                  for k, v in dataclasses.asdict(request.preprocessing).items()}}
     if device == "cuda":  # recorded only when set, so that engines built before --device existed are reused
         inputs["device"] = device
     if trt_options is not None:  # an engine with other plan settings is not reused
@@ -361,16 +425,23 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
     if random_weights:
         click.echo(f"creating the {p.name} UNet (random weights)...", err=True)
     unet = load_unet(p, diffusion_ckpt, random_weights=random_weights, seed=seed)
-    if random_weights:
-        click.echo(f"creating the {p.name} classifier (random weights)...", err=True)
-    classifier = load_classifier(p, classifier_ckpt, random_weights=random_weights, seed=seed)
+    if request is not None:
+        from .export.sources import load_classifier_source
+
+        classifier = load_classifier_source(request, p.channels, p.image_size)
+        p = dataclasses.replace(p, num_classes=classifier.num_classes, classifier=request.display)
+    else:
+        if random_weights:
+            click.echo(f"creating the {p.name} classifier (random weights)...", err=True)
+        classifier = load_classifier(p, classifier_ckpt, random_weights=random_weights, seed=seed)
     # Announced only once the folder and the checkpoints have passed their checks.
     click.echo(f"building {p.name} ({precision}, {backend}) into {out} (models ready after {time.time() - started:.0f} s)", err=True)
     provenance = {
         "command": "densepure-rt " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
         "random_weights": bool(random_weights),
         "diffusion_ckpt": str(diffusion_ckpt) if diffusion_ckpt else ("shipped" if p.shipped_unet and not random_weights else None),
-        "classifier_ckpt": str(classifier_ckpt) if classifier_ckpt else ("shipped" if p.shipped_classifier and not random_weights else None),
+        "classifier_ckpt": str(classifier_ckpt) if classifier_ckpt else (
+            request.path or request.weights if request is not None else "shipped" if p.shipped_classifier and not random_weights else None),
         "inputs": inputs,
     }
     options = BuildOptions(precision=precision, backend=backend, device=device, batch=batch, force=force, validate=not no_validate,
@@ -428,11 +499,6 @@ def _common_options(f):
                      help="With --ray: actors to start  [default: one per GPU with --device cuda, one per --threads CPUs (1) otherwise]"),
         click.option("--ray-timeout", type=FiniteFloat(min=1), default=30.0, show_default=True, metavar="S",
                      help="With --ray: seconds to wait for the cluster to answer before giving up with an error."),
-        click.option("--scheduling", type=click.Choice(["continuous", "waves"]), default="continuous", show_default=True,
-                     help="How engine calls are filled: 'continuous' (every call full of runs of many samples and images "
-                          "at any reverse step) or 'waves' (a batch of samples, its undecided samples in shrinking waves; "
-                          "a fallback). The same "
-                          "rows for the same --round."),
         click.option("--kernels", type=click.Choice(["portable", "fused"]), default="portable", show_default=True,
                      help="Which graphs run: 'portable' (standard ONNX, any device) or 'fused' (--device cuda only, an engine "
                           "built with `build --device cuda`: GroupNorm + SiLU as one ONNX Runtime CUDA kernel)."),
@@ -499,21 +565,18 @@ def _radius_list(values) -> list[float]:
 @click.option("--round", "round_size", type=click.IntRange(min=1), default=None, metavar="N",
               help="With --radius or --tol: samples per round of the sequential test (its decisions come after each "
                    "round, in sample order). Independent of the engine's call size: the calls stay full of later "
-                   "samples. Smaller rounds stop sooner on easy images.  [default: 1; --batch with --scheduling waves; a resumed "
-                   "run keeps its file's]")
+                   "samples. Smaller rounds stop sooner on easy images.  [default: 1; a resumed run keeps its file's]")
 @click.option("--early-exit/--no-early-exit", default=None,
               help="Stop a noisy sample's K runs once its vote is decided (identical votes, less work). "
-                   "Default: on (the calls stay full of other runs); with --scheduling waves on a GPU only from 64 "
-                   "noisy samples per batch (smaller waves leave it idle).")
+                   "Default: on (the calls stay full of other runs).")
 @click.option("--images-per-call", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
               help="The most images in flight at once (memory); 1 leaves it to the scheduler (enough images to fill "
-                   "a call). Same rows. With --scheduling waves: fixed-n CERTIFY of N images at a time in batches "
-                   "that mix their noisy samples.")
+                   "a call). Same rows.")
 @click.option("--out", type=click.Path(), default="certify.tsv", show_default=True, metavar="FILE", help="Results TSV (options saved as FILE.json).")
 @_summary_option
 @click.pass_context
 def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every,
-            ray, actors, ray_timeout, scheduling, kernels, n0, n, radii, tol, n_max, round_size, early_exit, images_per_call, out,
+            ray, actors, ray_timeout, kernels, n0, n, radii, tol, n_max, round_size, early_exit, images_per_call, out,
             json_summary):
     """Certify images: Cohen et al.'s CERTIFY on DensePure's voted labels, one TSV row per image.
 
@@ -549,14 +612,12 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
         raise ConfigError("--n-max goes with --radius or --tol; fixed-n CERTIFY takes --n")
     if round_size is not None and mode == "certify":
         raise ConfigError("--round goes with --radius or --tol (fixed-n CERTIFY has no rounds)")
-    if images_per_call > 1 and mode != "certify" and scheduling != "continuous":
-        raise ConfigError("--images-per-call with --scheduling waves goes with fixed-n CERTIFY only")
     radii = _radius_list(radii) if radii else None
     started = time.time()
     summary = _check_summary(json_summary, out, data)
     totals = run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
                 progress_every, out, n0, n, radii=radii, tol=tol, early_exit=early_exit, round_size=round_size,
-                images_per_call=images_per_call, ray=ray, actors=actors, ray_timeout=ray_timeout, scheduling=scheduling,
+                images_per_call=images_per_call, ray=ray, actors=actors, ray_timeout=ray_timeout,
                 kernels=kernels)
     from densepure_rt.files.report import certified_accuracy, labelled
     from densepure_rt.files.results import read_results
@@ -582,7 +643,7 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
 @click.option("--out", type=click.Path(), default="predict.tsv", show_default=True, metavar="FILE", help="Results TSV (options saved as FILE.json).")
 @_summary_option
 def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every,
-            ray, actors, ray_timeout, scheduling, kernels, n, out, json_summary):
+            ray, actors, ray_timeout, kernels, n, out, json_summary):
     """Predict with the smoothed classifier (Cohen et al.'s PREDICT; -1 means abstain).
 
     \b
@@ -592,7 +653,7 @@ def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batc
     started = time.time()
     summary = _check_summary(json_summary, out, data)
     totals = run_mode("predict", engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
-                progress_every, out, None, n, ray=ray, actors=actors, ray_timeout=ray_timeout, scheduling=scheduling,
+                progress_every, out, None, n, ray=ray, actors=actors, ray_timeout=ray_timeout,
                 kernels=kernels)
     from densepure_rt.files.results import read_rows
 
@@ -615,7 +676,7 @@ def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batc
 #: statistics, where the rows go, then how fast, progress, and scale-out).
 _WORKFLOW = ("engine_dir", "data", "skip", "max_images", "sigma", "steps", "votes", "n0", "n", "radii", "tol", "n_max",
              "round_size", "alpha", "seed", "out", "json_summary", "resume", "batch", "images_per_call", "early_exit", "device", "threads",
-             "kernels", "scheduling", "quiet", "progress_every", "ray", "actors", "ray_timeout")
+             "kernels", "quiet", "progress_every", "ray", "actors", "ray_timeout")
 
 for _command in (certify, predict):
     _command.params.sort(key=lambda p: _WORKFLOW.index(p.name) if p.name in _WORKFLOW else len(_WORKFLOW))
@@ -726,6 +787,34 @@ def _fused_lines(manifest) -> list[str]:
             f"classifier {cls.get('file')} {cls.get('precision')}{attention}"]
 
 
+def _classifier_lines(manifest) -> list[str]:
+    """``info``'s lines on the classifier's source and preprocessing, the label names and the image
+    space the radius holds in (read defensively: descriptive fields of the manifest)."""
+    lines = []
+    source = manifest.classifier_source
+    if isinstance(source, dict):
+        where = source.get("file") or f"{source.get('name')} with weights {source.get('weights')}"
+        lines.append(f"source      {source.get('format')} {where} (sha256 {str(source.get('sha256'))[:16]}...)")
+    pre = manifest.preprocessing
+    if isinstance(pre, dict) and pre:
+        resize = pre.get("resize")
+        how = ("no resize" if not isinstance(resize, dict) else
+               f"resize to {'x'.join(map(str, resize.get('size', [])))} {resize.get('mode')}"
+               f"{', antialiased' if resize.get('antialias') else ''}")
+        lines.append(f"preprocess  purified image in [0, 1] -> {how}{' (uint8 PIL round trip)' if pre.get('pil_uint8') else ''}, "
+                     f"{str(pre.get('channel_order', 'rgb')).upper()}, (v - {pre.get('mean')}) / {pre.get('std')}; "
+                     f"the classifier returns {pre.get('scores', 'logits')}")
+    if manifest.labels:
+        shown = ", ".join(manifest.labels[:10]) + (f", ... ({len(manifest.labels)} in all)" if len(manifest.labels) > 10 else "")
+        lines.append(f"labels      {shown}")
+    space = manifest.image_space
+    if isinstance(space, dict):
+        lines.append(f"radius      L2 in [0, 1] pixels of the {'x'.join(map(str, space.get('size', [])))} image the engine takes, "
+                     "noise added before any classifier resizing or normalisation; image files are resized (bicubic) and "
+                     "centre-cropped to that size first, so a certificate is about that image, not the original file")
+    return lines
+
+
 @main.command()
 @click.option("--engine", "engine_dir", type=click.Path(), metavar="DIR",
               help="Engine directory from `build`  [default: the digits engine shipped with densepure-rt]")
@@ -755,6 +844,7 @@ def info(engine_dir, as_json):
         + (f", {cost['unet']:g} GFLOP/sample" if isinstance(cost.get("unet"), (int, float)) and cost.get("unet") else ""),
         f"classifier  {manifest.classifier_name}, {manifest.classifier_parameters:,} parameters, {manifest.classifier_precision}"
         + (f", {cost['classifier']:g} GFLOP/sample" if isinstance(cost.get("classifier"), (int, float)) and cost.get("classifier") else ""),
+        *_classifier_lines(manifest),
         f"backend     {manifest.backend} (opset {manifest.opset})",
         "rows        at most {} per step call, {} per classifier call (largest tensors {:,} and {:,} elements per row; "
         "rows = noisy samples x K)".format(*rows_per_call(manifest), step.max_elements_per_row, classifier.max_elements_per_row),

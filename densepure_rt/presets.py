@@ -7,12 +7,17 @@ reproduces the algorithm, not those runs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from densepure_rt.errors import ConfigError
 from densepure_rt.executors.registry import backend_precisions
 
-__all__ = ["Preset", "PRESETS", "get_preset", "BACKEND_PRECISIONS"]
+__all__ = [
+    "Preset", "PRESETS", "get_preset", "BACKEND_PRECISIONS", "CLASSIFIER_FORMATS", "RESIZE_MODES", "Preprocessing",
+    "ClassifierRequest", "classifier_request", "read_labels", "IMAGE_SPACE",
+]
 
 #: The precisions each backend runs (``build --backend/--precision``), from the backend registry
 #: (:mod:`densepure_rt.executors.registry`): read without torch, so the CLI checks flags first.
@@ -193,3 +198,155 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r} for --model: choose one of {', '.join(sorted(PRESETS))}")
     return PRESETS[name]
+
+
+# ------------------------------------------------------------------------------------------------ #
+# classifiers brought by the user                                                                    #
+# ------------------------------------------------------------------------------------------------ #
+
+#: The classifier sources ``build --classifier`` takes, and how each is named.
+CLASSIFIER_FORMATS = {
+    "onnx": "an ONNX file (.onnx): one float input [N x C x H x W], one output [N x classes]",
+    "torchscript": "a TorchScript file (.pt, .pth, .ts, .jit: torch.jit.save)",
+    "torch-export": "a torch.export program (.pt2: torch.export.save)",
+    "timm": "timm:NAME with --classifier-weights FILE (.safetensors, or a state dict read with weights_only=True)",
+    "torchvision": "torchvision:NAME with --classifier-weights FILE (.safetensors, or a state dict read with weights_only=True)",
+}
+_SUFFIXES = {".onnx": "onnx", ".pt2": "torch-export", ".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript",
+             ".jit": "torchscript", ".torchscript": "torchscript"}
+RESIZE_MODES = ("bilinear", "bicubic", "nearest")
+
+#: Where a certificate's radius holds: the image the engine takes, in [0, 1] pixels, before any
+#: classifier normalisation (recorded in every manifest as ``image_space``; the size is the engine's).
+IMAGE_SPACE = {
+    "range": [0.0, 1.0],
+    "noise": "Gaussian noise of standard deviation sigma is added to the image in [0, 1] pixels at the engine's size, "
+             "before the diffusion model and before any classifier resizing or normalisation; radii are L2 norms in "
+             "those units",
+    "data": "image files are resized (bicubic, shorter side) and centre-cropped to the engine's size; arrays (.npz, "
+            "CIFAR-10 batches) must already have it and are never resized",
+}
+
+
+def _accepted() -> str:
+    return "; ".join(f"{name}: {what}" for name, what in CLASSIFIER_FORMATS.items())
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How the purified image (in [0, 1], the engine's size) becomes the classifier's input, as
+    declared on the command line; None leaves a choice to the model's own defaults (timm's
+    pretrained config, torchvision's weights, an ONNX graph's fixed input size) or to the documented
+    default (the engine's size, so no resize; bilinear without antialiasing; mean 0 and std 1, so
+    the classifier takes [0, 1] pixels; RGB; logits)."""
+
+    input_size: tuple[int, int] | None = None
+    resize: str | None = None
+    antialias: bool | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    channels: str | None = None
+    outputs: str | None = None
+
+    @staticmethod
+    def parse_size(text: str | None) -> tuple[int, int] | None:
+        """``"224"`` or ``"224x192"`` (height x width) -> (224, 224) / (224, 192); a one-line error otherwise."""
+        if text is None:
+            return None
+        parts = str(text).lower().replace(" ", "").split("x")
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            values = []
+        if len(values) not in (1, 2) or any(not 1 <= v <= 4096 for v in values):
+            raise ConfigError(f"--input-size takes H or HxW with sides in 1..4096 (got {text!r})")
+        return (values[0], values[-1])
+
+    @staticmethod
+    def parse_numbers(text: str | None, flag: str, positive: bool = False) -> tuple[float, ...] | None:
+        """``"0.485,0.456,0.406"`` -> a tuple of finite floats (one per channel); a one-line error otherwise."""
+        if text is None:
+            return None
+        try:
+            values = tuple(float(v) for v in str(text).split(","))
+        except ValueError:
+            values = ()
+        if not values or not all(math.isfinite(v) for v in values) or (positive and any(v <= 0 for v in values)):
+            raise ConfigError(f"{flag} takes one {'positive ' if positive else ''}number per channel, comma-separated (got {text!r})")
+        return values
+
+
+@dataclass(frozen=True)
+class ClassifierRequest:
+    """A classifier named on the command line (``build --classifier``), checked without torch:
+    its format (one of :data:`CLASSIFIER_FORMATS`), the file or model name, the weights file
+    (timm and torchvision), the declared preprocessing and the label names."""
+
+    format: str
+    path: str | None
+    name: str | None
+    weights: str | None
+    preprocessing: Preprocessing
+    labels: tuple[str, ...] | None = None
+
+    @property
+    def display(self) -> str:
+        """How the manifest and the logs name it: ``onnx my.onnx``, ``timm resnet18``."""
+        return f"{self.format} {self.name or Path(self.path or '').name}"
+
+
+def read_labels(path: str | Path) -> tuple[str, ...]:
+    """Label names, one per line (blank lines and surrounding spaces ignored), from a UTF-8 text file."""
+    path = Path(path).expanduser()
+    try:
+        if path.stat().st_size > 16 << 20:
+            raise ConfigError(f"--labels {path} is larger than 16 MiB: give one class name per line")
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"--labels {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--labels {path} is a folder: give a text file with one class name per line") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--labels {path} is not UTF-8 text: give one class name per line") from None
+    except OSError as exc:
+        raise ConfigError(f"--labels {path} cannot be read ({exc.strerror})") from None
+    names = tuple(line.strip() for line in text.splitlines() if line.strip())
+    if not names:
+        raise ConfigError(f"--labels {path} names no classes: give one class name per line")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--labels {path} names a class twice: give each class name once, one per line")
+    return names
+
+
+def classifier_request(spec: str, weights: str | None = None, preprocessing: Preprocessing = Preprocessing(),
+                       labels: str | None = None) -> ClassifierRequest:
+    """``build --classifier SPEC`` as a :class:`ClassifierRequest`: ``timm:NAME`` or
+    ``torchvision:NAME`` (with ``weights``), or a file whose suffix names its format. Refuses, in one
+    line, an unknown format (listing the accepted ones), a missing file, and weights where the format
+    carries its own."""
+    if preprocessing.resize is not None and preprocessing.resize not in RESIZE_MODES:
+        raise ConfigError(f"--resize must be one of {', '.join(RESIZE_MODES)} (got {preprocessing.resize!r})")
+    if preprocessing.antialias and preprocessing.resize == "nearest":
+        raise ConfigError("--antialias goes with --resize bilinear or bicubic, not nearest")
+    names = read_labels(labels) if labels is not None else None
+    for prefix in ("timm", "torchvision"):
+        if spec.startswith(prefix + ":"):
+            name = spec[len(prefix) + 1:]
+            if not name:
+                raise ConfigError(f"--classifier {spec}: name the {prefix} model after '{prefix}:'")
+            if weights is None:
+                raise ConfigError(f"--classifier {spec} needs --classifier-weights FILE (nothing is downloaded)")
+            if not Path(weights).expanduser().is_file():
+                raise ConfigError(f"--classifier-weights {weights} does not exist or is not a file")
+            return ClassifierRequest(prefix, None, name, str(Path(weights).expanduser()), preprocessing, names)
+    path = Path(spec).expanduser()
+    fmt = _SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise ConfigError(f"--classifier {spec}: not a format build reads; accepted: {_accepted()}")
+    if not path.exists():
+        raise ConfigError(f"--classifier {spec} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"--classifier {spec} is not a file; accepted: {_accepted()}")
+    if weights is not None:
+        raise ConfigError(f"--classifier-weights goes with timm:NAME or torchvision:NAME: a {fmt} file carries its own weights")
+    return ClassifierRequest(fmt, str(path), None, None, preprocessing, names)

@@ -29,10 +29,12 @@ from torch import nn
 
 from densepure_rt.errors import ConfigError, signals_held
 from densepure_rt.files.manifest import MANIFEST, peek_manifest, write_manifest
-from densepure_rt.presets import BACKEND_PRECISIONS, Preset
+from densepure_rt.presets import BACKEND_PRECISIONS, IMAGE_SPACE, Preset
 from densepure_rt.schedule import make_schedule, reverse_schedule
 
-from densepure_rt.export.onnx_export import classifier_spec, export_graph, max_elements_per_row, step_spec, validate_graph
+from densepure_rt.export.onnx_export import (
+    OPSET, classifier_spec, export_composed, export_graph, max_elements_per_row, step_spec, validate_graph,
+)
 from densepure_rt.limits import row_limit
 from densepure_rt.export.step import DenoiseStep
 
@@ -270,6 +272,27 @@ def _classifier_inputs(preset: Preset, batch: int):
     return make
 
 
+class _Preprocess(nn.Module):
+    """A classifier's preprocessing alone: image -> the network's input."""
+
+    def __init__(self, classifier: nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.classifier.preprocess(image)
+
+
+def _export_classifier(classifier: nn.Module, cspec, stage: Path, example) -> list[str]:
+    """The classifier graph: traced from PyTorch, or (a network that is an ONNX graph already) its
+    preprocessing traced and composed with the network's graph."""
+    opset = getattr(classifier, "opset", OPSET)
+    net_onnx = getattr(classifier, "net_onnx", None)
+    if net_onnx is None:
+        return export_graph(classifier, cspec, stage, example, opset=opset)
+    return export_composed(_Preprocess(classifier), net_onnx, classifier.num_classes, cspec, stage, example, opset=opset)
+
+
 def _cost_gflop(preset: Preset, unet: nn.Module, classifier: nn.Module) -> dict:
     """GFLOP of one UNet and one classifier evaluation of one sample, counted on the models
     themselves (2 FLOPs per multiply-accumulate; docs/design.md section 6's convention). The UNet is counted
@@ -281,7 +304,8 @@ def _cost_gflop(preset: Preset, unet: nn.Module, classifier: nn.Module) -> dict:
     unet_gflop = count_gflop_meta(lambda: create_model(**preset.unet_kwargs), [(1, c, s, s), (1,)])
     first = next(classifier.parameters(), None)  # a classifier may have no parameters at all
     device = first.device if first is not None else torch.device("cpu")
-    classifier_gflop = count_gflop(classifier, torch.zeros(1, c, s, s, device=device))
+    # An ONNX classifier runs in ONNX Runtime, which PyTorch's FLOP counter cannot see: 0 (unknown).
+    classifier_gflop = count_gflop(classifier, torch.zeros(1, c, s, s, device=device)) if getattr(classifier, "countable", True) else 0.0
     return {"unet": float(f"{unet_gflop:.6g}"), "classifier": float(f"{classifier_gflop:.6g}")}
 
 
@@ -440,7 +464,8 @@ def build_engine(
 
             step_parent = DenoiseStep(copy.deepcopy(unet).convert_to_fp16()).eval()
         sspec = step_spec(image_shape, graph_precision)
-        cspec = classifier_spec(image_shape, preset.num_classes)
+        user = getattr(classifier, "source", None) or None  # a classifier from build --classifier
+        cspec = classifier_spec(image_shape, preset.num_classes, strict=user is not None)
         make_step, make_cls = _step_inputs(preset, val_batch), _classifier_inputs(preset, val_batch)
         gen = torch.Generator().manual_seed(0)
         t0 = time.time()
@@ -451,7 +476,7 @@ def build_engine(
         if options.backend == "tensorrt":
             group_normalization = _as_group_normalization(stage, sspec, log)
         log(f"exporting the classifier graph (fp32{runs_in})...")
-        files += export_graph(classifier, cspec, stage, make_cls(gen))
+        files += _export_classifier(classifier, cspec, stage, make_cls(gen))
         validation = {}
         if options.validate:
             log("validating both graphs against PyTorch on fresh random inputs...")
@@ -490,9 +515,12 @@ def build_engine(
             "unet": {"create_model_kwargs": preset.unet_kwargs, "parameters": unet_params},
             "classifier": {
                 "name": preset.classifier,
-                "parameters": sum(p.numel() for p in classifier.parameters()),
+                "parameters": int(getattr(classifier, "parameter_count", 0) or sum(p.numel() for p in classifier.parameters())),
                 "preprocessing": classifier.describe() if hasattr(classifier, "describe") else {},
+                **({"source": user} if user else {}),
             },
+            "labels": list(getattr(classifier, "label_names", None) or []) or None,
+            "image_space": {"size": list(image_shape), **IMAGE_SPACE},
             # OpenVINO runs both graphs at the engine's precision; ONNX Runtime's classifier is fp32.
             "precision": {"step": options.precision, "classifier": options.precision if options.backend == "openvino" else "fp32"},
             "backend": {"name": options.backend, "opset": 17},

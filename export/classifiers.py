@@ -40,7 +40,9 @@ from densepure_rt.errors import CheckpointError, ConfigError
 from densepure_rt.export.checkpoints import load_state_dict, load_strict
 
 __all__ = [
+    "CHANNEL_ORDERS",
     "CLASSIFIER_CKPT_FLAG",
+    "SCORES",
     "PRESETS",
     "ClassifierPreset",
     "PurifiedClassifier",
@@ -141,6 +143,18 @@ _HF_VIT_DEFAULTS: dict = {
 }
 
 _RESIZE_MODES = ("nearest", "bilinear", "bicubic")
+#: The channel orders a classifier may take: the engine's images are RGB (or one grey channel).
+CHANNEL_ORDERS = ("rgb", "bgr")
+#: What a classifier's outputs are: unnormalised scores or probabilities (the argmax is the label either way).
+SCORES = ("logits", "probabilities")
+
+
+def _pair(size) -> tuple[int, int]:
+    """``size`` (a side, or (height, width)) as (height, width)."""
+    if isinstance(size, int):
+        return (int(size), int(size))
+    h, w = size
+    return (int(h), int(w))
 
 
 class PurifiedClassifier(nn.Module):
@@ -149,10 +163,14 @@ class PurifiedClassifier(nn.Module):
     ``net`` maps ``[batch x 3 x size x size]`` float32 to ``[batch x num_classes]`` logits. The input
     ``x`` is ``[batch x 3 x image_size x image_size]`` float32 in ``input_range``. ``mean`` and ``std``
     apply to the image scaled to [0, 1]; when they map ``input_range`` onto itself unchanged (mean =
-    std = 0.5 for [-1, 1]) ``x`` is fed as it is. ``size=None`` skips the resize. ``pil_uint8``
-    reproduces the uint8 PIL round trip of the Hugging Face feature extractor (see the module
-    docstring; bilinear only). ``output`` picks what ``forward`` returns: ``"logits"`` (float32) or
-    ``"labels"`` (int64 argmax, ties to the lowest class).
+    std = 0.5 for [-1, 1]) ``x`` is fed as it is. ``size`` is the network's input side or (height,
+    width); ``size=None`` skips the resize; ``antialias`` low-pass filters a bilinear or bicubic
+    shrink (PyTorch's ``antialias=True``). ``channel_order="bgr"`` reverses the channels after the
+    resize, before ``mean`` and ``std`` (given in the network's order). ``pil_uint8`` reproduces the
+    uint8 PIL round trip of the Hugging Face feature extractor (see the module docstring; bilinear
+    only). ``scores`` says what the network returns (``"logits"`` or ``"probabilities"``: recorded,
+    the label is their argmax either way). ``output`` picks what ``forward`` returns: ``"logits"``
+    (the network's float32 scores) or ``"labels"`` (int64 argmax, ties to the lowest class).
 
     Every shape is fixed at construction and ``forward`` has no data-dependent Python branches, so
     the module exports to ONNX as Resize / Floor / Round / elementwise ops around the network.
@@ -171,10 +189,19 @@ class PurifiedClassifier(nn.Module):
         input_range: tuple[float, float] = (-1.0, 1.0),
         pil_uint8: bool = False,
         output: str = "logits",
+        antialias: bool = False,
+        channel_order: str = "rgb",
+        scores: str = "logits",
     ) -> None:
         super().__init__()
         if mode not in _RESIZE_MODES:
             raise ConfigError(f"resize mode must be one of {', '.join(_RESIZE_MODES)}, got {mode!r}")
+        if antialias and mode == "nearest":
+            raise ConfigError("antialiasing goes with bilinear or bicubic resizing, not nearest")
+        if channel_order not in CHANNEL_ORDERS:
+            raise ConfigError(f"channel order must be one of {', '.join(CHANNEL_ORDERS)}, got {channel_order!r}")
+        if scores not in SCORES:
+            raise ConfigError(f"the classifier's outputs must be one of {', '.join(SCORES)}, got {scores!r}")
         if output not in ("logits", "labels"):
             raise ConfigError(f"classifier output must be 'logits' or 'labels', got {output!r}")
         if pil_uint8 and (mode != "bilinear" or size is None):
@@ -187,8 +214,11 @@ class PurifiedClassifier(nn.Module):
         self.net = net
         self.num_classes = int(num_classes)
         self.image_size = int(image_size)
-        self.size = None if size is None else int(size)
+        self.size = None if size is None else _pair(size)
         self.mode = mode
+        self.antialias = bool(antialias)
+        self.channel_order = channel_order
+        self.scores = scores
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
         self.channels = len(self.mean)  # one mean and std per image channel
@@ -199,14 +229,32 @@ class PurifiedClassifier(nn.Module):
         # Net input = x * a + b per channel; a = 1, b = 0 means x is the normalised input already.
         a = [self._inv_span / s for s in self.std]
         b = [(-lo * self._inv_span - m) / s for m, s in zip(self.mean, self.std)]
-        self._identity = not self.pil_uint8 and all(v == 1.0 for v in a) and all(v == 0.0 for v in b)
+        self._identity = (
+            not self.pil_uint8 and channel_order == "rgb" and all(v == 1.0 for v in a) and all(v == 0.0 for v in b)
+        )
         shape = (1, len(self.mean), 1, 1)
         self.register_buffer("_mean", torch.tensor(self.mean).reshape(shape), persistent=False)
         self.register_buffer("_std", torch.tensor(self.std).reshape(shape), persistent=False)
+        if self.antialias and self.size is not None:  # computed here: inside the export trace they would be traced too
+            self.register_buffer("_aa_rows", self._weights(self.image_size, self.size[0]), persistent=False)
+            self.register_buffer("_aa_cols", self._weights(self.image_size, self.size[1]), persistent=False)
 
     def _resize(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         align = None if self.mode == "nearest" else False
-        return F.interpolate(x, size=size, mode=self.mode, align_corners=align, antialias=False)
+        if self.antialias and torch.onnx.is_in_onnx_export():
+            # ONNX export has no antialiased Resize before opset 18 and PyTorch's exporter none at all.
+            # The antialiased resize is separable and linear: rows' weights A_h [out_h x in_h] and
+            # columns' A_w [out_w x in_w] (PyTorch's own, read off by resizing the identity), so
+            # out = A_h x A_w^T, two MatMuls. The PyTorch parent keeps F.interpolate, and the build's
+            # validation compares the two.
+            return torch.matmul(torch.matmul(self._aa_rows, x), self._aa_cols.transpose(0, 1))
+        return F.interpolate(x, size=size, mode=self.mode, align_corners=align, antialias=self.antialias)
+
+    def _weights(self, n_in: int, n_out: int) -> torch.Tensor:
+        """[n_out x n_in]: PyTorch's 1-D antialiased interpolation weights (``self.mode``)."""
+        eye = torch.eye(n_in, dtype=torch.float64).reshape(1, 1, n_in, n_in)  # row i: the i-th unit vector
+        cols = F.interpolate(eye, size=(n_in, n_out), mode=self.mode, align_corners=False, antialias=True)
+        return cols[0, 0].transpose(0, 1).float()
 
     def _to_unit(self, x: torch.Tensor) -> torch.Tensor:
         # (x - low) * (1 / span): for [-1, 1] this is (x + 1) * 0.5, bit for bit the official expression.
@@ -215,17 +263,19 @@ class PurifiedClassifier(nn.Module):
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """``[batch x 3 x image_size x image_size]`` float32 -> network input ``[batch x 3 x size x size]``."""
         if self._identity:
-            return x if self.size is None else self._resize(x, (self.size, self.size))
+            return x if self.size is None else self._resize(x, self.size)
         x = self._to_unit(x)
         if self.pil_uint8:
             # ndarray.astype(uint8) truncates; x0_hat is clipped, the clamp only guards the graph.
             x = torch.floor(torch.clamp(x * 255, 0.0, 255.0))
             # PIL enlarges width first and rounds its 8-bit intermediate image, then height, then rounds.
-            x = torch.round(self._resize(x, (x.shape[-2], self.size)))
-            x = torch.round(self._resize(x, (self.size, self.size)))
+            x = torch.round(self._resize(x, (x.shape[-2], self.size[1])))
+            x = torch.round(self._resize(x, self.size))
             x = x / 255.0
         elif self.size is not None:
-            x = self._resize(x, (self.size, self.size))
+            x = self._resize(x, self.size)
+        if self.channel_order == "bgr":
+            x = torch.flip(x, dims=(1,))  # mean and std are in the network's (BGR) channel order
         return (x - self._mean) / self._std
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -241,7 +291,7 @@ class PurifiedClassifier(nn.Module):
 
     def describe(self) -> dict:
         """JSON-able description of the preprocessing and output, for manifests."""
-        size = self.size if self.size is not None else self.image_size
+        size = self.size if self.size is not None else (self.image_size, self.image_size)
         return {
             "num_classes": self.num_classes,
             "input": {
@@ -251,10 +301,12 @@ class PurifiedClassifier(nn.Module):
             },
             "resize": None
             if self.size is None
-            else {"size": [size, size], "mode": self.mode, "align_corners": False, "antialias": False},
+            else {"size": list(size), "mode": self.mode, "align_corners": False, "antialias": self.antialias},
             "pil_uint8": self.pil_uint8,
+            "channel_order": self.channel_order,
             "mean": list(self.mean),
             "std": list(self.std),
+            "scores": self.scores,
             "output": self.output,
         }
 

@@ -29,7 +29,7 @@ from densepure_rt.schedule import STEP_SCALARS
 
 __all__ = [
     "TensorSpec", "GraphSpec", "step_spec", "classifier_spec", "export_graph", "validate_graph", "ExportValidationError",
-    "max_elements_per_row",
+    "max_elements_per_row", "compose_classifier", "export_composed",
 ]
 
 OPSET = 17
@@ -97,8 +97,20 @@ def step_spec(image_shape: Sequence[int], precision: str) -> GraphSpec:
     )
 
 
-def classifier_spec(image_shape: Sequence[int], num_classes: int) -> GraphSpec:
-    """The classifier graph's spec (always float32 on the ONNX Runtime backend)."""
+def classifier_spec(image_shape: Sequence[int], num_classes: int, strict: bool = False) -> GraphSpec:
+    """The classifier graph's spec (always float32 on the ONNX Runtime backend). ``strict`` (a
+    user's classifier): logits within 1e-4 relative (L2) of the original model and every label equal."""
+    if strict:
+        return GraphSpec(
+            name="classifier",
+            file="classifier.onnx",
+            inputs=(TensorSpec("image", ("batch", *image_shape), "float32"),),
+            outputs=(TensorSpec("labels", ("batch",), "int64"), TensorSpec("logits", ("batch", num_classes), "float32")),
+            atol={},
+            rel_l2={"logits": 1e-4},
+            exact=("labels",),
+            min_agreement=1.0,
+        )
     return GraphSpec(
         name="classifier",
         file="classifier.onnx",
@@ -128,8 +140,9 @@ def as_graph_module(spec: GraphSpec, module: nn.Module) -> nn.Module:
     return _ClassifierGraph(module) if spec.name == "classifier" else module
 
 
-def export_graph(module: nn.Module, spec: GraphSpec, directory: str | Path, example: Sequence[torch.Tensor]) -> list[str]:
-    """Export ``module`` to ``directory/spec.file`` (opset 17, dynamic batch); returns the files written.
+def export_graph(module: nn.Module, spec: GraphSpec, directory: str | Path, example: Sequence[torch.Tensor],
+                 opset: int = OPSET) -> list[str]:
+    """Export ``module`` to ``directory/spec.file`` (``opset``, dynamic batch); returns the files written.
 
     Graphs over 2 GB (the full-size fp32 ImageNet UNet) are saved with their weights as external
     data beside the graph (``<file>.data``).
@@ -151,7 +164,7 @@ def export_graph(module: nn.Module, spec: GraphSpec, directory: str | Path, exam
                 input_names=[t.name for t in spec.inputs],
                 output_names=[t.name for t in spec.outputs],
                 dynamic_axes=dynamic,
-                opset_version=OPSET,
+                opset_version=opset,
                 do_constant_folding=True,
                 dynamo=False,
             )
@@ -296,3 +309,63 @@ def validate_graph(
     if failures:
         raise ExportValidationError(f"{spec.name} graph {path} disagrees with PyTorch: " + "; ".join(failures))
     return worst
+
+
+def _default_opset(model) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def compose_classifier(pre, net, num_classes: int):
+    """One classifier graph from two ONNX models: ``pre`` (image -> the network's input: the
+    preprocessing, exported from PyTorch) and ``net`` (the user's network: one float input
+    [N x C x H x W], its first output [N x classes]). The network's names are prefixed with
+    ``net/``; the lower opset of the two is converted up to the higher (ONNX's version converter);
+    the result has the classifier spec's names: image -> (labels [N] int64, logits [N x classes] f32)."""
+    import onnx
+    from onnx import TensorProto, compose, helper, version_converter
+
+    target = max(_default_opset(pre), _default_opset(net))
+    pre = pre if _default_opset(pre) == target else version_converter.convert_version(pre, target)
+    if _default_opset(net) != target:
+        try:
+            net = version_converter.convert_version(net, target)
+        except Exception as exc:  # noqa: BLE001 - the converter's own errors
+            raise DensePureError(
+                f"the classifier's ONNX opset {_default_opset(net)} cannot be converted to opset {target} for the "
+                f"preprocessing ({type(exc).__name__}): export it at opset {target}"
+            ) from None
+    ir = max(pre.ir_version, net.ir_version)
+    pre.ir_version = net.ir_version = ir
+    initializers = {t.name for t in net.graph.initializer}
+    (net_input,) = [v.name for v in net.graph.input if v.name not in initializers]
+    net_output = net.graph.output[0].name
+    net = compose.add_prefix(net, "net/")
+    merged = compose.merge_models(pre, net, io_map=[(pre.graph.output[0].name, "net/" + net_input)],
+                                  outputs=["net/" + net_output])
+    graph = merged.graph
+    graph.node.extend([
+        helper.make_node("Cast", ["net/" + net_output], ["logits"], to=TensorProto.FLOAT, name="classifier/logits"),
+        helper.make_node("ArgMax", ["logits"], ["labels"], axis=1, keepdims=0, name="classifier/labels"),
+    ])
+    del graph.output[:]
+    graph.output.extend([
+        helper.make_tensor_value_info("labels", TensorProto.INT64, ["batch"]),
+        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", int(num_classes)]),
+    ])
+    onnx.checker.check_model(merged)
+    return merged
+
+
+def export_composed(preprocess: nn.Module, net_onnx: bytes, num_classes: int, spec: GraphSpec, directory: str | Path,
+                    example: Sequence[torch.Tensor], opset: int = OPSET) -> list[str]:
+    """Export ``preprocess`` (image -> the network's input) and compose it with the network's ONNX
+    graph ``net_onnx`` into ``directory/spec.file`` (:func:`compose_classifier`); returns the files written."""
+    import onnx
+
+    net = onnx.load_from_string(net_onnx)
+    opset = max(opset, _default_opset(net))
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        pre_spec = GraphSpec("preprocess", "preprocess.onnx", spec.inputs, (TensorSpec("net_input", ("batch",), "float32"),), {}, {})
+        export_graph(preprocess, pre_spec, tmp, example, opset=opset)
+        pre = onnx.load(str(Path(tmp) / pre_spec.file))
+    return save_graph(compose_classifier(pre, net, num_classes), directory, spec.file)

@@ -342,6 +342,18 @@ def _validate(path: Path, manifest: dict) -> None:
     s.obj("classifier")
     s.str("classifier.name")
     s.int("classifier.parameters", 0, _MAX_PARAMETERS)
+    s.obj("classifier.preprocessing", required=False)
+    if s.obj("classifier.source", required=False) is not None:  # build --classifier
+        s.str("classifier.source.format", max_len=40)
+        s.str("classifier.source.sha256", min_len=64, max_len=64)
+    labels = manifest.get("labels")
+    if labels is not None and (
+        not isinstance(labels, list)
+        or len(labels) != manifest["num_classes"]
+        or not all(isinstance(n, str) and 1 <= len(n) <= 200 and n.isprintable() for n in labels)
+    ):
+        s.fail("labels", f"null or a list of num_classes ({manifest['num_classes']}) printable names of 1..200 characters", labels)
+    s.obj("image_space", required=False)
     s.obj("precision")
     s.str("precision.step", choices=_PRECISIONS)
     s.obj("backend")
@@ -532,6 +544,10 @@ class Manifest(Mapping):
             "unet_parameters": int(raw["unet"]["parameters"]),
             "classifier_name": str(raw["classifier"]["name"]),
             "classifier_parameters": int(raw["classifier"]["parameters"]),
+            "classifier_source": raw["classifier"].get("source"),
+            "preprocessing": raw["classifier"].get("preprocessing", _FrozenDict()),
+            "labels": None if raw.get("labels") is None else tuple(raw["labels"]),
+            "image_space": raw.get("image_space"),
             "cost_gflop": raw.get("cost_gflop", _FrozenDict()),
         }
         for name, value in fields.items():
@@ -562,6 +578,15 @@ class Manifest(Mapping):
     unet_parameters: int
     classifier_name: str
     classifier_parameters: int
+    #: ``build --classifier``: the classifier's format, file or model name and sha256 (None for a preset's).
+    classifier_source: Mapping | None
+    #: How the purified image becomes the classifier's input (resize, antialias, mean, std, channel order, scores).
+    preprocessing: Mapping
+    #: Class names (``build --labels``), one per class, or None.
+    labels: tuple | None
+    #: Where the radius holds: the engine's image size, [0, 1] pixels, noise before any classifier
+    #: normalisation, how data is brought to that size.
+    image_space: Mapping | None
     cost_gflop: Mapping
 
     @property

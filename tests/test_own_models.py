@@ -1,0 +1,263 @@
+"""Your own classifier (build --classifier): the engine's classifier graph against the original model
+for each source format, the manifest's record of every preprocessing choice, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+from densepure_rt.cli import main
+from densepure_rt.errors import ConfigError
+from densepure_rt.presets import Preprocessing, classifier_request
+
+RTOL = 1e-4
+
+
+def _net(channels: int, classes: int, seed: int = 0) -> nn.Module:
+    """A small CNN with weights large enough that the logits spread (a wrong resize moves them)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = nn.Sequential(
+            nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, classes),
+        )
+        for p in net.parameters():
+            p.data.normal_(0.0, 0.5)
+    return net.eval()
+
+
+def _save_onnx(net: nn.Module, path: Path, shape, opset: int = 17, any_size: bool = False) -> Path:
+    axes = {0: "n", 2: "h", 3: "w"} if any_size else {0: "n"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(shape),), str(path), input_names=["pixels"], output_names=["scores"],
+                          dynamic_axes={"pixels": axes, "scores": {0: "n"}}, opset_version=opset, dynamo=False)
+    return path
+
+
+def _purified(batch: int, channels: int, side: int, seed: int = 3) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(batch, channels, side, side, generator=g) * 2 - 1
+
+
+def _engine_graph(request, channels: int, side: int, tmp_path: Path) -> ort.InferenceSession:
+    """The engine's classifier graph for ``request``, exported as the build exports it."""
+    from densepure_rt.engine.build import _export_classifier
+    from densepure_rt.export.onnx_export import classifier_spec
+    from densepure_rt.export.sources import load_classifier_source
+
+    module = load_classifier_source(request, channels, side)
+    spec = classifier_spec((channels, side, side), module.num_classes, strict=True)
+    out = tmp_path / "graph"
+    out.mkdir()
+    _export_classifier(module, spec, out, (_purified(2, channels, side, seed=9),))
+    return ort.InferenceSession(str(out / spec.file), providers=["CPUExecutionProvider"])
+
+
+def _hand_preprocess(x, size, mode, antialias, mean, std, bgr=False):
+    """The documented preprocessing, written out with PyTorch's own functions: [-1, 1] -> [0, 1] ->
+    resize -> channel order -> (v - mean) / std."""
+    x = (x + 1) / 2
+    if size is not None:
+        x = F.interpolate(x, size=size, mode=mode, align_corners=None if mode == "nearest" else False, antialias=antialias)
+    if bgr:
+        x = x[:, [2, 1, 0]]
+    c = x.shape[1]
+    return (x - torch.tensor(mean).reshape(1, c, 1, 1)) / torch.tensor(std).reshape(1, c, 1, 1)
+
+
+def _assert_parity(session, reference, x):
+    labels, logits = session.run(["labels", "logits"], {"image": x.numpy()})
+    want = reference.detach().numpy()
+    rel = np.linalg.norm(logits - want) / np.linalg.norm(want)
+    assert rel < RTOL, rel
+    assert np.abs(logits - want).max() <= RTOL * np.abs(want).max()
+    assert (labels == want.argmax(1)).all()
+
+
+def test_an_onnx_classifier_at_an_older_opset_is_composed_with_its_declared_preprocessing(tmp_path):
+    net = _net(3, 7)
+    path = _save_onnx(net, tmp_path / "mine.onnx", (2, 3, 20, 20), opset=13)
+    pre = Preprocessing(resize="bicubic", mean=(0.4, 0.5, 0.6), std=(0.2, 0.25, 0.3), channels="bgr")
+    session = _engine_graph(classifier_request(str(path), preprocessing=pre), 3, 16, tmp_path)
+    x = _purified(5, 3, 16)
+    original = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert original.get_inputs()[0].shape[2:] == [20, 20]  # the file fixes its input size: the default
+    want = original.run(None, {"pixels": _hand_preprocess(x, (20, 20), "bicubic", False, pre.mean, pre.std, bgr=True).numpy()})[0]
+    _assert_parity(session, torch.from_numpy(want), x)
+
+
+def test_a_torchscript_classifier_with_antialiased_shrinking(tmp_path):
+    net = _net(1, 10)
+    path = tmp_path / "mine.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(net, torch.zeros(2, 1, 11, 11)), str(path))
+    pre = Preprocessing(input_size=(11, 11), resize="bilinear", antialias=True, mean=(0.3,), std=(0.7,))
+    session = _engine_graph(classifier_request(str(path), preprocessing=pre), 1, 16, tmp_path)
+    x = _purified(4, 1, 16)
+    with torch.no_grad():
+        want = net(_hand_preprocess(x, (11, 11), "bilinear", True, (0.3,), (0.7,)))
+    _assert_parity(session, want, x)
+
+
+def test_a_torch_export_program_with_a_dynamic_batch(tmp_path):
+    net = _net(3, 4)
+    program = torch.export.export(net, (torch.zeros(2, 3, 24, 24),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    path = tmp_path / "mine.pt2"
+    torch.export.save(program, str(path))
+    pre = Preprocessing(input_size=(24, 24), resize="nearest")
+    session = _engine_graph(classifier_request(str(path), preprocessing=pre), 3, 16, tmp_path)
+    x = _purified(3, 3, 16)
+    with torch.no_grad():
+        want = net(_hand_preprocess(x, (24, 24), "nearest", False, (0.0,) * 3, (1.0,) * 3))
+    _assert_parity(session, want, x)
+
+
+def test_a_timm_classifier_takes_its_mean_std_and_interpolation_from_timm(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        net = timm.create_model("test_resnet", pretrained=False, num_classes=10).eval()
+    weights = tmp_path / "resnet.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(weights))
+    cfg = net.pretrained_cfg  # mean = std = 0.5, bilinear: the defaults the build must take
+    request = classifier_request("timm:test_resnet", str(weights), Preprocessing(input_size=(40, 40)))
+    session = _engine_graph(request, 3, 16, tmp_path)
+    x = _purified(3, 3, 16)
+    with torch.no_grad():
+        want = net(_hand_preprocess(x, (40, 40), cfg["interpolation"], False, cfg["mean"], cfg["std"]))
+    _assert_parity(session, want, x)
+
+
+def test_a_torchvision_classifier_takes_the_weights_transforms_defaults(tmp_path):
+    import torchvision
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(2)
+        net = torchvision.models.get_model("mobilenet_v3_small", weights=None, num_classes=5).eval()
+    weights = tmp_path / "mobilenet.pth"
+    torch.save(net.state_dict(), weights)
+    # torchvision's published weights: ImageNet mean and std, bilinear with antialiasing.
+    request = classifier_request("torchvision:mobilenet_v3_small", str(weights), Preprocessing(input_size=(32, 32)))
+    session = _engine_graph(request, 3, 16, tmp_path)
+    x = _purified(3, 3, 16)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    with torch.no_grad():
+        want = net(_hand_preprocess(x, (32, 32), "bilinear", True, mean, std))
+    _assert_parity(session, want, x)
+
+
+# -- the command line ----------------------------------------------------------------------------- #
+
+
+def _build(args, cwd: Path):
+    return CliRunner().invoke(main, ["build", "--model", "digits", *args], catch_exceptions=False)
+
+
+@pytest.fixture(scope="module")
+def digits_onnx(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("own")
+    return _save_onnx(_net(1, 10), folder / "digits.onnx", (2, 1, 16, 16), any_size=True)
+
+
+@pytest.mark.slow
+def test_build_records_the_classifier_its_preprocessing_labels_and_the_image_space(digits_onnx, tmp_path):
+    from densepure_rt.files.manifest import load_manifest, sha256_file
+
+    labels = tmp_path / "labels.txt"
+    labels.write_text("".join(f"digit {i}\n" for i in range(10)))
+    out = tmp_path / "engine"
+    args = ["--classifier", str(digits_onnx), "--input-size", "20x24", "--resize", "bicubic", "--mean", "0.5", "--std", "0.25",
+            "--labels", str(labels), "--out", str(out)]
+    result = _build(args, tmp_path)
+    assert result.exit_code == 0, result.output
+    m = load_manifest(out)
+    assert m.classifier_source == {"format": "onnx", "file": str(digits_onnx.resolve()), "sha256": sha256_file(digits_onnx)}
+    assert m.preprocessing["resize"] == {"size": [20, 24], "mode": "bicubic", "align_corners": False, "antialias": False}
+    assert (m.preprocessing["mean"], m.preprocessing["std"], m.preprocessing["channel_order"]) == ([0.5], [0.25], "rgb")
+    assert m.preprocessing["scores"] == "logits"
+    assert m.labels == tuple(f"digit {i}" for i in range(10))
+    assert m.image_space["size"] == [1, 16, 16] and m.image_space["range"] == [0.0, 1.0]
+    assert m["validation"]["classifier"]["labels"]["agreement"] == 1.0
+    info = CliRunner().invoke(main, ["info", "--engine", str(out)])
+    assert info.exit_code == 0, info.output
+    assert "onnx digits.onnx" in info.output and "bicubic" in info.output and "digit 0" in info.output
+
+    # Another preprocessing is another engine: its classifier graph differs, and so does its identity.
+    other = tmp_path / "other"
+    args[args.index("bicubic")] = "bilinear"
+    assert _build([*args[:-1], str(other)], tmp_path).exit_code == 0
+    assert load_manifest(other).identity != m.identity
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--labels", "{labels3}"], "gives 10 scores per image but --labels names 3 classes"),
+        (["--mean", "0.5,0.5,0.5"], "--mean gives 3 values but the images have 1 channel"),
+        (["--channels", "bgr"], "--channels bgr needs 3-channel images"),
+    ],
+)
+def test_build_refuses_a_classifier_that_does_not_fit_in_one_line(digits_onnx, tmp_path, args, message):
+    labels3 = tmp_path / "three.txt"
+    labels3.write_text("a\nb\nc\n")
+    args = [a.format(labels3=labels3) for a in args]
+    result = _build(["--classifier", str(digits_onnx), *args, "--out", str(tmp_path / "e")], tmp_path)
+    assert result.exit_code == 2
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+    assert not (tmp_path / "e").exists()
+
+
+def test_build_refuses_a_classifier_for_other_channels(tmp_path):
+    path = _save_onnx(_net(3, 10), tmp_path / "rgb.onnx", (2, 3, 16, 16))
+    result = _build(["--classifier", str(path), "--out", str(tmp_path / "e")], tmp_path)
+    assert result.exit_code == 2
+    assert "takes 3-channel images but the diffusion model's images have 1" in result.output, result.output
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("model.onnx", b"this is not a model", "is not an ONNX model"),
+        ("model.pt", b"PK\x03\x04 not a zip", "is not a TorchScript model"),
+        ("model.pt2", b"\x00" * 64, "is not a torch.export program"),
+        ("model.h5", b"keras", "not a format build reads; accepted: onnx: an ONNX file"),
+    ],
+)
+def test_build_refuses_a_file_that_is_not_a_model_in_one_line(tmp_path, name, content, message):
+    path = tmp_path / name
+    path.write_bytes(content)
+    result = _build(["--classifier", str(path), "--out", str(tmp_path / "e")], tmp_path)
+    assert result.exit_code == 2
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_a_state_dict_saved_as_pt_is_pointed_to_the_named_sources(tmp_path):
+    path = tmp_path / "weights.pt"
+    torch.save(_net(1, 10).state_dict(), path)
+    result = _build(["--classifier", str(path), "--out", str(tmp_path / "e")], tmp_path)
+    assert result.exit_code == 2
+    assert "is not a TorchScript model" in result.output and "--classifier-weights" in result.output
+
+
+def test_the_request_is_checked_before_torch(tmp_path):
+    with pytest.raises(ConfigError, match="needs --classifier-weights"):
+        classifier_request("timm:resnet18")
+    with pytest.raises(ConfigError, match="--input-size takes H or HxW"):
+        Preprocessing.parse_size("0x3")
+    with pytest.raises(ConfigError, match="--std takes one positive number"):
+        Preprocessing.parse_numbers("0.5,0", "--std", positive=True)
+    result = _build(["--resize", "bicubic"], tmp_path)
+    assert result.exit_code == 2 and "--resize goes with --classifier" in result.output
