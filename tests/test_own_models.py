@@ -200,6 +200,12 @@ def test_build_records_the_classifier_its_preprocessing_labels_and_the_image_spa
     args[args.index("bicubic")] = "bilinear"
     assert _build([*args[:-1], str(other)], tmp_path).exit_code == 0
     assert load_manifest(other).identity != m.identity
+    # ... so a results file written with one preprocessing is never continued with the other.
+    fast = ["--sigma", "0.5", "--steps", "1", "--votes", "1", "--n0", "5", "--n", "10", "--max", "1", "--quiet",
+            "--out", str(tmp_path / "r.tsv")]
+    assert CliRunner().invoke(main, ["certify", "--engine", str(out), *fast]).exit_code == 0
+    resumed = CliRunner().invoke(main, ["certify", "--engine", str(other), *fast, "--resume"])
+    assert resumed.exit_code == 2 and "holds results of other settings (engine_id" in resumed.output, resumed.output
 
 
 @pytest.mark.parametrize(
