@@ -25,8 +25,57 @@ BACKEND_PRECISIONS = backend_precisions()
 
 
 @dataclass(frozen=True)
+class Preprocessing:
+    """How the purified image (in [0, 1], the engine's size) becomes the classifier's input, as
+    declared on the command line; None leaves a choice to the model's own defaults (timm's
+    pretrained config, torchvision's weights, an ONNX graph's fixed input size) or to the documented
+    default (the engine's size, so no resize; bilinear without antialiasing; mean 0 and std 1, so
+    the classifier takes [0, 1] pixels; RGB; logits)."""
+
+    input_size: tuple[int, int] | None = None
+    resize: str | None = None
+    antialias: bool | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    channels: str | None = None
+    outputs: str | None = None
+    #: The uint8 PIL round trip of the Hugging Face ViT feature extractor (the cifar10 preset's; not a flag).
+    pil_uint8: bool = False
+
+    @staticmethod
+    def parse_size(text: str | None) -> tuple[int, int] | None:
+        """``"224"`` or ``"224x192"`` (height x width) -> (224, 224) / (224, 192); a one-line error otherwise."""
+        if text is None:
+            return None
+        parts = str(text).lower().replace(" ", "").split("x")
+        try:
+            values = [int(p) for p in parts]
+        except ValueError:
+            values = []
+        if len(values) not in (1, 2) or any(not 1 <= v <= 4096 for v in values):
+            raise ConfigError(f"--input-size takes H or HxW with sides in 1..4096 (got {text!r})")
+        return (values[0], values[-1])
+
+    @staticmethod
+    def parse_numbers(text: str | None, flag: str, positive: bool = False) -> tuple[float, ...] | None:
+        """``"0.485,0.456,0.406"`` -> a tuple of finite floats (one per channel); a one-line error otherwise."""
+        if text is None:
+            return None
+        try:
+            values = tuple(float(v) for v in str(text).split(","))
+        except ValueError:
+            values = ()
+        if not values or not all(math.isfinite(v) for v in values) or (positive and any(v <= 0 for v in values)):
+            raise ConfigError(f"{flag} takes one {'positive ' if positive else ''}number per channel, comma-separated (got {text!r})")
+        return values
+
+
+@dataclass(frozen=True)
 class Preset:
-    """What a preset builds: the UNet kwargs of the original ``create_model``, the schedule, the data."""
+    """What a preset builds, as data: the UNet kwargs of the original ``create_model``, the schedule,
+    the classifier network (``classifier``: a key of :data:`densepure_rt.export.models.NETWORKS`)
+    with its preprocessing (``classifier_preprocessing``, the same declaration ``build --classifier``
+    takes), and the data."""
 
     name: str
     unet_kwargs: dict
@@ -49,6 +98,8 @@ class Preset:
     #: Noisy samples per engine call by default (``build --batch``): with K = 10 votes, rows = 10 x
     #: this must stay within the engine's row limit (densepure_rt.limits).
     default_batch: int = 32
+    #: How the purified image becomes the classifier's input (input_size None: the engine's size).
+    classifier_preprocessing: Preprocessing = Preprocessing(mean=(0.5,), std=(0.5,))
 
 
 PRESETS: dict[str, Preset] = {
@@ -89,6 +140,9 @@ PRESETS: dict[str, Preset] = {
         unet_gflop=2239.7,
         classifier_gflop=724.0,
         published=dict(n0=100, n=10000, alpha=0.001, skip=500, votes=10),
+        # F.interpolate(x0_hat, 512, bicubic) fed to BEiT directly: its mean = std = 0.5 make [-1, 1] its input.
+        classifier_preprocessing=Preprocessing(input_size=(512, 512), resize="bicubic", antialias=False, mean=(0.5,) * 3,
+                                               std=(0.5,) * 3, channels="rgb", outputs="logits"),
         # 6 samples x K = 10 = 60 rows: the UNet holds 2^25 elements per row (512 x 256 x 256 in its
         # first decoder concatenation), and no tensor may reach 2^31, so at most 63 rows per call.
         default_batch=6,
@@ -126,6 +180,9 @@ PRESETS: dict[str, Preset] = {
         unet_gflop=16.8,
         classifier_gflop=35.1,
         published=dict(n0=100, n=100000, alpha=0.001, skip=20, votes=10),
+        # The Hugging Face ViT feature extractor: uint8 PIL bilinear to 224, then (v - 0.5) / 0.5.
+        classifier_preprocessing=Preprocessing(input_size=(224, 224), resize="bilinear", antialias=False, mean=(0.5,) * 3,
+                                               std=(0.5,) * 3, channels="rgb", outputs="logits", pil_uint8=True),
     ),
     # Trained by the project on scikit-learn's digits (export/digits.py); weights ship in the package.
     "digits": Preset(
@@ -162,6 +219,8 @@ PRESETS: dict[str, Preset] = {
         shipped_classifier="digits_classifier.safetensors",
         default_data="digits-test",
         description="DensePure on scikit-learn's 8x8 digits upsampled to 16x16, trained by this project",
+        # Trained on (x + 1) / 2 normalised by mean = std = 0.5: x0_hat in [-1, 1] as it is (export/digits.py).
+        classifier_preprocessing=Preprocessing(mean=(0.5,), std=(0.5,), channels="rgb", outputs="logits"),
     ),
     # For tests and smoke runs only: a tiny random-weights model of the same architecture family.
     "tiny": Preset(
@@ -189,6 +248,7 @@ PRESETS: dict[str, Preset] = {
         unet_gflop=0.0,
         classifier_gflop=0.0,
         description="tiny random-weights model for tests and smoke runs (its certificates mean nothing)",
+        classifier_preprocessing=Preprocessing(mean=(0.5,) * 3, std=(0.5,) * 3, channels="rgb", outputs="logits"),
     ),
 }
 
@@ -230,50 +290,6 @@ IMAGE_SPACE = {
 
 def _accepted() -> str:
     return "; ".join(f"{name}: {what}" for name, what in CLASSIFIER_FORMATS.items())
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How the purified image (in [0, 1], the engine's size) becomes the classifier's input, as
-    declared on the command line; None leaves a choice to the model's own defaults (timm's
-    pretrained config, torchvision's weights, an ONNX graph's fixed input size) or to the documented
-    default (the engine's size, so no resize; bilinear without antialiasing; mean 0 and std 1, so
-    the classifier takes [0, 1] pixels; RGB; logits)."""
-
-    input_size: tuple[int, int] | None = None
-    resize: str | None = None
-    antialias: bool | None = None
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    channels: str | None = None
-    outputs: str | None = None
-
-    @staticmethod
-    def parse_size(text: str | None) -> tuple[int, int] | None:
-        """``"224"`` or ``"224x192"`` (height x width) -> (224, 224) / (224, 192); a one-line error otherwise."""
-        if text is None:
-            return None
-        parts = str(text).lower().replace(" ", "").split("x")
-        try:
-            values = [int(p) for p in parts]
-        except ValueError:
-            values = []
-        if len(values) not in (1, 2) or any(not 1 <= v <= 4096 for v in values):
-            raise ConfigError(f"--input-size takes H or HxW with sides in 1..4096 (got {text!r})")
-        return (values[0], values[-1])
-
-    @staticmethod
-    def parse_numbers(text: str | None, flag: str, positive: bool = False) -> tuple[float, ...] | None:
-        """``"0.485,0.456,0.406"`` -> a tuple of finite floats (one per channel); a one-line error otherwise."""
-        if text is None:
-            return None
-        try:
-            values = tuple(float(v) for v in str(text).split(","))
-        except ValueError:
-            values = ()
-        if not values or not all(math.isfinite(v) for v in values) or (positive and any(v <= 0 for v in values)):
-            raise ConfigError(f"{flag} takes one {'positive ' if positive else ''}number per channel, comma-separated (got {text!r})")
-        return values
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ __all__ = [
     "ClassifierPreset",
     "PurifiedClassifier",
     "build_classifier",
+    "with_preprocessing",
     "classifier_config",
     "count_parameters",
     "convert_hf_vit_state_dict",
@@ -599,6 +600,29 @@ def _build_cifar10(p: ClassifierPreset, path: Path | None) -> nn.Module:
     return net
 
 
+#: How each published classifier's network is read, by its timm architecture.
+_BUILDERS = {"beit_large_patch16_512": _build_imagenet, "vit_base_patch16_224": _build_cifar10}
+
+
+def with_preprocessing(net: nn.Module, num_classes: int, image_size: int, channels: int, pre, cls=None, output: str = "logits"):
+    """``net`` behind the declared preprocessing ``pre`` (a :class:`densepure_rt.presets.Preprocessing`
+    whose choices are all made, or None for the defaults: no resize when ``input_size`` is None or
+    the engine's size, bilinear, no antialiasing, RGB, logits), for ``[batch x channels x
+    image_size x image_size]`` purified images in [-1, 1]: a :class:`PurifiedClassifier` (or ``cls``)."""
+    size = None if pre.input_size is None or tuple(pre.input_size) == (image_size, image_size) else tuple(pre.input_size)
+    mean = tuple(pre.mean) if pre.mean is not None else (0.0,)
+    std = tuple(pre.std) if pre.std is not None else (1.0,)
+    if len(mean) == 1:
+        mean = mean * channels
+    if len(std) == 1:
+        std = std * channels
+    return (cls or PurifiedClassifier)(
+        net, num_classes, image_size=image_size, size=size, mode=pre.resize or ("bilinear" if size else "bicubic"),
+        mean=mean, std=std, antialias=bool(pre.antialias), channel_order=pre.channels or "rgb",
+        scores=pre.outputs or "logits", pil_uint8=pre.pil_uint8, output=output,
+    )
+
+
 def build_classifier(
     preset: str,
     checkpoint: str | Path | None = None,
@@ -630,7 +654,7 @@ def build_classifier(
         raise CheckpointError(f"{p.name} classifier checkpoint not given: {_where_to_get(p)}")
     if path is not None and not path.exists():
         raise CheckpointError(f"{p.name} classifier checkpoint {path} not found: {_where_to_get(p)}")
-    build = _build_imagenet if p.name == "imagenet" else _build_cifar10
+    build = _BUILDERS[p.arch]
     if meta:
         with torch.device("meta"):
             net = build(p, None)

@@ -15,7 +15,7 @@ from densepure_rt.presets import Preset, get_preset
 from .checkpoints import load_state_dict, load_strict
 from .unet import UNetModel, create_model
 
-__all__ = ["load_unet", "load_classifier", "SmallCNN", "ASSETS"]
+__all__ = ["load_unet", "load_classifier", "SmallCNN", "ASSETS", "NETWORKS"]
 
 ASSETS = Path(densepure_rt.__file__).resolve().parent / "assets"
 
@@ -76,39 +76,63 @@ def load_unet(
     return model.eval()
 
 
+def _preset_network(published: str):
+    """A published classifier's network (timm BEiT-L, the CIFAR-10 ViT-B): export/classifiers.py."""
+
+    def build(p: Preset, checkpoint, random_weights: bool, seed: int) -> nn.Module:
+        from .classifiers import build_classifier
+
+        return build_classifier(published, checkpoint, random_weights=random_weights, seed=seed).net
+
+    return build
+
+
+def _shipped_network(factory):
+    """A network of this project (shipped weights, a checkpoint, or random weights under ``seed``)."""
+
+    def build(p: Preset, checkpoint, random_weights: bool, seed: int) -> nn.Module:
+        if random_weights and checkpoint is not None:
+            raise ConfigError("--classifier-ckpt and --random-weights exclude each other")
+        with _seeded(seed):
+            net = factory(p)
+        if not random_weights:
+            if checkpoint is None and p.shipped_classifier:
+                checkpoint = ASSETS / p.shipped_classifier
+            if checkpoint is None:
+                raise CheckpointError(f"the {p.name} preset needs a classifier checkpoint: {p.classifier_ckpt_hint}")
+            load_strict(net, load_state_dict(checkpoint, "classifier checkpoint"), f"classifier checkpoint {checkpoint}")
+        return net
+
+    return build
+
+
+def _digits_net(p: Preset) -> nn.Module:
+    from .digits import DigitsNet
+
+    return DigitsNet()
+
+
+#: The preset classifiers' networks, by :attr:`Preset.classifier`: (preset, checkpoint, random
+#: weights, seed) -> the network on its own input. A preset names one of these and declares its
+#: preprocessing (:attr:`Preset.classifier_preprocessing`); ``build --classifier`` brings the
+#: network from a file instead (:mod:`densepure_rt.export.sources`), with the same preprocessing.
+NETWORKS = {
+    "beit_large_patch16_512": _preset_network("imagenet"),
+    "vit_base_patch16_224": _preset_network("cifar10"),
+    "digits-cnn": _shipped_network(_digits_net),
+    "small-cnn": _shipped_network(lambda p: SmallCNN(p.channels, p.num_classes)),
+}
+
+
 def load_classifier(
     preset: str | Preset, checkpoint: str | Path | None = None, random_weights: bool = False, seed: int = 0
 ) -> nn.Module:
-    """The preset's classifier, wrapped to take the purified image in [-1, 1] and return logits."""
+    """The preset's classifier, wrapped to take the purified image in [-1, 1] and return logits:
+    its network (:data:`NETWORKS`) behind its declared preprocessing."""
+    from .classifiers import with_preprocessing
+
     p = get_preset(preset) if isinstance(preset, str) else preset
-    if p.name in ("imagenet", "cifar10"):
-        from .classifiers import build_classifier
-
-        return build_classifier(p.name, checkpoint, random_weights=random_weights, seed=seed)
-    from .classifiers import PurifiedClassifier
-
-    if random_weights and checkpoint is not None:
-        raise ConfigError("--classifier-ckpt and --random-weights exclude each other")
-    with _seeded(seed):
-        if p.name == "digits":
-            from .digits import DIGITS_CLASSIFIER, DigitsNet
-
-            net: nn.Module = DigitsNet()
-            mean, std = DIGITS_CLASSIFIER["mean"], DIGITS_CLASSIFIER["std"]
-        else:
-            net = SmallCNN(p.channels, p.num_classes)
-            mean, std = 0.5, 0.5
-    if not random_weights:
-        if checkpoint is None and p.shipped_classifier:
-            checkpoint = ASSETS / p.shipped_classifier
-        if checkpoint is None:
-            raise CheckpointError(f"the {p.name} preset needs a classifier checkpoint: {p.classifier_ckpt_hint}")
-        load_strict(net, load_state_dict(checkpoint, "classifier checkpoint"), f"classifier checkpoint {checkpoint}")
-    return PurifiedClassifier(
-        net.eval(),
-        p.num_classes,
-        image_size=p.image_size,
-        size=None,
-        mean=(mean,) * p.channels,
-        std=(std,) * p.channels,
-    ).eval()
+    if p.classifier not in NETWORKS:
+        raise ConfigError(f"the {p.name} preset names the classifier {p.classifier!r}, which is none of {', '.join(NETWORKS)}")
+    net = NETWORKS[p.classifier](p, checkpoint, random_weights, seed)
+    return with_preprocessing(net.eval(), p.num_classes, p.image_size, p.channels, p.classifier_preprocessing).eval()

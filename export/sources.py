@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from densepure_rt.errors import CheckpointError, ConfigError
-from densepure_rt.presets import CLASSIFIER_FORMATS, ClassifierRequest
+from densepure_rt.presets import CLASSIFIER_FORMATS, ClassifierRequest, Preprocessing
 
 from .checkpoints import load_state_dict, load_strict
-from .classifiers import PurifiedClassifier
+from .classifiers import PurifiedClassifier, with_preprocessing
 
 __all__ = ["UserClassifier", "SOURCES", "load_classifier_source", "OnnxNet", "sha256_bytes"]
 
@@ -288,10 +288,9 @@ def load_classifier_source(request: ClassifierRequest, channels: int, image_size
     order = pick("channels", "rgb")
     if order == "bgr" and channels != 3:
         raise ConfigError(f"--channels bgr needs 3-channel images; the diffusion model's have {channels}")
-    module = UserClassifier(
-        loaded.net, 0, image_size=image_size, size=None if size == (image_size, image_size) else size, mode=resize,
-        mean=mean, std=std, antialias=antialias, channel_order=order, scores=pick("outputs", "logits"),
-    )
+    resolved = Preprocessing(input_size=size, resize=resize, antialias=antialias, mean=mean, std=std, channels=order,
+                             outputs=pick("outputs", "logits"))
+    module = with_preprocessing(loaded.net, 0, image_size, channels, resolved, cls=UserClassifier)
     module.net_onnx = loaded.onnx
     module.source = loaded.source
     module.label_names = request.labels

@@ -354,3 +354,28 @@ def test_wrapper_exports_to_onnx_and_runs_in_onnxruntime(tmp_path, preset, side,
     assert labels.dtype == np.int64 and np.array_equal(labels, want_labels)
     # CIFAR's uint8 round trip is integer arithmetic: exact. Bicubic differs only by float rounding.
     assert np.abs(net_input - want).max() <= (0.0 if preset == "cifar10" else 1e-5)
+
+
+@pytest.mark.parametrize("name", ["imagenet", "cifar10"])
+def test_a_preset_declares_the_preprocessing_of_its_published_classifier(name):
+    from densepure_rt.export.classifiers import with_preprocessing
+    from densepure_rt.presets import get_preset
+
+    p = get_preset(name)
+    declared = with_preprocessing(nn.Identity(), p.num_classes, p.image_size, p.channels, p.classifier_preprocessing)
+    assert declared.describe() == PurifiedClassifier.for_preset(name, nn.Identity()).describe()
+
+
+def test_every_preset_is_a_network_of_the_registry_and_export_has_no_per_preset_branches():
+    import re
+    from pathlib import Path
+
+    import densepure_rt.export as export
+    from densepure_rt.export.models import NETWORKS
+    from densepure_rt.presets import PRESETS
+
+    assert {p.classifier for p in PRESETS.values()} <= set(NETWORKS)
+    branches = re.compile(r"\b(p|preset)\.name\s*(==|!=|in\b|not in\b)")
+    for source in Path(export.__file__).parent.glob("*.py"):
+        for number, line in enumerate(source.read_text().splitlines(), 1):
+            assert not branches.search(line), f"{source.name}:{number}: {line.strip()}"
