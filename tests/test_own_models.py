@@ -267,3 +267,37 @@ def test_the_request_is_checked_before_torch(tmp_path):
         Preprocessing.parse_numbers("0.5,0", "--std", positive=True)
     result = _build(["--resize", "bicubic"], tmp_path)
     assert result.exit_code == 2 and "--resize goes with --classifier" in result.output
+
+
+def _worked_example() -> list[list[str]]:
+    """The commands of docs/models.md's worked example (the bash block after its marker), as argv lists."""
+    import shlex
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "models.md").read_text()
+    block = text.split("<!-- worked-example -->", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_the_worked_example_certifies_a_classifier_trained_here_above_chance(tmp_path, monkeypatch):
+    import shutil
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "examples").mkdir()
+    shutil.copy(root / "examples" / "own_classifier.py", tmp_path / "examples")
+    monkeypatch.chdir(tmp_path)
+    commands = _worked_example()
+    assert [c[0] for c in commands] == ["python", "densepure-rt", "densepure-rt"]
+    for argv in commands:
+        if argv[0] == "python":
+            subprocess.run([sys.executable, *argv[1:]], check=True, capture_output=True, timeout=300, cwd=tmp_path)
+        else:
+            result = CliRunner().invoke(main, argv[1:], catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+    rows = [line.split("\t") for line in (tmp_path / "mine.tsv").read_text().splitlines()]
+    header, rows = rows[0], rows[1:]
+    correct = [r[header.index("correct")] == "1" for r in rows]
+    assert len(rows) == 10
+    assert sum(correct) / len(rows) > 0.1 + 0.3  # chance is 10%; well above it, with room for a slow machine
