@@ -26,11 +26,9 @@ import onnxruntime as ort, cupy
 print("onnxruntime", ort.__version__, ort.__file__, ort.get_available_providers())
 print("cupy", cupy.__version__, "devices", cupy.cuda.runtime.getDeviceCount())
 PY
-# The next GPU session's checklist (issues 22, 23): SECTIONS="tests sched" in one call, SECTIONS="fused" in the
-# next, SECTIONS="sched_in" (ImageNet, scheduler vs waves) if device time is left.
-# runtime_bench's default is the scheduler (--scheduling continuous, the CLI's default since 2026-12-06);
-# every section but "sched" pins the wave loop, so its numbers compare with the earlier runs' and do not
-# depend on the scheduler's first GPU run (section "sched" and the gpu tests check that).
+# The next GPU session's checklist: SECTIONS="tests sched" in one call, SECTIONS="fused" in the
+# next, SECTIONS="sched_in" (ImageNet with early exit) if device time is left. runtime_bench times the
+# scheduler (the one sampling path); the records of the earlier runs name the loop they timed.
 SECTIONS=${SECTIONS:-"tests sched"}
 has() { [[ " $SECTIONS " == *" $1 "* ]]; }
 mkdir -p /tmp/eng
@@ -44,18 +42,18 @@ if has c16 || has nhwc; then
 fi
 if has c16; then
   log "bench cifar10 fp16"
-  python3 benchmarks/runtime_bench.py --engine /tmp/eng/cifar10-rand16 --device cuda --scheduling waves --batch 25 200 --early-exit both \
+  python3 benchmarks/runtime_bench.py --engine /tmp/eng/cifar10-rand16 --device cuda --batch 25 200 --early-exit both \
     --cuda-graph both --seconds 4 --out $OUT --name cifar10_fp16 2>&1 | tail -9
 fi
 if has nhwc; then
   log "bench cifar10 fp16, ONNX Runtime prefer_nhwc"
-  DENSEPURE_ORT_PREFER_NHWC=1 python3 benchmarks/runtime_bench.py --engine /tmp/eng/cifar10-rand16 --device cuda --scheduling waves \
+  DENSEPURE_ORT_PREFER_NHWC=1 python3 benchmarks/runtime_bench.py --engine /tmp/eng/cifar10-rand16 --device cuda \
     --batch 200 --early-exit off --cuda-graph on --seconds 4 --out $OUT --name cifar10_fp16_nhwc 2>&1 | tail -3
 fi
 if has c32; then
   log "build cifar10 fp32"
   densepure-rt build --model cifar10 --random-weights --no-validate --out /tmp/eng/cifar10-rand32 2>&1 | tail -1
-  python3 benchmarks/runtime_bench.py --engine /tmp/eng/cifar10-rand32 --device cuda --scheduling waves --batch 200 --early-exit off \
+  python3 benchmarks/runtime_bench.py --engine /tmp/eng/cifar10-rand32 --device cuda --batch 200 --early-exit off \
     --cuda-graph on --seconds 4 --out $OUT --name cifar10_fp32 2>&1 | tail -3
 fi
 if has in16; then
@@ -63,28 +61,27 @@ if has in16; then
   timeout 240 densepure-rt build --model imagenet --random-weights --precision fp16 --no-validate \
     --out /tmp/eng/imagenet-rand16 2>&1 | tail -2
   log "bench imagenet fp16"
-  timeout $(( 570 - $(elapsed) )) python3 benchmarks/runtime_bench.py --engine /tmp/eng/imagenet-rand16 --device cuda --scheduling waves \
+  timeout $(( 570 - $(elapsed) )) python3 benchmarks/runtime_bench.py --engine /tmp/eng/imagenet-rand16 --device cuda \
     --batch 3 --early-exit off --cuda-graph on --seconds 10 --out $OUT --name imagenet_fp16 2>&1 | tail -3
 fi
 if has sched; then
-  # Issue 22: waves against the continuous-batching scheduler on the GPU (never run on one before).
+  # The scheduler on the GPU with the vote's early exit.
   log "build cifar10 fp16"
   [ -d /tmp/eng/cifar10-rand16 ] || densepure-rt build --model cifar10 --random-weights --precision fp16 --no-validate \
     --out /tmp/eng/cifar10-rand16 2>&1 | tail -1
-  log "bench cifar10 fp16: waves vs continuous, early exit on"
+  log "bench cifar10 fp16: the scheduler, early exit on"
   python3 benchmarks/runtime_bench.py --engine /tmp/eng/cifar10-rand16 --device cuda --batch 25 200 --early-exit on \
-    --cuda-graph on --scheduling both --seconds 4 --out $OUT --name cifar10_sched 2>&1 | tail -6
+    --cuda-graph on --seconds 4 --out $OUT --name cifar10_sched 2>&1 | tail -6
 fi
 if has sched_in; then
-  # Issue 22's headline: ImageNet fp16 with the vote's early exit, waves (one-run waves of 3 samples
-  # idled the H100: 61 ms per UNet eval per row) against the scheduler at the largest safe row count
-  # (63 rows: 6 samples x K 10 = 60).
+  # ImageNet fp16 with the vote's early exit, the scheduler at the largest safe row count
+  # (63 rows: 6 samples x K 10 = 60; 0.2.0's wave loop idled the H100 at 61 ms per UNet eval per row).
   log "build imagenet fp16"
   [ -d /tmp/eng/imagenet-rand16 ] || timeout 240 densepure-rt build --model imagenet --random-weights --precision fp16 \
     --no-validate --out /tmp/eng/imagenet-rand16 2>&1 | tail -1
-  log "bench imagenet fp16: waves vs continuous, early exit on"
+  log "bench imagenet fp16: the scheduler, early exit on"
   timeout $(( 570 - $(elapsed) )) python3 benchmarks/runtime_bench.py --engine /tmp/eng/imagenet-rand16 --device cuda \
-    --batch 6 --early-exit on --cuda-graph on --scheduling both --seconds 10 --out $OUT --name imagenet_sched 2>&1 | tail -4
+    --batch 6 --early-exit on --cuda-graph on --seconds 10 --out $OUT --name imagenet_sched 2>&1 | tail -4
 fi
 if has fused; then
   # Issue 23: the fused GPU graphs (build --device cuda) against the portable ones, and cuDNN's search modes.
@@ -94,20 +91,20 @@ if has fused; then
   log "gpu tests of the fused graphs"
   python3 -m pytest -q -rs -s -m gpu tests/test_fusion.py tests/test_classifier_fp16.py 2>&1 | tee $OUT/gpu_tests_fused.txt | tail -8
   log "bench cifar10 fp16: portable vs fused, EXHAUSTIVE vs HEURISTIC"
-  python3 benchmarks/runtime_bench.py --engine /tmp/eng/cifar10-cuda16 --device cuda --scheduling waves --batch 200 --early-exit off \
+  python3 benchmarks/runtime_bench.py --engine /tmp/eng/cifar10-cuda16 --device cuda --batch 200 --early-exit off \
     --cuda-graph on --kernels both --cudnn-search both --seconds 4 --out $OUT --name cifar10_fused 2>&1 | tail -6
-  DENSEPURE_ORT_PREFER_NHWC=1 python3 benchmarks/runtime_bench.py --engine /tmp/eng/cifar10-cuda16 --device cuda --scheduling waves \
+  DENSEPURE_ORT_PREFER_NHWC=1 python3 benchmarks/runtime_bench.py --engine /tmp/eng/cifar10-cuda16 --device cuda \
     --batch 200 --early-exit off --cuda-graph on --kernels fused --seconds 4 --out $OUT --name cifar10_fused_nhwc 2>&1 | tail -3
   log "build imagenet fp16 --device cuda"
   timeout 300 densepure-rt build --model imagenet --random-weights --precision fp16 --device cuda --no-validate \
     --out /tmp/eng/imagenet-cuda16 2>&1 | tail -1
   log "bench imagenet fp16: portable vs fused"
-  timeout $(( 570 - $(elapsed) )) python3 benchmarks/runtime_bench.py --engine /tmp/eng/imagenet-cuda16 --device cuda --scheduling waves \
+  timeout $(( 570 - $(elapsed) )) python3 benchmarks/runtime_bench.py --engine /tmp/eng/imagenet-cuda16 --device cuda \
     --batch 3 --early-exit off --cuda-graph on --kernels both --seconds 8 --out $OUT --name imagenet_fused 2>&1 | tail -4
 fi
 if has final; then
   # The runtime and the PyTorch paths in one call, on one machine.
-  RB="python3 benchmarks/runtime_bench.py --device cuda --scheduling waves --out $OUT --name h100 --append --cuda-graph on"
+  RB="python3 benchmarks/runtime_bench.py --device cuda --out $OUT --name h100 --append --cuda-graph on"
   log "build cifar10 fp16 + fp32"
   densepure-rt build --model cifar10 --random-weights --precision fp16 --no-validate --out /tmp/eng/cifar10-rand16 2>&1 | tail -1
   densepure-rt build --model cifar10 --random-weights --no-validate --out /tmp/eng/cifar10-rand32 2>&1 | tail -1

@@ -1,4 +1,4 @@
-"""Time the lean runtime (the batch loop: CuPy + ONNX Runtime CUDA on a GPU, numpy + ORT CPU on a CPU).
+"""Time the lean runtime (the scheduler: CuPy + ONNX Runtime CUDA on a GPU, numpy + ORT CPU on a CPU).
 
 For each engine directory and batch size: noisy samples per second, UNet (denoise-step) evaluations
 per second per row, ms per UNet evaluation per row, the multiple of the FLOP floor (the engine's
@@ -9,8 +9,7 @@ the PyTorch paths of ``gpu_bench.py`` are timed at) and on.
     python benchmarks/runtime_bench.py --engine engines/cifar10-rand16 --device cuda --batch 64 200 --out DIR
     python benchmarks/runtime_bench.py --engine engines/digits --device cpu --batch 32 --out /tmp/rb  # CPU
 
-``--scheduling continuous`` (or ``both``) times the continuous-batching scheduler instead of (or
-besides) the wave loop, with its idle-row fraction. Every row reports the time spent in the step
+Every row reports the scheduler's idle-row fraction and the time spent in the step
 graph and in the classifier separately (:class:`TimedExecutor`: host clocks around each call on the
 CPU, where calls are synchronous; CUDA events on the device's stream on a GPU, read once at the
 end. The GPU path has not been run by this project.) and UNet evaluations per noisy sample.
@@ -99,7 +98,7 @@ def published(preset: str) -> dict:
 
 
 def time_config(engine_dir: Path, device: str, batch: int, sigma: float, steps: int, votes: int, early_exit: bool,
-                seconds: float, seed: int, cuda_graph: bool = True, scheduling: str = "waves", kernels: str = "portable",
+                seconds: float, seed: int, cuda_graph: bool = True, kernels: str = "portable",
                 cudnn_search: str | None = None) -> dict:
     from densepure_rt.sampling.scheduler import SchedulerStats
 
@@ -107,8 +106,7 @@ def time_config(engine_dir: Path, device: str, batch: int, sigma: float, steps: 
     os.environ.pop("DENSEPURE_ORT_CUDNN_SEARCH", None)
     if cudnn_search:
         os.environ["DENSEPURE_ORT_CUDNN_SEARCH"] = cudnn_search
-    with open_engine(engine_dir, device=device, early_exit=early_exit, cuda_graph=cuda_graph, scheduling=scheduling,
-                     kernels=kernels) as engine:
+    with open_engine(engine_dir, device=device, early_exit=early_exit, cuda_graph=cuda_graph, kernels=kernels) as engine:
         shape = engine.image_shape
         image = np.random.default_rng(seed).uniform(0.05, 0.95, size=shape).astype(np.float32)
         timed = engine.loop.executor = TimedExecutor(engine.loop.executor, engine.loop.xp)
@@ -116,9 +114,6 @@ def time_config(engine_dir: Path, device: str, batch: int, sigma: float, steps: 
         idle = {"busy": 0, "idle": 0}
 
         def one(seed_, index):
-            if scheduling == "waves":
-                engine.sample_counts(image, batch, ESTIMATION, seed=seed_, image_index=index, batch=batch)
-                return
             st = SchedulerStats()
             staged = engine.loop.device.stage(image[None])
             from densepure_rt.sampling.scheduler import Job
@@ -151,14 +146,14 @@ def time_config(engine_dir: Path, device: str, batch: int, sigma: float, steps: 
             "providers": getattr(executor, "providers", None),
             "ort_cuda_graph": bool(getattr(executor, "cuda_graph", False)),
             "ort_cuda_graph_off": getattr(executor, "cuda_graph_off", None),
-            "scheduling": scheduling,
+            "scheduling": "continuous",
             "kernels": kernels,
             "cudnn_search": cudnn_search or "onnxruntime default (EXHAUSTIVE)",
             "warmup_seconds": round(warmup, 2),
             "step_seconds": round(split["step"], 4),
             "classifier_seconds": round(split["classify"], 4),
             "ms_per_unet_eval_row_step_only": 1e3 * split["step"] / max(1, evals),
-            "idle_row_fraction": (idle["idle"] / max(1, idle["busy"] + idle["idle"])) if scheduling == "continuous" else None,
+            "idle_row_fraction": idle["idle"] / max(1, idle["busy"] + idle["idle"]),
         }
     calls = evals / max(1, samples)  # UNet evaluations per noisy sample (K * b without early exit)
     unet_gflop = float(manifest["cost_gflop"]["unet"])
@@ -227,8 +222,6 @@ def main(argv=None) -> int:
     ap.add_argument("--early-exit", choices=["off", "on", "both"], default="both")
     ap.add_argument("--cuda-graph", choices=["off", "on", "both"], default="on",
                     help="ONNX Runtime's CUDA graph for full batches (GPU only)")
-    ap.add_argument("--scheduling", choices=["waves", "continuous", "both"], default="continuous",
-                    help="the wave loop, the continuous-batching scheduler, or both")
     ap.add_argument("--kernels", choices=["portable", "fused", "both"], default="portable",
                     help="the engine's portable graphs, the fused GPU graphs of `build --device cuda`, or both")
     ap.add_argument("--cudnn-search", choices=["default", "EXHAUSTIVE", "HEURISTIC", "both"], default="default",
@@ -241,7 +234,6 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.early_exit]
-    schedulings = ["waves", "continuous"] if args.scheduling == "both" else [args.scheduling]
     kernel_sets = ["portable", "fused"] if args.kernels == "both" else [args.kernels]
     searches = {"default": [None], "both": ["EXHAUSTIVE", "HEURISTIC"]}.get(args.cudnn_search, [args.cudnn_search])
     graphs = {"off": [False], "on": [True], "both": [True, False]}[args.cuda_graph] if args.device == "cuda" else [False]
@@ -254,13 +246,11 @@ def main(argv=None) -> int:
         rows = json.loads((out / f"{stem}.json").read_text())
     for engine_dir in args.engine:
         for batch in args.batch:
-            for early_exit, cuda_graph, scheduling, kernels, search in [
-                    (e, g, c, k, s) for e in modes for g in graphs for c in schedulings for k in kernel_sets for s in searches]:
-                if early_exit and not cuda_graph and len(graphs) > 1:
-                    continue  # with early exit the waves are not full batches: the graph plays no part
+            for early_exit, cuda_graph, kernels, search in [
+                    (e, g, k, s) for e in modes for g in graphs for k in kernel_sets for s in searches]:
                 try:
                     r = time_config(Path(engine_dir), args.device, batch, args.sigma, args.steps, args.votes,
-                                    early_exit, args.seconds, args.seed, cuda_graph, scheduling, kernels, search)
+                                    early_exit, args.seconds, args.seed, cuda_graph, kernels, search)
                 except Exception as exc:  # noqa: BLE001 - one unattended run: keep the others
                     traceback.print_exc()
                     r = {"engine": engine_dir, "batch": batch, "early_exit": early_exit,

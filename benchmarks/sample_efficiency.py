@@ -48,10 +48,11 @@ OUT = ROOT / "benchmarks" / "results" / "sample_efficiency"
 SIGMA, STEPS, VOTES, N0, N, ALPHA = 0.5, 4, 3, 100, 2000, 0.001
 MULTIPLES = (0.25, 0.5, 1.0, 1.5)
 SKIP, SEED, BATCH = 9, 0, 32  # BATCH: the digits engine's default batch, the CLI's rounds
-# The recorded runs used the wave loop, whose rounds are its batches (--scheduling waves is no
-# longer the default: the scheduler with --round 32 gives the same decisions, other unet_evals).
+# The sequential modes decide after rounds of BATCH votes (--round; the recorded runs were made by
+# densepure-rt 0.2.0's wave loop, whose rounds were its batches: the same decisions, other unet_evals).
 COMMON = ["--sigma", SIGMA, "--steps", STEPS, "--votes", VOTES, "--n0", N0, "--alpha", ALPHA, "--skip", SKIP, "--seed", SEED, "--quiet",
-          "--scheduling", "waves", "--batch", BATCH]
+          "--batch", BATCH]
+ROUND = ["--round", BATCH]
 # The CLI with the selection rule before the clear-leader rule: selection_done(..., level=0).
 EXACT_SELECTION_CLI = (
     "import functools, sys\n"
@@ -90,14 +91,13 @@ def selection_votes(engine: str, indices: list[int], out: Path) -> dict[int, lis
         with open_engine(ROOT / engine) as eng:
             eng._prepare(SIGMA, STEPS, VOTES, BATCH)
             for i in todo:
-                chunks = [eng.loop.voted_labels(data[i].image, SEED, i, SELECTION, range(t, min(t + BATCH, N0))) for t in range(0, N0, BATCH)]
-                votes[i] = [int(x) for x in np.concatenate(chunks)]
+                votes[i] = [int(x) for x in eng.loop.voted_labels(data[i].image, SEED, i, SELECTION, range(N0))]
         path.write_text(json.dumps({str(k): votes[k] for k in sorted(votes)}) + "\n")
     return votes
 
 
 def replay_selection(labels: list[int], rule, num_classes: int = 10) -> tuple[int, int]:
-    """(selection samples used, c_a) of ``Engine._select``'s loop (rounds of BATCH) under ``rule``."""
+    """(selection samples used, c_a) of the sequential modes' selection (rounds of BATCH) under ``rule``."""
     counts = np.zeros(num_classes, dtype=np.int64)
     for start in range(0, N0, BATCH):
         size = min(BATCH, N0 - start)
@@ -231,10 +231,10 @@ def main() -> None:
     go = functools.partial(run, engine=args.engine, out_dir=out, selection=args.selection)
     results = [] if args.sequential_only else [go("fixed_n2000", extra=["--n", N])]
     for m in MULTIPLES:
-        results.append(go(f"radius_{m:g}sigma", extra=["--radius", m * SIGMA, "--n-max", N]))
+        results.append(go(f"radius_{m:g}sigma", extra=["--radius", m * SIGMA, "--n-max", N, *ROUND]))
     all_targets = [x for m in MULTIPLES for x in ("--radius", m * SIGMA)]
-    results.append(go("radius_all", extra=[*all_targets, "--n-max", N]))
-    results.append(go("tol_0.05", extra=["--tol", 0.05, "--n-max", N]))
+    results.append(go("radius_all", extra=[*all_targets, "--n-max", N, *ROUND]))
+    results.append(go("tol_0.05", extra=["--tol", 0.05, "--n-max", N, *ROUND]))
     full_vote = (N0 + N) * VOTES * STEPS
     summary = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -190,7 +190,7 @@ class Progress:
 
 def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, every,
          out, n0, n, radii=None, tol=None, early_exit=None, images_per_call=1, ray=None, actors=None, ray_timeout=30.0,
-         round_size=None, scheduling="continuous", kernels="portable"):
+         round_size=None, kernels="portable"):
     """One certify / predict run over the selected images. ``mode``: "certify" (fixed n),
     "certify-radii" (target radii, n = n_max), "certify-until" (early stopping, n = n_max), "predict".
     ``ray``: a Ray address ("auto", "local", host:port) to spread the images over Ray actors."""
@@ -199,7 +199,7 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
     from densepure_rt.stats.sequential import STOP_RULE
     from densepure_rt.files.results import HEADERS, ResultsWriter, indices_todo
     from densepure_rt.runtime import open_engine
-    from densepure_rt.scale.work import Task, run_image
+    from densepure_rt.scale.work import Task
 
     validate_params(sigma, alpha, n0 if mode != "predict" else None, n, n_name="n_max" if mode.startswith("certify-") else "n")
     if ray is None and actors is not None:
@@ -218,21 +218,18 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
     steps_value = _steps_label(_parse_steps(steps))
     # With --ray the driver reads the manifest only: the actors open the engine where the GPUs are.
     with open_engine(engine_dir, device=device, threads=threads, early_exit=early_exit, metadata_only=ray is not None,
-                     scheduling=scheduling, kernels=kernels) as engine:
+                     kernels=kernels) as engine:
         engine.reverse_schedule(sigma, steps_value)  # refuses a (sigma, b) the schedule cannot honour
         random_weights = engine.manifest.random_weights
         batch = batch if batch is not None else engine.manifest.default_batch
-        continuous = engine.scheduling == "continuous"
         sequential = mode in ("certify-radii", "certify-until")
-        # A resumed file keeps the round it was started with when --round is not given: the default
-        # changed (--batch with the waves, 1 with the scheduler) and another round is another experiment.
+        # A resumed file keeps the round it was started with when --round is not given (another
+        # round is another experiment); a new one reads one vote at a time.
         adopt = {"round": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1} if sequential and round_size is None else {}
         if sequential and round_size is None:
-            # The scheduler keeps the calls full whatever the round, so its tests read one vote at a
-            # time (they stop sooner); the wave loop runs one round per batch.
-            round_size = 1 if continuous else batch
+            round_size = 1
         task = Task(mode, sigma, steps_value, votes, alpha, n0, n, seed, batch,
-                    radii=tuple(radii) if radii else None, tol=tol, round_size=round_size, scheduling=scheduling)
+                    radii=tuple(radii) if radii else None, tol=tol, round_size=round_size)
         dataset, indices, spec, data_digest = _open_data(engine, data, skip, max_images)
         if images_per_call > len(indices):  # a bound on the images in flight: more than the run has is all of them
             images_per_call = max(len(indices), 1)
@@ -240,13 +237,10 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
             from densepure_rt.arguments import check_staging
 
             check_staging(images_per_call, engine.image_shape, device, name="--images-per-call ")
-        # The most noisy samples one call of this run can hold: buffers are sized by it, and the row
-        # limit and the memory are checked against it before anything is written. The scheduler's
-        # calls hold samples of every image of the run; the waves', of one image (or one group).
-        if continuous:
-            per_call = task.samples_per_image * max(len(indices), 1)
-        else:
-            per_call = (int(n0) + n) * images_per_call if mode == "certify" else max(int(n0 or 0), n)
+        # The most noisy samples one call of this run can hold (its calls hold samples of every image
+        # of the run): buffers are sized by it, and the row limit and the memory are checked against
+        # it before anything is written.
+        per_call = task.samples_per_image * max(len(indices), 1)
         engine.check_rows(min(batch, per_call), votes)
         executor = engine.executor  # None for a Ray driver (metadata only)
         options = {
@@ -280,10 +274,7 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
             "round": round_size if mode in ("certify-radii", "certify-until") else None,
             # When --tol stops (densepure_rt.stats.sequential.STOP_RULE): another rule is another experiment.
             "stop_rule": STOP_RULE if mode == "certify-until" else None,
-            "early_exit": engine.early_exit_for(batch, continuous=continuous),
-            # How the engine calls were filled (densepure_rt/sampling/scheduler.py); not part of the
-            # experiment: the rows are the same either way.
-            "scheduling": "continuous" if continuous else "waves",
+            "early_exit": engine.early_exit_for(),
             # Which graphs ran: the portable ones or `build --device cuda`'s fused GPU graphs (other
             # kernels, other rounding): part of the experiment, a file continues with the same.
             "kernels": engine.kernels,
@@ -303,6 +294,7 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
         }
         totals = RunTotals()
         with ResultsWriter(Path(out), header=HEADERS[mode]) as writer:
+            _refuse_other_loop(Path(out))
             done = writer.open(options, resume=resume, allowed=indices, legacy=_legacy_identities(engine, data), adopt=adopt)
             if "round" in writer.adopted:
                 round_size = int(writer.adopted["round"])
@@ -324,22 +316,30 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
                 return totals
             progress = Progress(mode.split("-")[0], len(todo), per_image, quiet, every, sequential=sequential)
             try:
-                one_by_one = todo
-                if continuous:  # one scheduler run over every image, rows written as images finish
-                    _stream(engine, dataset, todo, writer, totals, progress, task, images_per_call)
-                    one_by_one = []
-                elif mode == "certify" and images_per_call > 1:
-                    _certify_groups(engine, dataset, todo, images_per_call, writer, totals, progress, task)
-                    one_by_one = []
-                for idx in one_by_one:
-                    sample = dataset[idx]
-                    drawn = progress.samples
-                    totals.write(writer, sample.label, run_image(engine, task, sample.image, idx, progress=progress.update))
-                    progress.image_done(skipped=per_image - (progress.samples - drawn))  # what a sequential test did not need
+                _stream(engine, dataset, todo, writer, totals, progress, task, images_per_call)
             finally:
                 progress.close()
     totals.images = len(done) + len(todo)
     return totals
+
+
+def _refuse_other_loop(out: Path) -> None:
+    """Refuse, in one line, to continue a results file whose options say its rows came from the wave
+    loop of densepure-rt 0.2.0 (``"scheduling": "waves"``): this version samples with the scheduler
+    only. Files of the scheduler (``"continuous"``) continue unchanged (the same rows)."""
+    from densepure_rt.files.results import options_path
+
+    path = options_path(out.expanduser())
+    try:
+        if not out.expanduser().is_file() or not path.is_file() or path.stat().st_size > (1 << 20):
+            return
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+        return  # the results writer reports an unreadable options file
+    if isinstance(saved, dict) and saved.get("scheduling") == "waves":
+        raise ConfigError(f"--out {out} was started with --scheduling waves (densepure-rt 0.2.0's wave loop); this version "
+                          "samples with the scheduler only and has no --scheduling: finish it with densepure-rt 0.2.0, or "
+                          "choose another --out")
 
 
 def _legacy_identities(engine, data) -> dict:
@@ -471,17 +471,3 @@ def _stream(engine, dataset, todo, writer, totals, progress, task, images_per_ca
 
     run_stream(engine, task, items(), emit, in_flight=images_per_call if images_per_call > 1 else None, progress=progress.update,
                images=len(todo))
-
-
-def _certify_groups(engine, dataset, todo, size, writer, totals, progress, task) -> None:
-    """Certify ``todo`` in groups of ``size`` images whose noisy samples share batches
-    (:func:`densepure_rt.scale.work.run_group`); rows are written in order once a group is done, so a run
-    killed inside a group resumes at its first image. Same rows as one image at a time."""
-    from densepure_rt.scale.work import run_group
-
-    for g in range(0, len(todo), size):
-        group = todo[g : g + size]
-        samples = [dataset[idx] for idx in group]
-        for sample, outcome in zip(samples, run_group(engine, task, [s.image for s in samples], group, progress=progress.update)):
-            totals.write(writer, sample.label, outcome)
-            progress.image_done()

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from densepure_rt.sampling.loop import BatchLoop, check_labels
+from densepure_rt.sampling.loop import BatchLoop
 from densepure_rt.sampling.scheduler import Job, Scheduler, SchedulerStats
 from densepure_rt.certificates import CountsResult, EarlyStopCertificate, RadiiCertificate
 from densepure_rt.stats.cohen import Certificate, Prediction, certify, predict, validate_params
@@ -38,17 +38,6 @@ from densepure_rt.schedule import ReverseSchedule, make_schedule, parse_steps, r
 __all__ = ["Engine", "open_engine", "CountsResult", "RadiiCertificate", "EarlyStopCertificate"]
 
 Progress = Optional[Callable[[int], None]]
-
-#: On a GPU the vote exits early only at batches of at least this many noisy samples (see
-#: :meth:`Engine.early_exit_for`): a threshold between the two measured cases (3: slower, 200: faster).
-GPU_EARLY_EXIT_MIN_BATCH = 64
-
-
-def auto_early_exit(device: str, batch: int) -> bool:
-    """The default of the vote's early exit: on the CPU always; on a GPU from
-    :data:`GPU_EARLY_EXIT_MIN_BATCH` noisy samples per batch on."""
-    return device != "cuda" or int(batch) >= GPU_EARLY_EXIT_MIN_BATCH
-
 
 class Engine:
     """An opened engine directory: manifest verified, its executor loaded under the batch loop. A context manager."""
@@ -68,23 +57,16 @@ class Engine:
         early_exit: bool | None = None,
         cuda_graph: bool = True,
         metadata_only: bool = False,
-        scheduling: str = "continuous",
         kernels: str = "portable",
     ):
-        if scheduling not in ("continuous", "waves"):
-            raise ConfigError(f"scheduling must be 'continuous' or 'waves' (got {scheduling!r})")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
             raise ConfigError(f"{param('threads')} must be an integer >= 1, or None for the backend's choice (got {threads!r})")
-        #: How sampling fills the engine calls: "continuous" (:mod:`densepure_rt.sampling.scheduler`,
-        #: every call full of rows of many samples at any reverse step) or "waves" (the batch loop's
-        #: waves, a fallback). The counts are the same.
-        self.scheduling = scheduling
         self._scheduler: Scheduler | None = None
         #: The engine directory, resolved once (absolute): what results record and Ray actors open.
         self.directory = Path(directory).expanduser().resolve()
         self.device = device
         #: Stop a noisy sample's K runs once its vote is decided (identical votes, less work);
-        #: None: decided per batch size (:meth:`early_exit_for`).
+        #: None: on (:meth:`early_exit_for`).
         self.early_exit = None if early_exit is None else bool(early_exit)
         #: The verified, typed manifest (:class:`~densepure_rt.files.manifest.Manifest`), parsed once here.
         self.manifest = load_manifest(self.directory)
@@ -137,25 +119,11 @@ class Engine:
         """
         return reverse_schedule(self._schedule, sigma, parse_steps(steps))
 
-    def set_scheduling(self, scheduling: str) -> None:
-        """Switch how fixed-n and sequential sampling fill the engine calls (see :class:`Engine`)."""
-        if scheduling not in ("continuous", "waves"):
-            raise ConfigError(f"scheduling must be 'continuous' or 'waves' (got {scheduling!r})")
-        self.scheduling = scheduling
-
-    def early_exit_for(self, batch: int, continuous: bool = False) -> bool:
-        """Whether the vote exits early at ``batch`` noisy samples per batch: as asked, else always on
-        the CPU, and on a GPU only from :data:`GPU_EARLY_EXIT_MIN_BATCH` samples on. Early exit's later
-        waves run one run of each undecided sample: a handful of rows, which leave a GPU idle (on an
-        H100, ImageNet at 3 samples per batch took 2.5x longer with it; CIFAR-10 at 200 took half
-        the time: benchmarks/results/gpu_h100). The labels are the same either way.
-        ``continuous``: for the scheduler (fixed-n sampling), whose calls stay full while samples
-        exit early: on by default on every device."""
-        if self.early_exit is not None:
-            return self.early_exit
-        if continuous:
-            return True
-        return auto_early_exit(self.device, batch)
+    def early_exit_for(self) -> bool:
+        """Whether a noisy sample's runs stop once its vote is decided: as asked when opened, else on
+        (the scheduler's calls stay full of other rows while samples exit early, on every device).
+        The labels are the same either way."""
+        return True if self.early_exit is None else self.early_exit
 
     def check_rows(self, batch: int, votes: int) -> None:
         """Refuse ``batch`` noisy samples x ``votes`` runs per call above the engine's row limit or
@@ -188,7 +156,7 @@ class Engine:
         if samples is not None:
             batch = max(min(int(batch), int(samples)), 1)
         rs = self.reverse_schedule(sigma, steps)  # refuses non-finite schedules; the loop checks again
-        early_exit = self.early_exit_for(int(batch))
+        early_exit = self.early_exit_for()
         key = (float(sigma), rs.steps, int(votes), int(batch), early_exit)
         if self._prepared != key:
             self.check_rows(int(batch), int(votes))
@@ -198,16 +166,15 @@ class Engine:
         return rs
 
     def scheduler(self) -> Scheduler:
-        """The continuous-batching scheduler over the prepared loop (after :meth:`_prepare`): batch x K
-        rows per call, as the wave loop's full call; made again when the preparation changes."""
+        """The scheduler over the prepared loop (after :meth:`_prepare`): batch x K rows per call;
+        made again when the preparation changes."""
         if self._scheduler is None:
-            self._scheduler = Scheduler(self.loop, self.loop.batch * self.loop.votes,
-                                        early_exit=self.early_exit_for(self.loop.batch, continuous=True))
+            self._scheduler = Scheduler(self.loop, self.loop.batch * self.loop.votes, early_exit=self.loop.early_exit)
         return self._scheduler
 
     def _scheduled_counts(self, jobs, *, seed: int, progress: Progress, evals: list | None) -> list[np.ndarray]:
         """Per-class counts of (image, image_index, phase, num) jobs through the scheduler (after
-        :meth:`_prepare`): batch x K rows per call, as the wave loop's full call."""
+        :meth:`_prepare`): batch x K rows per call."""
         jobs = list(jobs)
         images = np.stack([img for img, _, _, _ in jobs]) if jobs else np.zeros((0, *self.image_shape), dtype=np.float32)
         staged = self.loop.device.stage(images)
@@ -236,18 +203,7 @@ class Engine:
         A label outside [0, num_classes), or a batch that returns the wrong number of labels, is an
         :class:`EngineError`: dropping such labels would shrink n and inflate the bound.
         """
-        if self.scheduling == "continuous":
-            return self._scheduled_counts([(image, image_index, phase, num)], seed=seed, progress=progress, evals=None)[0]
-        counts = np.zeros(self.num_classes, dtype=np.int64)
-        for start in range(0, num, batch):
-            samples = range(start, min(start + batch, num))
-            labels = np.asarray(self.loop.voted_labels(image, seed, image_index, phase, samples))
-            counts += self._count(labels, len(samples))
-            if progress is not None:
-                progress(len(samples))
-        if int(counts.sum()) != num:  # every drawn sample is counted exactly once
-            raise EngineError(f"the engine counted {int(counts.sum())} labels for {num} samples: rebuild the engine")
-        return counts
+        return self._scheduled_counts([(image, image_index, phase, num)], seed=seed, progress=progress, evals=None)[0]
 
     @_sampling
     def sample_counts_many(self, jobs, *, seed: int, batch: int, progress: Progress = None, evals: list | None = None) -> list[np.ndarray]:
@@ -259,35 +215,8 @@ class Engine:
         (seed, image index, phase, sample), not of the batch (test). ``evals``: a list that receives each job's UNet
         evaluations (its samples' runs times the schedule's calls: exact, also when batches mix jobs).
         """
-        many = self.loop.voted_labels_many
         jobs = [(self._image(img, idx), int(idx), int(phase), int(num)) for img, idx, phase, num in jobs]
-        if self.scheduling == "continuous":
-            return self._scheduled_counts(jobs, seed=seed, progress=progress, evals=evals)
-        images = np.stack([j[0] for j in jobs]) if jobs else np.zeros((0, *self.image_shape), dtype=np.float32)
-        job_of = np.concatenate([np.full(j[3], k, dtype=np.int64) for k, j in enumerate(jobs)] + [np.zeros(0, np.int64)])
-        sample_of = np.concatenate([np.arange(j[3], dtype=np.int64) for j in jobs] + [np.zeros(0, np.int64)])
-        index_of = np.array([j[1] for j in jobs], dtype=np.int64)
-        phase_of = np.array([j[2] for j in jobs], dtype=np.int64)
-        counts = [np.zeros(self.num_classes, dtype=np.int64) for _ in jobs]
-        runs_of = np.zeros(len(jobs), dtype=np.int64)
-        for start in range(0, len(job_of), batch):
-            rows = slice(start, min(start + batch, len(job_of)))
-            used = np.unique(job_of[rows])  # only the images of this batch travel to the device
-            slot = np.searchsorted(used, job_of[rows])
-            labels, runs = many(images[used], slot, index_of[job_of[rows]], phase_of[job_of[rows]], sample_of[rows], seed, runs=True)
-            labels = check_labels(np.asarray(labels), len(slot), self.num_classes)
-            for k in used:
-                mine = job_of[rows] == k
-                counts[k] += np.bincount(labels[mine], minlength=self.num_classes)
-                runs_of[k] += int(np.asarray(runs)[mine].sum())
-            if progress is not None:
-                progress(len(slot))
-        for (_, _, _, num), c in zip(jobs, counts):
-            if int(c.sum()) != num:
-                raise EngineError(f"the engine counted {int(c.sum())} labels for {num} samples: rebuild the engine")
-        if evals is not None:
-            evals[:] = [int(r) * self.loop.calls for r in runs_of]
-        return counts
+        return self._scheduled_counts(jobs, seed=seed, progress=progress, evals=evals)
 
     @_sampling
     def certify_many(self, images, sigma: float, steps: int | str = 4, votes: int = 10, n0: int = 100, n: int = 1000,
@@ -338,11 +267,6 @@ class Engine:
             # Each image is charged the runs its own samples took: the same as certifying it alone.
             out.append((certify(c0, c, sigma, alpha), CountsResult(c0, c, evals[2 * k] + evals[2 * k + 1])))
         return out
-
-    def _count(self, labels: np.ndarray, expected: int) -> np.ndarray:
-        """Per-class counts of one batch's voted labels; a wrong count or a label outside the
-        engine's classes is an :class:`EngineError` (:func:`densepure_rt.sampling.loop.check_labels`)."""
-        return np.bincount(check_labels(labels, expected, self.num_classes), minlength=self.num_classes)
 
     def _image(self, image: np.ndarray, image_index: int) -> np.ndarray:
         image = np.asarray(image)
@@ -413,32 +337,26 @@ class Engine:
 
     def _sequential(self, image, test, sigma, steps, votes, n0, *, seed, image_index, batch, progress,
                     round_size: int | None = None) -> tuple[int, int]:
-        """Select c_a from at most n0 selection samples (:meth:`_select`), then feed ``test``
-        estimation rounds of ``round_size`` samples (default 1 with the scheduler, ``batch`` with the
-        waves) until it is done. Returns c_a and the UNet evaluations spent on the image."""
+        """Select c_a from at most n0 selection samples, then feed ``test`` estimation rounds of
+        ``round_size`` samples (default 1) until it is done (:meth:`_sequential_continuous`). Returns
+        c_a and the UNet evaluations spent on the image."""
         if round_size is None:
-            round_size = 1 if self.scheduling == "continuous" else batch
+            round_size = 1
         if isinstance(round_size, bool) or not isinstance(round_size, (int, np.integer)) or round_size < 1:
             raise ConfigError(f"{param('round_size')} must be an integer >= 1 (got {round_size!r})")
         image = self._image(image, image_index)
-        if self.scheduling == "waves":
-            batch = int(round_size)  # the wave loop runs one round per batch
         self._prepare(sigma, steps, votes, batch, samples=max(int(n0), int(test.remaining)))
-        if self.scheduling == "continuous":
-            return self._sequential_continuous(image, test, int(n0), seed=seed, image_index=image_index,
-                                               round_size=int(round_size), progress=progress)
-        evals = self.loop.unet_evals
-        common = dict(seed=seed, image_index=image_index, batch=batch, progress=progress)
-        c_a = self._select(image, n0, **common)
-        self._estimate_sequentially(image, test, c_a, **common)
-        return c_a, self.loop.unet_evals - evals
+        return self._sequential_continuous(image, test, int(n0), seed=seed, image_index=image_index,
+                                           round_size=int(round_size), progress=progress)
 
     def _sequential_continuous(self, image, test, n0: int, *, seed, image_index, round_size, progress) -> tuple[int, int]:
-        """:meth:`_sequential` through the scheduler: the selection samples, then the estimation
-        samples, delivered in sample order in rounds of ``round_size`` (so the same rounds, and the
-        same decisions, as the wave loop with ``batch = round_size``), while the engine calls stay
-        full of the samples after them. Samples started past the point where a test stopped are
-        dropped (their work is counted)."""
+        """:meth:`_sequential` through the scheduler: the selection samples (stopped once
+        :func:`densepure_rt.stats.sequential.selection_done` says the leader is clear: c_a is the
+        argmax of the counts so far, ties to the lowest class), then the estimation samples,
+        delivered in sample order in rounds of ``round_size``, while the engine calls stay full of
+        the samples after them. The selection rule reads selection samples only, so the estimation
+        samples stay fresh and independent of c_a. Samples started past the point where a test
+        stopped are dropped (their work is counted)."""
         from densepure_rt.stats.sequential import selection_done
 
         counts = np.zeros(self.num_classes, dtype=np.int64)
@@ -465,44 +383,6 @@ class Engine:
             raise EngineError("the selection phase ended without a class: rebuild the engine")
         return chosen[0], int(sum(stats.per_job_unet_evals))  # one per row per step, dropped rows too
 
-    def _select(self, image, n0: int, *, seed, image_index, batch, progress) -> int:
-        """c_a from the selection samples 0, 1, 2, ... of CERTIFY (the same noise), drawn in rounds
-        of ``batch`` and stopped after the first round at which
-        :func:`densepure_rt.stats.sequential.selection_done` says so: the samples left cannot change the
-        argmax (then c_a is the class all n0 samples give), or the leader is clear (at least 2/3 of
-        the votes and a one-sided binomial test against the runner-up at level 1e-3). c_a is the
-        argmax of the counts so far (ties to the lowest class). The rule reads selection samples
-        only, so the estimation samples stay fresh and independent of c_a: the sequential tests are
-        valid for whichever class it picks. Fixed-n CERTIFY does not come here (it uses all n0)."""
-        from densepure_rt.stats.sequential import selection_done
-
-        counts = np.zeros(self.num_classes, dtype=np.int64)
-        for start in range(0, n0, batch):
-            size = min(batch, n0 - start)
-            labels = np.asarray(self.loop.voted_labels(image, seed, image_index, SELECTION, range(start, start + size)))
-            counts += self._count(labels, size)
-            if progress is not None:
-                progress(size)
-            left = n0 - start - size
-            if selection_done(counts, left):
-                if left and progress is not None:
-                    progress(left)
-                break
-        return int(np.argmax(counts))
-
-    def _estimate_sequentially(self, image, test, c_a: int, *, seed, image_index, batch, progress) -> None:
-        """Feed ``test`` rounds of estimation votes for ``c_a`` (one engine batch each) until it is
-        done. The samples are the estimation samples 0, 1, 2, ... of fixed-n CERTIFY: the same noise."""
-        start = 0
-        while not test.done:
-            size = min(batch, test.remaining)
-            labels = np.asarray(self.loop.voted_labels(image, seed, image_index, ESTIMATION, range(start, start + size)))
-            counts = self._count(labels, size)
-            test.update(int(counts[c_a]), size)
-            start += size
-            if progress is not None:
-                progress(size)
-
     @_sampling
     def certify_radii(
         self,
@@ -525,7 +405,7 @@ class Engine:
 
         Selects ``c_a`` from at most ``n0`` selection samples (CERTIFY's argmax, stopped early once
         the leader is clear: :meth:`_select`), then draws estimation samples in rounds of
-        ``round_size`` (default: 1; ``batch`` with the waves) and, after each round, tests H0: p_a <= Phi(R / sigma) for every target R with one
+        ``round_size`` (default: 1) and, after each round, tests H0: p_a <= Phi(R / sigma) for every target R with one
         confidence sequence on p_a (:class:`densepure_rt.stats.sequential.TargetRadiiTest`).
         Stops when every target is certified or futile, or at ``n_max`` samples. Guarantee: the
         probability that any target with p_a <= Phi(R / sigma) is certified is at most alpha,
@@ -615,12 +495,9 @@ class Engine:
         for the image alone, by ``mode``: "certify", "predict", "certify-radii", "certify-until").
         Calls hold batch x votes rows, or fewer where ``samples`` (the most noisy samples the run
         draws, all images together) is below ``batch``; ``in_flight`` images at most are staged
-        (default: enough for the sequential tests' bounded samples to fill a call). Needs scheduling
-        "continuous"."""
+        (default: enough for the sequential tests' bounded samples to fill a call)."""
         from densepure_rt.sampling.stream import FixedWork, SequentialWork, run_stream
 
-        if self.scheduling != "continuous":
-            raise ConfigError("streaming many images needs the scheduler: open the engine with scheduling='continuous'")
         sequential = mode in ("certify-radii", "certify-until")
         validate_params(sigma, alpha, n0 if mode != "predict" else None, n)
         if isinstance(round_size, bool) or not isinstance(round_size, (int, np.integer)) or round_size < 1:
@@ -712,22 +589,19 @@ def open_engine(
     early_exit: bool | None = None,
     cuda_graph: bool = True,
     metadata_only: bool = False,
-    scheduling: str = "continuous",
     kernels: str = "portable",
 ) -> Engine:
     """Open and verify an engine directory (see :class:`Engine`). ``early_exit=False`` runs all K
-    runs of every noisy sample (same votes, more work); None (default) decides by device and batch
-    size (:meth:`Engine.early_exit_for`). ``cuda_graph``: on a GPU, replay the full batch's step through ONNX Runtime's CUDA graph where
+    runs of every noisy sample (same votes, more work); None (default) is on
+    (:meth:`Engine.early_exit_for`). ``cuda_graph``: on a GPU, replay the full batch's step through ONNX Runtime's CUDA graph where
     ONNX Runtime accepts it (every node on the CUDA provider); ignored on the CPU. ``metadata_only``:
     verify the directory and read its manifest and schedule, but open no sessions (``engine.loop``
-    is None; what a Ray driver needs). ``scheduling``: how sampling fills the engine's calls,
-    "continuous" (default: :mod:`densepure_rt.sampling.scheduler`) or "waves" (the batch loop's waves,
-    kept until the scheduler has run on a GPU; the same counts).
+    is None; what a Ray driver needs).
     ``kernels``: "portable" (default) or "fused", the GPU graphs of an engine built with ``--device
     cuda`` (ONNX Runtime's CUDA provider only; see :func:`check_kernels`)."""
     return Engine(
         directory, backend=backend, device=device, threads=threads, early_exit=early_exit, cuda_graph=cuda_graph,
-        metadata_only=metadata_only, scheduling=scheduling, kernels=kernels,
+        metadata_only=metadata_only, kernels=kernels,
     )
 
 
@@ -738,8 +612,7 @@ def open_loop(runtime: str, directory: str | Path, manifest: Manifest, device: s
 
     The one path from the engine to its graphs: device (:mod:`densepure_rt.sampling.device`) ->
     executor (:mod:`densepure_rt.executors`) -> :class:`~densepure_rt.sampling.loop.BatchLoop`.
-    ``runtime="tensorrt"`` (GPU only): full batches without early exit are captured whole in a CUDA
-    graph (``cuda_graph``); what has run on which hardware: docs/backends.md."""
+    What has run on which hardware: docs/backends.md."""
     from densepure_rt.executors.registry import get_backend
     from densepure_rt.sampling.device import open_device
 
@@ -754,13 +627,7 @@ def open_loop(runtime: str, directory: str | Path, manifest: Manifest, device: s
     dev = open_device(device)
     executor = backend.open_executor(directory, manifest, dev, device=device, threads=threads, cuda_graph=cuda_graph,
                                      kernels=kernels, log=_warn)
-    graphs = None
-    if backend.whole_batch_graphs and cuda_graph:
-        from densepure_rt.sampling.device import WholeBatchGraphs
-
-        graphs = WholeBatchGraphs(dev.xp, dev.cuda_stream, log=_warn)
-    return BatchLoop(executor, dev, manifest.image_shape, manifest.num_classes, graphs=graphs,
-                     classifier_rows=rows_per_call(manifest)[1])
+    return BatchLoop(executor, dev, manifest.image_shape, manifest.num_classes, classifier_rows=rows_per_call(manifest)[1])
 
 
 def _warn(message: str) -> None:

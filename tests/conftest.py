@@ -70,21 +70,30 @@ def fixture_schedule(cfg: dict):
     return make_schedule(kind, int(steps))
 
 
+def run_labels(engine, image, sigma, steps, votes, seed: int, image_index: int, phase: int, samples):
+    """Per-run labels [len(samples) x votes] int64 of noisy samples ``samples`` of ``image`` through an
+    opened engine's graphs (its loop's purify and classify) with the sampling path's noise
+    (:func:`densepure_rt.sampling.noise.sample_noise`: run k of sample b is row b * K + k), on the host."""
+    from densepure_rt.sampling.noise import sample_noise
+
+    rs = engine._prepare(sigma, steps, votes, len(samples))
+    delta, z = sample_noise(seed, image_index, phase, samples, votes, rs.num_calls, image.shape, sigma)
+    x_t = rs.input_scale * (2 * (image[None] + delta) - 1)
+    purified = engine.loop.purify(x_t.repeat(votes, axis=0), z)
+    return engine.loop.classify(purified).reshape(len(samples), votes)
+
+
 def run_label_agreement(reference, other, images, cupy, sigma, steps, votes, count: int = 6, samples: int = 32) -> tuple[int, int]:
-    """(agreeing, all) per-run labels of two opened engines (early exit off) on the same noise:
-    ``samples`` estimation samples x ``votes`` runs of each of the first ``count`` images, batch 32.
-    ``reference`` runs on the CPU (numpy labels), ``other`` on a GPU (CuPy labels). For the `gpu`
-    tests that compare a reduced-precision GPU engine with the fp32 CPU one."""
+    """(agreeing, all) per-run labels of two opened engines on the same noise: ``samples``
+    estimation samples x ``votes`` runs of each of the first ``count`` images (:func:`run_labels`).
+    For the `gpu` tests that compare a reduced-precision GPU engine with the fp32 CPU one
+    (``cupy``: kept for their calls; the labels come back on the host)."""
     from densepure_rt.sampling.noise import ESTIMATION
 
-    for e in (reference, other):
-        e.set_scheduling("waves")  # whose loop.labels holds each batch's per-run labels, read below
-        e._prepare(sigma, steps, votes, 32)
     agree = rows = 0
     for i in range(count):
-        reference.sample_counts(images[i], samples, ESTIMATION, seed=0, image_index=i, batch=32)
-        other.sample_counts(images[i], samples, ESTIMATION, seed=0, image_index=i, batch=32)
-        a, b = reference.loop.labels, cupy.asnumpy(other.loop.labels)
+        a = run_labels(reference, images[i], sigma, steps, votes, 0, i, ESTIMATION, range(samples))
+        b = run_labels(other, images[i], sigma, steps, votes, 0, i, ESTIMATION, range(samples))
         agree += int((a == b).sum())
         rows += a.size
     return agree, rows

@@ -1,10 +1,12 @@
 """The test oracle: the engine's graphs run step by step with ONNX Runtime's plain ``run()``.
 
-It was the runtime's first path (before the batch loop) and stays, independent of the loop, as the
-reference the loop is checked against: whole-array noise from
+Independent of the runtime's sampling path (the scheduler over the loop's buffers), it is the
+reference that path is checked against: whole-array noise from
 :func:`densepure_rt.sampling.noise.sample_noise` (the layout the PyTorch reference uses), a plain
-Python wave/vote loop, and no IOBinding, buffers or device. :func:`open_reference` gives an engine
-whose loop is this oracle, so that an engine's certify/predict can be compared end to end.
+Python vote loop (ceil(K/2) runs, then one run at a time while the vote is undecided), no
+IOBinding, buffers, slots or device. :func:`open_reference` gives a :class:`Reference`: CERTIFY,
+PREDICT and the sequential modes of one image computed through it, with the engine's manifest and
+schedule, so an engine's rows can be compared end to end.
 """
 
 from __future__ import annotations
@@ -14,12 +16,14 @@ from typing import Sequence
 
 import numpy as np
 
+from densepure_rt.certificates import CountsResult, EarlyStopCertificate, RadiiCertificate
 from densepure_rt.errors import EngineError
 from densepure_rt.files.manifest import check_graph_io, graph_path
 from densepure_rt.runtime import open_engine
 from densepure_rt.sampling.loop import check_labels
-from densepure_rt.sampling.noise import sample_noise
+from densepure_rt.sampling.noise import ESTIMATION, PREDICTION, SELECTION, sample_noise
 from densepure_rt.schedule import ReverseSchedule
+from densepure_rt.stats.cohen import certify, predict
 from densepure_rt.stats.vote import majority_vote, undecided, vote_waves
 
 
@@ -93,7 +97,10 @@ class StepByStep:
         labels = self._cls.run(["labels"], {"image": np.ascontiguousarray(images, dtype=np.float32)})[0]
         return check_labels(labels, len(images), self.num_classes)
 
-    def voted_labels(self, image: np.ndarray, seed: int, image_index: int, phase: int, samples: Sequence[int]) -> np.ndarray:
+    def voted_labels(self, image: np.ndarray, seed: int, image_index: int, phase: int, samples: Sequence[int],
+                     runs: bool = False):
+        """Voted labels [n] int64 of ``samples``; ``runs=True``: also the runs [n] int64 each took."""
+        want_runs = runs
         assert self._rs is not None, "call prepare() first"
         rs, votes, n = self._rs, self._votes, len(samples)
         delta, z = sample_noise(seed, image_index, phase, samples, votes, rs.num_calls, self.image_shape, rs.sigma)
@@ -101,6 +108,7 @@ class StepByStep:
         start = self._scale * (2 * (image[None] + delta) - 1)
         labels = np.empty((n, votes), dtype=np.int64)
         voted = np.empty(n, dtype=np.int64)
+        took = np.full(n, votes, dtype=np.int64)
         active, done = np.arange(n), 0
         for wave in self._waves:  # one wave of K runs, or ceil(K/2) runs then one run per wave
             runs = np.arange(done, done + wave)
@@ -114,10 +122,11 @@ class StepByStep:
             still = undecided(labels[active, :done], votes)
             finished = active[~still]
             voted[finished] = majority_vote(labels[finished, :done])
+            took[finished] = done
             active = active[still]
             if active.size == 0:
                 break
-        return voted
+        return (voted, took) if want_runs else voted
 
     def classifier_limit(self) -> int:
         """The most rows one classifier call holds: the oracle classifies each wave in one call."""
@@ -142,9 +151,98 @@ def check_finite(purified: np.ndarray) -> None:
         )
 
 
-def open_reference(directory, device: str = "cpu", threads: int | None = None, early_exit: bool | None = None):
-    """The engine at ``directory`` with :class:`StepByStep` as its loop: ``certify``, ``predict`` and
-    ``sample_counts`` run through the oracle (``sample_counts_many`` needs the real loop)."""
-    engine = open_engine(directory, early_exit=early_exit, metadata_only=True, scheduling="waves")
-    engine.loop = StepByStep(directory, engine.manifest, device=device, threads=threads)
-    return engine
+class Reference:
+    """One image's CERTIFY, PREDICT and sequential tests computed through :class:`StepByStep` (the
+    engine at ``directory`` opened for its manifest and schedule only). A context manager."""
+
+    def __init__(self, directory, device: str = "cpu", threads: int | None = None, early_exit: bool | None = None):
+        self.engine = open_engine(directory, early_exit=early_exit, metadata_only=True)
+        self.manifest = self.engine.manifest
+        self.num_classes = self.engine.num_classes
+        self.loop = StepByStep(directory, self.manifest, device=device, threads=threads)
+        self.early_exit = True if early_exit is None else bool(early_exit)
+
+    def __enter__(self) -> "Reference":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.loop.close()
+        self.engine.close()
+
+    def _prepare(self, sigma, steps, votes, batch, samples=None) -> ReverseSchedule:
+        rs = self.engine.reverse_schedule(sigma, steps)
+        self.loop.prepare(rs, votes, batch, early_exit=self.early_exit)
+        return rs
+
+    def sample_counts(self, image, num: int, phase: int, *, seed: int, image_index: int, batch: int = 32, progress=None) -> np.ndarray:
+        """Per-class counts of samples 0 .. num-1 of ``phase``, ``batch`` samples per oracle call."""
+        counts = np.zeros(self.num_classes, dtype=np.int64)
+        for start in range(0, num, batch):
+            labels = self.loop.voted_labels(image, seed, image_index, phase, range(start, min(start + batch, num)))
+            counts += np.bincount(labels, minlength=self.num_classes)
+        return counts
+
+    def certify_counts(self, image, sigma, steps, votes, n0, n, alpha, *, seed=0, image_index, batch=32):
+        self._prepare(sigma, steps, votes, batch)
+        before = self.loop.unet_evals
+        c0 = self.sample_counts(image, n0, SELECTION, seed=seed, image_index=image_index, batch=batch)
+        c = self.sample_counts(image, n, ESTIMATION, seed=seed, image_index=image_index, batch=batch)
+        return certify(c0, c, sigma, alpha), CountsResult(c0, c, self.loop.unet_evals - before)
+
+    def certify(self, image, sigma, steps=4, votes=10, n0=100, n=1000, alpha=0.001, *, seed=0, image_index, batch=32):
+        return self.certify_counts(image, sigma, steps, votes, n0, n, alpha, seed=seed, image_index=image_index, batch=batch)[0]
+
+    def predict(self, image, sigma, steps=4, votes=10, n=100, alpha=0.001, *, seed=0, image_index, batch=32):
+        self._prepare(sigma, steps, votes, batch)
+        return predict(self.sample_counts(image, n, PREDICTION, seed=seed, image_index=image_index, batch=batch), alpha)
+
+    def _sequential(self, image, test, sigma, steps, votes, n0, *, seed, image_index, round_size) -> tuple[int, int]:
+        """Selection in rounds of ``round_size`` until :func:`selection_done`, then estimation rounds
+        fed to ``test`` until it is done: the samples, rounds and decisions of the engine's
+        sequential modes. Returns c_a and the UNet evaluations of the samples read."""
+        from densepure_rt.stats.sequential import selection_done
+
+        self._prepare(sigma, steps, votes, round_size)
+        before = self.loop.unet_evals
+        counts = np.zeros(self.num_classes, dtype=np.int64)
+        for start in range(0, n0, round_size):
+            size = min(round_size, n0 - start)
+            counts += np.bincount(self.loop.voted_labels(image, seed, image_index, SELECTION, range(start, start + size)),
+                                  minlength=self.num_classes)
+            if selection_done(counts, n0 - start - size):
+                break
+        c_a = int(np.argmax(counts))
+        start = 0
+        while not test.done:
+            size = min(round_size, test.remaining)
+            labels = self.loop.voted_labels(image, seed, image_index, ESTIMATION, range(start, start + size))
+            test.update(int(np.count_nonzero(labels == c_a)), size)
+            start += size
+        return c_a, self.loop.unet_evals - before
+
+    def certify_radii(self, image, sigma, radii, steps=4, votes=10, n0=100, n_max=10000, alpha=0.001, *, seed=0, image_index,
+                      round_size=1) -> RadiiCertificate:
+        from densepure_rt.stats.sequential import TargetRadiiTest
+
+        test = TargetRadiiTest(sigma, list(radii), alpha, int(n_max))
+        c_a, evals = self._sequential(image, test, sigma, steps, votes, n0, seed=seed, image_index=image_index, round_size=round_size)
+        r = test.result()
+        return RadiiCertificate(c_a if r.certified else -1, r.radius, c_a, r.n_a, r.n, tuple(float(x) for x in test.radii),
+                                r.decisions, int(evals))
+
+    def certify_until(self, image, sigma, tol, steps=4, votes=10, n0=100, n_max=10000, alpha=0.001, *, seed=0, image_index,
+                      round_size=1) -> EarlyStopCertificate:
+        from densepure_rt.stats.sequential import EarlyStopRadius
+
+        test = EarlyStopRadius(sigma, alpha, int(n_max), float(tol))
+        c_a, evals = self._sequential(image, test, sigma, steps, votes, n0, seed=seed, image_index=image_index, round_size=round_size)
+        r = test.result()
+        return EarlyStopCertificate(c_a if r.certified else -1, r.radius, c_a, r.n_a, r.n, r.p_a_lower, r.reason, int(evals))
+
+
+def open_reference(directory, device: str = "cpu", threads: int | None = None, early_exit: bool | None = None) -> Reference:
+    """The engine at ``directory`` computed through the oracle (:class:`Reference`)."""
+    return Reference(directory, device=device, threads=threads, early_exit=early_exit)

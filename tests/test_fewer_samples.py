@@ -197,63 +197,127 @@ def test_changing_the_targets_of_a_results_file_is_refused(engine, tmp_path):
     assert result.exit_code == 0 and "1 images done, 0 to go" in result.stderr
 
 
+class _Spy:
+    """The engine's own scheduler, with the labels each job's ``deliver`` receives recorded by phase
+    (the scheduler runs as it is; only what it hands the engine's tests is looked at)."""
+
+    def __init__(self, inner, seen: dict):
+        self.inner, self.seen = inner, seen
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def run(self, images, jobs, seed, deliver, **kwargs):
+        def spy(job, labels):
+            self.seen.setdefault(jobs[job].phase, []).append(np.asarray(labels).copy())
+            return deliver(job, labels)
+
+        return self.inner.run(images, jobs, seed, spy, **kwargs)
+
+
 @pytest.mark.slow
 def test_selection_stops_where_selection_done_says_on_the_digits_engine(engine):
-    """The sequential modes end the selection phase at the first round (of the batch) where
+    """The sequential modes end the selection phase at the first round (of --round) where
     ``selection_done`` says so, with c_a the argmax of the counts so far; with the exact rule alone
     (level 0) that is the class all n0 samples pick."""
     data = digits_test_split()
-    batch, n0 = 16, 100
+    round_size, n0 = 16, 100
     early = 0
-    with open_engine(engine, early_exit=False) as eng:  # no vote early exit: K b evaluations per sample
-        eng._prepare(SIGMA, STEPS, VOTES, batch)
+    with open_engine(engine) as eng:
+        eng._prepare(SIGMA, STEPS, VOTES, round_size)
+        scheduler = eng.scheduler
         for i in (0, 17, 45, 90, 135, 180, 225, 270):
             image = data[i].image
+            eng._prepare(SIGMA, STEPS, VOTES, round_size)
             # counts after every round, from the same selection samples (noise: a function of the index)
-            labels = np.concatenate(
-                [eng.loop.voted_labels(image, 0, i, SELECTION, range(t, min(t + batch, n0))) for t in range(0, n0, batch)]
-            )
-            ends = list(range(batch, n0, batch)) + [n0]
+            labels = eng.loop.voted_labels(image, 0, i, SELECTION, range(n0))
+            ends = list(range(round_size, n0, round_size)) + [n0]
             prefix = [np.bincount(labels[:t], minlength=eng.num_classes) for t in ends]
             stop = next(t for t, c in zip(ends, prefix) if selection_done(c, n0 - t))
-            before = eng.loop.unet_evals
-            c_a = eng._select(image, n0, seed=0, image_index=i, batch=batch, progress=None)
-            assert eng.loop.unet_evals - before == stop * VOTES * STEPS  # exactly the samples up to the stop
-            assert c_a == int(np.argmax(prefix[ends.index(stop)]))  # np.argmax: ties to the lowest class
+            seen: dict = {}
+            eng.scheduler = lambda seen=seen: _Spy(scheduler(), seen)
+            cert = eng.certify_radii(image, SIGMA, [0.25], STEPS, VOTES, n0, 40, ALPHA, image_index=i, batch=round_size,
+                                     round_size=round_size)
+            del eng.scheduler
+            read = np.concatenate(seen[SELECTION])
+            assert len(read) == stop and [len(r) for r in seen[SELECTION][:-1]] == [round_size] * (len(seen[SELECTION]) - 1)
+            np.testing.assert_array_equal(read, labels[:stop])  # exactly the samples up to the stop
+            assert cert.c_a == int(np.argmax(prefix[ends.index(stop)]))  # np.argmax: ties to the lowest class
             exact_stop = next(t for t, c in zip(ends, prefix) if selection_done(c, n0 - t, level=0.0))
             assert int(np.argmax(prefix[ends.index(exact_stop)])) == int(np.argmax(prefix[-1]))
             early += stop < exact_stop
     assert early >= 4  # the clear-leader rule ends most of these images' selection sooner
 
 
-class _ScriptedBackend:
-    """A backend whose voted label of sample i is ``selection(i)`` / ``estimation(i)``: one UNet
-    evaluation per sample, and a log of the samples asked for."""
-
-    calls = 1
+class _ScriptedScheduler:
+    """A scheduler whose voted label of sample i is ``selection(i)`` / ``estimation(i)``: every job's
+    samples in order, ``job.round`` at a time (all at once for round 0), one UNet evaluation per
+    sample, and a log of the rounds handed out. Stands in for the engine's graphs, not for the
+    modes' logic under test."""
 
     def __init__(self, selection, estimation):
         self.selection, self.estimation = selection, estimation
-        self.unet_evals = 0
         self.asked = []
+        self.xp = np
+        self.device = _HostDevice()
+        self.slots, self.first = 32, 1
 
-    def voted_labels(self, image, seed, image_index, phase, samples):
-        samples = list(samples)
-        self.asked.append((phase, samples[0], samples[-1] + 1))
-        self.unet_evals += len(samples)
-        label = self.selection if phase == SELECTION else self.estimation
-        return np.array([label(i) for i in samples], dtype=np.int64)
+    def run(self, images, jobs, seed, deliver, progress=None, stats=None, refill=None):
+        from densepure_rt.sampling.scheduler import SchedulerStats
 
-    def close(self):
-        pass
+        stats = stats if stats is not None else SchedulerStats()
+        j = 0
+        while True:
+            if j >= len(jobs):
+                if refill is not None and refill():
+                    continue
+                break
+            job = jobs[j]
+            stats.per_job_unet_evals.append(0)
+            stats.per_job_delivered_evals.append(0)
+            stats.per_job_runs.append(0)
+            start, size = 0, job.round or job.num
+            while start < job.num:
+                take = min(size, job.num - start)
+                self.asked.append((job.phase, start, start + take))
+                label = self.selection if job.phase == SELECTION else self.estimation
+                stats.per_job_unet_evals[j] += take
+                stats.per_job_delivered_evals[j] += take
+                stats.unet_evals += take
+                if progress is not None:
+                    progress(take)
+                start += take
+                if not deliver(j, np.array([label(i) for i in range(start - take, start)], dtype=np.int64)):
+                    break
+            j += 1
+        return stats
+
+
+class _HostDevice:
+    xp = np
+
+    def stream(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def stage(self, images):
+        return np.asarray(images)
+
+
+class _ScriptedLoop:
+    def __init__(self):
+        self.device = _HostDevice()
+        self.unet_evals = self.dropped_evals = 0
 
 
 def _scripted_engine(selection, estimation) -> Engine:
     eng = Engine.__new__(Engine)  # no engine directory: only what the sequential modes touch
     eng.image_shape, eng.num_classes = (1, 4, 4), 10
-    eng.loop = _ScriptedBackend(selection, estimation)
+    eng.loop = _ScriptedLoop()
     eng._prepare = lambda *args, **kwargs: None
-    eng.scheduling = "waves"  # scripted votes per round; the scheduler's rounds are checked against it (test_scheduler.py)
+    sch = _ScriptedScheduler(selection, estimation)
+    eng.scheduler = lambda: sch
     return eng
 
 
@@ -263,17 +327,17 @@ IMAGE = np.zeros((1, 4, 4), dtype=np.float32)
 def test_selection_rounds_on_scripted_votes():
     # all 32 votes of the first round for class 3: done after one round (exact rule: after two)
     eng = _scripted_engine(lambda i: 3, lambda i: 3)
-    assert eng._select(IMAGE, 100, seed=0, image_index=0, batch=32, progress=None) == 3
-    assert eng.loop.asked == [(SELECTION, 0, 32)]
+    cert = eng.certify_radii(IMAGE, 0.5, [0.25], n0=100, n_max=64, alpha=0.001, batch=32, image_index=0, round_size=32)
+    assert cert.c_a == 3 and eng.scheduler().asked[0] == (SELECTION, 0, 32)
+    assert eng.scheduler().asked[1][0] != SELECTION
     # 3 of every 4 votes for class 3, the rest for 5: 24 vs 8 is not clear (p = 0.0035), 48 vs 16 is
     eng = _scripted_engine(lambda i: 3 if i % 4 else 5, lambda i: 3)
-    seen = []
-    assert eng._select(IMAGE, 100, seed=0, image_index=0, batch=32, progress=seen.append) == 3
-    assert eng.loop.asked == [(SELECTION, 0, 32), (SELECTION, 32, 64)] and seen == [32, 32, 36]
+    cert = eng.certify_radii(IMAGE, 0.5, [0.25], n0=100, n_max=64, alpha=0.001, batch=32, image_index=0, round_size=32)
+    assert cert.c_a == 3 and [a for a in eng.scheduler().asked if a[0] == SELECTION] == [(SELECTION, 0, 32), (SELECTION, 32, 64)]
     # a leader that only the later votes overturn: the early stop takes class 2, all n0 votes class 7.
     # The estimation votes (independent of the selection) then decide: futile for c_a = 2, abstain.
     eng = _scripted_engine(lambda i: 2 if i < 32 else 7, lambda i: 7)
-    cert = eng.certify_radii(IMAGE, 0.5, [0.25], n0=100, n_max=640, alpha=0.001, batch=32, image_index=0)
+    cert = eng.certify_radii(IMAGE, 0.5, [0.25], n0=100, n_max=640, alpha=0.001, batch=32, image_index=0, round_size=32)
     assert (cert.c_a, cert.prediction, cert.radius, cert.decisions, cert.n_a) == (2, -1, 0.0, (-1,), 0)
     assert cert.unet_evals == 32 + cert.n and cert.n == 32
 
@@ -282,7 +346,7 @@ def test_certify_until_abstains_when_the_interval_comes_out_empty():
     # 160 estimation votes for c_a, then none: the later intervals lie below the running lower bound
     # (about 0.98), a detected coverage failure. Abstain, with the reason in the row's stop column.
     eng = _scripted_engine(lambda i: 3, lambda i: 3 if i < 160 else 1)
-    cert = eng.certify_until(IMAGE, 0.5, tol=0.0, n0=100, n_max=3200, alpha=0.05, batch=32, image_index=0)
+    cert = eng.certify_until(IMAGE, 0.5, tol=0.0, n0=100, n_max=3200, alpha=0.05, batch=32, image_index=0, round_size=32)
     assert (cert.prediction, cert.radius, cert.reason, cert.c_a) == (-1, 0.0, "inconsistent", 3)
     assert cert.p_a_lower > 0.97 and cert.n_a == 160 and 160 < cert.n < 3200
 

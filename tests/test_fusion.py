@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from onnx import TensorProto, helper, numpy_helper
 from safetensors.torch import load_file
 
-from conftest import ROOT, fixture_dir, load_fixture_unet, read_json
+from conftest import fixture_dir, load_fixture_unet, read_json
 from densepure_rt.engine.build import BuildOptions, build_engine
 from densepure_rt.engine.fusion import (
     CONTRIB_DOMAIN,
@@ -239,22 +239,21 @@ def test_fused_graph_on_the_gpu_matches_the_portable_fp16_graph(tmp_path):
     """Issue 23's GPU parity: the digits fp16 engine built with --device cuda, run with --kernels fused
     and --kernels portable on the same GPU and the same noise: rel L2 <= 1e-3 after b = 4 steps of 400
     rows, and voted labels agree for >= 99.5% of runs."""
-    from conftest import gpu_cupy
+    from conftest import digits_test_images, gpu_cupy, run_labels
     from densepure_rt.export.models import load_classifier, load_unet
     from densepure_rt.presets import PRESETS
     from densepure_rt.runtime import open_engine
     from densepure_rt.sampling.noise import ESTIMATION
 
-    cupy = gpu_cupy()
+    gpu_cupy()
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is not installed")
     out = tmp_path / "digits-cuda"
     build_engine(out, PRESETS["digits"], load_unet("digits"), load_classifier("digits"),
                  BuildOptions(precision="fp16", device="cuda"), log=lambda m: None)
-    images = np.load(str(ROOT / "densepure_rt" / "assets" / "digits_test.npz"))["images"][:6]
-    # The wave loop (scheduling="waves") keeps each batch's per-run labels in loop.labels, read below.
-    with open_engine(out, device="cuda", early_exit=False, scheduling="waves") as portable, \
-            open_engine(out, device="cuda", early_exit=False, kernels="fused", scheduling="waves") as fused:
+    images = digits_test_images(6)
+    with open_engine(out, device="cuda", early_exit=False) as portable, \
+            open_engine(out, device="cuda", early_exit=False, kernels="fused") as fused:
         rs = portable._prepare(0.5, 4, 1, 400)
         fused._prepare(0.5, 4, 1, 400)
         rng = np.random.default_rng(0)
@@ -263,13 +262,8 @@ def test_fused_graph_on_the_gpu_matches_the_portable_fp16_graph(tmp_path):
         a, b = portable.loop.purify(x_t, noise), fused.loop.purify(x_t, noise)  # on the host
         rel = float(np.linalg.norm(a - b) / np.linalg.norm(a))
         agree = rows = 0
-        for e in (portable, fused):
-            e._prepare(0.5, 4, 3, 32)
         for i, image in enumerate(images):
-            labels = []
-            for e in (portable, fused):
-                e.sample_counts(image, 64, ESTIMATION, seed=0, image_index=i, batch=32)
-                labels.append(cupy.asnumpy(cupy.asarray(e.loop.labels)))
+            labels = [run_labels(e, image, 0.5, 4, 3, 0, i, ESTIMATION, range(64)) for e in (portable, fused)]
             agree += int((labels[0] == labels[1]).sum())
             rows += labels[0].size
     print(f"fused vs portable fp16 on the GPU: rel L2 {rel:.2e} after 4 steps; labels {agree}/{rows}")

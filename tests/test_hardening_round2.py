@@ -586,36 +586,34 @@ def test_deleting_the_results_file_during_a_run_stops_it(work, engine, images, t
 
 def test_a_sequential_run_resumed_with_another_round_size_is_refused(work, engine, images, tmp_path):
     """--radius decides after rounds of --round samples, so the round size is part of the experiment
-    there (fixed-n rows do not depend on it, and their resume ignores it). With the waves the round
-    defaults to --batch."""
+    there (fixed-n rows do not depend on it, and their resume ignores it)."""
     args = ["certify", "--engine", engine, "--data", images, *SMALL[:-5], "--radius", "0.1", "--n-max", "40", "--quiet"]
-    waves = tmp_path / "waves.tsv"
-    assert invoke(*args, "--max", "1", "--scheduling", "waves", "--batch", "16", "--out", waves).exit_code == 0
+    started = tmp_path / "round16.tsv"
+    assert invoke(*args, "--max", "1", "--round", "16", "--batch", "16", "--out", started).exit_code == 0
     # Without --round a resumed file keeps its round (the next test): another --batch does not change it.
-    result = invoke(*args, "--max", "1", "--scheduling", "waves", "--batch", "8", "--out", waves)
+    result = invoke(*args, "--max", "1", "--batch", "8", "--out", started)
     assert result.exit_code == 0 and "resuming with --round 16" in result.stderr, result.output
-    # An explicit other --round is refused, whichever loop resumes (the scheduling is not part of the experiment).
-    assert "round 16 -> 8" in one_line_error(invoke(*args, "--max", "1", "--round", "8", "--out", waves))
+    # An explicit other --round is refused (--batch is not part of the experiment).
+    assert "round 16 -> 8" in one_line_error(invoke(*args, "--max", "1", "--round", "8", "--out", started))
 
 
 def test_a_resumed_sequential_run_without_round_keeps_its_files_round(work, engine, images, tmp_path):
-    """The default round changed with the scheduler (--batch with the waves, 1 now): a file started
-    with another round, e.g. by the waves' default, continues with that round when --round is not
-    given, and its rows equal those of one uninterrupted run with that round (the waves' file cut
-    after its first row, as a kill leaves it, then resumed by the scheduler). An impossible recorded
-    round (a hostile options file) is a one-line error."""
+    """A file started with another round than the default (1) continues with that round when --round
+    is not given, and its rows equal those of one uninterrupted run with that round (the file cut
+    after its first row, as a kill leaves it, then resumed with other calls: --batch 8). An
+    impossible recorded round (a hostile options file) is a one-line error."""
     args = ["certify", "--engine", engine, "--data", images, *SMALL[:-5], "--radius", "0.1", "--n-max", "40", "--quiet"]
     whole = tmp_path / "whole.tsv"
     assert invoke(*args, "--max", "3", "--round", "16", "--out", whole).exit_code == 0
     resumed = tmp_path / "resumed.tsv"
-    assert invoke(*args, "--max", "3", "--scheduling", "waves", "--batch", "16", "--out", resumed).exit_code == 0
+    assert invoke(*args, "--max", "3", "--round", "16", "--batch", "16", "--out", resumed).exit_code == 0
     assert json.loads((tmp_path / "resumed.tsv.json").read_text())["round"] == 16
     lines = resumed.read_text().splitlines(keepends=True)
     resumed.write_text("".join(lines[:2]))  # as if killed after the first image's row
-    result = invoke(*args, "--max", "3", "--out", resumed)
+    result = invoke(*args, "--max", "3", "--batch", "8", "--out", resumed)
     assert result.exit_code == 0, result.output
     assert "resuming with --round 16" in result.stderr
-    def decisions(path):  # every column but the time and the UNet evaluations (the waves count their work otherwise)
+    def decisions(path):  # every column but the time and the UNet evaluations (dropped work depends on the calls)
         rows = [line.split("\t") for line in path.read_text().splitlines()[1:]]
         return sorted(row[:5] + row[6:-1] for row in rows)
 

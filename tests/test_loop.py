@@ -1,10 +1,12 @@
-"""The batch loop (numpy + ONNX Runtime IOBinding on the CPU; CuPy + the CUDA provider on a GPU).
+"""The sampling path (the scheduler over the loop: numpy + ONNX Runtime IOBinding on the CPU; CuPy +
+the CUDA provider on a GPU).
 
 The reference is the plain step-by-step oracle (:class:`oracle.StepByStep` in this folder,
 ``open_reference(...)``): whole-array noise from :func:`densepure_rt.sampling.noise.sample_noise`,
 ``session.run`` per step, the vote in numpy. On the shipped digits engine (trained weights, sigma
-0.6, where votes split) the loop must give identical counts, one image at a time and with batches
-that mix images, through the Python API and the CLI.
+0.6, where votes split) the engine must give the oracle's counts and work, with calls that mix
+images and phases, and the oracle's rows through the Python API and the CLI, in every mode
+(:func:`test_the_engine_equals_the_step_by_step_oracle`: the one comparison with the oracle).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from conftest import build_digits_engine, gpu_cupy, run_label_agreement
 from densepure_rt.cli import main
 from densepure_rt.files.data import DIGITS_TEST_ASSET
 from densepure_rt.sampling.device import HostNoise
-from densepure_rt.sampling.noise import ESTIMATION, PREDICTION, SELECTION, sample_noise
+from densepure_rt.sampling.noise import ESTIMATION, SELECTION, sample_noise
 from densepure_rt.sampling.philox import draw_normals, row_normals
 from densepure_rt.runtime import open_engine
 from oracle import open_reference
@@ -76,57 +78,57 @@ def test_host_noise_fills_the_sample_noise_layout():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("early_exit", [True, False])
-def test_loop_counts_equal_the_step_by_step_reference(engine, digits, early_exit):
-    images, _ = digits
-    with open_reference(engine, early_exit=early_exit) as ref, open_engine(engine, early_exit=early_exit) as new:
-        assert type(new.loop).__name__ == "BatchLoop" and type(ref.loop).__name__ == "StepByStep"
-        for e in (ref, new):
-            e._prepare(SIGMA, STEPS, VOTES, 8)
-        split = 0
-        for i, phase, seed in ((0, ESTIMATION, 0), (1, SELECTION, 5), (2, PREDICTION, 1), (3, ESTIMATION, 2)):
-            want = ref.sample_counts(images[i], 30, phase, seed=seed, image_index=i, batch=8)
-            got = new.sample_counts(images[i], 30, phase, seed=seed, image_index=i, batch=8)
-            np.testing.assert_array_equal(got, want)
-            split += int(np.count_nonzero(want)) > 1
-        assert split >= 2  # the votes split: the comparison is of real counts, not of constants
-        # The same work: early exit stops the same runs.
-        assert new.loop.unet_evals == ref.loop.unet_evals
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("scheduling", ["continuous", "waves"])
-def test_cross_image_batches_give_each_image_its_own_counts(engine, digits, scheduling):
-    """Batches of 7 samples (waves) or calls of 21 rows (the scheduler) that mix six images and both
-    phases (n0 = 5 is smaller than a batch) give each image the counts of the reference run one
-    image and one phase at a time."""
-    images, _ = digits
+def test_the_engine_equals_the_step_by_step_oracle(engine, digits, tmp_path, early_exit):
+    """Calls of 7 x 3 rows that mix six images and both phases (n0 = 5 is smaller than a call) give
+    each job the counts and the UNet evaluations of the oracle run one image and one phase at a time
+    (early exit stops the same runs); CERTIFY and PREDICT through the API equal the oracle's. With
+    early exit (the default): the CLI's rows (fixed n, also with --images-per-call 3) equal the
+    oracle's certificates, and the sequential modes (--radius, --tol; rounds of 1 and 6) make the
+    oracle's decisions: c_a, samples read, votes for c_a, decisions or reason, radius."""
+    images, labels = digits
     jobs = []
     for i in range(6):
         jobs += [(images[i], 10 + i, SELECTION, 5), (images[i], 10 + i, ESTIMATION, 23)]
-    with open_reference(engine) as ref, open_engine(engine, scheduling=scheduling) as new:
-        for e in (ref, new):
-            e._prepare(SIGMA, STEPS, VOTES, 7)
-        got = new.sample_counts_many(jobs, seed=3, batch=7)
-        for (img, idx, phase, num), counts in zip(jobs, got):
+    with open_reference(engine, early_exit=early_exit) as ref, open_engine(engine, early_exit=early_exit) as new:
+        assert type(new.loop).__name__ == "BatchLoop" and type(ref.loop).__name__ == "StepByStep"
+        new._prepare(SIGMA, STEPS, VOTES, 7)
+        evals: list = []
+        got = new.sample_counts_many(jobs, seed=3, batch=7, evals=evals)
+        ref._prepare(SIGMA, STEPS, VOTES, 7)
+        split = 0
+        for (img, idx, phase, num), counts, work in zip(jobs, got, evals):
+            before = ref.loop.unet_evals
             want = ref.sample_counts(img, num, phase, seed=3, image_index=idx, batch=7)
             np.testing.assert_array_equal(counts, want)
-        assert sum(int(c.sum()) for c in got) == 6 * 28
+            assert work == ref.loop.unet_evals - before  # exact per job, though calls mix images
+            split += int(np.count_nonzero(want)) > 1
+        assert split >= 2  # the votes split: the comparison is of real counts, not of constants
         certs = new.certify_many_counts(images, SIGMA, STEPS, VOTES, n0=5, n=23, alpha=0.01, seed=3,
                                         image_indices=range(10, 16), batch=7)
-        assert new.certify_many(images, SIGMA, STEPS, VOTES, n0=5, n=23, alpha=0.01, seed=3, image_indices=range(10, 16),
-                                batch=7) == [cert for cert, _ in certs]
         for i, (cert, counts) in enumerate(certs):
             want_cert, want_counts = ref.certify_counts(images[i], SIGMA, STEPS, VOTES, 5, 23, 0.01, seed=3,
                                                         image_index=10 + i, batch=7)
-            assert cert == want_cert
+            assert cert == want_cert and counts.unet_evals == want_counts.unet_evals
             np.testing.assert_array_equal(counts.counts0, want_counts.counts0)
             np.testing.assert_array_equal(counts.counts, want_counts.counts)
-            assert counts.unet_evals == want_counts.unet_evals  # exact per image, though batches mix images
+        assert new.predict(images[2], SIGMA, STEPS, VOTES, n=30, alpha=0.01, seed=1, image_index=2) == \
+            ref.predict(images[2], SIGMA, STEPS, VOTES, n=30, alpha=0.01, seed=1, image_index=2)
+        if not early_exit:
+            return
+        common = dict(steps=STEPS, votes=VOTES, n0=40, n_max=150, alpha=0.01, seed=5)
+        for round_size in (1, 6):
+            for k in range(4):
+                r_new = new.certify_radii(images[k], 0.5, [0.25, 0.5], image_index=k, round_size=round_size, **common)
+                r_ref = ref.certify_radii(images[k], 0.5, [0.25, 0.5], image_index=k, round_size=round_size, **common)
+                assert (r_new.c_a, r_new.n, r_new.n_a, r_new.decisions, r_new.radius) == \
+                    (r_ref.c_a, r_ref.n, r_ref.n_a, r_ref.decisions, r_ref.radius)
+                u_new = new.certify_until(images[k], 0.5, 0.05, image_index=k, round_size=round_size, **common)
+                u_ref = ref.certify_until(images[k], 0.5, 0.05, image_index=k, round_size=round_size, **common)
+                assert (u_new.c_a, u_new.n, u_new.n_a, u_new.reason, u_new.radius) == \
+                    (u_ref.c_a, u_ref.n, u_ref.n_a, u_ref.reason, u_ref.radius)
+                # The scheduler may start samples past a test's stop (dropped): never fewer evaluations.
+                assert r_new.unet_evals >= r_ref.unet_evals and u_new.unet_evals >= u_ref.unet_evals
 
-
-@pytest.mark.slow
-def test_cli_certify_on_the_loop_equals_the_reference_api(engine, digits, tmp_path):
-    images, labels = digits
     data = tmp_path / "d.npz"
     np.savez(data, images=images[:4], labels=labels[:4])
     out = tmp_path / "r.tsv"
@@ -148,19 +150,13 @@ def test_cli_certify_on_the_loop_equals_the_reference_api(engine, digits, tmp_pa
             assert int(row["n_a"]) == int(counts.counts[int(row["c_a"])])
             assert int(row["unet_evals"]) == counts.unet_evals
     options = json.loads(Path(str(out) + ".json").read_text())
-    assert options["votes"] == VOTES and options["early_exit"] is True  # the CPU default
-    # Three images per call (the scheduler: in flight; the waves: groups whose batches mix images):
-    # the rows (work included) are the same.
+    assert options["votes"] == VOTES and options["early_exit"] is True  # the default
+    # Three images in flight: the rows (work included) are the same.
     strip = lambda text: [line.split("\t")[:5] + line.split("\t")[6:] for line in text.splitlines()]  # noqa: E731
-    for scheduling in ("continuous", "waves"):
-        grouped = tmp_path / f"g-{scheduling}.tsv"
-        result = CliRunner().invoke(main, args[:-1] + [str(grouped), "--images-per-call", "3", "--scheduling", scheduling])
-        assert result.exit_code == 0, result.output
-        assert sorted(strip(grouped.read_text())) == sorted(strip(out.read_text()))
-    radius_args = [a for i, a in enumerate(args[:-1]) if a != "--n" and (i == 0 or args[i - 1] != "--n")]
-    bad = CliRunner().invoke(main, radius_args + [str(tmp_path / "x.tsv"), "--images-per-call", "2", "--radius", "0.1",
-                                                  "--scheduling", "waves"])
-    assert bad.exit_code == 2 and "--images-per-call with --scheduling waves goes with fixed-n CERTIFY only" in bad.stderr
+    grouped = tmp_path / "g.tsv"
+    result = CliRunner().invoke(main, args[:-1] + [str(grouped), "--images-per-call", "3"])
+    assert result.exit_code == 0, result.output
+    assert sorted(strip(grouped.read_text())) == sorted(strip(out.read_text()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,17 +251,16 @@ def test_gpu_loop_counts_and_cross_image_batches(engine, digits, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("scheduling", ["waves", "continuous"])
-def test_onnxruntime_cuda_graph_replays_give_the_same_counts(engine, digits, scheduling):
-    """Full batches (early exit off) replay ONNX Runtime's CUDA graph of the step on fixed buffers:
-    the same kernels as without the graph, so the same counts, batch after batch (fresh noise per
-    batch: the noise kernel runs outside the graph and writes the fixed buffer anew). The scheduler
-    reserves its row count and runs every call full, so every call replays the graph."""
+def test_onnxruntime_cuda_graph_replays_give_the_same_counts(engine, digits):
+    """The scheduler reserves its row count and runs every call full, so every call replays ONNX
+    Runtime's CUDA graph of the step on fixed buffers: the same kernels as without the graph, so the
+    same counts, call after call (fresh noise per call: the noise kernel runs outside the graph and
+    writes the fixed buffer anew)."""
     _cupy()
     _ort_cuda()
     images, _ = digits
-    with open_engine(engine, device="cuda", early_exit=False, scheduling=scheduling) as on, \
-            open_engine(engine, device="cuda", early_exit=False, cuda_graph=False, scheduling=scheduling) as off:
+    with open_engine(engine, device="cuda", early_exit=False) as on, \
+            open_engine(engine, device="cuda", early_exit=False, cuda_graph=False) as off:
         executor = on.executor
         print("ONNX Runtime CUDA graph:", "on" if executor.cuda_graph else f"off ({executor.cuda_graph_off})")
         for e in (on, off):
@@ -285,50 +280,51 @@ def test_onnxruntime_cuda_graph_replays_give_the_same_counts(engine, digits, sch
 
 
 @pytest.mark.gpu
-def test_gpu_scheduler_counts_equal_the_gpu_wave_loop(engine, digits):
-    """Issue 22 on a GPU: the continuous-batching scheduler over CuPy (rows of many samples at any
-    step, per-row keys put each call, the classifier in chunks) gives the wave loop's counts and
-    UNet evaluations on the same GPU, one image at a time and many at once; with ONNX Runtime's CUDA
-    graph (full calls: every call all rows) as without."""
+def test_gpu_scheduler_counts_with_and_without_cuda_graphs(engine, digits):
+    """The scheduler over CuPy (rows of many samples at any step, per-row keys put each call, the
+    classifier in chunks), with ONNX Runtime's CUDA graph (full calls: every call all rows) and
+    without: the same counts and UNet evaluations, many images at once and one at a time."""
     _cupy()
     _ort_cuda()
     images, _ = digits
+    got = {}
     for cuda_graph in (False, True):
-        with open_engine(engine, device="cuda", early_exit=True, cuda_graph=cuda_graph, scheduling="waves") as waves, \
-                open_engine(engine, device="cuda", early_exit=True, cuda_graph=cuda_graph, scheduling="continuous") as sched:
-            for e in (waves, sched):
-                e._prepare(SIGMA, STEPS, VOTES, 16)
-            jobs = [(images[i], i, ESTIMATION, 40) for i in range(5)]
-            want = waves.sample_counts_many(jobs, seed=0, batch=16)
-            got = sched.sample_counts_many(jobs, seed=0, batch=16)
-            for a, b in zip(want, got):
-                np.testing.assert_array_equal(a, b)
-            a = waves.sample_counts(images[5], 64, ESTIMATION, seed=2, image_index=5, batch=16)
-            b = sched.sample_counts(images[5], 64, ESTIMATION, seed=2, image_index=5, batch=16)
-            np.testing.assert_array_equal(a, b)
+        with open_engine(engine, device="cuda", early_exit=True, cuda_graph=cuda_graph) as sched:
+            sched._prepare(SIGMA, STEPS, VOTES, 16)
+            evals: list = []
+            many = sched.sample_counts_many([(images[i], i, ESTIMATION, 40) for i in range(5)], seed=0, batch=16, evals=evals)
+            one = sched.sample_counts(images[5], 64, ESTIMATION, seed=2, image_index=5, batch=16)
+            got[cuda_graph] = ([c.tolist() for c in many], evals, one.tolist())
             print(f"cuda_graph={cuda_graph}: scheduler full_calls={sched.scheduler().full_calls}")
+    assert got[False] == got[True]
 
 
 @pytest.mark.gpu
 def test_gpu_stream_certifies_as_each_image_alone(engine, digits, tmp_path):
-    """`certify --scheduling continuous --device cuda` (images streamed through one scheduler run) writes
-    the rows of the wave loop on the GPU (time aside; with --radius also unet_evals), fixed n and --radius."""
+    """`certify --device cuda` (images streamed through one scheduler run) writes the rows of each
+    image certified alone through the API on the GPU (time aside; with --radius also unet_evals:
+    dropped work depends on what else is in flight), fixed n and --radius."""
     _cupy()
     _ort_cuda()
     base = ["certify", "--engine", str(engine), "--sigma", str(SIGMA), "--steps", str(STEPS), "--votes", str(VOTES),
             "--n0", "10", "--max", "4", "--device", "cuda", "--batch", "8"]
-    rows = {}
     for mode, extra in (("fixed", ["--n", "40"]), ("radius", ["--radius", "0.1", "--n-max", "200", "--round", "4"])):
-        for scheduling in ("waves", "continuous"):
-            out = tmp_path / f"{mode}-{scheduling}.tsv"
-            result = CliRunner().invoke(main, base + extra + ["--scheduling", scheduling, "--out", str(out)])
-            assert result.exit_code == 0, result.output
-            lines = sorted(out.read_text().splitlines()[1:])
-            header = out.read_text().splitlines()[0].split("\t")
-            # unet_evals aside for --radius: the scheduler also counts the samples it started past a stop
-            keep = [i for i, h in enumerate(header) if h != "time" and (mode == "fixed" or h != "unet_evals")]
-            rows[(mode, scheduling)] = [[line.split("\t")[i] for i in keep] for line in lines]
-        assert rows[(mode, "waves")] == rows[(mode, "continuous")], mode
+        out = tmp_path / f"{mode}.tsv"
+        result = CliRunner().invoke(main, base + extra + ["--out", str(out)])
+        assert result.exit_code == 0, result.output
+        header = out.read_text().splitlines()[0].split("\t")
+        rows = {int(line.split("\t")[0]): dict(zip(header, line.split("\t"))) for line in out.read_text().splitlines()[1:]}
+        images, _ = digits
+        with open_engine(engine, device="cuda") as gpu:
+            for idx, row in rows.items():
+                if mode == "fixed":
+                    cert, counts = gpu.certify_counts(images[idx], SIGMA, STEPS, VOTES, 10, 40, 0.001, image_index=idx, batch=8)
+                    assert int(row["unet_evals"]) == counts.unet_evals
+                else:
+                    cert = gpu.certify_radii(images[idx], SIGMA, [0.1], STEPS, VOTES, 10, 200, 0.001, image_index=idx, batch=8,
+                                             round_size=4)
+                    assert int(row["n"]) == cert.n and int(row["n_a"]) == cert.n_a
+                assert int(row["predict"]) == cert.prediction and float(row["radius"]) == pytest.approx(cert.radius, abs=1e-6)
 
 
 @pytest.mark.gpu
@@ -348,7 +344,7 @@ def test_fp16_engine_labels_agree_with_fp32_on_99_percent_of_rows(engine, digits
 def test_classifier_in_chunks_gives_the_same_counts(engine, digits):
     """Rows beyond the classifier's chunk (here 5 rows) are classified in several calls: same counts."""
     images, _ = digits
-    with open_reference(engine) as ref, open_engine(engine) as new:
+    with open_engine(engine) as ref, open_engine(engine) as new:
         new.loop.CLASSIFIER_ROWS = 5
         for e in (ref, new):
             e._prepare(SIGMA, STEPS, VOTES, 8)
@@ -357,13 +353,9 @@ def test_classifier_in_chunks_gives_the_same_counts(engine, digits):
         np.testing.assert_array_equal(got, want)
 
 
-def test_early_exit_default_depends_on_device_and_batch():
-    from densepure_rt.runtime import GPU_EARLY_EXIT_MIN_BATCH, auto_early_exit
-
-    assert auto_early_exit("cpu", 1) and auto_early_exit("cpu", 10_000)
-    assert not auto_early_exit("cuda", 3)  # ImageNet at 3 samples per batch: 2.5x slower with it (H100)
-    assert auto_early_exit("cuda", 200)  # CIFAR-10 at 200: half the time (H100)
-    assert not auto_early_exit("cuda", GPU_EARLY_EXIT_MIN_BATCH - 1) and auto_early_exit("cuda", GPU_EARLY_EXIT_MIN_BATCH)
+def test_early_exit_is_on_by_default_on_every_device(engine):
+    with open_engine(engine, metadata_only=True) as auto, open_engine(engine, metadata_only=True, early_exit=False) as off:
+        assert auto.early_exit_for() is True and off.early_exit_for() is False
 
 
 def test_keys_outside_uint32_are_refused_not_wrapped(engine, digits):
@@ -373,7 +365,7 @@ def test_keys_outside_uint32_are_refused_not_wrapped(engine, digits):
         e._prepare(SIGMA, STEPS, VOTES, 4)
         for bad in (-1, 2**32 + 5):
             with pytest.raises(ValueError, match="image index must be in"):
-                e.loop.voted_labels_many(images[:1], [0], [bad], [ESTIMATION], [0], 0)
+                e.loop.voted_labels(images[0], 0, bad, ESTIMATION, [0])
 
 
 def test_host_to_device_copies_name_the_loops_stream():

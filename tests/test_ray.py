@@ -186,7 +186,7 @@ def test_ray_actors_stream_several_images_with_the_scheduler(work, engine, image
     """--images-per-call 3 with --ray and --radius: each actor streams 3 images through one
     scheduler run (several in flight); every row equals the single-process run's but the work
     (samples started past a test's stop are dropped, and how many depends on what else was in
-    flight). The waves give the same decisions with the same rounds: tests/test_stream.py."""
+    flight)."""
     args, expected = reference["radius"]
     out = work / "ray_stream.tsv"
     result = invoke(*args, "--engine", engine, "--data", images, "--ray", cluster, "--actors", "2", "--images-per-call", "3",
@@ -304,9 +304,6 @@ def test_ray_flags_are_checked_before_work(work, engine, images):
     out = work / "never.tsv"
     result = invoke("certify", *CERTIFY, "--engine", engine, "--data", images, "--actors", "2", "--out", out)
     assert result.exit_code != 0 and "--actors goes with --ray" in result.stderr
-    result = invoke("certify", *SETTINGS, "--n0", "10", "--radius", "0.25", "--engine", engine, "--data", images, "--ray", "local",
-                    "--images-per-call", "2", "--scheduling", "waves", "--out", out)
-    assert result.exit_code != 0 and "--images-per-call with --scheduling waves goes with fixed-n CERTIFY only" in result.stderr
     assert not out.exists()
 
 

@@ -1,10 +1,10 @@
-"""Continuous batching (densepure_rt/sampling/scheduler.py) against the wave loop and the oracle.
+"""Continuous batching (densepure_rt/sampling/scheduler.py).
 
 On the shipped digits engine (trained weights, sigma 0.6 where votes split): for the same seed the
-scheduler's per-job counts and UNet evaluations equal the wave loop's (sample by sample: the same
-noise, x_{t*}, runs and vote) and the step-by-step oracle's counts, whatever the slot count (one
-row, fewer rows than a sample's first runs, a prime count that splits samples across calls, many
-rows), with jobs of several images and phases sharing calls.
+scheduler's per-job counts and runs (so its UNet evaluations) equal those of the step-by-step
+oracle (tests/oracle.py) run one job at a time, whatever the slot count (one row, fewer rows than
+a sample's first runs, a prime count that splits samples across calls, many rows), with jobs of
+several images and phases sharing calls.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from densepure_rt.sampling.noise import ESTIMATION, SELECTION
 from densepure_rt.sampling.scheduler import Job, Scheduler, SchedulerStats
 from densepure_rt.stats.vote import vote_waves
 from oracle import open_reference
+
+#: The oracle's (counts, runs) per job, by (votes, steps, seed): computed once per module.
+_ORACLE: dict = {}
 
 SIGMA, STEPS = 0.6, 2
 
@@ -43,32 +46,28 @@ def _jobs(n0: int, n: int, count: int) -> list[Job]:
     return jobs
 
 
-def _wave_counts(engine, images, jobs, votes, seed):
-    """The wave loop, one job at a time (batch 16): per-job counts and runs."""
-    counts, runs = [], []
-    loop = engine.loop
-    for job in jobs:
-        c = np.zeros(engine.num_classes, dtype=np.int64)
-        r = 0
-        for start in range(0, job.num, 16):
-            samples = np.arange(start, min(start + 16, job.num))
-            fill = np.zeros(len(samples), dtype=np.int64)
-            labels, took = loop.voted_labels_many(images[job.image][None], fill, fill + job.image_index, fill + job.phase,
-                                                  samples, seed, runs=True)
-            c += np.bincount(labels, minlength=engine.num_classes)
-            r += int(took.sum())
-        counts.append(c)
-        runs.append(r)
-    return counts, runs
+def _oracle_counts(engine, images, jobs, votes, seed, steps=STEPS):
+    """The step-by-step oracle, one job at a time: per-job counts and runs (cached)."""
+    key = (str(engine), tuple(jobs), votes, seed, steps)
+    if key not in _ORACLE:
+        counts, runs = [], []
+        with open_reference(engine) as ref:
+            ref._prepare(SIGMA, steps, votes, 16)
+            for job in jobs:
+                labels, took = ref.loop.voted_labels(images[job.image], seed, job.image_index, job.phase, range(job.num), runs=True)
+                counts.append(np.bincount(labels, minlength=10))
+                runs.append(int(took.sum()))
+        _ORACLE[key] = (counts, runs)
+    return _ORACLE[key]
 
 
 @pytest.mark.parametrize("votes", [1, 3, 4, 10])
 @pytest.mark.parametrize("slots", [1, 2, 7, 64])
-def test_counts_and_work_equal_the_wave_loop(engine, images, votes, slots):
+def test_counts_and_work_equal_the_oracle_one_job_at_a_time(engine, images, votes, slots):
     jobs = _jobs(5, 9, 3)
+    want_counts, want_runs = _oracle_counts(engine, images, jobs, votes, seed=7)
     with open_engine(engine) as eng:
         eng._prepare(SIGMA, STEPS, votes, 16)
-        want_counts, want_runs = _wave_counts(eng, images, jobs, votes, seed=7)
         stats = SchedulerStats()
         got = Scheduler(eng.loop, slots).counts(eng.loop.device.stage(images), jobs, seed=7, stats=stats)
     for job, g, w in zip(jobs, got, want_counts):
@@ -87,9 +86,9 @@ def test_full_calls_give_the_same_counts_and_count_their_free_rows_idle(engine, 
     the free ones on stale values; the counts and the work are the same, and every call's free rows
     are counted idle (calls x slots rows in all)."""
     jobs = _jobs(5, 9, 3)
+    want_counts, want_runs = _oracle_counts(engine, images, jobs, 3, seed=7)
     with open_engine(engine) as eng:
         eng._prepare(SIGMA, STEPS, 3, 16)
-        want_counts, want_runs = _wave_counts(eng, images, jobs, 3, seed=7)
         stats = SchedulerStats()
         sch = Scheduler(eng.loop, slots, full_calls=True)
         assert Scheduler(eng.loop, slots).full_calls is False  # ONNX Runtime on the CPU replays no graph
@@ -101,12 +100,12 @@ def test_full_calls_give_the_same_counts_and_count_their_free_rows_idle(engine, 
 
 
 @pytest.mark.parametrize("steps", ["none", "one-shot", 1])
-def test_the_word_paths_and_one_step_equal_the_wave_loop(engine, images, steps):
+def test_the_word_paths_and_one_step_equal_the_oracle(engine, images, steps):
     """--steps none (no reverse step: the classifier sees x_{t*}), one-shot and b = 1."""
     jobs = _jobs(3, 7, 2)
+    want_counts, want_runs = _oracle_counts(engine, images, jobs, 3, seed=1, steps=steps)
     with open_engine(engine) as eng:
         eng._prepare(SIGMA, steps, 3, 16)
-        want_counts, want_runs = _wave_counts(eng, images, jobs, 3, seed=1)
         stats = SchedulerStats()
         got = Scheduler(eng.loop, 4).counts(eng.loop.device.stage(images), jobs, seed=1, stats=stats)
         calls = eng.loop.calls
@@ -116,22 +115,10 @@ def test_the_word_paths_and_one_step_equal_the_wave_loop(engine, images, steps):
     assert stats.per_job_runs == want_runs and stats.unet_evals == sum(want_runs) * calls
 
 
-def test_counts_equal_the_step_by_step_oracle(engine, images):
-    jobs = _jobs(4, 6, 2)
-    with open_reference(engine) as ref:
-        ref._prepare(SIGMA, STEPS, 3, 16)
-        want = [np.bincount(ref.loop.voted_labels(images[j.image], 3, j.image_index, j.phase, range(j.num)), minlength=10)
-                for j in jobs]
-    with open_engine(engine) as eng:
-        eng._prepare(SIGMA, STEPS, 3, 16)
-        got = Scheduler(eng.loop, 5).counts(eng.loop.device.stage(images), jobs, seed=3)
-    for g, w in zip(got, want):
-        np.testing.assert_array_equal(g, w)
-
-
-def test_calls_stay_full_where_the_wave_loop_shrinks(engine, images):
-    """The point of it: with early exit at K = 10 the wave loop's later waves run one row per
-    undecided sample; the scheduler's calls hold every slot until the work runs out."""
+def test_calls_stay_full_while_samples_exit_early(engine, images):
+    """The point of it: with early exit at K = 10 most samples stop after their first runs and the
+    undecided ones go on one run at a time; the scheduler's calls hold every slot until the work
+    runs out."""
     jobs = _jobs(20, 60, 4)
     with open_engine(engine) as eng:
         eng._prepare(SIGMA, STEPS, 10, 16)
@@ -143,31 +130,10 @@ def test_calls_stay_full_where_the_wave_loop_shrinks(engine, images):
     assert stats.idle_fraction < 0.1
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("round_size", [1, 6, 32])
-def test_sequential_modes_decide_as_the_wave_loop_with_rounds_of_the_same_size(engine, images, round_size):
-    """--radius and --tol through the scheduler: the selection and estimation samples are delivered
-    in sample order in rounds of --round, so every decision (c_a, samples used, votes for c_a,
-    radius) equals the wave loop's with batch = round, while the calls hold other samples."""
-    common = dict(steps=STEPS, votes=3, n0=40, n_max=300, alpha=0.01, seed=5)
-    results = {}
-    for scheduling in ("waves", "continuous"):
-        with open_engine(engine, scheduling=scheduling) as eng:
-            for k in range(len(images)):
-                radii = eng.certify_radii(images[k], 0.5, [0.25, 0.5], image_index=k, batch=8, round_size=round_size, **common)
-                until = eng.certify_until(images[k], 0.5, 0.05, image_index=k, batch=8, round_size=round_size, **common)
-                results.setdefault(scheduling, []).append((radii, until))
-    for (r_w, u_w), (r_c, u_c) in zip(results["waves"], results["continuous"]):
-        assert (r_c.c_a, r_c.n, r_c.n_a, r_c.decisions, r_c.radius) == (r_w.c_a, r_w.n, r_w.n_a, r_w.decisions, r_w.radius)
-        assert (u_c.c_a, u_c.n, u_c.n_a, u_c.reason, u_c.radius) == (u_w.c_a, u_w.n, u_w.n_a, u_w.reason, u_w.radius)
-        # The scheduler may have started samples past the stopping point (dropped): never fewer evaluations.
-        assert r_c.unet_evals >= r_w.unet_evals and u_c.unet_evals >= u_w.unet_evals
-
-
 def test_round_is_independent_of_the_call_size_on_the_cli(engine, images, tmp_path):
     """--round sets the sequential test's round; --batch only the calls' rows: --batch 8 --round 5
-    gives the rows of the wave loop with --batch 5 (whose rounds are 5), and the options file
-    records round 5."""
+    gives the rows of --batch 5 --round 5 (calls of other sizes, the same rounds), and the options
+    file records round 5."""
     import json
 
     data = tmp_path / "imgs.npz"
@@ -176,8 +142,8 @@ def test_round_is_independent_of_the_call_size_on_the_cli(engine, images, tmp_pa
             "--n0", "30", "--n-max", "200", "--radius", "0.25", "--quiet"]
     runner = CliRunner()
     a, b = tmp_path / "a.tsv", tmp_path / "b.tsv"
-    assert runner.invoke(main, base + ["--batch", "8", "--round", "5", "--scheduling", "continuous", "--out", str(a)]).exit_code == 0
-    assert runner.invoke(main, base + ["--batch", "5", "--scheduling", "waves", "--out", str(b)]).exit_code == 0
+    assert runner.invoke(main, base + ["--batch", "8", "--round", "5", "--out", str(a)]).exit_code == 0
+    assert runner.invoke(main, base + ["--batch", "5", "--round", "5", "--out", str(b)]).exit_code == 0
 
     def rows(path):
         lines = path.read_text().splitlines()
@@ -190,7 +156,7 @@ def test_round_is_independent_of_the_call_size_on_the_cli(engine, images, tmp_pa
 
     assert rows(a) == rows(b)
     options = json.loads(Path(f"{a}.json").read_text())
-    assert options["round"] == 5 and options["batch"] == 8 and options["scheduling"] == "continuous"
+    assert options["round"] == 5 and options["batch"] == 8 and "scheduling" not in options
     result = runner.invoke(main, ["certify", "--engine", str(engine), "--data", str(data), "--sigma", "0.5", "--round", "4",
                                   "--out", str(tmp_path / "c.tsv")])
     assert result.exit_code == 2 and "--round goes with --radius or --tol" in result.stderr
@@ -257,27 +223,20 @@ class _Recording:
         self.inner.close()
 
 
-@pytest.mark.parametrize("loop", ["waves", "continuous"])
-def test_bound_views_are_256_byte_aligned_and_a_fixed_shape_executor_gets_full_reserved_calls(engine, images, loop):
-    """TensorRT's rule for bound addresses (256-byte alignment), checked where the loops slice their
-    buffers: the wave loop classifies a wave of 48 rows in chunks of at most the profile's 40 rows;
-    40 rows of int64 labels would put the second chunk 320 bytes in, so it takes 32-row chunks
-    (32 x 8 bytes, 32 x 10 logits x 4, 32 digits images). The scheduler with a fixed-shape executor
-    (TensorRT, ONNX Runtime's CUDA graph) reserves its row count and runs every step call full.
-    The counts equal the plain executor's."""
+def test_bound_views_are_256_byte_aligned_and_a_fixed_shape_executor_gets_full_reserved_calls(engine, images):
+    """TensorRT's rule for bound addresses (256-byte alignment), checked where the scheduler slices
+    its buffers (every classifier chunk is the queue's first rows, at most the profile's 40 of a
+    48-row call). With a fixed-shape executor (TensorRT, ONNX Runtime's CUDA graph) it reserves its
+    row count and runs every step call full. The counts equal the plain executor's."""
     jobs = _jobs(5, 16, 2)
     with open_engine(engine) as eng:
         eng._prepare(SIGMA, STEPS, 3, 16, samples=16)
         staged = eng.loop.device.stage(images)
         want = Scheduler(eng.loop, 48).counts(staged, jobs, seed=3)
         recording = eng.loop.executor = _Recording(eng.loop.executor)
-        if loop == "waves":
-            eng.loop.prepare(eng.loop.rs, 3, 16, early_exit=False)  # one wave of 16 x 3 = 48 rows
-            got = [eng.sample_counts(images[j.image], j.num, j.phase, seed=3, image_index=j.image_index, batch=16) for j in jobs]
-        else:
-            sch = Scheduler(eng.loop, 48)
-            got = sch.counts(staged, jobs, seed=3)
-            assert sch.full_calls and recording.reserved == [48] and set(recording.step_rows) == {48}
+        sch = Scheduler(eng.loop, 48)
+        got = sch.counts(staged, jobs, seed=3)
+        assert sch.full_calls and recording.reserved == [48] and set(recording.step_rows) == {48}
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
     assert recording.offsets and all(offset % 256 == 0 for offset in recording.offsets), sorted(set(recording.offsets))

@@ -87,7 +87,7 @@ def engine_dir(tmp_path_factory) -> Path:
 
 
 def _synthetic(engine_dir):
-    eng = open_engine(engine_dir, scheduling="continuous")
+    eng = open_engine(engine_dir)
     loop = eng.loop
     loop.executor = SplitVotes(loop.executor, loop.image_shape, 1 / np.sqrt(1 + 4 * SIGMA**2), SIGMA)
     image = np.full(loop.image_shape, 0.5, dtype=np.float32)
@@ -139,7 +139,7 @@ def test_sample_order_is_valid_and_completion_order_is_not(engine_dir):
 
 @pytest.mark.parametrize("mode", ["radius", "tol"])
 def test_certify_through_the_scheduler_stays_within_alpha(engine_dir, mode):
-    """The real entry points (``certify_radii``, ``certify_until`` with scheduling "continuous",
+    """The real entry points (``certify_radii``, ``certify_until`` through the scheduler,
     rounds of one vote, selection included) on the boundary engine: false certificates <= alpha.
     ``--radius``: certifying R_BOUNDARY is false. ``--tol``: a radius above sigma * Phi^-1(p_A) =
     R_BOUNDARY is false."""

@@ -1,12 +1,11 @@
-"""Many images through one scheduler run (densepure_rt/sampling/stream.py, ``Engine.stream``, the CLI
-with ``--scheduling continuous``) against each image computed alone.
+"""Many images through one scheduler run (densepure_rt/sampling/stream.py, ``Engine.stream``, the CLI)
+against each image computed alone.
 
 On the shipped digits engine (trained weights, sigma 0.5 where votes split): every image's
 certificate, prediction, counts and test decisions equal what the engine's per-image methods give
-for it alone (the wave loop's for fixed n, the single-image scheduler's for the sequential tests, whose
-decisions equal the wave loop's with batch = round: tests/test_scheduler.py), for any bound on the
-images in flight and any round; fixed-n UNet evaluations are equal too. Rows are written as images
-finish; a run killed mid-stream resumes to the same rows.
+for it alone (whose counts and decisions equal the step-by-step oracle's: tests/test_loop.py), for
+any bound on the images in flight and any round; fixed-n UNet evaluations are equal too. Rows are
+written as images finish; a run killed mid-stream resumes to the same rows.
 """
 
 from __future__ import annotations
@@ -71,7 +70,7 @@ def _streamed(result, mode):
     ("certify-radii", None, 1), ("certify-radii", 1, 4), ("certify-until", 2, 1),
 ])
 def test_each_streamed_image_equals_the_image_alone(engine, images, mode, in_flight, round_size):
-    with open_engine(engine, scheduling="continuous") as eng:
+    with open_engine(engine) as eng:
         got = []
         n = 120 if mode.startswith("certify-") else 40
         stats = eng.stream(mode, [(20 + k, img) for k, img in enumerate(images)], got.append, sigma=SIGMA, steps=STEPS,
@@ -89,7 +88,7 @@ def test_each_streamed_image_equals_the_image_alone(engine, images, mode, in_fli
 def test_the_stream_fills_calls_with_other_images_instead_of_speculation(engine, images):
     """Rounds of one vote: one image at a time, the scheduler fills its calls with samples its test
     may never read; streamed, those rows go to the other images' samples. Same decisions, less work."""
-    with open_engine(engine, scheduling="continuous") as eng:
+    with open_engine(engine) as eng:
         alone = sum(eng.certify_radii(img, SIGMA, [0.25], STEPS, VOTES, 10, 150, 0.001, seed=SEED, image_index=k, batch=8,
                                       round_size=1).unet_evals for k, img in enumerate(images))
         got = []
@@ -99,13 +98,10 @@ def test_the_stream_fills_calls_with_other_images_instead_of_speculation(engine,
     assert streamed < alone, (streamed, alone)
 
 
-def test_stream_refuses_the_wave_loop_and_bad_bounds(engine, images):
+def test_stream_refuses_bad_bounds(engine, images):
     from densepure_rt.errors import ConfigError
 
-    with open_engine(engine, scheduling="waves") as eng:
-        with pytest.raises(ConfigError, match="scheduling='continuous'"):
-            eng.stream("certify", [(0, images[0])], print, sigma=SIGMA)
-    with open_engine(engine, scheduling="continuous") as eng:
+    with open_engine(engine) as eng:
         with pytest.raises(ConfigError, match="images in flight"):
             eng.stream("certify", [(0, images[0])], print, sigma=SIGMA, in_flight=0)
         with pytest.raises(ConfigError, match="round_size must be an integer"):
@@ -139,31 +135,53 @@ def _rows(path: Path) -> dict:
 
 @pytest.mark.parametrize("extra", [["--n0", "10", "--n", "40"], ["--radius", "0.25", "--n-max", "100", "--round", "4"],
                                    ["--tol", "0.05", "--n-max", "100", "--round", "4"]])
-def test_cli_continuous_rows_equal_the_wave_loops(engine, tmp_path, extra):
-    waves, cont = tmp_path / "waves.tsv", tmp_path / "cont.tsv"
+def test_cli_rows_do_not_depend_on_the_images_in_flight(engine, tmp_path, extra):
+    one, three = tmp_path / "one.tsv", tmp_path / "three.tsv"
     runner = CliRunner()
-    r1 = runner.invoke(main, _certify(waves, engine, *extra, "--scheduling", "waves"))
+    r1 = runner.invoke(main, _certify(one, engine, *extra))
     assert r1.exit_code == 0, r1.output
-    r2 = runner.invoke(main, _certify(cont, engine, *extra, "--scheduling", "continuous", "--images-per-call", "3"))
+    r2 = runner.invoke(main, _certify(three, engine, *extra, "--images-per-call", "3"))
     assert r2.exit_code == 0, r2.output
-    assert _rows(cont) == _rows(waves)
-    options = json.loads(Path(str(cont) + ".json").read_text())
-    assert options["scheduling"] == "continuous" and options["images_per_call"] == 3
+    assert _rows(three) == _rows(one) and len(_rows(one)) == 5
+    options = json.loads(Path(str(three) + ".json").read_text())
+    assert options["images_per_call"] == 3 and "scheduling" not in options
     if "--n" in extra:  # fixed n: the work is each image's own, so unet_evals match too
-        evals = [{r["idx"]: r["unet_evals"] for r in read_results(path)} for path in (cont, waves)]
+        evals = [{r["idx"]: r["unet_evals"] for r in read_results(path)} for path in (three, one)]
         assert evals[0] == evals[1]
 
 
-def test_cli_continuous_round_defaults_to_one(engine, tmp_path):
+def test_cli_round_defaults_to_one(engine, tmp_path):
     out = tmp_path / "r.tsv"
-    result = CliRunner().invoke(main, _certify(out, engine, "--radius", "0.25", "--n-max", "100", "--scheduling", "continuous"))
+    result = CliRunner().invoke(main, _certify(out, engine, "--radius", "0.25", "--n-max", "100"))
     assert result.exit_code == 0, result.output
     assert json.loads(Path(str(out) + ".json").read_text())["round"] == 1
 
 
+def test_a_file_of_the_scheduler_resumes_and_one_of_the_wave_loop_is_refused(engine, tmp_path):
+    """A results file whose options were written by 0.2.0 with "scheduling": "continuous" continues
+    (its rows are this version's); one with "scheduling": "waves" is refused in one line naming the
+    change, and left as it was."""
+    args = ["--n0", "10", "--n", "40"]
+    out = tmp_path / "r.tsv"
+    assert CliRunner().invoke(main, _certify(out, engine, *args, "--max", "3")).exit_code == 0
+    rows = out.read_bytes()
+    options_file = Path(f"{out}.json")
+    options = json.loads(options_file.read_text())
+    for written_by, ok in (("continuous", True), ("waves", False)):
+        out.write_bytes(rows)
+        options_file.write_text(json.dumps({**options, "scheduling": written_by, "version": "0.2.0"}, indent=2))
+        result = CliRunner().invoke(main, _certify(out, engine, *args, "--max", "3"))
+        assert out.read_bytes() == rows  # complete: nothing added, nothing changed
+        if ok:
+            assert result.exit_code == 0, result.output
+        else:
+            assert result.exit_code == 2 and "--scheduling waves" in result.stderr and "choose another --out" in result.stderr
+            assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 @pytest.mark.slow
 def test_a_streamed_run_killed_mid_stream_resumes_to_the_same_rows(engine, tmp_path):
-    args = ["--radius", "0.25", "--n-max", "200", "--scheduling", "continuous", "--images-per-call", "2"]
+    args = ["--radius", "0.25", "--n-max", "200", "--images-per-call", "2"]
     reference = tmp_path / "reference.tsv"
     done = subprocess.run(CLI + _certify(reference, engine, *args), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

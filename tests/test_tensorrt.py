@@ -8,12 +8,11 @@ densepure_rt/executors/tensorrt.py) is checked in three ways, none standing in f
     class, method, property and enum value. Every TensorRT name the project's code uses (found by a
     walk of its syntax tree, so a newly used misspelt or removed name fails) must be one of them.
 (b) The build and load logic (profiles, timing-cache reuse, manifest fields, parser errors, refusal
-    of foreign plans, TensorRT's own refusal, the executor's contexts and shapes, the whole-batch
-    graph's bookkeeping) against :class:`FakeTensorRT`, a FAKE of the few TensorRT objects used. The
+    of foreign plans, TensorRT's own refusal, the executor's contexts and shapes) against :class:`FakeTensorRT`, a FAKE of the few TensorRT objects used. The
     fake proves nothing about TensorRT itself; (a) checks that it offers only real names.
 (c) GPU tests, run wherever ``tensorrt`` and CuPy import and a GPU exists (skipped elsewhere, i.e.
     everywhere this project has run so far): the TensorRT executor against ONNX Runtime on the same
-    noise, fp16 labels agreeing on at least 99% of rows; whole-batch graph replays against eager runs.
+    noise, fp16 labels agreeing on at least 99% of rows.
 """
 
 from __future__ import annotations
@@ -36,9 +35,7 @@ from densepure_rt.cli import main
 from densepure_rt.files.data import DIGITS_TEST_ASSET
 from densepure_rt.errors import ConfigError, EngineError
 from densepure_rt.files.manifest import load_manifest
-from densepure_rt.sampling.noise import ESTIMATION
 from densepure_rt.runtime import open_engine
-from densepure_rt.sampling.device import WholeBatchGraphs
 from densepure_rt.executors.tensorrt import (
     INSTALL_TENSORRT,
     TensorRTExecutor,
@@ -820,36 +817,6 @@ def test_executor_contexts_shapes_and_addresses(trt_engine):
     executor.close()
 
 
-# -- the whole-batch graph's bookkeeping, on numpy -------------------------------------------------
-
-
-class _Replay:
-    """Stands in for a captured CUDA graph on numpy: a replay runs the captured function again on the
-    static buffer (a real graph relaunches the same kernels on the same addresses)."""
-
-    def __init__(self, fn, static):
-        self.fn, self.static = fn, static
-
-    def launch(self, stream=None):
-        self.fn(self.static)
-
-
-class NumpyGraphs(WholeBatchGraphs):
-    """:class:`WholeBatchGraphs` with the CuPy capture replaced by :class:`_Replay` (the test's stand-in)."""
-
-    fail = None
-
-    def _private_pool(self):
-        from contextlib import nullcontext
-
-        return None, nullcontext()
-
-    def _record(self, fn, static):
-        if self.fail:
-            raise RuntimeError(self.fail)
-        return _Replay(fn, static)
-
-
 @pytest.fixture(scope="module")
 def ort_engine(tmp_path_factory) -> Path:
     return build_digits_engine(tmp_path_factory, "trt-ort")
@@ -860,51 +827,6 @@ def _digits(n: int = 6) -> np.ndarray:
     images = data["images"][:n].astype(np.float32)
     images = images[:, None] if images.ndim == 3 else images
     return images / 255.0 if images.max() > 1.5 else images
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("fail", [None, "operation not permitted when stream is capturing"])
-def test_whole_batch_graphs_give_the_eager_counts(ort_engine, fail):
-    """Full batches go through the graph object (captured at the first, replayed after, with each
-    batch's images copied in); the partial last batch runs eagerly; the counts and the work equal the
-    plain loop's. A capture that fails is said once and every batch runs uncaptured."""
-    images = _digits()
-    messages = []
-    with open_engine(ort_engine, early_exit=False, scheduling="waves") as plain, \
-            open_engine(ort_engine, early_exit=False, scheduling="waves") as graphed:
-        graphs = NumpyGraphs(np, log=messages.append)
-        graphs.fail = fail
-        graphed.loop.graphs = graphs
-        for e in (plain, graphed):
-            e._prepare(SIGMA, STEPS, VOTES, 8)
-        for i in (0, 1, 2):  # one seed: one graph for all three images
-            want = plain.sample_counts(images[i], 20, ESTIMATION, seed=4, image_index=i, batch=8)
-            got = graphed.sample_counts(images[i], 20, ESTIMATION, seed=4, image_index=i, batch=8)
-            np.testing.assert_array_equal(got, want)
-        assert graphed.loop.unet_evals == plain.loop.unet_evals
-        assert graphed.loop.classifier_evals == plain.loop.classifier_evals
-        if fail is None:
-            assert (graphs.captured, graphs.replayed, graphs.off) == (1, 5, None) and messages == []
-        else:
-            assert graphs.off == fail and graphs.captured == graphs.replayed == 0
-            assert messages == [f"whole-batch CUDA graph off ({fail}): batches run uncaptured, with the same results"]
-        # Another seed: a graph of its own. A new preparation: every graph dropped (new buffers).
-        np.testing.assert_array_equal(graphed.sample_counts(images[3], 16, ESTIMATION, seed=9, image_index=3, batch=8),
-                                      plain.sample_counts(images[3], 16, ESTIMATION, seed=9, image_index=3, batch=8))
-        assert len(graphs._graphs) == (2 if fail is None else 0)
-        for e in (plain, graphed):
-            e._prepare(SIGMA, STEPS, VOTES, 4)
-        assert graphs._graphs == {}
-
-
-def test_early_exit_batches_never_reach_the_graph_object(ort_engine):
-    images = _digits()
-    with open_engine(ort_engine, early_exit=True, scheduling="waves") as e:
-        graphs = NumpyGraphs(np)
-        e.loop.graphs = graphs
-        e._prepare(SIGMA, STEPS, VOTES, 8)
-        e.sample_counts(images[0], 16, ESTIMATION, seed=0, image_index=0, batch=8)
-        assert graphs.captured == graphs.replayed == 0 and graphs._graphs == {}
 
 
 def test_the_runtime_never_imports_tensorrt_cupy_or_torch_unless_asked():
@@ -965,24 +887,3 @@ def test_tensorrt_fp16_labels_agree_with_onnxruntime_on_99_percent_of_rows(real_
         agree, rows = run_label_agreement(cpu, gpu, images, cupy, SIGMA, STEPS, VOTES)
         print(f"TensorRT fp16 vs ONNX Runtime fp32: {agree}/{rows} labels agree")
         assert agree >= 0.99 * rows, (agree, rows)
-
-
-@pytest.mark.gpu
-def test_tensorrt_whole_batch_graph_replays_give_the_eager_counts(real_trt_engine):
-    """Full batches replayed from the captured graph give the counts of the same engine run eagerly
-    (the same kernels on the same data), batch after batch and image after image; a partial batch runs
-    eagerly in between. If TensorRT cannot capture this engine, the test says so and still checks
-    the uncaptured counts."""
-    _gpu_tensorrt()
-    images = _digits()
-    with open_engine(real_trt_engine, device="cuda", early_exit=False, scheduling="waves") as graphed, \
-            open_engine(real_trt_engine, device="cuda", early_exit=False, cuda_graph=False, scheduling="waves") as eager:
-        graphs = graphed.loop.graphs
-        for e in (graphed, eager):
-            e._prepare(SIGMA, STEPS, VOTES, 16)
-        for i in range(4):
-            a = graphed.sample_counts(images[i], 40, ESTIMATION, seed=2, image_index=i, batch=16)
-            b = eager.sample_counts(images[i], 40, ESTIMATION, seed=2, image_index=i, batch=16)
-            np.testing.assert_array_equal(a, b)
-        print("whole-batch CUDA graph:", f"off ({graphs.off})" if graphs.off else f"captured {graphs.captured}, replayed {graphs.replayed}")
-        assert graphs.off is not None or graphs.replayed >= 6

@@ -19,13 +19,12 @@ classified in chunks of a fixed size (a partial chunk only when nothing else can
 back to the host, where each sample's vote reads the completed prefix of its runs
 (:func:`densepure_rt.stats.vote.undecided`, the official tie rule).
 
-What a sample computes is exactly the wave loop's (:class:`densepure_rt.sampling.loop.BatchLoop`):
-the same noise (a pure function of seed, image, phase, sample and draw), the same x_{t*}, the same
-runs: ceil(K/2) first (:func:`densepure_rt.stats.vote.vote_waves`), then
-:func:`densepure_rt.stats.vote.runs_to_decide` at a time (the fewest that could decide the vote,
-so never more than the wave loop's one-by-one runs, and it stops at the same run). So the voted
-labels, the counts and the UNet evaluations per sample equal the wave loop's; what changes is that
-the calls stay full while samples exit early (tests: tests/test_scheduler.py).
+What a sample computes (:mod:`densepure_rt.sampling.loop`): noise that is a pure function of
+(seed, image, phase, sample, draw), its x_{t*}, and its runs: ceil(K/2) first
+(:func:`densepure_rt.stats.vote.vote_waves`), then :func:`densepure_rt.stats.vote.runs_to_decide`
+at a time (the fewest that could decide the vote; it stops at the first run after which the vote
+is decided). So the voted labels equal those of all K runs with the same noise, and the counts do
+not depend on the calls' other rows (tests: tests/test_scheduler.py against tests/oracle.py).
 
 The host keeps the bookkeeping (which sample, run and step each row holds: all known without
 reading the device); the device is read once per classifier chunk (its labels, and whether any of its
@@ -115,7 +114,7 @@ class SchedulerStats:
 class Scheduler:
     """Continuous batching over a prepared :class:`densepure_rt.sampling.loop.BatchLoop`'s executor,
     device and noise (see the module doc). ``slots``: rows per step call (the engine's row limit
-    and memory are checked by the caller, as for the wave loop's batch x K)."""
+    and memory are checked by the caller: batch x K)."""
 
     def __init__(self, loop, slots: int, chunk: int | None = None, early_exit: bool = True, full_calls: bool | None = None):
         if loop.rs is None:
@@ -142,7 +141,7 @@ class Scheduler:
         self.full_calls = bool(getattr(loop.executor, "fixed_rows", False)) if full_calls is None else bool(full_calls)
         if self.full_calls:
             loop.executor.reserve(self.slots, loop.image_shape)
-        # On the loop's stream, as the wave loop allocates: the zero fills must be ordered before the
+        # On the loop's stream: the zero fills must be ordered before the
         # kernels that later use these buffers there (a non-blocking stream does not wait for the
         # default one), and done before the first call.
         with self.device.stream():
@@ -234,7 +233,7 @@ class Scheduler:
         self._put(self.r_image, np.fromiter((jobs[j].image_index for j in job_of), dtype=np.int64, count=hi))
         self._put(self.r_phase, np.fromiter((jobs[j].phase for j in job_of), dtype=np.int64, count=hi))
         self._put(self.r_sample, np.where(held, p_sample[np.maximum(places, 0)], 0))
-        # The wave loop's draw of run k at step s: 1 + k * calls + s (noise keyed by sample, not by row).
+        # The draw of run k at step s: 1 + k * calls + s (noise keyed by sample, not by row).
         self._put(self.r_draw, 1 + runs * calls + np.minimum(steps, calls - 1))
         self._put(self.r_step, np.minimum(steps, calls - 1))
         xp.take(self.loop.table, self.r_step[:hi], axis=0, out=self.scalars[:hi])
@@ -379,7 +378,7 @@ class _Run:
         sch.noise.fill(delta, self.seed, sch.a_image, sch.a_phase, sch.a_sample, sch.a_zero, 0, float(sch.loop.sigma))
         where = xp.asarray(np.asarray(places, dtype=np.int64))
         picked = xp.take(self.images, xp.asarray(np.asarray(imgs, dtype=np.int64)), axis=0)
-        # x_{t*} = (2 (x + delta) - 1) / sqrt(1 + 4 sigma^2): the wave loop's float32 arithmetic.
+        # x_{t*} = (2 (x + delta) - 1) / sqrt(1 + 4 sigma^2), in float32 as the reference computes it.
         sch.start[where] = xp.multiply(sch.loop.scale, 2 * (picked + delta) - 1)
         return m
 

@@ -492,9 +492,8 @@ class RayPool:
             progress: Optional[Callable[[int], None]] = None) -> Iterator[Outcome]:
         """Outcomes of every image in ``indices`` (``load(idx)`` gives its image), in completion order.
 
-        ``group`` > 1 (fixed-n CERTIFY, or any mode with scheduling "continuous", where the actor
-        streams its images through one scheduler run): each actor gets up to ``group`` images at a
-        time, whose noisy samples share batches (:func:`densepure_rt.scale.work.run_group`; same outcomes). An image
+        ``group`` > 1: each actor gets up to ``group`` images at a time and streams them through
+        one scheduler run, their noisy samples sharing its calls (:func:`densepure_rt.scale.work.run_group`; same outcomes). An image
         whose actor died (with its group) is computed again by another actor; an error of the
         user's (a :class:`DensePureError` on an actor) is raised here as itself.
 
@@ -503,8 +502,8 @@ class RayPool:
         when a dead actor's counted samples are to be drawn again), so a bar moves within an image."""
         ray = self.ray
         group = int(group)
-        if group < 1 or (group > 1 and task.mode != "certify" and task.scheduling != "continuous"):
-            raise ConfigError("images per call > 1 goes with fixed-n CERTIFY, or with scheduling 'continuous'")
+        if group < 1:
+            raise ConfigError(f"images per call must be >= 1 (got {group})")
         todo = iter(indices)
         retry: deque = deque()
         pending: dict = {}

@@ -9,7 +9,6 @@ function of (seed, image index, phase, sample), and both call the same engine me
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -36,10 +35,8 @@ class Task:
     batch: int
     radii: Optional[tuple] = None
     tol: Optional[float] = None
-    #: Samples per round of the sequential modes (None: 1 with the scheduler, ``batch`` with the waves).
+    #: Samples per round of the sequential modes (None: 1).
     round_size: Optional[int] = None
-    #: How the engine's calls are filled ("continuous" or "waves": the same rows).
-    scheduling: str = "continuous"
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -68,60 +65,29 @@ class Outcome:
 
 
 def run_image(engine, task: Task, image: np.ndarray, idx: int, progress: Optional[Callable[[int], None]] = None) -> Outcome:
-    """Certify or predict one image with an opened :class:`densepure_rt.runtime.Engine`."""
-    common = dict(seed=task.seed, batch=task.batch, image_index=int(idx), progress=progress)
-    engine.set_scheduling(task.scheduling)
-    t0 = time.time()
-    counts = None
-    dropped = engine.loop.dropped_evals
-    if task.mode == "certify":
-        result, c = engine.certify_counts(image, task.sigma, task.steps, task.votes, task.n0, task.n, task.alpha, **common)
-        counts, evals = c.counts, c.unet_evals
-    elif task.mode == "certify-radii":
-        result = engine.certify_radii(image, task.sigma, list(task.radii), task.steps, task.votes, task.n0, task.n, task.alpha,
-                                      round_size=task.round_size, **common)
-        evals = result.unet_evals
-    elif task.mode == "certify-until":
-        result = engine.certify_until(image, task.sigma, task.tol, task.steps, task.votes, task.n0, task.n, task.alpha,
-                                      round_size=task.round_size, **common)
-        evals = result.unet_evals
-    else:
-        before = engine.loop.unet_evals
-        result = engine.predict(image, task.sigma, task.steps, task.votes, task.n, task.alpha, **common)
-        evals = engine.loop.unet_evals - before
-    return Outcome(int(idx), task.mode, result, counts, int(evals), time.time() - t0, engine.loop.dropped_evals - dropped)
+    """Certify or predict one image with an opened :class:`densepure_rt.runtime.Engine` (:func:`run_stream`
+    of that image alone)."""
+    return run_group(engine, task, [image], [idx], progress=progress)[0]
 
 
 def run_group(engine, task: Task, images, indices, progress: Optional[Callable[[int], None]] = None) -> list[Outcome]:
-    """Fixed-n CERTIFY of several images whose noisy samples share batches
-    (:meth:`densepure_rt.runtime.Engine.certify_many_counts`, ``--images-per-call``): the same outcomes as
-    :func:`run_image` of each image alone (tests), each charged its own UNet evaluations and an equal
-    share of the group's wall time. With scheduling "continuous", any mode: the images stream through
-    one scheduler run (:func:`run_stream`; a Ray actor's several images in flight)."""
+    """Several images streamed through one scheduler run (:func:`run_stream`; a Ray actor's images
+    in flight): their outcomes in the order of ``indices``, the same as :func:`run_image` of each
+    image alone (tests), each charged its own UNet evaluations."""
     indices = [int(i) for i in indices]
-    if task.scheduling == "continuous":  # any mode: the images stream through one scheduler run
-        outcomes: dict = {}
-        run_stream(engine, task, list(zip(indices, images)), lambda o, _: outcomes.__setitem__(o.idx, o), progress=progress)
-        return [outcomes[i] for i in indices]
-    if task.mode != "certify":
-        raise ValueError("groups of images share batches in fixed-n CERTIFY, or in any mode with scheduling 'continuous'")
-    engine.set_scheduling(task.scheduling)
-    t0 = time.time()
-    results = engine.certify_many_counts(list(images), task.sigma, task.steps, task.votes, task.n0, task.n, task.alpha,
-                                  seed=task.seed, image_indices=indices, batch=task.batch, progress=progress)
-    seconds = (time.time() - t0) / max(len(indices), 1)
-    return [Outcome(idx, "certify", cert, c.counts, c.unet_evals, seconds) for idx, (cert, c) in zip(indices, results)]
+    outcomes: dict = {}
+    run_stream(engine, task, list(zip(indices, images)), lambda o, _: outcomes.__setitem__(o.idx, o), progress=progress)
+    return [outcomes[i] for i in indices]
 
 
 def run_stream(engine, task: Task, items, emit: Callable[[Outcome, int], None], in_flight: Optional[int] = None,
                progress: Optional[Callable[[int], None]] = None, images: Optional[int] = None) -> None:
     """Every image of ``items`` ((index, image) pairs, read lazily) through one scheduler run
-    (:meth:`densepure_rt.runtime.Engine.stream`, scheduling "continuous"): ``emit(outcome, samples)``
+    (:meth:`densepure_rt.runtime.Engine.stream`): ``emit(outcome, samples)``
     as each image finishes (in the order they finish), with the noisy samples its tests read. The
     outcomes equal :func:`run_image`'s (tests/test_stream.py); ``seconds`` is the image's share of
     the wall time (the time since the previous image finished). ``images``: how many ``items``
     holds (default: its length, if it has one): the calls need hold no more rows than all their samples."""
-    engine.set_scheduling("continuous")
     if images is None and hasattr(items, "__len__"):
         images = len(items)
     round_size = task.round_size if task.round_size is not None else 1
