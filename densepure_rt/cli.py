@@ -247,7 +247,32 @@ def _classifier_request(spec, weights, classifier_ckpt, input_size, resize, anti
     return classifier_request(spec, weights, preprocessing, labels)
 
 
-def _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights, own_classifier: bool = False) -> None:
+def _base_preset(preset, unet_path, unet_config, diffusion_ckpt, random_weights, classifier_spec):
+    """The preset a build starts from: --model's, or (--unet and --classifier alone) the custom base."""
+    from densepure_rt.presets import CUSTOM, get_preset
+
+    if unet_path is None:
+        if unet_config is not None:
+            raise ConfigError("--unet-config goes with --unet")
+        if preset is None:
+            raise ConfigError("give --model PRESET (docs/models.md), or --unet PATH with --classifier")
+        return get_preset(preset)
+    for flag, value in (("--diffusion-ckpt", diffusion_ckpt), ("--random-weights", random_weights or None)):
+        if value is not None:
+            raise ConfigError(f"--unet and {flag} exclude each other: --unet is the diffusion model")
+    if not Path(unet_path).expanduser().exists():
+        raise ConfigError(f"--unet {unet_path} does not exist")
+    if unet_config is not None and not Path(unet_config).expanduser().is_file():
+        raise ConfigError(f"--unet-config {unet_config} does not exist or is not a file")
+    if preset is None:
+        if classifier_spec is None:
+            raise ConfigError("--unet without --model needs --classifier (or --model PRESET for its classifier)")
+        return CUSTOM
+    return get_preset(preset)
+
+
+def _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights, own_classifier: bool = False,
+                       own_unet: bool = False) -> None:
     """The checkpoint flags, checked without torch: given files exist; random weights exclude
     checkpoints; a preset with no shipped weights gets checkpoints or --random-weights (the
     classifier's only without ``own_classifier``, --classifier)."""
@@ -259,7 +284,7 @@ def _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights, own_c
     if random_weights or diffusion_ckpt is not None or classifier_ckpt is not None:
         return  # a checkpoint given: its own loading says what is wrong with it or with the other one
     for what, shipped, hint in (("diffusion", p.shipped_unet, p.diffusion_ckpt_hint), ("classifier", p.shipped_classifier, p.classifier_ckpt_hint)):
-        if what == "classifier" and own_classifier:
+        if (what == "classifier" and own_classifier) or (what == "diffusion" and own_unet):
             continue
         if not shipped:
             if not hint:  # a preset without published weights (tiny)
@@ -268,7 +293,15 @@ def _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights, own_c
 
 
 @main.command()
-@click.option("--model", "preset", required=True, metavar="PRESET", help="Preset: imagenet, cifar10 or digits (docs/models.md).")
+@click.option("--model", "preset", metavar="PRESET",
+              help="Preset: imagenet, cifar10 or digits (docs/models.md); optional with --unet and --classifier.")
+@click.option("--unet", "unet_path", type=click.Path(), metavar="PATH",
+              help="Your diffusion model in place of the preset's: a diffusers UNet2DModel folder (its scheduler config "
+                   "inside; DDPM linear betas; variance_type fixed_small, fixed_large, learned or learned_range; prediction_type "
+                   "epsilon, sample or v_prediction), or a guided-diffusion / improved-diffusion checkpoint with --unet-config.")
+@click.option("--unet-config", type=click.Path(), metavar="FILE",
+              help="With --unet: a guided-diffusion flags file (JSON: create_model, noise_schedule, diffusion_steps, "
+                   "rescale_timesteps), or a diffusers scheduler_config.json kept outside the folder.")
 @click.option("--diffusion-ckpt", type=click.Path(), metavar="PATH", help="Diffusion UNet checkpoint (.pt or .safetensors).")
 @click.option("--classifier-ckpt", type=click.Path(), metavar="PATH", help="Classifier checkpoint (file or Hugging Face folder).")
 @click.option("--random-weights", is_flag=True, help="Full-size architecture with random weights (benchmarking only).")
@@ -325,7 +358,7 @@ def _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights, own_c
 @click.option("--hardware-compatibility", type=click.Choice(["none", "ampere_plus", "same_compute_capability"]), default=None,
               help="TensorRT plans for this GPU only (none), any GPU of its compute capability, or any Ampere or newer GPU  "
                    "[default: none]")
-def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, backend, device, batch, out, force, seed, no_validate,
+def build(preset, unet_path, unet_config, diffusion_ckpt, classifier_ckpt, random_weights, precision, backend, device, batch, out, force, seed, no_validate,
           classifier_spec, classifier_weights, input_size, resize, antialias, mean, std, channel_order, outputs, labels_file,
           min_batch, opt_batch, max_batch, workspace, timing_cache, hardware_compatibility):
     """Export a preset's UNet and classifier (or --classifier, your own) to an engine directory (needs the torch extra).
@@ -344,6 +377,7 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
           --device cuda adds the fused GPU graphs: 6 min and 20.4 GB, measured)
       densepure-rt build --model cifar10 ... --backend tensorrt --precision fp16 --batch 200 --max-batch 2000
       densepure-rt build --model digits --classifier my.onnx --out engines/mine
+      densepure-rt build --unet ddpm-cifar10-32/ --classifier my_cifar10.onnx --out engines/ddpm-mine
       densepure-rt build --model cifar10 --diffusion-ckpt cifar10_uncond_50M_500K.pt --classifier timm:resnet18 \\
           --classifier-weights resnet18-cifar10.safetensors --input-size 32 --out engines/cifar10-resnet
     """
@@ -351,15 +385,18 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
 
     # Everything that can be checked without torch is checked first: importing torch and timm takes
     # seconds to tens of seconds, and a typo should not cost that.
-    p = get_preset(preset)
+    p = _base_preset(preset, unet_path, unet_config, diffusion_ckpt, random_weights, classifier_spec)
     batch = batch if batch is not None else p.default_batch
+    if unet_path is not None and precision == "fp16" and backend != "openvino":
+        raise ConfigError("--precision fp16 converts guided-diffusion's UNet block by block: build --unet engines in fp32")
     if precision not in BACKEND_PRECISIONS[backend]:  # before anything is loaded or announced
         raise ConfigError(f"--precision {precision} is not one the {backend} backend runs: choose {' or '.join(BACKEND_PRECISIONS[backend])}")
     if device == "cuda" and backend != "onnxruntime":
         raise ConfigError(f"--device cuda writes ONNX Runtime's fused CUDA graphs: it goes with --backend onnxruntime, not {backend}")
     request = _classifier_request(classifier_spec, classifier_weights, classifier_ckpt, input_size, resize, antialias, mean, std,
                                   channel_order, outputs, labels_file)
-    _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights, own_classifier=request is not None)
+    _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights, own_classifier=request is not None,
+                       own_unet=unet_path is not None)
     trt_flags = {"--min-batch": min_batch, "--opt-batch": opt_batch, "--max-batch": max_batch, "--workspace": workspace,
                  "--timing-cache": timing_cache, "--hardware-compatibility": hardware_compatibility}
     if backend != "tensorrt":
@@ -397,8 +434,10 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
         "classifier_sha256": _weights_sha256(classifier_ckpt, p.shipped_classifier, random_weights),
         "toolkit_version": __version__,
     }
+    if unet_path is not None:
+        inputs["diffusion_sha256"] = _weights_sha256(unet_path, "", False)
+        inputs["unet_config_sha256"] = _weights_sha256(unet_config, "", False) if unet_config else None
     if request is not None:  # every declared choice: an engine built with other preprocessing is not reused
-        inputs["diffusion_sha256"] = _weights_sha256(diffusion_ckpt, p.shipped_unet, random_weights)
         inputs["classifier_sha256"] = _weights_sha256(request.path or request.weights, "", False)
         inputs["classifier"] = {"format": request.format, "name": request.name, "labels": list(request.labels or []),
                                 "preprocessing": {k: (list(v) if isinstance(v, tuple) else v)
@@ -424,7 +463,17 @@ def build(preset, diffusion_ckpt, classifier_ckpt, random_weights, precision, ba
     # With checkpoints, a bad file must stay a one-line error: the models are announced once loaded.
     if random_weights:
         click.echo(f"creating the {p.name} UNet (random weights)...", err=True)
-    unet = load_unet(p, diffusion_ckpt, random_weights=random_weights, seed=seed)
+    if unet_path is not None:
+        from .export.diffusion import load_diffusion_model, with_diffusion_model
+
+        diffusion = load_diffusion_model(unet_path, unet_config)
+        unet, p = diffusion.unet, with_diffusion_model(p, diffusion)
+        if request is None and (p.image_size, p.channels) != (get_preset(preset).image_size, get_preset(preset).channels):
+            raise ConfigError(f"the {p.name} classifier takes {get_preset(preset).channels}x{get_preset(preset).image_size}x"
+                              f"{get_preset(preset).image_size} images but --unet makes {p.channels}x{p.image_size}x{p.image_size}: "
+                              "give --classifier")
+    else:
+        unet = load_unet(p, diffusion_ckpt, random_weights=random_weights, seed=seed)
     if request is not None:
         from .export.sources import load_classifier_source
 

@@ -16,7 +16,7 @@ from densepure_rt.executors.registry import backend_precisions
 
 __all__ = [
     "Preset", "PRESETS", "get_preset", "BACKEND_PRECISIONS", "CLASSIFIER_FORMATS", "RESIZE_MODES", "Preprocessing",
-    "ClassifierRequest", "classifier_request", "read_labels", "IMAGE_SPACE",
+    "ClassifierRequest", "classifier_request", "read_labels", "IMAGE_SPACE", "CUSTOM",
 ]
 
 #: The precisions each backend runs (``build --backend/--precision``), from the backend registry
@@ -100,6 +100,13 @@ class Preset:
     default_batch: int = 32
     #: How the purified image becomes the classifier's input (input_size None: the engine's size).
     classifier_preprocessing: Preprocessing = Preprocessing(mean=(0.5,), std=(0.5,))
+    #: The UNet's output head (densepure_rt.export.step): guided-diffusion's learned sigma is "learned_range".
+    variance_type: str = "learned_range"
+    prediction_type: str = "epsilon"
+    #: x0_hat clipped to [-1, 1] at every step (DensePure; a diffusers scheduler's clip_sample).
+    clip_x0: bool = True
+    #: ``build --unet``: the diffusion model's source (format, file or folder, sha256), for the manifest.
+    unet_source: dict | None = None
 
 
 PRESETS: dict[str, Preset] = {
@@ -251,6 +258,15 @@ PRESETS: dict[str, Preset] = {
         classifier_preprocessing=Preprocessing(mean=(0.5,) * 3, std=(0.5,) * 3, channels="rgb", outputs="logits"),
     ),
 }
+
+
+#: The base of an engine built from ``build --unet`` and ``--classifier`` alone (no --model): every
+#: model fact comes from the two models themselves.
+CUSTOM = Preset(
+    name="custom", unet_kwargs={}, schedule="linear", num_timesteps=1000, rescale_timesteps=False, image_size=0, channels=0,
+    num_classes=0, classifier="", diffusion_ckpt_hint="", classifier_ckpt_hint="", unet_gflop=0.0, classifier_gflop=0.0,
+    description="your diffusion model and classifier (build --unet --classifier)",
+)
 
 
 def get_preset(name: str) -> Preset:

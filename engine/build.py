@@ -301,7 +301,10 @@ def _cost_gflop(preset: Preset, unet: nn.Module, classifier: nn.Module) -> dict:
     from densepure_rt.export.unet import create_model
 
     c, s = preset.channels, preset.image_size
-    unet_gflop = count_gflop_meta(lambda: create_model(**preset.unet_kwargs), [(1, c, s, s), (1,)])
+    if preset.unet_kwargs:
+        unet_gflop = count_gflop_meta(lambda: create_model(**preset.unet_kwargs), [(1, c, s, s), (1,)])
+    else:  # a diffusers UNet: counted with one real forward
+        unet_gflop = count_gflop(unet, (torch.zeros(1, c, s, s), torch.zeros(1)))
     first = next(classifier.parameters(), None)  # a classifier may have no parameters at all
     device = first.device if first is not None else torch.device("cpu")
     # An ONNX classifier runs in ONNX Runtime, which PyTorch's FLOP counter cannot see: 0 (unknown).
@@ -455,14 +458,15 @@ def build_engine(
         image_shape = (preset.channels, preset.image_size, preset.image_size)
         val_batch = 2
         unet = unet.eval()
-        step32 = DenoiseStep(unet).eval()
+        head = (preset.variance_type, preset.prediction_type, preset.clip_x0)
+        step32 = DenoiseStep(unet, *head).eval()
         step_parent = step32
         # OpenVINO reads the fp32 graphs and runs them at the engine's precision (set at load time).
         graph_precision = "fp32" if options.backend == "openvino" else options.precision
         if graph_precision == "fp16":
             import copy
 
-            step_parent = DenoiseStep(copy.deepcopy(unet).convert_to_fp16()).eval()
+            step_parent = DenoiseStep(copy.deepcopy(unet).convert_to_fp16(), *head).eval()
         sspec = step_spec(image_shape, graph_precision)
         user = getattr(classifier, "source", None) or None  # a classifier from build --classifier
         cspec = classifier_spec(image_shape, preset.num_classes, strict=user is not None)
@@ -512,7 +516,14 @@ def build_engine(
                 "num_timesteps": preset.num_timesteps,
                 "rescale_timesteps": preset.rescale_timesteps,
             },
-            "unet": {"create_model_kwargs": preset.unet_kwargs, "parameters": unet_params},
+            "unet": {
+                "create_model_kwargs": preset.unet_kwargs,
+                "parameters": unet_params,
+                "variance_type": preset.variance_type,
+                "prediction_type": preset.prediction_type,
+                "clip_x0": preset.clip_x0,
+                **({"source": preset.unet_source} if preset.unet_source else {}),
+            },
             "classifier": {
                 "name": preset.classifier,
                 "parameters": int(getattr(classifier, "parameter_count", 0) or sum(p.numel() for p in classifier.parameters())),

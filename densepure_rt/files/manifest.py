@@ -339,6 +339,12 @@ def _validate(path: Path, manifest: dict) -> None:
     s.bool("schedule.rescale_timesteps")
     s.obj("unet")
     s.int("unet.parameters", 0, _MAX_PARAMETERS)
+    s.str("unet.variance_type", choices=("learned_range", "learned", "fixed_small", "fixed_large"), required=False)
+    s.str("unet.prediction_type", choices=("epsilon", "sample", "v_prediction"), required=False)
+    s.bool("unet.clip_x0", required=False)
+    if s.obj("unet.source", required=False) is not None:  # build --unet
+        s.str("unet.source.format", max_len=40)
+        s.str("unet.source.sha256", min_len=64, max_len=64)
     s.obj("classifier")
     s.str("classifier.name")
     s.int("classifier.parameters", 0, _MAX_PARAMETERS)
@@ -544,6 +550,9 @@ class Manifest(Mapping):
             "unet_parameters": int(raw["unet"]["parameters"]),
             "classifier_name": str(raw["classifier"]["name"]),
             "classifier_parameters": int(raw["classifier"]["parameters"]),
+            "unet_source": raw["unet"].get("source"),
+            "variance_type": str(raw["unet"].get("variance_type", "learned_range")),
+            "prediction_type": str(raw["unet"].get("prediction_type", "epsilon")),
             "classifier_source": raw["classifier"].get("source"),
             "preprocessing": raw["classifier"].get("preprocessing", _FrozenDict()),
             "labels": None if raw.get("labels") is None else tuple(raw["labels"]),
@@ -578,6 +587,11 @@ class Manifest(Mapping):
     unet_parameters: int
     classifier_name: str
     classifier_parameters: int
+    #: ``build --unet``: the diffusion model's format, file or folder and sha256 (None for a preset's).
+    unet_source: Mapping | None
+    #: The UNet's variance head ("learned_range", "learned", "fixed_small", "fixed_large") and prediction type.
+    variance_type: str
+    prediction_type: str
     #: ``build --classifier``: the classifier's format, file or model name and sha256 (None for a preset's).
     classifier_source: Mapping | None
     #: How the purified image becomes the classifier's input (resize, antialias, mean, std, channel order, scores).
