@@ -301,3 +301,48 @@ def test_the_worked_example_certifies_a_classifier_trained_here_above_chance(tmp
     correct = [r[header.index("correct")] == "1" for r in rows]
     assert len(rows) == 10
     assert sum(correct) / len(rows) > 0.1 + 0.3  # chance is 10%; well above it, with room for a slow machine
+
+
+@pytest.mark.slow
+def test_a_guided_diffusion_checkpoint_with_its_flags_file_builds_beside_your_classifier(tmp_path):
+    """A guided-diffusion UNet of another configuration than the presets' (3 channels, 8 x 8, cosine
+    schedule of 4000 steps, fixed variance) with an ONNX classifier and no --model: the engine's step
+    graph against the project's PyTorch step at that configuration."""
+    from safetensors.torch import save_file
+
+    from densepure_rt.export.step import DenoiseStep
+    from densepure_rt.export.unet import create_model
+    from densepure_rt.files.manifest import load_manifest
+    from densepure_rt.schedule import cosine_schedule, reverse_schedule
+
+    flags = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2", attention_resolutions="4",
+                 num_head_channels=8, learn_sigma=False, use_scale_shift_norm=True)
+    torch.manual_seed(4)
+    unet = create_model(**flags).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(tmp_path / "unet.safetensors"))
+    config = tmp_path / "flags.json"
+    config.write_text(json.dumps({"create_model": flags, "noise_schedule": "cosine", "diffusion_steps": 4000, "rescale_timesteps": True}))
+    classifier = _save_onnx(_net(3, 5), tmp_path / "c.onnx", (2, 3, 8, 8))
+    out = tmp_path / "engine"
+    result = CliRunner().invoke(main, ["build", "--unet", str(tmp_path / "unet.safetensors"), "--unet-config", str(config),
+                                       "--classifier", str(classifier), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    m = load_manifest(out)
+    assert (m.preset, m.image_shape, m.num_classes, m.variance_type) == ("custom", (3, 8, 8), 5, "fixed_small")
+    assert (m.schedule.kind, m.schedule.num_timesteps, m.schedule.rescale_timesteps) == ("cosine", 4000, True)
+    rs = reverse_schedule(cosine_schedule(4000), 0.25, 3)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    scalars = torch.as_tensor(rs.scalars[[0, 1, 2, 1]], dtype=torch.float32)  # rows at different steps
+    with torch.no_grad():
+        want = DenoiseStep(unet, "fixed_small").eval()(x, noise, scalars).numpy()
+    session = ort.InferenceSession(str(out / "step.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"x": x.numpy(), "noise": noise.numpy(), "scalars": scalars.numpy()})
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    # A checkpoint file without its flags is refused in one line.
+    alone = CliRunner().invoke(main, ["build", "--unet", str(tmp_path / "unet.safetensors"), "--classifier", str(classifier),
+                                      "--out", str(tmp_path / "e2")])
+    assert alone.exit_code == 2 and "give its guided-diffusion flags with --unet-config FILE" in alone.output, alone.output
