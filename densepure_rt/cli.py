@@ -837,9 +837,14 @@ def _fused_lines(manifest) -> list[str]:
 
 
 def _classifier_lines(manifest) -> list[str]:
-    """``info``'s lines on the classifier's source and preprocessing, the label names and the image
-    space the radius holds in (read defensively: descriptive fields of the manifest)."""
+    """``info``'s lines on the diffusion model's and the classifier's sources, the classifier's
+    preprocessing, the label names and the image space the radius holds in (read defensively:
+    descriptive fields of the manifest)."""
     lines = []
+    unet = manifest.unet_source
+    if isinstance(unet, dict):
+        lines.append(f"diffusion   {unet.get('format')} {unet.get('folder') or unet.get('file')} (sha256 {str(unet.get('sha256'))[:16]}...), "
+                     f"variance {manifest.variance_type}, prediction {manifest.prediction_type}")
     source = manifest.classifier_source
     if isinstance(source, dict):
         where = source.get("file") or f"{source.get('name')} with weights {source.get('weights')}"
@@ -851,7 +856,8 @@ def _classifier_lines(manifest) -> list[str]:
                f"resize to {'x'.join(map(str, resize.get('size', [])))} {resize.get('mode')}"
                f"{', antialiased' if resize.get('antialias') else ''}")
         lines.append(f"preprocess  purified image in [0, 1] -> {how}{' (uint8 PIL round trip)' if pre.get('pil_uint8') else ''}, "
-                     f"{str(pre.get('channel_order', 'rgb')).upper()}, (v - {pre.get('mean')}) / {pre.get('std')}; "
+                     f"{str(pre.get('channel_order', 'rgb')).upper() if manifest.image_shape[0] == 3 else 'one channel'}, "
+                     f"(v - {pre.get('mean')}) / {pre.get('std')}; "
                      f"the classifier returns {pre.get('scores', 'logits')}")
     if manifest.labels:
         shown = ", ".join(manifest.labels[:10]) + (f", ... ({len(manifest.labels)} in all)" if len(manifest.labels) > 10 else "")
