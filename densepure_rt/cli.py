@@ -21,6 +21,7 @@ import click
 from densepure_rt import __version__
 from densepure_rt.errors import ConfigError, DensePureError, cli_message, install_hint, signals_held
 from densepure_rt.executors.registry import BACKENDS
+from densepure_rt.own_models import base_preset, classifier_request_from_flags, model_lines, own_model_options, weights_sha256
 from densepure_rt.run import random_note, run_mode
 
 __all__ = ["main"]
@@ -153,29 +154,6 @@ main.help = (
 )
 
 
-def _weights_sha256(path: str | None, shipped: str, random_weights: bool) -> str | None:
-    """sha256 of a checkpoint (a file, or every file of a Hugging Face folder), of the shipped
-    weights, or None for random weights (their seed identifies them)."""
-    import hashlib
-
-    from densepure_rt.files.manifest import sha256_file
-
-    if random_weights:
-        return None
-    if path is None:
-        if not shipped:
-            return None
-        path = str(Path(__file__).resolve().parent / "assets" / shipped)
-    target = Path(path)
-    if target.is_file():
-        return sha256_file(target)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in target.rglob("*") if p.is_file()):
-        name = os.fsencode(file.relative_to(target).as_posix())  # bytes as on disk, also where not UTF-8
-        digest.update(name + f"\0{sha256_file(file)}\n".encode())
-    return digest.hexdigest()
-
-
 #: The default engine folder of a ``--random-weights`` build: engines/PRESET-random.
 RANDOM_SUFFIX = "-random"
 
@@ -222,55 +200,6 @@ def _signals_noted():
             signal.signal(sig, old)
 
 
-_PREPROCESSING_FLAGS = ("--input-size", "--resize", "--antialias", "--mean", "--std", "--channels", "--outputs", "--labels",
-                        "--classifier-weights")
-
-
-def _classifier_request(spec, weights, classifier_ckpt, input_size, resize, antialias, mean, std, channel_order, outputs, labels):
-    """``build --classifier`` and its preprocessing flags as a ClassifierRequest (None without
-    --classifier), checked without torch."""
-    from densepure_rt.presets import Preprocessing, classifier_request
-
-    given = (input_size, resize, antialias, mean, std, channel_order, outputs, labels, weights)
-    if spec is None:
-        used = [flag for flag, value in zip(_PREPROCESSING_FLAGS, given) if value is not None]
-        if used:
-            raise ConfigError(f"{used[0]} goes with --classifier (a preset's classifier has its own preprocessing)")
-        return None
-    if classifier_ckpt is not None:
-        raise ConfigError("--classifier and --classifier-ckpt exclude each other: --classifier-ckpt is the preset's classifier")
-    preprocessing = Preprocessing(
-        input_size=Preprocessing.parse_size(input_size), resize=resize, antialias=antialias,
-        mean=Preprocessing.parse_numbers(mean, "--mean"), std=Preprocessing.parse_numbers(std, "--std", positive=True),
-        channels=channel_order, outputs=outputs,
-    )
-    return classifier_request(spec, weights, preprocessing, labels)
-
-
-def _base_preset(preset, unet_path, unet_config, diffusion_ckpt, random_weights, classifier_spec):
-    """The preset a build starts from: --model's, or (--unet and --classifier alone) the custom base."""
-    from densepure_rt.presets import CUSTOM, get_preset
-
-    if unet_path is None:
-        if unet_config is not None:
-            raise ConfigError("--unet-config goes with --unet")
-        if preset is None:
-            raise ConfigError("give --model PRESET (docs/models.md), or --unet PATH with --classifier")
-        return get_preset(preset)
-    for flag, value in (("--diffusion-ckpt", diffusion_ckpt), ("--random-weights", random_weights or None)):
-        if value is not None:
-            raise ConfigError(f"--unet and {flag} exclude each other: --unet is the diffusion model")
-    if not Path(unet_path).expanduser().exists():
-        raise ConfigError(f"--unet {unet_path} does not exist")
-    if unet_config is not None and not Path(unet_config).expanduser().is_file():
-        raise ConfigError(f"--unet-config {unet_config} does not exist or is not a file")
-    if preset is None:
-        if classifier_spec is None:
-            raise ConfigError("--unet without --model needs --classifier (or --model PRESET for its classifier)")
-        return CUSTOM
-    return get_preset(preset)
-
-
 def _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights, own_classifier: bool = False,
                        own_unet: bool = False) -> None:
     """The checkpoint flags, checked without torch: given files exist; random weights exclude
@@ -295,13 +224,6 @@ def _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights, own_c
 @main.command()
 @click.option("--model", "preset", metavar="PRESET",
               help="Preset: imagenet, cifar10 or digits (docs/models.md); optional with --unet and --classifier.")
-@click.option("--unet", "unet_path", type=click.Path(), metavar="PATH",
-              help="Your diffusion model in place of the preset's: a diffusers UNet2DModel folder (its scheduler config "
-                   "inside; DDPM linear betas; variance_type fixed_small, fixed_large, learned or learned_range; prediction_type "
-                   "epsilon, sample or v_prediction), or a guided-diffusion / improved-diffusion checkpoint with --unet-config.")
-@click.option("--unet-config", type=click.Path(), metavar="FILE",
-              help="With --unet: a guided-diffusion flags file (JSON: create_model, noise_schedule, diffusion_steps, "
-                   "rescale_timesteps), or a diffusers scheduler_config.json kept outside the folder.")
 @click.option("--diffusion-ckpt", type=click.Path(), metavar="PATH", help="Diffusion UNet checkpoint (.pt or .safetensors).")
 @click.option("--classifier-ckpt", type=click.Path(), metavar="PATH", help="Classifier checkpoint (file or Hugging Face folder).")
 @click.option("--random-weights", is_flag=True, help="Full-size architecture with random weights (benchmarking only).")
@@ -321,28 +243,7 @@ def _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights, own_c
 @click.option("--force", is_flag=True, help="Rebuild, replacing an existing engine directory (never any other folder).")
 @click.option("--seed", type=int, default=0, show_default=True, metavar="N", help="Seed of --random-weights.")
 @click.option("--no-validate", is_flag=True, help="Skip validating the graphs against PyTorch.")
-# -- your own classifier, beside the preset's diffusion model (docs/models.md, "Your own classifier") ---
-@click.option("--classifier", "classifier_spec", metavar="PATH|timm:NAME|torchvision:NAME",
-              help="Your classifier in place of the preset's: an ONNX file (.onnx), a TorchScript file (.pt, .pth, .ts, "
-                   ".jit), a torch.export program (.pt2), or timm:NAME / torchvision:NAME with --classifier-weights. "
-                   "It gets the purified image in [0, 1] at the engine's size, resized, reordered and normalised as "
-                   "declared below; the build checks it against the original model.")
-@click.option("--classifier-weights", type=click.Path(), metavar="FILE",
-              help="Weights of a timm:NAME or torchvision:NAME classifier (.safetensors, or a state dict read with weights_only=True).")
-@click.option("--input-size", metavar="H[xW]",
-              help="The classifier's input size  [default: the model's (timm, torchvision, a fixed ONNX input), else the engine's image size]")
-@click.option("--resize", type=click.Choice(["bilinear", "bicubic", "nearest"]), default=None,
-              help="Interpolation to the input size  [default: the model's, else bilinear]")
-@click.option("--antialias/--no-antialias", default=None,
-              help="Low-pass filter when shrinking (bilinear, bicubic)  [default: the model's, else off]")
-@click.option("--mean", metavar="A[,B,C]", help="Per-channel mean subtracted from the [0, 1] image  [default: the model's, else 0]")
-@click.option("--std", metavar="A[,B,C]", help="Per-channel std the image is divided by  [default: the model's, else 1]")
-@click.option("--channels", "channel_order", type=click.Choice(["rgb", "bgr"]), default=None,
-              help="Channel order the classifier takes; --mean/--std are in that order  [default: rgb]")
-@click.option("--outputs", type=click.Choice(["logits", "probabilities"]), default=None,
-              help="What the classifier returns (recorded; the label is the argmax either way)  [default: logits]")
-@click.option("--labels", "labels_file", type=click.Path(), metavar="FILE",
-              help="Class names, one per line: their number must equal the classifier's outputs.")
+@own_model_options
 # -- TensorRT (--backend tensorrt only); rows = noisy samples x K per engine call ---------------------
 @click.option("--min-batch", type=click.IntRange(min=1), default=None, metavar="ROWS",
               help="TensorRT profile: fewest rows per call  [default: 1]")
@@ -361,7 +262,7 @@ def _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights, own_c
 def build(preset, unet_path, unet_config, diffusion_ckpt, classifier_ckpt, random_weights, precision, backend, device, batch, out, force, seed, no_validate,
           classifier_spec, classifier_weights, input_size, resize, antialias, mean, std, channel_order, outputs, labels_file,
           min_batch, opt_batch, max_batch, workspace, timing_cache, hardware_compatibility):
-    """Export a preset's UNet and classifier (or --classifier, your own) to an engine directory (needs the torch extra).
+    """Export a preset's UNet and classifier (or your own: --unet, --classifier) to an engine directory (needs the torch extra).
 
     An existing engine built from the same preset, settings and weights is verified and reused
     (nothing is rebuilt); --force rebuilds it. --force never deletes a folder that is not an engine.
@@ -385,7 +286,7 @@ def build(preset, unet_path, unet_config, diffusion_ckpt, classifier_ckpt, rando
 
     # Everything that can be checked without torch is checked first: importing torch and timm takes
     # seconds to tens of seconds, and a typo should not cost that.
-    p = _base_preset(preset, unet_path, unet_config, diffusion_ckpt, random_weights, classifier_spec)
+    p = base_preset(preset, unet_path, unet_config, diffusion_ckpt, random_weights, classifier_spec)
     batch = batch if batch is not None else p.default_batch
     if unet_path is not None and precision == "fp16" and backend != "openvino":
         raise ConfigError("--precision fp16 converts guided-diffusion's UNet block by block: build --unet engines in fp32")
@@ -393,7 +294,7 @@ def build(preset, unet_path, unet_config, diffusion_ckpt, classifier_ckpt, rando
         raise ConfigError(f"--precision {precision} is not one the {backend} backend runs: choose {' or '.join(BACKEND_PRECISIONS[backend])}")
     if device == "cuda" and backend != "onnxruntime":
         raise ConfigError(f"--device cuda writes ONNX Runtime's fused CUDA graphs: it goes with --backend onnxruntime, not {backend}")
-    request = _classifier_request(classifier_spec, classifier_weights, classifier_ckpt, input_size, resize, antialias, mean, std,
+    request = classifier_request_from_flags(classifier_spec, classifier_weights, classifier_ckpt, input_size, resize, antialias, mean, std,
                                   channel_order, outputs, labels_file)
     _check_checkpoints(p, diffusion_ckpt, classifier_ckpt, random_weights, own_classifier=request is not None,
                        own_unet=unet_path is not None)
@@ -430,15 +331,15 @@ def build(preset, unet_path, unet_config, diffusion_ckpt, classifier_ckpt, rando
         "validate": not no_validate,
         "random_weights": bool(random_weights),
         "seed": seed if random_weights else None,
-        "diffusion_sha256": _weights_sha256(diffusion_ckpt, p.shipped_unet, random_weights),
-        "classifier_sha256": _weights_sha256(classifier_ckpt, p.shipped_classifier, random_weights),
+        "diffusion_sha256": weights_sha256(diffusion_ckpt, p.shipped_unet, random_weights),
+        "classifier_sha256": weights_sha256(classifier_ckpt, p.shipped_classifier, random_weights),
         "toolkit_version": __version__,
     }
     if unet_path is not None:
-        inputs["diffusion_sha256"] = _weights_sha256(unet_path, "", False)
-        inputs["unet_config_sha256"] = _weights_sha256(unet_config, "", False) if unet_config else None
+        inputs["diffusion_sha256"] = weights_sha256(unet_path, "", False)
+        inputs["unet_config_sha256"] = weights_sha256(unet_config, "", False) if unet_config else None
     if request is not None:  # every declared choice: an engine built with other preprocessing is not reused
-        inputs["classifier_sha256"] = _weights_sha256(request.path or request.weights, "", False)
+        inputs["classifier_sha256"] = weights_sha256(request.path or request.weights, "", False)
         inputs["classifier"] = {"format": request.format, "name": request.name, "labels": list(request.labels or []),
                                 "preprocessing": {k: (list(v) if isinstance(v, tuple) else v)
                                                   for k, v in dataclasses.asdict(request.preprocessing).items()}}
@@ -662,12 +563,14 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
     if round_size is not None and mode == "certify":
         raise ConfigError("--round goes with --radius or --tol (fixed-n CERTIFY has no rounds)")
     radii = _radius_list(radii) if radii else None
+    from densepure_rt.spec import RunSpec
+
+    spec = RunSpec(mode, sigma, steps, votes, n0, n, alpha, radii=tuple(radii) if radii else None, tol=tol, round_size=round_size,
+                   seed=seed, batch=batch, early_exit=early_exit, images_per_call=images_per_call)
     started = time.time()
     summary = _check_summary(json_summary, out, data)
-    totals = run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
-                progress_every, out, n0, n, radii=radii, tol=tol, early_exit=early_exit, round_size=round_size,
-                images_per_call=images_per_call, ray=ray, actors=actors, ray_timeout=ray_timeout,
-                kernels=kernels)
+    totals = run_mode(spec, engine_dir, data, skip, max_images, resume, device, threads, quiet, progress_every, out, ray=ray,
+                      actors=actors, ray_timeout=ray_timeout, kernels=kernels, adopt_round=round_size is None)
     from densepure_rt.files.report import certified_accuracy, labelled
     from densepure_rt.files.results import read_results
 
@@ -699,11 +602,13 @@ def predict(engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batc
     Example:
       densepure-rt predict --sigma 0.25 --steps 4 --votes 5 --n 100 --max 40
     """
+    from densepure_rt.spec import RunSpec
+
+    spec = RunSpec("predict", sigma, steps, votes, None, n, alpha, seed=seed, batch=batch)
     started = time.time()
     summary = _check_summary(json_summary, out, data)
-    totals = run_mode("predict", engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet,
-                progress_every, out, None, n, ray=ray, actors=actors, ray_timeout=ray_timeout,
-                kernels=kernels)
+    totals = run_mode(spec, engine_dir, data, skip, max_images, resume, device, threads, quiet, progress_every, out, ray=ray,
+                      actors=actors, ray_timeout=ray_timeout, kernels=kernels)
     from densepure_rt.files.results import read_rows
 
     from densepure_rt.files.report import is_correct
@@ -836,40 +741,6 @@ def _fused_lines(manifest) -> list[str]:
             f"classifier {cls.get('file')} {cls.get('precision')}{attention}"]
 
 
-def _classifier_lines(manifest) -> list[str]:
-    """``info``'s lines on the diffusion model's and the classifier's sources, the classifier's
-    preprocessing, the label names and the image space the radius holds in (read defensively:
-    descriptive fields of the manifest)."""
-    lines = []
-    unet = manifest.unet_source
-    if isinstance(unet, dict):
-        lines.append(f"diffusion   {unet.get('format')} {unet.get('folder') or unet.get('file')} (sha256 {str(unet.get('sha256'))[:16]}...), "
-                     f"variance {manifest.variance_type}, prediction {manifest.prediction_type}")
-    source = manifest.classifier_source
-    if isinstance(source, dict):
-        where = source.get("file") or f"{source.get('name')} with weights {source.get('weights')}"
-        lines.append(f"source      {source.get('format')} {where} (sha256 {str(source.get('sha256'))[:16]}...)")
-    pre = manifest.preprocessing
-    if isinstance(pre, dict) and pre:
-        resize = pre.get("resize")
-        how = ("no resize" if not isinstance(resize, dict) else
-               f"resize to {'x'.join(map(str, resize.get('size', [])))} {resize.get('mode')}"
-               f"{', antialiased' if resize.get('antialias') else ''}")
-        lines.append(f"preprocess  purified image in [0, 1] -> {how}{' (uint8 PIL round trip)' if pre.get('pil_uint8') else ''}, "
-                     f"{str(pre.get('channel_order', 'rgb')).upper() if manifest.image_shape[0] == 3 else 'one channel'}, "
-                     f"(v - {pre.get('mean')}) / {pre.get('std')}; "
-                     f"the classifier returns {pre.get('scores', 'logits')}")
-    if manifest.labels:
-        shown = ", ".join(manifest.labels[:10]) + (f", ... ({len(manifest.labels)} in all)" if len(manifest.labels) > 10 else "")
-        lines.append(f"labels      {shown}")
-    space = manifest.image_space
-    if isinstance(space, dict):
-        lines.append(f"radius      L2 in [0, 1] pixels of the {'x'.join(map(str, space.get('size', [])))} image the engine takes, "
-                     "noise added before any classifier resizing or normalisation; image files are resized (bicubic) and "
-                     "centre-cropped to that size first, so a certificate is about that image, not the original file")
-    return lines
-
-
 @main.command()
 @click.option("--engine", "engine_dir", type=click.Path(), metavar="DIR",
               help="Engine directory from `build`  [default: the digits engine shipped with densepure-rt]")
@@ -899,7 +770,7 @@ def info(engine_dir, as_json):
         + (f", {cost['unet']:g} GFLOP/sample" if isinstance(cost.get("unet"), (int, float)) and cost.get("unet") else ""),
         f"classifier  {manifest.classifier_name}, {manifest.classifier_parameters:,} parameters, {manifest.classifier_precision}"
         + (f", {cost['classifier']:g} GFLOP/sample" if isinstance(cost.get("classifier"), (int, float)) and cost.get("classifier") else ""),
-        *_classifier_lines(manifest),
+        *model_lines(manifest),
         f"backend     {manifest.backend} (opset {manifest.opset})",
         "rows        at most {} per step call, {} per classifier call (largest tensors {:,} and {:,} elements per row; "
         "rows = noisy samples x K)".format(*rows_per_call(manifest), step.max_elements_per_row, classifier.max_elements_per_row),
