@@ -32,7 +32,8 @@ _OPTIONS = [
                       "rescale_timesteps), or a diffusers scheduler_config.json kept outside the folder."),
     click.option("--classifier", "classifier_spec", metavar="PATH|timm:NAME|torchvision:NAME",
                  help="Your classifier in place of the preset's: an ONNX file (.onnx), a TorchScript file (.pt, .pth, .ts, "
-                      ".jit), a torch.export program (.pt2), or timm:NAME / torchvision:NAME with --classifier-weights. "
+                      ".jit), a torch.export program (.pt2), a Hugging Face image-classification folder, or timm:NAME / "
+                      "torchvision:NAME with --classifier-weights. "
                       "It gets the purified image in [0, 1] at the engine's size, resized, reordered and normalised as "
                       "declared below; the build checks it against the original model."),
     click.option("--classifier-weights", type=click.Path(), metavar="FILE",

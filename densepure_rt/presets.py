@@ -287,6 +287,7 @@ CLASSIFIER_FORMATS = {
     "torch-export": "a torch.export program (.pt2: torch.export.save)",
     "timm": "timm:NAME with --classifier-weights FILE (.safetensors, or a state dict read with weights_only=True)",
     "torchvision": "torchvision:NAME with --classifier-weights FILE (.safetensors, or a state dict read with weights_only=True)",
+    "huggingface": "a Hugging Face image-classification folder (config.json, weights, preprocessor_config.json; needs transformers)",
 }
 _SUFFIXES = {".onnx": "onnx", ".pt2": "torch-export", ".pt": "torchscript", ".pth": "torchscript", ".ts": "torchscript",
              ".jit": "torchscript", ".torchscript": "torchscript"}
@@ -353,7 +354,8 @@ def read_labels(path: str | Path) -> tuple[str, ...]:
 def classifier_request(spec: str, weights: str | None = None, preprocessing: Preprocessing = Preprocessing(),
                        labels: str | None = None) -> ClassifierRequest:
     """``build --classifier SPEC`` as a :class:`ClassifierRequest`: ``timm:NAME`` or
-    ``torchvision:NAME`` (with ``weights``), or a file whose suffix names its format. Refuses, in one
+    ``torchvision:NAME`` (with ``weights``), a Hugging Face folder (``config.json`` inside), or a
+    file whose suffix names its format. Refuses, in one
     line, an unknown format (listing the accepted ones), a missing file, and weights where the format
     carries its own."""
     if preprocessing.resize is not None and preprocessing.resize not in RESIZE_MODES:
@@ -372,6 +374,10 @@ def classifier_request(spec: str, weights: str | None = None, preprocessing: Pre
                 raise ConfigError(f"--classifier-weights {weights} does not exist or is not a file")
             return ClassifierRequest(prefix, None, name, str(Path(weights).expanduser()), preprocessing, names)
     path = Path(spec).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        if weights is not None:
+            raise ConfigError("--classifier-weights goes with timm:NAME or torchvision:NAME: a Hugging Face folder holds its weights")
+        return ClassifierRequest("huggingface", str(path), None, None, preprocessing, names)
     fmt = _SUFFIXES.get(path.suffix.lower())
     if fmt is None:
         raise ConfigError(f"--classifier {spec}: not a format build reads; accepted: {_accepted()}")

@@ -53,6 +53,7 @@ class _Loaded:
     parameters: int = 0
     source: dict = field(default_factory=dict)
     countable: bool = True  # PyTorch's FLOP counter sees its arithmetic
+    labels: tuple[str, ...] | None = None  # class names the format carries (a Hugging Face config's id2label)
 
 
 class OnnxNet(nn.Module):
@@ -227,6 +228,72 @@ def _torchvision_source(request: ClassifierRequest) -> _Loaded:
                    {"format": "torchvision", "name": request.name, "weights": str(weights.resolve()), "sha256": _sha256_file(weights)})
 
 
+class _HFLogits(nn.Module):
+    """A transformers image-classification model as a network: pixel_values -> logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(pixel_values=x).logits
+
+
+#: PIL's resampling codes in a Hugging Face preprocessor_config.json.
+_PIL_RESAMPLE = {0: "nearest", 2: "bilinear", 3: "bicubic"}
+
+
+def _hf_defaults(folder: Path) -> dict:
+    """The preprocessing a Hugging Face image processor declares (preprocessor_config.json): the
+    input size (the crop size where it centre-crops), the interpolation, mean and std. Its PIL resize
+    filters when it shrinks, so antialiasing is on."""
+    path = folder / "preprocessor_config.json"
+    if not path.is_file():
+        return {}
+    import json
+
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise ConfigError(f"--classifier {path} is not readable JSON") from None
+    size = cfg.get("crop_size") if cfg.get("do_center_crop") else cfg.get("size")
+    if isinstance(size, dict):
+        size = (size.get("height"), size.get("width")) if "height" in size else (size.get("shortest_edge"),) * 2
+    elif isinstance(size, int):
+        size = (size, size)
+    defaults: dict = {"antialias": True}
+    if size and all(isinstance(v, int) and v > 0 for v in size):
+        defaults["input_size"] = tuple(size)
+    if cfg.get("resample") in _PIL_RESAMPLE:
+        defaults["resize"] = _PIL_RESAMPLE[cfg["resample"]]
+    if cfg.get("do_normalize", True) and cfg.get("image_mean") is not None and cfg.get("image_std") is not None:
+        defaults["mean"], defaults["std"] = tuple(cfg["image_mean"]), tuple(cfg["image_std"])
+    return defaults
+
+
+def _huggingface_source(request: ClassifierRequest) -> _Loaded:
+    folder = Path(request.path)
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError(f"--classifier {folder} (a Hugging Face folder) needs transformers: pip install transformers") from None
+    weights = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".safetensors", ".bin", ".json"))
+    try:
+        model = transformers.AutoModelForImageClassification.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - transformers' own errors
+        raise ConfigError(f"--classifier {folder} is not a Hugging Face image-classification folder ({_first_line(exc)})") from None
+    labels = [str(model.config.id2label[i]) for i in range(len(model.config.id2label))] if model.config.id2label else []
+    generic = all(name == f"LABEL_{i}" for i, name in enumerate(labels))
+    digest = hashlib.sha256()
+    for file in weights:
+        digest.update(f"{file.name}\0{_sha256_file(file)}\n".encode())
+    params = sum(p.numel() for p in model.parameters())
+    loaded = _Loaded(_HFLogits(model.eval()), _hf_defaults(folder), int(getattr(model.config, "num_channels", 3)), None, params,
+                     {"format": "huggingface", "folder": str(folder.resolve()), "sha256": digest.hexdigest()})
+    loaded.labels = None if generic or not labels else tuple(labels)
+    return loaded
+
+
 #: One loader per format of :data:`densepure_rt.presets.CLASSIFIER_FORMATS`.
 SOURCES: dict[str, Callable[[ClassifierRequest], _Loaded]] = {
     "onnx": _onnx_source,
@@ -234,6 +301,7 @@ SOURCES: dict[str, Callable[[ClassifierRequest], _Loaded]] = {
     "torch-export": _export_program_source,
     "timm": _timm_source,
     "torchvision": _torchvision_source,
+    "huggingface": _huggingface_source,
 }
 assert set(SOURCES) == set(CLASSIFIER_FORMATS)
 
@@ -293,7 +361,7 @@ def load_classifier_source(request: ClassifierRequest, channels: int, image_size
     module = with_preprocessing(loaded.net, 0, image_size, channels, resolved, cls=UserClassifier)
     module.net_onnx = loaded.onnx
     module.source = loaded.source
-    module.label_names = request.labels
+    module.label_names = request.labels if request.labels is not None else loaded.labels
     module.parameter_count = int(loaded.parameters)
     module.countable = loaded.countable
     probe = torch.zeros(2, channels, image_size, image_size)
@@ -311,6 +379,8 @@ def load_classifier_source(request: ClassifierRequest, channels: int, image_size
     classes = int(out.shape[1])
     if request.labels is not None and len(request.labels) != classes:
         raise ConfigError(f"{what} gives {classes} scores per image but --labels names {len(request.labels)} classes")
+    if module.label_names is not None and len(module.label_names) != classes:
+        module.label_names = None  # a config's id2label that does not fit its own head names nothing
     module.num_classes = classes
     if request.format in ("torchscript", "torch-export"):
         module.net_onnx = _network_onnx(loaded.net, (2, channels, *size), request.format)

@@ -346,3 +346,29 @@ def test_a_guided_diffusion_checkpoint_with_its_flags_file_builds_beside_your_cl
     alone = CliRunner().invoke(main, ["build", "--unet", str(tmp_path / "unet.safetensors"), "--classifier", str(classifier),
                                       "--out", str(tmp_path / "e2")])
     assert alone.exit_code == 2 and "give its guided-diffusion flags with --unet-config FILE" in alone.output, alone.output
+
+
+@pytest.mark.slow
+def test_a_hugging_face_folder_takes_its_image_processor_and_label_names(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from densepure_rt.export.sources import load_classifier_source
+
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                    image_size=20, patch_size=5, num_labels=3, id2label={0: "cat", 1: "dog", 2: "fox"},
+                                    label2id={"cat": 0, "dog": 1, "fox": 2})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(3)
+        model = transformers.ViTForImageClassification(config).eval()
+        for p in model.parameters():
+            p.data.normal_(0.0, 0.3)
+    model.save_pretrained(tmp_path / "hf")
+    transformers.ViTImageProcessor(size={"height": 20, "width": 20}, image_mean=[0.4, 0.5, 0.6], image_std=[0.3, 0.2, 0.25],
+                                   resample=3).save_pretrained(tmp_path / "hf")
+    request = classifier_request(str(tmp_path / "hf"))
+    assert request.format == "huggingface"
+    assert load_classifier_source(request, 3, 16).label_names == ("cat", "dog", "fox")
+    session = _engine_graph(request, 3, 16, tmp_path)
+    x = _purified(3, 3, 16)
+    with torch.no_grad():  # the processor's PIL resize filters: antialiased bicubic to 20 x 20
+        want = model(pixel_values=_hand_preprocess(x, (20, 20), "bicubic", True, (0.4, 0.5, 0.6), (0.3, 0.2, 0.25))).logits
+    _assert_parity(session, want, x)
