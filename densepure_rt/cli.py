@@ -282,7 +282,7 @@ def build(preset, unet_path, unet_config, diffusion_ckpt, classifier_ckpt, rando
       densepure-rt build --model cifar10 --diffusion-ckpt cifar10_uncond_50M_500K.pt --classifier timm:resnet18 \\
           --classifier-weights resnet18-cifar10.safetensors --input-size 32 --out engines/cifar10-resnet
     """
-    from densepure_rt.presets import BACKEND_PRECISIONS, get_preset
+    from densepure_rt.presets import BACKEND_PRECISIONS
 
     # Everything that can be checked without torch is checked first: importing torch and timm takes
     # seconds to tens of seconds, and a typo should not cost that.
@@ -306,8 +306,7 @@ def build(preset, unet_path, unet_config, diffusion_ckpt, classifier_ckpt, rando
             raise ConfigError(f"{given[0]} goes with --backend tensorrt")
     try:
         with signals_held():  # torch, onnx and ONNX Runtime load here, all of them: see errors.signals_held
-            from .engine.build import BuildOptions, build_engine, check_out_dir, clean_stale_builds, is_engine_dir, preload_build_modules
-            from .export.models import load_classifier, load_unet
+            from .engine.build import BuildOptions, build_engine, check_out_dir, clean_stale_builds, is_engine_dir, load_models, preload_build_modules
 
             preload_build_modules()
     except ImportError as exc:
@@ -362,28 +361,9 @@ def build(preset, unet_path, unet_config, diffusion_ckpt, classifier_ckpt, rando
     check_out_dir(out, force)  # refuses before anything is loaded or announced
     started = time.time()
     # With checkpoints, a bad file must stay a one-line error: the models are announced once loaded.
-    if random_weights:
-        click.echo(f"creating the {p.name} UNet (random weights)...", err=True)
-    if unet_path is not None:
-        from .export.diffusion import load_diffusion_model, with_diffusion_model
-
-        diffusion = load_diffusion_model(unet_path, unet_config)
-        unet, p = diffusion.unet, with_diffusion_model(p, diffusion)
-        if request is None and (p.image_size, p.channels) != (get_preset(preset).image_size, get_preset(preset).channels):
-            raise ConfigError(f"the {p.name} classifier takes {get_preset(preset).channels}x{get_preset(preset).image_size}x"
-                              f"{get_preset(preset).image_size} images but --unet makes {p.channels}x{p.image_size}x{p.image_size}: "
-                              "give --classifier")
-    else:
-        unet = load_unet(p, diffusion_ckpt, random_weights=random_weights, seed=seed)
-    if request is not None:
-        from .export.sources import load_classifier_source
-
-        classifier = load_classifier_source(request, p.channels, p.image_size)
-        p = dataclasses.replace(p, num_classes=classifier.num_classes, classifier=request.display)
-    else:
-        if random_weights:
-            click.echo(f"creating the {p.name} classifier (random weights)...", err=True)
-        classifier = load_classifier(p, classifier_ckpt, random_weights=random_weights, seed=seed)
+    p, unet, classifier = load_models(p, unet_path=unet_path, unet_config=unet_config, diffusion_ckpt=diffusion_ckpt, request=request,
+                                      classifier_ckpt=classifier_ckpt, random_weights=random_weights, seed=seed,
+                                      log=lambda line: click.echo(line, err=True))
     # Announced only once the folder and the checkpoints have passed their checks.
     click.echo(f"building {p.name} ({precision}, {backend}) into {out} (models ready after {time.time() - started:.0f} s)", err=True)
     provenance = {

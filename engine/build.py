@@ -38,7 +38,7 @@ from densepure_rt.export.onnx_export import (
 from densepure_rt.limits import row_limit
 from densepure_rt.export.step import DenoiseStep
 
-__all__ = ["BuildOptions", "build_engine", "check_out_dir", "clean_stale_builds", "foreign_entry", "is_engine_dir", "PRECISIONS", "BACKENDS"]
+__all__ = ["BuildOptions", "build_engine", "build_own_engine", "load_models", "check_out_dir", "clean_stale_builds", "foreign_entry", "is_engine_dir", "PRECISIONS", "BACKENDS"]
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 BACKENDS = tuple(BACKEND_PRECISIONS)
@@ -580,3 +580,66 @@ def build_engine(
     from densepure_rt.files.manifest import load_manifest
 
     return load_manifest(out_dir)
+
+
+def load_models(preset: Preset, *, unet_path=None, unet_config=None, diffusion_ckpt=None, request=None, classifier_ckpt=None,
+                random_weights: bool = False, seed: int = 0, log=None) -> tuple[Preset, nn.Module, nn.Module]:
+    """The models of a build and the preset carrying their facts: (preset, fp32 UNet, classifier).
+
+    The diffusion model is ``unet_path`` (+ ``unet_config``; :func:`densepure_rt.export.diffusion.load_diffusion_model`)
+    or the preset's (``diffusion_ckpt``, its shipped weights, or random weights under ``seed``); the
+    classifier is ``request`` (a :class:`densepure_rt.presets.ClassifierRequest`, checked against the
+    diffusion model's images) or the preset's. ``log(line)`` announces random-weight models."""
+    import dataclasses
+
+    from densepure_rt.export.models import load_classifier, load_unet
+
+    say = log or (lambda line: None)
+    if unet_path is not None:
+        from densepure_rt.export.diffusion import load_diffusion_model, with_diffusion_model
+
+        diffusion = load_diffusion_model(unet_path, unet_config)
+        own = with_diffusion_model(preset, diffusion)
+        if request is None and (own.image_size, own.channels) != (preset.image_size, preset.channels):
+            raise ConfigError(f"the {preset.name} classifier takes {preset.channels}x{preset.image_size}x{preset.image_size} images "
+                              f"but --unet makes {own.channels}x{own.image_size}x{own.image_size}: give --classifier")
+        unet, preset = diffusion.unet, own
+    else:
+        if random_weights:
+            say(f"creating the {preset.name} UNet (random weights)...")
+        unet = load_unet(preset, diffusion_ckpt, random_weights=random_weights, seed=seed)
+    if request is not None:
+        from densepure_rt.export.sources import load_classifier_source
+
+        classifier = load_classifier_source(request, preset.channels, preset.image_size)
+        preset = dataclasses.replace(preset, num_classes=classifier.num_classes, classifier=request.display)
+    else:
+        if random_weights:
+            say(f"creating the {preset.name} classifier (random weights)...")
+        classifier = load_classifier(preset, classifier_ckpt, random_weights=random_weights, seed=seed)
+    return preset, unet, classifier
+
+
+def build_own_engine(out_dir: str | Path, *, model: str | None = None, unet: str | Path | None = None,
+                     unet_config: str | Path | None = None, classifier: str | None = None,
+                     classifier_weights: str | Path | None = None, preprocessing=None, labels: str | Path | None = None,
+                     options: BuildOptions | None = None, log=print):
+    """``densepure-rt build --model/--unet/--classifier`` as a function, for pipelines: the preset
+    ``model`` (or none, with ``unet`` and ``classifier``), your diffusion model ``unet`` (+
+    ``unet_config``), your classifier ``classifier`` (a file, a Hugging Face folder, ``timm:NAME`` or
+    ``torchvision:NAME`` with ``classifier_weights``) with its ``preprocessing``
+    (:class:`densepure_rt.presets.Preprocessing`) and ``labels`` file. Returns the verified
+    :class:`densepure_rt.files.manifest.Manifest`; errors are :class:`densepure_rt.errors.DensePureError`
+    with one line, raised before anything is written."""
+    from densepure_rt.own_models import base_preset
+    from densepure_rt.presets import Preprocessing, classifier_request
+
+    preset = base_preset(model, None if unet is None else str(unet), unet_config, None, False, classifier)
+    request = None
+    if classifier is not None:
+        request = classifier_request(str(classifier), None if classifier_weights is None else str(classifier_weights),
+                                     preprocessing or Preprocessing(), None if labels is None else str(labels))
+    options = options or BuildOptions(batch=preset.default_batch)
+    check_out_dir(out_dir, options.force)
+    preset, unet_module, classifier_module = load_models(preset, unet_path=unet, unet_config=unet_config, request=request, log=log)
+    return build_engine(out_dir, preset, unet_module, classifier_module, options, log=log)

@@ -372,3 +372,19 @@ def test_a_hugging_face_folder_takes_its_image_processor_and_label_names(tmp_pat
     with torch.no_grad():  # the processor's PIL resize filters: antialiased bicubic to 20 x 20
         want = model(pixel_values=_hand_preprocess(x, (20, 20), "bicubic", True, (0.4, 0.5, 0.6), (0.3, 0.2, 0.25))).logits
     _assert_parity(session, want, x)
+
+
+@pytest.mark.slow
+def test_the_python_function_builds_what_the_command_builds(digits_onnx, tmp_path):
+    from densepure_rt.engine.build import build_own_engine
+
+    pre = Preprocessing(input_size=(20, 20), mean=(0.5,), std=(0.25,))
+    m = build_own_engine(tmp_path / "api", model="digits", classifier=str(digits_onnx), preprocessing=pre, log=lambda line: None)
+    result = _build(["--classifier", str(digits_onnx), "--input-size", "20", "--mean", "0.5", "--std", "0.25",
+                     "--out", str(tmp_path / "cli")], tmp_path)
+    assert result.exit_code == 0, result.output
+    from densepure_rt.files.manifest import load_manifest
+
+    assert load_manifest(tmp_path / "cli").identity == m.identity
+    with pytest.raises(ConfigError, match="give --model PRESET"):
+        build_own_engine(tmp_path / "none", classifier=str(digits_onnx))
