@@ -173,11 +173,11 @@ def _head_classes(state: dict) -> int | None:
 def _timm_source(request: ClassifierRequest) -> _Loaded:
     import timm
 
+    if not timm.is_model(request.name.split(".")[0]):
+        raise ConfigError(f"--classifier timm:{request.name}: timm has no model of that name (timm.list_models() lists them)")
     weights = Path(request.weights)
     what = f"--classifier-weights {weights}"
     state = load_state_dict(weights, what)
-    if request.name not in timm.list_models() and not timm.is_model(request.name):
-        raise ConfigError(f"--classifier timm:{request.name}: timm has no model of that name (timm.list_models() lists them)")
     try:
         net = timm.create_model(request.name, pretrained=False)
         head = net.pretrained_cfg.get("classifier")
@@ -349,6 +349,9 @@ def load_classifier_source(request: ClassifierRequest, channels: int, image_size
         return generic if value is None else value
 
     size = tuple(pick("input_size", (image_size, image_size)))
+    fixed = model.get("input_size") if request.format == "onnx" else None
+    if fixed is not None and size != tuple(fixed):
+        raise ConfigError(f"{what} takes {fixed[0]}x{fixed[1]} inputs (fixed in the file), not --input-size {size[0]}x{size[1]}")
     resize = pick("resize", "bilinear")
     antialias = bool(pick("antialias", False)) and resize != "nearest"
     mean = _per_channel(pick("mean", (0.0,)), channels, "--mean")

@@ -388,3 +388,39 @@ def test_the_python_function_builds_what_the_command_builds(digits_onnx, tmp_pat
     assert load_manifest(tmp_path / "cli").identity == m.identity
     with pytest.raises(ConfigError, match="give --model PRESET"):
         build_own_engine(tmp_path / "none", classifier=str(digits_onnx))
+
+
+class _Mean(nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize(
+    "make, extra, message",
+    [
+        (lambda d: _save_onnx(_net(1, 10), d / "fixed.onnx", (2, 1, 16, 16)), ["--input-size", "30"],
+         "takes 16x16 inputs (fixed in the file), not --input-size 30x30"),
+        (lambda d: _save_onnx(_Mean(), d / "flat.onnx", (2, 1, 16, 16)), [],
+         "must return one score per class, [N x classes]; it returns [2] for N = 2"),
+        (lambda d: _one_batch(d / "one.onnx"), [], "has its batch axis fixed at 1: export it with a dynamic batch axis"),
+    ],
+)
+def test_build_refuses_an_onnx_classifier_of_the_wrong_shape_in_one_line(tmp_path, make, extra, message):
+    path = make(tmp_path)
+    result = _build(["--classifier", str(path), *extra, "--out", str(tmp_path / "e")], tmp_path)
+    assert result.exit_code == 2
+    assert message in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+def _one_batch(path: Path) -> Path:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_net(1, 10), (torch.zeros(1, 1, 16, 16),), str(path), opset_version=17, dynamo=False)
+    return path
+
+
+def test_an_unknown_timm_name_is_refused_before_its_weights_are_read(tmp_path):
+    weights = tmp_path / "w.pth"
+    weights.write_bytes(b"not read")
+    result = _build(["--classifier", "timm:no_such_net", "--classifier-weights", str(weights), "--out", str(tmp_path / "e")], tmp_path)
+    assert result.exit_code == 2 and "timm has no model of that name" in result.output, result.output
