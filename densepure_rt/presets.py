@@ -1,4 +1,6 @@
-"""The model presets, as data (docs/design.md section 2). The runtime itself reads only an engine's manifest.
+"""The model presets, as data (docs/design.md section 2), and the models ``build`` takes from the
+user (``--classifier`` with its declared :class:`Preprocessing`; a preset declares its classifier's
+the same way). The runtime itself reads only an engine's manifest.
 
 Paper numbers beside each preset are from Xiao et al. (ICLR 2023), Table 1 / Table 2 (certified
 accuracy at radius 0 / 0.5 / 1.0, sigma chosen per radius), for orientation only: densepure-rt

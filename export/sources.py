@@ -2,7 +2,7 @@
 
 Each source loads the user's network as a callable PyTorch module on images at its own input size,
 with the preprocessing defaults its format carries (timm's pretrained config, torchvision's weights
-transforms, an ONNX graph's fixed input size). :func:`load_classifier_source` wraps it in a
+transforms, a Hugging Face image processor, an ONNX graph's fixed input size). :func:`load_classifier_source` wraps it in a
 :class:`UserClassifier`: the engine's classifier graph, i.e. the purified image (in [-1, 1], the
 engine's size) brought to [0, 1], resized with the declared interpolation and antialiasing,
 reordered to the network's channel order, normalised, then the network. ONNX, TorchScript and

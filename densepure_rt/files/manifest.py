@@ -442,7 +442,9 @@ def engine_identity(manifest: dict) -> str:
     external data, TensorRT plans) and the settings that change its outputs (preset, image shape,
     classes, schedule, precisions, backend). Not the build's date, host, timings or the manifest's
     own checksum: a rebuild from the same weights and settings has the same identity (its graphs
-    are bit-identical), so results files keyed to it are continued; a changed graph is not.
+    are bit-identical), so results files keyed to it are continued; a changed graph is not. Every
+    classifier preprocessing choice (resize, antialiasing, channel order, mean, std) and the
+    diffusion model's output head are exported into the graphs, so they are part of the identity.
     (A TensorRT plan may differ between builds on the same machine: its sha256 is part of the
     identity, so results continue only on the engine that wrote them.)"""
     body = {
