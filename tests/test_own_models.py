@@ -180,14 +180,14 @@ def test_build_records_the_classifier_its_preprocessing_labels_and_the_image_spa
     labels.write_text("".join(f"digit {i}\n" for i in range(10)))
     out = tmp_path / "engine"
     args = ["--classifier", str(digits_onnx), "--input-size", "20x24", "--resize", "bicubic", "--mean", "0.5", "--std", "0.25",
-            "--labels", str(labels), "--out", str(out)]
+            "--outputs", "probabilities", "--labels", str(labels), "--out", str(out)]
     result = _build(args, tmp_path)
     assert result.exit_code == 0, result.output
     m = load_manifest(out)
     assert m.classifier_source == {"format": "onnx", "file": str(digits_onnx.resolve()), "sha256": sha256_file(digits_onnx)}
     assert m.preprocessing["resize"] == {"size": [20, 24], "mode": "bicubic", "align_corners": False, "antialias": False}
     assert (m.preprocessing["mean"], m.preprocessing["std"], m.preprocessing["channel_order"]) == ([0.5], [0.25], "rgb")
-    assert m.preprocessing["scores"] == "logits"
+    assert m.preprocessing["scores"] == "probabilities"
     assert m.labels == tuple(f"digit {i}" for i in range(10))
     assert m.image_space["size"] == [1, 16, 16] and m.image_space["range"] == [0.0, 1.0]
     assert m["validation"]["classifier"]["labels"]["agreement"] == 1.0
@@ -424,3 +424,23 @@ def test_an_unknown_timm_name_is_refused_before_its_weights_are_read(tmp_path):
     weights.write_bytes(b"not read")
     result = _build(["--classifier", "timm:no_such_net", "--classifier-weights", str(weights), "--out", str(tmp_path / "e")], tmp_path)
     assert result.exit_code == 2 and "timm has no model of that name" in result.output, result.output
+
+
+def test_a_classifier_graph_that_disagrees_with_the_original_model_is_refused(tmp_path):
+    """The build's check (validate_graph with the strict classifier spec): a graph exported with one
+    mean, checked against the original model behind a mean 0.1% away, is refused in one line."""
+    from densepure_rt.engine.build import _classifier_inputs, _export_classifier
+    from densepure_rt.export.onnx_export import ExportValidationError, classifier_spec, validate_graph
+    from densepure_rt.export.sources import load_classifier_source
+    from densepure_rt.presets import get_preset
+
+    path = _save_onnx(_net(1, 10), tmp_path / "m.onnx", (2, 1, 16, 16))
+    exported = load_classifier_source(classifier_request(str(path), preprocessing=Preprocessing(mean=(0.5,), std=(0.2,))), 1, 16)
+    other = load_classifier_source(classifier_request(str(path), preprocessing=Preprocessing(mean=(0.5005,), std=(0.2,))), 1, 16)
+    spec = classifier_spec((1, 16, 16), 10, strict=True)
+    _export_classifier(exported, spec, tmp_path, (_purified(2, 1, 16),))
+    make = _classifier_inputs(get_preset("digits"), 2)
+    assert validate_graph(tmp_path / spec.file, exported, spec, make)["logits"]["rel_l2"] < 1e-5
+    with pytest.raises(ExportValidationError, match="classifier graph .* disagrees with PyTorch: logits") as error:
+        validate_graph(tmp_path / spec.file, other, spec, make)
+    assert "\n" not in str(error.value)
