@@ -420,7 +420,8 @@ def test_early_stop_radius_abstains_when_the_running_interval_is_empty():
             es.update(ROUND, ROUND)  # S = t = 160: L ~ 0.98
         assert not es.done and es.certified and es.radius > 1.9
         lower_before = es.p_a_lower
-        assert es.update(successes, trials) == 0.0
+        es.update(successes, trials)
+        assert es.radius == 0.0
         res = es.result()
         upper_now = confidence_sequence(160 + successes, 160 + trials, alpha)[1]
         assert upper_now < lower_before  # the new interval lies wholly below the running lower bound

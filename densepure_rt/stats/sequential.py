@@ -276,6 +276,188 @@ def confidence_sequence(successes, trials, alpha: float, prior: BetaMixture = DE
 
 
 # --------------------------------------------------------------------------------------------
+# Per-vote fast paths: the same decisions and bounds, read from scalar arithmetic where it is sure
+# --------------------------------------------------------------------------------------------
+
+#: Relative cushion of the bound comparisons: a computed bound (:func:`confidence_sequence`'s outer
+#: Newton iterate, rounded one ulp outward) lies within about 1e-13 of the exact one, relative;
+#: comparisons against a point this close are left to the exact function.
+_CUSHION = 1e-10
+
+
+class _Filter:
+    """Scalar log M_t(p) of one (prior, alpha) in Python floats, with an error bound, so that a
+    sequential test after one vote costs a few microseconds instead of the vectorised functions'
+    hundreds: a comparison of log M with log(1 / alpha) is read from it only where the two differ by
+    more than the bound; nearer, the exact functions (:func:`decide`, :func:`confidence_sequence`)
+    decide. So every decision and bound equals theirs, bit for bit (tests/test_incremental_bounds.py
+    compares them over a grid of (successes, trials) and on streams, against a frozen copy of the
+    functions).
+
+    The log-marginal is logsumexp_k [log w_k - betaln(a_k, b_k) + lgamma(a_k + S) + lgamma(b_k + F)
+    - lgamma(a_k + b_k + t)] (math.lgamma), within a few ulp of the magnitudes of its lgamma terms
+    of the exact function's value (measured: 1.2 ulp over S, t up to 10^6); the bound allows 1e-13
+    of those magnitudes and of the S log p, F log(1 - p) terms (450 ulp), plus 1e-12 nats."""
+
+    def __init__(self, prior: BetaMixture, alpha: float):
+        self.threshold = math.log(1.0 / alpha)  # decide's threshold, the same float
+        w, a, b = (np.asarray(x) for x in (prior.weights, prior.a, prior.b))
+        self.components = [(float(c), float(ak), float(bk), float(ak + bk))
+                           for c, ak, bk in zip(np.log(w) - special.betaln(a, b), a, b)]
+        # |lgamma(x)| <= lgamma(x) + 0.25 for x > 0 (its minimum is -0.1215), so the sum of the
+        # |terms| of a component is at most |c| + its three lgamma values + 0.75.
+        self.offset = max(abs(c) for c, _, _, _ in self.components) + 0.75
+        self.arrays = tuple(np.array(x, dtype=np.float64) for x in zip(*self.components))
+        self.s = self.t = -1
+        self.value = self.magnitude = 0.0
+
+    def at(self, s: int, t: int) -> "_Filter":
+        """Evaluate the log-marginal at S = s, t (kept until the next call)."""
+        if s != self.s or t != self.t:
+            f = t - s
+            lgamma, exp = math.lgamma, math.exp
+            terms = []
+            magnitude = 0.0
+            for c, a, b, ab in self.components:
+                la, lb, lab = lgamma(a + s), lgamma(b + f), lgamma(ab + t)
+                terms.append(c + la + lb - lab)
+                size = la + lb + lab
+                if size > magnitude:
+                    magnitude = size
+            top = max(terms)
+            total = 0.0
+            for x in terms:
+                total += exp(x - top)
+            self.value = top + math.log(total)
+            self.magnitude, self.s, self.t = magnitude + self.offset, s, t
+        return self
+
+    def rejects(self, p: float):
+        """Whether log M_t(p) >= log(1 / alpha) at the last :meth:`at`: True, False, or None where
+        the scalar value is too near the threshold to tell (or p is 0 or 1)."""
+        if not 0.0 < p < 1.0:
+            return None
+        s, f = self.s, self.t - self.s
+        lp, lq = math.log(p), math.log1p(-p)
+        value = self.value - s * lp - f * lq
+        err = 1e-13 * (10.0 + self.magnitude + abs(s * lp) + abs(f * lq))
+        if value >= self.threshold + err:
+            return True
+        if value < self.threshold - err:
+            return False
+        return None
+
+    def lower_at_most(self, x: float) -> bool:
+        """Surely L_t <= x (the computed lower bound of :func:`confidence_sequence`)? False: unsure."""
+        if self.s == 0 or x >= 1.0:
+            return True  # L_t = 0
+        y = x * (1.0 - _CUSHION)
+        if y <= 0.0:
+            return False
+        # y at or right of S/t, or inside CS_t: the exact L_t is below y
+        return self.s <= y * self.t or self.rejects(y) is False
+
+    def lower_above(self, x: float) -> bool:
+        """Surely L_t > x? False: unsure."""
+        y = x * (1.0 + _CUSHION)
+        return 0.0 < y < 1.0 and self.s > y * self.t and self.rejects(y) is True
+
+    def upper_at_least(self, x: float) -> bool:
+        """Surely U_t >= x (the computed upper bound)? False: unsure."""
+        if self.s == self.t or x <= 0.0:
+            return True  # U_t = 1
+        y = x + max((1.0 - x) * _CUSHION, 8 * math.ulp(x))  # near 1, at least a few doubles apart
+        if y >= 1.0:
+            return False
+        return self.s >= y * self.t or self.rejects(y) is False
+
+    def upper_below(self, x: float) -> bool:
+        """Surely U_t < x? False: unsure."""
+        y = x - max((1.0 - x) * _CUSHION, 8 * math.ulp(x))
+        return 0.0 < y < 1.0 and self.s < y * self.t and self.rejects(y) is True
+
+    def _root(self, m: int, r: int) -> float:
+        """:func:`_outer_root` in Python floats on the scalar log-marginal (an estimate: checked by
+        the brackets below)."""
+        k = self.value - self.threshold
+        u = k / m
+        for _ in range(60):
+            if r == 0 or u >= 0.0:
+                break
+            h = k - m * u - r * math.log1p(-math.exp(u))
+            dh = -m + r / math.expm1(-u)
+            step = -h / dh
+            if not (math.isfinite(step) and step > 0.0):
+                break
+            u += step
+            if step <= 1e-15 * max(1.0, abs(u)):
+                break
+        return u
+
+    def lower_bracket(self):
+        """(lo, hi) with lo < L_t <= hi (L_t as :func:`confidence_sequence` computes it), or None."""
+        if self.s == 0:
+            return 0.0, 0.0
+        estimate = math.exp(self._root(self.s, self.t - self.s))
+        for width in (1e-8, 1e-6, 1e-4):
+            lo, hi = estimate * (1.0 - width), estimate * (1.0 + width)
+            if self.lower_above(lo) and self.lower_at_most(hi):
+                return lo, hi
+        return None
+
+    def upper_bracket(self):
+        """(lo, hi) with lo <= U_t < hi, or None."""
+        if self.s == self.t:
+            return 1.0, 1.0
+        estimate = -math.expm1(self._root(self.t - self.s, self.s))
+        for width in (1e-8, 1e-6, 1e-4):
+            gap = max((1.0 - estimate) * width, 64 * math.ulp(estimate))
+            lo, hi = estimate - gap, estimate + gap
+            if self.upper_at_least(lo) and self.upper_below(hi):
+                return lo, hi
+        return None
+
+
+class _RunningMax:
+    """max of a sequence of numbers, each offered with a bracket [lo, hi] and a function that
+    computes it exactly: exact values are computed only where the brackets cannot tell which is the
+    largest, or when :meth:`exact` is asked. Invariant: the maximum is max(value, pending's exact)."""
+
+    def __init__(self, value: float):
+        self.value = value
+        self.pending = None  # (lo, hi, compute) of an element above ``value``
+
+    def bounds(self) -> tuple[float, float]:
+        """lo <= the maximum <= hi."""
+        pending = self.pending
+        if pending is None:
+            return self.value, self.value
+        value = self.value
+        return (pending[0] if pending[0] > value else value), (pending[1] if pending[1] > value else value)
+
+    def offer(self, lo: float, hi: float, compute) -> None:
+        cur_lo, cur_hi = self.bounds()
+        if hi <= cur_lo:
+            return
+        if lo > cur_hi:  # the new one is the largest, whatever the pending one is
+            self.pending = (lo, hi, compute)
+            return
+        self.exact()
+        if hi <= self.value:
+            return
+        if lo > self.value:
+            self.pending = (lo, hi, compute)
+            return
+        self.value = max(self.value, compute())
+
+    def exact(self) -> float:
+        if self.pending is not None:
+            self.value = max(self.value, self.pending[2]())
+            self.pending = None
+        return self.value
+
+
+# --------------------------------------------------------------------------------------------
 # Fixed-n comparisons
 # --------------------------------------------------------------------------------------------
 
@@ -422,7 +604,49 @@ def _decided_soonest(n_a: int, n: int, m: np.ndarray, up, down, alpha: float, pr
     return (rejected[0] & (s[0] > p0[0] * t[0])) | (rejected[1] & (s[1] < p0[1] * t[1]))
 
 
+def _soonest(fast: "_Filter", n_a: int, n: int, window: int, ups: list, downs: list):
+    """:func:`_decided_soonest` through the filter's arithmetic, vectorised over m (scipy's gammaln,
+    as accurate as math.lgamma): per target k, the first m in 1..window at which m more successes
+    certify ``ups[k]`` or m more failures find ``downs[k]`` futile (``window`` where neither
+    happens), or None where some value is too near the threshold to tell (the caller then asks the
+    exact function)."""
+    if window < 1:
+        return [window] * len(ups)
+    m = np.arange(1, window + 1, dtype=np.float64)[:, None]  # [window x 1]
+    c, a, b, ab = fast.arrays  # [components] each
+    f = n - n_a
+    la_now, lb_now = special.gammaln(a + n_a), special.gammaln(b + f)  # [components]
+    la_up, lb_down, lab = special.gammaln(a + n_a + m), special.gammaln(b + f + m), special.gammaln(ab + n + m)
+    out = [window] * len(ups)
+    for lgs, lgf, s, fails, targets, certify in (
+            (la_up, lb_now, n_a + m[:, 0], float(f), ups, True),
+            (la_now, lb_down, np.full(window, float(n_a)), f + m[:, 0], downs, False)):
+        terms = c + lgs + lgf - lab  # [window x components]
+        top = terms.max(axis=1)
+        value = top + np.log(np.exp(terms - top[:, None]).sum(axis=1))
+        magnitude = (lgs + lgf + lab).max(axis=1) + fast.offset
+        t = n + m[:, 0]
+        for i, p0 in enumerate(targets):
+            side = s > p0 * t if certify else s < p0 * t
+            if not side.any():
+                continue
+            if not 0.0 < p0 < 1.0:
+                return None
+            lp, lq = math.log(p0), math.log1p(-p0)
+            log_m = value - s * lp - fails * lq
+            err = 1e-13 * (10.0 + magnitude + np.abs(s * lp) + np.abs(fails * lq))
+            unsure = side & (np.abs(log_m - fast.threshold) <= err)
+            if unsure.any():
+                return None
+            hit = side & (log_m >= fast.threshold)
+            if hit.any():
+                out[i] = min(out[i], int(np.argmax(hit)) + 1)
+    return out
+
+
 def _check_round(successes, trials, n: int, n_max: int) -> tuple[int, int]:
+    if type(successes) is int and type(trials) is int and 0 <= successes <= trials and 1 <= trials <= n_max - n:
+        return successes, trials  # the common case, without the checks' isinstance of abstract classes
     for name, value in (("successes", successes), ("trials", trials)):
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise ValueError(f"{name} must be an integer (got {value!r})")
@@ -486,14 +710,17 @@ class TargetRadiiTest:
             raise ValueError(f"radii must be a non-empty 1-D list of finite radii >= 0 (got {radii})")
         self.radii = radii
         self.thresholds = stats.norm.cdf(radii / self.sigma)
+        self._p0 = [float(x) for x in self.thresholds]
+        self._filter = _Filter(prior, self.alpha)
         self.n_a = 0
         self.n = 0
         self.decisions = np.zeros(radii.size, dtype=np.int8)
         self.decided_at = np.zeros(radii.size, dtype=np.int64)
+        self._open = list(range(radii.size))  # the undecided targets
 
     @property
     def done(self) -> bool:
-        return bool((self.decisions != UNDECIDED).all()) or self.n >= self.n_max
+        return not self._open or self.n >= self.n_max
 
     @property
     def remaining(self) -> int:
@@ -511,11 +738,20 @@ class TargetRadiiTest:
         successes, trials = _check_round(successes, trials, self.n, self.n_max)
         self.n_a += successes
         self.n += trials
-        open_ = self.decisions == UNDECIDED
-        new = decide(self.n_a, self.n, self.thresholds[open_], self.alpha, self.prior)
-        idx = np.flatnonzero(open_)
-        self.decisions[idx] = new
-        self.decided_at[idx[new != UNDECIDED]] = self.n
+        s, t = self.n_a, self.n
+        fast = self._filter.at(s, t)
+        for j in list(self._open):
+            p0 = self._p0[j]
+            side = CERTIFIED if s > p0 * t else FUTILE if s < p0 * t else UNDECIDED
+            if side == UNDECIDED:
+                continue
+            rejected = fast.rejects(p0)
+            if rejected is None:  # too near the threshold for the scalar value: the exact test
+                rejected = bool(decide(s, t, p0, self.alpha, self.prior) != UNDECIDED)
+            if rejected:
+                self.decisions[j] = side
+                self.decided_at[j] = t
+                self._open.remove(j)
         return self.decisions.copy()
 
     def certain_more(self, window: int = LOOKAHEAD) -> int:
@@ -528,6 +764,10 @@ class TargetRadiiTest:
         times, and the test not before the latest target's."""
         if self.done:
             return 0
+        p0s = [self._p0[j] for j in self._open]
+        first = _soonest(self._filter, self.n_a, self.n, min(int(window), self.remaining), p0s, p0s)
+        if first is not None:
+            return max(first)
         m = np.arange(1, min(int(window), self.remaining) + 1)[:, None]
         p0 = self.thresholds[self.decisions == UNDECIDED][None, :]
         can = _decided_soonest(self.n_a, self.n, m, p0, p0, self.alpha, self.prior)
@@ -566,6 +806,11 @@ class EarlyStopResult:
     n_a: int
     n: int
     reason: str
+
+
+#: r(L(F, n_max)) of :class:`EarlyStopRadius`'s forecast by (alpha, prior, n_max, sigma) and F: each
+#: forecast's bound is computed once per process, whichever image's test asks.
+_FORECAST_RADII: dict = {}
 
 
 class EarlyStopRadius:
@@ -626,14 +871,25 @@ class EarlyStopRadius:
         self.tol = float(tol)
         _check_prior(prior)
         self.prior = prior
+        self._filter = _Filter(prior, self.alpha)
         self.n_a = 0
         self.n = 0
-        self.p_a_lower = 0.0
-        self.p_a_upper = 1.0
+        self._lower = _RunningMax(0.0)  # max_s L_s
+        self._upper = _RunningMax(-1.0)  # max_s -U_s = -min_s U_s (negation is exact)
         self.reason = ""
 
     def _radius_of(self, p: float) -> float:
         return float(self.sigma * special.ndtri(p)) if p > 0.5 else 0.0  # ndtri is scipy.stats.norm.ppf
+
+    @property
+    def p_a_lower(self) -> float:
+        """max_s L_s over the rounds so far (0.0 before the first)."""
+        return self._lower.exact()
+
+    @property
+    def p_a_upper(self) -> float:
+        """min_s U_s over the rounds so far (1.0 before the first)."""
+        return -self._upper.exact()
 
     @property
     def radius(self) -> float:
@@ -654,8 +910,16 @@ class EarlyStopRadius:
         """Trials that may still be fed (n_max - n)."""
         return self.n_max - self.n
 
-    def update(self, successes: int, trials: int) -> float:
-        """Add one round (``successes`` votes for ``c_a`` among ``trials``); returns the radius so far.
+    def update(self, successes: int, trials: int) -> None:
+        """Add one round (``successes`` votes for ``c_a`` among ``trials``); read ``radius``,
+        ``done`` and :meth:`result` after it.
+
+        The bounds of the round are computed (:func:`confidence_sequence`) only where a stop test or
+        a running bound needs them; elsewhere the scalar filter brackets them to within 1e-8
+        (verified on the exact function's log M), which settles every test whose outcome the
+        bracket does not straddle. The running bounds keep the brackets of their latest candidates
+        until they are read (``p_a_lower``, ``p_a_upper``, ``radius``, :meth:`result`). So every
+        stop, bound and radius equals that of computing both bounds after every round.
 
         ValueError if already stopped or the round would exceed n_max.
         """
@@ -664,25 +928,111 @@ class EarlyStopRadius:
         successes, trials = _check_round(successes, trials, self.n, self.n_max)
         self.n_a += successes
         self.n += trials
-        forecast = self._forecast_successes()
-        lower, upper = confidence_sequence(
-            np.array([self.n_a, forecast]), np.array([self.n, self.n_max]), self.alpha, self.prior
-        )
-        self.p_a_lower = max(self.p_a_lower, float(lower[0]))
-        self.p_a_upper = min(self.p_a_upper, float(upper[0]))
-        radius = self.radius
-        if self.p_a_upper <= self.p_a_lower:
+        s, t = self.n_a, self.n
+        fast = self._filter.at(s, t)
+        bounds: list = []
+
+        def exact() -> tuple[float, float]:
+            if not bounds:
+                lower, upper = confidence_sequence(s, t, self.alpha, self.prior)
+                bounds[:] = [float(lower), float(upper)]
+            return bounds[0], bounds[1]
+
+        if not fast.lower_at_most(self._lower.bounds()[0]):
+            bracket = fast.lower_bracket()
+            lo, hi = bracket if bracket is not None else (exact()[0],) * 2
+            self._lower.offer(lo, hi, lambda: exact()[0])
+        if not fast.upper_at_least(-self._upper.bounds()[0]):
+            bracket = fast.upper_bracket()
+            lo, hi = bracket if bracket is not None else (exact()[1],) * 2
+            self._upper.offer(-hi, -lo, lambda: -exact()[1])
+        if self._inconsistent():
             self.reason = "inconsistent"
-            radius = 0.0
-        elif self.p_a_upper <= 0.5:
+        elif self._upper_at_most(0.5):
             self.reason = "futile"
-        elif self.p_a_upper < 1.0 and self._radius_of(self.p_a_upper) - radius <= self.tol:
+        elif self._precise():
             self.reason = "precise"
-        elif radius > 0.0 and max(self._radius_of(float(lower[1])) - self._radius_of(float(lower[0])), 0.0) < self.tol:
+        elif self._lower_above(0.5) and self._stalled(fast, exact):
             self.reason = "stalled"
         elif self.n >= self.n_max:
             self.reason = "budget"
-        return radius
+
+    def _lower_above(self, x: float) -> bool:
+        """p_a_lower > x, from the bracket where it can tell."""
+        lo, hi = self._lower.bounds()
+        if lo > x:
+            return True
+        if hi <= x:
+            return False
+        return self.p_a_lower > x
+
+    def _upper_at_most(self, x: float) -> bool:
+        """p_a_upper <= x, from the bracket where it can tell."""
+        neg_lo, neg_hi = self._upper.bounds()
+        if -neg_lo <= x:
+            return True
+        if -neg_hi > x:
+            return False
+        return self.p_a_upper <= x
+
+    def _inconsistent(self) -> bool:
+        """p_a_upper <= p_a_lower."""
+        lower_lo, lower_hi = self._lower.bounds()
+        neg_lo, neg_hi = self._upper.bounds()
+        if -neg_lo <= lower_lo:
+            return True
+        if -neg_hi > lower_hi:
+            return False
+        return self.p_a_upper <= self.p_a_lower
+
+    def _precise(self) -> bool:
+        """p_a_upper < 1 and r(p_a_upper) - radius <= tol, from the brackets of both running bounds
+        where the radii of their ends settle it (r is monotone; 1e-9 covers its rounding)."""
+        lower_lo, lower_hi = self._lower.bounds()
+        neg_lo, neg_hi = self._upper.bounds()
+        upper_lo, upper_hi = -neg_hi, -neg_lo
+        if upper_lo >= 1.0:
+            return False  # p_a_upper = 1
+        if upper_hi < 1.0:
+            most = self._radius_of(upper_hi) - self._radius_of(lower_lo)
+            least = self._radius_of(upper_lo) - self._radius_of(lower_hi)
+            if most <= self.tol - 1e-9:
+                return True
+            if least > self.tol + 1e-9:
+                return False
+        upper = self.p_a_upper
+        return upper < 1.0 and self._radius_of(upper) - self.radius <= self.tol
+
+    def _stalled(self, fast: _Filter, exact) -> bool:
+        """max(r(L(F, n_max)) - r(L_t), 0) < tol, F the forecast successes (:meth:`_forecast_successes`),
+        r(p) = sigma Phi^-1(p) (0 when p <= 1/2): from the filter where L_t is surely on one side of
+        the point where the two radii differ by tol, else from the computed L_t."""
+        if self.tol == 0.0:
+            return False  # max(., 0) < 0 never holds
+        gain = self._forecast_radius(self._forecast_successes())
+        if gain < self.tol:
+            return True  # r(L_t) >= 0
+        # L_t above x stalls, below does not: r(x) = gain - tol (x >= 1/2 as gain >= tol)
+        x = 0.5 * math.erfc(-(gain - self.tol) / self.sigma / math.sqrt(2.0))
+        if x < 1.0 - 1e-6:
+            if fast.lower_above(x * (1.0 + 1e-9)):
+                return True
+            if fast.lower_at_most(x * (1.0 - 1e-9)):
+                return False
+        return max(gain - self._radius_of(exact()[0]), 0.0) < self.tol
+
+    def _forecast_radius(self, forecast: int) -> float:
+        """r(L(forecast, n_max)), the reference's ``_radius_of(float(lower[1]))``, computed once per
+        (forecast, n_max, alpha, prior, sigma) in a process."""
+        key = (self.alpha, self.prior, self.n_max, self.sigma)
+        table = _FORECAST_RADII.setdefault(key, {})
+        gain = table.get(forecast)
+        if gain is None:
+            if len(table) >= 1 << 20:
+                table.clear()
+            lower, _ = confidence_sequence(forecast, self.n_max, self.alpha, self.prior)
+            gain = table[forecast] = self._radius_of(float(lower))
+        return gain
 
     def certain_more(self, window: int = LOOKAHEAD) -> int:
         """The fewest further estimation samples after which it could stop, whatever their votes
@@ -696,10 +1046,13 @@ class EarlyStopRadius:
         come after any sample: 1."""
         if self.done:
             return 0
-        if self.p_a_lower > 0.5:
+        if self._lower_above(0.5):
             return 1
         m = np.arange(1, min(int(window), self.remaining) + 1)
         p_tol = float(special.ndtr(self.tol / self.sigma))
+        first = _soonest(self._filter, self.n_a, self.n, m.size, [0.5], [p_tol])
+        if first is not None:
+            return first[0]
         can = _decided_soonest(self.n_a, self.n, m, 0.5, p_tol, self.alpha, self.prior)
         return int(m[np.argmax(can)]) if can.any() else int(m.size)
 

@@ -1,0 +1,725 @@
+"""Frozen copy of densepure_rt/stats/sequential.py as it computed before its per-vote fast paths: the
+reference the fast paths are tested against (tests/test_incremental_bounds.py). Not collected by pytest.
+
+Anytime-valid sequential certification: Cohen et al.'s guarantee from a data-dependent n.
+
+Pure statistics (numpy + scipy, never torch), like :mod:`densepure_rt.stats.cohen`. The selection of
+``c_a`` from at most ``n0`` samples happens elsewhere (CERTIFY's argmax; :func:`selection_done`
+says when it may stop early); the procedures here see only the estimation counts of ``c_a``, which
+arrive in rounds (one engine call each), and say after every round whether the evidence already
+suffices.
+
+The maths (Robbins 1970; Waudby-Smith & Ramdas, arXiv 2010.09686; Voracek, arXiv 2406.17830).
+Let X_1, X_2, ... be i.i.d. Bernoulli(p) (X_i = 1 when the i-th noisy copy votes ``c_a``), S_t =
+X_1 + ... + X_t the successes after t trials, and pi a prior on [0, 1] (here a finite mixture of
+Beta distributions, ``pi = sum_k w_k Beta(a_k, b_k)``). For every fixed p in (0, 1),
+
+    M_t(p) = integral q^S_t (1 - q)^(t - S_t) dpi(q) / (p^S_t (1 - p)^(t - S_t))
+           = sum_k w_k B(a_k + S_t, b_k + t - S_t) / B(a_k, b_k) / (p^S_t (1 - p)^(t - S_t))
+
+is the likelihood ratio of "q drawn from pi" against p, a nonnegative martingale with M_0 = 1 under
+p. Ville's inequality, P_p(exists t: M_t(p) >= 1/alpha) <= alpha, makes
+
+    CS_t = {p : M_t(p) < 1/alpha}
+
+a (1 - alpha) *confidence sequence*: P(p in CS_t for every t = 1, 2, ...) >= 1 - alpha, whatever the
+(data-dependent) time at which one looks or stops. p -> log M_t(p) is convex with its minimum, at
+most 0, at p_hat = S_t / t, so CS_t is an interval [L_t, U_t] around p_hat (L_t = 0 exactly when
+S_t = 0, U_t = 1 exactly when S_t = t).
+
+A target radius R is certified at round t when p0 = Phi(R / sigma) <= L_t, i.e. (no root finding)
+S_t / t > p0 and log M_t(p0) >= log(1 / alpha); it is futile when U_t <= p0, i.e. S_t / t < p0 and
+the same inequality. A false certificate (certifying R although p_a <= Phi(R / sigma)) at any round
+needs p_a outside some CS_t: one event of probability <= alpha covers every round, every target and
+every stopping rule at once. Names follow :mod:`densepure_rt.stats.cohen`: ``n_a`` successes of
+``c_a``, ``n`` estimation trials, ``alpha`` failure probability, ``p_a_lower`` / ``p_a_upper`` the
+confidence sequence's bounds.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import special, stats
+
+CERTIFIED = 1
+FUTILE = -1
+UNDECIDED = 0
+
+#: The version of :class:`EarlyStopRadius`'s stopping rule (its "stalled" forecast): results written
+#: under one rule are not continued under another (the rows would mix two stopping times).
+STOP_RULE = "tol-budget-1"
+
+
+# --------------------------------------------------------------------------------------------
+# The prior
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BetaMixture:
+    """A finite mixture of Beta priors, ``pi = sum_k weights[k] * Beta(a[k], b[k])``.
+
+    weights: positive, summing to 1 (within 1e-9; stored renormalised). a, b: positive, finite.
+    Any such pi gives a valid confidence sequence (the mixture of martingales is a martingale); the
+    prior only moves where the sequence is tight, i.e. how many samples a decision takes.
+    """
+
+    weights: tuple[float, ...]
+    a: tuple[float, ...]
+    b: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        w = tuple(float(x) for x in self.weights)
+        a = tuple(float(x) for x in self.a)
+        b = tuple(float(x) for x in self.b)
+        if not (len(w) == len(a) == len(b) >= 1):
+            raise ValueError(f"weights, a and b must be non-empty and of one length (got {len(w)}, {len(a)}, {len(b)})")
+        if not all(math.isfinite(x) and x > 0 for x in w + a + b):
+            raise ValueError(f"weights and Beta parameters must be finite and > 0 (got {w}, {a}, {b})")
+        total = sum(w)
+        if abs(total - 1.0) > 1e-9:
+            raise ValueError(f"mixture weights must sum to 1 (got {total})")
+        object.__setattr__(self, "weights", tuple(x / total for x in w))
+        object.__setattr__(self, "a", a)
+        object.__setattr__(self, "b", b)
+
+    @classmethod
+    def single(cls, a: float, b: float) -> "BetaMixture":
+        """The plain Beta(a, b) prior (Beta(1, 1) uniform; Beta(1/2, 1/2) Krichevsky-Trofimov)."""
+        return cls(weights=(1.0,), a=(a,), b=(b,))
+
+    def log_marginal(self, successes, trials) -> np.ndarray:
+        """log integral q^S (1 - q)^(t - S) dpi(q) = logsumexp_k [log w_k + betaln(a_k + S, b_k + t - S)
+        - betaln(a_k, b_k)], elementwise over the broadcast integer arrays S = successes, t = trials
+        (no argument checks: callers check)."""
+        s = np.asarray(successes, dtype=np.float64)[..., None]
+        f = np.asarray(trials, dtype=np.float64)[..., None] - s
+        w = np.asarray(self.weights)
+        a = np.asarray(self.a)
+        b = np.asarray(self.b)
+        terms = np.log(w) + special.betaln(a + s, b + f) - special.betaln(a, b)
+        if terms.shape[-1] == 1:
+            return terms[..., 0]
+        top = terms.max(axis=-1)  # finite: betaln of positive arguments is finite
+        return top + np.log(np.exp(terms - top[..., None]).sum(axis=-1))
+
+
+#: Default prior: equal-weight mixture of Beta(16^k, 1), k = 0..4, i.e. a = 1, 16, 256, 4096, 65536.
+#: Beta(a, 1) has density a q^(a - 1) and puts its mass at 1 - q ~ 1/a, so the five components cover
+#: p_a from anywhere in [0, 1] (a = 1, uniform: futility and low p_a) through 1 - p_a ~ 1/16, 1/256,
+#: 1/4096 and 1/65536, i.e. target radii up to about 4 sigma, the range of n <= 10^5. Against the
+#: best single component it loses at most log 5 nats (its weight 1/5). Exact expected sample sizes
+#: (dynamic programming over the law of S_t; rounds of 32, n_max = 10^5, radii 0.25-3 sigma at
+#: p_a = 0.9-1, futility at p_a = 0.3-0.7; alpha = 0.001, 0.01, 0.05): at most 1.23-1.31 times
+#: (geometric mean 1.07) the samples of the best of ten candidate priors in each case, where
+#: Beta(1, 1) needs up to 2.0-2.9 times and Krichevsky-Trofimov Beta(1/2, 1/2) up to 1.5-2.0 times.
+DEFAULT_PRIOR = BetaMixture(weights=(0.2,) * 5, a=(1.0, 16.0, 256.0, 4096.0, 65536.0), b=(1.0,) * 5)
+
+
+# --------------------------------------------------------------------------------------------
+# Argument checks
+# --------------------------------------------------------------------------------------------
+
+
+def _check_alpha(alpha: float) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must be a number in (0, 1) (got {alpha!r})")
+
+
+def _check_sigma(sigma: float) -> float:
+    if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real) or not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be finite and > 0 (got {sigma!r})")
+    return float(sigma)
+
+
+def _check_prior(prior: BetaMixture) -> None:
+    if not isinstance(prior, BetaMixture):
+        raise ValueError(f"prior must be a BetaMixture (got {type(prior).__name__})")
+
+
+def _check_n_max(n_max: int) -> int:
+    if isinstance(n_max, bool) or not isinstance(n_max, numbers.Integral) or n_max < 1:
+        raise ValueError(f"n_max must be an integer >= 1 (got {n_max!r})")
+    return int(n_max)
+
+
+def _as_counts(successes, trials) -> tuple[np.ndarray, np.ndarray]:
+    """Broadcast S and t to int64 arrays; ValueError unless integers with 0 <= S <= t."""
+    s = np.asarray(successes)
+    t = np.asarray(trials)
+    for name, arr in (("successes", s), ("trials", t)):
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"{name} must hold integers (got dtype {arr.dtype})")
+    s, t = np.broadcast_arrays(s.astype(np.int64, copy=False), t.astype(np.int64, copy=False))
+    if s.size and ((s < 0).any() or (s > t).any()):
+        raise ValueError("need 0 <= successes <= trials elementwise")
+    return s, t
+
+
+def _as_probabilities(p, name: str) -> np.ndarray:
+    arr = np.asarray(p, dtype=np.float64)
+    if arr.size and not ((arr >= 0.0) & (arr <= 1.0)).all():  # also false for NaN
+        raise ValueError(f"{name} must lie in [0, 1]")
+    return arr
+
+
+def _scalar_or_array(x: np.ndarray, scalar: bool):
+    return float(x) if scalar else x
+
+
+# --------------------------------------------------------------------------------------------
+# The mixture martingale, the decision test and the confidence sequence
+# --------------------------------------------------------------------------------------------
+
+
+def log_mixture(successes, trials, p, prior: BetaMixture = DEFAULT_PRIOR) -> np.ndarray:
+    """log M_t(p) = log integral q^S (1 - q)^(t - S) dpi(q) - S log p - (t - S) log(1 - p), vectorised.
+
+    successes, trials: integer arrays (broadcast), 0 <= S <= t (t = 0 gives 0, up to rounding: M_0 = 1).
+    p: array of probabilities in [0, 1] (broadcast with S and t). prior: a ``BetaMixture``
+    (default ``DEFAULT_PRIOR``). Returns +inf where p = 0 < S or p = 1 > S / t (0 log 0 = 0 is
+    handled exactly). For every fixed p, t -> M_t(p) is a nonnegative martingale with mean 1 when
+    the trials are i.i.d. Bernoulli(p).
+    """
+    _check_prior(prior)
+    s, t = _as_counts(successes, trials)
+    p = _as_probabilities(p, "p")
+    s, t, p = np.broadcast_arrays(s, t, p)
+    with np.errstate(divide="ignore"):
+        return prior.log_marginal(s, t) - special.xlogy(s, p) - special.xlog1py(t - s, -p)
+
+
+def decide(successes, trials, thresholds, alpha: float, prior: BetaMixture = DEFAULT_PRIOR) -> np.ndarray:
+    """Decision of the confidence sequence on targets p0: +1 certified, -1 futile, 0 undecided.
+
+    successes, trials: integer arrays (broadcast), 0 <= S <= t. thresholds: p0 in [0, 1], e.g.
+    ``Phi(R / sigma)`` for a target radius R, broadcast with S and t. alpha: in (0, 1).
+
+    +1 (``CERTIFIED``) iff S > p0 t and log M_t(p0) >= log(1 / alpha), i.e. p0 <= L_t;
+    -1 (``FUTILE``) iff S < p0 t and log M_t(p0) >= log(1 / alpha), i.e. p0 >= U_t; else 0.
+    Either decision is wrong only if p_a is outside CS_t, so over all rounds and targets together
+    P(any wrong decision) <= alpha. Returns an int8 array of the broadcast shape.
+    """
+    _check_alpha(alpha)
+    s, t = _as_counts(successes, trials)
+    p0 = _as_probabilities(thresholds, "thresholds")
+    s, t, p0 = np.broadcast_arrays(s, t, p0)
+    rejected = log_mixture(s, t, p0, prior) >= math.log(1.0 / alpha)
+    out = np.zeros(s.shape, dtype=np.int8)
+    out[rejected & (s > p0 * t)] = CERTIFIED
+    out[rejected & (s < p0 * t)] = FUTILE
+    return out
+
+
+def _outer_root(k: np.ndarray, m: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Solve h(u) = k - m u - r log(1 - e^u) = 0 for u < log(m / (m + r)), elementwise (m > 0, r >= 0).
+
+    h is convex and decreasing there (h'' = r e^u / (1 - e^u)^2 >= 0), and h(k / m) >= 0 because
+    the log term is <= 0. Newton's method started at u = k / m therefore climbs monotonically to the
+    root from the outside (every iterate keeps h >= 0, up to rounding): the root is bracketed by the
+    iterate and log(m / (m + r)), and the result errs on the conservative side.
+    """
+    u = k / m
+    active = np.ones(u.shape, dtype=bool)
+    for _ in range(200):
+        if not active.any():
+            break
+        ua, ka, ma, ra = u[active], k[active], m[active], r[active]
+        h = ka - ma * ua - special.xlog1py(ra, -np.exp(ua))
+        dh = -ma + ra / np.expm1(-ua)  # h'(u) = -m + r e^u / (1 - e^u) < 0 left of the minimum
+        step = -h / dh
+        step = np.where(np.isfinite(step) & (step > 0), step, 0.0)
+        u[active] = ua + step
+        active[active] = step > 4 * np.finfo(np.float64).eps * np.maximum(1.0, np.abs(ua))
+    return u
+
+
+def confidence_sequence(successes, trials, alpha: float, prior: BetaMixture = DEFAULT_PRIOR):
+    """(L_t, U_t): the (1 - alpha) beta-mixture confidence sequence's interval after S in t trials.
+
+    CS_t = {p : log M_t(p) < log(1 / alpha)} = (L_t, U_t), with M_t from :func:`log_mixture`.
+    P(p_a in CS_t for all t simultaneously) >= 1 - alpha (Ville's inequality), so L_t is a lower
+    confidence bound valid at any data-dependent stopping time (and so is max_{s <= t} L_s).
+
+    successes, trials: integers (scalars or broadcast arrays), 0 <= S <= t; t = 0 gives (0, 1).
+    alpha: in (0, 1). prior: a ``BetaMixture`` (default ``DEFAULT_PRIOR``).
+
+    L_t = 0 exactly when S = 0, U_t = 1 exactly when S = t. Otherwise L_t = e^u solves
+    log B_pi(S, t) - log(1/alpha) - S u - (t - S) log(1 - e^u) = 0 for u < log(S / t) (B_pi the
+    prior's marginal likelihood), and U_t = 1 - e^v likewise with S and t - S swapped; both are found
+    in log space by a monotone (bracketed) Newton iteration to about 1e-15 relative accuracy, on the
+    outer side of the exact bound, and rounded one ulp outward. (log M itself is evaluated to about
+    1e-11 nats, i.e. alpha to within a factor 1 +- 1e-10.) Returns floats for scalar input, else arrays.
+    """
+    _check_alpha(alpha)
+    _check_prior(prior)
+    scalar = np.ndim(successes) == 0 and np.ndim(trials) == 0
+    s, t = _as_counts(successes, trials)
+    s = s.astype(np.float64)
+    t = t.astype(np.float64)
+    k = prior.log_marginal(s.astype(np.int64), t.astype(np.int64)) - math.log(1.0 / alpha)
+    lower = np.zeros(s.shape)
+    upper = np.ones(s.shape)
+    # Each root is found on its outer side in log space; the conversion to p then rounds to the
+    # nearest double, so step one ulp outward (this matters only where the double grid is coarse,
+    # e.g. U within 1e-11 of 1).
+    has_s = s > 0
+    if has_s.any():
+        root = np.exp(_outer_root(k[has_s], s[has_s], t[has_s] - s[has_s]))
+        lower[has_s] = np.nextafter(root, 0.0)
+    has_f = t - s > 0
+    if has_f.any():
+        root = -np.expm1(_outer_root(k[has_f], t[has_f] - s[has_f], s[has_f]))
+        upper[has_f] = np.nextafter(root, 1.0)
+    return _scalar_or_array(lower, scalar), _scalar_or_array(upper, scalar)
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed-n comparisons
+# --------------------------------------------------------------------------------------------
+
+
+def fixed_n_samples_to_certify(p0: float, alpha: float, p_a: float = 1.0) -> int:
+    """Smallest n at which fixed-n CERTIFY (Clopper-Pearson) certifies p0 if it knew the outcome.
+
+    The "oracle n": the smallest n with ``beta.ppf(alpha, p_a n, n - p_a n + 1) >= p0``, i.e. the
+    Clopper-Pearson lower bound of a sample whose success frequency is exactly p_a reaches p0
+    (for p_a = 1: n >= log(alpha) / log(p0)). A fixed-n design needs this n before seeing any data
+    and, at p_a < 1, certifies with it only about half of the time; real deployments use n = 10^4
+    or 10^5. p0: in (0, 1). alpha: in (0, 1). p_a: in (p0, 1].
+    """
+    _check_alpha(alpha)
+    if not 0.0 < p0 < 1.0:
+        raise ValueError(f"p0 must be in (0, 1) (got {p0})")
+    if not p0 < p_a <= 1.0:
+        raise ValueError(f"p_a must be in (p0, 1] = ({p0}, 1] (got {p_a})")
+
+    def reaches(n: int) -> bool:
+        return stats.beta.ppf(alpha, p_a * n, n - p_a * n + 1.0) >= p0
+
+    hi = 1
+    while not reaches(hi):
+        hi *= 2
+        if hi > 2**62:
+            raise ValueError(f"p0 = {p0} is out of reach at p_a = {p_a}")
+    lo = hi // 2  # reaches(lo) is False (or lo == 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if reaches(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+# --------------------------------------------------------------------------------------------
+# When the selection of c_a may stop
+# --------------------------------------------------------------------------------------------
+
+#: The clear-leader rule of :func:`selection_done`: the leader holds at least this share of the
+#: selection votes so far ...
+SELECTION_MIN_SHARE = 2.0 / 3.0
+#: ... and a one-sided binomial test of the leader against the runner-up rejects at this level.
+SELECTION_LEVEL = 1e-3
+
+
+def selection_done(counts0, left, min_share: float = SELECTION_MIN_SHARE, level: float = SELECTION_LEVEL):
+    """Whether the selection of ``c_a`` may stop now, from the selection counts so far: counts in, decision out.
+
+    counts0: [..., num_classes] integer per-class counts of the selection samples drawn so far
+    (vectorised over leading axes). left: the selection samples not yet drawn (n0 minus those drawn;
+    an integer >= 0 or an array broadcast with ``counts0.shape[:-1]``). min_share: in (0, 1].
+    level: in [0, 1); 0 turns the clear-leader rule off.
+
+    With k the leader's count (argmax, ties to the lowest class: ``c_a`` if selection stops now), r
+    the runner-up's (0 with a single class) and t = counts0.sum(-1), selection is done when
+      "exact": left == 0, or k > r + left: the samples left cannot change the argmax, so ``c_a`` is
+               the class all n0 samples would select (CERTIFY's); or
+      "clear": k >= min_share * t and P(Binomial(k + r, 1/2) >= k) <= level: the leader holds at
+               least ``min_share`` of the votes and a one-sided binomial test of leader against
+               runner-up (counts among those two) rejects at ``level``. The default (2/3, 1e-3) stops
+               a clear image after its first round: 32 selection samples instead of the exact rule's
+               64 (n0 = 100, rounds of 32), e.g. 73 instead of 105 samples in all at p_a = 0.99,
+               R = 0.5 sigma, alpha = 0.001 (``benchmarks/sequential_table.py``).
+
+    Why any such rule keeps the guarantee: it reads the selection samples only, so ``c_a`` is a
+    function of the selection samples, and the estimation samples are fresh and independent of
+    them (keyed by another noise phase). Given any ``c_a``, the estimation votes for ``c_a`` are
+    i.i.d. Bernoulli(p_{c_a}), so the sequential tests (:class:`TargetRadiiTest`,
+    :class:`EarlyStopRadius`) are valid tests of p_{c_a} whatever ``c_a`` is, a wrong class
+    included (then even R = 0 is false, and it is covered). The "clear" rule can pick another class
+    than all n0 samples would; that costs power (an abstention), never validity. ``level`` is a
+    heuristic bound on how often that happens, not part of any guarantee. Fixed-n CERTIFY
+    (:func:`densepure_rt.stats.cohen.certify`) does not use this: it selects from all n0 samples.
+
+    Returns a bool for a single count vector, else a bool array of shape counts0.shape[:-1].
+    """
+    counts0 = np.asarray(counts0)
+    if counts0.ndim < 1 or counts0.shape[-1] < 1 or counts0.dtype.kind not in "iu" or (counts0 < 0).any():
+        raise ValueError(f"counts0 must be [..., num_classes] non-negative integer counts (got {counts0.dtype}, shape {counts0.shape})")
+    left = np.asarray(left)
+    if left.dtype.kind not in "iu" or (left < 0).any():
+        raise ValueError(f"left must be an integer >= 0 (got {left!r})")
+    if isinstance(min_share, bool) or not isinstance(min_share, numbers.Real) or not 0.0 < min_share <= 1.0:
+        raise ValueError(f"min_share must be in (0, 1] (got {min_share!r})")
+    if isinstance(level, bool) or not isinstance(level, numbers.Real) or not 0.0 <= level < 1.0:
+        raise ValueError(f"level must be in [0, 1) (got {level!r})")
+    counts0 = counts0.astype(np.int64)
+    top2 = -np.sort(-counts0, axis=-1)[..., :2]  # the leader's and runner-up's counts
+    k = top2[..., 0]
+    r = top2[..., 1] if counts0.shape[-1] > 1 else np.zeros_like(k)
+    t = counts0.sum(axis=-1)
+    exact = (left == 0) | (k > r + left)
+    # sf(k - 1) = P(Binomial(k + r, 1/2) >= k); 1 when k = r = 0
+    p_value = stats.binom.sf(k - 1, k + r, 0.5)
+    clear = (t > 0) & (k >= min_share * t) & (p_value <= level)
+    done = exact | clear
+    return bool(done) if done.ndim == 0 else done
+
+
+#: How far ahead (in samples) the look-aheads (:func:`selection_certain`, ``certain_more``) search
+#: for the earliest possible stop; a stop further away counts as this many samples (the caller asks
+#: again once they are read).
+LOOKAHEAD = 16
+
+
+def selection_certain(counts0, left, min_share: float = SELECTION_MIN_SHARE, level: float = SELECTION_LEVEL,
+                      window: int = LOOKAHEAD) -> int:
+    """The fewest further selection samples after which :func:`selection_done` could say done,
+    whatever their votes (0 when it says so now; at most ``window``): that many more are read.
+
+    counts0: [num_classes] integer counts of the selection samples so far; left: samples not yet
+    drawn. The earliest stop puts every further vote on the leader: both rules grow with the
+    leader's count and shrink with the runner-up's, and any other split leaves a leader with at
+    most as many votes and a runner-up with at least as many."""
+    counts0 = np.asarray(counts0)
+    if counts0.ndim != 1:
+        raise ValueError(f"counts0 must be one count vector [num_classes] (got shape {counts0.shape})")
+    m = np.arange(0, min(int(left), int(window)) + 1)  # m = 0: done now
+    path = np.repeat(counts0.astype(np.int64)[None, :], m.size, axis=0)
+    path[:, int(np.argmax(counts0))] += m
+    done = selection_done(path, int(left) - m, min_share, level)
+    return int(m[np.argmax(done)]) if done.any() else int(m[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Sequential procedures with resumable state
+# --------------------------------------------------------------------------------------------
+
+
+def _decided_soonest(n_a: int, n: int, m: np.ndarray, up, down, alpha: float, prior: BetaMixture) -> np.ndarray:
+    """Whether :func:`decide` certifies ``up`` after m more successes, or finds ``down`` futile after
+    m more failures (elementwise over m broadcast with up / down): the soonest each can happen.
+    :func:`decide`'s arithmetic without its argument checks (the look-aheads run after every round)."""
+    m, up, down = np.broadcast_arrays(m, up, down)
+    s = np.stack([n_a + m, np.full(m.shape, n_a)])  # [2 x ...]: all successes, all failures
+    t = np.stack([n + m, n + m])
+    p0 = np.stack([up, down]).astype(np.float64)
+    with np.errstate(divide="ignore"):
+        log_m = prior.log_marginal(s, t) - special.xlogy(s, p0) - special.xlog1py(t - s, -p0)
+    rejected = log_m >= math.log(1.0 / alpha)
+    return (rejected[0] & (s[0] > p0[0] * t[0])) | (rejected[1] & (s[1] < p0[1] * t[1]))
+
+
+def _check_round(successes, trials, n: int, n_max: int) -> tuple[int, int]:
+    for name, value in (("successes", successes), ("trials", trials)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be an integer (got {value!r})")
+    successes, trials = int(successes), int(trials)
+    if trials < 1 or not 0 <= successes <= trials:
+        raise ValueError(f"need 0 <= successes <= trials and trials >= 1 (got {successes}, {trials})")
+    if n + trials > n_max:
+        raise ValueError(f"{trials} more trials would exceed n_max = {n_max} ({n} used; feed at most {n_max - n})")
+    return successes, trials
+
+
+@dataclass(frozen=True)
+class TargetRadiiResult:
+    """Outcome of :class:`TargetRadiiTest`.
+
+    radius: the largest certified target radius; 0.0 when none is certified.
+    certified: True when some target (possibly R = 0) is certified; False means abstain.
+    decisions: per target (in the order given) +1 certified, -1 futile, 0 undecided at the end
+        (counts as not certified).
+    decided_at: per target, the number of estimation trials after which it was decided (0: never).
+    n_a, n: successes of ``c_a`` and estimation trials used.
+    """
+
+    radius: float
+    certified: bool
+    decisions: tuple[int, ...]
+    decided_at: tuple[int, ...]
+    n_a: int
+    n: int
+
+
+class TargetRadiiTest:
+    """Sequential CERTIFY against a list of target radii, fed the counts of ``c_a`` round by round.
+
+    sigma: noise level (> 0). radii: target L2 radii (>= 0, finite; any order; R = 0 asks only for
+    a certified prediction). alpha: failure probability in (0, 1). n_max: budget of estimation
+    trials (>= 1). prior: ``BetaMixture`` (default ``DEFAULT_PRIOR``).
+
+    Feed it the estimation counts of ``c_a`` only, with ``c_a`` chosen from separate selection
+    samples (the argmax of :func:`densepure_rt.stats.cohen.certify`, possibly after fewer than n0 of
+    them: :func:`selection_done`). The estimation samples are independent of the selection, so the
+    guarantee below holds given any ``c_a``, including a wrong one (p_a <= 1/2, where any
+    certificate, even of R = 0, is false).
+
+    Target j has threshold p0_j = Phi(R_j / sigma). After every :meth:`update` each undecided target
+    gets :func:`decide` on the cumulative counts; a decision is final. The test is ``done`` when every
+    target is decided or n_max trials were used; undecided targets then count as not certified.
+    Guarantee: P(some target with p_a <= p0_j is ever certified) <= alpha, over all rounds and
+    targets, whenever the caller stops (and likewise for wrong futility decisions).
+    """
+
+    def __init__(self, sigma: float, radii, alpha: float, n_max: int, prior: BetaMixture = DEFAULT_PRIOR):
+        self.sigma = _check_sigma(sigma)
+        _check_alpha(alpha)
+        self.alpha = float(alpha)
+        self.n_max = _check_n_max(n_max)
+        _check_prior(prior)
+        self.prior = prior
+        radii = np.asarray(radii, dtype=np.float64)
+        if radii.ndim != 1 or radii.size == 0 or not (np.isfinite(radii) & (radii >= 0)).all():
+            raise ValueError(f"radii must be a non-empty 1-D list of finite radii >= 0 (got {radii})")
+        self.radii = radii
+        self.thresholds = stats.norm.cdf(radii / self.sigma)
+        self.n_a = 0
+        self.n = 0
+        self.decisions = np.zeros(radii.size, dtype=np.int8)
+        self.decided_at = np.zeros(radii.size, dtype=np.int64)
+
+    @property
+    def done(self) -> bool:
+        return bool((self.decisions != UNDECIDED).all()) or self.n >= self.n_max
+
+    @property
+    def remaining(self) -> int:
+        """Trials that may still be fed (n_max - n)."""
+        return self.n_max - self.n
+
+    def update(self, successes: int, trials: int) -> np.ndarray:
+        """Add one round: ``successes`` votes for ``c_a`` among ``trials`` new estimation samples.
+
+        Returns a copy of the per-target decisions. ValueError if the test is done or the round
+        would exceed n_max.
+        """
+        if self.done:
+            raise ValueError("the test is done; no more rounds can be fed")
+        successes, trials = _check_round(successes, trials, self.n, self.n_max)
+        self.n_a += successes
+        self.n += trials
+        open_ = self.decisions == UNDECIDED
+        new = decide(self.n_a, self.n, self.thresholds[open_], self.alpha, self.prior)
+        idx = np.flatnonzero(open_)
+        self.decisions[idx] = new
+        self.decided_at[idx[new != UNDECIDED]] = self.n
+        return self.decisions.copy()
+
+    def certain_more(self, window: int = LOOKAHEAD) -> int:
+        """The fewest further estimation samples after which the test could be done, whatever their
+        votes (0 when done; at most ``window`` or the budget left): that many more are read.
+
+        The test is done when every target is decided; a target is certified soonest if every
+        further vote is a success and found futile soonest if every one is a failure (:func:`decide`
+        is monotone in the successes), so no target is decided before the first of those two
+        times, and the test not before the latest target's."""
+        if self.done:
+            return 0
+        m = np.arange(1, min(int(window), self.remaining) + 1)[:, None]
+        p0 = self.thresholds[self.decisions == UNDECIDED][None, :]
+        can = _decided_soonest(self.n_a, self.n, m, p0, p0, self.alpha, self.prior)
+        first = np.where(can.any(axis=0), np.argmax(can, axis=0) + 1, m.size)
+        return int(first.max())
+
+    def result(self) -> TargetRadiiResult:
+        certified = self.decisions == CERTIFIED
+        return TargetRadiiResult(
+            radius=float(self.radii[certified].max()) if certified.any() else 0.0,
+            certified=bool(certified.any()),
+            decisions=tuple(int(d) for d in self.decisions),
+            decided_at=tuple(int(d) for d in self.decided_at),
+            n_a=self.n_a,
+            n=self.n,
+        )
+
+
+@dataclass(frozen=True)
+class EarlyStopResult:
+    """Outcome of :class:`EarlyStopRadius`.
+
+    radius: sigma * Phi^-1(p_a_lower), or 0.0 when p_a_lower <= 1/2 or the reason is
+        "inconsistent" (abstain).
+    certified: p_a_lower > 1/2 and the reason is not "inconsistent".
+    p_a_lower, p_a_upper: running intersection of the confidence sequence, max_s L_s and min_s U_s
+        (kept as computed also when they cross).
+    n_a, n: successes of ``c_a`` and estimation trials used.
+    reason: why it stopped: "inconsistent", "futile", "precise", "stalled", "budget"; "" while running.
+    """
+
+    radius: float
+    certified: bool
+    p_a_lower: float
+    p_a_upper: float
+    n_a: int
+    n: int
+    reason: str
+
+
+class EarlyStopRadius:
+    """Sequential CERTIFY without a target: sample until more samples stop paying off in radius.
+
+    sigma: noise level (> 0). alpha: failure probability in (0, 1). n_max: budget (>= 1).
+    tol: radius gain (same units as sigma, >= 0) that the rest of the budget must promise for
+    sampling to go on. prior: ``BetaMixture`` (default ``DEFAULT_PRIOR``).
+
+    After the round ending at n trials with n_a successes: p_a_lower = max over rounds of L_s,
+    p_a_upper = min over rounds of U_s (the running intersection of the confidence sequence), and
+    radius(n) = sigma * Phi^-1(p_a_lower), or 0.0 (abstain) when p_a_lower <= 1/2. It stops at the
+    first round end where (checked in this order)
+      "inconsistent": p_a_upper <= p_a_lower: the running intersection is empty (the sequence's
+                 intervals (L_s, U_s) are open, and the computed bounds lie outside the exact ones),
+                 so p_a is outside some interval: a detected failure of the confidence sequence's
+                 coverage (probability <= alpha), not precision. It abstains: radius 0.0, not
+                 certified;
+      "futile":  p_a_upper <= 1/2: no radius is reachable (on the confidence sequence's event);
+      "precise": sigma * Phi^-1(p_a_upper) - radius(n) <= tol: the radius can never gain more than
+                 tol, since p_a <= p_a_upper (on the same event);
+      "stalled": radius(n) > 0 and max(r(floor(f n_max), n_max) - r(n_a, n), 0) < tol (never
+                 with tol = 0), with r(S, t) = sigma * Phi^-1(L_t(S)) (0 when <= 1/2) and f = p -
+                 sqrt(p (1 - p) / n), p = n_a / n, one standard error below the frequency:
+                 spending the whole budget at a success frequency the counts cannot tell from the
+                 observed one would raise the radius of the current counts by less than tol
+                 (:data:`STOP_RULE`);
+      "budget":  n = n_max.
+    While abstaining only "inconsistent", "futile", "precise" and "budget" apply (a certificate
+    may need several doublings to appear).
+
+    Why a forecast over the whole budget: at small n the confidence sequence's log(1/alpha) term
+    dominates, so one doubling adds little even where many would add a lot; a forecast of one
+    doubling, checked after every sample, stops streams at p_a = 0.9 after a dozen samples. Why one
+    standard error below the frequency: near p_a = 1, sigma Phi^-1 is steep, and the gain forecast
+    at the observed frequency stays large up to the budget (0.04-0.06 per doubling at p_a = 0.99,
+    sigma = 0.5, n = 10^3-10^4), so a plain forecast would spend most of the budget there; the
+    discount is as large as those gains there, small where p_a is moderate, and 0 while every vote
+    is a success (at p_a = 1 it stops within tol of the budget's radius). Measured with rounds of
+    one sample, sigma 0.5, alpha 0.001, n_max 10,000, tol 0.05, 200 Bernoulli streams each
+    (tests/test_sequential.py): median radius 0.160 / 0.318 / 0.529 at p_a = 0.7 / 0.8 / 0.9
+    after 910 / 979 / 1,127 samples (fixed-n Clopper-Pearson at n = 1,000: 0.197 / 0.351 /
+    0.557; the one-doubling forecast: about 0.08 / 0.25 / 0.46 after 300-400); at p_a = 0.99
+    2,093 samples (one-doubling: 1,489), radius 1.006; at p_a = 1 7,054 samples, radius 1.522 of
+    the budget's 1.572.
+
+    The stopping rule does not affect validity: P(sigma * Phi^-1(p_a) < radius(n) for some n) <= alpha,
+    so the radius at any stopping time, this rule's included, is false with probability <= alpha.
+    """
+
+    def __init__(self, sigma: float, alpha: float, n_max: int, tol: float, prior: BetaMixture = DEFAULT_PRIOR):
+        self.sigma = _check_sigma(sigma)
+        _check_alpha(alpha)
+        self.alpha = float(alpha)
+        self.n_max = _check_n_max(n_max)
+        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not (math.isfinite(tol) and tol >= 0):
+            raise ValueError(f"tol must be finite and >= 0 (got {tol!r})")
+        self.tol = float(tol)
+        _check_prior(prior)
+        self.prior = prior
+        self.n_a = 0
+        self.n = 0
+        self.p_a_lower = 0.0
+        self.p_a_upper = 1.0
+        self.reason = ""
+
+    def _radius_of(self, p: float) -> float:
+        return float(self.sigma * special.ndtri(p)) if p > 0.5 else 0.0  # ndtri is scipy.stats.norm.ppf
+
+    @property
+    def radius(self) -> float:
+        """sigma * Phi^-1(p_a_lower), 0.0 while p_a_lower <= 1/2 and after "inconsistent"."""
+        return 0.0 if self.reason == "inconsistent" else self._radius_of(self.p_a_lower)
+
+    @property
+    def certified(self) -> bool:
+        """p_a_lower > 1/2, unless the running interval came out empty ("inconsistent")."""
+        return self.p_a_lower > 0.5 and self.reason != "inconsistent"
+
+    @property
+    def done(self) -> bool:
+        return bool(self.reason)
+
+    @property
+    def remaining(self) -> int:
+        """Trials that may still be fed (n_max - n)."""
+        return self.n_max - self.n
+
+    def update(self, successes: int, trials: int) -> float:
+        """Add one round (``successes`` votes for ``c_a`` among ``trials``); returns the radius so far.
+
+        ValueError if already stopped or the round would exceed n_max.
+        """
+        if self.done:
+            raise ValueError("already stopped; no more rounds can be fed")
+        successes, trials = _check_round(successes, trials, self.n, self.n_max)
+        self.n_a += successes
+        self.n += trials
+        forecast = self._forecast_successes()
+        lower, upper = confidence_sequence(
+            np.array([self.n_a, forecast]), np.array([self.n, self.n_max]), self.alpha, self.prior
+        )
+        self.p_a_lower = max(self.p_a_lower, float(lower[0]))
+        self.p_a_upper = min(self.p_a_upper, float(upper[0]))
+        radius = self.radius
+        if self.p_a_upper <= self.p_a_lower:
+            self.reason = "inconsistent"
+            radius = 0.0
+        elif self.p_a_upper <= 0.5:
+            self.reason = "futile"
+        elif self.p_a_upper < 1.0 and self._radius_of(self.p_a_upper) - radius <= self.tol:
+            self.reason = "precise"
+        elif radius > 0.0 and max(self._radius_of(float(lower[1])) - self._radius_of(float(lower[0])), 0.0) < self.tol:
+            self.reason = "stalled"
+        elif self.n >= self.n_max:
+            self.reason = "budget"
+        return radius
+
+    def certain_more(self, window: int = LOOKAHEAD) -> int:
+        """The fewest further estimation samples after which it could stop, whatever their votes
+        (0 when stopped; at most ``window`` or the budget left): that many more are read.
+
+        While p_a_lower <= 1/2 (no radius yet) it stops only once some later L_s > 1/2 ("stalled",
+        "precise" or "inconsistent" with a radius) or some later U_s <= Phi(tol / sigma) ("futile",
+        "precise" at radius 0, "inconsistent" without one), or at the budget; the first comes
+        soonest if every further vote is a success, the second if every one is a failure (read from
+        :func:`decide`, which is monotone in the successes). Once there is a radius, "stalled" may
+        come after any sample: 1."""
+        if self.done:
+            return 0
+        if self.p_a_lower > 0.5:
+            return 1
+        m = np.arange(1, min(int(window), self.remaining) + 1)
+        p_tol = float(special.ndtr(self.tol / self.sigma))
+        can = _decided_soonest(self.n_a, self.n, m, 0.5, p_tol, self.alpha, self.prior)
+        return int(m[np.argmax(can)]) if can.any() else int(m.size)
+
+    def _forecast_successes(self) -> int:
+        """floor(f n_max), f = p - sqrt(p (1 - p) / n) with p = n_a / n (one standard error below the
+        frequency), clipped to [0, n_max]: the successes of the "stalled" forecast."""
+        p = self.n_a / self.n
+        f = p - math.sqrt(p * (1.0 - p) / self.n)
+        return min(max(int(math.floor(f * self.n_max)), 0), self.n_max)
+
+    def result(self) -> EarlyStopResult:
+        return EarlyStopResult(
+            radius=self.radius,
+            certified=self.certified,
+            p_a_lower=self.p_a_lower,
+            p_a_upper=self.p_a_upper,
+            n_a=self.n_a,
+            n=self.n,
+            reason=self.reason,
+        )
