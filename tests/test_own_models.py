@@ -172,17 +172,26 @@ def digits_onnx(tmp_path_factory) -> Path:
     return _save_onnx(_net(1, 10), folder / "digits.onnx", (2, 1, 16, 16), any_size=True)
 
 
-@pytest.mark.slow
-def test_build_records_the_classifier_its_preprocessing_labels_and_the_image_space(digits_onnx, tmp_path):
-    from densepure_rt.files.manifest import load_manifest, sha256_file
-
-    labels = tmp_path / "labels.txt"
+@pytest.fixture(scope="module")
+def cli_engine(digits_onnx, tmp_path_factory) -> tuple[Path, list[str]]:
+    """An engine built by the command with every preprocessing flag, and those flags."""
+    folder = tmp_path_factory.mktemp("cli")
+    labels = folder / "labels.txt"
     labels.write_text("".join(f"digit {i}\n" for i in range(10)))
-    out = tmp_path / "engine"
+    out = folder / "engine"
     args = ["--classifier", str(digits_onnx), "--input-size", "20x24", "--resize", "bicubic", "--mean", "0.5", "--std", "0.25",
             "--outputs", "probabilities", "--labels", str(labels), "--out", str(out)]
-    result = _build(args, tmp_path)
+    result = _build(args, folder)
     assert result.exit_code == 0, result.output
+    return out, args
+
+
+@pytest.mark.slow
+def test_build_records_the_classifier_its_preprocessing_labels_and_the_image_space(digits_onnx, cli_engine, tmp_path):
+    from densepure_rt.files.manifest import load_manifest, sha256_file
+
+    out, args = cli_engine
+    args = list(args)
     m = load_manifest(out)
     assert m.classifier_source == {"format": "onnx", "file": str(digits_onnx.resolve()), "sha256": sha256_file(digits_onnx)}
     assert m.preprocessing["resize"] == {"size": [20, 24], "mode": "bicubic", "align_corners": False, "antialias": False}
@@ -375,17 +384,16 @@ def test_a_hugging_face_folder_takes_its_image_processor_and_label_names(tmp_pat
 
 
 @pytest.mark.slow
-def test_the_python_function_builds_what_the_command_builds(digits_onnx, tmp_path):
+def test_the_python_function_builds_what_the_command_builds(digits_onnx, cli_engine, tmp_path):
     from densepure_rt.engine.build import build_own_engine
-
-    pre = Preprocessing(input_size=(20, 20), mean=(0.5,), std=(0.25,))
-    m = build_own_engine(tmp_path / "api", model="digits", classifier=str(digits_onnx), preprocessing=pre, log=lambda line: None)
-    result = _build(["--classifier", str(digits_onnx), "--input-size", "20", "--mean", "0.5", "--std", "0.25",
-                     "--out", str(tmp_path / "cli")], tmp_path)
-    assert result.exit_code == 0, result.output
     from densepure_rt.files.manifest import load_manifest
 
-    assert load_manifest(tmp_path / "cli").identity == m.identity
+    pre = Preprocessing(input_size=(20, 24), resize="bicubic", mean=(0.5,), std=(0.25,), outputs="probabilities")
+    m = build_own_engine(tmp_path / "api", model="digits", classifier=str(digits_onnx), preprocessing=pre,
+                         labels=str(Path(cli_engine[1][cli_engine[1].index("--labels") + 1])), log=lambda line: None)
+    cli = load_manifest(cli_engine[0])
+    assert m.identity == cli.identity
+    assert (m.preprocessing, m.labels, m.classifier_source) == (cli.preprocessing, cli.labels, cli.classifier_source)
     with pytest.raises(ConfigError, match="give --model PRESET"):
         build_own_engine(tmp_path / "none", classifier=str(digits_onnx))
 
