@@ -308,7 +308,10 @@ def build(preset, unet_path, unet_config, diffusion_ckpt, classifier_ckpt, rando
         with signals_held():  # torch, onnx and ONNX Runtime load here, all of them: see errors.signals_held
             from .engine.build import BuildOptions, build_engine, check_out_dir, clean_stale_builds, is_engine_dir, load_models, preload_build_modules
 
-            preload_build_modules()
+            preload_build_modules(tuple(name for name, used in (
+                ("diffusers", unet_path is not None and Path(unet_path).expanduser().is_dir()),
+                ("transformers", request is not None and request.format == "huggingface"),
+                ("torchvision", request is not None and request.format == "torchvision")) if used))
     except ImportError as exc:
         raise ConfigError(f"build needs the PyTorch extra ({exc.name} is missing): {install_hint('torch')}") from None
     trt_options = None

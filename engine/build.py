@@ -245,11 +245,12 @@ def _step_inputs(preset: Preset, batch: int):
     return make
 
 
-def preload_build_modules() -> None:
+def preload_build_modules(optional: tuple[str, ...] = ()) -> None:
     """Import every extension module a build loads later (onnx, ONNX Runtime's shape inference, the
     exporter, the FLOP counter), so that none initialises while the work folder exists: a Ctrl-C that
     lands inside an extension's initialisation aborts the interpreter instead of unwinding, and the
-    work folder would stay behind. The CLI calls this with the signals held."""
+    work folder would stay behind. The CLI calls this with the signals held. ``optional``: modules
+    the user's models need (``diffusers``, ``transformers``, ``torchvision``), imported where installed."""
     import onnx  # noqa: F401
     import onnx.shape_inference  # noqa: F401
     import onnx.version_converter  # noqa: F401 - --backend tensorrt's GroupNormalization-21
@@ -261,6 +262,14 @@ def preload_build_modules() -> None:
 
     import densepure_rt.export.flops  # noqa: F401
     import densepure_rt.export.unet  # noqa: F401
+
+    import importlib
+
+    for name in optional:  # what the user's models need (diffusers, transformers, torchvision); missing: said when loaded
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
 
 
 def _classifier_inputs(preset: Preset, batch: int):
