@@ -310,6 +310,7 @@ class _Filter:
         self.arrays = tuple(np.array(x, dtype=np.float64) for x in zip(*self.components))
         self.s = self.t = -1
         self.value = self.magnitude = 0.0
+        self.u_lower = self.u_upper = 0.0  # the last roots (log L, log(1 - U)): the next ones start there
 
     def at(self, s: int, t: int) -> "_Filter":
         """Evaluate the log-marginal at S = s, t (kept until the next call)."""
@@ -376,29 +377,41 @@ class _Filter:
         y = x - max((1.0 - x) * _CUSHION, 8 * math.ulp(x))
         return 0.0 < y < 1.0 and self.s < y * self.t and self.rejects(y) is True
 
-    def _root(self, m: int, r: int) -> float:
+    def _root(self, m: int, r: int, start: float = 0.0) -> float:
         """:func:`_outer_root` in Python floats on the scalar log-marginal (an estimate: checked by
-        the brackets below)."""
+        the brackets below). h(u) = k - m u - r log(1 - e^u) is convex and decreasing left of
+        log(m / (m + r)), so k / m and one Newton step from any point there (``start``: the last
+        vote's root) are both left of the root: the climb starts from the larger."""
         k = self.value - self.threshold
+
+        def h_dh(u: float) -> tuple[float, float]:
+            return k - m * u - r * math.log1p(-math.exp(u)), -m + r / math.expm1(-u)
+
         u = k / m
-        for _ in range(60):
-            if r == 0 or u >= 0.0:
-                break
-            h = k - m * u - r * math.log1p(-math.exp(u))
-            dh = -m + r / math.expm1(-u)
-            step = -h / dh
-            if not (math.isfinite(step) and step > 0.0):
-                break
-            u += step
-            if step <= 1e-15 * max(1.0, abs(u)):
-                break
+        try:
+            if r and start < 0.0 and start < math.log(m / (m + r)):
+                h, dh = h_dh(start)
+                u = max(u, start if h >= 0.0 else start - h / dh)
+            for _ in range(60):
+                if r == 0:
+                    break
+                h, dh = h_dh(u)
+                step = -h / dh
+                if not (math.isfinite(step) and step > 0.0):
+                    break
+                u += step
+                if step <= 1e-15 * max(1.0, abs(u)):
+                    break
+        except (ValueError, ZeroDivisionError, OverflowError):  # left the domain: the brackets fail, exact
+            pass
         return u
 
     def lower_bracket(self):
         """(lo, hi) with lo < L_t <= hi (L_t as :func:`confidence_sequence` computes it), or None."""
         if self.s == 0:
             return 0.0, 0.0
-        estimate = math.exp(self._root(self.s, self.t - self.s))
+        self.u_lower = self._root(self.s, self.t - self.s, self.u_lower)
+        estimate = math.exp(self.u_lower)
         for width in (1e-8, 1e-6, 1e-4):
             lo, hi = estimate * (1.0 - width), estimate * (1.0 + width)
             if self.lower_above(lo) and self.lower_at_most(hi):
@@ -409,7 +422,8 @@ class _Filter:
         """(lo, hi) with lo <= U_t < hi, or None."""
         if self.s == self.t:
             return 1.0, 1.0
-        estimate = -math.expm1(self._root(self.t - self.s, self.s))
+        self.u_upper = self._root(self.t - self.s, self.s, self.u_upper)
+        estimate = -math.expm1(self.u_upper)
         for width in (1e-8, 1e-6, 1e-4):
             gap = max((1.0 - estimate) * width, 64 * math.ulp(estimate))
             lo, hi = estimate - gap, estimate + gap
@@ -938,75 +952,79 @@ class EarlyStopRadius:
                 bounds[:] = [float(lower), float(upper)]
             return bounds[0], bounds[1]
 
-        if not fast.lower_at_most(self._lower.bounds()[0]):
+        # L_t: at most the running lower bound (no record), else bracketed (or computed)
+        lower_lo, lower_hi = self._lower.bounds()
+        if fast.lower_at_most(lower_lo):
+            now = (0.0, lower_lo)
+        else:
             bracket = fast.lower_bracket()
-            lo, hi = bracket if bracket is not None else (exact()[0],) * 2
-            self._lower.offer(lo, hi, lambda: exact()[0])
-        if not fast.upper_at_least(-self._upper.bounds()[0]):
+            now = bracket if bracket is not None else (exact()[0],) * 2
+            self._lower.offer(now[0], now[1], lambda: exact()[0])
+            lower_lo, lower_hi = self._lower.bounds()
+        neg_lo, neg_hi = self._upper.bounds()
+        if not fast.upper_at_least(-neg_lo):
             bracket = fast.upper_bracket()
             lo, hi = bracket if bracket is not None else (exact()[1],) * 2
             self._upper.offer(-hi, -lo, lambda: -exact()[1])
-        if self._inconsistent():
+            neg_lo, neg_hi = self._upper.bounds()
+        # Brackets of p_a_lower and p_a_upper (they stay valid when a test below resolves one)
+        lower = (lower_lo, lower_hi)
+        upper = (-neg_hi, -neg_lo)
+        if self._inconsistent(lower, upper):
             self.reason = "inconsistent"
-        elif self._upper_at_most(0.5):
+        elif self._upper_at_most(upper, 0.5):
             self.reason = "futile"
-        elif self._precise():
+        elif self._precise(lower, upper):
             self.reason = "precise"
-        elif self._lower_above(0.5) and self._stalled(fast, exact):
+        elif self._lower_above(lower, 0.5) and self._stalled(fast, now, exact):
             self.reason = "stalled"
         elif self.n >= self.n_max:
             self.reason = "budget"
 
-    def _lower_above(self, x: float) -> bool:
-        """p_a_lower > x, from the bracket where it can tell."""
-        lo, hi = self._lower.bounds()
-        if lo > x:
+    def _lower_above(self, lower: tuple, x: float) -> bool:
+        """p_a_lower > x, from its bracket ``lower`` where it can tell."""
+        if lower[0] > x:
             return True
-        if hi <= x:
+        if lower[1] <= x:
             return False
         return self.p_a_lower > x
 
-    def _upper_at_most(self, x: float) -> bool:
-        """p_a_upper <= x, from the bracket where it can tell."""
-        neg_lo, neg_hi = self._upper.bounds()
-        if -neg_lo <= x:
+    def _upper_at_most(self, upper: tuple, x: float) -> bool:
+        """p_a_upper <= x, from its bracket ``upper`` where it can tell."""
+        if upper[1] <= x:
             return True
-        if -neg_hi > x:
+        if upper[0] > x:
             return False
         return self.p_a_upper <= x
 
-    def _inconsistent(self) -> bool:
+    def _inconsistent(self, lower: tuple, upper: tuple) -> bool:
         """p_a_upper <= p_a_lower."""
-        lower_lo, lower_hi = self._lower.bounds()
-        neg_lo, neg_hi = self._upper.bounds()
-        if -neg_lo <= lower_lo:
+        if upper[1] <= lower[0]:
             return True
-        if -neg_hi > lower_hi:
+        if upper[0] > lower[1]:
             return False
         return self.p_a_upper <= self.p_a_lower
 
-    def _precise(self) -> bool:
+    def _precise(self, lower: tuple, upper: tuple) -> bool:
         """p_a_upper < 1 and r(p_a_upper) - radius <= tol, from the brackets of both running bounds
         where the radii of their ends settle it (r is monotone; 1e-9 covers its rounding)."""
-        lower_lo, lower_hi = self._lower.bounds()
-        neg_lo, neg_hi = self._upper.bounds()
-        upper_lo, upper_hi = -neg_hi, -neg_lo
-        if upper_lo >= 1.0:
+        if upper[0] >= 1.0:
             return False  # p_a_upper = 1
-        if upper_hi < 1.0:
-            most = self._radius_of(upper_hi) - self._radius_of(lower_lo)
-            least = self._radius_of(upper_lo) - self._radius_of(lower_hi)
+        if upper[1] < 1.0:
+            most = self._radius_of(upper[1]) - self._radius_of(lower[0])
             if most <= self.tol - 1e-9:
                 return True
+            least = self._radius_of(upper[0]) - self._radius_of(lower[1])
             if least > self.tol + 1e-9:
                 return False
-        upper = self.p_a_upper
-        return upper < 1.0 and self._radius_of(upper) - self.radius <= self.tol
+        p_a_upper = self.p_a_upper
+        return p_a_upper < 1.0 and self._radius_of(p_a_upper) - self.radius <= self.tol
 
-    def _stalled(self, fast: _Filter, exact) -> bool:
+    def _stalled(self, fast: _Filter, now: tuple, exact) -> bool:
         """max(r(L(F, n_max)) - r(L_t), 0) < tol, F the forecast successes (:meth:`_forecast_successes`),
-        r(p) = sigma Phi^-1(p) (0 when p <= 1/2): from the filter where L_t is surely on one side of
-        the point where the two radii differ by tol, else from the computed L_t."""
+        r(p) = sigma Phi^-1(p) (0 when p <= 1/2): from ``now`` (lo <= L_t <= hi) or the filter where
+        L_t is surely on one side of the point where the two radii differ by tol, else from the
+        computed L_t."""
         if self.tol == 0.0:
             return False  # max(., 0) < 0 never holds
         gain = self._forecast_radius(self._forecast_successes())
@@ -1015,10 +1033,11 @@ class EarlyStopRadius:
         # L_t above x stalls, below does not: r(x) = gain - tol (x >= 1/2 as gain >= tol)
         x = 0.5 * math.erfc(-(gain - self.tol) / self.sigma / math.sqrt(2.0))
         if x < 1.0 - 1e-6:
-            if fast.lower_above(x * (1.0 + 1e-9)):
-                return True
-            if fast.lower_at_most(x * (1.0 - 1e-9)):
+            above, below = x * (1.0 + 1e-9), x * (1.0 - 1e-9)
+            if now[1] < below or (now[0] <= above and fast.lower_at_most(below)):
                 return False
+            if now[0] > above or fast.lower_above(above):
+                return True
         return max(gain - self._radius_of(exact()[0]), 0.0) < self.tol
 
     def _forecast_radius(self, forecast: int) -> float:
@@ -1046,7 +1065,7 @@ class EarlyStopRadius:
         come after any sample: 1."""
         if self.done:
             return 0
-        if self._lower_above(0.5):
+        if self._lower_above(self._lower.bounds(), 0.5):
             return 1
         m = np.arange(1, min(int(window), self.remaining) + 1)
         p_tol = float(special.ndtr(self.tol / self.sigma))
