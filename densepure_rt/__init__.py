@@ -6,7 +6,7 @@ The PyTorch side lives in ``densepure_rt.export`` (the repository's ``export/`` 
 The public API is importable from the package itself (loaded on first use, so that
 ``import densepure_rt`` stays cheap)::
 
-    from densepure_rt import open_engine
+    from densepure_rt import RunSpec, open_engine
 """
 
 import os as _os
@@ -23,6 +23,8 @@ _os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 _PUBLIC = {
     "open_engine": "densepure_rt.runtime",
     "Engine": "densepure_rt.runtime",
+    "RunSpec": "densepure_rt.spec",
+    "Streamed": "densepure_rt.sampling.stream",
     "CountsResult": "densepure_rt.certificates",
     "RadiiCertificate": "densepure_rt.certificates",
     "EarlyStopCertificate": "densepure_rt.certificates",

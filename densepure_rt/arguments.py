@@ -1,5 +1,6 @@
-"""Checks of the arguments the Python API's sampling entry points share, in one place: the seed,
-image indices, the engine being open, the images staged at once, and the graph set."""
+"""Checks of the arguments the Python API's sampling entry points share, in one place: the seed
+(also :class:`densepure_rt.spec.RunSpec`'s), image indices, the engine being open, the images staged
+at once, and the graph set."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ import numpy as np
 from densepure_rt.errors import ConfigError, EngineError, param
 from densepure_rt.files.manifest import KERNELS, Manifest, graph_path
 
-__all__ = ["sampling", "check_staging", "check_kernels"]
+__all__ = ["sampling", "check_seed", "check_staging", "check_kernels"]
 
 
-def _check_seed(seed) -> None:
+def check_seed(seed) -> None:
+    """Refuse a noise seed that is not an integer from 0 to 2^32 - 1 (the Philox key is 32 bits)."""
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) <= 2**32 - 1:
         raise ConfigError(f"{param('seed')} must be an integer from 0 to 2^32 - 1 (got {seed!r})")
 
@@ -31,7 +33,7 @@ def _check_image_indices(indices) -> None:
 
 
 #: Checks of the arguments every sampling entry point shares, by name (one place for all of them).
-_ARGUMENT_CHECKS = {"seed": _check_seed, "image_index": _check_image_index, "image_indices": _check_image_indices}
+_ARGUMENT_CHECKS = {"seed": check_seed, "image_index": _check_image_index, "image_indices": _check_image_indices}
 
 
 def sampling(method):

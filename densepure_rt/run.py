@@ -21,21 +21,6 @@ from densepure_rt import __version__
 from densepure_rt.errors import ConfigError, DataError, EngineError
 
 
-def _parse_steps(value: str) -> int:
-    from densepure_rt.schedule import parse_steps
-
-    try:
-        return parse_steps(value)
-    except ValueError as exc:
-        raise ConfigError(f"--{exc}") from None
-
-
-def _steps_label(steps: int) -> str:
-    from densepure_rt.schedule import NO_PURIFICATION, ONE_SHOT
-
-    return {ONE_SHOT: "one-shot", NO_PURIFICATION: "none"}.get(steps, str(steps))
-
-
 # ------------------------------------------------------------------------------------------------ #
 # build                                                                                              #
 # ------------------------------------------------------------------------------------------------ #
@@ -188,20 +173,17 @@ class Progress:
             self._line()
 
 
-def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, every,
-         out, n0, n, radii=None, tol=None, early_exit=None, images_per_call=1, ray=None, actors=None, ray_timeout=30.0,
-         round_size=None, kernels="portable"):
-    """One certify / predict run over the selected images. ``mode``: "certify" (fixed n),
-    "certify-radii" (target radii, n = n_max), "certify-until" (early stopping, n = n_max), "predict".
-    ``ray``: a Ray address ("auto", "local", host:port) to spread the images over Ray actors."""
-    from densepure_rt.stats.cohen import validate_params
+def run_mode(spec, engine_dir, data, skip, max_images, resume, device, threads, quiet, every, out, ray=None, actors=None,
+             ray_timeout=30.0, kernels="portable", adopt_round=False):
+    """One certify / predict run of ``spec`` (:class:`densepure_rt.spec.RunSpec`, validated) over
+    the selected images. ``ray``: a Ray address ("auto", "local", host:port) to spread the images
+    over Ray actors. ``adopt_round``: --round was not given, so a resumed file keeps its own."""
     from densepure_rt.sampling.noise import NOISE_VERSION
-    from densepure_rt.stats.sequential import STOP_RULE
+    from densepure_rt.modes import mode_of
     from densepure_rt.files.results import HEADERS, ResultsWriter, indices_todo
     from densepure_rt.runtime import open_engine
-    from densepure_rt.scale.work import Task
 
-    validate_params(sigma, alpha, n0 if mode != "predict" else None, n, n_name="n_max" if mode.startswith("certify-") else "n")
+    mode = spec.mode
     if ray is None and actors is not None:
         raise ConfigError("--actors goes with --ray")
     out = _out_file(out, data)
@@ -214,37 +196,38 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
     engine_dir = Path(engine_dir).expanduser().resolve()  # once, absolute: recorded, and what Ray actors open
     if threads is not None and ray is None:
         threads = _cap_threads(threads)
-    # The canonical words ("4", "one-shot", "none"): the engine parses them again, strictly.
-    steps_value = _steps_label(_parse_steps(steps))
     # With --ray the driver reads the manifest only: the actors open the engine where the GPUs are.
-    with open_engine(engine_dir, device=device, threads=threads, early_exit=early_exit, metadata_only=ray is not None,
+    with open_engine(engine_dir, device=device, threads=threads, early_exit=spec.early_exit, metadata_only=ray is not None,
                      kernels=kernels) as engine:
-        engine.reverse_schedule(sigma, steps_value)  # refuses a (sigma, b) the schedule cannot honour
+        engine.reverse_schedule(spec.sigma, spec.steps)  # refuses a (sigma, b) the schedule cannot honour
         random_weights = engine.manifest.random_weights
-        batch = batch if batch is not None else engine.manifest.default_batch
-        sequential = mode in ("certify-radii", "certify-until")
+        if spec.batch is None:
+            spec = spec.replace(batch=engine.manifest.default_batch)
         # A resumed file keeps the round it was started with when --round is not given (another
         # round is another experiment); a new one reads one vote at a time.
-        adopt = {"round": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1} if sequential and round_size is None else {}
-        if sequential and round_size is None:
-            round_size = 1
-        task = Task(mode, sigma, steps_value, votes, alpha, n0, n, seed, batch,
-                    radii=tuple(radii) if radii else None, tol=tol, round_size=round_size)
-        dataset, indices, spec, data_digest = _open_data(engine, data, skip, max_images)
-        if images_per_call > len(indices):  # a bound on the images in flight: more than the run has is all of them
-            images_per_call = max(len(indices), 1)
-        if images_per_call > 1:
+        adopt = {"round": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1} if spec.sequential and adopt_round else {}
+        dataset, indices, data_spec, data_digest = _open_data(engine, data, skip, max_images)
+        if spec.images_per_call > len(indices):  # a bound on the images in flight: more than the run has is all of them
+            spec = spec.replace(images_per_call=max(len(indices), 1))
+        if spec.images_per_call > 1:
             from densepure_rt.arguments import check_staging
 
-            check_staging(images_per_call, engine.image_shape, device, name="--images-per-call ")
+            check_staging(spec.images_per_call, engine.image_shape, device, name="--images-per-call ")
         # The most noisy samples one call of this run can hold (its calls hold samples of every image
         # of the run): buffers are sized by it, and the row limit and the memory are checked against
         # it before anything is written.
-        per_call = task.samples_per_image * max(len(indices), 1)
-        engine.check_rows(min(batch, per_call), votes)
+        per_call = spec.samples_per_image * max(len(indices), 1)
+        engine.check_rows(min(spec.batch, per_call), spec.votes)
         executor = engine.executor  # None for a Ray driver (metadata only)
         options = {
-            "mode": mode,
+            # The run's settings (densepure_rt.spec.RunSpec.to_dict: mode, sigma, steps, votes, n0, n,
+            # radii, tol, alpha, seed, batch, round, early_exit, images_per_call). The sequential modes
+            # decide after rounds of --round samples: another round gives other (equally valid) rows,
+            # so it is part of the experiment there.
+            **spec.to_dict(),
+            # When --tol stops (densepure_rt.stats.sequential.STOP_RULE): another rule is another experiment.
+            **mode_of(mode).options(spec),
+            "early_exit": engine.early_exit_for() if spec.early_exit is None else spec.early_exit,
             "engine": str(engine_dir),
             # What the engine computes (graphs and output-changing settings): a rebuild from the same
             # weights continues the file; the manifest's own checksum (build date...) is kept for reference.
@@ -252,36 +235,19 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
             "engine_manifest_sha256": engine.manifest.manifest_sha256,
             "random_weights": random_weights,
             "preset": engine.preset,
-            "data": spec,
+            "data": data_spec,
             # The selected images' indices, labels and decoded pixels (densepure_rt.files.data.Dataset.validate).
             "data_content_sha256": data_digest,
-            "sigma": sigma,
-            "steps": steps_value,
-            "votes": votes,
-            "n0": n0,
-            "n": n,
-            "radii": list(radii) if radii else None,
-            "tol": tol,
-            "alpha": alpha,
-            "seed": seed,
             "noise": NOISE_VERSION,
             "skip": skip,
             "max": max_images,
             "ids": None,
-            "batch": batch,
-            # The sequential modes decide after rounds of --round samples: another round size gives
-            # other (equally valid) rows, so it is part of the experiment there.
-            "round": round_size if mode in ("certify-radii", "certify-until") else None,
-            # When --tol stops (densepure_rt.stats.sequential.STOP_RULE): another rule is another experiment.
-            "stop_rule": STOP_RULE if mode == "certify-until" else None,
-            "early_exit": engine.early_exit_for(),
             # Which graphs ran: the portable ones or `build --device cuda`'s fused GPU graphs (other
             # kernels, other rounding): part of the experiment, a file continues with the same.
             "kernels": engine.kernels,
             # The engine format (manifest schema) the rows were computed with: a file of another
             # format is refused by its engine_id; this says why.
             "engine_format": engine.manifest.schema_version,
-            "images_per_call": images_per_call,
             "backend": executor.name if executor is not None else engine.manifest.backend,
             # What the graphs ran in, read back from the executor (OpenVINO: its compiled precision);
             # with --ray every actor's is checked against it.
@@ -297,26 +263,25 @@ def run_mode(mode, engine_dir, data, sigma, steps, votes, alpha, skip, max_image
             _refuse_other_loop(Path(out))
             done = writer.open(options, resume=resume, allowed=indices, legacy=_legacy_identities(engine, data), adopt=adopt)
             if "round" in writer.adopted:
-                round_size = int(writer.adopted["round"])
-                task = dataclasses.replace(task, round_size=round_size)
-                click.echo(f"resuming with --round {round_size}, the round {out} was started with", err=True)
+                spec = spec.replace(round_size=int(writer.adopted["round"]))
+                click.echo(f"resuming with --round {spec.round_size}, the round {out} was started with", err=True)
             todo = indices_todo(indices, done)
             if random_weights and not quiet:  # once the run starts; the summary line says it too
                 click.echo(f"warning: {engine_dir} was built with --random-weights (for benchmarking): its predictions and "
                            "certificates mean nothing", err=True)
             # Sequential modes usually stop long before n: the bar then jumps at the end of an image.
-            per_image = task.samples_per_image
+            per_image = spec.samples_per_image
             if done:
                 click.echo(f"resuming {out}: {len(done)} images done, {len(todo)} to go", err=True)
             if ray is not None:
                 if todo:
-                    _run_on_ray(engine, task, dataset, todo, writer, totals, options, ray, actors, device, threads, early_exit, quiet, every,
-                                images_per_call, ray_timeout)
+                    _run_on_ray(engine, spec, dataset, todo, writer, totals, options, ray, actors, device, threads, quiet, every,
+                                ray_timeout)
                 totals.images = len(done) + len(todo)
                 return totals
-            progress = Progress(mode.split("-")[0], len(todo), per_image, quiet, every, sequential=sequential)
+            progress = Progress(mode.split("-")[0], len(todo), per_image, quiet, every, sequential=spec.sequential)
             try:
-                _stream(engine, dataset, todo, writer, totals, progress, task, images_per_call)
+                _stream(engine, dataset, todo, writer, totals, progress, spec)
             finally:
                 progress.close()
     totals.images = len(done) + len(todo)
@@ -411,11 +376,11 @@ def _cap_threads(threads: int) -> int:
     return threads
 
 
-def _run_on_ray(engine, task, dataset, todo, writer, totals, options, address, actors, device, threads, early_exit, quiet, every,
-                images_per_call=1, ray_timeout=30.0) -> None:
+def _run_on_ray(engine, spec, dataset, todo, writer, totals, options, address, actors, device, threads, quiet, every,
+                ray_timeout=30.0) -> None:
     """Certify ``todo`` on Ray actors (:class:`densepure_rt.scale.ray.RayPool`); this process alone
-    writes the rows, in completion order, each flushed as it arrives. ``images_per_call``: images an
-    actor certifies at a time with shared batches (fixed-n CERTIFY)."""
+    writes the rows, in completion order, each flushed as it arrives. ``spec.images_per_call``:
+    images an actor streams at a time."""
     from densepure_rt.scale.ray import RayPool
 
     labels = {}
@@ -430,19 +395,18 @@ def _run_on_ray(engine, task, dataset, todo, writer, totals, options, address, a
 
     pool = RayPool(str(engine.directory), engine.manifest.manifest_sha256, address=address, actors=actors, device=device,
                    kernels=engine.kernels,
-                   threads=threads, early_exit=early_exit, connect_timeout=ray_timeout, log=log)
+                   threads=threads, early_exit=spec.early_exit, connect_timeout=ray_timeout, log=log)
     progress = None
     try:
-        pool.start(images=-(-len(todo) // images_per_call))
+        pool.start(images=-(-len(todo) // spec.images_per_call))
         if pool.precision != options["precision"]:
             raise EngineError(
                 f"the Ray actors run the engine in {pool.precision}, the run records {options['precision']}: "
                 "every node must compute the same"
             )
         log(f"{len(pool.actors)} Ray actor{'s' if len(pool.actors) > 1 else ''}: " + ", ".join(f"{i['host']} (pid {i['pid']})" for i in pool.info))
-        progress = Progress(task.mode.split("-")[0], len(todo), task.samples_per_image, quiet, every,
-                            sequential=task.mode in ("certify-radii", "certify-until"))
-        for outcome in pool.map(task, todo, load, group=images_per_call, progress=None if quiet else progress.update):
+        progress = Progress(spec.mode.split("-")[0], len(todo), spec.samples_per_image, quiet, every, sequential=spec.sequential)
+        for outcome in pool.map(spec, todo, load, group=spec.images_per_call, progress=None if quiet else progress.update):
             totals.write(writer, labels.pop(outcome.idx), outcome)
             progress.image_done()
     finally:
@@ -451,7 +415,7 @@ def _run_on_ray(engine, task, dataset, todo, writer, totals, options, address, a
         pool.close()
 
 
-def _stream(engine, dataset, todo, writer, totals, progress, task, images_per_call: int) -> None:
+def _stream(engine, dataset, todo, writer, totals, progress, spec) -> None:
     """Every image of ``todo`` through one scheduler run (:func:`densepure_rt.scale.work.run_stream`):
     rows written as images finish (flushed one by one, so a killed run resumes with the images not
     written); ``--images-per-call`` above 1 bounds the images in flight."""
@@ -467,7 +431,6 @@ def _stream(engine, dataset, todo, writer, totals, progress, task, images_per_ca
 
     def emit(outcome, samples: int) -> None:
         totals.write(writer, labels.pop(outcome.idx), outcome)
-        progress.image_done(skipped=task.samples_per_image - samples)  # what a sequential test did not need
+        progress.image_done(skipped=spec.samples_per_image - samples)  # what a sequential test did not need
 
-    run_stream(engine, task, items(), emit, in_flight=images_per_call if images_per_call > 1 else None, progress=progress.update,
-               images=len(todo))
+    run_stream(engine, spec, items(), emit, progress=progress.update, images=len(todo))

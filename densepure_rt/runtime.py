@@ -1,15 +1,21 @@
-"""The Python API: open an engine directory once, then certify or predict numpy images in a loop.
+"""The Python API: open an engine directory once, then stream images through a run description.
 
     from densepure_rt.runtime import open_engine
+    from densepure_rt.spec import RunSpec
 
     with open_engine("engines/digits") as engine:
-        cert = engine.certify(image, sigma=0.5, steps=4, votes=5, n0=100, n=1000, alpha=0.001, image_index=0)
-        print(cert.prediction, cert.radius)
+        spec = RunSpec("certify", sigma=0.5, steps=4, votes=5, n0=100, n=1000, alpha=0.001)
+        engine.stream(spec, enumerate(images), lambda s: print(s.idx, s.result[0].radius))
+        cert = engine.certify(image, sigma=0.5, steps=4, votes=5, n0=100, n=1000, image_index=0)
 
-``image`` is float32 [C x H x W] in [0, 1] at the engine's size. Noise is a pure function of
-(seed, image_index, phase, sample index), so results do not depend on the batch size; every
-single-image call takes the image's index (two images certified with one index would share their
-noise, and their certificates would not be independent).
+:meth:`Engine.stream` is the one way to run: a :class:`~densepure_rt.spec.RunSpec` (the mode and
+its statistics settings, :mod:`densepure_rt.modes`) over (image index, image) pairs, every image
+through one run of the scheduler. ``certify``, ``certify_counts``, ``predict``, ``certify_radii``
+and ``certify_until`` are thin calls of it for one image. ``image`` is float32 [C x H x W] in
+[0, 1] at the engine's size. Noise is a pure function of (seed, image index, phase, sample index),
+so results do not depend on the batch size or on the other images in flight; every image takes its
+index (two images with one index would share their noise, and their certificates would not be
+independent).
 """
 
 from __future__ import annotations
@@ -25,22 +31,27 @@ import numpy as np
 
 from densepure_rt.sampling.loop import BatchLoop
 from densepure_rt.sampling.scheduler import Job, Scheduler, SchedulerStats
+from densepure_rt.sampling.stream import Streamed, run_stream
 from densepure_rt.certificates import CountsResult, EarlyStopCertificate, RadiiCertificate
-from densepure_rt.stats.cohen import Certificate, Prediction, certify, predict, validate_params
+from densepure_rt.modes import mode_of
+from densepure_rt.spec import RunSpec
+from densepure_rt.stats.cohen import Certificate, Prediction
 from densepure_rt.files.data import check_image
 from densepure_rt.arguments import check_kernels, check_staging, sampling as _sampling
 from densepure_rt.errors import ConfigError, EngineError, param
 from densepure_rt.limits import check_rows, rows_per_call
 from densepure_rt.files.manifest import Manifest, as_manifest, load_manifest
-from densepure_rt.sampling.noise import ESTIMATION, PREDICTION, SELECTION
 from densepure_rt.schedule import ReverseSchedule, make_schedule, parse_steps, reverse_schedule
 
-__all__ = ["Engine", "open_engine", "CountsResult", "RadiiCertificate", "EarlyStopCertificate"]
+__all__ = ["Engine", "open_engine", "RunSpec", "Streamed", "CountsResult", "RadiiCertificate", "EarlyStopCertificate"]
 
 Progress = Optional[Callable[[int], None]]
 
 class Engine:
-    """An opened engine directory: manifest verified, its executor loaded under the batch loop. A context manager."""
+    """An opened engine directory: manifest verified, its executor loaded under the scheduler. A context manager.
+
+    Opening (:func:`open_engine`), :meth:`stream` (the one way to run: a RunSpec over images), the
+    single-image calls built on it, and :meth:`close`."""
 
     #: Whether :meth:`close` ran (the sampling entry points then refuse, :mod:`densepure_rt.arguments`).
     _closed = False
@@ -146,17 +157,19 @@ class Engine:
         check_rows(self.manifest, batch, votes, self.device, weights_bytes=weights,
                    classifier_rows=self.loop.classifier_limit())
 
-    def _prepare(self, sigma: float, steps: int | str, votes: int, batch: int, samples: int | None = None) -> ReverseSchedule:
-        """Prepare the loop for (sigma, b, K) and batches of ``batch`` noisy samples, or of
+    def _prepare(self, sigma: float, steps: int | str, votes: int, batch: int, samples: int | None = None,
+                 early_exit: bool | None = None) -> ReverseSchedule:
+        """Prepare the loop for (sigma, b, K) and calls of ``batch`` noisy samples x K rows, or of
         ``samples`` where that is fewer (the most any call of the work ahead can hold: buffers are
-        sized by what a call can use, not by the request)."""
+        sized by what a call can use, not by the request). ``early_exit``: None for the engine's own
+        (:meth:`early_exit_for`)."""
         for name, value in (("votes", votes), ("batch", batch)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
                 raise ConfigError(f"{param(name)} must be an integer >= 1 (got {value!r})")
         if samples is not None:
             batch = max(min(int(batch), int(samples)), 1)
         rs = self.reverse_schedule(sigma, steps)  # refuses non-finite schedules; the loop checks again
-        early_exit = self.early_exit_for()
+        early_exit = self.early_exit_for() if early_exit is None else bool(early_exit)
         key = (float(sigma), rs.steps, int(votes), int(batch), early_exit)
         if self._prepared != key:
             self.check_rows(int(batch), int(votes))
@@ -172,102 +185,6 @@ class Engine:
             self._scheduler = Scheduler(self.loop, self.loop.batch * self.loop.votes, early_exit=self.loop.early_exit)
         return self._scheduler
 
-    def _scheduled_counts(self, jobs, *, seed: int, progress: Progress, evals: list | None) -> list[np.ndarray]:
-        """Per-class counts of (image, image_index, phase, num) jobs through the scheduler (after
-        :meth:`_prepare`): batch x K rows per call."""
-        jobs = list(jobs)
-        images = np.stack([img for img, _, _, _ in jobs]) if jobs else np.zeros((0, *self.image_shape), dtype=np.float32)
-        staged = self.loop.device.stage(images)
-        stats = SchedulerStats()
-        counts = self.scheduler().counts(staged, [Job(k, int(idx), int(phase), int(num)) for k, (_, idx, phase, num) in enumerate(jobs)],
-                                        seed, progress=progress, stats=stats)
-        if evals is not None:
-            evals[:] = [int(e) for e in stats.per_job_unet_evals]
-        return counts
-
-    # -- sampling ---------------------------------------------------------------------------- #
-    @_sampling
-    def sample_counts(
-        self,
-        image: np.ndarray,
-        num: int,
-        phase: int,
-        *,
-        seed: int,
-        image_index: int,
-        batch: int,
-        progress: Progress = None,
-    ) -> np.ndarray:
-        """Per-class counts [num_classes] int64 of ``num`` voted labels (after :meth:`_prepare`).
-
-        A label outside [0, num_classes), or a batch that returns the wrong number of labels, is an
-        :class:`EngineError`: dropping such labels would shrink n and inflate the bound.
-        """
-        return self._scheduled_counts([(image, image_index, phase, num)], seed=seed, progress=progress, evals=None)[0]
-
-    @_sampling
-    def sample_counts_many(self, jobs, *, seed: int, batch: int, progress: Progress = None, evals: list | None = None) -> list[np.ndarray]:
-        """Per-class counts of several (image, image_index, phase, num) jobs, with batches that mix
-        images (after :meth:`_prepare`): the samples of all jobs are taken in order, ``batch`` at a
-        time, so a job of fewer samples than a batch (the n0 phase) shares its batch with the next.
-
-        Each job's counts equal :meth:`sample_counts` of that job alone: noise is a pure function of
-        (seed, image index, phase, sample), not of the batch (test). ``evals``: a list that receives each job's UNet
-        evaluations (its samples' runs times the schedule's calls: exact, also when batches mix jobs).
-        """
-        jobs = [(self._image(img, idx), int(idx), int(phase), int(num)) for img, idx, phase, num in jobs]
-        return self._scheduled_counts(jobs, seed=seed, progress=progress, evals=evals)
-
-    @_sampling
-    def certify_many(self, images, sigma: float, steps: int | str = 4, votes: int = 10, n0: int = 100, n: int = 1000,
-                     alpha: float = 0.001, *, seed: int = 0, image_indices=None, batch: int | None = None,
-                     progress: Progress = None) -> list[Certificate]:
-        """:meth:`certify` of several images (each float32 [C x H x W] in [0, 1]) at once, in batches
-        that mix their noisy samples: one :class:`Certificate` per image, the same as certifying each
-        alone with its image index (``image_indices``, default 0, 1, 2, ...) as the key of its noise.
-        :meth:`certify_many_counts` also returns each image's vote counts."""
-        pairs = self.certify_many_counts(images, sigma, steps, votes, n0, n, alpha, seed=seed, image_indices=image_indices,
-                                         batch=batch, progress=progress)
-        return [cert for cert, _ in pairs]
-
-    @_sampling
-    def certify_many_counts(
-        self,
-        images,
-        sigma: float,
-        steps: int | str = 4,
-        votes: int = 10,
-        n0: int = 100,
-        n: int = 1000,
-        alpha: float = 0.001,
-        *,
-        seed: int = 0,
-        image_indices=None,
-        batch: int | None = None,
-        progress: Progress = None,
-    ) -> list[tuple[Certificate, CountsResult]]:
-        """:meth:`certify_counts` of several images at once, in batches that mix images (both phases
-        of every image share the batches): one (Certificate, CountsResult) pair per image, the same
-        as one image at a time, with fewer partly filled batches. ``image_indices`` default to 0,
-        1, 2, ... (they key the noise)."""
-        validate_params(sigma, alpha, n0, n)
-        images = list(images)
-        indices = list(range(len(images))) if image_indices is None else [int(i) for i in image_indices]
-        if len(indices) != len(images):
-            raise ConfigError(f"{len(images)} images but {len(indices)} image indices")
-        self._prepare(sigma, steps, votes, batch, samples=len(images) * (int(n0) + int(n)))
-        jobs = []
-        for img, idx in zip(images, indices):
-            jobs += [(img, idx, SELECTION, n0), (img, idx, ESTIMATION, n)]
-        evals: list[int] = []
-        counts = self.sample_counts_many(jobs, seed=seed, batch=batch, progress=progress, evals=evals)
-        out = []
-        for k in range(len(images)):
-            c0, c = counts[2 * k], counts[2 * k + 1]
-            # Each image is charged the runs its own samples took: the same as certifying it alone.
-            out.append((certify(c0, c, sigma, alpha), CountsResult(c0, c, evals[2 * k] + evals[2 * k + 1])))
-        return out
-
     def _image(self, image: np.ndarray, image_index: int) -> np.ndarray:
         image = np.asarray(image)
         if image.dtype.kind not in "fiu":  # a complex, boolean, object or text array is not an image
@@ -278,307 +195,144 @@ class Engine:
         check_image(image, self.image_shape, image_index)
         return image
 
+    # -- the one way to run -------------------------------------------------------------------- #
     @_sampling
-    def certify(
-        self,
-        image: np.ndarray,
-        sigma: float,
-        steps: int | str = 4,
-        votes: int = 10,
-        n0: int = 100,
-        n: int = 1000,
-        alpha: float = 0.001,
-        *,
-        seed: int = 0,
-        image_index: int,
-        batch: int | None = None,
-        progress: Progress = None,
-    ) -> Certificate:
-        """Cohen et al.'s CERTIFY of the DensePure smoothed classifier at ``image`` [C x H x W] in [0, 1]."""
-        cert, _ = self.certify_counts(
-            image, sigma, steps, votes, n0, n, alpha, seed=seed, image_index=image_index, batch=batch, progress=progress
-        )
-        return cert
+    def stream(self, spec: RunSpec | str, items, emit: Callable[[Streamed], None], *, in_flight: int | None = None,
+               progress: Progress = None, images: int | None = None, **settings) -> SchedulerStats:
+        """Run ``spec`` over the images of ``items`` through one scheduler run; returns what the
+        scheduler did (:class:`~densepure_rt.sampling.scheduler.SchedulerStats`).
 
-    @_sampling
-    def certify_counts(
-        self,
-        image: np.ndarray,
-        sigma: float,
-        steps: int | str,
-        votes: int,
-        n0: int,
-        n: int,
-        alpha: float,
-        *,
-        seed: int = 0,
-        image_index: int,
-        batch: int | None = None,
-        progress: Progress = None,
-    ) -> tuple[Certificate, CountsResult]:
-        """:meth:`certify`, also returning the vote counts of both phases (for results files)."""
-        validate_params(sigma, alpha, n0, n)
-        image = self._image(image, image_index)
-        self._prepare(sigma, steps, votes, batch, samples=max(int(n0), int(n)))
-        common = dict(seed=seed, image_index=image_index, batch=batch, progress=progress)
-        evals = self.loop.unet_evals
-        counts0 = self.sample_counts(image, n0, SELECTION, **common)
-        counts = self.sample_counts(image, n, ESTIMATION, **common)
-        cert = dataclasses.replace(certify(counts0, counts, sigma, alpha),
-                                   settings=self._settings(sigma=sigma, steps=steps, votes=votes, n0=n0, n=n, alpha=alpha, seed=seed,
-                                                           image_index=image_index))
-        return cert, CountsResult(counts0, counts, self.loop.unet_evals - evals)
-
-    def _settings(self, **settings) -> dict:
-        """What a single-image result was computed with: the call's settings and the engine's identity."""
-        settings["steps"] = str(settings["steps"])
-        engine_id = self.manifest.identity if self.manifest is not None else None
-        return {**settings, "engine": None if self.directory is None else str(self.directory), "engine_id": engine_id}
-
-    def _sequential(self, image, test, sigma, steps, votes, n0, *, seed, image_index, batch, progress,
-                    round_size: int | None = None) -> tuple[int, int]:
-        """Select c_a from at most n0 selection samples, then feed ``test`` estimation rounds of
-        ``round_size`` samples (default 1) until it is done (:meth:`_sequential_continuous`). Returns
-        c_a and the UNet evaluations spent on the image."""
-        if round_size is None:
-            round_size = 1
-        if isinstance(round_size, bool) or not isinstance(round_size, (int, np.integer)) or round_size < 1:
-            raise ConfigError(f"{param('round_size')} must be an integer >= 1 (got {round_size!r})")
-        image = self._image(image, image_index)
-        self._prepare(sigma, steps, votes, batch, samples=max(int(n0), int(test.remaining)))
-        return self._sequential_continuous(image, test, int(n0), seed=seed, image_index=image_index,
-                                           round_size=int(round_size), progress=progress)
-
-    def _sequential_continuous(self, image, test, n0: int, *, seed, image_index, round_size, progress) -> tuple[int, int]:
-        """:meth:`_sequential` through the scheduler: the selection samples (stopped once
-        :func:`densepure_rt.stats.sequential.selection_done` says the leader is clear: c_a is the
-        argmax of the counts so far, ties to the lowest class), then the estimation samples,
-        delivered in sample order in rounds of ``round_size``, while the engine calls stay full of
-        the samples after them. The selection rule reads selection samples only, so the estimation
-        samples stay fresh and independent of c_a. Samples started past the point where a test
-        stopped are dropped (their work is counted)."""
-        from densepure_rt.stats.sequential import selection_done
-
-        counts = np.zeros(self.num_classes, dtype=np.int64)
-        chosen: list[int] = []
-        jobs = [Job(0, int(image_index), SELECTION, n0, round_size)]
-
-        def deliver(job: int, labels: np.ndarray) -> bool:
-            if job == 0:  # selection: stop once the leader is clear, then start the estimation job
-                counts[:] += np.bincount(labels, minlength=self.num_classes)
-                left = n0 - int(counts.sum())
-                done = left == 0 or selection_done(counts, left)
-                if done:
-                    if left and progress is not None:
-                        progress(left)
-                    chosen.append(int(np.argmax(counts)))
-                    if not test.done:
-                        jobs.append(Job(0, int(image_index), ESTIMATION, int(test.remaining), round_size))
-                return not done
-            test.update(int(np.count_nonzero(labels == chosen[0])), len(labels))
-            return not test.done
-
-        stats = self.scheduler().run(self.loop.device.stage(image[None]), jobs, seed, deliver, progress=progress)
-        if not chosen:  # n0 = 0 cannot happen (validated); a stopped run never gets here
-            raise EngineError("the selection phase ended without a class: rebuild the engine")
-        return chosen[0], int(sum(stats.per_job_unet_evals))  # one per row per step, dropped rows too
-
-    @_sampling
-    def certify_radii(
-        self,
-        image: np.ndarray,
-        sigma: float,
-        radii,
-        steps: int | str = 4,
-        votes: int = 10,
-        n0: int = 100,
-        n_max: int = 10000,
-        alpha: float = 0.001,
-        *,
-        seed: int = 0,
-        image_index: int,
-        batch: int | None = None,
-        progress: Progress = None,
-        round_size: int | None = None,
-    ) -> RadiiCertificate:
-        """Is the smoothed classifier certifiably robust at each target radius? Anytime-valid.
-
-        Selects ``c_a`` from at most ``n0`` selection samples (CERTIFY's argmax, stopped early once
-        the leader is clear: :meth:`_select`), then draws estimation samples in rounds of
-        ``round_size`` (default: 1) and, after each round, tests H0: p_a <= Phi(R / sigma) for every target R with one
-        confidence sequence on p_a (:class:`densepure_rt.stats.sequential.TargetRadiiTest`).
-        Stops when every target is certified or futile, or at ``n_max`` samples. Guarantee: the
-        probability that any target with p_a <= Phi(R / sigma) is certified is at most alpha,
-        whatever the number of rounds and whichever class the selection picked. The estimation
-        samples are those of fixed-n CERTIFY with the same seed: keeping the larger radius of both
-        runs on one image doubles the error to 2 alpha (use another seed for the second run).
+        spec: a :class:`~densepure_rt.spec.RunSpec`, or a mode name ("certify", "predict",
+        "certify-radii", "certify-until") with the spec's settings as keywords (``sigma=0.5, n=1000``).
+        items: (image index, image float32 [C x H x W] in [0, 1]) pairs, read as images finish (an
+        iterator may be endless); the index keys the image's noise. emit(:class:`Streamed`): called
+        with each image's outcome as it finishes (in the order images finish); ``Streamed.result``
+        is the mode's result (:mod:`densepure_rt.modes`): (Certificate, CountsResult) for "certify",
+        Prediction, RadiiCertificate or EarlyStopCertificate. in_flight: the most images staged at
+        once (default: ``spec.images_per_call`` when above 1, else enough for the sequential tests'
+        bounded samples to fill a call). progress(k): k more noisy samples voted. images: how many
+        ``items`` holds, if known (calls then hold no more rows than all their samples).
         """
-        validate_params(sigma, alpha, n0, n_max, n_name="n_max")
-        test = _radii_test(sigma, radii, alpha, n_max)
-        c_a, evals = self._sequential(image, test, sigma, steps, votes, n0, seed=seed, image_index=image_index, batch=batch,
-                                      progress=progress, round_size=round_size)
-        return dataclasses.replace(_radii_result(test, c_a, evals), settings=self._settings(
-            sigma=sigma, steps=steps, votes=votes, n0=n0, n_max=n_max, radii=list(test.radii), alpha=alpha, seed=seed,
-            image_index=image_index, round_size=round_size))
-
-    @_sampling
-    def certify_until(
-        self,
-        image: np.ndarray,
-        sigma: float,
-        tol: float,
-        steps: int | str = 4,
-        votes: int = 10,
-        n0: int = 100,
-        n_max: int = 10000,
-        alpha: float = 0.001,
-        *,
-        seed: int = 0,
-        image_index: int,
-        batch: int | None = None,
-        progress: Progress = None,
-        round_size: int | None = None,
-    ) -> EarlyStopCertificate:
-        """Cohen's CERTIFY output (the largest certified radius) with early stopping. Anytime-valid.
-
-        As :meth:`certify_radii` for the selection; then estimation rounds until more samples stop
-        paying off: the whole remaining budget would gain the radius less than ``tol`` (the stop rule
-        :data:`densepure_rt.stats.sequential.STOP_RULE`), or it cannot gain ``tol`` at all any more, or no radius is reachable, or ``n_max`` samples were used
-        (:class:`densepure_rt.stats.sequential.EarlyStopRadius`). The radius comes from a lower confidence
-        sequence on p_a, valid at any stopping time: P(radius > sigma * Phi^-1(p_a)) <= alpha. An
-        empty running interval (reason "inconsistent", a detected coverage failure) abstains:
-        prediction -1, radius 0. Same estimation samples as fixed-n CERTIFY with the same seed (see
-        :meth:`certify_radii`).
-        """
-        validate_params(sigma, alpha, n0, n_max, n_name="n_max")
-        test = _until_test(sigma, alpha, n_max, tol)
-        c_a, evals = self._sequential(image, test, sigma, steps, votes, n0, seed=seed, image_index=image_index, batch=batch,
-                                      progress=progress, round_size=round_size)
-        from densepure_rt.stats.sequential import STOP_RULE
-
-        return dataclasses.replace(_until_result(test, c_a, evals), settings=self._settings(
-            sigma=sigma, steps=steps, votes=votes, n0=n0, n_max=n_max, tol=tol, alpha=alpha, seed=seed, image_index=image_index,
-            round_size=round_size, stop_rule=STOP_RULE))
-
-    @_sampling
-    def predict(
-        self,
-        image: np.ndarray,
-        sigma: float,
-        steps: int | str = 4,
-        votes: int = 10,
-        n: int = 100,
-        alpha: float = 0.001,
-        *,
-        seed: int = 0,
-        image_index: int,
-        batch: int | None = None,
-        progress: Progress = None,
-    ) -> Prediction:
-        """Cohen et al.'s PREDICT of the DensePure smoothed classifier at ``image``."""
-        validate_params(sigma, alpha, None, n)
-        image = self._image(image, image_index)
-        self._prepare(sigma, steps, votes, batch, samples=int(n))
-        counts = self.sample_counts(image, n, PREDICTION, seed=seed, image_index=image_index, batch=batch, progress=progress)
-        return dataclasses.replace(predict(counts, alpha), settings=self._settings(
-            sigma=sigma, steps=steps, votes=votes, n=n, alpha=alpha, seed=seed, image_index=image_index))
-
-    @_sampling
-    def stream(self, mode: str, items, emit, *, sigma: float, steps: int | str = 4, votes: int = 10, n0: int = 100,
-               n: int = 1000, alpha: float = 0.001, radii=None, tol: float | None = None, seed: int = 0, batch: int | None = None,
-               round_size: int = 1, in_flight: int | None = None, progress: Progress = None,
-               samples: int | None = None) -> SchedulerStats:
-        """Many images through one scheduler run (:mod:`densepure_rt.sampling.stream`): ``items``
-        yields (image index, image [C x H x W] in [0, 1]), read as images finish; ``emit(Streamed)``
-        gets each image's outcome as it finishes (``Streamed.result``: what ``certify_counts`` (a
-        (Certificate, CountsResult) pair), ``predict``, ``certify_radii`` or ``certify_until`` give
-        for the image alone, by ``mode``: "certify", "predict", "certify-radii", "certify-until").
-        Calls hold batch x votes rows, or fewer where ``samples`` (the most noisy samples the run
-        draws, all images together) is below ``batch``; ``in_flight`` images at most are staged
-        (default: enough for the sequential tests' bounded samples to fill a call)."""
-        from densepure_rt.sampling.stream import FixedWork, SequentialWork, run_stream
-
-        sequential = mode in ("certify-radii", "certify-until")
-        validate_params(sigma, alpha, n0 if mode != "predict" else None, n)
-        if isinstance(round_size, bool) or not isinstance(round_size, (int, np.integer)) or round_size < 1:
-            raise ConfigError(f"{param('round_size')} must be an integer >= 1 (got {round_size!r})")
-        if mode == "certify-radii":
-            _radii_test(sigma, radii, alpha, n)  # refuses bad radii before anything runs
-        elif mode == "certify-until":
-            _until_test(sigma, alpha, n, tol)
-        elif mode not in ("certify", "predict"):
-            raise ConfigError(f"unknown mode {mode!r}")
-        self._prepare(sigma, steps, votes, batch, samples=samples)
+        if isinstance(spec, str):
+            spec = RunSpec(spec, **settings)
+        elif settings:
+            raise ConfigError(f"settings {', '.join(sorted(settings))} go into the RunSpec when one is given")
+        mode = mode_of(spec.mode)
+        batch = spec.batch if spec.batch is not None else self.manifest.default_batch
+        samples = None if images is None else spec.samples_per_image * max(int(images), 1)
+        self._prepare(spec.sigma, spec.steps, spec.votes, batch, samples=samples, early_exit=spec.early_exit)
         sch = self.scheduler()
         if in_flight is None:
-            in_flight = -(-sch.slots // (sch.first * int(round_size))) + 1 if sequential else 2
+            if spec.images_per_call > 1:
+                in_flight = spec.images_per_call
+            else:
+                in_flight = -(-sch.slots // (sch.first * int(spec.round_size))) + 1 if mode.sequential else 2
         if isinstance(in_flight, bool) or not isinstance(in_flight, (int, np.integer)) or in_flight < 1:
             raise ConfigError(f"{param('in_flight')} (images in flight) must be an integer >= 1 (got {in_flight!r})")
         check_staging(int(in_flight), self.image_shape, self.device)
         classes = self.num_classes
 
-        def make(idx: int):
-            if mode == "certify":
-                return FixedWork(idx, classes, [(SELECTION, n0), (ESTIMATION, n)],
-                                 lambda c, ev: (certify(c[0], c[1], sigma, alpha), CountsResult(c[0], c[1], ev)))
-            if mode == "predict":
-                return FixedWork(idx, classes, [(PREDICTION, n)], lambda c, ev: predict(c[0], alpha))
-            if mode == "certify-radii":
-                return SequentialWork(idx, classes, n0, _radii_test(sigma, radii, alpha, n), _radii_result, round_size, round_size)
-            return SequentialWork(idx, classes, n0, _until_test(sigma, alpha, n, tol), _until_result, round_size, round_size)
-
         def checked():
             for idx, image in items:
-                yield int(idx), self._image(image, int(idx)), make
+                yield int(idx), self._image(image, int(idx)), lambda i: mode.work(spec, i, classes)
 
-        return run_stream(sch, self.loop.device.stage, self.image_shape, checked(), seed=seed, in_flight=int(in_flight),
+        return run_stream(sch, self.loop.device.stage, self.image_shape, checked(), seed=spec.seed, in_flight=int(in_flight),
                           emit=emit, progress=progress)
 
+    # -- one image: thin calls of stream ------------------------------------------------------- #
+    def _one(self, spec: RunSpec, image: np.ndarray, image_index: int, progress: Progress):
+        """``spec`` on one image (:meth:`stream` of it alone): its result, with the settings it was
+        computed with and the engine's identity (``result.settings``)."""
+        got: list[Streamed] = []
+        self.stream(spec, [(image_index, image)], got.append, progress=progress, images=1)
+        (streamed,) = got
+        settings = {**mode_of(spec.mode).settings(spec), "image_index": int(image_index),
+                    "engine": None if self.directory is None else str(self.directory),
+                    "engine_id": self.manifest.identity if self.manifest is not None else None}
+        if spec.mode == "certify":
+            cert, counts = streamed.result
+            return dataclasses.replace(cert, settings=settings), counts
+        return dataclasses.replace(streamed.result, settings=settings)
 
-def _radii_test(sigma, radii, alpha, n_max):
-    from densepure_rt.stats.sequential import TargetRadiiTest
+    @_sampling
+    def certify(self, image: np.ndarray, sigma: float, steps: int | str = 4, votes: int = 10, n0: int = 100, n: int = 1000,
+                alpha: float = 0.001, *, seed: int = 0, image_index: int, batch: int | None = None,
+                progress: Progress = None) -> Certificate:
+        """Cohen et al.'s CERTIFY of the DensePure smoothed classifier at ``image`` float32 [C x H x W]
+        in [0, 1]: c_A from ``n0`` selection samples, the radius from ``n`` estimation samples
+        (:meth:`certify_counts` also gives the vote counts)."""
+        return self.certify_counts(image, sigma, steps, votes, n0, n, alpha, seed=seed, image_index=image_index, batch=batch,
+                                   progress=progress)[0]
 
-    try:
-        return TargetRadiiTest(sigma, list(radii), alpha, int(n_max))
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{param('radii')}: {exc}") from None
+    @_sampling
+    def certify_counts(self, image: np.ndarray, sigma: float, steps: int | str = 4, votes: int = 10, n0: int = 100,
+                       n: int = 1000, alpha: float = 0.001, *, seed: int = 0, image_index: int, batch: int | None = None,
+                       progress: Progress = None) -> tuple[Certificate, CountsResult]:
+        """:meth:`certify`, also returning the vote counts of both phases ([num_classes] int64 each)
+        and the UNet evaluations they took (:class:`CountsResult`)."""
+        spec = RunSpec("certify", sigma, steps, votes, n0, n, alpha, seed=seed, batch=batch)
+        return self._one(spec, image, image_index, progress)
 
+    @_sampling
+    def predict(self, image: np.ndarray, sigma: float, steps: int | str = 4, votes: int = 10, n: int = 100,
+                alpha: float = 0.001, *, seed: int = 0, image_index: int, batch: int | None = None,
+                progress: Progress = None) -> Prediction:
+        """Cohen et al.'s PREDICT of the DensePure smoothed classifier at ``image`` float32 [C x H x W]
+        in [0, 1] from ``n`` noisy samples (-1: abstain)."""
+        spec = RunSpec("predict", sigma, steps, votes, None, n, alpha, seed=seed, batch=batch)
+        return self._one(spec, image, image_index, progress)
 
-def _radii_result(test, c_a: int, evals: int) -> RadiiCertificate:
-    result = test.result()
-    return RadiiCertificate(
-        prediction=c_a if result.certified else -1,
-        radius=result.radius,
-        c_a=c_a,
-        n_a=result.n_a,
-        n=result.n,
-        radii=tuple(float(r) for r in test.radii),
-        decisions=result.decisions,
-        unet_evals=int(evals),
-    )
+    @_sampling
+    def certify_radii(self, image: np.ndarray, sigma: float, radii, steps: int | str = 4, votes: int = 10, n0: int = 100,
+                      n_max: int = 10000, alpha: float = 0.001, *, seed: int = 0, image_index: int, batch: int | None = None,
+                      progress: Progress = None, round_size: int | None = None) -> RadiiCertificate:
+        """Is the smoothed classifier certifiably robust at each target radius? Anytime-valid.
 
+        Selects ``c_a`` from at most ``n0`` selection samples (CERTIFY's argmax, stopped early once
+        the leader is clear: :func:`densepure_rt.stats.sequential.selection_done`), then draws
+        estimation samples in rounds of ``round_size`` (default: 1) and, after each round, tests H0:
+        p_a <= Phi(R / sigma) for every target R with one confidence sequence on p_a
+        (:class:`densepure_rt.stats.sequential.TargetRadiiTest`). Stops when every target is
+        certified or futile, or at ``n_max`` samples. Guarantee: the probability that any target
+        with p_a <= Phi(R / sigma) is certified is at most alpha, whatever the number of rounds and
+        whichever class the selection picked. The estimation samples are those of fixed-n CERTIFY
+        with the same seed: keeping the larger radius of both runs on one image doubles the error to
+        2 alpha (use another seed for the second run).
+        """
+        spec = RunSpec("certify-radii", sigma, steps, votes, n0, n_max, alpha, radii=tuple(radii) if radii is not None else None,
+                       round_size=round_size, seed=seed, batch=batch)
+        return self._one(spec, image, image_index, progress)
 
-def _until_test(sigma, alpha, n_max, tol):
-    from densepure_rt.stats.sequential import EarlyStopRadius
+    @_sampling
+    def certify_until(self, image: np.ndarray, sigma: float, tol: float, steps: int | str = 4, votes: int = 10,
+                      n0: int = 100, n_max: int = 10000, alpha: float = 0.001, *, seed: int = 0, image_index: int,
+                      batch: int | None = None, progress: Progress = None, round_size: int | None = None) -> EarlyStopCertificate:
+        """Cohen's CERTIFY output (the largest certified radius) with early stopping. Anytime-valid.
 
-    try:
-        return EarlyStopRadius(sigma, alpha, int(n_max), float(tol))
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(f"{param('tol')}: {exc}") from None
+        As :meth:`certify_radii` for the selection; then estimation rounds until more samples stop
+        paying off: the whole remaining budget would gain the radius less than ``tol`` (the stop
+        rule :data:`densepure_rt.stats.sequential.STOP_RULE`), or it cannot gain ``tol`` at all any
+        more, or no radius is reachable, or ``n_max`` samples were used
+        (:class:`densepure_rt.stats.sequential.EarlyStopRadius`). The radius comes from a lower
+        confidence sequence on p_a, valid at any stopping time: P(radius > sigma * Phi^-1(p_a)) <=
+        alpha. An empty running interval (reason "inconsistent", a detected coverage failure)
+        abstains: prediction -1, radius 0. Same estimation samples as fixed-n CERTIFY with the same
+        seed (see :meth:`certify_radii`).
+        """
+        spec = RunSpec("certify-until", sigma, steps, votes, n0, n_max, alpha, tol=tol, round_size=round_size, seed=seed,
+                       batch=batch)
+        return self._one(spec, image, image_index, progress)
 
-
-def _until_result(test, c_a: int, evals: int) -> EarlyStopCertificate:
-    result = test.result()
-    return EarlyStopCertificate(
-        prediction=c_a if result.certified else -1,
-        radius=result.radius,
-        c_a=c_a,
-        n_a=result.n_a,
-        n=result.n,
-        p_a_lower=result.p_a_lower,
-        reason=result.reason,
-        unet_evals=int(evals),
-    )
+    # -- parity checks ------------------------------------------------------------------------- #
+    @_sampling
+    def sample_counts(self, image: np.ndarray, num: int, phase: int, *, seed: int, image_index: int, batch: int,
+                      progress: Progress = None) -> np.ndarray:
+        """Per-class counts [num_classes] int64 of the voted labels of samples 0 .. num-1 of ``phase``
+        of ``image`` (after :meth:`_prepare`; for parity checks of the graphs). A label outside
+        [0, num_classes), or a count other than ``num``, is an :class:`EngineError`."""
+        image = self._image(image, image_index)
+        return self.scheduler().counts(self.loop.device.stage(image[None]), [Job(0, int(image_index), int(phase), int(num))],
+                                       seed, progress=progress)[0]
 
 
 def open_engine(

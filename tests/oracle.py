@@ -151,6 +151,10 @@ def check_finite(purified: np.ndarray) -> None:
         )
 
 
+#: Samples per oracle call in the sequential modes (labels are drawn ahead of the rounds that read them).
+BLOCK = 64
+
+
 class Reference:
     """One image's CERTIFY, PREDICT and sequential tests computed through :class:`StepByStep` (the
     engine at ``directory`` opened for its manifest and schedule only). A context manager."""
@@ -161,6 +165,7 @@ class Reference:
         self.num_classes = self.engine.num_classes
         self.loop = StepByStep(directory, self.manifest, device=device, threads=threads)
         self.early_exit = True if early_exit is None else bool(early_exit)
+        self._blocks: dict = {}
 
     def __enter__(self) -> "Reference":
         return self
@@ -202,26 +207,41 @@ class Reference:
     def _sequential(self, image, test, sigma, steps, votes, n0, *, seed, image_index, round_size) -> tuple[int, int]:
         """Selection in rounds of ``round_size`` until :func:`selection_done`, then estimation rounds
         fed to ``test`` until it is done: the samples, rounds and decisions of the engine's
-        sequential modes. Returns c_a and the UNet evaluations of the samples read."""
+        sequential modes. The labels are drawn in blocks of :data:`BLOCK` samples (a sample's label
+        does not depend on its block); returns c_a and the UNet evaluations of the samples read."""
         from densepure_rt.stats.sequential import selection_done
 
-        self._prepare(sigma, steps, votes, round_size)
-        before = self.loop.unet_evals
+        rs = self._prepare(sigma, steps, votes, BLOCK)
+        # Blocks already drawn for this image and settings (another mode or round reads the same samples).
+        drawn = self._blocks.setdefault((image.tobytes(), seed, image_index, float(sigma), rs.steps, int(votes)), {})
+
+        def labels(phase: int, start: int, size: int):
+            for block in range(start // BLOCK, (start + size - 1) // BLOCK + 1):
+                if (phase, block) not in drawn:
+                    drawn[phase, block] = self.loop.voted_labels(image, seed, image_index, phase,
+                                                                 range(block * BLOCK, (block + 1) * BLOCK), runs=True)
+            got = [drawn[phase, k // BLOCK] for k in range(start, start + size)]
+            return (np.array([g[0][k % BLOCK] for g, k in zip(got, range(start, start + size))]),
+                    int(sum(g[1][k % BLOCK] for g, k in zip(got, range(start, start + size)))))
+
+        evals = 0
         counts = np.zeros(self.num_classes, dtype=np.int64)
         for start in range(0, n0, round_size):
             size = min(round_size, n0 - start)
-            counts += np.bincount(self.loop.voted_labels(image, seed, image_index, SELECTION, range(start, start + size)),
-                                  minlength=self.num_classes)
+            got, runs = labels(SELECTION, start, size)
+            counts += np.bincount(got, minlength=self.num_classes)
+            evals += runs * rs.num_calls
             if selection_done(counts, n0 - start - size):
                 break
         c_a = int(np.argmax(counts))
         start = 0
         while not test.done:
             size = min(round_size, test.remaining)
-            labels = self.loop.voted_labels(image, seed, image_index, ESTIMATION, range(start, start + size))
-            test.update(int(np.count_nonzero(labels == c_a)), size)
+            got, runs = labels(ESTIMATION, start, size)
+            test.update(int(np.count_nonzero(got == c_a)), size)
+            evals += runs * rs.num_calls
             start += size
-        return c_a, self.loop.unet_evals - before
+        return c_a, evals
 
     def certify_radii(self, image, sigma, radii, steps=4, votes=10, n0=100, n_max=10000, alpha=0.001, *, seed=0, image_index,
                       round_size=1) -> RadiiCertificate:

@@ -21,7 +21,7 @@ import pytest
 from conftest import build_digits_engine, digits_test_images
 from densepure_rt.runtime import open_engine
 from densepure_rt.sampling.noise import ESTIMATION, SELECTION
-from densepure_rt.scale.work import Task, run_stream
+from densepure_rt.scale.work import RunSpec, run_stream
 from oracle import open_reference
 
 SIGMA, STEPS, VOTES, N0, N_MAX, SEED = 0.5, 1, 10, 100, 2000, 0
@@ -49,8 +49,8 @@ def test_dropped_work_is_what_no_test_read_and_stays_within_two_percent_at_k10(e
     indices = list(range(0, 180, 9))  # as --skip 9 --max 180: 20 images
     with open_engine(engine) as eng:
         batch = int(eng.manifest.get("default_batch", 32))
-        task = Task(mode="certify-radii", sigma=SIGMA, steps=str(STEPS), votes=VOTES, alpha=0.001, n0=N0, n=N_MAX, seed=SEED,
-                    batch=batch, radii=(0.25,))
+        task = RunSpec(mode="certify-radii", sigma=SIGMA, steps=STEPS, votes=VOTES, alpha=0.001, n0=N0, n=N_MAX, seed=SEED,
+                       batch=batch, radii=(0.25,))
         outcomes = {}
         run_stream(eng, task, list(zip(indices, images)), lambda o, samples: outcomes.__setitem__(o.idx, (o, samples)))
         assert sorted(outcomes) == indices
@@ -80,7 +80,7 @@ def test_fixed_n_drops_nothing_and_a_lone_test_starts_the_samples_it_surely_read
     # decision can come before together (10 at first for the selection and for R = 0.5 sigma).
     images = digits_test_images(2)
     with open_engine(engine) as eng:
-        fixed = Task(mode="certify", sigma=SIGMA, steps=str(STEPS), votes=3, alpha=0.001, n0=10, n=30, seed=SEED, batch=8)
+        fixed = RunSpec(mode="certify", sigma=SIGMA, steps=STEPS, votes=3, alpha=0.001, n0=10, n=30, seed=SEED, batch=8)
         got = []
         run_stream(eng, fixed, [(0, images[0]), (1, images[1])], lambda o, s: got.append(o))
         assert [o.dropped_evals for o in got] == [0, 0]

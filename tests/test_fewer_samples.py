@@ -313,7 +313,7 @@ class _ScriptedLoop:
 
 def _scripted_engine(selection, estimation) -> Engine:
     eng = Engine.__new__(Engine)  # no engine directory: only what the sequential modes touch
-    eng.image_shape, eng.num_classes = (1, 4, 4), 10
+    eng.image_shape, eng.num_classes, eng.device = (1, 4, 4), 10, "cpu"
     eng.loop = _ScriptedLoop()
     eng._prepare = lambda *args, **kwargs: None
     sch = _ScriptedScheduler(selection, estimation)

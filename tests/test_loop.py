@@ -22,9 +22,10 @@ from conftest import build_digits_engine, gpu_cupy, run_label_agreement
 from densepure_rt.cli import main
 from densepure_rt.files.data import DIGITS_TEST_ASSET
 from densepure_rt.sampling.device import HostNoise
-from densepure_rt.sampling.noise import ESTIMATION, SELECTION, sample_noise
+from densepure_rt.sampling.noise import ESTIMATION, PREDICTION, sample_noise
 from densepure_rt.sampling.philox import draw_normals, row_normals
 from densepure_rt.runtime import open_engine
+from densepure_rt.spec import RunSpec
 from oracle import open_reference
 
 SIGMA, STEPS, VOTES = 0.6, 2, 3
@@ -80,54 +81,56 @@ def test_host_noise_fills_the_sample_noise_layout():
 @pytest.mark.parametrize("early_exit", [True, False])
 def test_the_engine_equals_the_step_by_step_oracle(engine, digits, tmp_path, early_exit):
     """Calls of 7 x 3 rows that mix six images and both phases (n0 = 5 is smaller than a call) give
-    each job the counts and the UNet evaluations of the oracle run one image and one phase at a time
-    (early exit stops the same runs); CERTIFY and PREDICT through the API equal the oracle's. With
+    each image the counts, certificate and UNet evaluations of the oracle run one image and one
+    phase at a time (early exit stops the same runs); PREDICT through the API equals the oracle's. With
     early exit (the default): the CLI's rows (fixed n, also with --images-per-call 3) equal the
     oracle's certificates, and the sequential modes (--radius, --tol; rounds of 1 and 6) make the
     oracle's decisions: c_a, samples read, votes for c_a, decisions or reason, radius."""
     images, labels = digits
-    jobs = []
-    for i in range(6):
-        jobs += [(images[i], 10 + i, SELECTION, 5), (images[i], 10 + i, ESTIMATION, 23)]
     with open_reference(engine, early_exit=early_exit) as ref, open_engine(engine, early_exit=early_exit) as new:
         assert type(new.loop).__name__ == "BatchLoop" and type(ref.loop).__name__ == "StepByStep"
-        new._prepare(SIGMA, STEPS, VOTES, 7)
-        evals: list = []
-        got = new.sample_counts_many(jobs, seed=3, batch=7, evals=evals)
-        ref._prepare(SIGMA, STEPS, VOTES, 7)
+        got = []
+        spec = RunSpec("certify", SIGMA, STEPS, VOTES, n0=5, n=23, alpha=0.01, seed=3, batch=7, images_per_call=6)
+        new.stream(spec, [(10 + i, images[i]) for i in range(6)], got.append)
+        assert sorted(s.idx for s in got) == list(range(10, 16))
         split = 0
-        for (img, idx, phase, num), counts, work in zip(jobs, got, evals):
-            before = ref.loop.unet_evals
-            want = ref.sample_counts(img, num, phase, seed=3, image_index=idx, batch=7)
-            np.testing.assert_array_equal(counts, want)
-            assert work == ref.loop.unet_evals - before  # exact per job, though calls mix images
-            split += int(np.count_nonzero(want)) > 1
-        assert split >= 2  # the votes split: the comparison is of real counts, not of constants
-        certs = new.certify_many_counts(images, SIGMA, STEPS, VOTES, n0=5, n=23, alpha=0.01, seed=3,
-                                        image_indices=range(10, 16), batch=7)
-        for i, (cert, counts) in enumerate(certs):
-            want_cert, want_counts = ref.certify_counts(images[i], SIGMA, STEPS, VOTES, 5, 23, 0.01, seed=3,
-                                                        image_index=10 + i, batch=7)
-            assert cert == want_cert and counts.unet_evals == want_counts.unet_evals
+        for s in got:
+            cert, counts = s.result
+            want_cert, want_counts = ref.certify_counts(images[s.idx - 10], SIGMA, STEPS, VOTES, 5, 23, 0.01, seed=3,
+                                                        image_index=s.idx, batch=7)
+            assert cert == want_cert
             np.testing.assert_array_equal(counts.counts0, want_counts.counts0)
             np.testing.assert_array_equal(counts.counts, want_counts.counts)
+            # exact per image, though calls mix images: early exit stops the same runs
+            assert counts.unet_evals == s.unet_evals == want_counts.unet_evals
+            split += int(np.count_nonzero(want_counts.counts)) > 1
+        assert split >= 2  # the votes split: the comparison is of real counts, not of constants
         assert new.predict(images[2], SIGMA, STEPS, VOTES, n=30, alpha=0.01, seed=1, image_index=2) == \
             ref.predict(images[2], SIGMA, STEPS, VOTES, n=30, alpha=0.01, seed=1, image_index=2)
         if not early_exit:
             return
         common = dict(steps=STEPS, votes=VOTES, n0=40, n_max=150, alpha=0.01, seed=5)
         for round_size in (1, 6):
-            for k in range(4):
-                r_new = new.certify_radii(images[k], 0.5, [0.25, 0.5], image_index=k, round_size=round_size, **common)
-                r_ref = ref.certify_radii(images[k], 0.5, [0.25, 0.5], image_index=k, round_size=round_size, **common)
-                assert (r_new.c_a, r_new.n, r_new.n_a, r_new.decisions, r_new.radius) == \
-                    (r_ref.c_a, r_ref.n, r_ref.n_a, r_ref.decisions, r_ref.radius)
-                u_new = new.certify_until(images[k], 0.5, 0.05, image_index=k, round_size=round_size, **common)
-                u_ref = ref.certify_until(images[k], 0.5, 0.05, image_index=k, round_size=round_size, **common)
-                assert (u_new.c_a, u_new.n, u_new.n_a, u_new.reason, u_new.radius) == \
-                    (u_ref.c_a, u_ref.n, u_ref.n_a, u_ref.reason, u_ref.radius)
-                # The scheduler may start samples past a test's stop (dropped): never fewer evaluations.
-                assert r_new.unet_evals >= r_ref.unet_evals and u_new.unet_evals >= u_ref.unet_evals
+            for mode, extra in (("certify-radii", dict(radii=(0.25, 0.5))), ("certify-until", dict(tol=0.05))):
+                streamed = []
+                new.stream(RunSpec(mode, 0.5, STEPS, VOTES, n0=40, n=150, alpha=0.01, seed=5, round_size=round_size, **extra),
+                           list(enumerate(images[:3])), streamed.append)
+                for s in streamed:
+                    got = s.result
+                    if mode == "certify-radii":
+                        want = ref.certify_radii(images[s.idx], 0.5, [0.25, 0.5], image_index=s.idx, round_size=round_size, **common)
+                        assert (got.c_a, got.n, got.n_a, got.decisions, got.radius) == \
+                            (want.c_a, want.n, want.n_a, want.decisions, want.radius)
+                    else:
+                        want = ref.certify_until(images[s.idx], 0.5, 0.05, image_index=s.idx, round_size=round_size, **common)
+                        assert (got.c_a, got.n, got.n_a, got.reason, got.radius) == \
+                            (want.c_a, want.n, want.n_a, want.reason, want.radius)
+                    # The scheduler may start samples past a test's stop (dropped): never fewer evaluations.
+                    assert got.unet_evals >= want.unet_evals
+        k = 3  # and one image alone through the single-image call
+        r_new = new.certify_radii(images[k], 0.5, [0.25, 0.5], image_index=k, round_size=6, **common)
+        r_ref = ref.certify_radii(images[k], 0.5, [0.25, 0.5], image_index=k, round_size=6, **common)
+        assert (r_new.c_a, r_new.n, r_new.n_a, r_new.decisions) == (r_ref.c_a, r_ref.n, r_ref.n_a, r_ref.decisions)
 
     data = tmp_path / "d.npz"
     np.savez(data, images=images[:4], labels=labels[:4])
@@ -245,9 +248,12 @@ def test_gpu_loop_counts_and_cross_image_batches(engine, digits, tmp_path):
             total += 50
             single.append(got)
         assert moved <= total // 100, (moved, total)
-        many = gpu.sample_counts_many([(images[i], i, ESTIMATION, 50) for i in range(6)], seed=0, batch=16)
-        for a, b in zip(many, single):
-            np.testing.assert_array_equal(a, b)
+        many = []
+        gpu.stream(RunSpec("predict", SIGMA, STEPS, VOTES, n=50, seed=0, batch=16), list(enumerate(images[:6])), many.append)
+        by_idx = {s.idx: s.counts for s in many}
+        for i in range(6):
+            gpu._prepare(SIGMA, STEPS, VOTES, 16)
+            np.testing.assert_array_equal(by_idx[i], gpu.sample_counts(images[i], 50, PREDICTION, seed=0, image_index=i, batch=16))
 
 
 @pytest.mark.gpu
@@ -290,11 +296,12 @@ def test_gpu_scheduler_counts_with_and_without_cuda_graphs(engine, digits):
     got = {}
     for cuda_graph in (False, True):
         with open_engine(engine, device="cuda", early_exit=True, cuda_graph=cuda_graph) as sched:
+            many = []
+            sched.stream(RunSpec("certify", SIGMA, STEPS, VOTES, n0=8, n=40, seed=0, batch=16), list(enumerate(images[:5])),
+                         many.append)
             sched._prepare(SIGMA, STEPS, VOTES, 16)
-            evals: list = []
-            many = sched.sample_counts_many([(images[i], i, ESTIMATION, 40) for i in range(5)], seed=0, batch=16, evals=evals)
             one = sched.sample_counts(images[5], 64, ESTIMATION, seed=2, image_index=5, batch=16)
-            got[cuda_graph] = ([c.tolist() for c in many], evals, one.tolist())
+            got[cuda_graph] = (sorted((s.idx, s.result[1].counts.tolist(), s.unet_evals) for s in many), one.tolist())
             print(f"cuda_graph={cuda_graph}: scheduler full_calls={sched.scheduler().full_calls}")
     assert got[False] == got[True]
 

@@ -30,7 +30,7 @@ from densepure_rt.files.manifest import load_manifest, write_manifest
 from densepure_rt.files.results import read_rows
 from densepure_rt.runtime import open_engine
 from densepure_rt.scale.ray import ENGINE_ENV, RayPool
-from densepure_rt.scale.work import Task, run_image
+from densepure_rt.scale.work import RunSpec, run_image
 
 #: Ray's cluster start-up alone takes tens of seconds: the whole module is slow.
 pytestmark = pytest.mark.slow
@@ -203,7 +203,7 @@ def test_killed_actors_lose_only_their_images(group, engine, images, cluster, re
     manifest = load_manifest(engine)
     shape = manifest["image_shape"]
     dataset = open_dataset(images, image_size=shape[1], channels=shape[0])
-    task = Task("certify", 0.5, "2", 3, 0.001, 10, 40, seed=0, batch=16)
+    task = RunSpec("certify", 0.5, "2", 3, n0=10, n=40, alpha=0.001, seed=0, batch=16)
     lines: list[str] = []
     outcomes = []
     drawn: list[int] = []
@@ -239,7 +239,7 @@ def test_progress_moves_within_an_image(engine, images, cluster):
     manifest = load_manifest(engine)
     shape = manifest["image_shape"]
     dataset = open_dataset(images, image_size=shape[1], channels=shape[0])
-    task = Task("certify", 0.5, "2", 3, 0.001, 10, 400, seed=0, batch=16)
+    task = RunSpec("certify", 0.5, "2", 3, n0=10, n=400, alpha=0.001, seed=0, batch=16)
     drawn: list[int] = []
     with RayPool(str(engine), manifest["manifest_sha256"], actors=1, poll=0.05) as pool:
         outcomes = list(pool.map(task, [0, 1], lambda i: dataset[i].image, progress=drawn.append))

@@ -225,8 +225,9 @@ def test_the_readme_python_snippets_run_as_written(tmp_path, monkeypatch):
     for block in blocks:
         namespace: dict = {}
         exec(compile(block, "README.md", "exec"), namespace)  # noqa: S102 - the README's own code
-    certs, pairs = namespace["certs"], namespace["pairs"]
-    assert [c for c, _ in pairs] == certs and len(certs) == 4
+    pairs = [s.result for s in sorted(namespace["done"], key=lambda s: s.idx)]
+    certs = [c for c, _ in pairs]
+    assert len(certs) == 4 and [s.idx for s in sorted(namespace["done"], key=lambda s: s.idx)] == [0, 1, 2, 3]
     assert int(pairs[0][1].counts.sum()) == 100
     assert namespace["cert"] == certs[0]  # image 0 alone and within the batch of four: one certificate
     # Each certificate is CERTIFY of its counts, recomputed with scipy (alpha 0.001, sigma 0.5).

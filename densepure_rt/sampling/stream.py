@@ -17,8 +17,8 @@ test with rounds of one vote does not leave the calls empty, and its calls are n
 samples it may never read: the work of samples started and dropped when a test stopped
 (``Streamed.dropped_evals``) stays within a few percent.
 
-What an image computes is what it computes alone (:class:`densepure_rt.runtime.Engine`'s
-``certify_counts``, ``predict``, ``certify_radii``, ``certify_until``): the noise is keyed by
+What an image computes (its mode's work, :mod:`densepure_rt.modes`) is what it computes alone
+(:class:`densepure_rt.runtime.Engine`'s single-image calls stream it alone): the noise is keyed by
 (seed, image index, phase, sample), the scheduler delivers each job's votes in sample order and in
 the same rounds, so counts, tests and decisions are the same (tests/test_stream.py). Only the work
 spent on samples a test did not read (started, then dropped when it stopped) depends on what else
@@ -41,7 +41,7 @@ __all__ = ["Streamed", "FixedWork", "SequentialWork", "run_stream"]
 
 @dataclass(frozen=True)
 class Streamed:
-    """One image's outcome: ``result`` (what the engine method returns for it), the per-class counts
+    """One image's outcome: ``result`` (its mode's result, :mod:`densepure_rt.modes`), the per-class counts
     of its last phase (fixed-n work), its UNet evaluations (dropped samples' too), the noisy samples
     its tests read, its share of the wall time (the time since the previous image finished), and
     ``dropped_evals``: those of its UNet evaluations spent on samples its tests never read (started,
@@ -110,8 +110,9 @@ class FixedWork(_Work):
 class SequentialWork(_Work):
     """CERTIFY with a sequential test (``--radius``, ``--tol``): selection samples in rounds until
     :func:`densepure_rt.stats.sequential.selection_done`, then estimation rounds fed to ``test`` until
-    it is done; ``finish(test, c_a, unet_evals)`` gives the result. The same rounds and decisions as
-    :meth:`densepure_rt.runtime.Engine._sequential_continuous` (one image alone)."""
+    it is done; ``finish(test, c_a, unet_evals)`` gives the result. The selection stops at the first
+    round after which the leader is clear (c_a: the argmax so far, ties to the lowest class); it
+    reads selection samples only, so the estimation samples stay fresh and independent of c_a."""
 
     def __init__(self, idx, num_classes, n0: int, test, finish, round_size: int, ahead: int):
         super().__init__(idx, num_classes)

@@ -1,11 +1,11 @@
 """Scale-out on Ray: one actor per GPU (or per CPU slot) certifies images that the driver hands out.
 
     from densepure_rt.scale.ray import RayPool
-    from densepure_rt.scale.work import Task
+    from densepure_rt.spec import RunSpec
 
-    task = Task("certify", sigma=0.5, steps="4", votes=10, alpha=0.001, n0=100, n=10000, seed=0, batch=32)
+    spec = RunSpec("certify", sigma=0.5, steps=4, votes=10, n0=100, n=10000, alpha=0.001, seed=0, batch=32)
     with RayPool("engines/cifar10", address="auto", device="cuda") as pool:
-        for outcome in pool.map(task, indices, load=lambda idx: images[idx]):
+        for outcome in pool.map(spec, indices, load=lambda idx: images[idx]):
             ...  # completion order
 
 How it works (``densepure-rt certify --ray ...`` is built on it):
@@ -58,7 +58,7 @@ import numpy as np
 
 from densepure_rt.errors import ConfigError, DensePureError, EngineError
 from densepure_rt.errors import first_line as _first_line
-from densepure_rt.scale.work import Outcome, Task, run_group, run_image
+from densepure_rt.scale.work import Outcome, RunSpec, run_group, run_image
 
 __all__ = ["ENGINE_ENV", "RayPool", "require_ray"]
 
@@ -147,11 +147,11 @@ class Worker:
     def _drawn(self, samples: int) -> None:
         self.samples += samples
 
-    def run(self, task: Task, image: np.ndarray, idx: int) -> Outcome:
+    def run(self, task: RunSpec, image: np.ndarray, idx: int) -> Outcome:
         self.samples = 0
         return run_image(self.engine, task, image, idx, progress=self._drawn)
 
-    def run_group(self, task: Task, images: np.ndarray, indices: list) -> list:
+    def run_group(self, task: RunSpec, images: np.ndarray, indices: list) -> list:
         self.samples = 0
         return run_group(self.engine, task, images, indices, progress=self._drawn)
 
@@ -488,7 +488,7 @@ class RayPool:
                 progress(now - counted.get(slot, 0))
                 counted[slot] = now
 
-    def map(self, task: Task, indices: Iterable[int], load: Callable[[int], np.ndarray], group: int = 1,
+    def map(self, task: RunSpec, indices: Iterable[int], load: Callable[[int], np.ndarray], group: int = 1,
             progress: Optional[Callable[[int], None]] = None) -> Iterator[Outcome]:
         """Outcomes of every image in ``indices`` (``load(idx)`` gives its image), in completion order.
 
