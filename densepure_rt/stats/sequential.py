@@ -592,11 +592,25 @@ def selection_certain(counts0, left, min_share: float = SELECTION_MIN_SHARE, lev
     counts0 = np.asarray(counts0)
     if counts0.ndim != 1:
         raise ValueError(f"counts0 must be one count vector [num_classes] (got shape {counts0.shape})")
+    # A pure function of its arguments, asked after selection votes of every image: the same states
+    # (e.g. k unanimous votes) come back image after image, so answers are kept (per process).
+    key = (tuple(counts0.tolist()), int(left), min_share, level, int(window))
+    known = _SELECTION_CERTAIN.get(key)
+    if known is not None:
+        return known
     m = np.arange(0, min(int(left), int(window)) + 1)  # m = 0: done now
     path = np.repeat(counts0.astype(np.int64)[None, :], m.size, axis=0)
     path[:, int(np.argmax(counts0))] += m
     done = selection_done(path, int(left) - m, min_share, level)
-    return int(m[np.argmax(done)]) if done.any() else int(m[-1])
+    answer = int(m[np.argmax(done)]) if done.any() else int(m[-1])
+    if len(_SELECTION_CERTAIN) >= 1 << 16:
+        _SELECTION_CERTAIN.clear()
+    _SELECTION_CERTAIN[key] = answer
+    return answer
+
+
+#: :func:`selection_certain`'s answers by its arguments.
+_SELECTION_CERTAIN: dict = {}
 
 
 @dataclass(frozen=True)
@@ -697,6 +711,20 @@ def _soonest(fast: "_Filter", n_a: int, n: int, window: int, ups: list, downs: l
     happens), or None where some value is too near the threshold to tell (the caller then asks the
     exact function)."""
     if window < 1:
+        return [window] * len(ups)
+    # Along the all-success path the mixture's predictive probability of a success never falls
+    # (each Beta's mean grows and the weights move to the larger means: E[X^2] / E[X] >= E[X]), so
+    # m -> log M_{t+m}(p0) has non-decreasing increments log(predictive / p0): it is convex, and so
+    # along the all-failure path. Below log(1/alpha) at m = 1 and m = window, it is below it on the
+    # whole window: nothing is decided there.
+    quiet = True
+    for s, t_end, targets in ((n_a + 1, n + 1, ups), (n_a + window, n + window, ups), (n_a, n + 1, downs),
+                              (n_a, n + window, downs)):
+        fast.at(s, t_end)
+        if any(fast.rejects(p0) is not False for p0 in targets):
+            quiet = False
+            break
+    if quiet:
         return [window] * len(ups)
     m = np.arange(1, window + 1, dtype=np.float64)[:, None]  # [window x 1]
     c, a, b, ab = fast.arrays  # [components] each
