@@ -522,15 +522,23 @@ class _Run:
         """Hand job j its next rounds of labels in sample order, while they are complete."""
         job = self.jobs[j]
         size = job.round or job.num
+        waiting = self.voted[j]
         while not self.stopped[j] and self.delivered[j] < job.num:
             first = self.delivered[j]
             take = min(size, job.num - first)
-            if any(first + i not in self.voted[j] for i in range(take)):
-                break  # a predecessor is still running: wait for it (sample order, not completion order)
-            voted = [self.voted[j].pop(first + i) for i in range(take)]
-            labels = np.asarray([label for label, _ in voted], dtype=np.int64)
+            if take == 1:  # rounds of one vote: the common case of the sequential tests, kept lean
+                if first not in waiting:
+                    break  # its predecessor is still running: wait for it
+                label, evals = waiting.pop(first)
+                labels = np.array([label], dtype=np.int64)
+            else:
+                if any(first + i not in waiting for i in range(take)):
+                    break  # a predecessor is still running: wait for it (sample order, not completion order)
+                voted = [waiting.pop(first + i) for i in range(take)]
+                labels = np.asarray([label for label, _ in voted], dtype=np.int64)
+                evals = sum(e for _, e in voted)
             self.delivered[j] += take
-            self.delivered_evals_of[j] += sum(evals for _, evals in voted)
+            self.delivered_evals_of[j] += evals
             if self.progress is not None:
                 self.progress(take)
             more = self.deliver(j, labels)
