@@ -26,14 +26,8 @@ def _check_image_index(index) -> None:
         raise ConfigError(f"{param('image_index')} must be an integer from 0 to 2^32 - 1 (got {index!r})")
 
 
-def _check_image_indices(indices) -> None:
-    if indices is not None:
-        for index in indices:
-            _check_image_index(index)
-
-
 #: Checks of the arguments every sampling entry point shares, by name (one place for all of them).
-_ARGUMENT_CHECKS = {"seed": check_seed, "image_index": _check_image_index, "image_indices": _check_image_indices}
+_ARGUMENT_CHECKS = {"seed": check_seed, "image_index": _check_image_index}
 
 
 def sampling(method):
