@@ -54,8 +54,6 @@ class Backend:
     #: Checks that the runtime is installed (a one-line error with the install hint) before any
     #: device work; None where the executor's import says it.
     require: Callable[[], None] | None = None
-    #: Whether the loop captures whole batches in its own CUDA graphs (the runtime has none).
-    whole_batch_graphs: bool = False
     #: The one line for a device outside :attr:`devices`.
     wrong_device: str = ""
 
@@ -76,7 +74,7 @@ BACKENDS: dict[str, Backend] = {
                         wrong_device=f"OpenVINO engines run on the CPU ({param('device', 'cpu')}); for a GPU build with "
                                      "--backend onnxruntime"),
     "tensorrt": Backend("tensorrt", ("cuda",), ("fp16", "fp32"),
-                        "plans for this machine's GPU (pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13)", _tensorrt, require=_require_tensorrt, whole_batch_graphs=True,
+                        "plans for this machine's GPU (pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13)", _tensorrt, require=_require_tensorrt,
                         wrong_device=f"this engine holds TensorRT plans, which run on a GPU: pass {param('device', 'cuda')}"),
 }
 

@@ -17,9 +17,6 @@ labels against ONNX Runtime's, graph replays against eager runs) run unchanged w
 - :class:`TensorRTExecutor`: the step and classifier plans on the loop's CuPy buffers, enqueued with
   ``execute_async_v3`` on the loop's CUDA stream.
 
-The whole-batch CUDA graphs used with these plans are the device's
-(:class:`densepure_rt.sampling.device.WholeBatchGraphs`): they capture the loop, not one executor.
-
 Imported only for a TensorRT engine. Imports neither torch nor, at import time, tensorrt or CuPy.
 """
 
@@ -192,7 +189,7 @@ TENSOR_ALIGNMENT = 256
 
 def _tensor_address(a, name: str, what: str) -> int:
     """The address to bind for tensor ``name`` of the ``what`` graph: refused in one line unless it is
-    256-byte aligned (the loop's buffers are, and so are the views it binds: loop.classifier_chunk)."""
+    256-byte aligned (the scheduler's buffers are, and so are the views it binds)."""
     ptr = _ptr(a)
     if ptr % TENSOR_ALIGNMENT:
         raise EngineError(
@@ -218,7 +215,7 @@ class TensorRTExecutor:
     """
 
     name = "tensorrt"
-    #: The whole-batch CUDA graphs of TensorRT engines are the device's (WholeBatchGraphs), not the executor's.
+    #: TensorRT plans run without ONNX Runtime's CUDA graph.
     cuda_graph = False
     #: Step calls of one row count run on a reserved context whose shape is set once (TensorRT: a
     #: shape change costs a re-setup of the context before its next enqueue).
@@ -235,8 +232,7 @@ class TensorRTExecutor:
         self.xp, self._stream = xp, stream
         profile = manifest.tensorrt["profile"]
         self.min_rows, self.max_rows = int(profile["min"]), int(profile["max"])
-        #: The loop classifies a wave in one call of up to this many rows (the profile's maximum), so a
-        #: full batch's classifier runs at one fixed shape (a captured graph needs that).
+        #: The scheduler classifies in chunks of up to this many rows (the profile's maximum).
         self.classifier_rows = self.max_rows
         size = max(int(self._engines[graph].device_memory_size_v2) for graph in GRAPHS)
         self._scratch = xp.empty(max(size, 1), dtype=np.uint8)

@@ -26,10 +26,9 @@ from contextlib import nullcontext
 import numpy as np
 
 from densepure_rt.errors import EngineError, install_hint
-from densepure_rt.errors import first_line as _first_line
 from densepure_rt.sampling.philox import CUDA_SOURCE, row_normals
 
-__all__ = ["CpuDevice", "CudaDevice", "open_device", "free_gpu_bytes", "HostNoise", "require_cupy", "CudaContext", "CupyNoise", "WholeBatchGraphs"]
+__all__ = ["CpuDevice", "CudaDevice", "open_device", "free_gpu_bytes", "HostNoise", "require_cupy", "CudaContext", "CupyNoise"]
 
 
 class HostNoise:
@@ -198,99 +197,3 @@ class CudaContext:
 
     def synchronize(self) -> None:
         self.stream.synchronize()
-
-
-class WholeBatchGraphs:
-    """Whole batches of the loop as CUDA graphs: one per (batch, b, K, seed), replayed per batch.
-
-    Its bookkeeping is tested on numpy with a stand-in for the capture (what has run on a GPU:
-    docs/backends.md). Used for TensorRT engines (ONNX Runtime may allocate or synchronise inside a
-    run: docs/decisions.md).
-
-    The loop hands it a full batch without early exit (:meth:`run`): a fixed sequence of launches on
-    the loop's buffers (noise kernel, b step enqueues, classifier, vote). The rules, at the lines where
-    they apply: one graph per static shape; warm up before capture; a private memory pool per graph;
-    inputs copied into the graph's static buffer before replay; outputs read by the caller after one
-    synchronisation. A capture that fails (TensorRT: "some engines cannot be captured") turns capture
-    off for the backend's life, said once through ``log``; batches then run uncaptured, same results.
-    Graphs are dropped by :meth:`reset` (the loop calls it when it replaces its buffers).
-    """
-
-    def __init__(self, xp, stream=None, log=None):
-        self.xp, self.stream, self.log = xp, stream, log
-        self._graphs: dict = {}
-        #: Why batches run uncaptured (None while capture works or has not been tried).
-        self.off: str | None = None
-        self.captured = 0
-        self.replayed = 0
-
-    def reset(self) -> None:
-        """Forget every graph: the buffers they read and write are being replaced."""
-        self._graphs = {}
-
-    def run(self, key, fn, images, capacity: int) -> None:
-        """``fn(images)`` for one full batch: captured at the key's first batch, replayed after.
-
-        ``fn(staged)`` enqueues the batch's whole device work on the stream, reading only ``staged``
-        [slots x C x H x W] (slots <= ``capacity``) and the loop's fixed buffers, and reads nothing back.
-        """
-        if self.off is not None:
-            fn(images)
-            return
-        if key not in self._graphs:
-            entry = self._first(fn, images, capacity)
-            if entry is not None:
-                self._graphs[key] = entry
-            return
-        static, graph, _pool = self._graphs[key]
-        # Rule: inputs copied into the graph's static buffer before replay (device to device, in order
-        # on the stream); the batch's keys are already in the loop's fixed buffers.
-        static[: len(images)] = images
-        graph.launch(stream=self.stream)
-        self.replayed += 1
-
-    def _first(self, fn, images, capacity: int):
-        """The key's first batch: run it (the warm-up, whose results are this batch's), then capture it."""
-        pool, allocating = self._private_pool()
-        failure = None
-        with allocating:
-            static = self.xp.empty((capacity, *images.shape[1:]), dtype=images.dtype)
-            static[: len(images)] = images
-            # Rule: warm up before capture. The warm-up is this batch's eager run: it compiles CuPy's
-            # kernels, leaves in the private pool the blocks the capture reuses (nothing calls
-            # cudaMalloc while capturing), and gives each TensorRT context its first enqueue after
-            # set_input_shape, which must not happen inside a capture.
-            fn(static)
-            try:
-                graph = self._record(fn, static)
-            except Exception as exc:  # noqa: BLE001 - CUDA, CuPy or TensorRT (EngineError), all alike here
-                failure = exc
-        if failure is not None:
-            self.off = _first_line(failure)
-            if self.log is not None:
-                self.log(f"whole-batch CUDA graph off ({self.off}): batches run uncaptured, with the same results")
-            return None
-        self.captured += 1
-        return static, graph, pool
-
-    def _private_pool(self):
-        """(a fresh CuPy memory pool, a context manager that allocates from it).
-
-        Rule: a private pool per graph, kept as long as the graph. The batch's temporaries get their
-        addresses from it during the warm-up and the capture; the graph replays at those addresses, so
-        no allocation outside this graph may ever be handed them."""
-        pool = self.xp.cuda.MemoryPool()
-        return pool, self.xp.cuda.using_allocator(pool.malloc)
-
-    def _record(self, fn, static):
-        """The CUDA graph of ``fn(static)``, captured on the stream (relaxed mode: CuPy's default)."""
-        self.stream.begin_capture()
-        try:
-            fn(static)
-        except BaseException:
-            try:
-                self.stream.end_capture()  # leave capture mode; the partial graph is dropped
-            except Exception:  # noqa: BLE001 - an invalidated capture also raises here
-                pass
-            raise
-        return self.stream.end_capture()
