@@ -40,7 +40,8 @@ PUBLIC_MODULES = ["densepure_rt", "densepure_rt.runtime", "densepure_rt.errors",
                   "densepure_rt.stats.sequential", "densepure_rt.stats.vote", "densepure_rt.files.results",
                   "densepure_rt.files.report", "densepure_rt.files.manifest", "densepure_rt.files.outputs",
                   "densepure_rt.files.data", "densepure_rt.schedule", "densepure_rt.limits", "densepure_rt.arguments",
-                  "densepure_rt.executors.registry", "densepure_rt.certificates"]
+                  "densepure_rt.executors.registry", "densepure_rt.certificates", "densepure_rt.spec", "densepure_rt.modes",
+                  "densepure_rt.stats.selection", "densepure_rt.stats.fastpath", "densepure_rt.own_models"]
 
 
 @pytest.mark.parametrize("module", PUBLIC_MODULES)
