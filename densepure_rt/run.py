@@ -233,6 +233,9 @@ def run_mode(spec, engine_dir, data, skip, max_images, resume, device, threads, 
             # weights continues the file; the manifest's own checksum (build date...) is kept for reference.
             "engine_id": engine.manifest.identity,
             "engine_manifest_sha256": engine.manifest.manifest_sha256,
+            # Where the radii hold: [0, 1] pixels at the engine's size, noise before any classifier
+            # preprocessing, and how the data was brought to that size (the engine's manifest).
+            "image_space": engine.manifest.to_dict().get("image_space"),
             "random_weights": random_weights,
             "preset": engine.preset,
             "data": data_spec,

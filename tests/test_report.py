@@ -91,6 +91,15 @@ def test_json_summary_gives_the_run_in_numbers(tmp_path):
     assert data["unet_evals"] == sum(int(r["unet_evals"]) for r in rows)
     assert data["settings"]["mode"] == "certify-radii" and data["settings"]["n"] == 40
     assert data["wall_seconds"] > 0
+    # Where the radii hold: the bundled digits' 16 x 16 grey pixels in [0, 1] (its data's shape).
+    from densepure_rt.files.data import digits_test_split
+
+    shape = list(digits_test_split()[0].image.shape)
+    assert shape == [1, 16, 16]
+    for space in (json.loads(Path(f"{out}.json").read_text())["image_space"], data["settings"]["image_space"]):
+        assert space["size"] == shape and space["range"] == [0.0, 1.0] and "before any classifier" in space["noise"]
+    shown = CliRunner().invoke(main, ["report", str(out)])
+    assert shown.exit_code == 0 and "radii in [0, 1] pixels at 1 x 16 x 16" in shown.output
     # Run again: the results are continued (nothing to do) and the summary, its own, is replaced.
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output

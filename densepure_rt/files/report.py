@@ -101,6 +101,9 @@ def settings_label(options: dict) -> str:
         parts.append(f"n-max {options.get('n')}")
     else:
         parts.append(f"n {options.get('n')}")
+    space = options.get("image_space")
+    if isinstance(space, dict) and isinstance(space.get("size"), list):
+        parts.append("radii in [0, 1] pixels at " + " x ".join(str(d) for d in space["size"]))
     if options.get("random_weights"):
         parts.append("random weights")
     return ", ".join(parts)
@@ -326,7 +329,7 @@ def run_summary(path: str | Path, radii: Sequence[float], wall_seconds: float) -
     the run's settings from its options file."""
     options = run_settings(path)
     keys = ("mode", "engine", "engine_id", "data", "sigma", "steps", "votes", "n0", "n", "radii", "tol", "alpha", "seed",
-            "skip", "max", "round", "backend", "precision", "device", "version")
+            "skip", "max", "round", "backend", "precision", "device", "version", "image_space")
     if is_prediction_file(path):
         summary = prediction_summary(path)
         rows = read_rows(path, required=PREDICT_HEADER)[1]
