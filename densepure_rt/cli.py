@@ -499,6 +499,11 @@ def _radius_list(values) -> list[float]:
               help="With --radius or --tol: samples per round of the sequential test (its decisions come after each "
                    "round, in sample order). Independent of the engine's call size: the calls stay full of later "
                    "samples. Smaller rounds stop sooner on easy images.  [default: 1; a resumed run keeps its file's]")
+@click.option("--selection", type=click.Choice(["clear-leader", "first-1", "first-2", "first-3"]), default=None,
+              help="With --radius or --tol: when to stop choosing the class to certify. 'clear-leader': once the "
+                   "leader of the selection votes is clear (a binomial test); 'first-k': also once the first k votes "
+                   "agree (fewer samples on clear images, more abstentions where p_A is moderate; docs/statistics.md). "
+                   "Both keep the guarantee.  [default: clear-leader]")
 @click.option("--early-exit/--no-early-exit", default=None,
               help="Stop a noisy sample's K runs once its vote is decided (identical votes, less work). "
                    "Default: on (the calls stay full of other runs).")
@@ -509,7 +514,7 @@ def _radius_list(values) -> list[float]:
 @_summary_option
 @click.pass_context
 def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images, batch, seed, resume, device, threads, quiet, progress_every,
-            ray, actors, ray_timeout, kernels, n0, n, radii, tol, n_max, round_size, early_exit, images_per_call, out,
+            ray, actors, ray_timeout, kernels, n0, n, radii, tol, n_max, round_size, selection, early_exit, images_per_call, out,
             json_summary):
     """Certify images: Cohen et al.'s CERTIFY on DensePure's voted labels, one TSV row per image.
 
@@ -545,11 +550,13 @@ def certify(ctx, engine_dir, data, sigma, steps, votes, alpha, skip, max_images,
         raise ConfigError("--n-max goes with --radius or --tol; fixed-n CERTIFY takes --n")
     if round_size is not None and mode == "certify":
         raise ConfigError("--round goes with --radius or --tol (fixed-n CERTIFY has no rounds)")
+    if selection is not None and mode == "certify":
+        raise ConfigError("--selection goes with --radius or --tol (fixed-n CERTIFY selects from all --n0 samples)")
     radii = _radius_list(radii) if radii else None
     from densepure_rt.spec import RunSpec
 
     spec = RunSpec(mode, sigma, steps, votes, n0, n, alpha, radii=tuple(radii) if radii else None, tol=tol, round_size=round_size,
-                   seed=seed, batch=batch, early_exit=early_exit, images_per_call=images_per_call)
+                   seed=seed, batch=batch, early_exit=early_exit, images_per_call=images_per_call, selection=selection)
     started = time.time()
     summary = _check_summary(json_summary, out, data)
     totals = run_mode(spec, engine_dir, data, skip, max_images, resume, device, threads, quiet, progress_every, out, ray=ray,

@@ -114,10 +114,14 @@ class _Sequential(Mode):
     def work(self, spec, idx, num_classes):
         from densepure_rt.sampling.stream import SequentialWork
 
-        return SequentialWork(idx, num_classes, spec.n0, self.test(spec), self.result, spec.round_size, spec.round_size)
+        from densepure_rt.stats.selection import SELECTION_RULES
+
+        return SequentialWork(idx, num_classes, spec.n0, self.test(spec), self.result, spec.round_size, spec.round_size,
+                              selection=SELECTION_RULES[spec.selection])
 
     def settings(self, spec):
-        return {**super().settings(spec), "n0": spec.n0, "n_max": spec.n, "round_size": spec.round_size}
+        return {**super().settings(spec), "n0": spec.n0, "n_max": spec.n, "round_size": spec.round_size,
+                "selection": spec.selection}
 
 
 class TargetRadii(_Sequential):

@@ -285,7 +285,7 @@ class Engine:
     @_sampling
     def certify_radii(self, image: np.ndarray, sigma: float, radii, steps: int | str = 4, votes: int = 10, n0: int = 100,
                       n_max: int = 10000, alpha: float = 0.001, *, seed: int = 0, image_index: int, batch: int | None = None,
-                      progress: Progress = None, round_size: int | None = None) -> RadiiCertificate:
+                      progress: Progress = None, round_size: int | None = None, selection: str | None = None) -> RadiiCertificate:
         """Is the smoothed classifier certifiably robust at each target radius? Anytime-valid.
 
         Selects ``c_a`` from at most ``n0`` selection samples (CERTIFY's argmax, stopped early once
@@ -295,18 +295,20 @@ class Engine:
         (:class:`densepure_rt.stats.sequential.TargetRadiiTest`). Stops when every target is
         certified or futile, or at ``n_max`` samples. Guarantee: the probability that any target
         with p_a <= Phi(R / sigma) is certified is at most alpha, whatever the number of rounds and
-        whichever class the selection picked. The estimation samples are those of fixed-n CERTIFY
+        whichever class the selection picked (``selection``: the rule, a key of
+        :data:`densepure_rt.stats.selection.SELECTION_RULES`; default "clear-leader"). The estimation samples are those of fixed-n CERTIFY
         with the same seed: keeping the larger radius of both runs on one image doubles the error to
         2 alpha (use another seed for the second run).
         """
         spec = RunSpec("certify-radii", sigma, steps, votes, n0, n_max, alpha, radii=tuple(radii) if radii is not None else None,
-                       round_size=round_size, seed=seed, batch=batch)
+                       round_size=round_size, seed=seed, batch=batch, selection=selection)
         return self._one(spec, image, image_index, progress)
 
     @_sampling
     def certify_until(self, image: np.ndarray, sigma: float, tol: float, steps: int | str = 4, votes: int = 10,
                       n0: int = 100, n_max: int = 10000, alpha: float = 0.001, *, seed: int = 0, image_index: int,
-                      batch: int | None = None, progress: Progress = None, round_size: int | None = None) -> EarlyStopCertificate:
+                      batch: int | None = None, progress: Progress = None, round_size: int | None = None,
+                      selection: str | None = None) -> EarlyStopCertificate:
         """Cohen's CERTIFY output (the largest certified radius) with early stopping. Anytime-valid.
 
         As :meth:`certify_radii` for the selection; then estimation rounds until more samples stop
@@ -320,7 +322,7 @@ class Engine:
         seed (see :meth:`certify_radii`).
         """
         spec = RunSpec("certify-until", sigma, steps, votes, n0, n_max, alpha, tol=tol, round_size=round_size, seed=seed,
-                       batch=batch)
+                       batch=batch, selection=selection)
         return self._one(spec, image, image_index, progress)
 
     # -- parity checks ------------------------------------------------------------------------- #

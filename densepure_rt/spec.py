@@ -35,7 +35,7 @@ MODES = tuple(MODE_TABLE)
 #: The keys of :meth:`RunSpec.to_dict` (the options file's names) and the fields they hold.
 _KEYS = {"mode": "mode", "sigma": "sigma", "steps": "steps", "votes": "votes", "n0": "n0", "n": "n", "radii": "radii",
          "tol": "tol", "alpha": "alpha", "seed": "seed", "batch": "batch", "round": "round_size", "early_exit": "early_exit",
-         "images_per_call": "images_per_call"}
+         "images_per_call": "images_per_call", "selection_rule": "selection"}
 
 
 def _integer(name: str, value, low: int = 1, high: int | None = None, none: bool = False):
@@ -63,7 +63,9 @@ class RunSpec:
     round of the sequential tests (None: 1; no rounds in the fixed-n modes). seed: the noise seed,
     0 to 2^32 - 1. batch: noisy samples per engine call (rows: batch x votes; None: the engine's
     default). early_exit: stop a sample's runs once its vote is decided (None: on). images_per_call:
-    the most images in flight (1: as many as fill a call).
+    the most images in flight (1: as many as fill a call). selection: when the sequential modes stop
+    choosing c_a, a key of :data:`densepure_rt.stats.selection.SELECTION_RULES` (None: "clear-leader";
+    none in the fixed-n modes, which select from all n0 samples).
     """
 
     mode: str
@@ -80,6 +82,7 @@ class RunSpec:
     batch: Optional[int] = None
     early_exit: Optional[bool] = None
     images_per_call: int = 1
+    selection: Optional[str] = None
 
     def __post_init__(self):
         from densepure_rt.arguments import check_seed
@@ -114,6 +117,16 @@ class RunSpec:
         elif self.round_size is not None:
             raise ConfigError(f"{param('round_size')} goes with the sequential modes (radii or tol); "
                               "fixed-n CERTIFY and PREDICT have no rounds")
+        from densepure_rt.stats.selection import DEFAULT_SELECTION, SELECTION_RULES
+
+        if mode.sequential:
+            selection = DEFAULT_SELECTION.key if self.selection is None else self.selection
+            if selection not in SELECTION_RULES:
+                raise ConfigError(f"{param('selection')} must be one of {', '.join(SELECTION_RULES)} (got {selection!r})")
+            set_("selection", selection)
+        elif self.selection is not None:
+            raise ConfigError(f"{param('selection')} goes with the sequential modes (radii or tol); fixed-n CERTIFY "
+                              "selects from all n0 samples and PREDICT has no selection")
         mode.check(self)  # the mode's own settings: radii, tol
 
     @property

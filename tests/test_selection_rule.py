@@ -182,28 +182,21 @@ def engine_dir(tmp_path_factory):
     return build_digits_engine(tmp_path_factory, "selection")
 
 
-def _use(monkeypatch, rule):
-    """Run the engine's sequential modes under ``rule``: the selection look-ahead they read
-    (densepure_rt.sampling.stream imports it from the statistics module at every use)."""
-    monkeypatch.setattr(seq, "selection_certain", lambda counts0, left, *a, **k: rule.certain(counts0, left))
-
-
 @pytest.mark.slow
-def test_first_one_picks_the_vote_of_selection_sample_zero_on_the_digits_engine(engine_dir, monkeypatch):
+def test_first_one_picks_the_vote_of_selection_sample_zero_on_the_digits_engine(engine_dir):
     """c_a is the vote of selection sample 0 (computed alone, the fixed-n way), not of whichever
     sample's vote completed first; the estimation samples are the estimation phase's."""
     from conftest import digits_test_images
     from densepure_rt.runtime import open_engine
     from densepure_rt.sampling.noise import SELECTION
 
-    _use(monkeypatch, SELECTION_RULES["first-1"])
     images = digits_test_images(40)
     sigma, steps, votes = 1.0, 2, 3  # noisy enough that the selection votes of some images differ
     differ = 0
     with open_engine(engine_dir) as eng:
         for i in range(0, 40, 8):
             cert = eng.certify_radii(images[i], sigma, [0.25], steps=steps, votes=votes, n0=100, n_max=64, seed=0,
-                                     image_index=i)
+                                     image_index=i, selection="first-1")
             eng._prepare(sigma, steps, votes, 8)
             first = eng.sample_counts(images[i], 1, SELECTION, seed=0, image_index=i, batch=8)
             assert cert.c_a == int(np.argmax(first)), i
@@ -214,12 +207,11 @@ def test_first_one_picks_the_vote_of_selection_sample_zero_on_the_digits_engine(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("rule", ["first-1"])
-def test_split_votes_engine_stays_within_alpha_with_the_first_votes_rule(engine_dir, monkeypatch, rule):
+def test_split_votes_engine_stays_within_alpha_with_the_first_votes_rule(engine_dir, rule):
     """tests/test_scheduler_validity.py's boundary engine (p_A = 0.7 exactly, votes completing out of
     order), certify_radii with rounds of one vote under the rule: false certificates within alpha."""
     import test_scheduler_validity as v
 
-    _use(monkeypatch, SELECTION_RULES[rule])
     eng, image = v._synthetic(engine_dir)
     false = 0
     picks = []
@@ -227,7 +219,7 @@ def test_split_votes_engine_stays_within_alpha_with_the_first_votes_rule(engine_
         for trial in range(v.ENTRY_TRIALS):
             cert = eng.certify_radii(image, v.SIGMA, [v.R_BOUNDARY], steps=v.STEPS, votes=v.VOTES, n0=v.N0,
                                      n_max=v.N_MAX, alpha=v.ALPHA, seed=trial, image_index=trial, batch=v.BATCH,
-                                     round_size=1)
+                                     round_size=1, selection=rule)
             false += cert.prediction == 0 and cert.radius >= v.R_BOUNDARY
             picks.append(cert.c_a)
     assert false <= v._most_false(v.ENTRY_TRIALS), false

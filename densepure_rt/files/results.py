@@ -105,7 +105,12 @@ def _changed_settings(saved: dict, options: dict, legacy: dict) -> list[str]:
     # recorded stopped by the one-doubling forecast. Another rule stops elsewhere: never mixed.
     if options.get("mode") == "certify-until" and saved.get("stop_rule", ONE_DOUBLING) != options.get("stop_rule"):
         changed.append("stop_rule")
-    defaults = {"kernels": "portable", "stop_rule": ONE_DOUBLING}
+    # The selection rule of the sequential modes: files written before it was recorded used the
+    # clear-leader rule. Another rule picks c_a elsewhere: never mixed.
+    if options.get("mode") in ("certify-radii", "certify-until") and \
+            saved.get("selection_rule", CLEAR_LEADER) != options.get("selection_rule", CLEAR_LEADER):
+        changed.append("selection_rule")
+    defaults = {"kernels": "portable", "stop_rule": ONE_DOUBLING, "selection_rule": CLEAR_LEADER}
     shown = [f"{_shown_key(k, options)} {saved.get(k, defaults.get(k))!r} -> {options.get(k)!r}" for k in changed]
     if "engine_format" in options and saved.get("engine_format", 2) != options["engine_format"]:
         # Files written before the format was recorded came from format-2 engines (one row of step
@@ -121,6 +126,8 @@ def _changed_settings(saved: dict, options: dict, legacy: dict) -> list[str]:
 
 #: The name of --tol's stop rule in files written before the rule was recorded.
 ONE_DOUBLING = "tol-one-doubling"
+#: The selection rule of sequential files written before the rule was recorded.
+CLEAR_LEADER = "clear-leader"
 
 #: Longest suffix added to a results file's name (``.json``, ``.lock``); temporary files use short names.
 _SIDECAR_SUFFIX = 5

@@ -112,10 +112,18 @@ class SequentialWork(_Work):
     :func:`densepure_rt.stats.sequential.selection_done`, then estimation rounds fed to ``test`` until
     it is done; ``finish(test, c_a, unet_evals)`` gives the result. The selection stops at the first
     round after which the leader is clear (c_a: the argmax so far, ties to the lowest class); it
-    reads selection samples only, so the estimation samples stay fresh and independent of c_a."""
+    reads selection samples only, so the estimation samples stay fresh and independent of c_a.
+    ``selection``: when the selection stops (a :class:`densepure_rt.stats.selection.SelectionRule`;
+    None: the clear-leader rule)."""
 
-    def __init__(self, idx, num_classes, n0: int, test, finish, round_size: int, ahead: int):
+    def __init__(self, idx, num_classes, n0: int, test, finish, round_size: int, ahead: int, selection=None):
+        from densepure_rt.stats.selection import DEFAULT_SELECTION, selection_certain
+
         super().__init__(idx, num_classes)
+        # The clear-leader rule's look-ahead is the cached function; another rule's, its own.
+        rule = DEFAULT_SELECTION if selection is None else selection
+        self.selection = rule
+        self._certain = selection_certain if rule == DEFAULT_SELECTION else rule.certain
         self.n0, self.test, self.finish = int(n0), test, finish
         self.round, self.ahead = int(round_size), max(int(ahead), int(round_size))
         self.counts0 = np.zeros(num_classes, dtype=np.int64)
@@ -125,14 +133,10 @@ class SequentialWork(_Work):
         self.sure = 0
 
     def start(self, add) -> None:
-        from densepure_rt.stats.sequential import selection_certain
-
-        self.sure = selection_certain(self.counts0, self.n0)
+        self.sure = self._certain(self.counts0, self.n0)
         self.jobs.append(add(SELECTION, self.n0, self.round, self.ahead, self.sure))
 
     def take(self, job, labels, add, evals) -> int:
-        from densepure_rt.stats.sequential import selection_certain
-
         self.samples += len(labels)
         if job == self.jobs[0]:
             self.counts0 += np.bincount(labels, minlength=self.num_classes)
@@ -140,11 +144,11 @@ class SequentialWork(_Work):
             if drawn < self.sure:  # selection_done cannot be true yet
                 return self.sure - drawn
             left = self.n0 - drawn
-            more = selection_certain(self.counts0, left) if left else 0
+            more = self._certain(self.counts0, left) if left else 0
             if more:
                 self.sure = drawn + more
                 return more
-            self.c_a = int(np.argmax(self.counts0))
+            self.c_a = self.selection.choose(self.counts0)
             if self.test.done:  # cannot happen with n_max >= 1; kept so a finished test is never fed
                 self._done(evals)
             else:

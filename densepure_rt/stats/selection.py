@@ -178,7 +178,7 @@ class SelectionRule:
         return int(np.argmax(np.asarray(counts0)))
 
 
-#: The selection rules by key: today's default ("clear-leader") and the first-votes rules.
+#: The selection rules by key: the clear-leader rule (the default) and the first-votes rules.
 SELECTION_RULES = {rule.key: rule for rule in (SelectionRule(0), SelectionRule(1), SelectionRule(2), SelectionRule(3))}
 #: The rule runs use unless told otherwise.
 DEFAULT_SELECTION = SELECTION_RULES["clear-leader"]
