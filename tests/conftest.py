@@ -112,15 +112,32 @@ def gpu_cupy():
     return cupy
 
 
-def build_digits_engine(tmp_path_factory, folder: str) -> Path:
-    """The digits engine (shipped weights, fp32), built through the CLI into a fresh temporary folder."""
+def invoke(*args, **kwargs):
+    """The CLI in this process (click's CliRunner; stdout and stderr kept apart): arguments may be
+    str, Path or bytes (a path that is not UTF-8), keyword arguments go to ``CliRunner.invoke``."""
     from click.testing import CliRunner
 
     from densepure_rt.cli import main
 
+    return CliRunner().invoke(main, [os.fsdecode(a) if isinstance(a, (bytes, Path)) else str(a) for a in args], **kwargs)
+
+
+def build_digits_engine(tmp_path_factory, folder: str) -> Path:
+    """The digits engine (shipped weights, fp32) in a fresh temporary folder of its own: built through
+    the CLI once per test session, then copied (the build is deterministic: tests/test_bundled_engine.py
+    checks that its graphs are the shipped ones), so a test may change its copy."""
+    import shutil
+
+    from click.testing import CliRunner
+
+    from densepure_rt.cli import main
+
+    built = tmp_path_factory.getbasetemp() / "digits-engine-built" / "digits"
+    if not (built / "manifest.json").is_file():
+        result = CliRunner().invoke(main, ["build", "--model", "digits", "--out", str(built)])
+        assert result.exit_code == 0, result.output
     out = tmp_path_factory.mktemp(folder) / "digits"
-    result = CliRunner().invoke(main, ["build", "--model", "digits", "--out", str(out)])
-    assert result.exit_code == 0, result.output
+    shutil.copytree(built, out)
     return out
 
 

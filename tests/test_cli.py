@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from PIL import Image
 from scipy import stats
 
 from conftest import BLOCK_TORCH
-from densepure_rt.cli import main
+
+from conftest import invoke
 from densepure_rt.files.data import DIGITS_TEST_ASSET
 
 HEADER6 = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
@@ -44,9 +44,6 @@ CLI = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "densepure
 # ------------------------------------------------------------------------------------------------ #
 
 
-def invoke(*args: str):
-    """Run the CLI in-process; stdout and stderr are kept apart (click >= 8.2)."""
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def read_tsv(path: Path) -> tuple[list[str], list[dict]]:

@@ -999,10 +999,9 @@ def _one_error_line(result) -> str:
 
 @pytest.fixture(scope="module")
 def digits_engine(tmp_path_factory):
-    out = tmp_path_factory.mktemp("issue19") / "eng"
-    result = _cli("build", "--model", "digits", "--out", out)
-    assert result.exit_code == 0, result.output
-    return out
+    from conftest import build_digits_engine
+
+    return build_digits_engine(tmp_path_factory, "data")
 
 
 def _digits_pixels(n, start=0):

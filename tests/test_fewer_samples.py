@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from scipy import special, stats
 
-from densepure_rt.cli import main
+
+from conftest import invoke
 from densepure_rt.files.data import digits_test_split
 from densepure_rt.sampling.noise import SELECTION
 from densepure_rt.runtime import Engine, open_engine
@@ -32,8 +32,6 @@ COMMON = ["--sigma", SIGMA, "--steps", STEPS, "--votes", VOTES, "--n0", N0, "--a
 PRIOR_A = np.array([1.0, 16.0, 256.0, 4096.0, 65536.0])
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def rows(path: Path) -> list[dict]:
@@ -65,10 +63,9 @@ def lower_bound(n_a: int, n: int) -> float:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fewer") / "digits"
-    result = invoke("build", "--model", "digits", "--out", out)
-    assert result.exit_code == 0, result.output
-    return out
+    from conftest import build_digits_engine
+
+    return build_digits_engine(tmp_path_factory, "fewer")
 
 
 @pytest.mark.slow

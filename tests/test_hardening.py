@@ -21,10 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from scipy import stats
 
-from densepure_rt.cli import QUICKSTART, main
+from densepure_rt.cli import QUICKSTART
+
+from conftest import invoke
 from densepure_rt.errors import ConfigError
 from densepure_rt.schedule import cosine_schedule, linear_schedule, max_steps, reverse_schedule, t_star
 
@@ -35,8 +36,6 @@ SMALL = ["--sigma", "1.0", "--steps", "1", "--votes", "2", "--n0", "5", "--n", "
 NUM_IMAGES = 30
 
 
-def invoke(*args, **kwargs):
-    return CliRunner().invoke(main, [str(a) for a in args], **kwargs)
 
 
 def one_line_error(result) -> str:

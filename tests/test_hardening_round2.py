@@ -21,9 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
-from densepure_rt.cli import main
+
+from conftest import invoke
 from densepure_rt.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +39,6 @@ TINY_STEP_PER_ROW = 96 * 16 * 16
 TINY_CLASSIFIER_PER_ROW = 16 * 16 * 16
 
 
-def invoke(*args, **kwargs):
-    return CliRunner().invoke(main, [str(a) for a in args], **kwargs)
 
 
 def one_line_error(result) -> str:

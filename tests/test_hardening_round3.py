@@ -25,10 +25,11 @@ from typing import Callable
 import click
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from conftest import build_digits_engine, digits_test_images
 from densepure_rt.cli import main
+
+from conftest import invoke
 
 _SCRIPT = Path(sys.executable).with_name("densepure-rt")
 CLI = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "densepure_rt.cli"]
@@ -36,8 +37,6 @@ CLI = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "densepure
 FAST = ["--sigma", "0.5", "--steps", "1", "--votes", "1", "--n0", "5", "--n", "20", "--skip", "10", "--max", "30", "--quiet"]
 
 
-def invoke(*args, **kwargs):
-    return CliRunner().invoke(main, [os.fsdecode(a) if isinstance(a, (bytes, Path)) else str(a) for a in args], **kwargs)
 
 
 def sha256(path: Path) -> str:

@@ -103,11 +103,10 @@ def work(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def engine(work) -> Path:
-    out = work / "eng"
-    result = invoke("build", "--model", "digits", "--out", out, "--no-validate")
-    assert result.exit_code == 0, result.output
-    return out
+def engine(tmp_path_factory) -> Path:
+    from conftest import build_digits_engine
+
+    return build_digits_engine(tmp_path_factory, "ray-engine")
 
 
 @pytest.fixture(scope="module")

@@ -17,12 +17,12 @@ from click.testing import CliRunner
 
 from densepure_rt.cli import main
 
+from conftest import invoke
+
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--sigma", "0.5", "--steps", "2", "--votes", "3", "--n0", "10", "--n", "40", "--skip", "30", "--quiet"]
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 def rows_without_time(path: Path) -> list[list[str]]:
