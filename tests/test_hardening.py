@@ -425,15 +425,21 @@ def _limit_file_size(limit: int):
 
 
 @pytest.mark.slow
-def test_full_disk_mid_run_is_one_line_and_the_rerun_completes(work, engine, images, reference):
+def test_full_disk_mid_run_is_one_line_and_the_rerun_completes(work, engine):
     """A file-size limit (RLIMIT_FSIZE) stands in for a full disk: writes past it fail with EFBIG,
     through the same code path as ENOSPC."""
     out = work / "full.tsv"
-    args = CLI + ["certify", "--engine", str(engine), "--data", str(images), *SMALL, "--out", str(out)]
-    # A probe run with the same arguments gives the sizes of this run's options file and results.
+    # More images than the module's, so that the results file outgrows the options file.
+    many = work / "full-disk-images.npz"
+    rng = np.random.default_rng(8)
+    np.savez(many, images=rng.random((3 * NUM_IMAGES, 3, 16, 16), dtype=np.float32), labels=rng.integers(0, 10, 3 * NUM_IMAGES))
+    args = CLI + ["certify", "--engine", str(engine), "--data", str(many), *SMALL, "--out", str(out)]
+    # A probe run with the same arguments gives the sizes of this run's options file and results,
+    # and the rows an uninterrupted run writes.
     assert subprocess.run(args, capture_output=True).returncode == 0
     options_size, results_size = len(Path(f"{out}.json").read_bytes()), out.stat().st_size
-    out.unlink()
+    reference = work / "full-reference.tsv"
+    out.rename(reference)
     Path(f"{out}.json").unlink()
     limit = options_size + 100  # the options and the first rows fit; the whole file does not
     assert limit < results_size - 100
@@ -441,7 +447,7 @@ def test_full_disk_mid_run_is_one_line_and_the_rerun_completes(work, engine, ima
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "File too large" in proc.stderr
     kept = out.read_text().splitlines()
-    assert 1 < len(kept) < NUM_IMAGES + 1
+    assert 1 < len(kept) < 3 * NUM_IMAGES + 1
     proc = subprocess.run(args, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     strip = lambda p: [line.split("\t")[:5] + line.split("\t")[6:] for line in p.read_text().splitlines()]  # noqa: E731
