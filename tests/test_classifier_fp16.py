@@ -175,6 +175,7 @@ def digits(tmp_path_factory):
     return module, graph, fp16, report
 
 
+@pytest.mark.slow
 def test_one_fused_attention_per_transformer_block(vit):
     module, graph, fp16, report = vit
     blocks = len(module.net.blocks)  # counted on the PyTorch module
@@ -193,6 +194,7 @@ def test_one_fused_attention_per_transformer_block(vit):
     assert written == blocks
 
 
+@pytest.mark.slow
 def test_fused_fp32_graph_equals_the_unfused_graph_on_the_cpu(vit):
     # Attention, SkipLayerNormalization and BiasGelu have float32 CPU kernels: the fused graph runs
     # as it is. Bound: 1e-5 absolute on logits of magnitude ~1 (measured: 3.9e-7; a wrong head
@@ -210,6 +212,7 @@ def test_fused_fp32_graph_equals_the_unfused_graph_on_the_cpu(vit):
     assert np.abs(logits - torch_logits).max() <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["fp16 graph", "fp16 storage emulation"])
 def test_fp16_vit_labels_agree_with_the_fp32_graph(vit, run):
     _, graph, fp16, _ = vit
@@ -244,7 +247,7 @@ def test_fp16_digits_labels_agree_with_the_fp32_graph(digits, run):
     assert stats["rel_l2"] <= 1e-2, stats
 
 
-@pytest.mark.parametrize("which", ["vit", "digits"])
+@pytest.mark.parametrize("which", [pytest.param("vit", marks=pytest.mark.slow), "digits"])
 def test_graph_inputs_and_outputs_are_unchanged(which, request):
     _, graph, fp16, report = request.getfixturevalue(which)
     assert _io(fp16) == _io(graph)

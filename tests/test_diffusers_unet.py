@@ -57,6 +57,7 @@ CASES = [(v, "epsilon") for v in ("fixed_small", "fixed_large", "learned", "lear
     ("fixed_large", "v_prediction"), ("learned_range", "v_prediction"), ("fixed_small", "sample")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variance, prediction", CASES)
 def test_one_step_and_a_whole_trajectory_match_diffusers_ddpm_scheduler(variance, prediction):
     model = _unet(variance)

@@ -129,6 +129,7 @@ def test_shipped_unet_predicts_the_noise_of_a_diffused_test_image(shipped_unet, 
     assert -1.0 < out[:, 1:].mean() < 1.0  # the learned-range variance interpolates on average
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sigma, steps", [(0.5, ONE_SHOT), (0.5, 4), (1.0, ONE_SHOT)])
 def test_densepure_purification_beats_the_raw_classifier_under_noise(
     sigma, steps, shipped_unet, shipped_classifier, shipped_test

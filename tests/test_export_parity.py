@@ -115,6 +115,7 @@ def test_engine_matches_reference_images_and_labels_with_same_noise(engines, kin
     assert len(set(got_labels.tolist())) > 1, "labels should vary, or the label comparison proves little"
 
 
+@pytest.mark.slow
 def test_fp16_step_graph_stays_within_5e3_of_fp32_per_step(engines):
     rng = np.random.default_rng(3)
     image = rng.random((3, 32, 32), dtype=np.float32)
@@ -135,6 +136,7 @@ def test_fp16_step_graph_stays_within_5e3_of_fp32_per_step(engines):
             x = y32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_rows_at_different_reverse_steps_share_one_call(engines, precision):
     """Engine format 3: each row of a step call carries its own reverse-step scalars, so the
@@ -158,6 +160,7 @@ def test_rows_at_different_reverse_steps_share_one_call(engines, precision):
         assert float(np.abs(same[1:] - alone[1:]).max()) > 0.5  # the per-row scalars are really used (the gap is O(1))
 
 
+@pytest.mark.slow
 def test_fp16_graph_keeps_scheduler_and_norm_arithmetic_in_float32(engines):
     import onnx
 

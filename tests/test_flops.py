@@ -52,6 +52,7 @@ def test_more_than_one_sample_is_refused():
         count_gflop(nn.Linear(4, 4), torch.randn(2, 4))
 
 
+@pytest.mark.slow
 def test_cifar10_unet_matches_the_design_figure():
     p = PRESETS["cifar10"]
     unet = create_model(**p.unet_kwargs).eval()

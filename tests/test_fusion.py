@@ -94,6 +94,7 @@ def test_expansion_matches_the_documented_semantics(shape, groups, activation, d
     assert np.abs(got.astype(np.float64) - want.astype(np.float64)).max() < tol
 
 
+@pytest.mark.slow
 def test_the_fused_graph_does_not_run_on_the_cpu_provider(digits_graphs):
     fused, _ = fuse_group_norms(digits_graphs["fp16"])
     with pytest.raises(Exception, match="GroupNorm"):
@@ -146,6 +147,7 @@ def digits_graphs(tmp_path_factory):
     return graphs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_every_norm_of_the_digits_unet_is_found_and_the_kernels_limits_respected(digits_graphs, precision):
     census = _norm_census(digits_graphs["unet"])
@@ -175,6 +177,7 @@ def _step_feeds(shape, rows: int, seed: int):
     return dict(zip(["x", "noise", "scalars"], (t.numpy() for t in _step_inputs(preset, rows)(torch.Generator().manual_seed(seed)))))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision, fuse_all", [("fp32", True), ("fp16", True), ("fp16", False)])
 def test_expanded_digits_graph_equals_the_exported_one(digits_graphs, precision, fuse_all):
     """Inverse check: the fused graph with every fused node expanded back, against the exported graph,
@@ -285,6 +288,7 @@ def cuda_engine(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_build_device_cuda_writes_the_fused_graph_beside_the_portable_ones(cuda_engine):
     from densepure_rt.files.manifest import graph_path, load_manifest
 
@@ -323,6 +327,7 @@ def test_without_validation_the_fp16_classifier_is_still_gated(tmp_path):
     assert "validation" not in manifest["fused"]["step"]  # the step's expansion check is validation
 
 
+@pytest.mark.slow
 def test_an_fp16_classifier_that_disagrees_is_not_used(tmp_path, monkeypatch):
     """The agreement gate: a converted classifier that changes labels is left out (here the
     conversion is replaced by one that swaps two logits, an fp16 classifier gone wrong)."""
@@ -354,6 +359,7 @@ def test_an_fp16_classifier_that_disagrees_is_not_used(tmp_path, monkeypatch):
     assert "classifier.cuda.onnx" not in manifest["files"]
 
 
+@pytest.mark.slow
 def test_kernels_fused_is_refused_in_one_line_where_it_cannot_run(cuda_engine, tmp_path):
     from densepure_rt.cli import main
 
@@ -392,6 +398,7 @@ def test_an_engine_without_fused_graphs_says_how_to_get_them(tmp_path):
     assert refused.exit_code != 0 and "--device cuda" in refused.output and "onnxruntime" in refused.output
 
 
+@pytest.mark.slow
 def test_a_fused_entry_naming_an_unlisted_file_is_refused(cuda_engine, tmp_path):
     """A hostile manifest: fused.step.file pointing outside the checksummed files (sealed again)."""
     import shutil
@@ -413,6 +420,7 @@ def test_a_fused_entry_naming_an_unlisted_file_is_refused(cuda_engine, tmp_path)
 # -- --backend tensorrt: GroupNormalization-21, standard ONNX (TensorRT itself is not run here) ---------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_group_normalization_graph_equals_the_exported_one_on_the_cpu(digits_graphs, precision):
     from densepure_rt.engine.fusion import GROUP_NORMALIZATION_OPSET, as_group_normalization
@@ -442,6 +450,7 @@ def test_group_normalization_graph_equals_the_exported_one_on_the_cpu(digits_gra
     (lambda m: m["fused"]["classifier"].__setitem__("precision", "fp64"), "fused.classifier.precision"),
     (lambda m: m["fused"]["step"].__setitem__("file", "../step.onnx"), "fused.step.file"),
 ])
+@pytest.mark.slow
 def test_a_hostile_fused_section_is_a_one_line_error(cuda_engine, tmp_path, edit, needle):
     import shutil
 

@@ -426,7 +426,7 @@ def test_nothing_is_printed_after_the_error_line(tmp_path):
 def test_sighup_keeps_complete_rows_and_releases_the_lock(engine, tmp_path):
     out = tmp_path / "r.tsv"
     args = [*CLI, "certify", "--engine", str(engine), "--sigma", "0.5", "--steps", "2", "--votes", "3", "--n0", "10",
-            "--n", "100", "--skip", "5", "--max", "100", "--quiet", "--out", str(out)]
+            "--n", "40", "--skip", "5", "--max", "100", "--quiet", "--out", str(out)]
     run = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 3):

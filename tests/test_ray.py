@@ -33,7 +33,9 @@ from densepure_rt.scale.ray import ENGINE_ENV, RayPool
 from densepure_rt.scale.work import RunSpec, run_image
 
 #: Ray's cluster start-up alone takes tens of seconds: the whole module is slow.
-pytestmark = pytest.mark.slow
+# Slow, and alone: a local Ray cluster schedules actors on the machine's free CPUs, so beside
+# another test process its actors wait (the README's test command runs these after the others).
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 NUM_IMAGES = 16
 SETTINGS = ["--sigma", "0.5", "--steps", "2", "--votes", "3", "--batch", "16"]

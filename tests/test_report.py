@@ -116,6 +116,7 @@ def test_json_summary_never_replaces_a_file_it_did_not_write(tmp_path):
     assert mine.read_text() == '{"mine": 1}\n' and not (tmp_path / "p.tsv").exists()
 
 
+@pytest.mark.slow
 def test_the_summary_line_and_json_count_this_runs_work(tmp_path):
     out, summary = tmp_path / "r.tsv", tmp_path / "s.json"
     args = ["certify", "--sigma", "0.5", "--steps", "2", "--votes", "10", "--n0", "20", "--radius", "0.25", "--n-max", "200",

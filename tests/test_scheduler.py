@@ -115,6 +115,7 @@ def test_the_word_paths_and_one_step_equal_the_oracle(engine, images, steps):
     assert stats.per_job_runs == want_runs and stats.unet_evals == sum(want_runs) * calls
 
 
+@pytest.mark.slow
 def test_calls_stay_full_while_samples_exit_early(engine, images):
     """The point of it: with early exit at K = 10 most samples stop after their first runs and the
     undecided ones go on one run at a time; the scheduler's calls hold every slot until the work
@@ -130,6 +131,7 @@ def test_calls_stay_full_while_samples_exit_early(engine, images):
     assert stats.idle_fraction < 0.1
 
 
+@pytest.mark.slow
 def test_round_is_independent_of_the_call_size_on_the_cli(engine, images, tmp_path):
     """--round sets the sequential test's round; --batch only the calls' rows: --batch 8 --round 5
     gives the rows of --batch 5 --round 5 (calls of other sizes, the same rounds), and the options

@@ -753,6 +753,7 @@ def _early_stop_one_by_one(draw, n_streams, sigma, alpha, tol, n_max=N_MAX, bloc
     return used, radius, lower_at
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("p_a, scale", [(0.7, 1), (0.99, 3)])
 def test_early_stop_radius_never_overstates_the_true_radius(p_a, scale):
     # False if sigma * Phi^-1(p_a) < reported radius, i.e. p_a < p_a_lower: at the rule's stopping

@@ -70,6 +70,7 @@ def _streamed(result, mode):
     ("certify", None, None), ("certify", 1, None), ("predict", 2, None),
     ("certify-radii", None, 1), ("certify-radii", 1, 4), ("certify-until", 2, 1),
 ])
+@pytest.mark.slow
 def test_each_streamed_image_equals_the_image_alone(engine, images, mode, in_flight, round_size):
     with open_engine(engine) as eng:
         got = []
@@ -87,6 +88,7 @@ def test_each_streamed_image_equals_the_image_alone(engine, images, mode, in_fli
         assert stats.idle_rows == 0 or stats.calls <= 2  # every call full but at the very end
 
 
+@pytest.mark.slow
 def test_the_stream_fills_calls_with_other_images(engine, images):
     """Rounds of one vote: one image at a time (in flight alone, as each single-image call runs), a
     test's bounded samples leave most of each call's rows free; streamed together, those rows go to
@@ -142,6 +144,7 @@ def _rows(path: Path) -> dict:
 
 @pytest.mark.parametrize("extra", [["--n0", "10", "--n", "40"], ["--radius", "0.25", "--n-max", "100", "--round", "4"],
                                    ["--tol", "0.05", "--n-max", "100", "--round", "4"]])
+@pytest.mark.slow
 def test_cli_rows_do_not_depend_on_the_images_in_flight(engine, tmp_path, extra):
     one, three = tmp_path / "one.tsv", tmp_path / "three.tsv"
     runner = CliRunner()

@@ -633,6 +633,7 @@ def test_every_parser_error_is_reported_in_one_line(trt_engine, tmp_path):
     assert "GroupNormalization" in message and "kernel weights are not an initializer" in message
 
 
+@pytest.mark.slow
 def test_a_failed_build_is_one_line_and_leaves_no_engine(fake, tmp_path):
     fake._fail_build = True
     result = _build(tmp_path / "e", "--timing-cache", str(tmp_path / "c"))
