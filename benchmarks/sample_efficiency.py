@@ -6,7 +6,8 @@ sigma 0.5, b = 4 steps, K = 3 votes, n0 = 100, alpha = 0.001, seed 0:
 - fixed n = 2000 (Cohen et al.'s CERTIFY);
 - ``--radius R`` for each target R in (0.25, 0.5, 1, 1.5) x sigma alone, and all four at once;
 - ``--tol 0.05`` (stop when the radius would grow by less than 0.05 = 0.1 sigma per doubling);
-the sequential modes with ``--n-max 2000``, the fixed run's n, so every mode has the same budget.
+the sequential modes with ``--n-max 2000``, the fixed run's n, so every mode has the same budget,
+and the CLI's defaults otherwise (rounds of one vote, the clear-leader selection rule).
 All modes use the exact early exit of the K-run vote (identical votes), and the sequential modes
 end the selection phase early (``densepure_rt.stats.sequential.selection_done``: once the samples left
 cannot change the argmax, or once the leader is clear); the fixed run's UNet evaluations without
@@ -17,11 +18,11 @@ Writes ``benchmarks/results/sample_efficiency/`` (or ``--out``: the TSVs with th
 engines/digits]``. Takes about 40 minutes on a 2-core CPU (the fixed-n run is most of it).
 
 Before / after the clear-leader rule of the selection (``--selection exact`` runs the sequential
-modes with the exact rule alone, the rule before it, by replacing ``selection_done`` with its
-``level=0`` form inside the CLI process; nothing else changes)::
+modes with the exact rule alone, by replacing ``selection_done`` with its ``level=0`` form inside
+the CLI process; nothing else changes; the committed pair ran at rounds of 32)::
 
-    python benchmarks/sample_efficiency.py --sequential-only --selection exact --out benchmarks/results/sample_efficiency/selection_exact
-    python benchmarks/sample_efficiency.py --sequential-only --selection clear --out benchmarks/results/sample_efficiency/selection_clear
+    python benchmarks/sample_efficiency.py --sequential-only --round 32 --selection exact --out benchmarks/results/sample_efficiency/selection_exact
+    python benchmarks/sample_efficiency.py --sequential-only --round 32 --selection clear --out benchmarks/results/sample_efficiency/selection_clear
     python benchmarks/sample_efficiency.py --compare benchmarks/results/sample_efficiency/selection_exact benchmarks/results/sample_efficiency/selection_clear
 
 The selection samples each image used are not in the rows: they are recomputed here from the
@@ -47,12 +48,11 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "sample_efficiency"
 SIGMA, STEPS, VOTES, N0, N, ALPHA = 0.5, 4, 3, 100, 2000, 0.001
 MULTIPLES = (0.25, 0.5, 1.0, 1.5)
-SKIP, SEED, BATCH = 9, 0, 32  # BATCH: the digits engine's default batch, the CLI's rounds
-# The sequential modes decide after rounds of BATCH votes (--round; the recorded runs were made by
-# densepure-rt 0.2.0's wave loop, whose rounds were its batches: the same decisions, other unet_evals).
+SKIP, SEED, BATCH = 9, 0, 32  # BATCH: the digits engine's default batch
+# Everything else is the CLI's default: rounds of one vote (``--round N`` here passes ``--round N``),
+# the clear-leader selection rule (``--selection``), the vote's early exit.
 COMMON = ["--sigma", SIGMA, "--steps", STEPS, "--votes", VOTES, "--n0", N0, "--alpha", ALPHA, "--skip", SKIP, "--seed", SEED, "--quiet",
           "--batch", BATCH]
-ROUND = ["--round", BATCH]
 # The CLI with the selection rule before the clear-leader rule: selection_done(..., level=0).
 EXACT_SELECTION_CLI = (
     "import functools, sys\n"
@@ -63,7 +63,7 @@ EXACT_SELECTION_CLI = (
 )
 
 
-def cli(selection: str = "clear") -> list[str]:
+def cli(selection: str = "clear-leader") -> list[str]:
     if selection == "exact":
         return [sys.executable, "-c", EXACT_SELECTION_CLI]
     script = Path(sys.executable).with_name("densepure-rt")
@@ -71,9 +71,18 @@ def cli(selection: str = "clear") -> list[str]:
 
 
 def selection_rule(selection: str):
-    from densepure_rt.stats.sequential import selection_done
+    """``done(counts0, left)`` of a selection rule: "exact" (the exact rule alone) or a key of
+    ``densepure_rt.stats.selection.SELECTION_RULES`` ("clear" is "clear-leader")."""
+    from densepure_rt.stats.selection import SELECTION_RULES, selection_done
 
-    return functools.partial(selection_done, level=0.0) if selection == "exact" else selection_done
+    if selection == "exact":
+        return functools.partial(selection_done, level=0.0)
+    return SELECTION_RULES["clear-leader" if selection == "clear" else selection].done
+
+
+def selection_flags(selection: str) -> list[str]:
+    """The CLI's ``--selection`` for a named rule (none for "exact", which patches the CLI instead)."""
+    return [] if selection in ("exact", "clear") else ["--selection", selection]
 
 
 def selection_votes(engine: str, indices: list[int], out: Path) -> dict[int, list[int]]:
@@ -96,11 +105,12 @@ def selection_votes(engine: str, indices: list[int], out: Path) -> dict[int, lis
     return votes
 
 
-def replay_selection(labels: list[int], rule, num_classes: int = 10) -> tuple[int, int]:
-    """(selection samples used, c_a) of the sequential modes' selection (rounds of BATCH) under ``rule``."""
+def replay_selection(labels: list[int], rule, round_size: int = 1, num_classes: int = 10) -> tuple[int, int]:
+    """(selection samples used, c_a) of the sequential modes' selection (rounds of ``round_size``
+    votes) under ``rule``."""
     counts = np.zeros(num_classes, dtype=np.int64)
-    for start in range(0, N0, BATCH):
-        size = min(BATCH, N0 - start)
+    for start in range(0, N0, round_size):
+        size = min(round_size, N0 - start)
         counts += np.bincount(labels[start : start + size], minlength=num_classes)
         if rule(counts, N0 - start - size):
             return start + size, int(np.argmax(counts))
@@ -131,7 +141,7 @@ def _seconds(text: str) -> float:
     return 3600 * int(h) + 60 * int(m) + float(sec)
 
 
-def run(name: str, engine: str, extra: list, out_dir: Path = OUT, selection: str = "clear") -> dict:
+def run(name: str, engine: str, extra: list, out_dir: Path = OUT, selection: str = "clear-leader", round_size: int = 1) -> dict:
     out = out_dir / f"{name}.tsv"
     args = cli(selection) + ["certify", "--engine", engine, *map(str, COMMON), *map(str, extra), "--out", str(out.relative_to(ROOT))]
     print(f"$ densepure-rt [selection: {selection}]", " ".join(shlex.quote(a) for a in args[len(cli(selection)) :]), flush=True)
@@ -147,7 +157,7 @@ def run(name: str, engine: str, extra: list, out_dir: Path = OUT, selection: str
         votes = selection_votes(engine, [int(r["idx"]) for r in rows], out_dir)
         used = []
         for r in rows:
-            n_sel, c_a = replay_selection(votes[int(r["idx"])], selection_rule(selection))
+            n_sel, c_a = replay_selection(votes[int(r["idx"])], selection_rule(selection), round_size)
             if c_a != int(r["c_a"]):
                 raise SystemExit(f"{out}: image {r['idx']}: c_a {r['c_a']} in the row, {c_a} from the selection votes")
             used.append(n_sel)
@@ -164,6 +174,7 @@ def run(name: str, engine: str, extra: list, out_dir: Path = OUT, selection: str
         "unet_evals_median": float(np.median(evals)),
         "images_at_budget": int(sum(int(r.get("n", 0)) == N for r in rows)) if "n" in header else None,
         "selection": selection if sequential else "all n0",
+        "round": round_size if sequential else None,
         "selection_samples_per_image": float(selection_samples.mean()),
         "samples_per_image": float(samples.mean()),
         "image_seconds": round(sum(_seconds(r["time"]) for r in rows), 1),
@@ -182,10 +193,12 @@ def compare(before_dir: Path, after_dir: Path) -> None:
     before = {r["name"]: r for r in json.loads((before_dir / "summary.json").read_text())["runs"]}
     after = {r["name"]: r for r in json.loads((after_dir / "summary.json").read_text())["runs"]}
     votes = json.loads((after_dir / "selection_votes.json").read_text())
-    picks = {name: [replay_selection(v, selection_rule(name)) for v in votes.values()] for name in ("exact", "clear")}
-    differ = sum(a[1] != b[1] for a, b in zip(picks["exact"], picks["clear"]))
+    rules = [json.loads((d / "summary.json").read_text())["settings"]["selection"] for d in (before_dir, after_dir)]
+    rounds = [json.loads((d / "summary.json").read_text())["settings"].get("round", BATCH) for d in (before_dir, after_dir)]
+    picks = [[replay_selection(v, selection_rule(rule), size) for v in votes.values()] for rule, size in zip(rules, rounds)]
+    differ = sum(a[1] != b[1] for a, b in zip(*picks))
     lines = [
-        f"Selection before (exact rule alone) -> after (exact or clear leader): {before_dir.name} -> {after_dir.name}; "
+        f"Selection before ({rules[0]}) -> after ({rules[1]}): {before_dir.name} -> {after_dir.name}; "
         f"{len(votes)} images, c_a differs on {differ}.",
         "",
         "| mode | " + " | ".join(f"r = {m:g} sigma" for m in MULTIPLES)
@@ -217,8 +230,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engine", default="engines/digits")
     parser.add_argument("--out", type=Path, default=OUT, help="folder of the TSVs and summaries (default %(default)s)")
-    parser.add_argument("--selection", choices=("clear", "exact"), default="clear",
-                        help="the sequential modes' selection rule: the runtime's (clear) or the exact rule alone (the rule before)")
+    parser.add_argument("--selection", choices=("exact", "clear", "clear-leader", "first-1", "first-2", "first-3"), default="clear-leader",
+                        help="the sequential modes' selection rule: a --selection of the CLI (clear is clear-leader), or exact, "
+                             "the exact rule alone (default %(default)s)")
+    parser.add_argument("--round", type=int, default=1, help="the sequential modes' --round (default %(default)s, the CLI's)")
     parser.add_argument("--sequential-only", action="store_true", help="skip the fixed-n run")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("BEFORE", "AFTER"),
                         help="only write OUT/selection_before_after.md/.json from two --out folders of the sequential modes")
@@ -228,19 +243,20 @@ def main() -> None:
         return
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    go = functools.partial(run, engine=args.engine, out_dir=out, selection=args.selection)
+    go = functools.partial(run, engine=args.engine, out_dir=out, selection=args.selection, round_size=args.round)
     results = [] if args.sequential_only else [go("fixed_n2000", extra=["--n", N])]
+    seq = ["--n-max", N, *(["--round", args.round] if args.round != 1 else []), *selection_flags(args.selection)]
     for m in MULTIPLES:
-        results.append(go(f"radius_{m:g}sigma", extra=["--radius", m * SIGMA, "--n-max", N, *ROUND]))
+        results.append(go(f"radius_{m:g}sigma", extra=["--radius", m * SIGMA, *seq]))
     all_targets = [x for m in MULTIPLES for x in ("--radius", m * SIGMA)]
-    results.append(go("radius_all", extra=[*all_targets, "--n-max", N, *ROUND]))
-    results.append(go("tol_0.05", extra=["--tol", 0.05, "--n-max", N, *ROUND]))
+    results.append(go("radius_all", extra=[*all_targets, *seq]))
+    results.append(go("tol_0.05", extra=["--tol", 0.05, *seq]))
     full_vote = (N0 + N) * VOTES * STEPS
     summary = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "cpu": _cpu(),
         "settings": {"sigma": SIGMA, "steps": STEPS, "votes": VOTES, "n0": N0, "n": N, "alpha": ALPHA, "images": "every 9th digits test image",
-                     "selection": args.selection},
+                     "selection": args.selection, "round": args.round},
         "fixed_n_unet_evals_without_early_exit": full_vote,
         "runs": results,
     }

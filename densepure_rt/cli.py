@@ -421,7 +421,7 @@ def _common_options(f):
         click.option("--resume", is_flag=True, help="Continue --out. Also what happens without it when --out holds results of the same settings."),
         click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
                      help="Where the engine runs: the CPU, or the GPU (CuPy and a GPU runtime: onnxruntime-gpu or TensorRT)."),
-        click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N", help="CPU threads for the runtime (ONNX Runtime or OpenVINO)."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N", help="CPU threads for the runtime (ONNX Runtime or OpenVINO)  [default: $DENSEPURE_RT_THREADS where set, else every core]"),
         click.option("--quiet", is_flag=True, help="No progress output."),
         click.option("--progress-every", type=FiniteFloat(min=0), default=30.0, show_default=True, metavar="S",
                      help="Seconds between progress lines when stderr is not a terminal (a log file)."),

@@ -21,6 +21,7 @@ independent).
 from __future__ import annotations
 
 
+import os
 import sys
 
 import dataclasses
@@ -30,7 +31,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from densepure_rt.sampling.loop import BatchLoop
-from densepure_rt.sampling.scheduler import Job, Scheduler, SchedulerStats
+from densepure_rt.sampling.scheduler import Scheduler, SchedulerStats
 from densepure_rt.sampling.stream import Streamed, run_stream
 from densepure_rt.certificates import CountsResult, EarlyStopCertificate, RadiiCertificate
 from densepure_rt.modes import mode_of
@@ -72,6 +73,8 @@ class Engine:
     ):
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1):
             raise ConfigError(f"{param('threads')} must be an integer >= 1, or None for the backend's choice (got {threads!r})")
+        if threads is None:
+            threads = default_threads()
         self._scheduler: Scheduler | None = None
         #: The engine directory, resolved once (absolute): what results record and Ray actors open.
         self.directory = Path(directory).expanduser().resolve()
@@ -325,16 +328,22 @@ class Engine:
                        batch=batch, selection=selection)
         return self._one(spec, image, image_index, progress)
 
-    # -- parity checks ------------------------------------------------------------------------- #
-    @_sampling
-    def sample_counts(self, image: np.ndarray, num: int, phase: int, *, seed: int, image_index: int, batch: int,
-                      progress: Progress = None) -> np.ndarray:
-        """Per-class counts [num_classes] int64 of the voted labels of samples 0 .. num-1 of ``phase``
-        of ``image`` (after :meth:`_prepare`; for parity checks of the graphs). A label outside
-        [0, num_classes), or a count other than ``num``, is an :class:`EngineError`."""
-        image = self._image(image, image_index)
-        return self.scheduler().counts(self.loop.device.stage(image[None]), [Job(0, int(image_index), int(phase), int(num))],
-                                       seed, progress=progress)[0]
+
+#: The environment variable that gives the CPU threads of an engine opened with ``threads=None``
+#: (``--threads`` not given): several processes on one machine then take one core or a few each
+#: instead of every core each. Unset or empty: the backend's choice (every core).
+THREADS_VARIABLE = "DENSEPURE_RT_THREADS"
+
+
+def default_threads() -> int | None:
+    """The CPU threads :data:`THREADS_VARIABLE` asks for, or None where it is unset or empty."""
+    value = os.environ.get(THREADS_VARIABLE, "").strip()
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"{THREADS_VARIABLE}={value!r} is not a thread count: set it to an integer >= 1, "
+                          "or unset it for the backend's choice")
+    return int(value)
 
 
 def open_engine(
@@ -349,7 +358,8 @@ def open_engine(
 ) -> Engine:
     """Open and verify an engine directory (see :class:`Engine`). ``early_exit=False`` runs all K
     runs of every noisy sample (same votes, more work); None (default) is on
-    (:meth:`Engine.early_exit_for`). ``cuda_graph``: on a GPU, replay the full batch's step through ONNX Runtime's CUDA graph where
+    (:meth:`Engine.early_exit_for`). ``threads``: CPU threads of the backend's sessions; None takes
+    :data:`THREADS_VARIABLE` from the environment where it is set, else the backend's choice. ``cuda_graph``: on a GPU, replay the full batch's step through ONNX Runtime's CUDA graph where
     ONNX Runtime accepts it (every node on the CUDA provider); ignored on the CPU. ``metadata_only``:
     verify the directory and read its manifest and schedule, but open no sessions (``engine.loop``
     is None; what a Ray driver needs).

@@ -8,6 +8,14 @@ from pathlib import Path
 
 import pytest
 
+# Two test processes share the machine's cores (README: "Run the tests"): each runs its engines, torch
+# and BLAS on one thread, as a user running several processes on one machine would
+# (docs/backends.md, "Threads"), rather than two pools spinning on every core each. Subprocesses
+# the tests start inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _variable in ("DENSEPURE_RT_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_variable, "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 # The fixtures ship with the repository (tests/fixtures, see its README.md); DENSEPURE_FIXTURES
 # points the tests at another copy.

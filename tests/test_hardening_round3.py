@@ -513,6 +513,29 @@ def test_threads_zero_and_a_closed_engine_are_refused(engine):
         opened.stream("certify", iter([(0, image)]), lambda s: None, sigma=0.5, steps=1, votes=1, n0=5, n=10)
 
 
+def test_the_threads_variable_sets_the_sessions_threads_and_a_bad_value_is_refused(engine, monkeypatch):
+    from densepure_rt import open_engine
+    from densepure_rt.errors import ConfigError
+
+    def intra_op(**kwargs):
+        with open_engine(engine, **kwargs) as opened:
+            return opened.loop.executor._step.get_session_options().intra_op_num_threads
+
+    monkeypatch.setenv("DENSEPURE_RT_THREADS", "1")
+    assert intra_op() == 1
+    assert intra_op(threads=2) == 2  # an explicit count wins
+    monkeypatch.delenv("DENSEPURE_RT_THREADS")
+    assert intra_op() == 0  # ONNX Runtime's own choice (0: every core)
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("DENSEPURE_RT_THREADS", bad)
+        with pytest.raises(ConfigError, match=f"DENSEPURE_RT_THREADS='{bad}' is not a thread count"):
+            open_engine(engine)
+    result = invoke("certify", "--engine", engine, *FAST, "--out", engine.parent / "never.tsv")
+    assert result.exit_code == 2 and result.stderr.startswith("error: DENSEPURE_RT_THREADS='-1' is not a thread count")
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (engine.parent / "never.tsv").exists()
+
+
 def test_too_many_images_in_flight_is_a_config_error(api_engine):
     from densepure_rt.errors import ConfigError
 
