@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 RECORDED = ROOT / "benchmarks" / "results" / "digits"
 SCRIPT = ROOT / "benchmarks" / "digits_experiment.sh"
@@ -69,3 +71,33 @@ def test_compare_rows_says_same_rows_or_each_difference(tmp_path):
     differs = subprocess.run(run, capture_output=True, text=True)
     assert differs.returncode == 1
     assert differs.stdout.strip() == f"onestep_sigma0.5.tsv: image {row[0]} radius {old_radius} -> 0.123"
+
+
+@pytest.mark.slow
+def test_the_block_reruns_its_first_images_to_the_recorded_rows(tmp_path):
+    """The block as written, each certify limited to its first two images (``--max 18`` appended:
+    images 0 and 9), into a fresh folder; its last line compares them with the recorded rows of
+    those images (the whole block takes about 11 minutes on two cores; rows are per image, so its
+    first images are the whole run's first rows)."""
+    images = ("0", "9")
+    recorded = tmp_path / "recorded"
+    recorded.mkdir()
+    for tsv in RECORDED.glob("*.tsv"):
+        if not Path(f"{tsv}.json").is_file():
+            continue  # wall_times.tsv: not a results file
+        lines = tsv.read_text().splitlines()
+        kept = [lines[0]] + [line for line in lines[1:] if line.split("\t")[0] in images]
+        assert len(kept) == 1 + len(images), tsv
+        (recorded / tsv.name).write_text("\n".join(kept) + "\n")
+        shutil.copy(f"{tsv}.json", recorded / f"{tsv.name}.json")
+    console = Path(sys.executable).parent / "densepure-rt"
+    wrappers = (
+        f'densepure-rt() {{ if [ "$1" = certify ]; then "{console}" "$@" --max 18; else "{console}" "$@"; fi; }}\n'
+        f'python() {{ [ "$1 $3" = "benchmarks/compare_rows.py benchmarks/results/digits" ] || exit 9; '
+        f'"{sys.executable}" "{ROOT}/$1" "$2" "{recorded}"; }}\n'
+    )
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", wrappers + readme_block()], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1].startswith("same rows: 6 files of digits-experiment"), done.stdout[-2000:]
+    assert (tmp_path / "digits-experiment" / "curves.png").read_bytes()[:4] == b"\x89PNG"
