@@ -30,18 +30,13 @@ Writes ``pytorch_<preset>_<device>.json`` per preset and ``pytorch_summary_<devi
 
 from __future__ import annotations
 
-import argparse
 import copy
-import datetime as _dt
-import importlib.metadata
 import importlib.util
+import itertools
 import json
 import math
-import os
-import platform
 import re
 import shlex
-import statistics
 import subprocess
 import sys
 import time
@@ -51,20 +46,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-ROOT = Path(__file__).resolve().parents[1]
+from harness import (ROOT, Timing, add_out, command, machine, markdown_table, parser, rel_l2, timeit, utc_now,
+                     write_atomically, write_record)
 
 
 def _import_project() -> None:
-    """Make ``densepure_rt`` and ``densepure_rt.export`` importable from a plain source checkout."""
-    try:
-        import densepure_rt.export  # noqa: F401
+    """Make ``densepure_rt.export`` importable from a plain source checkout (harness put the checkout
+    first on sys.path)."""
+    if importlib.util.find_spec("densepure_rt.export") is not None:
         return
-    except ModuleNotFoundError:
-        pass
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    import densepure_rt  # noqa: F401  (the source folder)
-
     spec = importlib.util.spec_from_file_location(
         "densepure_rt.export", ROOT / "export" / "__init__.py", submodule_search_locations=[str(ROOT / "export")]
     )
@@ -132,49 +122,32 @@ QUICK = {
 # Timing
 
 
-@dataclass
-class Stats:
-    """Milliseconds of one timed call: median, min, max over ``reps`` repetitions."""
-
-    median_ms: float
-    min_ms: float
-    max_ms: float
-    reps: int
-
-    @classmethod
-    def of(cls, times_ms: Sequence[float]) -> "Stats":
-        return cls(float(statistics.median(times_ms)), float(min(times_ms)), float(max(times_ms)), len(times_ms))
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable, inputs: Sequence, device: torch.device, warmup: int, reps: int) -> Stats:
+def measure(fn: Callable, inputs: Sequence, device: torch.device, warmup: int, reps: int) -> Timing:
     """Time ``fn(*inputs[r % len(inputs)])``: warm-up, then ``reps`` calls, each between two events.
 
     On CUDA the calls are queued back to back and read after one synchronisation (device time of
-    each call, host-side stalls inside a call included); on the CPU a wall clock around each call.
-    Rotating over several input sets keeps repeated calls from reading one cached buffer.
+    each call, host-side stalls inside a call included); on the CPU a wall clock around each call
+    (:func:`harness.timeit`). Rotating over several input sets keeps repeated calls from reading
+    one cached buffer.
     """
+    if device.type != "cuda":
+        sets = itertools.cycle(inputs)
+        return timeit(lambda: fn(*next(sets)), warmup=warmup, reps=reps)
     for r in range(warmup):
         fn(*inputs[r % len(inputs)])
-    sync(device)
-    if device.type == "cuda":
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for r, (start, end) in enumerate(events):
-            start.record()
-            fn(*inputs[r % len(inputs)])
-            end.record()
-        torch.cuda.synchronize(device)
-        return Stats.of([start.elapsed_time(end) for start, end in events])
-    times = []
-    for r in range(reps):
-        t0 = time.perf_counter()
+    torch.cuda.synchronize(device)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for r, (start, end) in enumerate(events):
+        start.record()
         fn(*inputs[r % len(inputs)])
-        times.append((time.perf_counter() - t0) * 1e3)
-    return Stats.of(times)
+        end.record()
+    torch.cuda.synchronize(device)
+    return Timing(tuple(start.elapsed_time(end) / 1e3 for start, end in events))
 
 
 @contextmanager
@@ -194,12 +167,6 @@ def backend_flags() -> dict:
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
     }
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64."""
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
 
 class Budget:
@@ -266,8 +233,9 @@ def count_gflop(module: torch.nn.Module, *args) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def per_sample(stats: Stats, rows: int, evals: int = 1) -> float:
-    return stats.median_ms / rows / evals
+def per_sample(timing: Timing, rows: int, evals: int = 1) -> float:
+    """Milliseconds per row (and per evaluation, for a call of ``evals`` evaluations) of a timed call."""
+    return 1e3 * timing.median / rows / evals
 
 
 def image_seconds(cfg: dict, unet_ms: float, classifier_ms: float) -> float:
@@ -303,17 +271,21 @@ def trajectory_numerics(ref_step, test_step, x_t, noise, scalars) -> dict:
 
 
 def device_info(device: torch.device) -> dict:
+    """The device of the run: torch's view of it, with versions, driver and commit from :func:`harness.machine`."""
+    env = machine()
     info = {
         "type": device.type,
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
-        "python": platform.python_version(),
-        "host": platform.machine(),
+        "python": env["python"],
+        "host": env["cpu"]["arch"],
+        "timm": env["packages"].get("timm"),
+        "numpy": np.__version__,
+        "git_commit": env["git_commit"],
     }
-    info.update(timm=_version("timm"), numpy=np.__version__, git_commit=git_commit())
     if device.type == "cuda":
-        info["driver"] = nvidia_driver()
+        info["driver"] = (env["gpu"] or {}).get("driver")
         props = torch.cuda.get_device_properties(device)
         info.update(
             name=props.name,
@@ -322,38 +294,8 @@ def device_info(device: torch.device) -> dict:
             multiprocessors=props.multi_processor_count,
         )
     else:
-        info.update(name=f"CPU ({platform.processor() or platform.machine()})", threads=torch.get_num_threads())
+        info.update(name=f"CPU ({env['cpu']['model']})", threads=torch.get_num_threads())
     return info
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def git_commit() -> str | None:
-    """$DENSEPURE_COMMIT where set (the device machine's copy of the tree may carry a stale .git),
-    else the checkout's ``git rev-parse HEAD``."""
-    if os.environ.get("DENSEPURE_COMMIT"):
-        return os.environ["DENSEPURE_COMMIT"]
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        if done.returncode == 0 and done.stdout.strip():
-            return done.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return None
-
-
-def nvidia_driver() -> str | None:
-    try:
-        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=30)
-        return done.stdout.strip().splitlines()[0] if done.returncode == 0 and done.stdout.strip() else None
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return None
 
 
 def device_slug(info: dict) -> str:
@@ -456,7 +398,7 @@ class PresetRun:
             "unet_ms_per_sample": per_sample(unet, n),
             "step_ms_per_sample": per_sample(loop, n, self.rs.num_calls),
             "classifier_ms_per_sample": per_sample(cls, n),
-            "timings": {"unet": asdict(unet), "loop": asdict(loop), "classifier": asdict(cls)},
+            "timings": {"unet": unet.as_ms(), "loop": loop.as_ms(), "classifier": cls.as_ms()},
         }
         entry["gpu_s_per_image"] = image_seconds(self.cfg, entry["step_ms_per_sample"], entry["classifier_ms_per_sample"])
         self._path("published", entry)
@@ -483,7 +425,7 @@ class PresetRun:
                 fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
                 self.tuned_unet.to(memory_format=fmt)
                 layouts[layout] = measure(self.tuned_step, step_sets, dev, s.warmup, s.reps)
-            best = min(layouts, key=lambda k: layouts[k].median_ms)
+            best = min(layouts, key=lambda k: layouts[k].median)
             self.tuned_unet.to(memory_format=torch.channels_last if best == "channels_last" else torch.contiguous_format)
             unet = measure(self.tuned_unet, inp.unet_sets(n), dev, s.warmup, s.reps)
             cls = measure(self.tuned_cls, inp.classifier_sets(s.classifier_batch), dev, s.warmup, s.reps)
@@ -502,9 +444,9 @@ class PresetRun:
             "classifier_ms_per_sample": per_sample(cls, s.classifier_batch),
             "step_ms_per_sample_by_layout": {k: per_sample(v, n) for k, v in layouts.items()},
             "timings": {
-                "unet": asdict(unet),
-                "classifier": asdict(cls),
-                **{f"step_{k}": asdict(v) for k, v in layouts.items()},
+                "unet": unet.as_ms(),
+                "classifier": cls.as_ms(),
+                **{f"step_{k}": v.as_ms() for k, v in layouts.items()},
             },
         }
         entry["gpu_s_per_image"] = image_seconds(self.cfg, entry["step_ms_per_sample"], entry["classifier_ms_per_sample"])
@@ -529,7 +471,7 @@ class PresetRun:
             "compile_s": round(compile_s, 1),
             "step_ms_per_sample": per_sample(stats, n),
             "classifier_ms_per_sample": self.result["paths"]["tuned"]["classifier_ms_per_sample"],
-            "timings": {"step": asdict(stats)},
+            "timings": {"step": stats.as_ms()},
         }
         entry["gpu_s_per_image"] = image_seconds(self.cfg, entry["step_ms_per_sample"], entry["classifier_ms_per_sample"])
         self._path("compiled", entry)
@@ -572,7 +514,7 @@ class PresetRun:
         per_call_evals = f"{s.votes * s.steps} UNet + {s.votes} classifier evaluations per noisy sample"
         eager = measure(loop.eager, [()], dev, 1, s.loop_reps)
         classifier_ms = self.result["paths"]["tuned"]["classifier_ms_per_sample"]
-        ms = eager.median_ms / s.loop_samples
+        ms = 1e3 * eager.median / s.loop_samples
         secs, est = loop_image_seconds(self.cfg, ms, s, classifier_ms)
         self._path("loop_eager", {
             "description": (
@@ -583,7 +525,7 @@ class PresetRun:
             "step_ms_per_sample_est": self._step_estimate(ms, classifier_ms),
             "gpu_s_per_image": secs,
             "gpu_s_is_estimate": est,
-            "timings": {"call": asdict(eager)},
+            "timings": {"call": eager.as_ms()},
         })
         # Reproducibility: one eager call from the seed, kept for the parity check.
         seed = self.args.seed + 1
@@ -618,7 +560,7 @@ class PresetRun:
         parity["fresh_noise_each_replay"] = not torch.equal(loop.delta, first_delta)
         self.result["numerics"]["graph_replay_vs_eager"] = parity
         replay = measure(loop.replay, [()], dev, 1, s.loop_reps)
-        ms = replay.median_ms / s.loop_samples
+        ms = 1e3 * replay.median / s.loop_samples
         secs, est = loop_image_seconds(self.cfg, ms, s, classifier_ms)
         self._path("graph", {
             "description": (
@@ -631,7 +573,7 @@ class PresetRun:
             "step_ms_per_sample_est": self._step_estimate(ms, classifier_ms),
             "gpu_s_per_image": secs,
             "gpu_s_is_estimate": est,
-            "timings": {"replay": asdict(replay)},
+            "timings": {"replay": replay.as_ms()},
         })
         self.log(f"[{self.name}] graph: {ms:.3f} ms per noisy sample; parity {parity}")
 
@@ -677,22 +619,14 @@ class PresetRun:
 def run_preset(name: str, settings: Settings, device: torch.device, args, budget: Budget, info: dict, log) -> dict:
     """All sections of one preset; the JSON is rewritten after each, so a cut-off run keeps what it did."""
     run = PresetRun(name, settings, device, args, budget, log)
-    run.result.update(
-        device=info,
-        command=shlex.join([Path(sys.executable).name, *sys.argv]),
-        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    )
-    out = Path(args.out) / f"pytorch_{name}_{device_slug(info)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    run.result.update(device=info, command=command(), date=utc_now())
+    stem = f"pytorch_{name}_{device_slug(info)}"
 
-    md = out.with_suffix(".md")
-
-    def save() -> None:
+    def save() -> Path:
         if hasattr(run, "floor"):
             run.derive()
         run.result["elapsed_s"] = round(budget.elapsed(), 1)
-        out.write_text(json.dumps(run.result, indent=1, default=float) + "\n")
-        md.write_text(markdown([run.result]))  # after every section, like the JSON
+        return write_record(args.out, stem, run.result, markdown=markdown([run.result]))
 
     big = name == "imagenet"
     # (section, function, seconds it needs from the budget, sections it needs to have succeeded)
@@ -730,8 +664,7 @@ def run_preset(name: str, settings: Settings, device: torch.device, args, budget
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         save()
-    save()
-    log(f"[{name}] wrote {out}")
+    log(f"[{name}] wrote {save()}")
     return run.result
 
 
@@ -760,26 +693,20 @@ def markdown(results: list[dict]) -> str:
             f"n0 = {r['settings']['n0']}, n = {r['settings']['n']}, K = {r['settings']['votes']}, "
             f"b = {r['settings']['steps']}, sigma = {r['settings']['sigma']}; `{r['command']}`",
             "",
-            "| path | batch | UNet ms/sample | step ms/sample | classifier ms/sample | ms/noisy sample "
-            "| GPU-s/image | x floor | speed-up |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
+        rows = []
         for name, e in r["paths"].items():
             step = _fmt(e["step_ms_per_sample"]) if "step_ms_per_sample" in e else "~" + _fmt(e.get("step_ms_per_sample_est"))
-            lines.append(
-                f"| {name} | {e.get('batch', '-')} | {_fmt(e.get('unet_ms_per_sample'))} | "
-                f"{step}"
-                f" | {_fmt(e.get('classifier_ms_per_sample'))} | "
-                f"{_fmt(e.get('ms_per_noisy_sample'))} | {_fmt(e.get('gpu_s_per_image'))}"
-                f"{' (est.)' if e.get('gpu_s_is_estimate') else ''} | {_fmt(e.get('floor_multiple'))} | "
-                f"{_fmt(e.get('speedup_vs_published'))} |"
-            )
+            rows.append([name, e.get("batch", "-"), _fmt(e.get("unet_ms_per_sample")), step,
+                         _fmt(e.get("classifier_ms_per_sample")), _fmt(e.get("ms_per_noisy_sample")),
+                         _fmt(e.get("gpu_s_per_image")) + (" (est.)" if e.get("gpu_s_is_estimate") else ""),
+                         _fmt(e.get("floor_multiple")), _fmt(e.get("speedup_vs_published"))])
         f = r.get("flop_floor")
         if f:
-            lines.append(
-                f"| FLOP floor ({f['peak_tflops']:g} TFLOP/s) | - | {_fmt(f['unet_ms_per_sample'])} | - | "
-                f"{_fmt(f['classifier_ms_per_sample'])} | - | {_fmt(f['gpu_s_per_image'])} | 1 | - |"
-            )
+            rows.append([f"FLOP floor ({f['peak_tflops']:g} TFLOP/s)", "-", _fmt(f["unet_ms_per_sample"]), "-",
+                         _fmt(f["classifier_ms_per_sample"]), "-", _fmt(f["gpu_s_per_image"]), 1, "-"])
+        lines += markdown_table(["path", "batch", "UNet ms/sample", "step ms/sample", "classifier ms/sample",
+                                 "ms/noisy sample", "GPU-s/image", "x floor", "speed-up"], rows)
         num = r["numerics"]
         if "tuned_vs_fp32" in num:
             t = num["tuned_vs_fp32"]
@@ -812,11 +739,11 @@ def markdown(results: list[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--preset", default="both", choices=["imagenet", "cifar10", "tiny", "both"],
                     help="preset to time; 'both' = imagenet, then cifar10, each in its own process "
                     "(default: %(default)s)")
-    ap.add_argument("--out", required=True, metavar="DIR", help="folder for the JSON results and the markdown summary")
+    add_out(ap, "folder for the JSON results and the markdown summary")
     ap.add_argument("--device", default=None, metavar="DEV", help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--quick", action="store_true", help="small batches and few repetitions (smoke run)")
     ap.add_argument("--compile", action="store_true", help="also time the tuned step through torch.compile")
@@ -846,7 +773,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     table = QUICK if args.quick else FULL
     result = run_preset(args.preset, table[args.preset], device, args, budget, info, log)
     summary = markdown([result])
-    (Path(args.out) / f"pytorch_summary_{slug}.md").write_text(summary)  # rewritten by --preset both
+    write_atomically(args.out / f"pytorch_summary_{slug}.md", summary)  # rewritten by --preset both
     print(summary)
     return 1 if result.get("failed") else 0
 
@@ -871,14 +798,14 @@ def run_both(argv: Sequence[str], args, budget: Budget, slug: str, log) -> int:
         log(f"[{name}] {shlex.join(cmd)}")
         code = subprocess.run(cmd).returncode
         status = status or code
-        path = Path(args.out) / f"pytorch_{name}_{slug}.json"
+        path = args.out / f"pytorch_{name}_{slug}.json"
         if path.is_file():
             done.append(json.loads(path.read_text()))
         else:
             log(f"[{name}] wrote no results (exit status {code})")
             status = status or 1
     summary = markdown(done)
-    (Path(args.out) / f"pytorch_summary_{slug}.md").write_text(summary)
+    write_atomically(args.out / f"pytorch_summary_{slug}.md", summary)
     print(summary)
     return status
 

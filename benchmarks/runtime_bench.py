@@ -21,11 +21,8 @@ set where it has one, else uniform random images (never zeros).
 
 from __future__ import annotations
 
-import argparse
-import datetime as _dt
 import json
 import os
-import platform
 import sys
 import time
 import traceback
@@ -33,13 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from harness import add_engine, add_out, command, machine, markdown_table, parser, read_record, write_record
 
-from densepure_rt.sampling.noise import ESTIMATION  # noqa: E402
-from densepure_rt.presets import get_preset  # noqa: E402
-from densepure_rt.runtime import open_engine  # noqa: E402
+from densepure_rt.presets import get_preset
+from densepure_rt.runtime import open_engine
+from densepure_rt.sampling.noise import ESTIMATION
 
 PEAK_TFLOPS = 989.0
 
@@ -186,33 +181,31 @@ def time_config(engine_dir: Path, device: str, batch: int, sigma: float, steps: 
     }
 
 
+HEAD = ["engine", "precision", "kernels", "cuDNN search", "scheduling", "batch (rows)", "early exit", "ORT graph", "samples/s",
+        "UNet evals/s", "UNet evals/sample", "ms/UNet eval/row", "step s", "classifier s", "idle rows", "x floor",
+        "GPU-s/image (published)", "images/hour", "first batch s"]
+
+
+def _cells(r: dict) -> list:
+    """One row of the table (rows of earlier runs may lack the later columns)."""
+    if "error" in r:
+        return [r["engine"], "-", "-", "-", "-", r["batch"], r["early_exit"], "-", f"FAILED: {r['error']}"] + [""] * 10
+    nan = float("nan")
+    return [Path(r["engine"]).name, r["precision"], r.get("kernels", "portable"), r.get("cudnn_search", "-"),
+            r.get("scheduling", "waves"), f"{r['batch']} ({r['rows']})", r["early_exit"], "on" if r.get("ort_cuda_graph") else "off",
+            f"{r['noisy_samples_per_s']:.1f}", f"{r['unet_evals_per_s']:.0f}", f"{r['unet_evals_per_sample']:.2f}",
+            f"{r['ms_per_unet_eval_row']:.4f}", f"{r.get('step_seconds', nan):.2f}", f"{r.get('classifier_seconds', nan):.2f}",
+            "-" if r.get("idle_row_fraction") is None else f"{r['idle_row_fraction']:.3f}", f"{r['floor_multiple']:.2f}",
+            f"{r['gpu_s_per_image_published']:.0f}", f"{r['images_per_hour_published']:.2f}", f"{r.get('warmup_seconds', nan):.1f}"]
+
+
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "",
-             "| engine | precision | kernels | cuDNN search | scheduling | batch (rows) | early exit | ORT graph | samples/s | UNet evals/s "
-             "| UNet evals/sample | ms/UNet eval/row | step s | classifier s | idle rows | x floor | GPU-s/image (published) "
-             "| images/hour | first batch s |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['engine']} | - | - | - | - | {r['batch']} | {r['early_exit']} | - | FAILED: {r['error']} | | | | | | | | | | |")
-            continue
-        lines.append(
-            f"| {Path(r['engine']).name} | {r['precision']} | {r.get('kernels', 'portable')} | {r.get('cudnn_search', '-')} | "
-            f"{r.get('scheduling', 'waves')} | {r['batch']} ({r['rows']}) | "
-            f"{r['early_exit']} | {'on' if r.get('ort_cuda_graph') else 'off'} | "
-            f"{r['noisy_samples_per_s']:.1f} | {r['unet_evals_per_s']:.0f} | {r['unet_evals_per_sample']:.2f} | "
-            f"{r['ms_per_unet_eval_row']:.4f} | {r.get('step_seconds', float('nan')):.2f} | "
-            f"{r.get('classifier_seconds', float('nan')):.2f} | "
-            f"{'-' if r.get('idle_row_fraction') is None else format(r['idle_row_fraction'], '.3f')} | "
-            f"{r['floor_multiple']:.2f} | {r['gpu_s_per_image_published']:.0f} | {r['images_per_hour_published']:.2f} | "
-            f"{r.get('warmup_seconds', float('nan')):.1f} |"
-        )
-    return "\n".join(lines) + "\n"
+    return "\n".join([header, "", *markdown_table(HEAD, map(_cells, rows))]) + "\n"
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--engine", nargs="+", required=True, help="engine directories")
+    ap = parser(__doc__)
+    add_engine(ap, many=True)
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--batch", type=int, nargs="+", default=[32], help="noisy samples per batch (rows = batch x K)")
     ap.add_argument("--sigma", type=float, default=0.5)
@@ -227,23 +220,22 @@ def main(argv=None) -> int:
     ap.add_argument("--cudnn-search", choices=["default", "EXHAUSTIVE", "HEURISTIC", "both"], default="default",
                     help="cuDNN convolution algorithm search (ONNX Runtime's cudnn_conv_algo_search); default: ONNX Runtime's")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True)
+    add_out(ap, "folder of runtime_NAME.json and .md")
     ap.add_argument("--name", default=None, help="file stem: runtime_NAME.json / .md (default: the device)")
     ap.add_argument("--append", action="store_true", help="add to the rows already in runtime_NAME.json")
     args = ap.parse_args(argv)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.early_exit]
     kernel_sets = ["portable", "fused"] if args.kernels == "both" else [args.kernels]
     searches = {"default": [None], "both": ["EXHAUSTIVE", "HEURISTIC"]}.get(args.cudnn_search, [args.cudnn_search])
     graphs = {"off": [False], "on": [True], "both": [True, False]}[args.cuda_graph] if args.device == "cuda" else [False]
-    header = (f"### densepure-rt runtime, {args.device}, {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}"
-              f"\n\nsigma {args.sigma}, b = {args.steps}, K = {args.votes}; `{' '.join([Path(sys.executable).name, *sys.argv])}`; "
-              f"commit {os.environ.get('DENSEPURE_COMMIT', '?')}, python {platform.python_version()}")
-    rows, status = [], 0
+    env = machine()
+    on = f"{env['gpu']['name']}, driver {env['gpu']['driver']}" if args.device == "cuda" and env["gpu"] else env["cpu"]["model"]
+    header = (f"### densepure-rt runtime, {args.device} ({on}), {env['date']}"
+              f"\n\nsigma {args.sigma}, b = {args.steps}, K = {args.votes}; `{command()}`; "
+              f"commit {env['git_commit'] or '?'}, python {env['python']}")
+    status = 0
     stem = f"runtime_{args.name or args.device}"
-    if args.append and (out / f"{stem}.json").is_file():
-        rows = json.loads((out / f"{stem}.json").read_text())
+    rows = read_record(args.out / f"{stem}.json", []) if args.append else []
     for engine_dir in args.engine:
         for batch in args.batch:
             for early_exit, cuda_graph, kernels, search in [
@@ -253,13 +245,12 @@ def main(argv=None) -> int:
                                     early_exit, args.seconds, args.seed, cuda_graph, kernels, search)
                 except Exception as exc:  # noqa: BLE001 - one unattended run: keep the others
                     traceback.print_exc()
-                    r = {"engine": engine_dir, "batch": batch, "early_exit": early_exit,
+                    r = {"engine": str(engine_dir), "batch": batch, "early_exit": early_exit,
                          "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
                     status = 1
                 rows.append(r)
                 print(json.dumps(r), flush=True)
-                (out / f"{stem}.json").write_text(json.dumps(rows, indent=1) + "\n")
-                (out / f"{stem}.md").write_text(markdown(rows, header))
+                write_record(args.out, stem, rows, markdown=markdown(rows, header))
     print(markdown(rows, header))
     return status
 
