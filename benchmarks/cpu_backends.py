@@ -31,12 +31,8 @@ Writes DIR/cpu_backends.json (all numbers) and DIR/cpu_backends.md (tables, also
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,9 +40,12 @@ from pathlib import Path
 
 import numpy as np
 
+from harness import Timing, add_out, build_engine, command, machine, markdown_table, parser, rel_l2, timeit, utc_now, write_record
+
 BUILD_ARGS = {"digits": ["--model", "digits"], "cifar10": ["--model", "cifar10", "--random-weights"]}
 PATHS = ("torch fp32", "torch bf16 autocast", "onnxruntime fp32", "openvino f32", "openvino bf16")
 REF = PATHS[0]
+BF16_FLAGS = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")  # recorded as booleans under "machine"
 JOBS_PER_REP = 4  # batches per repetition of an OpenVINO thread/stream setting (AsyncInferQueue)
 #: OpenVINO f32 step settings: (label, INFERENCE_NUM_THREADS, NUM_STREAMS or None, PERFORMANCE_HINT, requests or None).
 OV_SETTINGS = (
@@ -56,35 +55,6 @@ OV_SETTINGS = (
     ("2 threads, 2 streams, 2 async requests", 2, 2, "THROUGHPUT", 2),
     ("2 threads, THROUGHPUT hint (OpenVINO's streams and requests)", 2, None, "THROUGHPUT", None),
 )
-
-
-def cpu_info() -> dict:
-    name, flags = None, set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and name is None:
-                name = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = set(value.split())
-    except OSError:
-        pass
-    return {"model": name or platform.processor() or "unknown", "logical_cpus": os.cpu_count(),
-            **{flag: flag in flags for flag in ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")}}
-
-
-def rel_l2(a, ref) -> float:
-    a, ref = np.asarray(a, dtype=np.float64), np.asarray(ref, dtype=np.float64)
-    return float(np.linalg.norm(a - ref) / max(np.linalg.norm(ref), 1e-300))
-
-
-def build_engine(model: str, root: Path) -> Path:
-    out = root / model
-    exe = Path(sys.executable).with_name("densepure-rt")
-    cli = [str(exe)] if exe.exists() else [sys.executable, "-c", "from densepure_rt.cli import main; main()"]
-    print(f"building the {model} engine into {out} ...", file=sys.stderr, flush=True)
-    subprocess.run([*cli, "build", *BUILD_ARGS[model], "--out", str(out)], check=True)
-    return out
 
 
 def load_torch(manifest: dict):
@@ -152,14 +122,10 @@ def ov_runner(compiled):
 
 def measure(fn, args, batch: int, warmup: int, reps: int, ref=None, labels: bool = False) -> tuple[dict, np.ndarray]:
     """Median wall clock of ``reps`` calls ``fn(*args)`` after ``warmup`` calls; numerics of the last output vs ``ref``."""
-    times = []
-    for rep in range(warmup + reps):
-        start = time.perf_counter()
-        out = fn(*args)
-        if rep >= warmup:
-            times.append(time.perf_counter() - start)
-    median = statistics.median(times)
-    row = {"batch_seconds_median": median, "batch_seconds": times, "ms_per_sample": 1e3 * median / batch,
+    last = {}
+    timing = timeit(lambda: last.update(out=fn(*args)), warmup=warmup, reps=reps)
+    median, out = timing.median, last["out"]
+    row = {"batch_seconds_median": median, "batch_seconds": list(timing.seconds), "ms_per_sample": 1e3 * median / batch,
            "samples_per_s": batch / median}
     if ref is not None:
         row["rel_l2"] = rel_l2(out, ref)
@@ -241,7 +207,7 @@ def bench_model(model: str, engine: Path, batch: int, args) -> dict:
             if rep >= args.warmup:
                 s["rep_seconds"].append(time.perf_counter() - start)
     for s, queue in zip(settings, queues):
-        median = s["rep_seconds_median"] = statistics.median(s["rep_seconds"])
+        median = s["rep_seconds_median"] = Timing(tuple(s["rep_seconds"])).median
         s.update(samples_per_s=s["batches_per_rep"] * batch / median, ms_per_sample=1e3 * median / (s["batches_per_rep"] * batch),
                  rel_l2=rel_l2(queue[0].get_output_tensor(0).data, refs["step"]))
     del queues
@@ -268,40 +234,42 @@ def markdown(record: dict) -> str:
     tables = (("Denoise step (UNet + posterior update)", "step", ["rel_l2"], ["rel L2 vs torch fp32"]),
               ("Classifier", "classifier", ["label_agreement", "rel_l2"], ["same argmax as torch fp32", "logits rel L2"]))
     for title, part, extra, heads in tables:
-        lines += [f"## {title}", "", "| model | path | batch | ms / sample | samples/s | vs torch fp32 | " + " | ".join(heads) + " |",
-                  "|---|---|---:|---:|---:|---:|" + "---:|" * len(heads)]
+        rows = []
         for model, res in record["results"].items():
             for path, row in res[part].items():
                 cells = [f"skipped: {row['skipped']}", "", ""] + [""] * len(heads) if "skipped" in row else \
                     _fmt(row, "ms_per_sample", "samples_per_s", "speedup_vs_torch_fp32", *extra)
-                lines.append(f"| {model} | {path} | {res['batch']} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += ["## OpenVINO f32 step: threads, streams, infer requests", "",
-              f"{JOBS_PER_REP} or more batches per repetition through an AsyncInferQueue; settings timed in turn.", "",
-              "| model | setting | requests | ms / sample | noisy samples/s | rel L2 vs torch fp32 |", "|---|---|---:|---:|---:|---:|"]
+                rows.append([model, path, res["batch"], *cells])
+        head = ["model", "path", "batch", "ms / sample", "samples/s", "vs torch fp32", *heads]
+        lines += [f"## {title}", "", *markdown_table(head, rows, align="ll" + "r" * (len(head) - 2)), ""]
+    rows = []
     for model, res in record["results"].items():
         for s in res["openvino_settings"]:
             best = " **(best)**" if s["setting"] == res["openvino_best_setting"] else ""
-            lines.append(f"| {model} | {s['setting']}{best} | {s['requests']} | " + " | ".join(_fmt(s, "ms_per_sample", "samples_per_s", "rel_l2")) + " |")
+            rows.append([model, s["setting"] + best, s["requests"], *_fmt(s, "ms_per_sample", "samples_per_s", "rel_l2")])
+    lines += ["## OpenVINO f32 step: threads, streams, infer requests", "",
+              f"{JOBS_PER_REP} or more batches per repetition through an AsyncInferQueue; settings timed in turn.", "",
+              *markdown_table(["model", "setting", "requests", "ms / sample", "noisy samples/s", "rel L2 vs torch fp32"], rows,
+                              align="llrrrr")]
     return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True, metavar="DIR", help="writes DIR/cpu_backends.json and .md")
-    parser.add_argument("--models", nargs="+", choices=sorted(BUILD_ARGS), help="default: digits cifar10 (--quick: digits)")
-    parser.add_argument("--reps", type=int, help="timed calls per measurement (default 10; --quick: 3)")
-    parser.add_argument("--warmup", type=int, help="untimed calls first (default 2; --quick: 1)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: few repetitions, digits only")
-    parser.add_argument("--batch-digits", type=int, default=32)
-    parser.add_argument("--batch-cifar", type=int, default=8)
-    parser.add_argument("--engine-digits", type=Path, metavar="DIR", help="a built digits engine (fp32) to reuse")
-    parser.add_argument("--engine-cifar", type=Path, metavar="DIR", help="a built cifar10 engine (fp32) to reuse")
-    parser.add_argument("--threads", type=int, default=2, help="torch, onnxruntime intra-op and OpenVINO threads")
-    parser.add_argument("--sigma", type=float, default=0.5, help="sigma of the step's scalars (first step of --steps)")
-    parser.add_argument("--steps", default="2")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    args = parser.parse_args(argv)
+    ap = parser(__doc__)
+    add_out(ap, "writes DIR/cpu_backends.json and .md")
+    ap.add_argument("--models", nargs="+", choices=sorted(BUILD_ARGS), help="default: digits cifar10 (--quick: digits)")
+    ap.add_argument("--reps", type=int, help="timed calls per measurement (default 10; --quick: 3)")
+    ap.add_argument("--warmup", type=int, help="untimed calls first (default 2; --quick: 1)")
+    ap.add_argument("--quick", action="store_true", help="smoke run: few repetitions, digits only")
+    ap.add_argument("--batch-digits", type=int, default=32)
+    ap.add_argument("--batch-cifar", type=int, default=8)
+    ap.add_argument("--engine-digits", type=Path, metavar="DIR", help="a built digits engine (fp32) to reuse")
+    ap.add_argument("--engine-cifar", type=Path, metavar="DIR", help="a built cifar10 engine (fp32) to reuse")
+    ap.add_argument("--threads", type=int, default=2, help="torch, onnxruntime intra-op and OpenVINO threads")
+    ap.add_argument("--sigma", type=float, default=0.5, help="sigma of the step's scalars (first step of --steps)")
+    ap.add_argument("--steps", default="2")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    args = ap.parse_args(argv)
     models = args.models or (["digits"] if args.quick else ["digits", "cifar10"])
     args.reps = args.reps or (3 if args.quick else 10)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
@@ -315,12 +283,14 @@ def main(argv=None) -> dict:
         mkldnn_bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except Exception:  # noqa: BLE001 - a private op; absent in some builds
         mkldnn_bf16 = None
+    env = machine()
     record = {
         "benchmark": "cpu_backends",
-        "command": " ".join(["python", sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": {**cpu_info(), "platform": platform.platform()},
-        "versions": {"python": sys.version.split()[0], "numpy": np.__version__, "torch": torch.__version__,
+        "command": command(argv),
+        "date": utc_now(),
+        "machine": {"model": env["cpu"]["model"], "logical_cpus": env["cpu"]["logical_cpus"],
+                    **{flag: flag in env["cpu"]["flags"] for flag in BF16_FLAGS}, "platform": env["platform"]},
+        "versions": {"python": env["python"], "numpy": np.__version__, "torch": torch.__version__,
                      "onnxruntime": onnxruntime.__version__, "openvino": ov.__version__,
                      "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_mkldnn_bf16": mkldnn_bf16,
                      "openvino_cpu_capabilities": list(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))},
@@ -331,16 +301,14 @@ def main(argv=None) -> dict:
     batches = {"digits": args.batch_digits, "cifar10": args.batch_cifar}
     with tempfile.TemporaryDirectory(prefix="cpu_backends_") as tmp:
         for model in models:
-            engine = given[model] or build_engine(model, Path(tmp))
+            engine = given[model] or build_engine(Path(tmp) / model, *BUILD_ARGS[model])
             load = os.getloadavg()[0]
             if load > 0.5:  # torch's OpenMP threads slow down many times when another process holds a core
                 print(f"warning: load average {load:.2f} before {model}: the machine is not idle", file=sys.stderr)
             record["results"][model] = {**bench_model(model, engine, batches[model], args),
                                         "load_average_1min": {"before": load, "after": os.getloadavg()[0]}}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cpu_backends.json").write_text(json.dumps(record, indent=2) + "\n")
     text = markdown(record)
-    (args.out / "cpu_backends.md").write_text(text)
+    write_record(args.out, "cpu_backends", record, markdown=text)
     print(text)
     return record
 

@@ -8,25 +8,13 @@ Both paths get the same noise (``densepure_rt.sampling.noise``), so their vote c
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from harness import add_out, command, machine, parser, utc_now, write_record
 
 
 def _images(preset, count: int, seed: int) -> tuple[np.ndarray, list[int]]:
@@ -41,21 +29,21 @@ def _images(preset, count: int, seed: int) -> tuple[np.ndarray, list[int]]:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="cifar10", help="imagenet, cifar10, digits or tiny")
-    parser.add_argument("--random-weights", action="store_true", help="random weights (required for imagenet/cifar10 here)")
-    parser.add_argument("--sigma", type=float, default=0.5)
-    parser.add_argument("--steps", default="2")
-    parser.add_argument("--votes", type=int, default=2)
-    parser.add_argument("--n0", type=int, default=4)
-    parser.add_argument("--n", type=int, default=12)
-    parser.add_argument("--alpha", type=float, default=0.001)
-    parser.add_argument("--images", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, help="write the JSON record here")
-    args = parser.parse_args(argv)
+    ap = parser(__doc__)
+    ap.add_argument("--preset", default="cifar10", help="imagenet, cifar10, digits or tiny")
+    ap.add_argument("--random-weights", action="store_true", help="random weights (required for imagenet/cifar10 here)")
+    ap.add_argument("--sigma", type=float, default=0.5)
+    ap.add_argument("--steps", default="2")
+    ap.add_argument("--votes", type=int, default=2)
+    ap.add_argument("--n0", type=int, default=4)
+    ap.add_argument("--n", type=int, default=12)
+    ap.add_argument("--alpha", type=float, default=0.001)
+    ap.add_argument("--images", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    add_out(ap, "write the JSON record here", metavar="FILE", required=False)
+    args = ap.parse_args(argv)
 
     import onnxruntime
     import torch
@@ -85,9 +73,10 @@ def main(argv=None) -> dict:
         # All K runs of every sample, as the reference does: the same work on both sides (the vote's
         # early exit would give the same counts with fewer UNet calls; that is measured elsewhere).
         with open_engine(Path(tmp) / "engine", threads=args.threads, early_exit=False) as engine:
-            engine._prepare(args.sigma, args.steps, args.votes, args.batch)
+            common = dict(seed=args.seed, batch=args.batch)
             # Warm up both paths (first-call allocation, ORT graph optimisation, oneDNN primitive caches).
-            engine.sample_counts(images[0], args.batch, SELECTION, seed=99, image_index=0, batch=args.batch)
+            engine.certify_counts(images[0], args.sigma, args.steps, args.votes, args.batch, args.batch, args.alpha,
+                                  seed=99, image_index=0, batch=args.batch)
             reference.sample_counts(images[0], args.batch, rs, args.votes, 99, 0, SELECTION, args.batch)
             times = {"reference": 0.0, "runtime": 0.0}
             agree = True
@@ -100,9 +89,9 @@ def main(argv=None) -> dict:
                         c0 = reference.sample_counts(image, args.n0, rs, args.votes, args.seed, index, SELECTION, args.batch)
                         c1 = reference.sample_counts(image, args.n, rs, args.votes, args.seed, index, ESTIMATION, args.batch)
                     else:
-                        common = dict(seed=args.seed, image_index=index, batch=args.batch)
-                        c0 = engine.sample_counts(image, args.n0, SELECTION, **common)
-                        c1 = engine.sample_counts(image, args.n, ESTIMATION, **common)
+                        _, got = engine.certify_counts(image, args.sigma, args.steps, args.votes, args.n0, args.n, args.alpha,
+                                                       image_index=index, **common)
+                        c0, c1 = got.counts0, got.counts
                     times[name] += time.perf_counter() - start
                     counts[name] = (c0, c1)
                 same = all(np.array_equal(a, b) for a, b in zip(counts["reference"], counts["runtime"]))
@@ -112,21 +101,22 @@ def main(argv=None) -> dict:
 
     noisy = args.images * (args.n0 + args.n)
     unet_evals = noisy * args.votes * rs.num_calls
+    env = machine()
     record.update(
         {
             "benchmark": "cpu_reference_vs_runtime",
             "preset": preset.name,
             "random_weights": args.random_weights,
-            "device": _cpu_name(),
+            "device": env["cpu"]["model"],
             "threads": args.threads,
             "versions": {
-                "python": sys.version.split()[0],
+                "python": env["python"],
                 "torch": torch.__version__,
                 "onnxruntime": onnxruntime.__version__,
                 "numpy": np.__version__,
             },
-            "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": command(argv),
+            "date": utc_now(),
             "noisy_samples": noisy,
             "unet_evals": unet_evals,
             "seconds": times,
@@ -144,8 +134,7 @@ def main(argv=None) -> dict:
         f"vote counts identical: {agree}"
     )
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        write_record(args.out.parent, args.out.stem, record)
     if not agree:
         raise SystemExit("the runtime and the reference disagree")
     return record
