@@ -10,37 +10,28 @@ temporary folder unless --engine-fp32 / --engine-bf16 name built ones; needs a C
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from harness import add_out, build_engine, parser, write_record
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from densepure_rt.files.data import digits_test_split  # noqa: E402
-from densepure_rt.sampling.noise import ESTIMATION  # noqa: E402
-from densepure_rt.runtime import open_engine  # noqa: E402
+from densepure_rt.files.data import digits_test_split
+from densepure_rt.runtime import open_engine
+from densepure_rt.sampling.noise import ESTIMATION
 
 
 def build(folder: Path, precision: str) -> Path:
-    cli = [sys.executable, "-m", "densepure_rt.cli", "build", "--model", "digits", "--backend", "openvino",
-           "--precision", precision, "--out", str(folder)]
-    subprocess.run(cli, check=True, capture_output=True)
-    return folder
+    return build_engine(folder, "--model", "digits", "--backend", "openvino", "--precision", precision)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--engine-fp32")
-    ap.add_argument("--engine-bf16")
+    ap = parser(__doc__)
+    add_out(ap, "the JSON record", metavar="FILE")
+    ap.add_argument("--engine-fp32", metavar="DIR", help="a built fp32 OpenVINO digits engine to reuse")
+    ap.add_argument("--engine-bf16", metavar="DIR", help="a built bf16 OpenVINO digits engine to reuse")
     ap.add_argument("--images", type=int, default=40, help="every 9th test image, this many")
     ap.add_argument("--sigmas", type=float, nargs="+", default=[0.25, 0.5])
     ap.add_argument("--steps", type=int, default=4)
@@ -84,8 +75,7 @@ def main(argv=None) -> int:
             "seconds": round(time.time() - t0, 1),
             "rows": rows,
         }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    write_record(args.out.parent, args.out.stem, result)
     return 0
 
 

@@ -27,17 +27,15 @@ shared machine), the median is recorded beside it.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from scipy import special
+
+from harness import ROOT, add_engine, add_out, command, machine, parser, utc_now, write_record
 
 from densepure_rt.runtime import open_engine
 
@@ -94,8 +92,8 @@ def run_mode(eng, mode: str, images: np.ndarray, n: int, batch: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--engine", required=True)
+    ap = parser(__doc__)
+    add_engine(ap)
     ap.add_argument("--images", type=int, default=1500)
     ap.add_argument("--n", type=int, default=1000, help="n of fixed-n CERTIFY and n_max of the sequential modes")
     ap.add_argument("--p-a", type=float, nargs="+", default=[0.7, 0.8, 0.9, 0.99, 0.999])
@@ -103,10 +101,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--reference", action="store_true",
                     help="the sequential tests of tests/sequential_reference.py (before their per-vote fast paths)")
-    ap.add_argument("--json", default=None)
+    add_out(ap, "the JSON record", flag="--json", metavar="FILE", required=False)
     args = ap.parse_args()
     if args.reference:
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        sys.path.insert(0, str(ROOT / "tests"))
         import sequential_reference
 
         from densepure_rt.stats import sequential
@@ -137,16 +135,11 @@ def main() -> None:
     for mode in MODES[1:]:
         summary[mode]["ratio_to_fixed"] = round(summary[mode]["us_per_sample"] / summary["certify"]["us_per_sample"], 2)
         summary[mode]["ratio_to_fixed_median"] = round(summary[mode]["us_per_sample_median"] / summary["certify"]["us_per_sample_median"], 2)
-    cpu = platform.processor() or ""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-        cpu = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    env = machine()
     record = {
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "cpu": cpu, "cpu_count": os.cpu_count(), "python": platform.python_version(), "numpy": np.__version__,
+        "command": command(),
+        "date": utc_now(),
+        "cpu": env["cpu"]["model"], "cpu_count": env["cpu"]["logical_cpus"], "python": env["python"], "numpy": np.__version__,
         "sequential_tests": "tests/sequential_reference.py" if args.reference else "densepure_rt/stats/sequential.py",
         "settings": {"sigma": SIGMA, "alpha": ALPHA, "votes": 1, "steps": "none", "n0": N0, "n": args.n,
                      "radius": RADIUS, "tol": TOL, "images": args.images, "p_a_cycle": args.p_a, "batch": batch,
@@ -155,8 +148,7 @@ def main() -> None:
     }
     print(json.dumps(record["modes"], indent=1))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+        write_record(args.json.parent, args.json.stem, record)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,7 @@ Linux only (GNU time).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -28,28 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from harness import add_engine, add_out, machine, parser, read_record, utc_now, write_record
+
 from densepure_rt.files.manifest import load_manifest
 from densepure_rt.limits import memory_estimate
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_flags() -> list[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return sorted(f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "fma", "sse4")))
-    except OSError:
-        pass
-    return []
 
 
 def measure(engine: Path, rows: int, calls: int, data: str | None, votes: int, steps: int) -> dict:
@@ -70,26 +49,27 @@ def measure(engine: Path, rows: int, calls: int, data: str | None, votes: int, s
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engine", required=True, type=Path)
-    parser.add_argument("--data", default=None, help="--data for engines without a default data set")
-    parser.add_argument("--rows", type=int, nargs="+", required=True, help="rows per step call (batch x votes)")
-    parser.add_argument("--votes", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=1)
-    parser.add_argument("--calls", type=int, default=2, help="full calls of R rows per process")
-    parser.add_argument("--out", type=Path, required=True, help="JSON file; measurements are appended to its list")
-    args = parser.parse_args()
+    ap = parser(__doc__)
+    add_engine(ap)
+    ap.add_argument("--data", default=None, help="--data for engines without a default data set")
+    ap.add_argument("--rows", type=int, nargs="+", required=True, help="rows per step call (batch x votes)")
+    ap.add_argument("--votes", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--calls", type=int, default=2, help="full calls of R rows per process")
+    add_out(ap, "JSON file; measurements are appended to its list", metavar="FILE")
+    args = ap.parse_args()
 
     import numpy
     import onnxruntime
 
     manifest = load_manifest(args.engine)
     weights = sum((args.engine / name).stat().st_size for name in manifest["files"])
-    record = json.loads(args.out.read_text()) if args.out.exists() else {"measurements": []}
+    record = read_record(args.out, {"measurements": []})
+    env = machine()
     record.update({
         "what": "peak RSS of whole `densepure-rt certify` processes vs densepure_rt.limits.memory_estimate",
-        "cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(), "python": platform.python_version(),
-        "numpy": numpy.__version__, "onnxruntime": onnxruntime.__version__, "platform": platform.platform(),
+        "cpu": env["cpu"]["model"], "cpu_flags": env["cpu"]["flags"], "cores": env["cpu"]["logical_cpus"], "python": env["python"],
+        "numpy": numpy.__version__, "onnxruntime": onnxruntime.__version__, "platform": env["platform"],
     })
     for rows in args.rows:
         m = measure(args.engine, rows, args.calls, args.data, args.votes, args.steps)
@@ -99,12 +79,11 @@ def main() -> None:
                   "step_max_elements_per_row": manifest["graphs"]["step"]["max_elements_per_row"],
                   "classifier_max_elements_per_row": manifest["graphs"]["classifier"]["max_elements_per_row"],
                   "predicted_bytes": estimate.total, "error": round(estimate.total / m["peak_rss_bytes"] - 1, 4),
-                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                  "date": utc_now()})
         record["measurements"].append(m)
         print(f"{m['engine']:24s} rows {rows:>6}  predicted {estimate.total / 1e6:8.0f} MB  measured "
               f"{m['peak_rss_bytes'] / 1e6:8.0f} MB  error {m['error']:+.1%}", file=sys.stderr, flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(record, indent=1) + "\n")
+        write_record(args.out.parent, args.out.stem, record)
 
 
 if __name__ == "__main__":

@@ -11,14 +11,13 @@ of a run) and reads each, and reports the process's maximum resident set size.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
-import time
 from pathlib import Path
+
+from harness import add_out, machine, parser, read_record, utc_now, write_record
 
 CHILD = r"""
 import json, resource, sys, time
@@ -52,28 +51,26 @@ def write_archives(folder: Path) -> dict[str, Path]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--folder", type=Path, required=True, help="where the archives are written (not committed)")
-    parser.add_argument("--out", type=Path, required=True, help="JSON file; results are appended to its list")
-    parser.add_argument("--label", default="this checkout")
-    args = parser.parse_args()
+    ap = parser(__doc__)
+    ap.add_argument("--folder", type=Path, required=True, metavar="DIR", help="where the archives are written (not committed)")
+    add_out(ap, "JSON file; results are appended to its list", metavar="FILE")
+    ap.add_argument("--label", default="this checkout")
+    args = ap.parse_args()
     import numpy
 
-    from memory_peak import cpu_flags, cpu_model  # this folder's memory benchmark
-
-    record = json.loads(args.out.read_text()) if args.out.exists() else {"measurements": []}
+    record = read_record(args.out, {"measurements": []})
+    env = machine()
     record.update({"what": "peak RSS of selecting 10 of 10,000 uint8 3x224x224 images from an .npz (open, validate, read)",
-                   "cpu": cpu_model(), "cpu_flags": cpu_flags(), "cores": os.cpu_count(),
-                   "python": platform.python_version(), "numpy": numpy.__version__, "platform": platform.platform()})
+                   "cpu": env["cpu"]["model"], "cpu_flags": env["cpu"]["flags"], "cores": env["cpu"]["logical_cpus"],
+                   "python": env["python"], "numpy": numpy.__version__, "platform": env["platform"]})
     for kind, path in write_archives(args.folder).items():
         proc = subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, check=True)
         result = json.loads(proc.stdout)
         result.update({"label": args.label, "archive": kind, "archive_bytes": os.path.getsize(path),
-                       "pythonpath": os.environ.get("PYTHONPATH", ""), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+                       "pythonpath": os.environ.get("PYTHONPATH", ""), "date": utc_now()})
         record["measurements"].append(result)
         print(f"{args.label:14s} {kind:17s} peak {result['peak_rss_bytes'] / 2**20:7.1f} MiB  {result['seconds']} s", file=sys.stderr)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    write_record(args.out.parent, args.out.stem, record)
 
 
 if __name__ == "__main__":

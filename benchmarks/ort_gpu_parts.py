@@ -20,7 +20,6 @@ driver 580.159.04, CUDA 13.0): ONNX Runtime 1.31.1 listed the CUDA provider and 
 
 from __future__ import annotations
 
-import argparse
 import io
 import lzma
 import struct
@@ -28,6 +27,8 @@ import sys
 import tarfile
 import zipfile
 from pathlib import Path
+
+from harness import add_out, parser
 
 FATBIN_MAGIC = 0xBA55ED50
 DROP = ("onnxruntime/transformers/", "onnxruntime/quantization/", "onnxruntime/tools/", "providers_tensorrt")
@@ -64,10 +65,10 @@ def keep_arch(so: bytes, arch: int = 90) -> tuple[bytes, dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = parser(__doc__)
     ap.add_argument("wheel", help="the onnxruntime-gpu wheel (manylinux x86_64, CPython 3.12)")
     ap.add_argument("--arch", type=int, default=90, help="SM architecture to keep (default: %(default)s, Hopper)")
-    ap.add_argument("--out", default=".", help="where .ortgpu_a/ and .ortgpu_b/ go (default: the working folder)")
+    add_out(ap, "where .ortgpu_a/ and .ortgpu_b/ go", default=Path("."))
     args = ap.parse_args(argv)
     buf = io.BytesIO()
     with zipfile.ZipFile(args.wheel) as wheel, tarfile.open(fileobj=buf, mode="w") as tar:

@@ -21,16 +21,15 @@ at that vote frequency), UNet evaluations per image. Writes the TSVs, their opti
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import platform
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 from scipy import stats
+
+from harness import add_engine, add_out, cli, machine, parser, write_record
 
 SIGMA, RADIUS, ALPHA = 0.5, 0.25, 0.001
 RUNS = {
@@ -51,29 +50,30 @@ def _rows(path: Path) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--engine", default="engines/digits")
-    parser.add_argument("--out", default="benchmarks/results/scheduler/round_digits")
-    parser.add_argument("--easy-only", action="store_true", help="only (re)compute the easy-image comparison from --out's files")
-    args = parser.parse_args()
-    out = Path(args.out)
+    ap = parser(__doc__)
+    add_engine(ap, default=Path("engines/digits"))
+    add_out(ap, "folder of the TSVs, their options and summary.json", default=Path("benchmarks/results/scheduler/round_digits"))
+    ap.add_argument("--easy-only", action="store_true", help="only (re)compute the easy-image comparison from --out's files")
+    args = ap.parse_args()
+    out = args.out
     if args.easy_only:
         summary = json.loads((out / "summary.json").read_text())
         summary["easy_images"] = _easy(out)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_record(out, "summary", summary)
         print(json.dumps(summary["easy_images"], indent=2))
         return
     out.mkdir(parents=True, exist_ok=True)
     p0 = float(stats.norm.cdf(RADIUS / SIGMA))
+    env = machine()
     summary = {"settings": {"sigma": SIGMA, "radius": RADIUS, "alpha": ALPHA, "steps": 4, "votes": 3, "n0": 100,
                             "n_max": 2000, "images": "every 9th digits test image (40)", "p0": p0},
-               "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}",
+               "machine": f"{env['cpu']['arch']}, {env['cpu']['model']}, python {env['python']}",
                "runs": {}}
     for name, extra in RUNS.items():
         tsv = out / f"{name}.tsv"
         for stale in (tsv, Path(f"{tsv}.json")):
             stale.unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "densepure_rt.cli", "certify", "--engine", args.engine, "--sigma", str(SIGMA), "--steps", "4",
+        cmd = [*cli(), "certify", "--engine", str(args.engine), "--sigma", str(SIGMA), "--steps", "4",
                "--votes", "3", "--n0", "100", "--alpha", str(ALPHA), "--skip", "9", "--seed", "0", "--radius", str(RADIUS),
                "--n-max", "2000", "--quiet", "--out", str(tsv), *extra]
         t0 = time.perf_counter()
@@ -102,7 +102,7 @@ def main() -> None:
         }
         print(name, json.dumps(summary["runs"][name]), flush=True)
     summary["easy_images"] = _easy(out)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_record(out, "summary", summary)
 
 
 def _easy(out: Path) -> dict:

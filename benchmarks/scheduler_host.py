@@ -13,13 +13,12 @@ while the kernels it queued run; it matters only where it approaches a call's de
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
+
+from harness import add_engine, add_out, cpu, parser, write_record
 
 from densepure_rt.runtime import open_engine
 from densepure_rt.sampling.noise import ESTIMATION
@@ -50,7 +49,7 @@ class _NoNoise:
         pass
 
 
-def measure(engine_dir: str, slots: int, votes: int, samples: int, images: int) -> dict:
+def measure(engine_dir: Path, slots: int, votes: int, samples: int, images: int) -> dict:
     with open_engine(engine_dir) as eng:
         eng._prepare(0.5, 4, votes, max(slots // votes, 1))
         eng.loop.executor = _NoGraphs(eng.loop.executor)
@@ -67,25 +66,24 @@ def measure(engine_dir: str, slots: int, votes: int, samples: int, images: int) 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--engine", required=True)
+    ap = parser(__doc__)
+    add_engine(ap)
     ap.add_argument("--slots", type=int, nargs="+", default=[96, 960, 2000])
     ap.add_argument("--votes", type=int, nargs="+", default=[3, 3, 10])
     ap.add_argument("--samples", type=int, default=2000, help="noisy samples per image")
     ap.add_argument("--images", type=int, default=4)
-    ap.add_argument("--json", default=None)
+    add_out(ap, "the JSON record", flag="--json", metavar="FILE", required=False)
     args = ap.parse_args()
     if len(args.votes) != len(args.slots):
         raise SystemExit("give one --votes per --slots")
     rows = [measure(args.engine, s, k, args.samples, args.images) for s, k in zip(args.slots, args.votes)]
-    result = {"machine": platform.processor() or platform.machine(), "engine": args.engine, "samples": args.samples,
+    result = {"machine": cpu()["model"], "engine": str(args.engine), "samples": args.samples,
               "images": args.images, "rows": rows}
     for r in rows:
         print(f"{r['slots']} rows, K {r['votes']}: {r['calls']} calls, {r['ms_per_call']} ms per call, "
               f"{r['us_per_row_eval']} us per row evaluation")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_record(args.json.parent, args.json.stem, result)
 
 
 if __name__ == "__main__":

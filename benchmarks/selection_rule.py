@@ -30,18 +30,16 @@ Settings: sigma 0.5, alpha 0.001, n0 = 100, n_max = 10,000.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
 import math
-import platform
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import scipy
 from scipy import stats
+
+from harness import add_out, command, machine, parser, utc_now, write_record
 
 from densepure_rt.stats.sequential import CERTIFIED, FUTILE, SELECTION_RULES, decide
 
@@ -140,8 +138,8 @@ def evaluate(rule, probs, r_over_sigma: float, cache: dict) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--json", default=None)
+    ap = parser(__doc__)
+    add_out(ap, "the JSON record", flag="--json", metavar="FILE", required=False)
     args = ap.parse_args()
     rules = list(SELECTION_RULES.values())
     cache: dict = {}
@@ -168,17 +166,16 @@ def main() -> None:
     worst = max(row["false_certificate"] for row in validity)
     print(f"largest false-certificate probability at the boundary: {worst:.3e} (alpha {ALPHA})", file=sys.stderr)
     record = {
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": command(),
+        "date": utc_now(),
         "seconds": round(time.time() - t0, 1),
-        "python": platform.python_version(), "numpy": np.__version__, "scipy": scipy.__version__,
+        "python": machine()["python"], "numpy": np.__version__, "scipy": scipy.__version__,
         "settings": {"sigma": SIGMA, "alpha": ALPHA, "n0": N0, "n_max": N_MAX, "round": 1, "mass_dropped_below": DROP},
         "efficiency": efficiency, "accuracy": accuracy, "validity": validity,
         "largest_false_certificate": worst,
     }
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
+        write_record(args.json.parent, args.json.stem, record)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import math
 from pathlib import Path
 
@@ -177,10 +176,11 @@ def main() -> None:
     text = markdown(rows)
     print(text, end="")
     if args.write:
+        from harness import write_record  # here, not at the top: tests load this file by its path, outside benchmarks/
+
         settings = {"alpha": ALPHA, "n0": N0, "round": ROUND, "n_max": N_MAX, "fixed_n_power": POWER,
                     "classes": "p_A and a single runner-up with 1 - p_A"}
-        (OUT / "sequential_table.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2) + "\n")
-        (OUT / "sequential_table.md").write_text(text)
+        write_record(OUT, "sequential_table", {"settings": settings, "rows": rows}, markdown=text)
 
 
 if __name__ == "__main__":
