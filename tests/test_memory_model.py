@@ -15,7 +15,7 @@ from densepure_rt import limits
 from densepure_rt.cli import main
 from densepure_rt.errors import ConfigError, cli_message
 
-#: The tiny preset as its manifest records it (worked out by hand in tests/test_hardening_round2.py
+#: The tiny preset as its manifest records it (worked out by hand in tests/test_hardening.py
 #: and checked against the built manifest there): 3 x 16 x 16 images; the UNet's largest tensor
 #: per row is its first decoder concatenation, 96 x 16 x 16; the classifier's its first
 #: convolution's output, 16 x 16 x 16.

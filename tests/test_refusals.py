@@ -1,10 +1,13 @@
-"""Hardening, third round: no output ever replaces a file it does not own, and every refusal a
-user can meet is one line.
+"""Refusals: no output ever replaces a file it does not own, and every refusal a user can meet is
+one line.
 
 The cases live in one table (:data:`CASES`): the command, what the test puts on disk first, the
-one line expected on stderr, the exit status, and what must still be on disk afterwards. Each case
-ran against the code before the fixes and failed there (a file replaced, a traceback, a hang, a
-silent acceptance). Everything runs inside pytest's temporary folders; nothing here deletes.
+one line expected on stderr, the exit status, and what must still be on disk afterwards; a case
+fails on a file replaced, a traceback, a hang or a silent acceptance. The tests after the table:
+every float option refuses NaN and infinities, report replaces only its own outputs, a full disk
+leaves no truncated file, the command line's own behaviour (bare commands, SIGHUP), and the Python
+API refuses what the command line refuses, naming its own parameters. Everything runs inside
+pytest's temporary folders; nothing here deletes.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def sha256(path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory) -> Path:
-    return build_digits_engine(tmp_path_factory, "hardening3")
+    return build_digits_engine(tmp_path_factory, "refusals")
 
 
 @pytest.fixture(scope="module")
