@@ -159,3 +159,14 @@ def digits_test_images(count: int):
     if imgs.ndim == 3:
         imgs = imgs[:, None]
     return imgs / 255.0 if imgs.max() > 1.5 else imgs
+
+
+def sample_counts(engine, image, num: int, phase: int, *, seed: int, image_index: int):
+    """Per-class counts [num_classes] int64 of the voted labels of samples 0 .. num - 1 of ``phase`` of
+    ``image`` through an opened engine's scheduler, after ``engine._prepare(...)`` (its settings and
+    rows per call): the parity tests' view of an engine."""
+    from densepure_rt.sampling.scheduler import Job
+
+    image = engine._image(image, image_index)
+    staged = engine.loop.device.stage(image[None])
+    return engine.scheduler().counts(staged, [Job(0, int(image_index), int(phase), int(num))], seed)[0]

@@ -7,11 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import fixture_dir, fixture_schedule, load_fixture_unet, read_json
+from conftest import fixture_dir, fixture_schedule, load_fixture_unet, read_json, sample_counts
 from densepure_rt.engine.build import BuildOptions, build_engine
 from densepure_rt.export.classifiers import PurifiedClassifier
 from densepure_rt.export.reference import DensePureReference, reverse_run, to_diffusion_input
-from densepure_rt.export.step import DenoiseStep
 from densepure_rt.sampling.noise import ESTIMATION, sample_noise
 from densepure_rt.presets import Preset
 from densepure_rt.runtime import open_engine
@@ -98,7 +97,7 @@ def test_engine_matches_reference_images_and_labels_with_same_noise(engines, kin
         got = engine.loop.purify(x_t, z)
         got_labels = engine.loop.classify(got)
         got_votes = engine.loop.voted_labels(image, 11, 4, ESTIMATION, samples)
-        engine_counts = engine.sample_counts(image, 7, ESTIMATION, seed=3, image_index=2, batch=3)
+        engine_counts = sample_counts(engine, image, 7, ESTIMATION, seed=3, image_index=2)
     want = reverse_run(reference.step, torch.from_numpy(x_t), reverse_schedule(schedule, sigma, steps), [torch.from_numpy(zi) for zi in z])
     err = float(np.abs(got - want.numpy()).max())
     print(f"{kind} sigma={sigma} steps={steps}: engine vs reference max abs error {err:.3e}")

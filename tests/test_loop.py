@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import build_digits_engine, gpu_cupy, run_label_agreement
+from conftest import build_digits_engine, gpu_cupy, run_label_agreement, sample_counts
 from densepure_rt.cli import main
 from densepure_rt.files.data import DIGITS_TEST_ASSET
 from densepure_rt.sampling.device import HostNoise
@@ -242,8 +242,8 @@ def test_gpu_loop_counts_and_cross_image_batches(engine, digits, tmp_path):
         moved = total = 0
         single = []
         for i in range(6):
-            want = cpu.sample_counts(images[i], 50, ESTIMATION, seed=0, image_index=i, batch=16)
-            got = gpu.sample_counts(images[i], 50, ESTIMATION, seed=0, image_index=i, batch=16)
+            want = sample_counts(cpu, images[i], 50, ESTIMATION, seed=0, image_index=i)
+            got = sample_counts(gpu, images[i], 50, ESTIMATION, seed=0, image_index=i)
             moved += int(np.abs(got - want).sum()) // 2
             total += 50
             single.append(got)
@@ -253,7 +253,7 @@ def test_gpu_loop_counts_and_cross_image_batches(engine, digits, tmp_path):
         by_idx = {s.idx: s.counts for s in many}
         for i in range(6):
             gpu._prepare(SIGMA, STEPS, VOTES, 16)
-            np.testing.assert_array_equal(by_idx[i], gpu.sample_counts(images[i], 50, PREDICTION, seed=0, image_index=i, batch=16))
+            np.testing.assert_array_equal(by_idx[i], sample_counts(gpu, images[i], 50, PREDICTION, seed=0, image_index=i))
 
 
 @pytest.mark.gpu
@@ -272,16 +272,16 @@ def test_onnxruntime_cuda_graph_replays_give_the_same_counts(engine, digits):
         for e in (on, off):
             e._prepare(SIGMA, STEPS, VOTES, 16)
         for i in range(3):
-            a = on.sample_counts(images[i], 64, ESTIMATION, seed=0, image_index=i, batch=16)
-            b = off.sample_counts(images[i], 64, ESTIMATION, seed=0, image_index=i, batch=16)
+            a = sample_counts(on, images[i], 64, ESTIMATION, seed=0, image_index=i)
+            b = sample_counts(off, images[i], 64, ESTIMATION, seed=0, image_index=i)
             np.testing.assert_array_equal(a, b)
         # Another batch size on the same engine: a graph of its own, the first one kept (not replayed
         # on freed buffers), and both still give the plain run's counts.
         for batch in (8, 16):
             for e in (on, off):
                 e._prepare(SIGMA, STEPS, VOTES, batch)
-            a = on.sample_counts(images[3], 48, ESTIMATION, seed=1, image_index=3, batch=batch)
-            b = off.sample_counts(images[3], 48, ESTIMATION, seed=1, image_index=3, batch=batch)
+            a = sample_counts(on, images[3], 48, ESTIMATION, seed=1, image_index=3)
+            b = sample_counts(off, images[3], 48, ESTIMATION, seed=1, image_index=3)
             np.testing.assert_array_equal(a, b)
 
 
@@ -300,7 +300,7 @@ def test_gpu_scheduler_counts_with_and_without_cuda_graphs(engine, digits):
             sched.stream(RunSpec("certify", SIGMA, STEPS, VOTES, n0=8, n=40, seed=0, batch=16), list(enumerate(images[:5])),
                          many.append)
             sched._prepare(SIGMA, STEPS, VOTES, 16)
-            one = sched.sample_counts(images[5], 64, ESTIMATION, seed=2, image_index=5, batch=16)
+            one = sample_counts(sched, images[5], 64, ESTIMATION, seed=2, image_index=5)
             got[cuda_graph] = (sorted((s.idx, s.result[1].counts.tolist(), s.unet_evals) for s in many), one.tolist())
             print(f"cuda_graph={cuda_graph}: scheduler full_calls={sched.scheduler().full_calls}")
     assert got[False] == got[True]
@@ -355,8 +355,8 @@ def test_classifier_in_chunks_gives_the_same_counts(engine, digits):
         new.loop.CLASSIFIER_ROWS = 5
         for e in (ref, new):
             e._prepare(SIGMA, STEPS, VOTES, 8)
-        want = ref.sample_counts(images[4], 24, ESTIMATION, seed=7, image_index=4, batch=8)
-        got = new.sample_counts(images[4], 24, ESTIMATION, seed=7, image_index=4, batch=8)
+        want = sample_counts(ref, images[4], 24, ESTIMATION, seed=7, image_index=4)
+        got = sample_counts(new, images[4], 24, ESTIMATION, seed=7, image_index=4)
         np.testing.assert_array_equal(got, want)
 
 

@@ -188,6 +188,7 @@ def test_first_one_picks_the_vote_of_selection_sample_zero_on_the_digits_engine(
     sample's vote completed first; the estimation samples are the estimation phase's."""
     from conftest import digits_test_images
     from densepure_rt.runtime import open_engine
+    from conftest import sample_counts
     from densepure_rt.sampling.noise import SELECTION
 
     images = digits_test_images(40)
@@ -198,9 +199,9 @@ def test_first_one_picks_the_vote_of_selection_sample_zero_on_the_digits_engine(
             cert = eng.certify_radii(images[i], sigma, [0.25], steps=steps, votes=votes, n0=100, n_max=64, seed=0,
                                      image_index=i, selection="first-1")
             eng._prepare(sigma, steps, votes, 8)
-            first = eng.sample_counts(images[i], 1, SELECTION, seed=0, image_index=i, batch=8)
+            first = sample_counts(eng, images[i], 1, SELECTION, seed=0, image_index=i)
             assert cert.c_a == int(np.argmax(first)), i
-            many = eng.sample_counts(images[i], 16, SELECTION, seed=0, image_index=i, batch=8)
+            many = sample_counts(eng, images[i], 16, SELECTION, seed=0, image_index=i)
             differ += int(many.max() < 16)
     assert differ >= 1  # some image's first selection votes disagree: the check above can fail
 
