@@ -1052,15 +1052,15 @@ def _load_sequential_table():
     return module
 
 
-def _expected_samples_by_hand(p, p0, alpha, n_max=N_MAX):
-    """E[estimation samples] of the target test, rounds of 32: sum over rounds of 32 P(undecided
-    before it), with the law of S_t from scipy's binomial pmf and the decision from the
-    beta-binomial formula of log M (_direct_log_m), not from densepure_rt.stats.sequential."""
+def _expected_samples_by_hand(p, p0, alpha, n_max=N_MAX, size=1):
+    """E[estimation samples] of the target test, a decision after every ``size`` votes: sum over
+    rounds of P(undecided before it), with the law of S_t from scipy's binomial pmf and the decision
+    from the beta-binomial formula of log M (_direct_log_m), not from densepure_rt.stats.sequential."""
     undecided = np.zeros(n_max + 1)
     undecided[0] = 1.0
     mean, t = 0.0, 0
     while t < n_max and undecided.sum() > 1e-18:
-        m = min(ROUND, n_max - t)
+        m = min(size, n_max - t)
         mean += m * undecided.sum()
         undecided = np.convolve(undecided, stats.binom.pmf(np.arange(m + 1), m, p))[: n_max + 1]
         t += m
@@ -1070,9 +1070,28 @@ def _expected_samples_by_hand(p, p0, alpha, n_max=N_MAX):
     return mean
 
 
+def _selection_by_hand(p_a, n0=100):
+    """E[selection samples] of the clear-leader rule with a decision after every vote, two classes
+    (p_a, 1 - p_a): the first t where the leader holds >= 2/3 of the t votes and scipy's one-sided
+    binomial test of leader against runner-up gives p <= 1e-3, or where it has more than n0 / 2."""
+    dist = np.array([1.0])  # dist[k]: P(not stopped, the top class has k of t votes)
+    mean = 0.0
+    for t in range(1, n0 + 1):
+        dist = np.convolve(dist, [1 - p_a, p_a])
+        for k in range(t + 1):
+            lead = max(k, t - k)
+            clear = 3 * lead >= 2 * t and stats.binomtest(lead, t, 0.5, alternative="greater").pvalue <= 1e-3
+            if clear or 2 * lead > n0 or t == n0:
+                mean += t * dist[k]
+                dist[k] = 0.0
+    return mean
+
+
+@pytest.mark.slow
 def test_sequential_table_against_independent_computations():
     table = _load_sequential_table()
     alpha = 0.001
+    assert table.ROUND == 1  # the command line's default --round
     table.ROWS = [(0.99, 0.5), (0.999, 0.5), (1.0, 0.5)]  # the rows checked here (the script prints all)
     rows = {(x["p_a"], x["r_over_sigma"]): x for x in table.table()}
     p0 = float(stats.norm.cdf(0.5))
@@ -1091,22 +1110,21 @@ def test_sequential_table_against_independent_computations():
         assert power[-1] >= 0.999 and max(power[:-1]) < 0.999
         assert rows[(p_a, 0.5)]["fixed_n_same_power"] == want
         assert rows[(p_a, 0.5)]["fixed_n_power"] == pytest.approx(power[-1], abs=1e-12)
-    # (c) the sequential test's estimation samples: 40.8 / 33.0 / 32
-    for p_a, want in ((0.99, 40.8), (0.999, 33.0), (1.0, 32.0)):
+    # (c) the sequential test's estimation samples: 22.9 / 20.3 / 20
+    for p_a, want in ((0.99, 22.9), (0.999, 20.3), (1.0, 20.0)):
         got = rows[(p_a, 0.5)]["estimation_mean"]
         assert got == pytest.approx(_expected_samples_by_hand(p_a, p0, alpha), abs=1e-9) and round(got, 1) == want
-    # (d) selection samples at p_A = 0.99 (two classes, n0 = 100, rounds of 32). The exact rule
-    # stops at 64 iff the leader has >= 51 (it beats the runner-up plus the 36 left), else at 96 at
-    # the latest, up to terms below 1e-12. The clear-leader rule stops at 32 iff the leader has >=
-    # k_min of 32 (2/3 of the votes and a one-sided binomial p-value <= 1e-3), else at 64 (below 1e-12).
-    stop64 = stats.binom.sf(50, 64, 0.99) + stats.binom.cdf(13, 64, 0.99)
-    assert rows[(0.99, 0.5)]["selection_exact"] == pytest.approx(64 * stop64 + 96 * (1 - stop64), abs=1e-9)
-    k_min = min(k for k in range(22, 33) if stats.binomtest(k, 32, 0.5, alternative="greater").pvalue <= 1e-3)
-    assert k_min == 26
-    stop32 = stats.binom.sf(k_min - 1, 32, 0.99) + stats.binom.cdf(32 - k_min, 32, 0.99)
-    assert rows[(0.99, 0.5)]["selection_clear"] == pytest.approx(32 * stop32 + 64 * (1 - stop32), abs=1e-9)
-    # totals: 105 -> 73 samples per image at p_A = 0.99, R = 0.5 sigma
-    assert round(rows[(0.99, 0.5)]["total_exact"], 1) == 104.8 and round(rows[(0.99, 0.5)]["total_clear"], 1) == 72.8
+    # (d) selection samples at p_A = 0.99 (two classes, n0 = 100). The exact rule alone stops when a
+    # class has 51 votes (more than the other's plus those left): for the top class the 51st success
+    # of a negative binomial (scipy), the other class never first up to terms below 1e-60. The
+    # clear-leader rule: recomputed vote by vote above; with no dissent it stops at 10 votes (0.5^10
+    # <= 1e-3 < 0.5^9).
+    t = 51 + np.arange(50)
+    assert rows[(0.99, 0.5)]["selection_exact"] == pytest.approx(float((t * stats.nbinom.pmf(t - 51, 51, 0.99)).sum()), abs=1e-9)
+    assert rows[(0.99, 0.5)]["selection_clear"] == pytest.approx(_selection_by_hand(0.99), abs=1e-9)
+    assert 10 * 0.99**10 < rows[(0.99, 0.5)]["selection_clear"] < 10.5
+    # totals: 74 -> 33 samples per image at p_A = 0.99, R = 0.5 sigma
+    assert round(rows[(0.99, 0.5)]["total_exact"], 1) == 74.4 and round(rows[(0.99, 0.5)]["total_clear"], 1) == 33.3
     # the script's table (all rows) is the committed one (README and benchmarks/results/sample_efficiency)
     fresh = _load_sequential_table()
     assert fresh.markdown(fresh.table()) == (ROOT / "benchmarks" / "results" / "sample_efficiency" / "sequential_table.md").read_text()

@@ -33,9 +33,9 @@ def selection_done(counts0, left, min_share: float = SELECTION_MIN_SHARE, level:
                the class all n0 samples would select (CERTIFY's); or
       "clear": k >= min_share * t and P(Binomial(k + r, 1/2) >= k) <= level: the leader holds at
                least ``min_share`` of the votes and a one-sided binomial test of leader against
-               runner-up (counts among those two) rejects at ``level``. The default (2/3, 1e-3) stops
-               a clear image after its first round: 32 selection samples instead of the exact rule's
-               64 (n0 = 100, rounds of 32), e.g. 73 instead of 105 samples in all at p_a = 0.99,
+               runner-up (counts among those two) rejects at ``level``. The default (2/3, 1e-3), asked
+               after every vote, stops a clear image after 10 selection samples instead of the
+               exact rule's 51 (n0 = 100), e.g. 33 instead of 74 samples in all at p_a = 0.99,
                R = 0.5 sigma, alpha = 0.001 (``benchmarks/sequential_table.py``).
 
     Why any such rule keeps the guarantee: it reads the selection samples only, so ``c_a`` is a
