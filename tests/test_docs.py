@@ -139,3 +139,14 @@ def test_every_densepure_rt_command_in_the_docs_parses(where, command):
         main.commands[name].make_context(name, args)
     except click.ClickException as exc:
         pytest.fail(f"{where}: {command}\n  {exc.format_message()}")
+
+
+def test_every_results_file_the_pages_cite_exists():
+    """Every ``benchmarks/results/...`` path the README and the docs pages name (a file, a folder, or
+    a glob such as ``radius_*.tsv``) is in the repository: each figure traces to a recorded result."""
+    cited = set()
+    for page in PAGES:
+        cited |= {(page.name, m) for m in re.findall(r"benchmarks/results(?:/[\w.*\-]+)*/?", page.read_text(encoding="utf-8"))}
+    assert len(cited) > 20  # the pages do cite their results
+    missing = [f"{name}: {path}" for name, path in sorted(cited) if not list(ROOT.glob(path.rstrip("/")))]
+    assert not missing, "\n".join(missing)
