@@ -164,6 +164,16 @@ class _Filter:
         return None
 
 
+def radius_bracket(fast: _Filter, s: int, t: int, radius_of):
+    """(lo, hi) with lo <= radius_of(L_t) <= hi at (s, t), from the filter's bracket of L_t (1e-9
+    added on each side for the rounding of the monotone ``radius_of``), or None where it cannot
+    bracket L_t."""
+    bracket = fast.at(s, t).lower_bracket()
+    if bracket is None:
+        return None
+    return radius_of(bracket[0]) - 1e-9, radius_of(bracket[1]) + 1e-9
+
+
 class _RunningMax:
     """max of a sequence of numbers, each offered with a bracket [lo, hi] and a function that
     computes it exactly: exact values are computed only where the brackets cannot tell which is the

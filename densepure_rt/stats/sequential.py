@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special, stats
 
-from densepure_rt.stats.fastpath import _Filter, _RunningMax, _soonest
+from densepure_rt.stats.fastpath import _Filter, _RunningMax, _soonest, radius_bracket
 from densepure_rt.stats.selection import (  # noqa: F401  (the selection's names, re-exported)
     DEFAULT_SELECTION,
     LOOKAHEAD,
@@ -715,45 +715,22 @@ class EarlyStopRadius:
         if self.tol == 0.0:
             return False  # max(., 0) < 0 never holds
         forecast = self._forecast_successes()
-        bracket = self._forecast_bracket(forecast)
-        if bracket is not None:  # g_lo <= gain <= g_hi: settle it where the bracket tells
-            g_lo, g_hi = bracket
-            if g_hi < self.tol:
-                return True
-            if g_lo >= self.tol:
-                # L_t above x stalls, below does not, for the x of every gain in the bracket
-                x_lo = 0.5 * math.erfc(-(g_lo - self.tol) / self.sigma / math.sqrt(2.0))
-                x_hi = 0.5 * math.erfc(-(g_hi - self.tol) / self.sigma / math.sqrt(2.0))
-                if x_hi < 1.0 - 1e-6:
-                    above, below = x_hi * (1.0 + 1e-9), x_lo * (1.0 - 1e-9)
-                    if now[1] < below or (now[0] <= above and fast.lower_at_most(below)):
-                        return False
-                    if now[0] > above or fast.lower_above(above):
-                        return True
-        gain = self._forecast_radius(forecast)
-        if gain < self.tol:
-            return True  # r(L_t) >= 0
-        # L_t above x stalls, below does not: r(x) = gain - tol (x >= 1/2 as gain >= tol)
-        x = 0.5 * math.erfc(-(gain - self.tol) / self.sigma / math.sqrt(2.0))
-        if x < 1.0 - 1e-6:
-            above, below = x * (1.0 + 1e-9), x * (1.0 - 1e-9)
-            if now[1] < below or (now[0] <= above and fast.lower_at_most(below)):
-                return False
-            if now[0] > above or fast.lower_above(above):
-                return True
-        return max(gain - self._radius_of(exact()[0]), 0.0) < self.tol
-
-    def _forecast_bracket(self, forecast: int):
-        """(lo, hi) with lo <= r(L(forecast, n_max)) <= hi, from the exact values computed so far or
-        from the scalar filter's bracket of L (1e-9 added on each side for the rounding of r), or
-        None where the filter cannot bracket it."""
         gain = _FORECAST_RADII.get((self.alpha, self.prior, self.n_max, self.sigma), {}).get(forecast)
-        if gain is not None:
-            return gain, gain
-        bracket = self._forecast.at(forecast, self.n_max).lower_bracket()
-        if bracket is None:
-            return None
-        return self._radius_of(bracket[0]) - 1e-9, self._radius_of(bracket[1]) + 1e-9
+        # g_lo <= gain <= g_hi: exact where computed before, else from the filter's bracket of L
+        bracket = (gain, gain) if gain is not None else radius_bracket(self._forecast, forecast, self.n_max, self._radius_of)
+        g_lo, g_hi = bracket if bracket is not None else (self._forecast_radius(forecast),) * 2
+        if g_hi < self.tol:
+            return True  # r(L_t) >= 0
+        if g_lo >= self.tol:
+            # L_t above x stalls, below does not, r(x) = gain - tol (x >= 1/2), for every gain in [g_lo, g_hi]
+            x_lo, x_hi = (0.5 * math.erfc(-(g - self.tol) / self.sigma / math.sqrt(2.0)) for g in (g_lo, g_hi))
+            if x_hi < 1.0 - 1e-6:
+                above, below = x_hi * (1.0 + 1e-9), x_lo * (1.0 - 1e-9)
+                if now[1] < below or (now[0] <= above and fast.lower_at_most(below)):
+                    return False
+                if now[0] > above or fast.lower_above(above):
+                    return True
+        return max(self._forecast_radius(forecast) - self._radius_of(exact()[0]), 0.0) < self.tol
 
     def _forecast_radius(self, forecast: int) -> float:
         """r(L(forecast, n_max)), the reference's ``_radius_of(float(lower[1]))``, computed once per
