@@ -75,14 +75,14 @@ def test_vote_early_exit_gives_identical_counts_with_fewer_unet_evaluations(engi
     for early_exit in (False, True):
         with open_engine(engine, early_exit=early_exit) as eng:
             results[early_exit] = [
-                eng.certify_counts(data[i].image, SIGMA, 4, 5, 30, 60, ALPHA, image_index=i, batch=16) for i in (0, 100, 200)
+                eng.certify_counts(data[i].image, SIGMA, 2, 5, 30, 60, ALPHA, image_index=i, batch=16) for i in (0, 100)
             ]
     saved = []
     for (cert_full, full), (cert_ee, ee) in zip(results[False], results[True]):
         np.testing.assert_array_equal(ee.counts0, full.counts0)
         np.testing.assert_array_equal(ee.counts, full.counts)
         assert cert_ee == cert_full
-        assert full.unet_evals == 90 * 5 * 4  # (n0 + n) x K x b
+        assert full.unet_evals == 90 * 5 * 2  # (n0 + n) x K x b
         assert ee.unet_evals < full.unet_evals
         saved.append(1 - ee.unet_evals / full.unet_evals)
     print(f"vote early exit (K = 5): {np.round(saved, 3)} of UNet evaluations saved")
@@ -92,11 +92,11 @@ def test_vote_early_exit_gives_identical_counts_with_fewer_unet_evaluations(engi
 @pytest.mark.slow
 def test_cli_rows_are_identical_without_early_exit(engine, tmp_path):
     a, b = tmp_path / "ee.tsv", tmp_path / "full.tsv"
-    assert invoke("certify", "--engine", engine, *COMMON, "--n", 40, "--out", a).exit_code == 0
-    result = invoke("certify", "--engine", engine, *COMMON, "--n", 40, "--no-early-exit", "--out", b)
+    assert invoke("certify", "--engine", engine, *COMMON, "--n", 40, "--max", 180, "--out", a).exit_code == 0
+    result = invoke("certify", "--engine", engine, *COMMON, "--n", 40, "--max", 180, "--no-early-exit", "--out", b)
     assert result.exit_code == 0, result.output
     ra, rb = rows(a), rows(b)
-    assert len(ra) == 8
+    assert len(ra) == 4
     strip = lambda r: {k: v for k, v in r.items() if k not in ("time", "unet_evals")}  # noqa: E731
     assert [strip(r) for r in ra] == [strip(r) for r in rb]
     assert all(int(r["unet_evals"]) == (N0 + 40) * VOTES * STEPS for r in rb)

@@ -141,7 +141,7 @@ def test_openvino_bf16_against_fp32_with_the_same_noise(digits_engines, digits):
         same = total = 0
         for e in (f32, b16):
             e._prepare(0.5, 4, 3, 32)
-        for i in range(len(images)):
+        for i in range(6):  # 192 voted labels each (docs/backends.md: 99.95-100% agree)
             a = f32.loop.voted_labels(images[i], 5, i, ESTIMATION, range(32))
             b = b16.loop.voted_labels(images[i], 5, i, ESTIMATION, range(32))
             same += int((a == b).sum())

@@ -32,10 +32,10 @@ from densepure_rt.runtime import open_engine
 from densepure_rt.scale.ray import ENGINE_ENV, RayPool
 from densepure_rt.scale.work import RunSpec, run_image
 
-#: Ray's cluster start-up alone takes tens of seconds: the whole module is slow.
-# Slow, and alone: a local Ray cluster schedules actors on the machine's free CPUs, so beside
-# another test process its actors wait (the README's test command runs these after the others).
-pytestmark = [pytest.mark.slow, pytest.mark.serial]
+#: Ray's cluster start-up alone takes tens of seconds: the whole module is slow. Its tests run in
+#: one test process (``--dist loadgroup``: one local cluster, not one per process) beside the other
+#: process's tests, each on one thread (tests/conftest.py).
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 NUM_IMAGES = 16
 SETTINGS = ["--sigma", "0.5", "--steps", "2", "--votes", "3", "--batch", "16"]
