@@ -119,37 +119,37 @@ def engine(work) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def images(work) -> Path:
-    rng = np.random.default_rng(7)
-    path = work / "images.npz"
-    np.savez(path, images=rng.random((NUM_IMAGES, 3, 16, 16), dtype=np.float32), labels=rng.integers(0, 10, NUM_IMAGES))
+def _random_images(path: Path, count: int, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    np.savez(path, images=rng.random((count, 3, 16, 16), dtype=np.float32), labels=rng.integers(0, 10, count))
     return path
 
 
-@pytest.fixture(scope="module")
-def reference(work, engine, images) -> Path:
-    out = work / "reference.tsv"
+def _certified(engine, images, out: Path) -> Path:
     result = invoke("certify", "--engine", engine, "--data", images, *SMALL, "--out", out)
     assert result.exit_code == 0, result.output
     return out
 
 
 @pytest.fixture(scope="module")
+def images(work) -> Path:
+    return _random_images(work / "images.npz", NUM_IMAGES, seed=7)
+
+
+@pytest.fixture(scope="module")
+def reference(work, engine, images) -> Path:
+    return _certified(engine, images, work / "reference.tsv")
+
+
+@pytest.fixture(scope="module")
 def images12(work) -> Path:
     """Fewer images, for the runs that certify, interrupt or resume all of them."""
-    rng = np.random.default_rng(11)
-    path = work / "images12.npz"
-    np.savez(path, images=rng.random((NUM_IMAGES12, 3, 16, 16), dtype=np.float32), labels=rng.integers(0, 10, NUM_IMAGES12))
-    return path
+    return _random_images(work / "images12.npz", NUM_IMAGES12, seed=11)
 
 
 @pytest.fixture(scope="module")
 def reference12(work, engine, images12) -> Path:
-    out = work / "reference12.tsv"
-    result = invoke("certify", "--engine", engine, "--data", images12, *SMALL, "--out", out)
-    assert result.exit_code == 0, result.output
-    return out
+    return _certified(engine, images12, work / "reference12.tsv")
 
 
 def _hostile_graphs(directory: Path, step: str, label: int) -> None:
