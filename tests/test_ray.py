@@ -37,9 +37,11 @@ from densepure_rt.scale.work import RunSpec, run_image
 #: process's tests, each on one thread (tests/conftest.py).
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
-NUM_IMAGES = 16
+NUM_IMAGES = 8
 SETTINGS = ["--sigma", "0.5", "--steps", "2", "--votes", "3", "--batch", "16"]
 CERTIFY = [*SETTINGS, "--n0", "10", "--n", "40"]
+#: CERTIFY's settings for the tests that drive a RayPool themselves.
+KILLED_TASK = RunSpec("certify", 0.5, "2", 3, n0=10, n=40, alpha=0.001, seed=0, batch=16)
 TIME = "time"
 #: The most seconds a CLI run that cannot reach Ray (--ray-timeout 2) may take: the process's own
 #: start-up on a busy machine, and far below Ray's own retries (a log line every 40 s, for minutes).
@@ -170,7 +172,7 @@ def test_ray_rows_equal_single_process(mode, work, engine, images, cluster, refe
 
 def test_ray_groups_of_images_per_call_equal_single_process(work, engine, images, cluster, reference):
     """--images-per-call 3 with --ray: each actor certifies 3 images at a time in shared batches
-    (16 images: 5 groups of 3 and one of 1); the rows equal one image at a time in one process."""
+    (8 images: 2 groups of 3 and one of 2); the rows equal one image at a time in one process."""
     args, expected = reference["certify"]
     out = work / "ray_groups.tsv"
     result = invoke(*args, "--engine", engine, "--data", images, "--ray", cluster, "--actors", "2", "--images-per-call", "3",
@@ -196,15 +198,27 @@ def test_ray_actors_stream_several_images_with_the_scheduler(work, engine, image
     assert _without_work(rows_without_time(out)) == _without_work(expected)
 
 
+@pytest.fixture(scope="module")
+def alone(engine, images) -> dict:
+    """Each image's fixed-n outcome computed in this process (``--threads 1``), by index: what every
+    image computed on Ray, by whichever actor, must equal."""
+    manifest = load_manifest(engine)
+    shape = manifest["image_shape"]
+    dataset = open_dataset(images, image_size=shape[1], channels=shape[0])
+    with open_engine(engine, threads=1) as local:
+        return {i: run_image(local, KILLED_TASK, dataset[i].image, i) for i in range(NUM_IMAGES)}
+
+
+
 @pytest.mark.parametrize("group", [1, 3])
-def test_killed_actors_lose_only_their_images(group, engine, images, cluster, reference):
+def test_killed_actors_lose_only_their_images(group, engine, images, cluster, reference, alone):
     """SIGKILL one actor after the first image and the other after the third (one image, or groups
     of 3, per call): every image comes back exactly once, equal to the single-process outcome,
     computed by replacement actors."""
     manifest = load_manifest(engine)
     shape = manifest["image_shape"]
     dataset = open_dataset(images, image_size=shape[1], channels=shape[0])
-    task = RunSpec("certify", 0.5, "2", 3, n0=10, n=40, alpha=0.001, seed=0, batch=16)
+    task = KILLED_TASK
     lines: list[str] = []
     outcomes = []
     drawn: list[int] = []
@@ -222,11 +236,9 @@ def test_killed_actors_lose_only_their_images(group, engine, images, cluster, re
     # are taken back before they are drawn again).
     assert sum(drawn) == NUM_IMAGES * (10 + 40)
     assert sorted(o.idx for o in outcomes) == list(range(NUM_IMAGES))
-    with open_engine(engine, threads=1) as local:
-        for o in outcomes:
-            alone = run_image(local, task, dataset[o.idx].image, o.idx)
-            assert o.result == alone.result and o.unet_evals == alone.unet_evals
-            np.testing.assert_array_equal(o.counts, alone.counts)
+    for o in outcomes:
+        assert o.result == alone[o.idx].result and o.unet_evals == alone[o.idx].unet_evals
+        np.testing.assert_array_equal(o.counts, alone[o.idx].counts)
     # ... and the same certificates as the CLI's single-process rows.
     _, expected = reference["certify"]
     for o in outcomes:
