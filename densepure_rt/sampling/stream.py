@@ -155,7 +155,10 @@ class SequentialWork(_Work):
                 self.sure = self.test.certain_more()
                 self.jobs.append(add(ESTIMATION, int(self.test.remaining), self.round, self.ahead, self.sure))
             return 0
-        self.test.update(int(np.count_nonzero(labels == self.c_a)), len(labels))
+        if len(labels) == 1:  # rounds of one vote: the common case, without an array reduction
+            self.test.update(int(int(labels[0]) == self.c_a), 1)
+        else:
+            self.test.update(int(np.count_nonzero(labels == self.c_a)), len(labels))
         if self.test.done:
             self._done(evals)
             return 0
@@ -184,7 +187,7 @@ def run_stream(scheduler, stage: Callable[[np.ndarray], Any], image_shape, items
         staged = xp.zeros((int(in_flight), *image_shape), dtype=np.float32)
     free_slots = list(range(int(in_flight) - 1, -1, -1))
     jobs: list[Job] = []
-    owner: list[tuple[_Work, int]] = []  # per job: its image's work and staging slot
+    owner: list[tuple[_Work, int, Callable[..., int]]] = []  # per job: its image's work, staging slot, add
     source = iter(items)
     exhausted = False
     stats = stats if stats is not None else SchedulerStats()
@@ -213,9 +216,9 @@ def run_stream(scheduler, stage: Callable[[np.ndarray], Any], image_shape, items
             staged[slot] = stage(np.asarray(image, dtype=np.float32)[None])[0]
             work = make_work(int(idx))
 
-            def add(phase, num, round_size, ahead, sure=0, work=work, slot=slot, idx=idx) -> int:
-                jobs.append(Job(slot, int(idx), int(phase), int(num), int(round_size), int(ahead), int(sure)))
-                owner.append((work, slot))
+            def add(phase, num, round_size, ahead, sure=0, work=work, slot=slot) -> int:
+                jobs.append(Job(slot, work.idx, int(phase), int(num), int(round_size), int(ahead), int(sure)))
+                owner.append((work, slot, add))
                 return len(jobs) - 1
 
             work.start(add)
@@ -226,13 +229,7 @@ def run_stream(scheduler, stage: Callable[[np.ndarray], Any], image_shape, items
         return False
 
     def deliver(job: int, labels: np.ndarray) -> int:
-        work, slot = owner[job]
-
-        def add(phase, num, round_size, ahead, sure=0) -> int:
-            jobs.append(Job(slot, work.idx, int(phase), int(num), int(round_size), int(ahead), int(sure)))
-            owner.append((work, slot))
-            return len(jobs) - 1
-
+        work, slot, add = owner[job]  # add: a job of the same image and slot
         goes_on = work.take(job, labels, add, lambda: _evals(work))
         if work.finished:
             finish(work, slot)

@@ -123,6 +123,39 @@ def lower_confidence_bound(n_a: int, n: int, alpha: float) -> float:
     return float(stats.beta.ppf(alpha, n_a, n - n_a + 1))
 
 
+def fixed_n_samples_to_certify(p0: float, alpha: float, p_a: float = 1.0) -> int:
+    """Smallest n at which fixed-n CERTIFY (Clopper-Pearson) certifies p0 if it knew the outcome.
+
+    The "oracle n": the smallest n with ``beta.ppf(alpha, p_a n, n - p_a n + 1) >= p0``, i.e. the
+    Clopper-Pearson lower bound of a sample whose success frequency is exactly p_a reaches p0
+    (for p_a = 1: n >= log(alpha) / log(p0)). A fixed-n design needs this n before seeing any data
+    and, at p_a < 1, certifies with it only about half of the time; real deployments use n = 10^4
+    or 10^5. p0: in (0, 1). alpha: in (0, 1). p_a: in (p0, 1].
+    """
+    _check_alpha(alpha)
+    if not 0.0 < p0 < 1.0:
+        raise ValueError(f"p0 must be in (0, 1) (got {p0})")
+    if not p0 < p_a <= 1.0:
+        raise ValueError(f"p_a must be in (p0, 1] = ({p0}, 1] (got {p_a})")
+
+    def reaches(n: int) -> bool:
+        return stats.beta.ppf(alpha, p_a * n, n - p_a * n + 1.0) >= p0
+
+    hi = 1
+    while not reaches(hi):
+        hi *= 2
+        if hi > 2**62:
+            raise ValueError(f"p0 = {p0} is out of reach at p_a = {p_a}")
+    lo = hi // 2  # reaches(lo) is False (or lo == 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if reaches(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
 def certify(counts0: np.ndarray, counts: np.ndarray, sigma: float, alpha: float) -> Certificate:
     """Cohen et al.'s CERTIFY from vote counts.
 

@@ -6,9 +6,13 @@ copy of the functions that recompute every bound after every vote). Pure numpy/s
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import special
+
+if TYPE_CHECKING:  # pragma: no cover
+    from densepure_rt.stats.sequential import BetaMixture
 
 
 #: Relative cushion of the bound comparisons: a computed bound (:func:`confidence_sequence`'s outer

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import special, stats
 
+from densepure_rt.stats.cohen import fixed_n_samples_to_certify  # noqa: F401  (re-exported: the fixed-n comparison)
 from densepure_rt.stats.fastpath import _Filter, _RunningMax, _soonest, radius_bracket
 from densepure_rt.stats.selection import (  # noqa: F401  (the selection's names, re-exported)
     DEFAULT_SELECTION,
@@ -288,44 +289,6 @@ def confidence_sequence(successes, trials, alpha: float, prior: BetaMixture = DE
 
 
 # --------------------------------------------------------------------------------------------
-# Fixed-n comparisons
-# --------------------------------------------------------------------------------------------
-
-
-def fixed_n_samples_to_certify(p0: float, alpha: float, p_a: float = 1.0) -> int:
-    """Smallest n at which fixed-n CERTIFY (Clopper-Pearson) certifies p0 if it knew the outcome.
-
-    The "oracle n": the smallest n with ``beta.ppf(alpha, p_a n, n - p_a n + 1) >= p0``, i.e. the
-    Clopper-Pearson lower bound of a sample whose success frequency is exactly p_a reaches p0
-    (for p_a = 1: n >= log(alpha) / log(p0)). A fixed-n design needs this n before seeing any data
-    and, at p_a < 1, certifies with it only about half of the time; real deployments use n = 10^4
-    or 10^5. p0: in (0, 1). alpha: in (0, 1). p_a: in (p0, 1].
-    """
-    _check_alpha(alpha)
-    if not 0.0 < p0 < 1.0:
-        raise ValueError(f"p0 must be in (0, 1) (got {p0})")
-    if not p0 < p_a <= 1.0:
-        raise ValueError(f"p_a must be in (p0, 1] = ({p0}, 1] (got {p_a})")
-
-    def reaches(n: int) -> bool:
-        return stats.beta.ppf(alpha, p_a * n, n - p_a * n + 1.0) >= p0
-
-    hi = 1
-    while not reaches(hi):
-        hi *= 2
-        if hi > 2**62:
-            raise ValueError(f"p0 = {p0} is out of reach at p_a = {p_a}")
-    lo = hi // 2  # reaches(lo) is False (or lo == 0)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if reaches(mid):
-            hi = mid
-        else:
-            lo = mid
-    return hi
-
-
-# --------------------------------------------------------------------------------------------
 # Sequential procedures with resumable state
 # --------------------------------------------------------------------------------------------
 
@@ -511,6 +474,8 @@ class EarlyStopResult:
 #: r(L(F, n_max)) of :class:`EarlyStopRadius`'s forecast by (alpha, prior, n_max, sigma) and F: each
 #: forecast's bound is computed once per process, whichever image's test asks.
 _FORECAST_RADII: dict = {}
+#: Brackets of those radii (and the points they put on L_t) by (alpha, prior, n_max, sigma, tol) and F.
+_FORECAST_BRACKETS: dict = {}
 
 
 class EarlyStopRadius:
@@ -573,6 +538,9 @@ class EarlyStopRadius:
         self.prior = prior
         self._filter = _Filter(prior, self.alpha)
         self._forecast = _Filter(prior, self.alpha)  # L(F, n_max) of the "stalled" forecast
+        # This test's tables of forecast radii and brackets (shared by every test of the same settings)
+        self._forecast_radii = _FORECAST_RADII.setdefault((self.alpha, prior, self.n_max, self.sigma), {})
+        self._forecast_brackets = _FORECAST_BRACKETS.setdefault((self.alpha, prior, self.n_max, self.sigma, self.tol), {})
         self.n_a = 0
         self.n = 0
         self._lower = _RunningMax(0.0)  # max_s L_s
@@ -697,6 +665,10 @@ class EarlyStopRadius:
         where the radii of their ends settle it (r is monotone; 1e-9 covers its rounding)."""
         if upper[0] >= 1.0:
             return False  # p_a_upper = 1
+        # Phi^-1 has slope >= sqrt(2 pi) (2.5066 below it): r(U) - r(L) >= sigma 2.5066 (U - max(L, 1/2))
+        gap = upper[0] - (lower[1] if lower[1] > 0.5 else 0.5)
+        if gap > 0.0 and self.sigma * 2.5066 * gap > self.tol + 1e-9:
+            return False
         if upper[1] < 1.0:
             most = self._radius_of(upper[1]) - self._radius_of(lower[0])
             if most <= self.tol - 1e-9:
@@ -715,34 +687,58 @@ class EarlyStopRadius:
         if self.tol == 0.0:
             return False  # max(., 0) < 0 never holds
         forecast = self._forecast_successes()
-        gain = _FORECAST_RADII.get((self.alpha, self.prior, self.n_max, self.sigma), {}).get(forecast)
-        # g_lo <= gain <= g_hi: exact where computed before, else from the filter's bracket of L
-        bracket = (gain, gain) if gain is not None else radius_bracket(self._forecast, forecast, self.n_max, self._radius_of)
-        g_lo, g_hi = bracket if bracket is not None else (self._forecast_radius(forecast),) * 2
+        g_lo, g_hi, x_lo, x_hi = self._forecast_bracket(forecast)
         if g_hi < self.tol:
             return True  # r(L_t) >= 0
-        if g_lo >= self.tol:
+        if x_hi is not None:
             # L_t above x stalls, below does not, r(x) = gain - tol (x >= 1/2), for every gain in [g_lo, g_hi]
+            above, below = x_hi * (1.0 + 1e-9), x_lo * (1.0 - 1e-9)
+            if now[1] < below or (now[0] <= above and fast.lower_at_most(below)):
+                return False
+            if now[0] > above or fast.lower_above(above):
+                return True
+        return max(self._forecast_radius(forecast) - self._radius_of(exact()[0]), 0.0) < self.tol
+
+    def _forecast_bracket(self, forecast: int) -> tuple:
+        """(g_lo, g_hi, x_lo, x_hi) of F = ``forecast``: g_lo <= r(L(F, n_max)) <= g_hi, and where
+        g_lo >= tol and the points are below 1 - 1e-6, x_lo <= x_hi with r(x) = g - tol at g = g_lo,
+        g_hi (else None, None). A pure function of (F, n_max, alpha, prior, sigma, tol), kept once per
+        process (:data:`_FORECAST_BRACKETS`), whichever image's test asks; exact (g_lo = g_hi) where
+        :meth:`_forecast_radius` computed it."""
+        table = self._forecast_brackets
+        entry = table.get(forecast)
+        if entry is None:
+            gain = self._forecast_radii.get(forecast)
+            bracket = (gain, gain) if gain is not None else radius_bracket(self._forecast, forecast, self.n_max,
+                                                                         self._radius_of)
+            entry = self._bracket_entry(bracket if bracket is not None else (self._forecast_radius(forecast),) * 2)
+            if len(table) >= 1 << 20:
+                table.clear()
+            table[forecast] = entry
+        return entry
+
+    def _bracket_entry(self, bracket: tuple) -> tuple:
+        g_lo, g_hi = bracket
+        if g_lo >= self.tol:
             x_lo, x_hi = (0.5 * math.erfc(-(g - self.tol) / self.sigma / math.sqrt(2.0)) for g in (g_lo, g_hi))
             if x_hi < 1.0 - 1e-6:
-                above, below = x_hi * (1.0 + 1e-9), x_lo * (1.0 - 1e-9)
-                if now[1] < below or (now[0] <= above and fast.lower_at_most(below)):
-                    return False
-                if now[0] > above or fast.lower_above(above):
-                    return True
-        return max(self._forecast_radius(forecast) - self._radius_of(exact()[0]), 0.0) < self.tol
+                return g_lo, g_hi, x_lo, x_hi
+        return g_lo, g_hi, None, None
 
     def _forecast_radius(self, forecast: int) -> float:
         """r(L(forecast, n_max)), the reference's ``_radius_of(float(lower[1]))``, computed once per
         (forecast, n_max, alpha, prior, sigma) in a process."""
-        key = (self.alpha, self.prior, self.n_max, self.sigma)
-        table = _FORECAST_RADII.setdefault(key, {})
+        table = self._forecast_radii
         gain = table.get(forecast)
         if gain is None:
             if len(table) >= 1 << 20:
                 table.clear()
             lower, _ = confidence_sequence(forecast, self.n_max, self.alpha, self.prior)
             gain = table[forecast] = self._radius_of(float(lower))
+            brackets = self._forecast_brackets
+            if len(brackets) >= 1 << 20:
+                brackets.clear()
+            brackets[forecast] = self._bracket_entry((gain, gain))
         return gain
 
     def certain_more(self, window: int = LOOKAHEAD) -> int:
