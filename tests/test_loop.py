@@ -109,11 +109,12 @@ def test_the_engine_equals_the_step_by_step_oracle(engine, digits, tmp_path, ear
             ref.predict(images[2], SIGMA, STEPS, VOTES, n=30, alpha=0.01, seed=1, image_index=2)
         if not early_exit:
             return
-        common = dict(steps=STEPS, votes=VOTES, n0=40, n_max=150, alpha=0.01, seed=5)
+        # n_max 100: image 1 certifies both radii at n = 30, image 0 one of them and image 2 none at n_max.
+        common = dict(steps=STEPS, votes=VOTES, n0=30, n_max=100, alpha=0.01, seed=5)
         for round_size in (1, 6):
             for mode, extra in (("certify-radii", dict(radii=(0.25, 0.5))), ("certify-until", dict(tol=0.05))):
                 streamed = []
-                new.stream(RunSpec(mode, 0.5, STEPS, VOTES, n0=40, n=150, alpha=0.01, seed=5, round_size=round_size, **extra),
+                new.stream(RunSpec(mode, 0.5, STEPS, VOTES, n0=30, n=100, alpha=0.01, seed=5, round_size=round_size, **extra),
                            list(enumerate(images[:3])), streamed.append)
                 for s in streamed:
                     got = s.result
