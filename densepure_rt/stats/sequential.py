@@ -544,6 +544,7 @@ class EarlyStopRadius:
         self.n_a = 0
         self.n = 0
         self._lower = _RunningMax(0.0)  # max_s L_s
+        self._record = False  # whether the last round's L_t may be the running maximum
         self._upper = _RunningMax(-1.0)  # max_s -U_s = -min_s U_s (negation is exact)
         self.reason = ""
 
@@ -607,15 +608,18 @@ class EarlyStopRadius:
                 bounds[:] = [float(lower), float(upper)]
             return bounds[0], bounds[1]
 
-        # L_t: at most the running lower bound (no record), else bracketed (or computed)
+        # L_t: at most the running lower bound (no record), else bracketed (or computed). After a
+        # record, a round of successes makes another almost always: bracketed without asking.
         lower_lo, lower_hi = self._lower.bounds()
-        if fast.lower_at_most(lower_lo):
+        if not (self._record and successes == trials) and fast.lower_at_most(lower_lo):
             now = (0.0, lower_lo)
+            self._record = False
         else:
             bracket = fast.lower_bracket()
             now = bracket if bracket is not None else (exact()[0],) * 2
             self._lower.offer(now[0], now[1], lambda: exact()[0])
             lower_lo, lower_hi = self._lower.bounds()
+            self._record = True
         neg_lo, neg_hi = self._upper.bounds()
         if not fast.upper_at_least(-neg_lo):
             bracket = fast.upper_bracket()
@@ -687,7 +691,8 @@ class EarlyStopRadius:
         if self.tol == 0.0:
             return False  # max(., 0) < 0 never holds
         forecast = self._forecast_successes()
-        g_lo, g_hi, x_lo, x_hi = self._forecast_bracket(forecast)
+        entry = self._forecast_brackets.get(forecast)
+        g_lo, g_hi, x_lo, x_hi = entry if entry is not None else self._forecast_bracket(forecast)
         if g_hi < self.tol:
             return True  # r(L_t) >= 0
         if x_hi is not None:
