@@ -28,6 +28,10 @@ from conftest import BLOCK_TORCH
 from conftest import invoke
 from densepure_rt.files.data import DIGITS_TEST_ASSET
 
+#: One test process runs this module (``--dist loadgroup``): its module fixtures (the digits engine it
+#: builds and its data) are set up once, not once in each process.
+pytestmark = pytest.mark.xdist_group("cli")
+
 HEADER6 = "idx\tlabel\tpredict\tradius\tcorrect\ttime"
 SIGMA, N0, N, ALPHA, VOTES, STEPS = 0.6, 5, 20, 0.001, 2, 2
 NUM_IMAGES = 8

@@ -17,6 +17,10 @@ from densepure_rt.runtime import open_engine
 from oracle import open_reference
 from densepure_rt.schedule import reverse_schedule
 
+#: One test process runs this module (``--dist loadgroup``): its module fixtures (the engines built from the
+#: fixture UNets) are set up once, not once in each process.
+pytestmark = pytest.mark.xdist_group("export_parity")
+
 KINDS = {
     "guided": ("guided_diffusion_unet", "linear", 1000, "densepure_guided_sigma0.5_b4"),
     "improved": ("improved_diffusion_unet", "cosine", 4000, "densepure_improved_sigma0.25_b3"),

@@ -36,6 +36,11 @@ from densepure_rt.export.unet import AttentionBlock, GroupNorm32, ResBlock
 from oracle import open_reference
 from test_export_parity import KINDS, fixture_preset, small_classifier
 
+#: One test process runs this module (``--dist loadgroup``): its module fixtures (the fixture UNet's fp32
+#: and fp16 engines, the digits graphs and the --device cuda engine) are set up once, not once in each
+#: process.
+pytestmark = pytest.mark.xdist_group("fusion")
+
 ALL = lambda channels, groups: True  # noqa: E731 -  # fuse every norm (the inverse check does not need the kernel's limits)
 
 

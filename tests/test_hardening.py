@@ -35,6 +35,10 @@ from densepure_rt.cli import QUICKSTART
 from densepure_rt.errors import ConfigError
 from densepure_rt.schedule import cosine_schedule, linear_schedule, max_steps, reverse_schedule, t_star
 
+#: One test process runs this module (``--dist loadgroup``): its module fixtures (the tiny engine, its data
+#: sets and their reference runs) are set up once, not once in each process.
+pytestmark = pytest.mark.xdist_group("hardening")
+
 ROOT = Path(__file__).resolve().parents[1]
 _SCRIPT = Path(sys.executable).with_name("densepure-rt")
 CLI = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "densepure_rt.cli"]

@@ -26,6 +26,10 @@ from test_export_parity import KINDS, fixture_preset, small_classifier
 
 ov = pytest.importorskip("openvino", reason="the openvino backend needs `pip install openvino` (in the dev extra)")
 
+#: One test process runs this module (``--dist loadgroup``): its module fixtures (the OpenVINO and ONNX
+#: Runtime engines it builds) are set up once, not once in each process.
+pytestmark = pytest.mark.xdist_group("openvino")
+
 
 def _has_bf16() -> bool:
     return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
