@@ -269,6 +269,10 @@ class _Run:
         self.p_evals = np.zeros(P, dtype=np.int64)  # UNet evaluations of its rows so far
         self.p_dead = np.zeros(P, dtype=bool)  # its job was stopped: its rows are dropped
         self.free_places = list(range(P - 1, -1, -1))
+        # One vote of each class as a read-only [1] int64 array: what a round of one delivers.
+        self.single = [np.full(1, c, dtype=np.int64) for c in range(sch.loop.num_classes)]
+        for one in self.single:
+            one.flags.writeable = False
         self.order: list[int] = []  # live places in admission order: who gets free slots first
         self.queue_rows: list[tuple[int, int]] = []  # (place, run) of each purified image queued
         # Per job: next sample to start, voted (label, UNet evaluations) of samples not yet delivered,
@@ -322,18 +326,6 @@ class _Run:
         self.free_places.append(place)
 
     # -- admission and slots -------------------------------------------------------------------------
-    def _limit(self, j: int, past_bounds: bool) -> int:
-        """The samples job j may have started: all of them without an ``ahead`` bound; else those
-        its test surely reads and ``ahead`` more, and past the bounds :data:`SPECULATION` of those
-        it has delivered more."""
-        job, done = self.jobs[j], self.delivered[j]
-        if not job.ahead:
-            return job.num
-        bound = max(done + job.ahead, self.sure[j])
-        if past_bounds:
-            bound = max(bound, done + int(done * SPECULATION))
-        return min(job.num, bound)
-
     def _admit(self, count: int) -> int:
         """Take up to ``count`` new samples into the table (each job's in sample order; jobs oldest
         first, within their bounds, then ``refill``'s jobs, then past the bounds by at most
@@ -342,21 +334,33 @@ class _Run:
         places, imgs, keys = [], [], []
         self._sync_jobs()
 
+        jobs, delivered, sure, started = self.jobs, self.delivered, self.sure, self.started
+
         def take(bounded: bool) -> None:
             for j in list(self.live):
-                job = self.jobs[j]
-                limit = self._limit(j, past_bounds=not bounded)
-                while len(places) < count and self.free_places and self.started[j] < limit:
+                job = jobs[j]
+                # The samples job j may have started: all of them without an ``ahead`` bound; else
+                # those its test surely reads and ``ahead`` more, and past the bounds
+                # :data:`SPECULATION` of those it has delivered more.
+                if not job.ahead:
+                    limit = job.num
+                else:
+                    done = delivered[j]
+                    limit = max(done + job.ahead, sure[j])
+                    if not bounded:
+                        limit = max(limit, done + int(done * SPECULATION))
+                    limit = min(job.num, limit)
+                while len(places) < count and self.free_places and started[j] < limit:
                     place = self.free_places.pop()
-                    self.p_job[place], self.p_sample[place] = j, self.started[j]
+                    self.p_job[place], self.p_sample[place] = j, started[j]
                     self.p_launched[place], self.p_target[place], self.p_known[place] = 0, sch.first, 0
                     self.p_evals[place] = 0
                     places.append(place)
                     imgs.append(job.image)
-                    keys.append((job.image_index, job.phase, self.started[j]))
+                    keys.append((job.image_index, job.phase, started[j]))
                     self.order.append(place)
-                    self.started[j] += 1
-                if self.started[j] >= job.num:
+                    started[j] += 1
+                if started[j] >= job.num:
                     self.live.remove(j)
                 if len(places) >= count or not self.free_places:
                     return
@@ -530,7 +534,7 @@ class _Run:
                 if first not in waiting:
                     break  # its predecessor is still running: wait for it
                 label, evals = waiting.pop(first)
-                labels = np.array([label], dtype=np.int64)
+                labels = self.single[label]
             else:
                 if any(first + i not in waiting for i in range(take)):
                     break  # a predecessor is still running: wait for it (sample order, not completion order)
@@ -546,4 +550,5 @@ class _Run:
                 self._stop(j)
             else:
                 self.sure[j] = max(self.sure[j], self.delivered[j] + int(more))
-            self._sync_jobs()
+            if len(self.started) < len(self.jobs):
+                self._sync_jobs()

@@ -66,6 +66,8 @@ class _Work:
         self.result: Any = None
         self.counts: Optional[np.ndarray] = None
         self.finished = False
+        #: Its UNet evaluations so far (set by the stream that runs it).
+        self.evals: Callable[[], int] = lambda: 0
 
     def start(self, add: Callable[..., int]) -> None:
         raise NotImplementedError
@@ -127,6 +129,7 @@ class SequentialWork(_Work):
         self.n0, self.test, self.finish = int(n0), test, finish
         self.round, self.ahead = int(round_size), max(int(ahead), int(round_size))
         self.counts0 = np.zeros(num_classes, dtype=np.int64)
+        self.drawn0 = 0  # selection samples read: counts0's sum
         self.c_a: Optional[int] = None
         #: Samples of the current phase its test reads whatever their votes (a look-ahead, asked
         #: again once they are read).
@@ -139,8 +142,12 @@ class SequentialWork(_Work):
     def take(self, job, labels, add, evals) -> int:
         self.samples += len(labels)
         if job == self.jobs[0]:
-            self.counts0 += np.bincount(labels, minlength=self.num_classes)
-            drawn = int(self.counts0.sum())
+            if len(labels) == 1:  # rounds of one vote, without an array reduction
+                self.counts0[int(labels[0])] += 1
+            else:
+                self.counts0 += np.bincount(labels, minlength=self.num_classes)
+            self.drawn0 += len(labels)
+            drawn = self.drawn0
             if drawn < self.sure:  # selection_done cannot be true yet
                 return self.sure - drawn
             left = self.n0 - drawn
@@ -196,11 +203,13 @@ def run_stream(scheduler, stage: Callable[[np.ndarray], Any], image_shape, items
     def finish(work: _Work, slot: int) -> None:
         free_slots.append(slot)
         now = time.time()
-        emit(Streamed(work.idx, work.result, work.counts, _evals(work), work.samples, now - last[0],
-                      _evals(work, stats.per_job_dropped_evals)))
+        evals = _evals(work)
+        emit(Streamed(work.idx, work.result, work.counts, evals, work.samples, now - last[0],
+                      evals - _evals(work, stats.per_job_delivered_evals)))
         last[0] = now
 
     def _evals(work: _Work, per_job: Optional[list] = None) -> int:
+        """UNet evaluations of the work's jobs (``per_job``: those of their delivered samples)."""
         per_job = stats.per_job_unet_evals if per_job is None else per_job
         return int(sum(per_job[j] for j in work.jobs if j < len(per_job)))
 
@@ -215,6 +224,7 @@ def run_stream(scheduler, stage: Callable[[np.ndarray], Any], image_shape, items
             slot = free_slots.pop()
             staged[slot] = stage(np.asarray(image, dtype=np.float32)[None])[0]
             work = make_work(int(idx))
+            work.evals = lambda work=work: _evals(work)  # its UNet evaluations so far
 
             def add(phase, num, round_size, ahead, sure=0, work=work, slot=slot) -> int:
                 jobs.append(Job(slot, work.idx, int(phase), int(num), int(round_size), int(ahead), int(sure)))
@@ -230,7 +240,7 @@ def run_stream(scheduler, stage: Callable[[np.ndarray], Any], image_shape, items
 
     def deliver(job: int, labels: np.ndarray) -> int:
         work, slot, add = owner[job]  # add: a job of the same image and slot
-        goes_on = work.take(job, labels, add, lambda: _evals(work))
+        goes_on = work.take(job, labels, add, work.evals)
         if work.finished:
             finish(work, slot)
         return goes_on

@@ -5,6 +5,7 @@ copy of the functions that recompute every bound after every vote). Pure numpy/s
 
 from __future__ import annotations
 
+import array
 import math
 from typing import TYPE_CHECKING
 
@@ -13,6 +14,45 @@ from scipy import special
 
 if TYPE_CHECKING:  # pragma: no cover
     from densepure_rt.stats.sequential import BetaMixture
+
+
+#: Counts (successes, failures, trials) up to which :class:`_Filter` reads its lgamma terms from
+#: tables (math.lgamma's values, computed once per prior and process as counts grow: at most
+#: 15 MB for a five-component prior); larger counts call math.lgamma.
+_TABLE_LIMIT = 1 << 17
+_TABLES: dict = {}
+
+
+_COMPONENTS: dict = {}
+
+
+def _components(prior) -> tuple:
+    """([(log w_k - betaln(a_k, b_k), a_k, b_k, a_k + b_k) per component], offset), kept per prior."""
+    got = _COMPONENTS.get(prior)
+    if got is None:
+        w, a, b = (np.asarray(x) for x in (prior.weights, prior.a, prior.b))
+        components = [(float(c), float(ak), float(bk), float(ak + bk))
+                      for c, ak, bk in zip(np.log(w) - special.betaln(a, b), a, b)]
+        # |lgamma(x)| <= lgamma(x) + 0.25 for x > 0 (its minimum is -0.1215), so the sum of the
+        # |terms| of a component is at most |c| + its three lgamma values + 0.75.
+        offset = max(abs(c) for c, _, _, _ in components) + 0.75
+        got = _COMPONENTS[prior] = (components, offset)
+    return got
+
+
+def _lgamma_tables(components: list, size: int) -> list:
+    """Per component (c, lgamma(a + i), lgamma(b + i), lgamma(a + b + i)) for i < at least ``size``
+    (array.array of math.lgamma's doubles, shared by the filters of one prior), grown by doubling."""
+    key = tuple(components)
+    tables = _TABLES.get(key)
+    have = len(tables[0][1]) if tables else 0
+    if have < size:
+        new = min(max(size, 2 * have, 1024), _TABLE_LIMIT)
+        lgamma = math.lgamma
+        tables = [(c, *(array.array("d", [lgamma(x + i) for i in range(new)]) for x in (a, b, ab)))
+                  for c, a, b, ab in components]
+        _TABLES[key] = tables
+    return tables
 
 
 #: Relative cushion of the bound comparisons: a computed bound (:func:`confidence_sequence`'s outer
@@ -37,13 +77,9 @@ class _Filter:
 
     def __init__(self, prior: BetaMixture, alpha: float):
         self.threshold = math.log(1.0 / alpha)  # decide's threshold, the same float
-        w, a, b = (np.asarray(x) for x in (prior.weights, prior.a, prior.b))
-        self.components = [(float(c), float(ak), float(bk), float(ak + bk))
-                           for c, ak, bk in zip(np.log(w) - special.betaln(a, b), a, b)]
-        # |lgamma(x)| <= lgamma(x) + 0.25 for x > 0 (its minimum is -0.1215), so the sum of the
-        # |terms| of a component is at most |c| + its three lgamma values + 0.75.
-        self.offset = max(abs(c) for c, _, _, _ in self.components) + 0.75
-        self.arrays = tuple(np.array(x, dtype=np.float64) for x in zip(*self.components))
+        self.components, self.offset = _components(prior)
+        self.tables = _lgamma_tables(self.components, 1024)
+        self.size = len(self.tables[0][1])
         self.s = self.t = -1
         self.value = self.magnitude = 0.0
         self.u_lower = self.u_upper = 0.0  # the last roots (log L, log(1 - U)): the next ones start there
@@ -52,15 +88,27 @@ class _Filter:
         """Evaluate the log-marginal at S = s, t (kept until the next call)."""
         if s != self.s or t != self.t:
             f = t - s
-            lgamma, exp = math.lgamma, math.exp
+            exp = math.exp
             terms = []
             magnitude = 0.0
-            for c, a, b, ab in self.components:
-                la, lb, lab = lgamma(a + s), lgamma(b + f), lgamma(ab + t)
-                terms.append(c + la + lb - lab)
-                size = la + lb + lab
-                if size > magnitude:
-                    magnitude = size
+            if t >= self.size and t < _TABLE_LIMIT:
+                self.tables = _lgamma_tables(self.components, t + 1)
+                self.size = len(self.tables[0][1])
+            if t < self.size:  # f, s <= t: every term from the tables
+                for c, table_a, table_b, table_ab in self.tables:
+                    la, lb, lab = table_a[s], table_b[f], table_ab[t]
+                    terms.append(c + la + lb - lab)
+                    size = la + lb + lab
+                    if size > magnitude:
+                        magnitude = size
+            else:
+                lgamma = math.lgamma
+                for c, a, b, ab in self.components:
+                    la, lb, lab = lgamma(a + s), lgamma(b + f), lgamma(ab + t)
+                    terms.append(c + la + lb - lab)
+                    size = la + lb + lab
+                    if size > magnitude:
+                        magnitude = size
             top = max(terms)
             total = 0.0
             for x in terms:
@@ -218,54 +266,44 @@ class _RunningMax:
 
 
 def _soonest(fast: "_Filter", n_a: int, n: int, window: int, ups: list, downs: list):
-    """:func:`_decided_soonest` through the filter's arithmetic, vectorised over m (scipy's gammaln,
-    as accurate as math.lgamma): per target k, the first m in 1..window at which m more successes
-    certify ``ups[k]`` or m more failures find ``downs[k]`` futile (``window`` where neither
-    happens), or None where some value is too near the threshold to tell (the caller then asks the
-    exact function)."""
+    """:func:`_decided_soonest` through the filter's arithmetic: per target k, the first m in
+    1..window at which m more successes certify ``ups[k]`` or m more failures find ``downs[k]``
+    futile (``window`` where neither happens), or None where a value before the first such m is too
+    near the threshold to tell (the caller then asks the exact function)."""
     if window < 1:
         return [window] * len(ups)
     # Along the all-success path the mixture's predictive probability of a success never falls
     # (each Beta's mean grows and the weights move to the larger means: E[X^2] / E[X] >= E[X]), so
     # m -> log M_{t+m}(p0) has non-decreasing increments log(predictive / p0): it is convex, and so
     # along the all-failure path. Below log(1/alpha) at m = 1 and m = window, it is below it on the
-    # whole window: nothing is decided there.
-    quiet = True
-    for s, t_end, targets in ((n_a + 1, n + 1, ups), (n_a + window, n + window, ups), (n_a, n + 1, downs),
-                              (n_a, n + window, downs)):
-        fast.at(s, t_end)
-        if any(fast.rejects(p0) is not False for p0 in targets):
-            quiet = False
-            break
-    if quiet:
-        return [window] * len(ups)
-    m = np.arange(1, window + 1, dtype=np.float64)[:, None]  # [window x 1]
-    c, a, b, ab = fast.arrays  # [components] each
-    f = n - n_a
-    la_now, lb_now = special.gammaln(a + n_a), special.gammaln(b + f)  # [components]
-    la_up, lb_down, lab = special.gammaln(a + n_a + m), special.gammaln(b + f + m), special.gammaln(ab + n + m)
+    # whole window: nothing is decided on that path.
     out = [window] * len(ups)
-    for lgs, lgf, s, fails, targets, certify in (
-            (la_up, lb_now, n_a + m[:, 0], float(f), ups, True),
-            (la_now, lb_down, np.full(window, float(n_a)), f + m[:, 0], downs, False)):
-        terms = c + lgs + lgf - lab  # [window x components]
-        top = terms.max(axis=1)
-        value = top + np.log(np.exp(terms - top[:, None]).sum(axis=1))
-        magnitude = (lgs + lgf + lab).max(axis=1) + fast.offset
-        t = n + m[:, 0]
-        for i, p0 in enumerate(targets):
-            side = s > p0 * t if certify else s < p0 * t
-            if not side.any():
-                continue
-            if not 0.0 < p0 < 1.0:
-                return None
-            lp, lq = math.log(p0), math.log1p(-p0)
-            log_m = value - s * lp - fails * lq
-            err = 1e-13 * (10.0 + magnitude + np.abs(s * lp) + np.abs(fails * lq))
-            unsure = side & (np.abs(log_m - fast.threshold) <= err)
-            if unsure.any():
-                return None
-            hit = side & (log_m >= fast.threshold)
-            if hit.any():
-                out[i] = min(out[i], int(np.argmax(hit)) + 1)
+    for certify, targets in ((True, ups), (False, downs)):
+        quiet = True
+        for m in (1, window):
+            fast.at(n_a + m, n + m) if certify else fast.at(n_a, n + m)
+            if any(fast.rejects(p0) is not False for p0 in targets):
+                quiet = False
+                break
+        if quiet:
+            continue
+        # m more successes (certify) or failures, scanned up to the soonest decision so far
+        for m in range(1, window):
+            if m >= max(out):
+                break
+            s, t = (n_a + m, n + m) if certify else (n_a, n + m)
+            evaluated = False
+            for i, p0 in enumerate(targets):
+                if m >= out[i] or not (s > p0 * t if certify else s < p0 * t):
+                    continue
+                if not 0.0 < p0 < 1.0:
+                    return None
+                if not evaluated:
+                    fast.at(s, t)
+                    evaluated = True
+                rejected = fast.rejects(p0)
+                if rejected is None:
+                    return None
+                if rejected:
+                    out[i] = m
     return out

@@ -234,6 +234,18 @@ def _outer_root(k: np.ndarray, m: np.ndarray, r: np.ndarray) -> np.ndarray:
     iterate and log(m / (m + r)), and the result errs on the conservative side.
     """
     u = k / m
+    tiny = 4 * np.finfo(np.float64).eps
+    if u.size == 1:  # one root (the sequential tests' bounds): the same arithmetic without the masks
+        for _ in range(200):
+            h = k - m * u - special.xlog1py(r, -np.exp(u))
+            dh = -m + r / np.expm1(-u)
+            step = -h / dh
+            step = np.where(np.isfinite(step) & (step > 0), step, 0.0)
+            going = step > tiny * np.maximum(1.0, np.abs(u))
+            u = u + step
+            if not going.all():
+                break
+        return u
     active = np.ones(u.shape, dtype=bool)
     for _ in range(200):
         if not active.any():
@@ -244,7 +256,7 @@ def _outer_root(k: np.ndarray, m: np.ndarray, r: np.ndarray) -> np.ndarray:
         step = -h / dh
         step = np.where(np.isfinite(step) & (step > 0), step, 0.0)
         u[active] = ua + step
-        active[active] = step > 4 * np.finfo(np.float64).eps * np.maximum(1.0, np.abs(ua))
+        active[active] = step > tiny * np.maximum(1.0, np.abs(ua))
     return u
 
 
@@ -286,6 +298,19 @@ def confidence_sequence(successes, trials, alpha: float, prior: BetaMixture = DE
         root = -np.expm1(_outer_root(k[has_f], t[has_f] - s[has_f], s[has_f]))
         upper[has_f] = np.nextafter(root, 1.0)
     return _scalar_or_array(lower, scalar), _scalar_or_array(upper, scalar)
+
+
+def _one_bound(successes: int, trials: int, alpha: float, prior: BetaMixture, upper: bool) -> float:
+    """``confidence_sequence(successes, trials, alpha, prior)[1 if upper else 0]`` for integers
+    0 <= successes <= trials (checked by the caller): the same double, one root computed."""
+    if (successes == trials) if upper else (successes == 0):
+        return 1.0 if upper else 0.0
+    s, t = np.asarray(successes, dtype=np.int64), np.asarray(trials, dtype=np.int64)
+    k = (prior.log_marginal(s, t) - math.log(1.0 / alpha)).reshape(1)
+    s, t = s.astype(np.float64).reshape(1), t.astype(np.float64).reshape(1)
+    if upper:
+        return float(np.nextafter(-np.expm1(_outer_root(k, t - s, s)), 1.0)[0])
+    return float(np.nextafter(np.exp(_outer_root(k, s, t - s)), 0.0)[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -600,13 +625,13 @@ class EarlyStopRadius:
         self.n += trials
         s, t = self.n_a, self.n
         fast = self._filter.at(s, t)
-        bounds: list = []
+        bounds = [None, None]
 
-        def exact() -> tuple[float, float]:
-            if not bounds:
-                lower, upper = confidence_sequence(s, t, self.alpha, self.prior)
-                bounds[:] = [float(lower), float(upper)]
-            return bounds[0], bounds[1]
+        def exact(side: int) -> float:
+            """L_t (side 0) or U_t (side 1) as :func:`confidence_sequence` computes it."""
+            if bounds[side] is None:
+                bounds[side] = _one_bound(s, t, self.alpha, self.prior, side == 1)
+            return bounds[side]
 
         # L_t: at most the running lower bound (no record), else bracketed (or computed). After a
         # record, a round of successes makes another almost always: bracketed without asking.
@@ -616,15 +641,15 @@ class EarlyStopRadius:
             self._record = False
         else:
             bracket = fast.lower_bracket()
-            now = bracket if bracket is not None else (exact()[0],) * 2
-            self._lower.offer(now[0], now[1], lambda: exact()[0])
+            now = bracket if bracket is not None else (exact(0),) * 2
+            self._lower.offer(now[0], now[1], lambda: exact(0))
             lower_lo, lower_hi = self._lower.bounds()
             self._record = True
         neg_lo, neg_hi = self._upper.bounds()
         if not fast.upper_at_least(-neg_lo):
             bracket = fast.upper_bracket()
-            lo, hi = bracket if bracket is not None else (exact()[1],) * 2
-            self._upper.offer(-hi, -lo, lambda: -exact()[1])
+            lo, hi = bracket if bracket is not None else (exact(1),) * 2
+            self._upper.offer(-hi, -lo, lambda: -exact(1))
             neg_lo, neg_hi = self._upper.bounds()
         # Brackets of p_a_lower and p_a_upper (they stay valid when a test below resolves one)
         lower = (lower_lo, lower_hi)
@@ -690,7 +715,8 @@ class EarlyStopRadius:
         computed L_t."""
         if self.tol == 0.0:
             return False  # max(., 0) < 0 never holds
-        forecast = self._forecast_successes()
+        p = self.n_a / self.n  # the forecast successes (:meth:`_forecast_successes`), inline
+        forecast = min(max(int(math.floor((p - math.sqrt(p * (1.0 - p) / self.n)) * self.n_max)), 0), self.n_max)
         entry = self._forecast_brackets.get(forecast)
         g_lo, g_hi, x_lo, x_hi = entry if entry is not None else self._forecast_bracket(forecast)
         if g_hi < self.tol:
@@ -702,7 +728,7 @@ class EarlyStopRadius:
                 return False
             if now[0] > above or fast.lower_above(above):
                 return True
-        return max(self._forecast_radius(forecast) - self._radius_of(exact()[0]), 0.0) < self.tol
+        return max(self._forecast_radius(forecast) - self._radius_of(exact(0)), 0.0) < self.tol
 
     def _forecast_bracket(self, forecast: int) -> tuple:
         """(g_lo, g_hi, x_lo, x_hi) of F = ``forecast``: g_lo <= r(L(F, n_max)) <= g_hi, and where
@@ -738,8 +764,8 @@ class EarlyStopRadius:
         if gain is None:
             if len(table) >= 1 << 20:
                 table.clear()
-            lower, _ = confidence_sequence(forecast, self.n_max, self.alpha, self.prior)
-            gain = table[forecast] = self._radius_of(float(lower))
+            lower = _one_bound(forecast, self.n_max, self.alpha, self.prior, False)
+            gain = table[forecast] = self._radius_of(lower)
             brackets = self._forecast_brackets
             if len(brackets) >= 1 << 20:
                 brackets.clear()
@@ -756,9 +782,10 @@ class EarlyStopRadius:
         soonest if every further vote is a success, the second if every one is a failure (read from
         :func:`decide`, which is monotone in the successes). Once there is a radius, "stalled" may
         come after any sample: 1."""
-        if self.done:
+        if self.reason:
             return 0
-        if self._lower_above(self._lower.bounds(), 0.5):
+        lower = self._lower
+        if lower.value > 0.5 or self._lower_above(lower.bounds(), 0.5):
             return 1
         m = np.arange(1, min(int(window), self.remaining) + 1)
         p_tol = float(special.ndtr(self.tol / self.sigma))
