@@ -90,6 +90,18 @@ def test_brackets_hold_the_computed_bounds_on_a_grid(alpha):
     assert missed <= 0.01 * len(GRID)
 
 
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_one_sided_and_scalar_bounds_equal_the_reference_bit_for_bit(alpha):
+    """_one_bound (one Newton root) and confidence_sequence of one (S, t) (the mask-free Newton
+    loop) give the reference's doubles: the vectorised grid computation of the frozen copy."""
+    pairs = GRID[::2]
+    lower, upper = ref.confidence_sequence(np.array([s for s, _ in pairs]), np.array([t for _, t in pairs]), alpha)
+    for (s, t), lo_ref, up_ref in zip(pairs, lower.tolist(), upper.tolist()):
+        assert seq._one_bound(s, t, alpha, seq.DEFAULT_PRIOR, False) == lo_ref, (s, t)
+        assert seq._one_bound(s, t, alpha, seq.DEFAULT_PRIOR, True) == up_ref, (s, t)
+        assert seq.confidence_sequence(s, t, alpha) == (lo_ref, up_ref), (s, t)
+
+
 def test_the_confidence_sequence_is_wider_than_clopper_pearson():
     """The scipy check of the side: L_t is below the fixed-n one-sided Clopper-Pearson bound at the
     same alpha (an anytime bound pays for looking at every t), U_t above the upper one."""
