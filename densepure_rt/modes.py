@@ -175,9 +175,10 @@ class EarlyStop(_Sequential):
             raise ConfigError(f"{param('tol')}: {exc}") from None
 
     def result(self, test, c_a, evals) -> EarlyStopCertificate:
-        r = test.result()
-        return EarlyStopCertificate(prediction=c_a if r.certified else -1, radius=r.radius, c_a=c_a, n_a=r.n_a, n=r.n,
-                                    p_a_lower=r.p_a_lower, reason=r.reason, unet_evals=int(evals))
+        # The test's own reads (not test.result()): a certificate carries no p_a_upper, whose
+        # exact value would cost a root.
+        return EarlyStopCertificate(prediction=c_a if test.certified else -1, radius=test.radius, c_a=c_a, n_a=test.n_a,
+                                    n=test.n, p_a_lower=test.p_a_lower, reason=test.reason, unet_evals=int(evals))
 
     def settings(self, spec):
         from densepure_rt.stats.sequential import STOP_RULE

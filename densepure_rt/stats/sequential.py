@@ -618,9 +618,11 @@ class EarlyStopRadius:
 
         ValueError if already stopped or the round would exceed n_max.
         """
-        if self.done:
+        if self.reason:
             raise ValueError("already stopped; no more rounds can be fed")
-        successes, trials = _check_round(successes, trials, self.n, self.n_max)
+        if not (type(successes) is int and type(trials) is int and 0 <= successes <= trials
+                and 1 <= trials <= self.n_max - self.n):  # the common case passes without a call
+            successes, trials = _check_round(successes, trials, self.n, self.n_max)
         self.n_a += successes
         self.n += trials
         s, t = self.n_a, self.n
@@ -651,16 +653,20 @@ class EarlyStopRadius:
             lo, hi = bracket if bracket is not None else (exact(1),) * 2
             self._upper.offer(-hi, -lo, lambda: -exact(1))
             neg_lo, neg_hi = self._upper.bounds()
-        # Brackets of p_a_lower and p_a_upper (they stay valid when a test below resolves one)
+        # Brackets of p_a_lower and p_a_upper (they stay valid when a test below resolves one). The
+        # first comparisons of _inconsistent, _upper_at_most, _precise and _lower_above are made
+        # here (they settle almost every vote); the methods decide where the brackets cannot.
         lower = (lower_lo, lower_hi)
-        upper = (-neg_hi, -neg_lo)
-        if self._inconsistent(lower, upper):
+        up_lo, up_hi = upper = (-neg_hi, -neg_lo)
+        gap = up_lo - (lower_hi if lower_hi > 0.5 else 0.5)  # _precise's slope bound
+        if up_hi <= lower_lo or (up_lo <= lower_hi and self._inconsistent(lower, upper)):
             self.reason = "inconsistent"
-        elif self._upper_at_most(upper, 0.5):
+        elif up_hi <= 0.5 or (up_lo <= 0.5 and self._upper_at_most(upper, 0.5)):
             self.reason = "futile"
-        elif self._precise(lower, upper):
+        elif (up_lo < 1.0 and not (gap > 0.0 and self.sigma * 2.5066 * gap > self.tol + 1e-9)
+              and self._precise(lower, upper)):
             self.reason = "precise"
-        elif self._lower_above(lower, 0.5) and self._stalled(fast, now, exact):
+        elif (lower_lo > 0.5 or (lower_hi > 0.5 and self._lower_above(lower, 0.5))) and self._stalled(fast, now, exact):
             self.reason = "stalled"
         elif self.n >= self.n_max:
             self.reason = "budget"
