@@ -9,7 +9,18 @@ separately, the classifier, through five paths:
   4. openvino f32          the same ONNX graphs, INFERENCE_PRECISION_HINT f32 (set explicitly)
   5. openvino bf16         INFERENCE_PRECISION_HINT bf16, only where OPTIMIZATION_CAPABILITIES has BF16
 
-and OpenVINO f32 step under a few thread / stream / infer-request settings (AsyncInferQueue).
+and, for the fp32 paths, their session settings:
+
+  - OpenVINO f32 step under a few thread / stream / infer-request settings (AsyncInferQueue);
+  - ONNX Runtime fp32 step and classifier under graph optimisation levels (ORT_ENABLE_BASIC,
+    ORT_ENABLE_EXTENDED, ORT_ENABLE_ALL: on the CPU the NCHWc blocked layout for convolutions),
+    intra-op threads, the pool threads' spinning (``session.intra_op.allow_spinning``) and parallel
+    execution. Each is compared with ORT_ENABLE_ALL at 2 threads, the runtime's session options
+    (densepure_rt/executors/onnxrt.py): max abs difference of the output (the classifier's logits:
+    "exact" is within 1e-4), process CPU seconds per wall second of its calls, and the graph's nodes
+    after optimisation (NCHWc ones apart, where the ``onnx`` package is installed to read the
+    optimised graph).
+
 Each number is the median wall-clock time of ``--reps`` calls after ``--warmup`` calls. Numerics are
 measured against torch fp32: relative L2 of the step output (float64 norms), and for the classifier
 the share of identical argmax labels (and the logits' relative L2). Inputs: x and noise standard
@@ -21,7 +32,7 @@ Engines are built with the CLI into a temporary folder (``densepure-rt build --m
 name built ones; the PyTorch modules are loaded with the weights the engine's manifest records.
 
 The measurement (on an otherwise idle machine: torch's OpenMP threads slow down many times when another
-process holds a core; roughly 10-15 minutes on 2 cores):
+process holds a core; roughly 15-20 minutes on 2 cores):
 
     python benchmarks/cpu_backends.py --out benchmarks/results/cpu_backends
 
@@ -55,6 +66,21 @@ OV_SETTINGS = (
     ("2 threads, 2 streams, 2 async requests", 2, 2, "THROUGHPUT", 2),
     ("2 threads, THROUGHPUT hint (OpenVINO's streams and requests)", 2, None, "THROUGHPUT", None),
 )
+#: ONNX Runtime fp32 settings: (label, GraphOptimizationLevel, intra-op threads, inter-op threads,
+#: ExecutionMode, allow_spinning "1"/"0" of the intra-op and inter-op pools).
+ORT_SETTINGS = (
+    ("ORT_ENABLE_BASIC, 2 threads", "ORT_ENABLE_BASIC", 2, 1, "ORT_SEQUENTIAL", "1"),
+    ("ORT_ENABLE_EXTENDED, 2 threads", "ORT_ENABLE_EXTENDED", 2, 1, "ORT_SEQUENTIAL", "1"),
+    ("ORT_ENABLE_ALL (NCHWc), 2 threads", "ORT_ENABLE_ALL", 2, 1, "ORT_SEQUENTIAL", "1"),
+    ("ORT_ENABLE_ALL, 1 thread", "ORT_ENABLE_ALL", 1, 1, "ORT_SEQUENTIAL", "1"),
+    ("ORT_ENABLE_ALL, 2 threads, no spinning", "ORT_ENABLE_ALL", 2, 1, "ORT_SEQUENTIAL", "0"),
+    ("ORT_ENABLE_ALL, parallel execution, 2 inter-op x 1 intra-op threads", "ORT_ENABLE_ALL", 1, 2, "ORT_PARALLEL", "1"),
+)
+#: The runtime's session options (densepure_rt/executors/onnxrt.py at --threads 2): what the others are compared with.
+ORT_DEFAULT = ORT_SETTINGS[2][0]
+#: Blocks of each ONNX Runtime setting (one session alive at a time), run in turn.
+ORT_ROUNDS = 2
+EXACT_LOGITS = 1e-4  # max abs logit difference from ONNX Runtime fp32 that counts as exact
 
 
 def load_torch(manifest: dict):
@@ -97,6 +123,82 @@ def ort_runner(path: Path, threads: int):
     names = [i.name for i in session.get_inputs()]
     output = "x_next" if "x_next" in [o.name for o in session.get_outputs()] else "logits"
     return lambda *args: session.run([output], dict(zip(names, args)))[0]
+
+
+def ort_session(path: Path, level: str, intra: int, inter: int, mode: str, spinning: str, optimized: Path | None = None):
+    """An ONNX Runtime CPU session of one :data:`ORT_SETTINGS` setting; ``optimized``: where ONNX
+    Runtime writes the graph it optimised."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    options.intra_op_num_threads, options.inter_op_num_threads = intra, inter
+    options.execution_mode = getattr(ort.ExecutionMode, mode)
+    options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
+    options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
+    if optimized is not None:
+        options.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def graph_nodes(path: Path) -> dict | None:
+    """Nodes of an optimised ONNX graph: ``total`` and ``nchwc`` (domain com.microsoft.nchwc:
+    blocked-layout convolutions and the reorders into and out of the layout); None without onnx."""
+    try:
+        import onnx
+    except ImportError:
+        return None
+    nodes = onnx.load(str(path), load_external_data=False).graph.node
+    nchwc = [n.op_type for n in nodes if n.domain == "com.microsoft.nchwc"]
+    return {"total": len(nodes), "nchwc": len(nchwc), "nchwc_reorders": sum(op.startswith("Reorder") for op in nchwc)}
+
+
+def ort_settings(graph: Path, inputs: tuple, batch: int, ref: np.ndarray, args, classifier: bool) -> list[dict]:
+    """Each :data:`ORT_SETTINGS` setting on ``graph``, timed in blocks: a block makes the setting's
+    session, runs ``--warmup`` calls and times ``--reps`` calls back to back, as the runtime calls
+    its sessions, and closes it, so no other session's pool threads spin beside it. The settings'
+    blocks run in turn, :data:`ORT_ROUNDS` times (a drift of the machine is spread over all of
+    them); the median is over every timed call. Process CPU seconds per wall second of the timed
+    calls (spinning pool threads raise it); numerics vs torch fp32 (``ref``) and vs
+    :data:`ORT_DEFAULT`'s output."""
+    import gc
+
+    nodes = {}  # per level, from a session of its own: the timed sessions write no optimised graph
+    with tempfile.TemporaryDirectory(prefix="ort_opt_") as tmp:
+        for level in dict.fromkeys(s[1] for s in ORT_SETTINGS):
+            optimized = Path(tmp) / f"{level}.onnx"
+            ort_session(graph, level, 1, 1, "ORT_SEQUENTIAL", "0", optimized)
+            nodes[level] = graph_nodes(optimized) if optimized.is_file() else None
+    output = "logits" if classifier else "x_next"
+    rows = [{"setting": label, "graph_optimization_level": level, "intra_op_threads": intra, "inter_op_threads": inter,
+             "execution_mode": mode, "allow_spinning": spinning, "graph_nodes": nodes[level], "batch_seconds": []}
+            for label, level, intra, inter, mode, spinning in ORT_SETTINGS]
+    outs, cpu = [None] * len(rows), [0.0] * len(rows)
+    for _ in range(ORT_ROUNDS):
+        for i, (setting, row) in enumerate(zip(ORT_SETTINGS, rows)):
+            session = ort_session(graph, *setting[1:])
+            feeds = dict(zip([x.name for x in session.get_inputs()], inputs))
+            for _ in range(args.warmup):
+                session.run([output], feeds)
+            start_cpu = time.process_time()
+            for _ in range(args.reps):
+                start = time.perf_counter()
+                outs[i] = session.run([output], feeds)[0]
+                row["batch_seconds"].append(time.perf_counter() - start)
+            cpu[i] += time.process_time() - start_cpu
+            del session, feeds
+            gc.collect()
+    default = outs[[r["setting"] for r in rows].index(ORT_DEFAULT)]
+    for row, out, cpu_s in zip(rows, outs, cpu):
+        median = row["batch_seconds_median"] = Timing(tuple(row["batch_seconds"])).median
+        row.update(ms_per_sample=1e3 * median / batch, samples_per_s=batch / median, rel_l2=rel_l2(out, ref),
+                   cpu_per_wall=cpu_s / sum(row["batch_seconds"]),
+                   max_abs_diff_vs_default=float(np.max(np.abs(out.astype(np.float64) - default))))
+        if classifier:
+            row["label_agreement"] = float(np.mean(np.argmax(out, axis=1) == np.argmax(ref, axis=1)))
+            row["exact"] = row["max_abs_diff_vs_default"] <= EXACT_LOGITS
+    return rows
 
 
 def ov_compile(core, path: Path, precision: str, threads: int, streams=1, hint: str = "LATENCY"):
@@ -213,12 +315,19 @@ def bench_model(model: str, engine: Path, batch: int, args) -> dict:
     del queues
     result["openvino_settings"] = settings
     result["openvino_best_setting"] = max(settings, key=lambda s: s["samples_per_s"])["setting"]
+
+    result["onnxruntime_settings"], result["onnxruntime_best_setting"] = {}, {}
+    for part, inputs in (("step", step_args), ("classifier", cls_args)):
+        print(f"  {model} {part}: onnxruntime fp32 optimisation levels and threads", file=sys.stderr, flush=True)
+        rows = ort_settings(graphs[part], inputs, batch, refs[part], args, classifier=part == "classifier")
+        result["onnxruntime_settings"][part] = rows
+        result["onnxruntime_best_setting"][part] = max(rows, key=lambda r: r["samples_per_s"])["setting"]
     return result
 
 
 def _fmt(row: dict, *keys) -> list[str]:
     spec = {"ms_per_sample": "{:.3f}", "samples_per_s": "{:.1f}", "speedup_vs_torch_fp32": "{:.2f}x",
-            "rel_l2": "{:.2e}", "label_agreement": "{:.3f}"}
+            "rel_l2": "{:.2e}", "label_agreement": "{:.3f}", "cpu_per_wall": "{:.2f}"}
     return [spec[k].format(row[k]) if k in row else "" for k in keys]
 
 
@@ -250,8 +359,26 @@ def markdown(record: dict) -> str:
     lines += ["## OpenVINO f32 step: threads, streams, infer requests", "",
               f"{JOBS_PER_REP} or more batches per repetition through an AsyncInferQueue; settings timed in turn.", "",
               *markdown_table(["model", "setting", "requests", "ms / sample", "noisy samples/s", "rel L2 vs torch fp32"], rows,
-                              align="llrrrr")]
-    return "\n".join(lines) + "\n"
+                              align="llrrrr"), ""]
+    for title, part, extra, heads in (
+            ("step", "step", ["rel_l2"], ["rel L2 vs torch fp32", "max abs diff vs default"]),
+            ("classifier", "classifier", ["label_agreement", "rel_l2"],
+             ["same argmax as torch fp32", "logits rel L2 vs torch fp32", f"logits max abs diff vs default (<= {EXACT_LOGITS:g})"])):
+        rows = []
+        for model, res in record["results"].items():
+            for r in res.get("onnxruntime_settings", {}).get(part, []):
+                best = " **(best)**" if r["setting"] == res["onnxruntime_best_setting"][part] else ""
+                nodes = r["graph_nodes"]
+                diff = f"{r['max_abs_diff_vs_default']:.2e}" + ("" if r.get("exact", True) else " (not exact)")
+                rows.append([model, r["setting"] + best, *_fmt(r, "ms_per_sample", "samples_per_s", "cpu_per_wall", *extra), diff,
+                             f"{nodes['total']} ({nodes['nchwc']} NCHWc, {nodes['nchwc_reorders']} reorders)" if nodes else ""])
+        head = ["model", "setting", "ms / sample", "samples/s", "CPU s / wall s", *heads, "nodes after optimisation"]
+        lines += [f"## ONNX Runtime fp32 {title}: optimisation level and threads", "",
+                  f"Default: {ORT_DEFAULT} (the runtime's sessions); each setting timed in {ORT_ROUNDS} blocks of back-to-back "
+                  "calls with only its session open, the settings' blocks in turn. CPU s / wall s: process CPU time of the timed calls per second (spinning "
+                  "pool threads raise it).", "",
+                  *markdown_table(head, rows, align="ll" + "r" * (len(head) - 2)), ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def main(argv=None) -> dict:
