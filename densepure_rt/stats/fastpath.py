@@ -24,6 +24,11 @@ _TABLES: dict = {}
 
 
 _COMPONENTS: dict = {}
+#: Per (prior, alpha): (S, t) -> [log M's scalar value, its magnitude, L_t's bracket or None when not
+#: yet computed]: pure functions of (prior, alpha, S, t), shared by the tests of every image (many
+#: pass through the same counts, e.g. all successes). At most _STATES entries each (then emptied).
+_STATE_CACHES: dict = {}
+_STATES = 1 << 17
 
 
 def _components(prior) -> tuple:
@@ -80,6 +85,8 @@ class _Filter:
         self.components, self.offset = _components(prior)
         self.tables = _lgamma_tables(self.components, 1024)
         self.size = len(self.tables[0][1])
+        self.states = _STATE_CACHES.setdefault((tuple(self.components), self.threshold), {})
+        self.state: list = [0.0, 0.0, None]
         self.s = self.t = -1
         self.value = self.magnitude = 0.0
         self.u_lower = self.u_upper = 0.0  # the last roots (log L, log(1 - U)): the next ones start there
@@ -87,6 +94,10 @@ class _Filter:
     def at(self, s: int, t: int) -> "_Filter":
         """Evaluate the log-marginal at S = s, t (kept until the next call)."""
         if s != self.s or t != self.t:
+            state = self.states.get((s, t))
+            if state is not None:
+                self.value, self.magnitude, self.s, self.t, self.state = state[0], state[1], s, t, state
+                return self
             f = t - s
             exp = math.exp
             terms = []
@@ -115,6 +126,9 @@ class _Filter:
                 total += exp(x - top)
             self.value = top + math.log(total)
             self.magnitude, self.s, self.t = magnitude + self.offset, s, t
+            if len(self.states) >= _STATES:
+                self.states.clear()
+            self.state = self.states[(s, t)] = [self.value, self.magnitude, None]
         return self
 
     def rejects(self, p: float):
@@ -194,11 +208,19 @@ class _Filter:
         """(lo, hi) with lo < L_t <= hi (L_t as :func:`confidence_sequence` computes it), or None."""
         if self.s == 0:
             return 0.0, 0.0
+        known = self.state[2]  # (lo, hi, log of the estimate), or () where none was found
+        if known is not None:
+            if not known:
+                return None
+            self.u_lower = known[2]
+            return known[0], known[1]
         self.u_lower = self._root(self.s, self.t - self.s, self.u_lower)
         estimate = math.exp(self.u_lower)
+        self.state[2] = ()
         for width in (1e-8, 1e-6, 1e-4):
             lo, hi = estimate * (1.0 - width), estimate * (1.0 + width)
             if self.lower_above(lo) and self.lower_at_most(hi):
+                self.state[2] = (lo, hi, self.u_lower)
                 return lo, hi
         return None
 
