@@ -396,7 +396,8 @@ def test_more_actors_than_fit_start_those_that_fit(work, engine, images, cluster
     seconds = time.monotonic() - started
     assert result.exit_code == 0, result.output
     assert "--actors 3: the Ray cluster (2 CPUs) has room for 2 actors of 1 CPU; starting 2" in result.stderr
-    assert "2 Ray actors" in result.stderr and "waiting for Ray actors" not in result.stderr
+    # It never waits for a third actor; a slow start of the two may print "k of 2 ready" lines.
+    assert "2 Ray actors" in result.stderr and "of 3 ready" not in result.stderr
     assert rows_without_time(out) == expected
     assert seconds < 300, f"took {seconds:.0f} s"
 
