@@ -111,7 +111,6 @@ def engine(work) -> Path:
 
 @pytest.fixture(scope="module")
 def images(work) -> Path:
-    rng = np.random.default_rng(1234)
     path = work / "images.npz"
     digits = np.load(DIGITS_TEST_ASSET)
     np.savez(path, images=digits["images"][:NUM_IMAGES], labels=digits["labels"][:NUM_IMAGES])
