@@ -668,13 +668,15 @@ class EarlyStopRadius:
         return p_a_upper < 1.0 and self._radius_of(p_a_upper) - self.radius <= self.tol
 
     def _stalled(self, fast: _Filter, now: tuple, exact) -> bool:
-        """max(r(L(F, n_max)) - r(L_t), 0) < tol, F the forecast successes (:meth:`_forecast_successes`),
+        """max(r(L(F, n_max)) - r(L_t), 0) < tol, F the forecast successes (below),
         r(p) = sigma Phi^-1(p) (0 when p <= 1/2): from ``now`` (lo <= L_t <= hi) or the filter where
         L_t is surely on one side of the point where the two radii differ by tol, else from the
         computed L_t."""
         if self.tol == 0.0:
             return False  # max(., 0) < 0 never holds
-        p = self.n_a / self.n  # the forecast successes (:meth:`_forecast_successes`), inline
+        # F = floor(f n_max), f = p - sqrt(p (1 - p) / n) with p = n_a / n (one standard error below
+        # the frequency), clipped to [0, n_max]: the successes of the forecast
+        p = self.n_a / self.n
         forecast = min(max(int(math.floor((p - math.sqrt(p * (1.0 - p) / self.n)) * self.n_max)), 0), self.n_max)
         entry = self._forecast_brackets.get(forecast)
         g_lo, g_hi, x_lo, x_hi = entry if entry is not None else self._forecast_bracket(forecast)
@@ -753,13 +755,6 @@ class EarlyStopRadius:
             return first[0]
         can = _decided_soonest(self.n_a, self.n, m, 0.5, p_tol, self.alpha, self.prior)
         return int(m[np.argmax(can)]) if can.any() else int(m.size)
-
-    def _forecast_successes(self) -> int:
-        """floor(f n_max), f = p - sqrt(p (1 - p) / n) with p = n_a / n (one standard error below the
-        frequency), clipped to [0, n_max]: the successes of the "stalled" forecast."""
-        p = self.n_a / self.n
-        f = p - math.sqrt(p * (1.0 - p) / self.n)
-        return min(max(int(math.floor(f * self.n_max)), 0), self.n_max)
 
     def result(self) -> EarlyStopResult:
         return EarlyStopResult(
